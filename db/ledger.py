@@ -1,0 +1,390 @@
+"""The work ledger: every query that moves a work item between states.
+
+Each function takes a Session and runs inside the caller's transaction.
+State changes are status-guarded (`... WHERE status = ... AND batch_id = ...`)
+so a late, duplicated or redelivered message can never undo newer work.
+
+    pending -> queued (claim) -> running (start_batch) -> done | failed
+    queued/running with an expired lease -> pending (reconcile) | dead
+    running, delivered again after a worker died -> split in halves | dead
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from db.schema import Result, Status
+
+
+@dataclass(frozen=True)
+class ClaimedBatch:
+    batch_id: str
+    item_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StartedItem:
+    item_id: int
+    source_kind: str
+    source_id: int
+    deliveries_before: int  # > 0: a worker already started this item and never finished it
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the worker made of one item. `result` is a results-row dict without
+    work_item_id; `error` marks the item failed (a result may still be kept, e.g.
+    an LLM's raw invalid output)."""
+
+    item_id: int
+    result: dict[str, Any] | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class FinishCounts:
+    done: int
+    failed: int
+    skipped: int  # no longer leased to this batch (finished before, or reclaimed)
+
+
+def discover(session: Session, *, task: str, source_kind: str, limit: int | None = None) -> int:
+    """Insert a pending work item for every source of this kind that has none for
+    the task. One statement; the unique key makes concurrent discovery safe."""
+    table = {"conversation": "conversations", "audio": "audio_files"}[source_kind]
+    limit_sql = "LIMIT :limit" if limit is not None else ""
+    result = session.execute(
+        text(
+            f"""
+            INSERT INTO work_items (source_kind, source_id, task, status)
+            SELECT CAST(:kind AS varchar), s.id, CAST(:task AS varchar), 'pending'
+            FROM {table} s
+            WHERE NOT EXISTS (
+                SELECT 1 FROM work_items w
+                WHERE w.source_kind = CAST(:kind AS varchar) AND w.source_id = s.id
+                  AND w.task = CAST(:task AS varchar)
+            )
+            ORDER BY s.id
+            {limit_sql}
+            ON CONFLICT ON CONSTRAINT uq_work_items_source_task DO NOTHING
+            """
+        ),
+        {"kind": source_kind, "task": task, "limit": limit},
+    )
+    return result.rowcount or 0
+
+
+def add_items(session: Session, *, task: str, source_kind: str, source_ids: Sequence[int]) -> int:
+    """Create pending items for given sources (e.g. the intent task on a fresh transcript)."""
+    if not source_ids:
+        return 0
+    result = session.execute(
+        text(
+            """
+            INSERT INTO work_items (source_kind, source_id, task, status)
+            SELECT CAST(:kind AS varchar), sid, CAST(:task AS varchar), 'pending'
+            FROM unnest(CAST(:ids AS bigint[])) AS sid
+            ON CONFLICT ON CONSTRAINT uq_work_items_source_task DO NOTHING
+            """
+        ),
+        {"kind": source_kind, "task": task, "ids": list(source_ids)},
+    )
+    return result.rowcount or 0
+
+
+def claim_batches(
+    session: Session, *, task: str, limit: int, batch_size: int, lease_seconds: int
+) -> list[ClaimedBatch]:
+    """Move up to `limit` pending items to queued, cut into batches of `batch_size`.
+
+    `FOR UPDATE SKIP LOCKED` lets any number of producers claim at once without
+    ever claiming the same item twice. Batch ids are derived in SQL from one
+    random prefix, so a million items are claimed in one statement.
+    """
+    if limit <= 0:
+        return []
+    rows = session.execute(
+        text(
+            """
+            WITH locked AS (
+                SELECT id FROM work_items
+                WHERE task = :task AND status = 'pending'
+                ORDER BY id
+                LIMIT :limit
+                FOR UPDATE SKIP LOCKED
+            ), numbered AS (
+                SELECT id, (row_number() OVER (ORDER BY id) - 1) / :batch_size AS grp
+                FROM locked
+            )
+            UPDATE work_items w
+            SET status = 'queued',
+                batch_id = md5(:prefix || n.grp::text)::uuid,
+                attempts = w.attempts + 1,
+                lease_until = now() + make_interval(secs => :lease),
+                updated_at = now()
+            FROM numbered n
+            WHERE w.id = n.id
+            RETURNING w.id, w.batch_id
+            """
+        ),
+        {
+            "task": task,
+            "limit": limit,
+            "batch_size": batch_size,
+            "prefix": uuid.uuid4().hex,
+            "lease": lease_seconds,
+        },
+    ).all()
+    groups: dict[str, list[int]] = {}
+    for item_id, batch_id in rows:
+        groups.setdefault(str(batch_id), []).append(item_id)
+    return [ClaimedBatch(b, tuple(sorted(ids))) for b, ids in groups.items()]
+
+
+def start_batch(
+    session: Session, *, batch_id: str, item_ids: Sequence[int], worker: str, lease_seconds: int
+) -> list[StartedItem]:
+    """Mark running the items still leased to this batch, renewing their lease.
+
+    Items already finished, or reclaimed into another batch after their lease
+    expired, are not returned: the worker skips them, so a redelivered or stale
+    message changes nothing.
+    """
+    rows = session.execute(
+        text(
+            """
+            UPDATE work_items w
+            SET status = 'running',
+                deliveries = w.deliveries + 1,
+                worker = :worker,
+                lease_until = now() + make_interval(secs => :lease),
+                updated_at = now()
+            WHERE w.id = ANY(CAST(:ids AS bigint[]))
+              AND w.batch_id = CAST(:batch AS uuid)
+              AND w.status IN ('queued', 'running')
+            RETURNING w.id, w.source_kind, w.source_id, w.deliveries - 1
+            """
+        ),
+        {"ids": list(item_ids), "batch": batch_id, "worker": worker, "lease": lease_seconds},
+    ).all()
+    return sorted((StartedItem(*r) for r in rows), key=lambda s: s.item_id)
+
+
+def extend_lease(session: Session, *, batch_id: str, lease_seconds: int) -> int:
+    """Heartbeat for a long batch."""
+    result = session.execute(
+        text(
+            """
+            UPDATE work_items SET lease_until = now() + make_interval(secs => :lease)
+            WHERE batch_id = CAST(:batch AS uuid) AND status = 'running'
+            """
+        ),
+        {"batch": batch_id, "lease": lease_seconds},
+    )
+    return result.rowcount or 0
+
+
+def finish_batch(session: Session, *, batch_id: str, outcomes: Sequence[Outcome]) -> FinishCounts:
+    """Write a batch's results and final states in the caller's one transaction.
+
+    Only rows still running under this batch change; results are written for
+    exactly those rows (upsert on work_item_id), so finishing the same batch
+    twice leaves one result per item.
+    """
+    ok = [o for o in outcomes if o.error is None]
+    bad = [o for o in outcomes if o.error is not None]
+    done_ids: set[int] = set()
+    failed_ids: set[int] = set()
+    if ok:
+        done_ids = set(
+            session.execute(
+                text(
+                    """
+                    UPDATE work_items
+                    SET status = 'done', lease_until = NULL, last_error = NULL, updated_at = now()
+                    WHERE id = ANY(CAST(:ids AS bigint[]))
+                      AND batch_id = CAST(:batch AS uuid) AND status = 'running'
+                    RETURNING id
+                    """
+                ),
+                {"ids": [o.item_id for o in ok], "batch": batch_id},
+            ).scalars()
+        )
+    if bad:
+        failed_ids = set(
+            session.execute(
+                text(
+                    """
+                    UPDATE work_items w
+                    SET status = 'failed', lease_until = NULL, last_error = e.err,
+                        updated_at = now()
+                    FROM unnest(CAST(:ids AS bigint[]), CAST(:errs AS text[])) AS e(id, err)
+                    WHERE w.id = e.id
+                      AND w.batch_id = CAST(:batch AS uuid) AND w.status = 'running'
+                    RETURNING w.id
+                    """
+                ),
+                {
+                    "ids": [o.item_id for o in bad],
+                    "errs": [o.error for o in bad],
+                    "batch": batch_id,
+                },
+            ).scalars()
+        )
+    written = done_ids | failed_ids
+    rows = [
+        {"work_item_id": o.item_id, **o.result}
+        for o in outcomes
+        if o.result is not None and o.item_id in written
+    ]
+    if rows:
+        stmt = insert(Result).values(rows)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[Result.work_item_id],
+            set_={
+                c: stmt.excluded[c]
+                for c in (
+                    "label",
+                    "confidence",
+                    "scores",
+                    "output",
+                    "model_name",
+                    "model_tier",
+                    "device",
+                    "latency_ms",
+                    "created_at",
+                )
+            },
+        )
+        session.execute(stmt)
+    return FinishCounts(
+        done=len(done_ids), failed=len(failed_ids), skipped=len(outcomes) - len(written)
+    )
+
+
+def split_batch(
+    session: Session, *, batch_id: str, parts: Sequence[Sequence[int]], lease_seconds: int
+) -> list[ClaimedBatch]:
+    """Re-batch a suspected poison batch into parts with fresh batch ids.
+
+    Deliveries restart at zero so each part gets its own count of worker deaths.
+    """
+    out: list[ClaimedBatch] = []
+    for part in parts:
+        new_id = str(uuid.uuid4())
+        ids = session.execute(
+            text(
+                """
+                UPDATE work_items
+                SET status = 'queued', batch_id = CAST(:new AS uuid), deliveries = 0,
+                    lease_until = now() + make_interval(secs => :lease), updated_at = now()
+                WHERE id = ANY(CAST(:ids AS bigint[]))
+                  AND batch_id = CAST(:old AS uuid) AND status = 'running'
+                RETURNING id
+                """
+            ),
+            {"new": new_id, "old": batch_id, "ids": list(part), "lease": lease_seconds},
+        ).scalars()
+        got = tuple(sorted(ids))
+        if got:
+            out.append(ClaimedBatch(new_id, got))
+    return out
+
+
+def mark_dead(session: Session, *, batch_id: str, item_ids: Sequence[int], reason: str) -> int:
+    result = session.execute(
+        text(
+            """
+            UPDATE work_items
+            SET status = 'dead', lease_until = NULL, last_error = :reason, updated_at = now()
+            WHERE id = ANY(CAST(:ids AS bigint[]))
+              AND batch_id = CAST(:batch AS uuid) AND status = 'running'
+            """
+        ),
+        {"ids": list(item_ids), "batch": batch_id, "reason": reason},
+    )
+    return result.rowcount or 0
+
+
+def reconcile(session: Session, *, max_attempts: int, task: str | None = None) -> dict[str, int]:
+    """Return expired leases to pending; past the attempt limit, mark dead.
+
+    This is what makes a lost Redis message or a killed worker harmless: the
+    ledger, not the broker, knows what is unfinished.
+    """
+    task_sql = "AND task = :task" if task else ""
+    params = {"max": max_attempts, "task": task}
+    dead = session.execute(
+        text(
+            f"""
+            UPDATE work_items
+            SET status = 'dead', lease_until = NULL, updated_at = now(),
+                last_error = 'lease expired ' || attempts || ' times (worker lost or message '
+                             'lost each time); `fleet retry --status dead` puts it back'
+            WHERE status IN ('queued', 'running') AND lease_until < now()
+              AND attempts >= :max {task_sql}
+            """
+        ),
+        params,
+    ).rowcount
+    returned = session.execute(
+        text(
+            f"""
+            UPDATE work_items
+            SET status = 'pending', batch_id = NULL, lease_until = NULL, updated_at = now()
+            WHERE status IN ('queued', 'running') AND lease_until < now()
+              AND attempts < :max {task_sql}
+            """
+        ),
+        params,
+    ).rowcount
+    return {"returned": returned or 0, "dead": dead or 0}
+
+
+def retry(session: Session, *, statuses: Sequence[str], task: str | None = None) -> int:
+    """Put failed/dead items back to pending with fresh attempt counts."""
+    allowed = {Status.FAILED.value, Status.DEAD.value}
+    if not set(statuses) <= allowed:
+        raise ValueError(f"retry takes statuses from {sorted(allowed)}, got {list(statuses)}")
+    task_sql = "AND task = :task" if task else ""
+    result = session.execute(
+        text(
+            f"""
+            UPDATE work_items
+            SET status = 'pending', attempts = 0, deliveries = 0, batch_id = NULL,
+                lease_until = NULL, updated_at = now()
+            WHERE status = ANY(CAST(:statuses AS text[])) {task_sql}
+            """
+        ),
+        {"statuses": list(statuses), "task": task},
+    )
+    return result.rowcount or 0
+
+
+def counts(session: Session, *, task: str | None = None) -> dict[str, dict[str, int]]:
+    """{task: {status: n}} for every task (or one)."""
+    task_sql = "WHERE task = :task" if task else ""
+    out: dict[str, dict[str, int]] = {}
+    for t, status, n in session.execute(
+        text(f"SELECT task, status, count(*) FROM work_items {task_sql} GROUP BY 1, 2 ORDER BY 1, 2"),
+        {"task": task},
+    ):
+        out.setdefault(t, {})[status] = n
+    return out
+
+
+def unfinished(session: Session, *, task: str) -> int:
+    return session.execute(
+        text(
+            "SELECT count(*) FROM work_items WHERE task = :task "
+            "AND status IN ('pending', 'queued', 'running')"
+        ),
+        {"task": task},
+    ).scalar_one()

@@ -1,0 +1,162 @@
+"""The typed schema. Postgres is the source of truth; Alembic (migrations/)
+is the only way it changes, and a test checks the two never drift."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import uuid
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    DEAD = "dead"
+
+
+class SourceKind(enum.StrEnum):
+    CONVERSATION = "conversation"
+    AUDIO = "audio"
+
+
+STATUSES = tuple(s.value for s in Status)
+SOURCE_KINDS = tuple(k.value for k in SourceKind)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSONB, list[Any]: JSONB}
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    external_id: Mapped[str] = mapped_column(String(256), unique=True)
+    messages: Mapped[list[Any]] = mapped_column(JSONB)
+    language: Mapped[str | None] = mapped_column(String(16))
+    meta: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+    created_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+
+class AudioFile(Base):
+    __tablename__ = "audio_files"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    external_id: Mapped[str] = mapped_column(String(256), unique=True)
+    uri: Mapped[str] = mapped_column(Text)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+    created_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+
+class WorkItem(Base):
+    """The work ledger: one row per (source, task). Redis only carries ids."""
+
+    __tablename__ = "work_items"
+    __table_args__ = (
+        UniqueConstraint("source_kind", "source_id", "task", name="uq_work_items_source_task"),
+        CheckConstraint(_in("status", STATUSES), name="status"),
+        CheckConstraint(_in("source_kind", SOURCE_KINDS), name="source_kind"),
+        # Claim scans pending items of one task in id order; the reconciler scans leases.
+        Index("ix_work_items_task_status_id", "task", "status", "id"),
+        Index(
+            "ix_work_items_lease",
+            "lease_until",
+            postgresql_where="status IN ('queued', 'running')",
+        ),
+        Index("ix_work_items_batch", "batch_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    source_kind: Mapped[str] = mapped_column(String(16))
+    source_id: Mapped[int] = mapped_column(BigInteger)
+    task: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), server_default=Status.PENDING.value)
+    # Claims (pending -> queued). Past the limit the reconciler marks the item dead.
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Deliveries to a worker since the last split (queued -> running). Redis does not
+    # count redeliveries; this does, and a count above one means a worker died on it.
+    deliveries: Mapped[int] = mapped_column(Integer, server_default="0")
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    worker: Mapped[str | None] = mapped_column(String(256))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+
+class Result(Base):
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    work_item_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("work_items.id", ondelete="CASCADE"), unique=True
+    )
+    label: Mapped[str | None] = mapped_column(String(256))
+    confidence: Mapped[float | None] = mapped_column(Float)
+    scores: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    model_name: Mapped[str] = mapped_column(String(256))
+    model_tier: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(64))
+    latency_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+
+class Run(Base):
+    """A nightly or manual run of one task: when, and what it ended with."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    trigger: Mapped[str] = mapped_column(String(32))
+    task: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    counts: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")

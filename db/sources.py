@@ -1,0 +1,97 @@
+"""Reading and writing the backlog itself: conversations and audio files."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from db.schema import AudioFile, Conversation
+
+
+def ingest_conversations(session: Session, records: Sequence[dict[str, Any]]) -> int:
+    """Insert conversations; an external_id already present is left as it is."""
+    if not records:
+        return 0
+    stmt = (
+        insert(Conversation)
+        .values(list(records))
+        .on_conflict_do_nothing(index_elements=[Conversation.external_id])
+        .returning(Conversation.id)
+    )
+    return len(session.execute(stmt).all())
+
+
+def ingest_audio(session: Session, records: Sequence[dict[str, Any]]) -> int:
+    if not records:
+        return 0
+    stmt = (
+        insert(AudioFile)
+        .values(list(records))
+        .on_conflict_do_nothing(index_elements=[AudioFile.external_id])
+        .returning(AudioFile.id)
+    )
+    return len(session.execute(stmt).all())
+
+
+def load_inputs(
+    session: Session,
+    refs: Sequence[tuple[int, str, int]],
+    *,
+    text_from_task: str | None = None,
+) -> dict[int, tuple[str, dict[str, Any]]]:
+    """{item_id: (external_id, data)} for (item_id, source_kind, source_id) refs.
+
+    With `text_from_task`, the input is the transcript another task wrote for the
+    same source (e.g. intent of a transcribed audio file), not the source itself.
+    """
+    out: dict[int, tuple[str, dict[str, Any]]] = {}
+    by_kind: dict[str, list[tuple[int, int]]] = {}
+    for item_id, kind, source_id in refs:
+        by_kind.setdefault(kind, []).append((item_id, source_id))
+    for kind, pairs in by_kind.items():
+        ids = [sid for _, sid in pairs]
+        if kind == "conversation":
+            rows = {
+                r.id: (r.external_id, {"messages": r.messages, "language": r.language})
+                for r in session.execute(
+                    select(
+                        Conversation.id,
+                        Conversation.external_id,
+                        Conversation.messages,
+                        Conversation.language,
+                    ).where(Conversation.id.in_(ids))
+                )
+            }
+        else:
+            rows = {
+                r.id: (r.external_id, {"uri": r.uri, "duration_s": r.duration_s})
+                for r in session.execute(
+                    select(AudioFile.id, AudioFile.external_id, AudioFile.uri, AudioFile.duration_s)
+                    .where(AudioFile.id.in_(ids))
+                )
+            }
+        if text_from_task:
+            texts = dict(
+                session.execute(
+                    text(
+                        """
+                        SELECT w.source_id, r.output ->> 'transcript'
+                        FROM work_items w JOIN results r ON r.work_item_id = w.id
+                        WHERE w.task = :task AND w.source_kind = :kind AND w.status = 'done'
+                          AND w.source_id = ANY(CAST(:ids AS bigint[]))
+                        """
+                    ),
+                    {"task": text_from_task, "kind": kind, "ids": ids},
+                ).all()
+            )
+            rows = {
+                sid: (ext, {"text": texts.get(sid)}) for sid, (ext, _) in rows.items()
+            }
+        for item_id, source_id in pairs:
+            if source_id in rows:
+                out[item_id] = rows[source_id]
+    return out

@@ -1,0 +1,439 @@
+"""The `fleet` command: a thin front door over producer/, workers/ and db/.
+
+Exit codes: 0 ok; 1 the work finished with failed or dead items (`run`,
+`demo`); 2 bad usage or configuration; 3 a service (Postgres, Redis) is
+unreachable or not migrated; 4 `run` timed out with work unfinished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fleet.settings import Settings, redact
+
+EXIT_FAILED_ITEMS, EXIT_CONFIG, EXIT_SERVICE, EXIT_TIMEOUT = 1, 2, 3, 4
+
+
+class Ctx:
+    """Settings read once; services resolved only by the commands that need them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._ready = False
+
+    def services(self) -> Settings:
+        if not self._ready:
+            from fleet.services import SchemaNotReady, check_schema, ensure_services
+
+            try:
+                self.settings = ensure_services(self.settings)
+                check_schema(self.settings.db_url())
+            except SchemaNotReady as e:
+                fail(str(e), EXIT_SERVICE)
+            except Exception as e:
+                if isinstance(e, click.ClickException):
+                    raise
+                fail(
+                    f"cannot reach the database ({type(e).__name__}: {str(e).splitlines()[0]}). "
+                    f"Check DATABASE_URL ({redact(self.settings.db_url()) if self.settings.database_url else 'embedded'}) "
+                    "and that Postgres is running.",
+                    EXIT_SERVICE,
+                )
+            self._ready = True
+        return self.settings
+
+    def url(self) -> str:
+        return self.services().db_url()
+
+    def app(self) -> Any:
+        from workers.app import create_app
+
+        return create_app(self.services())
+
+    def tasks(self) -> Any:
+        from fleet.taskconfig import ConfigError, load_tasks
+
+        try:
+            return load_tasks(self.settings.config_file)
+        except ConfigError as e:
+            fail(str(e), EXIT_CONFIG)
+
+    def task(self, name: str) -> Any:
+        from fleet.taskconfig import ConfigError, get_task
+
+        try:
+            return get_task(self.tasks(), name)
+        except ConfigError as e:
+            fail(str(e), EXIT_CONFIG)
+
+
+class FleetError(click.ClickException):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+
+def fail(message: str, code: int = EXIT_CONFIG) -> Any:
+    raise FleetError(message, code)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+task_option = click.option("--task", "-t", "task_name", required=True, help="Task name from the task config (e.g. intent).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gpu-fleet")
+@click.pass_context
+def main(click_ctx: click.Context) -> None:
+    """Classify a Postgres backlog of conversations and audio with a Celery GPU fleet.
+
+    With DATABASE_URL and BROKER_URL unset, an embedded Postgres and Redis are
+    started under FLEET_STATE_DIR. `fleet demo` runs the whole job once.
+    """
+    from pydantic import ValidationError
+
+    from fleet.logs import setup_logging
+
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        fail(f"invalid settings: {e}", EXIT_CONFIG)
+    setup_logging(settings.log_level if settings.log_level != "INFO" else "WARNING", json_lines=settings.log_json)
+    click_ctx.obj = Ctx(settings)
+
+
+# -- settings and schema -------------------------------------------------------
+
+
+@main.command("settings")
+@json_option
+@pass_ctx
+def settings_cmd(ctx: Ctx, as_json: bool) -> None:
+    """Show the settings in force (secrets masked) and where each comes from."""
+    s = ctx.settings
+    out: dict[str, Any] = {}
+    for name, info in type(s).model_fields.items():
+        value = getattr(s, name)
+        if name in ("database_url", "broker_url"):
+            value = redact(value.get_secret_value()) if value is not None else "(embedded)"
+        out[name] = str(value) if value is not None else None
+    out["models_dir (resolved)"] = str(s.resolved_models_dir)
+    out["audio_root (resolved)"] = str(s.resolved_audio_root)
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    for name, value in out.items():
+        desc = type(s).model_fields[name].description if name in type(s).model_fields else ""
+        click.echo(f"{name:24} {value}")
+        if desc:
+            click.echo(f"{'':24} {click.style(desc, dim=True)}")
+
+
+@main.command()
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+@click.option("--down", is_flag=True, help="Downgrade to --revision (default base) instead.")
+@pass_ctx
+def migrate(ctx: Ctx, revision: str, down: bool) -> None:
+    """Bring the database schema to the code's version (Alembic)."""
+    from fleet.services import ensure_services
+    from db.migrate import downgrade, upgrade
+
+    s = ensure_services(ctx.settings)
+    if down:
+        downgrade(s.db_url(), "base" if revision == "head" else revision)
+    else:
+        upgrade(s.db_url(), revision)
+    click.echo(f"schema {'downgraded' if down else 'upgraded'} to {revision if not down or revision != 'head' else 'base'}")
+
+
+# -- ingest -----------------------------------------------------------------------
+
+
+@main.group()
+def ingest() -> None:
+    """Put conversations or audio files into Postgres (idempotent on external_id)."""
+
+
+@ingest.command("conversations")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
+@pass_ctx
+def ingest_conversations_cmd(ctx: Ctx, path: Path, as_json: bool) -> None:
+    """Ingest a JSONL file: one {"external_id", "messages": [{role, content}], ...} per line."""
+    from fleet.display import byte_progress
+    from fleet.ingest import ingest_conversations_file
+
+    url = ctx.url()
+    with path.open("rb") as f, byte_progress(path.stat().st_size, f"ingest {path.name}", quiet=as_json) as advance:
+        report = ingest_conversations_file(url, f, progress=advance)
+    _print_ingest(report, as_json)
+
+
+@ingest.command("audio")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@json_option
+@pass_ctx
+def ingest_audio_cmd(ctx: Ctx, folder: Path, as_json: bool) -> None:
+    """Register the audio files (wav, flac, ogg, mp3) under FOLDER, inside the audio root."""
+    from fleet.ingest import ingest_audio_dir
+
+    s = ctx.services()
+    try:
+        report = ingest_audio_dir(s.db_url(), folder, audio_root=s.resolved_audio_root)
+    except ValueError as e:
+        fail(str(e), EXIT_CONFIG)
+    _print_ingest(report, as_json)
+
+
+def _print_ingest(report: Any, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({
+            "read": report.read, "inserted": report.inserted,
+            "already_present": report.already_present,
+            "bad": [{"line": n, "reason": r} for n, r in report.bad],
+        }))
+        return
+    click.echo(
+        f"read {report.read}, inserted {report.inserted}, already present {report.already_present}, "
+        f"bad {len(report.bad)}"
+    )
+    for lineno, reason in report.bad[:20]:
+        click.echo(f"  line {lineno}: {reason}", err=True)
+    if len(report.bad) > 20:
+        click.echo(f"  ... and {len(report.bad) - 20} more bad lines (use --json for all)", err=True)
+
+
+# -- backlog, enqueue, run ------------------------------------------------------------
+
+
+@main.command()
+@json_option
+@pass_ctx
+def backlog(ctx: Ctx, as_json: bool) -> None:
+    """Work items per task and status."""
+    from db import ledger
+    from db.engine import transaction
+    from fleet.display import counts_table
+
+    with transaction(ctx.url()) as session:
+        counts = ledger.counts(session)
+    if as_json:
+        click.echo(json.dumps(counts))
+    elif not counts:
+        click.echo("no work items yet: `fleet ingest ...` then `fleet enqueue --task T`")
+    else:
+        counts_table(counts)
+
+
+@main.command()
+@task_option
+@click.option("--limit", type=click.IntRange(min=1), help="Most items to claim and send.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Items per batch (default FLEET_BATCH_SIZE).")
+@click.option("--dry-run", is_flag=True, help="Say what would be sent; claim nothing.")
+@json_option
+@pass_ctx
+def enqueue(ctx: Ctx, task_name: str, limit: int | None, batch_size: int | None, dry_run: bool, as_json: bool) -> None:
+    """Discover new items for a task, claim them and send batches of ids to its queue."""
+    from fleet.display import item_progress
+    from producer.enqueue import enqueue as do_enqueue
+
+    spec = ctx.task(task_name)
+    s = ctx.services()
+    bs = batch_size or s.batch_size
+    with item_progress(f"enqueue {spec.name}", quiet=as_json or dry_run) as advance:
+        report = do_enqueue(
+            s.db_url(), ctx.app(), spec, limit=limit, batch_size=bs,
+            lease_seconds=s.lease_seconds, dry_run=dry_run, progress=advance,
+        )
+    if as_json:
+        click.echo(json.dumps(report.__dict__))
+    elif dry_run:
+        click.echo(f"dry run: would send {report.items} items in {report.batches} batches to {spec.queue}")
+    else:
+        click.echo(f"sent {report.items} items in {report.batches} batches to {spec.queue} "
+                   f"({report.discovered} newly discovered)")
+
+
+@main.command()
+@click.option("--task", "-t", "task_names", multiple=True, required=True, help="Task(s) to run; repeat.")
+@click.option("--with-follow-ups/--no-follow-ups", default=True, show_default=True,
+              help="Also wait for tasks that follow (transcribe -> audio_intent).")
+@click.option("--timeout", type=float, help="Give up after this many seconds (exit 4).")
+@click.option("--trigger", default="manual", show_default=True, help="Recorded on the run (manual|nightly).")
+@json_option
+@pass_ctx
+def run(ctx: Ctx, task_names: tuple[str, ...], with_follow_ups: bool, timeout: float | None, trigger: str, as_json: bool) -> None:
+    """Drive tasks to completion: feed the queues, reconcile, show progress.
+
+    Workers must be running (`fleet worker --task T`). Exit 1 if items ended
+    failed or dead.
+    """
+    from fleet.display import run_progress
+    from producer.runner import run_until_done
+
+    specs = [ctx.task(n) for n in task_names]
+    if with_follow_ups:
+        for spec in list(specs):
+            specs += [ctx.task(t) for t in spec.then if t not in [s.name for s in specs]]
+    s = ctx.services()
+    with run_progress([sp.name for sp in specs], quiet=as_json) as update:
+        report = run_until_done(s.db_url(), ctx.app(), specs, s, trigger=trigger, timeout=timeout, progress=update)
+    _finish_run(report, as_json)
+
+
+def _finish_run(report: Any, as_json: bool) -> None:
+    bad = sum(c.get("failed", 0) + c.get("dead", 0) for c in report.counts.values())
+    if as_json:
+        click.echo(json.dumps({"run_id": report.run_id, "counts": report.counts,
+                               "seconds": round(report.seconds, 2), "timed_out": report.timed_out}))
+    else:
+        from fleet.display import counts_table
+
+        counts_table(report.counts)
+        click.echo(f"run {report.run_id} took {report.seconds:.1f}s")
+    if report.timed_out:
+        if not as_json:
+            click.echo("timed out with work unfinished: are workers running? (`fleet worker --task T`)", err=True)
+        sys.exit(EXIT_TIMEOUT)
+    if bad:
+        if not as_json:
+            click.echo(f"{bad} item(s) failed or dead: see `fleet results --status failed`; "
+                       "`fleet retry --status failed` puts them back", err=True)
+        sys.exit(EXIT_FAILED_ITEMS)
+
+
+@main.command()
+@click.option("--task", "-t", "task_name", help="Only this task.")
+@json_option
+@pass_ctx
+def reconcile(ctx: Ctx, task_name: str | None, as_json: bool) -> None:
+    """Return expired leases to pending; mark items past the attempt limit dead."""
+    from producer.reconciler import reconcile as do_reconcile
+
+    s = ctx.services()
+    got = do_reconcile(s.db_url(), max_attempts=s.max_attempts, task=task_name)
+    click.echo(json.dumps(got) if as_json else f"returned {got['returned']} to pending, {got['dead']} dead")
+
+
+@main.command()
+@click.option("--status", "statuses", type=click.Choice(["failed", "dead"]), multiple=True, required=True,
+              help="Which items to put back; repeat for both.")
+@click.option("--task", "-t", "task_name", help="Only this task.")
+@pass_ctx
+def retry(ctx: Ctx, statuses: tuple[str, ...], task_name: str | None) -> None:
+    """Put failed or dead items back to pending, with fresh attempt counts."""
+    from db import ledger
+    from db.engine import transaction
+
+    with transaction(ctx.url()) as session:
+        n = ledger.retry(session, statuses=statuses, task=task_name)
+    click.echo(f"{n} item(s) back to pending: `fleet run --task T` (or `fleet enqueue`) sends them")
+
+
+@main.command()
+@task_option
+@click.option("--status", type=click.Choice(["done", "failed", "dead", "all"]), default="all", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option
+@pass_ctx
+def results(ctx: Ctx, task_name: str, status: str, limit: int, as_json: bool) -> None:
+    """Show a task's results (label, confidence, model, tier) or errors."""
+    from fleet.display import results_table
+    from fleet.queries import fetch_results
+
+    rows = fetch_results(ctx.url(), task=task_name, status=status, limit=limit)
+    if as_json:
+        click.echo(json.dumps(rows, default=str))
+    else:
+        results_table(rows, title=f"{task_name}: {status}")
+
+
+# -- workers ---------------------------------------------------------------------
+
+
+def worker_argv(task: str, *, gpu: int | None, loglevel: str, hostname: str | None = None) -> list[str]:
+    name = hostname or f"{task}@{'gpu%d' % gpu if gpu is not None else 'cpu'}.%h"
+    return [
+        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+        "--pool", "solo", "--concurrency", "1", "-Q", f"fleet.{task}", "-n", name,
+        "--loglevel", loglevel, "-E", "--without-gossip", "--without-mingle",
+    ]
+
+
+def worker_env(settings: Settings, *, gpu: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(settings.child_env())
+    # Pinned before torch is imported in the worker: the process sees one GPU as cuda:0.
+    env["CUDA_VISIBLE_DEVICES"] = str(gpu) if gpu is not None else ""
+    return env
+
+
+@main.command()
+@task_option
+@click.option("--gpu", type=click.IntRange(min=0), help="Pin to this GPU index (CUDA_VISIBLE_DEVICES). Unset: CPU.")
+@click.option("--loglevel", default="INFO", show_default=True)
+@pass_ctx
+def worker(ctx: Ctx, task_name: str, gpu: int | None, loglevel: str) -> None:
+    """Start one solo-pool Celery worker for a task, holding its model resident."""
+    ctx.task(task_name)  # fail here, with the list of tasks, on a typo
+    argv = worker_argv(task_name, gpu=gpu, loglevel=loglevel)
+    os.execvpe(argv[0], argv, worker_env(ctx.settings, gpu=gpu))
+
+
+# -- models, train, demo -----------------------------------------------------------------
+
+
+@main.group()
+def models() -> None:
+    """Prepare the bundled models (convert, train) into FLEET_MODELS_DIR."""
+
+
+@models.command("prepare")
+@click.option("--only", multiple=True, help="Prepare only these (intent-minilm, whisper-tiny.en, smollm2-135m-instruct, all-minilm-l6-v2).")
+@click.option("--force", is_flag=True, help="Rebuild even if present.")
+@pass_ctx
+def models_prepare(ctx: Ctx, only: tuple[str, ...], force: bool) -> None:
+    """Build every bundled model folder once (seconds to a few minutes on CPU)."""
+    from fleet.models import prepare_models
+
+    for name, path, seconds in prepare_models(ctx.settings.resolved_models_dir, only=only, force=force, echo=click.echo):
+        click.echo(f"{name:24} {path}  ({seconds:.1f}s)")
+
+
+@main.command()
+@task_option
+@click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default: the tuned value).")
+@click.option("--seed", default=0, show_default=True)
+@pass_ctx
+def train(ctx: Ctx, task_name: str, epochs: int | None, seed: int) -> None:
+    """Fine-tune the bundled MiniLM encoder on the shipped intent set; report held-out metrics."""
+    from fleet.models import train_intent_model
+
+    if task_name != "intent":
+        fail("only `--task intent` has a shipped training set", EXIT_CONFIG)
+    metrics = train_intent_model(ctx.settings.resolved_models_dir, epochs=epochs, seed=seed, echo=click.echo)
+    click.echo(f"held-out accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
+               f"on {metrics.get('n', metrics.get('test_size', '?'))} examples")
+
+
+@main.command()
+@click.option("--conversations", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="JSONL to classify instead of the bundled samples.")
+@click.option("--timeout", type=float, default=900, show_default=True)
+@pass_ctx
+def demo(ctx: Ctx, conversations: Path | None, timeout: float) -> None:
+    """Run the whole job once: prepare models, ingest samples, start a worker, classify, show results."""
+    from fleet.demo import run_demo
+
+    sys.exit(run_demo(ctx, conversations=conversations, timeout=timeout))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Putting the backlog into Postgres: JSONL conversations and audio folders.
+
+Idempotent on external_id. A bad line is reported with its line number and
+skipped; every good line goes in. Files are streamed, never loaded whole.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from db.engine import transaction
+from db.sources import ingest_audio, ingest_conversations
+
+CHUNK = 2000
+AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3"}
+
+
+@dataclass
+class IngestReport:
+    read: int = 0
+    inserted: int = 0
+    already_present: int = 0
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (line number or 0, reason)
+
+
+def parse_conversation_line(raw: bytes, lineno: int) -> dict[str, Any]:
+    """One JSONL line -> a conversations row. Raises ValueError with the reason."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not valid UTF-8 (byte {e.start})") from None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    ext = obj.get("external_id", obj.get("id"))
+    if not isinstance(ext, str | int) or isinstance(ext, bool) or str(ext) == "":
+        raise ValueError("missing external_id (a string or integer)")
+    if "messages" not in obj:
+        raise ValueError("missing messages (a list of {role, content})")
+    if "\\u0000" in line:
+        raise ValueError("contains a NUL character (\\u0000), which Postgres cannot store")
+    language = obj.get("language")
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    # Messages are stored as given: a malformed conversation is still ingested,
+    # and the worker records exactly what is wrong with it on its work item.
+    return {
+        "external_id": str(ext),
+        "messages": obj["messages"],
+        "language": language if isinstance(language, str) else None,
+        "meta": meta,
+    }
+
+
+def ingest_conversations_file(
+    url: str, stream: BinaryIO, *, progress: Callable[[int], None] | None = None
+) -> IngestReport:
+    report = IngestReport()
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+
+    def flush() -> None:
+        if rows:
+            with transaction(url) as session:
+                n = ingest_conversations(session, rows)
+            report.inserted += n
+            report.already_present += len(rows) - n
+            rows.clear()
+            seen.clear()
+
+    for lineno, raw in enumerate(stream, start=1):
+        if progress:
+            progress(len(raw))
+        if not raw.strip():
+            continue
+        report.read += 1
+        try:
+            row = parse_conversation_line(raw, lineno)
+        except ValueError as e:
+            report.bad.append((lineno, str(e)))
+            continue
+        if row["external_id"] in seen:  # same id twice in one chunk: first wins
+            report.already_present += 1
+            continue
+        seen.add(row["external_id"])
+        rows.append(row)
+        if len(rows) >= CHUNK:
+            flush()
+    flush()
+    return report
+
+
+def iter_audio_files(folder: Path) -> Iterator[Path]:
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in AUDIO_EXTENSIONS and (path.is_file() or path.is_symlink()):
+            yield path
+
+
+def ingest_audio_dir(
+    url: str, folder: Path, *, audio_root: Path, progress: Callable[[int], None] | None = None
+) -> IngestReport:
+    """Register the audio files under `folder` (which must be inside the audio root).
+
+    The uri is the path relative to the root; files are not read beyond their
+    header here. A file that is not valid audio is still registered: the
+    transcription worker records exactly why it cannot be used.
+    """
+    import soundfile
+
+    root = audio_root.resolve()
+    base = folder.resolve()
+    if not base.is_relative_to(root):
+        raise ValueError(
+            f"{folder} is not inside the audio root {root}: move the files there or set "
+            "FLEET_AUDIO_ROOT to a folder that contains them"
+        )
+    report = IngestReport()
+    rows: list[dict[str, Any]] = []
+    for path in iter_audio_files(folder):
+        report.read += 1
+        rel = base.relative_to(root) / path.relative_to(folder)
+        try:
+            duration = float(soundfile.info(str(path)).duration)
+        except Exception:
+            duration = None
+        rows.append({"external_id": str(rel), "uri": str(rel), "duration_s": duration, "meta": {}})
+        if progress:
+            progress(1)
+    for i in range(0, len(rows), CHUNK):
+        chunk = rows[i : i + CHUNK]
+        with transaction(url) as session:
+            n = ingest_audio(session, chunk)
+        report.inserted += n
+        report.already_present += len(chunk) - n
+    return report

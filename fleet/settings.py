@@ -1,0 +1,174 @@
+"""Settings: one pydantic-settings class, read once at the entry point and passed in.
+
+Every field documents itself; `fleet settings` prints them (secrets masked).
+`DATABASE_URL` and `BROKER_URL` are read without prefix because every other
+tool (docker-compose, Alembic, Flower) uses those names; the rest use `FLEET_`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(base) / "fleet"
+
+
+def normalize_database_url(url: str) -> str:
+    """Make any Postgres URL use the psycopg 3 driver."""
+    for prefix in ("postgres://", "postgresql://", "postgresql+psycopg2://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", populate_by_name=True)
+
+    database_url: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_URL", "FLEET_DATABASE_URL"),
+        description="Postgres URL. Unset: an embedded Postgres under state_dir is started.",
+    )
+    broker_url: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("BROKER_URL", "FLEET_BROKER_URL"),
+        description="Redis URL for Celery. Unset: an embedded Redis under state_dir is started.",
+    )
+    state_dir: Path = Field(
+        default_factory=default_state_dir,
+        description="Folder for the embedded servers' data and the prepared model cache.",
+    )
+    models_dir: Path | None = Field(
+        default=None,
+        description="Folder of prepared models (`fleet models prepare`). Default: state_dir/models.",
+    )
+    config_file: Path | None = Field(
+        default=None,
+        description="TOML file with the tasks and their model ladders. Default: the bundled tasks.toml.",
+    )
+    audio_root: Path | None = Field(
+        default=None,
+        description="Audio files must resolve inside this folder. Default: state_dir/audio.",
+    )
+    batch_size: int = Field(default=32, ge=1, description="Items per batch message sent to Redis.")
+    max_inflight_batches: int = Field(
+        default=64, ge=1, description="Backpressure: most batches waiting in one task queue."
+    )
+    lease_seconds: int = Field(
+        default=900,
+        ge=5,
+        description="How long a claimed item may stay queued or running before the reconciler "
+        "returns it to pending. Longer than the slowest batch plus its queue wait.",
+    )
+    max_attempts: int = Field(
+        default=5, ge=1, description="Claims of one item before the reconciler marks it dead."
+    )
+    poison_crashes: int = Field(
+        default=1,
+        ge=1,
+        description="Worker deaths a single-item batch may cause before the item is marked dead.",
+    )
+    visibility_timeout: int = Field(
+        default=3600,
+        ge=5,
+        description="Redis redelivers an unacknowledged batch after this many seconds. "
+        "Must exceed the longest batch.",
+    )
+    reconcile_interval: float = Field(
+        default=30.0, gt=0, description="Seconds between reconciler passes in `fleet run`."
+    )
+    max_text_chars: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="A conversation whose text is longer is failed with a clear reason.",
+    )
+    simulate_memory: str | None = Field(
+        default=None,
+        description="Memory-budget simulator for CPU tests: 'TIER:TOKENS,...', e.g. '0:0,1:4096'. "
+        "A sub-batch whose padded token cost exceeds its tier's budget raises a real OOM error.",
+    )
+    crash_on: str | None = Field(
+        default=None,
+        description="Testing aid: the worker process dies (os._exit) when a batch holds an item "
+        "whose conversation external_id is listed here (comma separated).",
+    )
+    log_level: str = Field(default="INFO", description="Logging level.")
+    log_json: bool = Field(default=False, description="Log one JSON object per line.")
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _driver(cls, v: object) -> object:
+        if isinstance(v, str) and v:
+            return normalize_database_url(v)
+        return v or None
+
+    @field_validator("broker_url", mode="before")
+    @classmethod
+    def _empty_broker(cls, v: object) -> object:
+        return v or None
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        return self.models_dir or self.state_dir / "models"
+
+    @property
+    def resolved_audio_root(self) -> Path:
+        return self.audio_root or self.state_dir / "audio"
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None or self.broker_url is None
+
+    def db_url(self) -> str:
+        if self.database_url is None:
+            raise RuntimeError("DATABASE_URL is not set; call fleet.services.ensure_services first")
+        return self.database_url.get_secret_value()
+
+    def redis_url(self) -> str:
+        if self.broker_url is None:
+            raise RuntimeError("BROKER_URL is not set; call fleet.services.ensure_services first")
+        return self.broker_url.get_secret_value()
+
+    def child_env(self) -> dict[str, str]:
+        """Environment for a subprocess (worker) that must see the same services."""
+        env = {"FLEET_STATE_DIR": str(self.state_dir)}
+        if self.database_url is not None:
+            env["DATABASE_URL"] = self.db_url()
+        if self.broker_url is not None:
+            env["BROKER_URL"] = self.redis_url()
+        for name in ("models_dir", "config_file", "audio_root", "simulate_memory", "crash_on"):
+            value = getattr(self, name)
+            if value is not None:
+                env[f"FLEET_{name.upper()}"] = str(value)
+        for name in (
+            "lease_seconds",
+            "max_attempts",
+            "poison_crashes",
+            "visibility_timeout",
+            "max_text_chars",
+            "log_level",
+        ):
+            env[f"FLEET_{name.upper()}"] = str(getattr(self, name))
+        env["FLEET_LOG_JSON"] = "1" if self.log_json else "0"
+        return env
+
+
+def redact(url: str) -> str:
+    """Hide the password in a URL for display."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a SQLAlchemy URL (e.g. redis+socket://)
+        if "@" in url and "://" in url:
+            scheme, rest = url.split("://", 1)
+            creds, host = rest.rsplit("@", 1)
+            user = creds.split(":", 1)[0]
+            return f"{scheme}://{user}:***@{host}"
+        return url

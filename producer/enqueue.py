@@ -1,0 +1,96 @@
+"""Claim the backlog and send it to the queues, ids only.
+
+Order matters: items are claimed (committed as queued, with a lease) before
+their batch is sent. If sending fails, nothing is lost: the lease expires and
+the reconciler returns the items to pending.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from celery import Celery
+from sqlalchemy import text
+
+from db import ledger
+from db.engine import transaction
+from fleet.taskconfig import TaskSpec
+from workers.messages import BatchMessage, send_batch
+
+CLAIM_CHUNK = 20_000  # items per claim transaction: bounded memory for any backlog
+
+
+@dataclass(frozen=True)
+class EnqueueReport:
+    task: str
+    discovered: int
+    items: int
+    batches: int
+    dry_run: bool = False
+
+
+def discover(url: str, spec: TaskSpec) -> int:
+    with transaction(url) as session:
+        return ledger.discover(session, task=spec.name, source_kind=spec.source)
+
+
+def queue_depth(app: Celery, queue: str) -> int:
+    """Messages waiting in a queue (Redis list length)."""
+    with app.connection_for_write() as conn:
+        client = conn.default_channel.client
+        return int(client.llen(queue))
+
+
+def enqueue(
+    url: str,
+    app: Celery,
+    spec: TaskSpec,
+    *,
+    limit: int | None,
+    batch_size: int,
+    lease_seconds: int,
+    dry_run: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> EnqueueReport:
+    discovered = 0 if dry_run else discover(url, spec)
+    if dry_run:
+        with transaction(url) as session:
+            pending = session.execute(
+                text(
+                    "SELECT count(*) FROM work_items WHERE task = :t AND status = 'pending'"
+                ),
+                {"t": spec.name},
+            ).scalar_one()
+            undiscovered = session.execute(
+                text(
+                    f"""SELECT count(*) FROM {"conversations" if spec.source == "conversation" else "audio_files"} s
+                    WHERE NOT EXISTS (SELECT 1 FROM work_items w WHERE w.task = :t
+                      AND w.source_kind = :k AND w.source_id = s.id)"""
+                ),
+                {"t": spec.name, "k": spec.source},
+            ).scalar_one()
+        n = pending + undiscovered
+        if limit is not None:
+            n = min(n, limit)
+        return EnqueueReport(spec.name, undiscovered, n, -(-n // batch_size), dry_run=True)
+    sent_items = sent_batches = 0
+    while limit is None or sent_items < limit:
+        want = CLAIM_CHUNK if limit is None else min(CLAIM_CHUNK, limit - sent_items)
+        # Whole batches per chunk, so a chunk boundary never makes a short batch.
+        want = max(batch_size, want - want % batch_size) if want >= batch_size else want
+        with transaction(url) as session:
+            batches = ledger.claim_batches(
+                session, task=spec.name, limit=want, batch_size=batch_size,
+                lease_seconds=lease_seconds,
+            )
+        if not batches:
+            break
+        with app.producer_or_acquire() as producer:
+            for b in batches:
+                send_batch(app, BatchMessage(spec.name, b.batch_id, b.item_ids), producer=producer)
+                sent_items += len(b.item_ids)
+                sent_batches += 1
+                if progress:
+                    progress(len(b.item_ids))
+    return EnqueueReport(spec.name, discovered, sent_items, sent_batches)

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import REDIS_BASE, build_tiny_classifier, create_database, drop_database
+
+# Tests never touch a user's state folder or models.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def db_url() -> Iterator[str]:
+    """A fresh, migrated database on the real Postgres."""
+    from db.migrate import upgrade
+
+    name, url = create_database()
+    upgrade(url)
+    try:
+        yield url
+    finally:
+        drop_database(name)
+
+
+_redis_db = iter(range(1, 16))
+
+
+@pytest.fixture
+def broker_url() -> Iterator[str]:
+    """A Redis database (index) of its own on the real Redis, flushed before and after."""
+    import redis
+
+    url = f"{REDIS_BASE}/{next(_redis_db, 15)}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """models_dir with two tiny random BERT classifiers: tier0 (wider) and tier1."""
+    d = tmp_path_factory.mktemp("models")
+    build_tiny_classifier(d / "tiny-big", hidden=64, layers=2, seed=1)
+    build_tiny_classifier(d / "tiny-small", hidden=32, layers=1, seed=2)
+    return d

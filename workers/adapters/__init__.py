@@ -1,0 +1,31 @@
+"""Model adapters, one per task kind. Chosen by name, imported lazily so that
+only the worker that runs a kind pays for its imports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fleet.taskconfig import TaskSpec
+    from workers.adapters.base import Adapter
+
+
+def make_adapter(spec: TaskSpec, *, max_chars: int, audio_root: Path) -> Adapter:
+    if spec.kind == "sequence_classify":
+        from workers.adapters.sequence_classify import SequenceClassifyAdapter
+
+        return SequenceClassifyAdapter(max_chars=max_chars)
+    if spec.kind == "transcribe":
+        from workers.adapters.transcribe import TranscribeAdapter
+
+        return TranscribeAdapter(audio_root=audio_root)
+    if spec.kind == "llm_classify":
+        from workers.adapters.llm_classify import LLMClassifyAdapter
+
+        return LLMClassifyAdapter(labels=spec.labels, max_chars=max_chars)
+    if spec.kind == "zero_shot":
+        from workers.adapters.zero_shot import ZeroShotAdapter
+
+        return ZeroShotAdapter(labels=spec.labels, max_chars=max_chars, **spec.options)
+    raise ValueError(f"no adapter for task kind {spec.kind!r}")

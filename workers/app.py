@@ -1,0 +1,98 @@
+"""The Celery app and its configuration. Imports nothing heavy, so the
+producer and Flower can load it cheaply (`celery -A workers.app flower`).
+
+The settings here are what make the queue safe:
+- JSON only (no pickle: a pickled message is rejected and logged);
+- acks_late + reject_on_worker_lost: a batch is acknowledged only after its
+  results are committed, so a killed worker's batch is delivered again;
+- prefetch 1: a worker holds one batch at a time, nothing waits behind a crash;
+- no result backend: Postgres is the result store;
+- visibility_timeout longer than the longest batch, or Redis redelivers a
+  batch that is still running (harmless - the ledger skips it - but wasteful).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery, signals
+
+from fleet.settings import Settings
+
+TASK_NAME = "fleet.run_batch"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.redis_url(),
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_connection_retry_on_startup": True,
+        "worker_send_task_events": True,  # Flower
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "task_default_queue": "fleet.default",
+        "task_create_missing_queues": True,
+    }
+
+
+def create_app(settings: Settings) -> Celery:
+    app = Celery("fleet", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    app.fleet_settings = settings  # type: ignore[attr-defined]  # not in conf: `inspect conf` would show secrets
+    return app
+
+
+def _process_settings() -> Settings:
+    settings = Settings()
+    if settings.embedded:
+        # `celery -A workers.app worker` with no URLs: the same embedded servers
+        # as the `fleet` command uses.
+        from fleet.services import ensure_services
+
+        settings = ensure_services(settings)
+    return settings
+
+
+app = create_app(_process_settings())
+app.autodiscover_tasks(["workers"], related_name="tasks", force=True)
+
+
+@signals.worker_init.connect
+def _load_model_at_start(sender: Any = None, **_: Any) -> None:
+    """Load the task's model once, before the worker takes its first batch.
+
+    The task is named by the worker's queue (`-Q fleet.<task>`), so
+    `celery -A workers.app worker -Q fleet.intent` works as `fleet worker` does.
+    """
+    from workers.state import start_runtime
+
+    queues = list(sender.app.amqp.queues.consume_from or {})
+    tasks = [q.removeprefix("fleet.") for q in queues if q.startswith("fleet.") and q != "fleet.default"]
+    if len(tasks) != 1:
+        raise SystemExit(
+            f"a fleet worker serves exactly one task queue, got {queues or 'none'}: "
+            "start it with `fleet worker --task T` or `celery -A workers.app worker -Q fleet.T`"
+        )
+    start_runtime(sender.app.fleet_settings, tasks[0], hostname=sender.hostname, app=sender.app)
+
+
+@signals.worker_shutdown.connect
+def _unload(**_: Any) -> None:
+    from workers.state import stop_runtime
+
+    stop_runtime()
+
+
+if os.environ.get("FLEET_WORKER_EAGER_IMPORT"):
+    import workers.tasks  # noqa: F401

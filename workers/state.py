@@ -1,0 +1,245 @@
+"""The worker process's resident state and the batch core.
+
+`start_runtime` runs once when the worker starts (the model is loaded before
+the first batch); `process` runs one batch message through the ledger and the
+runtime:
+
+    start_batch (rows still leased to this batch -> running)
+      nothing left      -> stale or redelivered message: done
+      delivered before  -> a worker died on it: split in halves, or dead if alone
+    load inputs from Postgres (and audio from disk)
+    runtime.run       -> one outcome per item (bad input fails that item only)
+    finish_batch      -> results + states in one transaction (idempotent)
+    follow-up tasks   -> e.g. an intent item for each finished transcript
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+
+from db import ledger
+from db.engine import transaction
+from db.sources import load_inputs
+from fleet.settings import Settings
+from fleet.taskconfig import TaskSpec, get_task, load_tasks
+from workers.adapters import make_adapter
+from workers.adapters.base import Source
+from workers.messages import BatchMessage, send_batch
+from workers.policy import PoisonAction, halves, poison_decision
+from workers.runtime import ItemResult, ModelRuntime
+
+log = logging.getLogger("fleet.worker")
+
+
+@dataclass
+class WorkerState:
+    settings: Settings
+    task: TaskSpec
+    tasks: dict[str, TaskSpec]
+    runtime: ModelRuntime
+    hostname: str
+    app: Celery | None = None
+
+
+_state: WorkerState | None = None
+
+
+def start_runtime(settings: Settings, task_name: str, *, hostname: str, app: Celery | None = None) -> WorkerState:
+    global _state
+    from fleet.logs import setup_logging
+    from workers.device import pick_device
+    from workers.simulate import MemorySimulator
+
+    setup_logging(settings.log_level, json_lines=settings.log_json)
+    tasks = load_tasks(settings.config_file)
+    spec = get_task(tasks, task_name)
+    adapter = make_adapter(
+        spec, max_chars=settings.max_text_chars, audio_root=settings.resolved_audio_root
+    )
+    runtime = ModelRuntime(
+        spec,
+        adapter,
+        models_dir=settings.resolved_models_dir,
+        device=pick_device(),
+        simulator=MemorySimulator.parse(settings.simulate_memory),
+        start_at=_tier_hint(settings, spec.name),
+    )
+    runtime.start()
+    _state = WorkerState(settings, spec, tasks, runtime, hostname, app)
+    return _state
+
+
+def _tier_hint(settings: Settings, task: str) -> int | None:
+    env = os.environ.get("FLEET_START_TIER")
+    return int(env) if env else None
+
+
+def stop_runtime() -> None:
+    global _state
+    if _state is not None:
+        _state.runtime.stop()
+        _state = None
+
+
+def current() -> WorkerState:
+    if _state is None:
+        raise RuntimeError("the worker runtime is not started (no model loaded)")
+    return _state
+
+
+def _result_row(r: ItemResult, device: str) -> dict[str, Any] | None:
+    if r.prediction is None:
+        return None
+    p = r.prediction
+    output = dict(p.output or {})
+    if r.notes:
+        output.setdefault("notes", r.notes)
+    return {
+        "label": p.label,
+        "confidence": p.confidence,
+        "scores": p.scores,
+        "output": output or None,
+        "model_name": r.model_name,
+        "model_tier": r.tier,
+        "device": device,
+        "latency_ms": round(r.latency_ms, 3),
+    }
+
+
+def _crash_if_asked(st: WorkerState, sources: list[Source]) -> None:
+    """Testing aid (FLEET_CRASH_ON): die like a segfaulting CUDA kernel would."""
+    if not st.settings.crash_on:
+        return
+    poison = {x.strip() for x in st.settings.crash_on.split(",") if x.strip()}
+    hit = [s.external_id for s in sources if s.external_id in poison]
+    if hit:
+        log.error("crash_on: worker process dies on %s", hit)
+        logging.shutdown()
+        os._exit(137)
+
+
+def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
+    st = current()
+    s = st.settings
+    url = s.db_url()
+    started_at = time.perf_counter()
+    if msg.task != st.task.name:
+        raise ValueError(f"this worker serves {st.task.name!r}, got a batch for {msg.task!r}")
+    with transaction(url) as session:
+        started = ledger.start_batch(
+            session, batch_id=msg.batch_id, item_ids=msg.item_ids, worker=hostname,
+            lease_seconds=s.lease_seconds,
+        )
+    if not started:
+        log.info("batch %s: nothing leased to it any more (stale or redelivered)", msg.batch_id)
+        return {"batch": msg.batch_id, "skipped": len(msg.item_ids)}
+
+    ids = [i.item_id for i in started]
+    action = poison_decision(
+        items=len(started),
+        deliveries_before=max(i.deliveries_before for i in started),
+        crashes_allowed=s.poison_crashes,
+    )
+    if action is PoisonAction.SPLIT:
+        with transaction(url) as session:
+            parts = ledger.split_batch(
+                session, batch_id=msg.batch_id, parts=halves(ids), lease_seconds=s.lease_seconds
+            )
+        for part in parts:
+            send_batch(_app(st), BatchMessage(msg.task, part.batch_id, part.item_ids))
+        log.warning(
+            "batch %s was delivered before and never finished (a worker died): split into %s",
+            msg.batch_id, [len(p.item_ids) for p in parts],
+        )
+        return {"batch": msg.batch_id, "split": [p.batch_id for p in parts]}
+    if action is PoisonAction.DEAD:
+        reason = (
+            f"the worker process died {started[0].deliveries_before} time(s) running this item "
+            "alone: isolated as poison. Inspect the input, then `fleet retry --status dead`."
+        )
+        with transaction(url) as session:
+            ledger.mark_dead(session, batch_id=msg.batch_id, item_ids=ids, reason=reason)
+        log.error("batch %s: item %s is poison, marked dead", msg.batch_id, ids)
+        return {"batch": msg.batch_id, "dead": ids}
+
+    with transaction(url) as session:
+        inputs = load_inputs(
+            session,
+            [(i.item_id, i.source_kind, i.source_id) for i in started],
+            text_from_task=st.task.input_from,
+        )
+    kinds = {i.item_id: i.source_kind for i in started}
+    sources = [
+        Source(item_id, kinds[item_id], ext, data) for item_id, (ext, data) in inputs.items()
+    ]
+    _crash_if_asked(st, sources)
+    results, stats = st.runtime.run(sources)
+    device = st.runtime.device
+    outcomes = [ledger.Outcome(r.item_id, _result_row(r, device), r.error) for r in results]
+    outcomes += [
+        ledger.Outcome(i, None, "the source row was deleted before the item ran")
+        for i in ids
+        if i not in inputs
+    ]
+    with transaction(url) as session:
+        counts = ledger.finish_batch(session, batch_id=msg.batch_id, outcomes=outcomes)
+        follow = _create_follow_ups(session, st, started, results)
+    for task, batches in follow.items():
+        for b in batches:
+            send_batch(_app(st), BatchMessage(task, b.batch_id, b.item_ids))
+    line = {
+        "event": "batch",
+        "task": st.task.name,
+        "batch": msg.batch_id,
+        "items": len(ids),
+        "done": counts.done,
+        "failed": counts.failed,
+        "skipped": counts.skipped,
+        "sub_batches": stats.sub_batches,
+        "budget": stats.budget_end,
+        "tier": st.runtime.tier,
+        "model": st.runtime.model_name,
+        "device": device,
+        "ooms": stats.ooms,
+        "downshifts": stats.downshifts,
+        "seconds": round(time.perf_counter() - started_at, 3),
+        "attempt": msg.attempt,
+    }
+    log.info("batch %s", json.dumps(line))
+    return {k: line[k] for k in ("items", "done", "failed", "skipped", "tier", "ooms")}
+
+
+def _create_follow_ups(
+    session: Any, st: WorkerState, started: list[ledger.StartedItem], results: list[ItemResult]
+) -> dict[str, list[ledger.ClaimedBatch]]:
+    """Items for the tasks that follow this one (transcribe -> audio_intent), claimed
+    and sent right away so they never wait for a producer pass."""
+    if not st.task.then:
+        return {}
+    ok = {r.item_id for r in results if r.error is None}
+    source_ids = [i.source_id for i in started if i.item_id in ok]
+    kind = st.task.source
+    out: dict[str, list[ledger.ClaimedBatch]] = {}
+    for task in st.task.then:
+        created = ledger.add_items(session, task=task, source_kind=kind, source_ids=source_ids)
+        if created:
+            out[task] = ledger.claim_batches(
+                session, task=task, limit=created, batch_size=st.settings.batch_size,
+                lease_seconds=st.settings.lease_seconds,
+            )
+    return out
+
+
+def _app(st: WorkerState) -> Celery:
+    if st.app is None:
+        from workers.app import app
+
+        st.app = app
+    return st.app
