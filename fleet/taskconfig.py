@@ -16,7 +16,8 @@ from typing import Any
 
 from workers.adapters.base import TierSpec
 
-KINDS = ("sequence_classify", "zero_shot", "llm_classify", "transcribe")
+# "fake" is the shipped fake model (workers.adapters.fake) for tests and benchmarks.
+KINDS = ("sequence_classify", "zero_shot", "llm_classify", "transcribe", "fake")
 SOURCES = ("conversation", "audio")
 
 

@@ -28,4 +28,8 @@ def make_adapter(spec: TaskSpec, *, max_chars: int, audio_root: Path) -> Adapter
         from workers.adapters.zero_shot import ZeroShotAdapter
 
         return ZeroShotAdapter(labels=spec.labels, max_chars=max_chars, **spec.options)
+    if spec.kind == "fake":
+        from workers.adapters.fake import FakeAdapter, fake_options
+
+        return FakeAdapter(max_chars=max_chars, **fake_options(spec.options))
     raise ValueError(f"no adapter for task kind {spec.kind!r}")

@@ -1,0 +1,154 @@
+"""The work ledger on the real Postgres."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from sqlalchemy import text
+
+from db import ledger
+from db.engine import transaction
+from db.sources import ingest_conversations
+from tests.support import conversations
+
+
+def _seed(url: str, n: int) -> None:
+    with transaction(url) as s:
+        ingest_conversations(s, conversations(n))
+    with transaction(url) as s:
+        assert ledger.discover(s, task="intent", source_kind="conversation") == n
+
+
+def test_discover_is_idempotent(db_url):
+    _seed(db_url, 10)
+    with transaction(db_url) as s:
+        assert ledger.discover(s, task="intent", source_kind="conversation") == 0
+        assert ledger.discover(s, task="other", source_kind="conversation") == 10
+
+
+def test_concurrent_claims_never_overlap(db_url):
+    _seed(db_url, 3000)
+    claimed: list[list[int]] = [[], [], [], []]
+    barrier = threading.Barrier(4)
+
+    def producer(k: int) -> None:
+        barrier.wait()
+        while True:
+            with transaction(db_url) as s:
+                batches = ledger.claim_batches(s, task="intent", limit=97, batch_size=16, lease_seconds=60)
+                time.sleep(0.01)  # hold the row locks a moment: overlap would show
+            if not batches:
+                return
+            for b in batches:
+                claimed[k].extend(b.item_ids)
+
+    threads = [threading.Thread(target=producer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = [i for part in claimed for i in part]
+    assert len(every) == len(set(every)) == 3000
+    assert sum(1 for part in claimed if part) >= 2  # they really ran side by side
+
+
+def test_claim_cuts_batches_and_counts_attempts(db_url):
+    _seed(db_url, 70)
+    with transaction(db_url) as s:
+        batches = ledger.claim_batches(s, task="intent", limit=70, batch_size=32, lease_seconds=60)
+    assert sorted(len(b.item_ids) for b in batches) == [6, 32, 32]
+    with transaction(db_url) as s:
+        assert s.execute(text("SELECT DISTINCT attempts, status FROM work_items")).all() == [(1, "queued")]
+
+
+def _run_one(url: str, outcomes_for) -> tuple[ledger.ClaimedBatch, list[ledger.StartedItem]]:
+    with transaction(url) as s:
+        (batch,) = ledger.claim_batches(s, task="intent", limit=5, batch_size=5, lease_seconds=60)
+    with transaction(url) as s:
+        started = ledger.start_batch(s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60)
+    return batch, started
+
+
+def _outcomes(ids, *, fail=()):
+    row = {"label": "x", "confidence": 0.9, "scores": {"x": 0.9}, "output": None,
+           "model_name": "m", "model_tier": 0, "device": "cpu", "latency_ms": 1.0}
+    return [ledger.Outcome(i, row, "bad input" if i in fail else None) for i in ids]
+
+
+def test_finish_batch_twice_keeps_one_result(db_url):
+    _seed(db_url, 5)
+    batch, started = _run_one(db_url, None)
+    assert [s.deliveries_before for s in started] == [0] * 5
+    ids = batch.item_ids
+    with transaction(db_url) as s:
+        first = ledger.finish_batch(s, batch_id=batch.batch_id, outcomes=_outcomes(ids, fail={ids[0]}))
+    with transaction(db_url) as s:
+        second = ledger.finish_batch(s, batch_id=batch.batch_id, outcomes=_outcomes(ids))
+    assert (first.done, first.failed, first.skipped) == (4, 1, 0)
+    assert (second.done, second.failed, second.skipped) == (0, 0, 5)
+    with transaction(db_url) as s:
+        assert s.execute(text("SELECT count(*) FROM results")).scalar_one() == 5
+        assert s.execute(text("SELECT count(DISTINCT work_item_id) FROM results")).scalar_one() == 5
+        err = s.execute(text("SELECT last_error FROM work_items WHERE status = 'failed'")).scalar_one()
+    assert err == "bad input"
+
+
+def test_redelivered_batch_is_skipped_and_stale_batch_cannot_finish(db_url):
+    _seed(db_url, 5)
+    batch, _ = _run_one(db_url, None)
+    with transaction(db_url) as s:
+        ledger.finish_batch(s, batch_id=batch.batch_id, outcomes=_outcomes(batch.item_ids))
+    with transaction(db_url) as s:  # the same message again
+        assert ledger.start_batch(s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60) == []
+
+
+def test_reconcile_returns_expired_leases_then_kills_after_attempts(db_url):
+    _seed(db_url, 5)
+    with transaction(db_url) as s:
+        ledger.claim_batches(s, task="intent", limit=5, batch_size=5, lease_seconds=60)
+        s.execute(text("UPDATE work_items SET lease_until = now() - interval '1 second'"))
+    with transaction(db_url) as s:
+        assert ledger.reconcile(s, max_attempts=2) == {"returned": 5, "dead": 0}
+    with transaction(db_url) as s:
+        (batch,) = ledger.claim_batches(s, task="intent", limit=5, batch_size=5, lease_seconds=60)
+        s.execute(text("UPDATE work_items SET lease_until = now() - interval '1 second'"))
+    with transaction(db_url) as s:
+        assert ledger.reconcile(s, max_attempts=2) == {"returned": 0, "dead": 5}
+        assert ledger.counts(s) == {"intent": {"dead": 5}}
+        assert ledger.retry(s, statuses=["dead"]) == 5
+        assert ledger.counts(s) == {"intent": {"pending": 5}}
+
+
+def test_stale_batch_after_reclaim_changes_nothing(db_url):
+    _seed(db_url, 5)
+    old, _ = _run_one(db_url, None)
+    with transaction(db_url) as s:  # lease expired, reclaimed into a new batch
+        s.execute(text("UPDATE work_items SET lease_until = now() - interval '1 second'"))
+        ledger.reconcile(s, max_attempts=5)
+    new, _ = _run_one(db_url, None)
+    with transaction(db_url) as s:
+        stale = ledger.finish_batch(s, batch_id=old.batch_id, outcomes=_outcomes(old.item_ids))
+    assert stale.done == 0 and stale.skipped == 5
+    with transaction(db_url) as s:
+        fresh = ledger.finish_batch(s, batch_id=new.batch_id, outcomes=_outcomes(new.item_ids))
+    assert fresh.done == 5
+
+
+def test_split_and_mark_dead(db_url):
+    _seed(db_url, 6)
+    with transaction(db_url) as s:
+        (batch,) = ledger.claim_batches(s, task="intent", limit=6, batch_size=6, lease_seconds=60)
+    with transaction(db_url) as s:
+        ledger.start_batch(s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60)
+    with transaction(db_url) as s:  # delivered again: deliveries_before = 1
+        again = ledger.start_batch(s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60)
+    assert {a.deliveries_before for a in again} == {1}
+    with transaction(db_url) as s:
+        parts = ledger.split_batch(s, batch_id=batch.batch_id, parts=[batch.item_ids[:3], batch.item_ids[3:]], lease_seconds=60)
+    assert [len(p.item_ids) for p in parts] == [3, 3]
+    with transaction(db_url) as s:
+        started = ledger.start_batch(s, batch_id=parts[0].batch_id, item_ids=parts[0].item_ids, worker="w", lease_seconds=60)
+        assert {x.deliveries_before for x in started} == {0}
+        assert ledger.mark_dead(s, batch_id=parts[0].batch_id, item_ids=parts[0].item_ids[:1], reason="poison") == 1
+        assert ledger.counts(s)["intent"] == {"dead": 1, "queued": 3, "running": 2}

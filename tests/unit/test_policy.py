@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from workers.policy import (
+    Budget,
+    OomAction,
+    PoisonAction,
+    backoff,
+    halves,
+    next_budget,
+    on_oom,
+    padded_cost,
+    plan_batches,
+    poison_decision,
+    retry_decision,
+    start_tier,
+    step_up,
+)
+
+
+@pytest.mark.parametrize(
+    ("costs", "max_tokens", "max_items", "expected"),
+    [
+        ([], 100, None, []),
+        ([(1, 10)], 100, None, [[1]]),
+        # longest first; 3 x 30 = 90 fits, a 4th would be 120
+        ([(1, 10), (2, 30), (3, 20), (4, 30), (5, 30)], 100, None, [[2, 4, 5], [3, 1]]),
+        # an item larger than the budget runs alone
+        ([(1, 500), (2, 10), (3, 10)], 100, None, [[1], [2, 3]]),
+        # max_items caps the count
+        ([(i, 1) for i in range(5)], 1000, 2, [[0, 1], [2, 3], [4]]),
+        # zero-cost items count as one token
+        ([(1, 0), (2, 0)], 1, None, [[1], [2]]),
+    ],
+)
+def test_plan_batches(costs, max_tokens, max_items, expected):
+    assert plan_batches(costs, max_tokens=max_tokens, max_items=max_items) == expected
+
+
+def test_plan_batches_respects_budget_and_keeps_every_item():
+    rng = random.Random(3)
+    costs = [(i, rng.randint(1, 300)) for i in range(500)]
+    plans = plan_batches(costs, max_tokens=2048)
+    assert sorted(k for p in plans for k in p) == list(range(500))
+    by_key = dict(costs)
+    for p in plans:
+        assert len(p) == 1 or padded_cost([by_key[k] for k in p]) <= 2048
+
+
+@pytest.mark.parametrize(
+    ("budget", "oom", "used", "expected"),
+    [
+        (Budget(1000), True, None, Budget(500)),
+        (Budget(1000), True, 300, Budget(150)),  # shrink below what failed, not the budget
+        (Budget(100), True, None, Budget(64)),  # floor
+        (Budget(1000, 6), False, None, Budget(1000, 7)),
+        (Budget(1000, 7), False, None, Budget(1250, 0)),  # 8th success grows by 1.25
+        (Budget(3900, 7), False, None, Budget(4000, 0)),  # ceiling
+        (Budget(4000, 7), False, None, Budget(4000, 8)),  # at ceiling: stays
+    ],
+)
+def test_next_budget(budget, oom, used, expected):
+    assert next_budget(budget, oom=oom, floor=64, ceiling=4000, used=used) == expected
+
+
+@pytest.mark.parametrize(
+    ("items", "tier", "tiers", "expected"),
+    [
+        (8, 0, 3, OomAction.RETRY_SMALLER),
+        (2, 2, 3, OomAction.RETRY_SMALLER),
+        (1, 0, 3, OomAction.DOWNSHIFT),
+        (1, 1, 3, OomAction.DOWNSHIFT),
+        (1, 2, 3, OomAction.GIVE_UP),
+        (1, 0, 1, OomAction.GIVE_UP),
+    ],
+)
+def test_on_oom(items, tier, tiers, expected):
+    assert on_oom(sub_batch_items=items, tier=tier, tiers=tiers) is expected
+
+
+@pytest.mark.parametrize(
+    ("footprints", "free", "expected"),
+    [
+        ([14000, 7000, 2000], None, 0),  # CPU / unknown: top
+        ([14000, 7000, 2000], 80000, 0),
+        ([14000, 7000, 2000], 10000, 1),  # 7000 <= 8500
+        ([14000, 7000, 2000], 5000, 2),
+        ([14000, 7000, 2000], 1000, 2),  # nothing fits: smallest
+        ([None, 7000], 100, 0),  # unknown footprint: try it
+    ],
+)
+def test_start_tier(footprints, free, expected):
+    assert start_tier(footprints, free) == expected
+
+
+@pytest.mark.parametrize(
+    ("tier", "clean", "after", "expected"),
+    [(0, 100, 5, 0), (2, 4, 5, 2), (2, 5, 5, 1), (1, 50, None, 1)],
+)
+def test_step_up(tier, clean, after, expected):
+    assert step_up(tier=tier, clean_batches=clean, after=after) == expected
+
+
+@pytest.mark.parametrize(
+    ("items", "deliveries", "allowed", "expected"),
+    [
+        (32, 0, 2, PoisonAction.RUN),
+        (32, 1, 2, PoisonAction.SPLIT),
+        (2, 3, 2, PoisonAction.SPLIT),
+        (1, 1, 2, PoisonAction.RUN),  # alone, one death: one more chance
+        (1, 2, 2, PoisonAction.DEAD),
+        (1, 1, 1, PoisonAction.DEAD),
+    ],
+)
+def test_poison_decision(items, deliveries, allowed, expected):
+    assert poison_decision(items=items, deliveries_before=deliveries, crashes_allowed=allowed) is expected
+
+
+def test_halves():
+    assert halves([1, 2, 3, 4, 5]) == [[1, 2], [3, 4, 5]]
+    assert halves([7, 8]) == [[7], [8]]
+
+
+@pytest.mark.parametrize(("attempt", "expected"), [(0, 1.0), (1, 2.0), (3, 8.0), (10, 60.0)])
+def test_backoff_without_jitter(attempt, expected):
+    assert backoff(attempt, base=1.0, cap=60.0, jitter=False) == expected
+
+
+def test_backoff_jitter_stays_in_range():
+    rng = random.Random(0)
+    values = [backoff(4, base=1.0, cap=60.0, rng=rng) for _ in range(200)]
+    assert all(0 <= v <= 16 for v in values)
+    assert len({round(v, 3) for v in values}) > 100  # actually spread
+
+
+@pytest.mark.parametrize(
+    ("transient", "attempt", "retry"),
+    [(True, 0, True), (True, 7, True), (True, 8, False), (False, 0, False)],
+)
+def test_retry_decision(transient, attempt, retry):
+    d = retry_decision(transient=transient, attempt=attempt, max_retries=8, rng=random.Random(1))
+    assert d.retry is retry
+    assert (d.countdown > 0) is retry or d.countdown == 0

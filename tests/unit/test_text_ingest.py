@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+
+from fleet.ingest import parse_conversation_line
+from workers.adapters.base import InputError
+from workers.adapters.text import conversation_messages, conversation_text
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ({"messages": []}, "conversation has no messages"),
+        ({"messages": None}, "must be a list"),
+        ({"messages": "hello"}, "must be a list"),
+        ({"messages": [1]}, "message 0 is int"),
+        ({"messages": [{"content": "x"}]}, "message 0 has no role"),
+        ({"messages": [{"role": "user"}]}, "content must be a string, got NoneType"),
+        ({"messages": [{"role": "user", "content": {"a": 1}}]}, "content must be a string, got dict"),
+        ({"messages": [{"role": "user", "content": "   "}]}, "only empty messages"),
+        ({"messages": [{"role": "user", "content": "x" * 101}]}, "exceeds 100 characters"),
+        ({"text": ""}, "text to classify is empty"),
+        ({"text": None}, "text to classify is empty"),
+    ],
+)
+def test_malformed_conversations(data, reason):
+    with pytest.raises(InputError, match=reason):
+        conversation_messages(data, max_chars=100)
+
+
+def test_conversation_text():
+    data = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""},
+                         {"role": "assistant", "content": "hello"}]}
+    assert conversation_text(data, max_chars=100) == "user: hi\nassistant: hello"
+    assert conversation_text({"text": "a transcript"}, max_chars=100) == "a transcript"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{bad", "not valid JSON"),
+        (b"[1, 2]", "expected a JSON object, got list"),
+        (b'{"messages": []}', "missing external_id"),
+        (b'{"external_id": "", "messages": []}', "missing external_id"),
+        (b'{"external_id": true, "messages": []}', "missing external_id"),
+        (b'{"external_id": "a"}', "missing messages"),
+        (b'{"external_id": "a", "messages": [{"role": "user", "content": "\\u0000"}]}', "NUL character"),
+        (b'{"external_id": "a", "messages": "\xff\xfe"}', "not valid UTF-8"),
+    ],
+)
+def test_bad_lines(raw, reason):
+    with pytest.raises(ValueError, match=reason):
+        parse_conversation_line(raw, 1)
+
+
+def test_good_line_keeps_malformed_messages_for_the_worker():
+    row = parse_conversation_line(b'{"id": 7, "messages": [{"role": 1}], "meta": {"k": "v"}}', 1)
+    assert row == {"external_id": "7", "messages": [{"role": 1}], "language": None, "meta": {"k": "v"}}
