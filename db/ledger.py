@@ -270,11 +270,19 @@ def finish_batch(session: Session, *, batch_id: str, outcomes: Sequence[Outcome]
 
 
 def split_batch(
-    session: Session, *, batch_id: str, parts: Sequence[Sequence[int]], lease_seconds: int
+    session: Session,
+    *,
+    batch_id: str,
+    parts: Sequence[Sequence[int]],
+    lease_seconds: int,
+    reset_deliveries: bool,
 ) -> list[ClaimedBatch]:
-    """Re-batch a suspected poison batch into parts with fresh batch ids.
+    """Re-batch a suspected poison batch into parts with fresh batch ids
+    (see `workers.policy.poison_plan` for when and how).
 
-    Deliveries restart at zero so each part gets its own count of worker deaths.
+    Attempts restart at zero, so innocent neighbours of a poison item do not
+    use up their attempts while it is being isolated; with `reset_deliveries`
+    each half also gets its own count of worker deaths.
     """
     out: list[ClaimedBatch] = []
     for part in parts:
@@ -283,14 +291,21 @@ def split_batch(
             text(
                 """
                 UPDATE work_items
-                SET status = 'queued', batch_id = CAST(:new AS uuid), deliveries = 0,
+                SET status = 'queued', batch_id = CAST(:new AS uuid), attempts = 0,
+                    deliveries = CASE WHEN :reset THEN 0 ELSE deliveries END,
                     lease_until = now() + make_interval(secs => :lease), updated_at = now()
                 WHERE id = ANY(CAST(:ids AS bigint[]))
                   AND batch_id = CAST(:old AS uuid) AND status = 'running'
                 RETURNING id
                 """
             ),
-            {"new": new_id, "old": batch_id, "ids": list(part), "lease": lease_seconds},
+            {
+                "new": new_id,
+                "old": batch_id,
+                "ids": list(part),
+                "lease": lease_seconds,
+                "reset": reset_deliveries,
+            },
         ).scalars()
         got = tuple(sorted(ids))
         if got:

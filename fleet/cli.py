@@ -119,7 +119,7 @@ def settings_cmd(ctx: Ctx, as_json: bool) -> None:
     """Show the settings in force (secrets masked) and where each comes from."""
     s = ctx.settings
     out: dict[str, Any] = {}
-    for name, info in type(s).model_fields.items():
+    for name in type(s).model_fields:
         value = getattr(s, name)
         if name in ("database_url", "broker_url"):
             value = redact(value.get_secret_value()) if value is not None else "(embedded)"
@@ -142,8 +142,8 @@ def settings_cmd(ctx: Ctx, as_json: bool) -> None:
 @pass_ctx
 def migrate(ctx: Ctx, revision: str, down: bool) -> None:
     """Bring the database schema to the code's version (Alembic)."""
-    from fleet.services import ensure_services
     from db.migrate import downgrade, upgrade
+    from fleet.services import ensure_services
 
     s = ensure_services(ctx.settings)
     if down:
@@ -359,7 +359,8 @@ def results(ctx: Ctx, task_name: str, status: str, limit: int, as_json: bool) ->
 
 
 def worker_argv(task: str, *, gpu: int | None, loglevel: str, hostname: str | None = None) -> list[str]:
-    name = hostname or f"{task}@{'gpu%d' % gpu if gpu is not None else 'cpu'}.%h"
+    slot = f"gpu{gpu}" if gpu is not None else "cpu"
+    name = hostname or f"{task}@{slot}.%h"
     return [
         sys.executable, "-m", "celery", "-A", "workers.app", "worker",
         "--pool", "solo", "--concurrency", "1", "-Q", f"fleet.{task}", "-n", name,
@@ -385,6 +386,26 @@ def worker(ctx: Ctx, task_name: str, gpu: int | None, loglevel: str) -> None:
     ctx.task(task_name)  # fail here, with the list of tasks, on a typo
     argv = worker_argv(task_name, gpu=gpu, loglevel=loglevel)
     os.execvpe(argv[0], argv, worker_env(ctx.settings, gpu=gpu))
+
+
+@main.command()
+@task_option
+@click.option("--gpus", default="all", show_default=True,
+              help="'all' visible GPUs, or indexes like 0,1,3 (indexes this host lacks run as CPU stand-ins).")
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write each worker's log to DIR/<task>-gpuN.log instead of this terminal.")
+@pass_ctx
+def workers(ctx: Ctx, task_name: str, gpus: str, loglevel: str, log_dir: Path | None) -> None:
+    """Start and supervise one pinned worker per GPU; restart any that dies, with backoff."""
+    from fleet.supervisor import parse_gpus, supervise, visible_gpus
+
+    ctx.task(task_name)
+    try:
+        indexes = parse_gpus(gpus, available=visible_gpus())
+    except ValueError as e:
+        fail(str(e), EXIT_CONFIG)
+    sys.exit(supervise(task_name, indexes, ctx.settings, loglevel=loglevel, log_dir=log_dir, echo=click.echo))
 
 
 # -- models, train, demo -----------------------------------------------------------------

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
         default=5, ge=1, description="Claims of one item before the reconciler marks it dead."
     )
     poison_crashes: int = Field(
-        default=1,
+        default=2,
         ge=1,
         description="Worker deaths a single-item batch may cause before the item is marked dead.",
     )
@@ -79,6 +79,12 @@ class Settings(BaseSettings):
         ge=5,
         description="Redis redelivers an unacknowledged batch after this many seconds. "
         "Must exceed the longest batch.",
+    )
+    restart_backoff: float = Field(
+        default=1.0,
+        gt=0,
+        description="`fleet workers`: first restart delay of a dead worker in seconds; doubles "
+        "per quick death, up to 60.",
     )
     reconcile_interval: float = Field(
         default=30.0, gt=0, description="Seconds between reconciler passes in `fleet run`."

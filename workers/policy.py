@@ -123,25 +123,40 @@ class PoisonAction(StrEnum):
     DEAD = "dead"
 
 
-def poison_decision(*, items: int, deliveries_before: int, crashes_allowed: int) -> PoisonAction:
-    """A batch delivered again after a worker died on it is suspect.
+@dataclass(frozen=True)
+class PoisonPlan:
+    action: PoisonAction
+    parts: tuple[tuple[int, ...], ...] = ()
+    reset_deliveries: bool = False
 
-    Split it in halves until the item that kills the worker is alone; a lone
-    item that has killed the worker `crashes_allowed` times is dead. Innocent
-    neighbours finish in the half that does not crash.
+
+def poison_plan(deliveries: Sequence[tuple[int, int]], *, crashes_allowed: int) -> PoisonPlan:
+    """Decide what to do with a batch from each item's earlier unfinished deliveries.
+
+    An item delivered before and never finished was in a batch whose worker
+    died: it is a suspect. Isolation, one worker death at a time:
+      - no suspects: run;
+      - suspects among clean items: run them apart (the clean part cannot
+        crash for their sake; suspects keep their count);
+      - only suspects, several: split in halves, counts restart, so the half
+        that crashes again is the one holding the poison;
+      - one suspect alone: it has had `crashes_allowed` deaths -> dead, else run.
+    Every worker death either halves a suspect group or counts against a lone
+    item, so isolation ends after about log2(batch) + crashes_allowed deaths.
     """
-    if deliveries_before <= 0:
-        return PoisonAction.RUN
-    if items > 1:
-        return PoisonAction.SPLIT
-    if deliveries_before >= crashes_allowed:
-        return PoisonAction.DEAD
-    return PoisonAction.RUN
-
-
-def halves(ids: Sequence[int]) -> list[list[int]]:
-    mid = len(ids) // 2
-    return [list(ids[:mid]), list(ids[mid:])]
+    ids = [i for i, _ in deliveries]
+    suspects = tuple(i for i, d in deliveries if d > 0)
+    if not suspects:
+        return PoisonPlan(PoisonAction.RUN)
+    clean = tuple(i for i, d in deliveries if d <= 0)
+    if clean:
+        return PoisonPlan(PoisonAction.SPLIT, (clean, suspects), reset_deliveries=False)
+    if len(ids) > 1:
+        mid = len(ids) // 2
+        return PoisonPlan(PoisonAction.SPLIT, (tuple(ids[:mid]), tuple(ids[mid:])), reset_deliveries=True)
+    if deliveries[0][1] >= crashes_allowed:
+        return PoisonPlan(PoisonAction.DEAD, (tuple(ids),))
+    return PoisonPlan(PoisonAction.RUN)
 
 
 def backoff(

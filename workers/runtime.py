@@ -26,7 +26,16 @@ from typing import Any
 from fleet.taskconfig import TaskSpec, resolve_model_path
 from workers import device as dev
 from workers.adapters.base import Adapter, InputError, Prediction, Prepared, Source
-from workers.policy import Budget, OomAction, next_budget, on_oom, padded_cost, plan_batches, start_tier, step_up
+from workers.policy import (
+    Budget,
+    OomAction,
+    next_budget,
+    on_oom,
+    padded_cost,
+    plan_batches,
+    start_tier,
+    step_up,
+)
 from workers.simulate import MemorySimulator
 
 log = logging.getLogger("fleet.runtime")

@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -32,8 +33,8 @@ from fleet.taskconfig import TaskSpec, get_task, load_tasks
 from workers.adapters import make_adapter
 from workers.adapters.base import Source
 from workers.messages import BatchMessage, send_batch
-from workers.policy import PoisonAction, halves, poison_decision
-from workers.runtime import ItemResult, ModelRuntime
+from workers.policy import PoisonAction, poison_plan
+from workers.runtime import ItemResult, MemoryNotReleased, ModelRuntime
 
 log = logging.getLogger("fleet.worker")
 
@@ -76,9 +77,34 @@ def start_runtime(settings: Settings, task_name: str, *, hostname: str, app: Cel
     return _state
 
 
+def _hint_file(settings: Settings, task: str) -> Path:
+    slot = os.environ.get("CUDA_VISIBLE_DEVICES") or "cpu"
+    return settings.state_dir / "tier-hints" / f"{task}-gpu{slot}.tier"
+
+
 def _tier_hint(settings: Settings, task: str) -> int | None:
+    """FLEET_START_TIER, or the tier a previous process of this slot asked to
+    restart on because its memory did not come back in-process."""
     env = os.environ.get("FLEET_START_TIER")
-    return int(env) if env else None
+    if env:
+        return int(env)
+    hint = _hint_file(settings, task)
+    if hint.is_file():
+        tier = int(hint.read_text().strip() or 0)
+        hint.unlink()
+        log.warning("starting on tier %d as the previous worker asked", tier)
+        return tier
+    return None
+
+
+def _restart_on(st: WorkerState, exc: MemoryNotReleased) -> None:
+    hint = _hint_file(st.settings, st.task.name)
+    hint.parent.mkdir(parents=True, exist_ok=True)
+    hint.write_text(str(exc.next_tier))
+    log.error("%s: exiting so the supervisor restarts this worker on tier %d", exc, exc.next_tier)
+    logging.shutdown()
+    # The batch is not acknowledged; its lease expires and the reconciler returns it.
+    os._exit(75)
 
 
 def stop_runtime() -> None:
@@ -142,15 +168,14 @@ def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
         return {"batch": msg.batch_id, "skipped": len(msg.item_ids)}
 
     ids = [i.item_id for i in started]
-    action = poison_decision(
-        items=len(started),
-        deliveries_before=max(i.deliveries_before for i in started),
-        crashes_allowed=s.poison_crashes,
+    plan = poison_plan(
+        [(i.item_id, i.deliveries_before) for i in started], crashes_allowed=s.poison_crashes
     )
-    if action is PoisonAction.SPLIT:
+    if plan.action is PoisonAction.SPLIT:
         with transaction(url) as session:
             parts = ledger.split_batch(
-                session, batch_id=msg.batch_id, parts=halves(ids), lease_seconds=s.lease_seconds
+                session, batch_id=msg.batch_id, parts=plan.parts,
+                lease_seconds=s.lease_seconds, reset_deliveries=plan.reset_deliveries,
             )
         for part in parts:
             send_batch(_app(st), BatchMessage(msg.task, part.batch_id, part.item_ids))
@@ -159,7 +184,7 @@ def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
             msg.batch_id, [len(p.item_ids) for p in parts],
         )
         return {"batch": msg.batch_id, "split": [p.batch_id for p in parts]}
-    if action is PoisonAction.DEAD:
+    if plan.action is PoisonAction.DEAD:
         reason = (
             f"the worker process died {started[0].deliveries_before} time(s) running this item "
             "alone: isolated as poison. Inspect the input, then `fleet retry --status dead`."
@@ -180,7 +205,11 @@ def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
         Source(item_id, kinds[item_id], ext, data) for item_id, (ext, data) in inputs.items()
     ]
     _crash_if_asked(st, sources)
-    results, stats = st.runtime.run(sources)
+    try:
+        results, stats = st.runtime.run(sources)
+    except MemoryNotReleased as exc:
+        _restart_on(st, exc)
+        raise
     device = st.runtime.device
     outcomes = [ledger.Outcome(r.item_id, _result_row(r, device), r.error) for r in results]
     outcomes += [

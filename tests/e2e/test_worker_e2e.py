@@ -8,7 +8,14 @@ import time
 
 import pytest
 
-from tests.support import REPO, conversations, result_count_per_item, run_fleet, status_counts, write_jsonl
+from tests.support import (
+    REPO,
+    conversations,
+    result_count_per_item,
+    run_fleet,
+    status_counts,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -145,7 +145,7 @@ def test_split_and_mark_dead(db_url):
         again = ledger.start_batch(s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60)
     assert {a.deliveries_before for a in again} == {1}
     with transaction(db_url) as s:
-        parts = ledger.split_batch(s, batch_id=batch.batch_id, parts=[batch.item_ids[:3], batch.item_ids[3:]], lease_seconds=60)
+        parts = ledger.split_batch(s, batch_id=batch.batch_id, parts=[batch.item_ids[:3], batch.item_ids[3:]], lease_seconds=60, reset_deliveries=True)
     assert [len(p.item_ids) for p in parts] == [3, 3]
     with transaction(db_url) as s:
         started = ledger.start_batch(s, batch_id=parts[0].batch_id, item_ids=parts[0].item_ids, worker="w", lease_seconds=60)

@@ -9,12 +9,11 @@ from workers.policy import (
     OomAction,
     PoisonAction,
     backoff,
-    halves,
     next_budget,
     on_oom,
     padded_cost,
     plan_batches,
-    poison_decision,
+    poison_plan,
     retry_decision,
     start_tier,
     step_up,
@@ -105,23 +104,51 @@ def test_step_up(tier, clean, after, expected):
 
 
 @pytest.mark.parametrize(
-    ("items", "deliveries", "allowed", "expected"),
+    ("deliveries", "allowed", "action", "parts", "reset"),
     [
-        (32, 0, 2, PoisonAction.RUN),
-        (32, 1, 2, PoisonAction.SPLIT),
-        (2, 3, 2, PoisonAction.SPLIT),
-        (1, 1, 2, PoisonAction.RUN),  # alone, one death: one more chance
-        (1, 2, 2, PoisonAction.DEAD),
-        (1, 1, 1, PoisonAction.DEAD),
+        ([(1, 0), (2, 0)], 2, PoisonAction.RUN, (), False),
+        # suspects among clean items run apart; suspects keep their count
+        ([(1, 0), (2, 1), (3, 0), (4, 2)], 2, PoisonAction.SPLIT, ((1, 3), (2, 4)), False),
+        # only suspects: halves, counts restart
+        ([(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)], 2, PoisonAction.SPLIT, ((1, 2), (3, 4, 5)), True),
+        ([(7, 3), (8, 1)], 2, PoisonAction.SPLIT, ((7,), (8,)), True),
+        ([(7, 1)], 2, PoisonAction.RUN, (), False),  # alone, one death: one more chance
+        ([(7, 2)], 2, PoisonAction.DEAD, ((7,),), False),
+        ([(7, 1)], 1, PoisonAction.DEAD, ((7,),), False),
     ],
 )
-def test_poison_decision(items, deliveries, allowed, expected):
-    assert poison_decision(items=items, deliveries_before=deliveries, crashes_allowed=allowed) is expected
+def test_poison_plan(deliveries, allowed, action, parts, reset):
+    plan = poison_plan(deliveries, crashes_allowed=allowed)
+    assert (plan.action, plan.parts, plan.reset_deliveries) == (action, parts, reset)
 
 
-def test_halves():
-    assert halves([1, 2, 3, 4, 5]) == [[1, 2], [3, 4, 5]]
-    assert halves([7, 8]) == [[7], [8]]
+def test_poison_isolation_terminates_and_spares_the_innocent():
+    """Simulate the worker dying on item 13 of a 32-item batch until it is settled."""
+    deliveries = dict.fromkeys(range(32), 0)
+    queue = [tuple(range(32))]
+    done, dead, deaths = set(), set(), 0
+    while queue:
+        batch = queue.pop(0)
+        plan = poison_plan([(i, deliveries[i]) for i in batch], crashes_allowed=2)
+        if plan.action is PoisonAction.SPLIT:
+            for part in plan.parts:
+                if plan.reset_deliveries:
+                    for i in part:
+                        deliveries[i] = 0
+                queue.append(part)
+        elif plan.action is PoisonAction.DEAD:
+            dead |= set(batch)
+        else:
+            for i in batch:
+                deliveries[i] += 1
+            if 13 in batch:
+                deaths += 1
+                queue.append(batch)  # reclaimed after the lease expires
+            else:
+                done |= set(batch)
+        assert deaths < 12
+    assert dead == {13} and done == set(range(32)) - {13}
+    assert deaths <= 5 + 2
 
 
 @pytest.mark.parametrize(("attempt", "expected"), [(0, 1.0), (1, 2.0), (3, 8.0), (10, 60.0)])

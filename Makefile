@@ -1,0 +1,26 @@
+# One target per habit, the same locally and in CI.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install test test-fast lint typecheck demo bench
+
+install:
+	./scripts/install.sh
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast:
+	$(PY) -m pytest -q -m "not slow and not e2e"
+
+lint:
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+typecheck:
+	$(VENV)/bin/mypy
+
+demo: install
+	$(VENV)/bin/fleet demo
+
+bench:
+	$(PY) -m bench.overhead

