@@ -55,7 +55,7 @@ def build_tiny_classifier(folder: Path, *, labels: Sequence[str] = INTENT_LABELS
         vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
         num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=512,
         num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={l: i for i, l in enumerate(labels)},
+        label2id={name: i for i, name in enumerate(labels)},
     )
     model = BertForSequenceClassification(cfg).eval()
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,356 @@
+"""Finding, decoding and chunking the audio of a work item.
+
+Kept free of torch so it can be tested (and run in prepare) anywhere. Every
+problem that is the file's fault becomes an `InputError` whose message says
+what is wrong and what to do; the rest of the batch goes on.
+
+Decoding uses soundfile's bundled libsndfile (WAV, FLAC, OGG Vorbis/Opus and
+MP3 from libsndfile 1.1 on); resampling uses scipy's polyphase filter, run in
+blocks so a 4-hour file never needs more than its 16 kHz mono copy in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+import soundfile as sf
+from scipy.signal import resample_poly
+
+from workers.adapters.base import InputError
+
+MIN_SAMPLE_RATE = 8_000
+MAX_SAMPLE_RATE = 384_000
+MAX_CHANNELS = 8
+SUPPORTED = "WAV, FLAC, OGG (Vorbis/Opus) or MP3"
+_READ_BLOCK_S = 30.0  # decode this much at a time
+_MIN_TAIL_S = 0.1
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def resolve_audio_path(root: Path, uri: str) -> Path:
+    """The real path of `uri` inside the audio root.
+
+    `uri` is relative to `root`, an absolute path inside it, or a file:// URI
+    to one. Anything that would leave the root (`..`, symlinks pointing out)
+    is refused: items come from a database that other systems write to.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        # A deployment problem, not the item's: don't fail items for it.
+        raise FileNotFoundError(f"audio root {root} does not exist or is not a directory")
+    if not isinstance(uri, str) or not uri.strip():
+        raise InputError("audio uri is empty: set data.uri to a path relative to the audio root")
+    raw = uri.strip()
+    if "\x00" in raw:
+        raise InputError("audio uri contains a NUL byte")
+    if "://" in raw or raw.startswith("file:"):
+        parts = urlsplit(raw)
+        if parts.scheme != "file":
+            raise InputError(
+                f"audio uri scheme {parts.scheme!r} is not supported: copy the file under the "
+                f"audio root and give its relative path (or a file:// URI)"
+            )
+        if parts.netloc not in ("", "localhost"):
+            raise InputError(
+                f"file:// uri names host {parts.netloc!r}; only local files are readable"
+            )
+        raw = unquote(parts.path)
+        if not raw:
+            raise InputError("file:// uri has no path")
+
+    root_abs = Path(os.path.abspath(root))
+    candidate = Path(os.path.normpath(root_abs / raw))  # an absolute `raw` replaces root_abs
+    if not candidate.is_relative_to(root_abs):
+        raise InputError(
+            f"audio uri {uri!r} points outside the audio root {root_abs} "
+            "(use a path relative to the root, without '..')"
+        )
+    real_root = Path(os.path.realpath(root_abs))
+    real = Path(os.path.realpath(candidate))
+    if not real.is_relative_to(real_root):
+        raise InputError(
+            f"audio uri {uri!r} resolves through a symlink to {real}, outside the audio root "
+            f"{real_root}; copy the file under the root instead of linking to it"
+        )
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise InputError(f"audio file not found: {uri!r} (looked for {candidate})") from None
+    except OSError as e:
+        raise InputError(f"cannot access audio file {uri!r}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"audio uri {uri!r} is a directory, not an audio file")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"audio uri {uri!r} is not a regular file (a pipe, socket or device?)")
+    return real
+
+
+# ----------------------------------------------------------------------------- decoding
+
+_MAGIC: list[tuple[bytes, str]] = [
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"%PDF", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"\x1aE\xdf\xa3", "a Matroska/WebM file (convert it to a supported format)"),
+]
+
+
+def _sniff(path: Path) -> str | None:
+    """A human name for what a non-audio file looks like, for the error message."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[4:8] == b"ftyp":
+        return "an MP4/M4A/AAC file (not supported: convert it to WAV, FLAC, OGG or MP3)"
+    if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return "a text file"
+    return None
+
+
+def _wav_shortfall(path: Path) -> tuple[int, int] | None:
+    """(declared, present) data bytes when a RIFF/WAVE file was cut short.
+
+    libsndfile silently shortens such files; a truncated upload should fail
+    loudly instead of yielding half a transcript.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
+            if chunk_id == b"data":
+                present = size - pos - 8
+                # 0 and 0xFFFFFFFF are written by streaming recorders that never patch the header.
+                if chunk_size not in (0, 0xFFFFFFFF) and chunk_size > present:
+                    return chunk_size, present
+                return None
+            pos += 8 + chunk_size + (chunk_size & 1)
+    return None
+
+
+def _open(path: Path) -> sf.SoundFile:
+    """Open with libsndfile, turning its errors into actionable InputErrors."""
+    name = path.name
+    try:
+        return sf.SoundFile(path)
+    except sf.LibsndfileError as e:
+        what = _sniff(path)
+        if what:
+            raise InputError(
+                f"{name} is not a supported audio file: it looks like {what}"
+            ) from None
+        msg = str(e.error_string if hasattr(e, "error_string") else e)
+        # libsndfile says "does not exist" when its MP3 probe fails on garbage; we know it exists.
+        if "not recognised" in msg.lower() or "does not exist" in msg.lower():
+            raise InputError(
+                f"{name} is not in a recognised audio format (expected {SUPPORTED})"
+            ) from None
+        raise InputError(
+            f"{name} is corrupt or truncated and cannot be opened ({msg}); re-export or re-upload it"
+        ) from None
+    except (RuntimeError, OSError, ValueError) as e:
+        raise InputError(f"cannot open {name} as audio: {e}") from None
+
+
+class _StreamResampler:
+    """Polyphase resampling in blocks, equal to one `resample_poly` over the whole
+    signal (same filter, same zero padding at the ends) but with bounded memory.
+
+    Each block [a, b) (a a multiple of `down`) is filtered with `pad` input
+    samples of context on both sides, longer than the filter's half-length, so
+    its interior output does not depend on where the block was cut.
+    """
+
+    def __init__(self, sr_in: int, sr_out: int) -> None:
+        g = math.gcd(sr_in, sr_out)
+        self.up, self.down = sr_out // g, sr_in // g
+        half_len = 10 * max(self.up, self.down)  # resample_poly's default filter
+        ctx = half_len // self.up + 2
+        self.pad = self.down * -(-ctx // self.down)  # context, a multiple of down
+        self.block = self.down * max(1, (1 << 18) // self.down)
+        self.buf = np.zeros(0, dtype=np.float32)
+        self.start = 0  # global input index of buf[0]
+        self.a = 0  # next input index to produce output for
+
+    def _run(self, b: int, last: bool) -> np.ndarray:
+        lo = self.a - self.start
+        left = min(self.pad, lo)
+        seg_end = len(self.buf) if last else b - self.start + self.pad
+        seg = self.buf[lo - left : seg_end]
+        out = resample_poly(seg, self.up, self.down).astype(np.float32, copy=False)
+        off = left * self.up // self.down
+        n = -(-(b - self.a) * self.up // self.down) if last else (b - self.a) * self.up // self.down
+        self.a = b
+        return out[off : off + n]
+
+    def feed(self, x: np.ndarray) -> Iterator[np.ndarray]:
+        self.buf = np.concatenate([self.buf, x])
+        end = self.start + len(self.buf)
+        while self.a + self.block + self.pad <= end:
+            yield self._run(self.a + self.block, last=False)
+        drop = max(0, self.a - self.pad - self.start)  # keep left context only
+        if drop:
+            self.buf = self.buf[drop:]
+            self.start += drop
+
+    def finish(self) -> Iterator[np.ndarray]:
+        end = self.start + len(self.buf)
+        if end > self.a:
+            yield self._run(end, last=True)
+
+
+def _mono_blocks(f: sf.SoundFile, name: str, block: int) -> Iterator[np.ndarray]:
+    """Float32 mono blocks; libsndfile errors mid-stream mean a corrupt file."""
+    while True:
+        try:
+            data = f.read(block, dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as e:
+            raise InputError(
+                f"{name} is corrupt: decoding failed after {f.tell() / f.samplerate:.1f} s ({e}); "
+                "re-export or re-upload it"
+            ) from None
+        if not len(data):
+            return
+        mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+        if not np.isfinite(mono).all():
+            raise InputError(f"{name} contains NaN or infinite samples; re-export it")
+        yield mono
+        if len(data) < block:
+            return
+
+
+def decode_audio(
+    path: Path, *, target_sr: int = 16000, max_seconds: float = 4 * 3600
+) -> tuple[np.ndarray, float]:
+    """Float32 mono samples at `target_sr` and the duration in seconds.
+
+    Validates everything that would otherwise surface as a crash or a silently
+    wrong transcript: empty, truncated, corrupt or non-audio files, rates and
+    channel counts outside what we support, and overlong audio.
+    """
+    path = Path(path)
+    name = path.name
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise InputError(f"cannot read {name}: {e.strerror}") from None
+    if size == 0:
+        raise InputError(f"{name} is empty (0 bytes); the upload probably failed, upload it again")
+    shortfall = _wav_shortfall(path)
+    if shortfall:
+        declared, present = shortfall
+        raise InputError(
+            f"{name} is truncated: its header declares {declared:,} bytes of audio but only "
+            f"{present:,} are present; upload the complete file"
+        )
+    with _open(path) as f:
+        sr, channels, declared_frames = f.samplerate, f.channels, f.frames
+        if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
+            raise InputError(
+                f"{name} has a sample rate of {sr} Hz; supported rates are "
+                f"{MIN_SAMPLE_RATE:,}-{MAX_SAMPLE_RATE:,} Hz (resample it, e.g. to 16 kHz)"
+            )
+        if not 1 <= channels <= MAX_CHANNELS:
+            raise InputError(
+                f"{name} has {channels} channels; at most {MAX_CHANNELS} are supported "
+                "(mix it down to mono or stereo)"
+            )
+        if declared_frames <= 0:
+            raise InputError(f"{name} contains no audio samples")
+        if declared_frames / sr > max_seconds:
+            raise InputError(
+                f"{name} is {declared_frames / sr / 60:.1f} min long; the limit is "
+                f"{max_seconds / 60:.1f} min (split the recording)"
+            )
+        limit_frames = int(max_seconds * sr) + 1
+        resampler = _StreamResampler(sr, target_sr) if sr != target_sr else None
+        parts: list[np.ndarray] = []
+        read = 0
+        for mono in _mono_blocks(f, name, max(1, int(_READ_BLOCK_S * sr))):
+            read += len(mono)
+            if read > limit_frames:  # the header under-declared the length (e.g. MP3)
+                raise InputError(
+                    f"{name} is longer than the limit of {max_seconds / 60:.1f} min (split the recording)"
+                )
+            parts.extend(resampler.feed(mono) if resampler else [mono.copy()])
+        if resampler:
+            parts.extend(resampler.finish())
+    if read == 0:
+        raise InputError(f"{name} contains no audio samples")
+    # Compressed formats fail softly when cut short: fewer frames than the header promised.
+    if read < declared_frames - max(sr // 2, declared_frames // 20):
+        raise InputError(
+            f"{name} is truncated or corrupt: its header promises {declared_frames / sr:.1f} s "
+            f"but only {read / sr:.1f} s could be decoded; upload the complete file"
+        )
+    samples = np.concatenate(parts) if len(parts) != 1 else parts[0]
+    if not len(samples):
+        raise InputError(f"{name} is too short to contain audio ({read} samples)")
+    return np.ascontiguousarray(samples, dtype=np.float32), read / sr
+
+
+# ----------------------------------------------------------------------------- chunking
+
+
+def _quietest_cut(samples: np.ndarray, lo: int, hi: int, frame: int) -> int:
+    """Index in [lo, hi] at the centre of the lowest-energy `frame`, to avoid
+    cutting words in half."""
+    seg = samples[lo:hi]
+    n = len(seg) // frame
+    if n < 2:
+        return hi
+    energy = np.square(seg[: n * frame].reshape(n, frame), dtype=np.float32).sum(axis=1)
+    # Prefer the latest of equally quiet frames: longer chunks, fewer of them.
+    best = n - 1 - int(np.argmin(energy[::-1]))
+    return lo + best * frame + frame // 2
+
+
+def chunk_audio(
+    samples: np.ndarray, *, sr: int = 16000, window_s: float = 30.0, cut_search_s: float = 0.0
+) -> list[np.ndarray]:
+    """Split into windows of at most `window_s` (Whisper sees 30 s at a time).
+
+    With `cut_search_s` > 0 each cut moves back to the quietest 20 ms in the
+    last `cut_search_s` seconds of its window, so words are not split. A tail
+    shorter than 0.1 s is dropped unless it is the only chunk. Chunks are views.
+    """
+    samples = np.asarray(samples)
+    if samples.ndim != 1:
+        raise ValueError(f"chunk_audio expects mono samples, got shape {samples.shape}")
+    window = int(window_s * sr)
+    if window <= 0:
+        raise ValueError("window_s must be positive")
+    search = min(int(cut_search_s * sr), window // 2)
+    min_tail = int(_MIN_TAIL_S * sr)
+    chunks: list[np.ndarray] = []
+    pos, total = 0, len(samples)
+    while pos < total:
+        end = min(pos + window, total)
+        if end < total and search > 0:
+            end = _quietest_cut(samples, end - search, end, max(1, sr // 50))
+        chunks.append(samples[pos:end])
+        pos = end
+    if len(chunks) > 1 and len(chunks[-1]) < min_tail:
+        chunks.pop()
+    return chunks
