@@ -49,3 +49,11 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_tiny_classifier(d / "tiny-big", hidden=64, layers=2, seed=1)
     build_tiny_classifier(d / "tiny-small", hidden=32, layers=1, seed=2)
     return d
+
+
+@pytest.fixture(scope="session")
+def whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Whisper tiny.en converted once per session into a temporary models folder."""
+    from workers.prepare.whisper_ct2 import prepare_whisper
+
+    return prepare_whisper(tmp_path_factory.mktemp("whisper-models"))

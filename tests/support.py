@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -171,3 +172,22 @@ def result_count_per_item(url: str, task: str) -> dict[int, int]:
             "SELECT w.id, count(r.id) FROM work_items w LEFT JOIN results r ON r.work_item_id = w.id "
             "WHERE w.task = :t GROUP BY w.id"), {"t": task}).all()
     return dict(rows)
+
+
+def normalize(text: str) -> list[str]:
+    """Lowercased words without punctuation ("it's" -> "its", "follow-up" -> "follow up")."""
+    text = text.lower().replace("'", "").replace("\u2019", "")
+    return re.sub(r"[^a-z0-9]+", " ", text).split()
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    """Word error rate: word-level Levenshtein distance / reference length."""
+    ref, hyp = normalize(reference), normalize(hypothesis)
+    if not ref:
+        return 0.0 if not hyp else 1.0
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        diag, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (r != h))
+    return row[-1] / len(ref)

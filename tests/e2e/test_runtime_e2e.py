@@ -17,7 +17,14 @@ import redis
 from sqlalchemy import text
 
 from db.engine import transaction
-from tests.support import REPO, conversations, result_count_per_item, run_fleet, status_counts, write_jsonl
+from tests.support import (
+    REPO,
+    conversations,
+    result_count_per_item,
+    run_fleet,
+    status_counts,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.e2e
 
