@@ -95,3 +95,8 @@ def load_inputs(
             if source_id in rows:
                 out[item_id] = rows[source_id]
     return out
+
+
+def first_source_ids(session: Session, *, kind: str, limit: int) -> list[int]:
+    table = {"conversation": "conversations", "audio": "audio_files"}[kind]
+    return list(session.execute(text(f"SELECT id FROM {table} ORDER BY id LIMIT :n"), {"n": limit}).scalars())

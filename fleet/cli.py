@@ -355,6 +355,79 @@ def results(ctx: Ctx, task_name: str, status: str, limit: int, as_json: bool) ->
         results_table(rows, title=f"{task_name}: {status}")
 
 
+@main.command()
+@task_option
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--status", type=click.Choice(["done", "failed", "dead", "all"]), default="all", show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="File to write (default: stdout).")
+@click.option("--individual", is_flag=True, help="One JSON file per item in --output-dir.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Folder for --individual.")
+@pass_ctx
+def export(ctx: Ctx, task_name: str, fmt: str, status: str, output: Path | None, individual: bool, output_dir: Path | None) -> None:
+    """Export a task's results (streamed) as JSONL or CSV, or one file per item."""
+    from fleet.reports import export as do_export
+
+    if individual and output_dir is None:
+        fail("--individual needs --output-dir DIR", EXIT_CONFIG)
+    url = ctx.url()
+    if individual:
+        n = do_export(url, task=task_name, fmt=fmt, out=None, status=status, individual_dir=output_dir)
+        click.echo(f"wrote {n} files to {output_dir}", err=True)
+        return
+    with (output.open("w", newline="") if output else click.get_text_stream("stdout")) as out:
+        n = do_export(url, task=task_name, fmt=fmt, out=out, status=status)
+    click.echo(f"exported {n} items", err=True)
+
+
+@main.command("eval")
+@task_option
+@click.option("--gold", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help='JSONL of {"external_id", "label"}.')
+@json_option
+@pass_ctx
+def eval_cmd(ctx: Ctx, task_name: str, gold: Path, as_json: bool) -> None:
+    """Score a task's stored results against gold labels: accuracy, macro-F1, confusion, latency."""
+    from fleet.display import confusion_table
+    from fleet.reports import evaluate, load_gold
+
+    try:
+        labels = load_gold(gold)
+    except ValueError as e:
+        fail(str(e), EXIT_CONFIG)
+    report = evaluate(ctx.url(), task=task_name, gold=labels)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    confusion_table(report["confusion"])
+    lat = report["latency_ms"]
+    click.echo(f"accuracy {report['accuracy']:.3f}  macro-F1 {report['macro_f1']:.3f}  n={report['n']}  "
+               f"latency/item mean {lat['mean']:.1f} ms p50 {lat['p50']:.1f} p95 {lat['p95']:.1f}")
+    if report["not_in_task"] or report["not_done"]:
+        click.echo(f"{report['not_in_task']} gold items have no work item; {report['not_done']} are not done", err=True)
+
+
+@main.command()
+@task_option
+@click.option("--models", nargs=2, required=True, metavar="A B", help="Two model folders (or names under FLEET_MODELS_DIR).")
+@click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True, help="Items to run both on.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=Path("compare.jsonl"),
+              show_default=True, help="Side-by-side answers, one line per item.")
+@json_option
+@pass_ctx
+def compare(ctx: Ctx, task_name: str, models: tuple[str, str], limit: int, output: Path, as_json: bool) -> None:
+    """Shadow run: two models on the same items; the disagreement rate and where they differ."""
+    from fleet.compare import compare as do_compare
+
+    spec = ctx.task(task_name)
+    report = do_compare(ctx.services(), spec, models[0], models[1], limit=limit, out_path=output)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(f"{report['n']} items: disagreement {report['disagreement_rate']:.1%}; side by side in {report['file']}")
+    for d in report["top_disagreements"]:
+        click.echo(f"  A={d['a']}  B={d['b']}  x{d['count']}")
+
+
 # -- workers ---------------------------------------------------------------------
 
 

@@ -93,3 +93,14 @@ def results_table(rows: list[dict[str, Any]], *, title: str, gold: bool = False)
             str(detail),
         )
     out.print(table)
+
+
+def confusion_table(confusion: dict[str, dict[str, int]]) -> None:
+    labels = list(confusion)
+    table = Table(title="confusion (rows: gold, columns: predicted)")
+    table.add_column("gold")
+    for lab in labels:
+        table.add_column(lab[:10], justify="right")
+    for g in labels:
+        table.add_row(g, *[str(confusion[g].get(p, 0)) for p in labels])
+    out.print(table)

@@ -1,0 +1,108 @@
+"""Export, evaluation and model comparison over stored results."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy import text
+
+from db.engine import get_engine
+from fleet.metrics import classification_report, percentile
+
+EXPORT_COLUMNS = (
+    "external_id", "source_kind", "task", "status", "label", "confidence", "scores", "output",
+    "model_name", "model_tier", "device", "latency_ms", "error",
+)
+
+
+def iter_results(url: str, *, task: str, status: str = "all") -> Iterator[dict[str, Any]]:
+    """Every item of a task with its result, streamed from a server-side cursor."""
+    status_sql = "" if status == "all" else "AND w.status = :status"
+    sql = text(
+        f"""
+        SELECT COALESCE(c.external_id, a.external_id) AS external_id, w.source_kind, w.task,
+               w.status, r.label, r.confidence, r.scores, r.output, r.model_name, r.model_tier,
+               r.device, r.latency_ms, w.last_error AS error
+        FROM work_items w
+        LEFT JOIN results r ON r.work_item_id = w.id
+        LEFT JOIN conversations c ON w.source_kind = 'conversation' AND c.id = w.source_id
+        LEFT JOIN audio_files a ON w.source_kind = 'audio' AND a.id = w.source_id
+        WHERE w.task = :task {status_sql}
+        ORDER BY w.id
+        """
+    )
+    with get_engine(url).connect() as conn:
+        result = conn.execution_options(stream_results=True, yield_per=2000).execute(
+            sql, {"task": task, "status": status}
+        )
+        for row in result.mappings():
+            yield dict(row)
+
+
+def _safe_name(external_id: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", external_id).strip("._") or "item"
+    return name[:200]
+
+
+def export(url: str, *, task: str, fmt: str, out: IO[str] | None, status: str = "all",
+           individual_dir: Path | None = None) -> int:
+    """Write results as JSONL or CSV to `out`, or one JSON file per item into a folder."""
+    n = 0
+    writer: Any = None
+    if fmt == "csv" and out is not None and individual_dir is None:
+        writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS)
+        writer.writeheader()
+    used: set[str] = set()
+    for row in iter_results(url, task=task, status=status):
+        n += 1
+        if individual_dir is not None:
+            individual_dir.mkdir(parents=True, exist_ok=True)
+            name = _safe_name(str(row["external_id"]))
+            if name in used:  # two ids that sanitize alike keep distinct files
+                name = f"{name}-{n}"
+            used.add(name)
+            (individual_dir / f"{name}.json").write_text(json.dumps(row, indent=2, default=str) + "\n")
+        elif writer is not None:
+            writer.writerow({k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()})
+        elif out is not None:
+            out.write(json.dumps(row, default=str) + "\n")
+    return n
+
+
+def load_gold(path: Path) -> dict[str, str]:
+    """JSONL of {"external_id", "label"} (or "gold"/"intent"); bad lines raise with the line number."""
+    gold: dict[str, str] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                label = obj.get("label", obj.get("gold", obj.get("intent")))
+                gold[str(obj["external_id"])] = str(label)
+                if label is None:
+                    raise KeyError("label")
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise ValueError(f"{path}:{lineno}: expected {{'external_id', 'label'}}: {e}") from None
+    return gold
+
+
+def evaluate(url: str, *, task: str, gold: dict[str, str]) -> dict[str, Any]:
+    rows = {str(r["external_id"]): r for r in iter_results(url, task=task)}
+    missing = [eid for eid in gold if eid not in rows]
+    ids = [eid for eid in gold if eid in rows]
+    report = classification_report([gold[i] for i in ids], [rows[i]["label"] for i in ids])
+    latencies = [rows[i]["latency_ms"] for i in ids if rows[i]["latency_ms"] is not None]
+    report["latency_ms"] = {
+        "mean": sum(latencies) / len(latencies) if latencies else 0.0,
+        "p50": percentile(latencies, 0.5),
+        "p95": percentile(latencies, 0.95),
+    }
+    report["not_in_task"] = len(missing)
+    report["not_done"] = sum(1 for i in ids if rows[i]["status"] != "done")
+    return report

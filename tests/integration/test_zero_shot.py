@@ -1,0 +1,74 @@
+"""Zero-shot: embedding similarity with the real MiniLM, and the NLI path with a
+tiny random NLI model (no real NLI model installs from a package here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleet.models import minilm_path
+from workers.adapters.base import Prediction, Source, TierSpec
+from workers.adapters.zero_shot import ZeroShotAdapter
+
+LABELS = {
+    "learning": "studying, courses, wanting to understand a concept",
+    "social": "friends, family, relationships, social plans",
+    "chitchat": "small talk, greetings, the weather",
+}
+
+
+def _src(i: int, text: str) -> Source:
+    return Source(i, "conversation", f"e{i}", {"messages": [{"role": "user", "content": text}]})
+
+
+def test_embedding_similarity_with_real_minilm():
+    a = ZeroShotAdapter(labels=LABELS)
+    a.load(TierSpec(name="minilm", path="", max_length=256), str(minilm_path()), "cpu")
+    assert a.method == "embedding"
+    texts = {
+        "learning": "Which online course should I take to finally understand linear algebra?",
+        "social": "My sister and her kids are visiting this weekend and we are planning a family dinner.",
+        "chitchat": "Hi there! Lovely sunny weather today, isn't it?",
+    }
+    preds = a.predict([a.prepare(_src(i, t)) for i, t in enumerate(texts.values())])
+    assert [p.label for p in preds if isinstance(p, Prediction)] == list(texts)
+    for p in preds:
+        assert isinstance(p, Prediction)
+        assert set(p.scores) == set(LABELS) and abs(sum(p.scores.values()) - 1) < 1e-4
+
+
+def test_multi_label_embedding_keeps_labels_over_threshold():
+    a = ZeroShotAdapter(labels=LABELS, multi_label=True, threshold=0.0)
+    a.load(TierSpec(name="minilm", path="", max_length=256), str(minilm_path()), "cpu")
+    (p,) = a.predict([a.prepare(_src(0, "hello friends"))])
+    assert isinstance(p, Prediction) and set(p.output["labels"]) == set(LABELS)
+
+
+@pytest.fixture(scope="module")
+def tiny_nli(tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    d = tmp_path_factory.mktemp("nli")
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, num_labels=3,
+                     id2label={0: "contradiction", 1: "neutral", 2: "entailment"},
+                     label2id={"contradiction": 0, "neutral": 1, "entailment": 2})
+    BertForSequenceClassification(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_nli_method_scores_every_label(tiny_nli, multi):
+    a = ZeroShotAdapter(labels=LABELS, multi_label=multi)
+    a.load(TierSpec(name="nli", path="", max_length=128), str(tiny_nli), "cpu")
+    assert a.method == "nli"
+    prepared = [a.prepare(_src(i, t)) for i, t in enumerate(["short", "a somewhat longer message " * 5])]
+    assert prepared[1].cost > prepared[0].cost  # pairs x longest pair
+    preds = a.predict(prepared)
+    for p in preds:
+        assert isinstance(p, Prediction) and set(p.scores) == set(LABELS)
+        if not multi:
+            assert abs(sum(p.scores.values()) - 1) < 1e-4
+        else:
+            assert all(0 <= s <= 1 for s in p.scores.values())
