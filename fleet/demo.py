@@ -1,12 +1,14 @@
 """`fleet demo`: the whole nightly job once, on one machine.
 
-Prepares the bundled models, ingests the sample conversations, starts one
-worker per task as a real `celery worker` subprocess, drives the run with a
-progress bar, prints the results and stops the workers.
+Prepares the bundled models, ingests the sample conversations and (with
+espeak-ng installed) a few spoken sentences, starts one real `celery worker`
+subprocess per task, drives the run with a progress bar, prints the results
+and stops the workers.
 """
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
@@ -16,7 +18,11 @@ from typing import Any
 
 import click
 
-from fleet.display import results_table
+from fleet.display import out, results_table
+
+
+def _data(name: str) -> Path:
+    return Path(str(resources.files("fleet").joinpath(f"data/{name}")))
 
 
 def _start_worker(ctx: Any, task: str, logs: Path) -> tuple[subprocess.Popen[bytes], Path]:
@@ -43,46 +49,92 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def _speak_samples(audio_root: Path) -> tuple[Path, dict[str, tuple[str, str]]] | None:
+    """espeak-ng speaks the sample sentences into audio_root/demo (once)."""
+    if shutil.which("espeak-ng") is None:
+        return None
+    folder = audio_root / "demo"
+    folder.mkdir(parents=True, exist_ok=True)
+    spoken: dict[str, tuple[str, str]] = {}
+    for i, line in enumerate(_data("sample_speech.txt").read_text().splitlines()):
+        if not line.strip():
+            continue
+        sentence, _, label = line.partition("\t")
+        wav = folder / f"speech-{i:02d}.wav"
+        if not wav.exists():
+            subprocess.run(["espeak-ng", "-w", str(wav), sentence], check=True, capture_output=True)
+        spoken[f"demo/{wav.name}"] = (sentence, label.strip())
+    return folder, spoken
+
+
 def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
     from fleet.display import byte_progress, run_progress
-    from fleet.ingest import ingest_conversations_file
-    from fleet.models import prepare_intent
+    from fleet.ingest import ingest_audio_dir, ingest_conversations_file
+    from fleet.models import WHISPER, prepare_intent, prepare_models
     from fleet.queries import fetch_results
     from producer.runner import run_until_done
 
     t0 = time.monotonic()
     s = ctx.services()
-    click.echo(f"services: {'embedded under ' + str(s.state_dir) if ctx.settings.embedded else 'DATABASE_URL / BROKER_URL'}")
+    where = "embedded, under " + str(s.state_dir) if ctx.settings.embedded else "DATABASE_URL / BROKER_URL"
+    click.echo(f"services: {where}")
     prepare_intent(s.resolved_models_dir, echo=click.echo)
-    spec = ctx.task("intent")
+    specs = [ctx.task("intent")]
 
-    path = conversations or Path(str(resources.files("fleet").joinpath("data/sample_conversations.jsonl")))
+    path = conversations or _data("sample_conversations.jsonl")
     with path.open("rb") as f, byte_progress(path.stat().st_size, "ingest") as advance:
         report = ingest_conversations_file(s.db_url(), f, progress=advance)
-    click.echo(f"ingested {report.inserted} conversations ({report.already_present} already there, {len(report.bad)} bad lines)")
+    click.echo(f"conversations: {report.inserted} new, {report.already_present} already there, {len(report.bad)} bad lines")
 
-    proc, log_path = _start_worker(ctx, spec.name, s.state_dir / "logs")
+    spoken = _speak_samples(s.resolved_audio_root)
+    if spoken is None:
+        click.echo("audio: skipped (install espeak-ng to add spoken samples)")
+    else:
+        for _ in prepare_models(s.resolved_models_dir, only=[WHISPER], echo=click.echo):
+            pass
+        audio = ingest_audio_dir(s.db_url(), spoken[0], audio_root=s.resolved_audio_root)
+        click.echo(f"audio files: {audio.inserted} new, {audio.already_present} already there")
+        specs += [ctx.task("transcribe"), ctx.task("audio_intent")]
+
+    procs = [_start_worker(ctx, spec.name, s.state_dir / "logs") for spec in specs]
     try:
-        with run_progress([spec.name]) as update:
-            run = run_until_done(s.db_url(), ctx.app(), [spec], s, trigger="demo", timeout=timeout, progress=update)
-        if proc.poll() is not None:
-            click.echo(f"the worker exited early (code {proc.returncode}); its log: {log_path}", err=True)
+        with run_progress([sp.name for sp in specs]) as update:
+            run = run_until_done(s.db_url(), ctx.app(), specs, s, trigger="demo", timeout=timeout, progress=update)
+        for proc, log_path in procs:
+            if proc.poll() is not None:
+                click.echo(f"a worker exited early (code {proc.returncode}); its log: {log_path}", err=True)
     finally:
-        _stop(proc)
+        for proc, _ in procs:
+            _stop(proc)
 
-    rows = fetch_results(s.db_url(), task=spec.name, limit=None)
-    golds = [(r, (r.get("conversation_meta") or {}).get("gold_intent")) for r in rows]
-    results_table([r for r, _ in golds][:60], title=f"{spec.name} results")
-    scored = [(r["label"], g) for r, g in golds if g and r["status"] == "done"]
+    rows = fetch_results(s.db_url(), task="intent", limit=None)
+    results_table(rows[:60], title="intent of the sample conversations")
+    scored = [(r["label"], (r.get("conversation_meta") or {}).get("gold_intent")) for r in rows if r["status"] == "done"]
+    scored = [(a, b) for a, b in scored if b]
     if scored:
         acc = sum(a == b for a, b in scored) / len(scored)
-        click.echo(f"agreement with the samples' gold intent: {acc:.1%} of {len(scored)}")
-    counts = run.counts.get(spec.name, {})
-    click.echo(
-        f"done {counts.get('done', 0)}, failed {counts.get('failed', 0)}, dead {counts.get('dead', 0)}; "
-        f"demo took {time.monotonic() - t0:.1f}s. Worker log: {log_path}"
-    )
+        click.echo(f"agreement with the samples' intended labels: {acc:.1%} of {len(scored)}")
+    if spoken is not None:
+        _audio_table(s.db_url(), fetch_results, spoken[1])
+    for name, c in run.counts.items():
+        click.echo(f"{name}: done {c.get('done', 0)}, failed {c.get('failed', 0)}, dead {c.get('dead', 0)}")
+    click.echo(f"demo took {time.monotonic() - t0:.1f}s; worker logs in {s.state_dir / 'logs'}")
     if run.timed_out:
-        click.echo(f"timed out; see the worker log {log_path}", err=True)
+        click.echo("timed out with work unfinished; see the worker logs", err=True)
         return 4
     return 0
+
+
+def _audio_table(url: str, fetch_results: Any, spoken: dict[str, tuple[str, str]]) -> None:
+    from rich.table import Table
+
+    transcripts = {r["external_id"]: r for r in fetch_results(url, task="transcribe", limit=None)}
+    intents = {r["external_id"]: r for r in fetch_results(url, task="audio_intent", limit=None)}
+    table = Table(title="spoken samples: transcript, then intent")
+    for col in ("file", "transcript", "intent", "intended"):
+        table.add_column(col, overflow="fold")
+    for ext, (_sentence, label) in spoken.items():
+        t = transcripts.get(ext, {})
+        transcript = (t.get("output") or {}).get("transcript") or t.get("last_error") or t.get("status", "")
+        table.add_row(ext, str(transcript), str(intents.get(ext, {}).get("label") or ""), label)
+    out.print(table)
