@@ -6,31 +6,43 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def classification_report(gold: Sequence[str], pred: Sequence[str | None]) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-label precision/recall/F1 and the confusion matrix
-    (confusion[gold][pred] = count). A missing prediction counts as wrong."""
-    if len(gold) != len(pred):
-        raise ValueError("gold and predictions differ in length")
-    labels = sorted({*gold, *(p for p in pred if p is not None)})
-    confusion = {g: dict.fromkeys(labels, 0) for g in labels}
-    for g, p in zip(gold, pred, strict=True):
-        if p is not None:
-            confusion[g][p] += 1
+def classification_report(
+    gold: Sequence[str], predicted: Sequence[str | None], labels: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-label precision/recall/F1/support and a confusion matrix.
+
+    `confusion[gold][predicted]` counts items. A label with no predictions has
+    precision 0 (and likewise recall/F1), the usual convention, so a model
+    that never predicts a class is penalised in the macro average. Macro
+    averages run over `labels` (default: every label seen in gold or
+    predicted). A missing prediction (None) counts as wrong and appears in
+    the confusion matrix under "(none)".
+    """
+    predicted = [p if p is not None else "(none)" for p in predicted]
+    if len(gold) != len(predicted):
+        raise ValueError(f"{len(gold)} gold labels but {len(predicted)} predictions")
+    if labels is None:
+        labels = sorted(set(gold) | set(predicted))
+    labels = list(labels)
+    names = labels + sorted((set(gold) | set(predicted)) - set(labels))
+    confusion: dict[str, dict[str, int]] = {g: {p: 0 for p in names} for g in names}
+    for g, p in zip(gold, predicted, strict=True):
+        confusion[g][p] += 1
     per_label: dict[str, dict[str, float]] = {}
     for lab in labels:
         tp = confusion[lab][lab]
-        predicted = sum(confusion[g][lab] for g in labels)
-        actual = sum(1 for g in gold if g == lab)
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / actual if actual else 0.0
+        pred_n = sum(confusion[g][lab] for g in names)
+        gold_n = sum(confusion[lab].values())
+        precision = tp / pred_n if pred_n else 0.0
+        recall = tp / gold_n if gold_n else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_label[lab] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
-    present = [lab for lab in labels if per_label[lab]["support"]]
+        per_label[lab] = {"precision": precision, "recall": recall, "f1": f1, "support": gold_n}
     n = len(gold)
+    correct = sum(1 for g, p in zip(gold, predicted, strict=True) if g == p)
     return {
         "n": n,
-        "accuracy": sum(g == p for g, p in zip(gold, pred, strict=True)) / n if n else 0.0,
-        "macro_f1": sum(per_label[lab]["f1"] for lab in present) / len(present) if present else 0.0,
+        "accuracy": correct / n if n else 0.0,
+        "macro_f1": sum(m["f1"] for m in per_label.values()) / len(per_label) if per_label else 0.0,
         "per_label": per_label,
         "confusion": confusion,
     }

@@ -96,7 +96,8 @@ def evaluate(url: str, *, task: str, gold: dict[str, str]) -> dict[str, Any]:
     rows = {str(r["external_id"]): r for r in iter_results(url, task=task)}
     missing = [eid for eid in gold if eid not in rows]
     ids = [eid for eid in gold if eid in rows]
-    report = classification_report([gold[i] for i in ids], [rows[i]["label"] for i in ids])
+    truth = [gold[i] for i in ids]
+    report = classification_report(truth, [rows[i]["label"] for i in ids], sorted(set(truth)))
     latencies = [rows[i]["latency_ms"] for i in ids if rows[i]["latency_ms"] is not None]
     report["latency_ms"] = {
         "mean": sum(latencies) / len(latencies) if latencies else 0.0,

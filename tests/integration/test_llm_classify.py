@@ -9,7 +9,6 @@ explicit invalid_output error, and batching must not change the answers.
 from __future__ import annotations
 
 import importlib.util
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,16 +90,6 @@ CONVERSATIONS: dict[str, dict[str, object]] = {
 
 MAX_LENGTH = 768
 MAX_NEW_TOKENS = 64
-
-
-@pytest.fixture(scope="session")
-def smollm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Prepared model folder; FLEET_TEST_MODELS_DIR reuses one across runs (~20 s saved)."""
-    from workers.prepare.smollm import prepare_smollm
-
-    cache = os.environ.get("FLEET_TEST_MODELS_DIR")
-    models_dir = Path(cache) if cache else tmp_path_factory.mktemp("models")
-    return prepare_smollm(models_dir)
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from fleet.metrics import classification_report as compute_metrics
 from workers.train import (
     INTENT_LABELS,
     METRICS_FILE,
-    compute_metrics,
     load_examples,
     ordered_labels,
     split_examples,
