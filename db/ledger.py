@@ -58,13 +58,16 @@ class FinishCounts:
 def discover(session: Session, *, task: str, source_kind: str, limit: int | None = None) -> int:
     """Insert a pending work item for every source of this kind that has none for
     the task. One statement; the unique key makes concurrent discovery safe."""
-    table = {"conversation": "conversations", "audio": "audio_files"}[source_kind]
+    table, size = {
+        "conversation": ("conversations", "octet_length(s.messages::text)"),
+        "audio": ("audio_files", "COALESCE(round(s.duration_s * 100), 0)"),
+    }[source_kind]
     limit_sql = "LIMIT :limit" if limit is not None else ""
     result = session.execute(
         text(
             f"""
-            INSERT INTO work_items (source_kind, source_id, task, status)
-            SELECT CAST(:kind AS varchar), s.id, CAST(:task AS varchar), 'pending'
+            INSERT INTO work_items (source_kind, source_id, task, status, size_hint)
+            SELECT CAST(:kind AS varchar), s.id, CAST(:task AS varchar), 'pending', {size}
             FROM {table} s
             WHERE NOT EXISTS (
                 SELECT 1 FROM work_items w
@@ -105,8 +108,9 @@ def claim_batches(
     """Move up to `limit` pending items to queued, cut into batches of `batch_size`.
 
     `FOR UPDATE SKIP LOCKED` lets any number of producers claim at once without
-    ever claiming the same item twice. Batch ids are derived in SQL from one
-    random prefix, so a million items are claimed in one statement.
+    ever claiming the same item twice. Items are taken in size order, so each
+    batch holds similar lengths. Batch ids are derived in SQL from one random
+    prefix, so a million items are claimed in one statement.
     """
     if limit <= 0:
         return []
@@ -114,13 +118,13 @@ def claim_batches(
         text(
             """
             WITH locked AS (
-                SELECT id FROM work_items
+                SELECT id, size_hint FROM work_items
                 WHERE task = :task AND status = 'pending'
-                ORDER BY id
+                ORDER BY size_hint, id
                 LIMIT :limit
                 FOR UPDATE SKIP LOCKED
             ), numbered AS (
-                SELECT id, (row_number() OVER (ORDER BY id) - 1) / :batch_size AS grp
+                SELECT id, (row_number() OVER (ORDER BY size_hint, id) - 1) / :batch_size AS grp
                 FROM locked
             )
             UPDATE work_items w

@@ -95,8 +95,9 @@ class WorkItem(Base):
         UniqueConstraint("source_kind", "source_id", "task", name="uq_work_items_source_task"),
         CheckConstraint(_in("status", STATUSES), name="status"),
         CheckConstraint(_in("source_kind", SOURCE_KINDS), name="source_kind"),
-        # Claim scans pending items of one task in id order; the reconciler scans leases.
+        # Claim scans pending items of one task by size; the reconciler scans leases.
         Index("ix_work_items_task_status_id", "task", "status", "id"),
+        Index("ix_work_items_claim", "task", "status", "size_hint", "id"),
         Index(
             "ix_work_items_lease",
             "lease_until",
@@ -115,6 +116,10 @@ class WorkItem(Base):
     # Deliveries to a worker since the last split (queued -> running). Redis does not
     # count redeliveries; this does, and a count above one means a worker died on it.
     deliveries: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Input size known at discovery (bytes of conversation JSON, centiseconds of
+    # audio). Claims take items in size order, so a batch holds similar lengths
+    # and its sub-batches carry little padding.
+    size_hint: Mapped[int] = mapped_column(BigInteger, server_default="0")
     batch_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     worker: Mapped[str | None] = mapped_column(String(256))
