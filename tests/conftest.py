@@ -73,3 +73,20 @@ def smollm_dir(bundled_models_dir: Path) -> Path:
     from workers.prepare.smollm import prepare_smollm
 
     return prepare_smollm(bundled_models_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_intent(bundled_models_dir: Path) -> tuple[Path, dict, list]:
+    """The intent classifier fine-tuned once per session from the bundled MiniLM
+    on the shipped training set: (folder, held-out metrics, progress events)."""
+    from fleet.models import INTENT, intent_data_path
+    from workers.train import METRICS_FILE, train_intent
+
+    out = bundled_models_dir / INTENT
+    events: list[dict] = []
+    if (out / METRICS_FILE).is_file() and os.environ.get("FLEET_TEST_MODELS_DIR"):
+        import json
+
+        return out, json.loads((out / METRICS_FILE).read_text()), events
+    metrics = train_intent(intent_data_path(), out, seed=0, progress=events.append)
+    return out, metrics, events
