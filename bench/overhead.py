@@ -30,13 +30,18 @@ REPO = Path(__file__).resolve().parent.parent
 ADMIN = os.environ.get("TEST_ADMIN_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379") + "/14"
 
-WORDS = ("report deadline manager friend sister course exam happy anxious goal dream weather "
-         "document policy handbook lonely angry promotion meeting study lecture party").split()
+WORDS = (
+    "report deadline manager friend sister course exam happy anxious goal dream weather "
+    "document policy handbook lonely angry promotion meeting study lecture party"
+).split()
 
 
 def texts(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.choice([6, 12, 24, 48, 96, 160]))) for _ in range(n)]
+    return [
+        " ".join(rng.choice(WORDS) for _ in range(rng.choice([6, 12, 24, 48, 96, 160])))
+        for _ in range(n)
+    ]
 
 
 def build_model(folder: Path) -> Path:
@@ -44,10 +49,22 @@ def build_model(folder: Path) -> Path:
 
     from fleet.models import minilm_path
 
-    labels = ["rag_query", "professional", "psychological", "learning", "social", "emotional", "aspirational", "chitchat"]
+    labels = [
+        "rag_query",
+        "professional",
+        "psychological",
+        "learning",
+        "social",
+        "emotional",
+        "aspirational",
+        "chitchat",
+    ]
     m = AutoModelForSequenceClassification.from_pretrained(
-        str(minilm_path()), num_labels=8, id2label=dict(enumerate(labels)),
-        label2id={n: i for i, n in enumerate(labels)})
+        str(minilm_path()),
+        num_labels=8,
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+    )
     m.save_pretrained(folder)
     AutoTokenizer.from_pretrained(str(minilm_path())).save_pretrained(folder)
     return folder
@@ -60,7 +77,10 @@ def bare(model: Path, items: list[str], batch_tokens: int) -> float:
 
     a = SequenceClassifyAdapter()
     a.load(TierSpec(name="m", path="", max_length=256), str(model), "cpu")
-    srcs = [Source(i, "conversation", str(i), {"messages": [{"role": "user", "content": t}]}) for i, t in enumerate(items)]
+    srcs = [
+        Source(i, "conversation", str(i), {"messages": [{"role": "user", "content": t}]})
+        for i, t in enumerate(items)
+    ]
     start = time.perf_counter()
     prepared = {s.item_id: a.prepare(s) for s in srcs}
     for plan in plan_batches([(i, p.cost) for i, p in prepared.items()], max_tokens=batch_tokens):
@@ -71,7 +91,9 @@ def bare(model: Path, items: list[str], batch_tokens: int) -> float:
 def pipeline_rate(model: Path, items: list[str], batch_size: int | None) -> float:
     from transformers import pipeline
 
-    clf = pipeline("text-classification", model=str(model), device="cpu", truncation=True, max_length=256)
+    clf = pipeline(
+        "text-classification", model=str(model), device="cpu", truncation=True, max_length=256
+    )
     inputs = [f"user: {t}" for t in items]
     start = time.perf_counter()
     if batch_size is None:
@@ -94,25 +116,49 @@ def fleet(model: Path, items: list[str], batch_size: int, batch_tokens: int, tmp
     (tmp / "tasks.toml").write_text(
         f'[tasks.intent]\nkind = "sequence_classify"\nsource = "conversation"\n'
         f'[[tasks.intent.ladder]]\nname = "minilm"\npath = "{model}"\nmax_length = 256\n'
-        f"max_batch_tokens = {batch_tokens}\n")
-    env = {**os.environ, "DATABASE_URL": url, "BROKER_URL": REDIS, "FLEET_CONFIG_FILE": str(tmp / "tasks.toml"),
-           "FLEET_STATE_DIR": str(tmp / "state"), "FLEET_BATCH_SIZE": str(batch_size),
-           "FLEET_MAX_INFLIGHT_BATCHES": "8", "CUDA_VISIBLE_DEVICES": ""}
+        f"max_batch_tokens = {batch_tokens}\n"
+    )
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "BROKER_URL": REDIS,
+        "FLEET_CONFIG_FILE": str(tmp / "tasks.toml"),
+        "FLEET_STATE_DIR": str(tmp / "state"),
+        "FLEET_BATCH_SIZE": str(batch_size),
+        "FLEET_MAX_INFLIGHT_BATCHES": "8",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     fl = [sys.executable, "-m", "fleet.cli"]
     subprocess.run([*fl, "migrate"], env=env, check=True, capture_output=True)
     with (tmp / "c.jsonl").open("w") as f:
         for i, t in enumerate(items):
-            f.write(json.dumps({"external_id": f"b{i}", "messages": [{"role": "user", "content": t}]}) + "\n")
-    subprocess.run([*fl, "ingest", "conversations", str(tmp / "c.jsonl")], env=env, check=True, capture_output=True)
+            f.write(
+                json.dumps({"external_id": f"b{i}", "messages": [{"role": "user", "content": t}]})
+                + "\n"
+            )
+    subprocess.run(
+        [*fl, "ingest", "conversations", str(tmp / "c.jsonl")],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     log = (tmp / "worker.log").open("wb")
-    worker = subprocess.Popen([*fl, "worker", "-t", "intent", "--loglevel", "WARNING"], env=env, stdout=log, stderr=log)
+    worker = subprocess.Popen(
+        [*fl, "worker", "-t", "intent", "--loglevel", "WARNING"], env=env, stdout=log, stderr=log
+    )
     try:
         # Let the worker load its model first: the ratio is about steady-state throughput.
-        subprocess.run([sys.executable, "-m", "celery", "-A", "workers.app", "inspect", "ping", "-t", "60"],
-                       env=env, capture_output=True, timeout=120)
+        subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "workers.app", "inspect", "ping", "-t", "60"],
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
         time.sleep(1)
         start = time.perf_counter()
-        subprocess.run([*fl, "run", "-t", "intent", "--json"], env=env, check=True, capture_output=True)
+        subprocess.run(
+            [*fl, "run", "-t", "intent", "--json"], env=env, check=True, capture_output=True
+        )
         rate = len(items) / (time.perf_counter() - start)
     finally:
         worker.terminate()
@@ -123,11 +169,15 @@ def fleet(model: Path, items: list[str], batch_size: int, batch_tokens: int, tmp
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--items", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--batch-tokens", type=int, default=8192)
-    ap.add_argument("--skip-pipeline1", action="store_true", help="skip the slow one-at-a-time baseline")
+    ap.add_argument(
+        "--skip-pipeline1", action="store_true", help="skip the slow one-at-a-time baseline"
+    )
     args = ap.parse_args()
     import torch
 
@@ -140,8 +190,10 @@ def main() -> None:
         rates["pipeline32"] = pipeline_rate(model, items, 32)
         if not args.skip_pipeline1:
             rates["pipeline1"] = pipeline_rate(model, items[: max(200, args.items // 5)], None)
-    print(f"items={args.items} batch_size={args.batch_size} batch_tokens={args.batch_tokens} "
-          f"torch_threads={torch.get_num_threads()} cpus={os.cpu_count()}")
+    print(
+        f"items={args.items} batch_size={args.batch_size} batch_tokens={args.batch_tokens} "
+        f"torch_threads={torch.get_num_threads()} cpus={os.cpu_count()}"
+    )
     for k, v in rates.items():
         print(f"{k:12} {v:8.1f} items/s")
     print(f"fleet/bare        {rates['fleet'] / rates['bare']:.3f}")

@@ -16,11 +16,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import CursorResult, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.schema import Result, Status
+
+
+def _rowcount(result: Any) -> int:
+    """Rows an UPDATE/INSERT touched (a CursorResult's rowcount; -1 means unknown)."""
+    count = result.rowcount if isinstance(result, CursorResult) else -1
+    return max(count, 0)
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ def discover(session: Session, *, task: str, source_kind: str, limit: int | None
         ),
         {"kind": source_kind, "task": task, "limit": limit},
     )
-    return result.rowcount or 0
+    return _rowcount(result)
 
 
 def add_items(session: Session, *, task: str, source_kind: str, source_ids: Sequence[int]) -> int:
@@ -99,7 +105,7 @@ def add_items(session: Session, *, task: str, source_kind: str, source_ids: Sequ
         ),
         {"kind": source_kind, "task": task, "ids": list(source_ids)},
     )
-    return result.rowcount or 0
+    return _rowcount(result)
 
 
 def claim_batches(
@@ -192,7 +198,7 @@ def extend_lease(session: Session, *, batch_id: str, lease_seconds: int) -> int:
         ),
         {"batch": batch_id, "lease": lease_seconds},
     )
-    return result.rowcount or 0
+    return _rowcount(result)
 
 
 def finish_batch(session: Session, *, batch_id: str, outcomes: Sequence[Outcome]) -> FinishCounts:
@@ -329,7 +335,7 @@ def mark_dead(session: Session, *, batch_id: str, item_ids: Sequence[int], reaso
         ),
         {"ids": list(item_ids), "batch": batch_id, "reason": reason},
     )
-    return result.rowcount or 0
+    return _rowcount(result)
 
 
 def reconcile(session: Session, *, max_attempts: int, task: str | None = None) -> dict[str, int]:
@@ -340,9 +346,10 @@ def reconcile(session: Session, *, max_attempts: int, task: str | None = None) -
     """
     task_sql = "AND task = :task" if task else ""
     params = {"max": max_attempts, "task": task}
-    dead = session.execute(
-        text(
-            f"""
+    dead = _rowcount(
+        session.execute(
+            text(
+                f"""
             UPDATE work_items
             SET status = 'dead', lease_until = NULL, updated_at = now(),
                 last_error = 'lease expired ' || attempts || ' times (worker lost or message '
@@ -350,21 +357,24 @@ def reconcile(session: Session, *, max_attempts: int, task: str | None = None) -
             WHERE status IN ('queued', 'running') AND lease_until < now()
               AND attempts >= :max {task_sql}
             """
-        ),
-        params,
-    ).rowcount
-    returned = session.execute(
-        text(
-            f"""
+            ),
+            params,
+        )
+    )
+    returned = _rowcount(
+        session.execute(
+            text(
+                f"""
             UPDATE work_items
             SET status = 'pending', batch_id = NULL, lease_until = NULL, updated_at = now()
             WHERE status IN ('queued', 'running') AND lease_until < now()
               AND attempts < :max {task_sql}
             """
-        ),
-        params,
-    ).rowcount
-    return {"returned": returned or 0, "dead": dead or 0}
+            ),
+            params,
+        )
+    )
+    return {"returned": returned, "dead": dead}
 
 
 def retry(session: Session, *, statuses: Sequence[str], task: str | None = None) -> int:
@@ -384,7 +394,7 @@ def retry(session: Session, *, statuses: Sequence[str], task: str | None = None)
         ),
         {"statuses": list(statuses), "task": task},
     )
-    return result.rowcount or 0
+    return _rowcount(result)
 
 
 def counts(session: Session, *, task: str | None = None) -> dict[str, dict[str, int]]:
@@ -392,7 +402,9 @@ def counts(session: Session, *, task: str | None = None) -> dict[str, dict[str, 
     task_sql = "WHERE task = :task" if task else ""
     out: dict[str, dict[str, int]] = {}
     for t, status, n in session.execute(
-        text(f"SELECT task, status, count(*) FROM work_items {task_sql} GROUP BY 1, 2 ORDER BY 1, 2"),
+        text(
+            f"SELECT task, status, count(*) FROM work_items {task_sql} GROUP BY 1, 2 ORDER BY 1, 2"
+        ),
         {"task": task},
     ):
         out.setdefault(t, {})[status] = n

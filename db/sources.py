@@ -70,12 +70,13 @@ def load_inputs(
             rows = {
                 r.id: (r.external_id, {"uri": r.uri, "duration_s": r.duration_s})
                 for r in session.execute(
-                    select(AudioFile.id, AudioFile.external_id, AudioFile.uri, AudioFile.duration_s)
-                    .where(AudioFile.id.in_(ids))
+                    select(
+                        AudioFile.id, AudioFile.external_id, AudioFile.uri, AudioFile.duration_s
+                    ).where(AudioFile.id.in_(ids))
                 )
             }
         if text_from_task:
-            texts = dict(
+            texts: dict[int, str | None] = dict(
                 session.execute(
                     text(
                         """
@@ -88,9 +89,7 @@ def load_inputs(
                     {"task": text_from_task, "kind": kind, "ids": ids},
                 ).all()
             )
-            rows = {
-                sid: (ext, {"text": texts.get(sid)}) for sid, (ext, _) in rows.items()
-            }
+            rows = {sid: (ext, {"text": texts.get(sid)}) for sid, (ext, _) in rows.items()}
         for item_id, source_id in pairs:
             if source_id in rows:
                 out[item_id] = rows[source_id]
@@ -99,4 +98,8 @@ def load_inputs(
 
 def first_source_ids(session: Session, *, kind: str, limit: int) -> list[int]:
     table = {"conversation": "conversations", "audio": "audio_files"}[kind]
-    return list(session.execute(text(f"SELECT id FROM {table} ORDER BY id LIMIT :n"), {"n": limit}).scalars())
+    return list(
+        session.execute(
+            text(f"SELECT id FROM {table} ORDER BY id LIMIT :n"), {"n": limit}
+        ).scalars()
+    )

@@ -76,7 +76,7 @@ class Ctx:
 class FleetError(click.ClickException):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
-        self.exit_code = code
+        self.exit_code = code  # type: ignore[misc]  # click declares it on the class
 
 
 def fail(message: str, code: int = EXIT_CONFIG) -> Any:
@@ -84,7 +84,9 @@ def fail(message: str, code: int = EXIT_CONFIG) -> Any:
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
-task_option = click.option("--task", "-t", "task_name", required=True, help="Task name from the task config (e.g. intent).")
+task_option = click.option(
+    "--task", "-t", "task_name", required=True, help="Task name from the task config (e.g. intent)."
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
@@ -105,7 +107,10 @@ def main(click_ctx: click.Context) -> None:
         settings = Settings()
     except ValidationError as e:
         fail(f"invalid settings: {e}", EXIT_CONFIG)
-    setup_logging(settings.log_level if settings.log_level != "INFO" else "WARNING", json_lines=settings.log_json)
+    setup_logging(
+        settings.log_level if settings.log_level != "INFO" else "WARNING",
+        json_lines=settings.log_json,
+    )
     click_ctx.obj = Ctx(settings)
 
 
@@ -150,7 +155,9 @@ def migrate(ctx: Ctx, revision: str, down: bool) -> None:
         downgrade(s.db_url(), "base" if revision == "head" else revision)
     else:
         upgrade(s.db_url(), revision)
-    click.echo(f"schema {'downgraded' if down else 'upgraded'} to {revision if not down or revision != 'head' else 'base'}")
+    click.echo(
+        f"schema {'downgraded' if down else 'upgraded'} to {revision if not down or revision != 'head' else 'base'}"
+    )
 
 
 # -- ingest -----------------------------------------------------------------------
@@ -171,7 +178,10 @@ def ingest_conversations_cmd(ctx: Ctx, path: Path, as_json: bool) -> None:
     from fleet.ingest import ingest_conversations_file
 
     url = ctx.url()
-    with path.open("rb") as f, byte_progress(path.stat().st_size, f"ingest {path.name}", quiet=as_json) as advance:
+    with (
+        path.open("rb") as f,
+        byte_progress(path.stat().st_size, f"ingest {path.name}", quiet=as_json) as advance,
+    ):
         report = ingest_conversations_file(url, f, progress=advance)
     _print_ingest(report, as_json)
 
@@ -194,11 +204,16 @@ def ingest_audio_cmd(ctx: Ctx, folder: Path, as_json: bool) -> None:
 
 def _print_ingest(report: Any, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps({
-            "read": report.read, "inserted": report.inserted,
-            "already_present": report.already_present,
-            "bad": [{"line": n, "reason": r} for n, r in report.bad],
-        }))
+        click.echo(
+            json.dumps(
+                {
+                    "read": report.read,
+                    "inserted": report.inserted,
+                    "already_present": report.already_present,
+                    "bad": [{"line": n, "reason": r} for n, r in report.bad],
+                }
+            )
+        )
         return
     click.echo(
         f"read {report.read}, inserted {report.inserted}, already present {report.already_present}, "
@@ -207,7 +222,9 @@ def _print_ingest(report: Any, as_json: bool) -> None:
     for lineno, reason in report.bad[:20]:
         click.echo(f"  line {lineno}: {reason}", err=True)
     if len(report.bad) > 20:
-        click.echo(f"  ... and {len(report.bad) - 20} more bad lines (use --json for all)", err=True)
+        click.echo(
+            f"  ... and {len(report.bad) - 20} more bad lines (use --json for all)", err=True
+        )
 
 
 # -- backlog, enqueue, run ------------------------------------------------------------
@@ -235,11 +252,20 @@ def backlog(ctx: Ctx, as_json: bool) -> None:
 @main.command()
 @task_option
 @click.option("--limit", type=click.IntRange(min=1), help="Most items to claim and send.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Items per batch (default FLEET_BATCH_SIZE).")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), help="Items per batch (default FLEET_BATCH_SIZE)."
+)
 @click.option("--dry-run", is_flag=True, help="Say what would be sent; claim nothing.")
 @json_option
 @pass_ctx
-def enqueue(ctx: Ctx, task_name: str, limit: int | None, batch_size: int | None, dry_run: bool, as_json: bool) -> None:
+def enqueue(
+    ctx: Ctx,
+    task_name: str,
+    limit: int | None,
+    batch_size: int | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
     """Discover new items for a task, claim them and send batches of ids to its queue."""
     from fleet.display import item_progress
     from producer.enqueue import enqueue as do_enqueue
@@ -249,27 +275,52 @@ def enqueue(ctx: Ctx, task_name: str, limit: int | None, batch_size: int | None,
     bs = batch_size or s.batch_size
     with item_progress(f"enqueue {spec.name}", quiet=as_json or dry_run) as advance:
         report = do_enqueue(
-            s.db_url(), ctx.app(), spec, limit=limit, batch_size=bs,
-            lease_seconds=s.lease_seconds, dry_run=dry_run, progress=advance,
+            s.db_url(),
+            ctx.app(),
+            spec,
+            limit=limit,
+            batch_size=bs,
+            lease_seconds=s.lease_seconds,
+            dry_run=dry_run,
+            progress=advance,
         )
     if as_json:
         click.echo(json.dumps(report.__dict__))
     elif dry_run:
-        click.echo(f"dry run: would send {report.items} items in {report.batches} batches to {spec.queue}")
+        click.echo(
+            f"dry run: would send {report.items} items in {report.batches} batches to {spec.queue}"
+        )
     else:
-        click.echo(f"sent {report.items} items in {report.batches} batches to {spec.queue} "
-                   f"({report.discovered} newly discovered)")
+        click.echo(
+            f"sent {report.items} items in {report.batches} batches to {spec.queue} "
+            f"({report.discovered} newly discovered)"
+        )
 
 
 @main.command()
-@click.option("--task", "-t", "task_names", multiple=True, required=True, help="Task(s) to run; repeat.")
-@click.option("--with-follow-ups/--no-follow-ups", default=True, show_default=True,
-              help="Also wait for tasks that follow (transcribe -> audio_intent).")
+@click.option(
+    "--task", "-t", "task_names", multiple=True, required=True, help="Task(s) to run; repeat."
+)
+@click.option(
+    "--with-follow-ups/--no-follow-ups",
+    default=True,
+    show_default=True,
+    help="Also wait for tasks that follow (transcribe -> audio_intent).",
+)
 @click.option("--timeout", type=float, help="Give up after this many seconds (exit 4).")
-@click.option("--trigger", default="manual", show_default=True, help="Recorded on the run (manual|nightly).")
+@click.option(
+    "--trigger", default="manual", show_default=True, help="Recorded on the run (manual|nightly)."
+)
 @json_option
 @pass_ctx
-def run(ctx: Ctx, task_names: tuple[str, ...], with_follow_ups: bool, timeout: float | None, trigger: str, as_json: bool) -> None:
+def run(
+    ctx: Ctx,
+    task_names: tuple[str, ...],
+    with_follow_ups: bool,
+    timeout: float | None,
+    trigger: str,
+    as_json: bool,
+) -> None:
     """Drive tasks to completion: feed the queues, reconcile, show progress.
 
     Workers must be running (`fleet worker --task T`). Exit 1 if items ended
@@ -284,15 +335,25 @@ def run(ctx: Ctx, task_names: tuple[str, ...], with_follow_ups: bool, timeout: f
             specs += [ctx.task(t) for t in spec.then if t not in [s.name for s in specs]]
     s = ctx.services()
     with run_progress([sp.name for sp in specs], quiet=as_json) as update:
-        report = run_until_done(s.db_url(), ctx.app(), specs, s, trigger=trigger, timeout=timeout, progress=update)
+        report = run_until_done(
+            s.db_url(), ctx.app(), specs, s, trigger=trigger, timeout=timeout, progress=update
+        )
     _finish_run(report, as_json)
 
 
 def _finish_run(report: Any, as_json: bool) -> None:
     bad = sum(c.get("failed", 0) + c.get("dead", 0) for c in report.counts.values())
     if as_json:
-        click.echo(json.dumps({"run_id": report.run_id, "counts": report.counts,
-                               "seconds": round(report.seconds, 2), "timed_out": report.timed_out}))
+        click.echo(
+            json.dumps(
+                {
+                    "run_id": report.run_id,
+                    "counts": report.counts,
+                    "seconds": round(report.seconds, 2),
+                    "timed_out": report.timed_out,
+                }
+            )
+        )
     else:
         from fleet.display import counts_table
 
@@ -300,12 +361,18 @@ def _finish_run(report: Any, as_json: bool) -> None:
         click.echo(f"run {report.run_id} took {report.seconds:.1f}s")
     if report.timed_out:
         if not as_json:
-            click.echo("timed out with work unfinished: are workers running? (`fleet worker --task T`)", err=True)
+            click.echo(
+                "timed out with work unfinished: are workers running? (`fleet worker --task T`)",
+                err=True,
+            )
         sys.exit(EXIT_TIMEOUT)
     if bad:
         if not as_json:
-            click.echo(f"{bad} item(s) failed or dead: see `fleet results --status failed`; "
-                       "`fleet retry --status failed` puts them back", err=True)
+            click.echo(
+                f"{bad} item(s) failed or dead: see `fleet results --status failed`; "
+                "`fleet retry --status failed` puts them back",
+                err=True,
+            )
         sys.exit(EXIT_FAILED_ITEMS)
 
 
@@ -319,12 +386,20 @@ def reconcile(ctx: Ctx, task_name: str | None, as_json: bool) -> None:
 
     s = ctx.services()
     got = do_reconcile(s.db_url(), max_attempts=s.max_attempts, task=task_name)
-    click.echo(json.dumps(got) if as_json else f"returned {got['returned']} to pending, {got['dead']} dead")
+    click.echo(
+        json.dumps(got) if as_json else f"returned {got['returned']} to pending, {got['dead']} dead"
+    )
 
 
 @main.command()
-@click.option("--status", "statuses", type=click.Choice(["failed", "dead"]), multiple=True, required=True,
-              help="Which items to put back; repeat for both.")
+@click.option(
+    "--status",
+    "statuses",
+    type=click.Choice(["failed", "dead"]),
+    multiple=True,
+    required=True,
+    help="Which items to put back; repeat for both.",
+)
 @click.option("--task", "-t", "task_name", help="Only this task.")
 @pass_ctx
 def retry(ctx: Ctx, statuses: tuple[str, ...], task_name: str | None) -> None:
@@ -339,7 +414,12 @@ def retry(ctx: Ctx, statuses: tuple[str, ...], task_name: str | None) -> None:
 
 @main.command()
 @task_option
-@click.option("--status", type=click.Choice(["done", "failed", "dead", "all"]), default="all", show_default=True)
+@click.option(
+    "--status",
+    type=click.Choice(["done", "failed", "dead", "all"]),
+    default="all",
+    show_default=True,
+)
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @json_option
 @pass_ctx
@@ -357,13 +437,37 @@ def results(ctx: Ctx, task_name: str, status: str, limit: int, as_json: bool) ->
 
 @main.command()
 @task_option
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
-@click.option("--status", type=click.Choice(["done", "failed", "dead", "all"]), default="all", show_default=True)
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="File to write (default: stdout).")
+@click.option(
+    "--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True
+)
+@click.option(
+    "--status",
+    type=click.Choice(["done", "failed", "dead", "all"]),
+    default="all",
+    show_default=True,
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File to write (default: stdout).",
+)
 @click.option("--individual", is_flag=True, help="One JSON file per item in --output-dir.")
-@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Folder for --individual.")
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for --individual.",
+)
 @pass_ctx
-def export(ctx: Ctx, task_name: str, fmt: str, status: str, output: Path | None, individual: bool, output_dir: Path | None) -> None:
+def export(
+    ctx: Ctx,
+    task_name: str,
+    fmt: str,
+    status: str,
+    output: Path | None,
+    individual: bool,
+    output_dir: Path | None,
+) -> None:
     """Export a task's results (streamed) as JSONL or CSV, or one file per item."""
     from fleet.reports import export as do_export
 
@@ -371,18 +475,27 @@ def export(ctx: Ctx, task_name: str, fmt: str, status: str, output: Path | None,
         fail("--individual needs --output-dir DIR", EXIT_CONFIG)
     url = ctx.url()
     if individual:
-        n = do_export(url, task=task_name, fmt=fmt, out=None, status=status, individual_dir=output_dir)
+        n = do_export(
+            url, task=task_name, fmt=fmt, out=None, status=status, individual_dir=output_dir
+        )
         click.echo(f"wrote {n} files to {output_dir}", err=True)
         return
-    with (output.open("w", newline="") if output else click.get_text_stream("stdout")) as out:
-        n = do_export(url, task=task_name, fmt=fmt, out=out, status=status)
+    if output is None:
+        n = do_export(url, task=task_name, fmt=fmt, out=sys.stdout, status=status)
+    else:
+        with output.open("w", newline="") as f:
+            n = do_export(url, task=task_name, fmt=fmt, out=f, status=status)
     click.echo(f"exported {n} items", err=True)
 
 
 @main.command("eval")
 @task_option
-@click.option("--gold", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help='JSONL of {"external_id", "label"}.')
+@click.option(
+    "--gold",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help='JSONL of {"external_id", "label"}.',
+)
 @json_option
 @pass_ctx
 def eval_cmd(ctx: Ctx, task_name: str, gold: Path, as_json: bool) -> None:
@@ -400,21 +513,46 @@ def eval_cmd(ctx: Ctx, task_name: str, gold: Path, as_json: bool) -> None:
         return
     confusion_table(report["confusion"])
     lat = report["latency_ms"]
-    click.echo(f"accuracy {report['accuracy']:.3f}  macro-F1 {report['macro_f1']:.3f}  n={report['n']}  "
-               f"latency/item mean {lat['mean']:.1f} ms p50 {lat['p50']:.1f} p95 {lat['p95']:.1f}")
+    click.echo(
+        f"accuracy {report['accuracy']:.3f}  macro-F1 {report['macro_f1']:.3f}  n={report['n']}  "
+        f"latency/item mean {lat['mean']:.1f} ms p50 {lat['p50']:.1f} p95 {lat['p95']:.1f}"
+    )
     if report["not_in_task"] or report["not_done"]:
-        click.echo(f"{report['not_in_task']} gold items have no work item; {report['not_done']} are not done", err=True)
+        click.echo(
+            f"{report['not_in_task']} gold items have no work item; {report['not_done']} are not done",
+            err=True,
+        )
 
 
 @main.command()
 @task_option
-@click.option("--models", nargs=2, required=True, metavar="A B", help="Two model folders (or names under FLEET_MODELS_DIR).")
-@click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True, help="Items to run both on.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=Path("compare.jsonl"),
-              show_default=True, help="Side-by-side answers, one line per item.")
+@click.option(
+    "--models",
+    nargs=2,
+    required=True,
+    metavar="A B",
+    help="Two model folders (or names under FLEET_MODELS_DIR).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Items to run both on.",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("compare.jsonl"),
+    show_default=True,
+    help="Side-by-side answers, one line per item.",
+)
 @json_option
 @pass_ctx
-def compare(ctx: Ctx, task_name: str, models: tuple[str, str], limit: int, output: Path, as_json: bool) -> None:
+def compare(
+    ctx: Ctx, task_name: str, models: tuple[str, str], limit: int, output: Path, as_json: bool
+) -> None:
     """Shadow run: two models on the same items; the disagreement rate and where they differ."""
     from fleet.compare import compare as do_compare
 
@@ -423,7 +561,9 @@ def compare(ctx: Ctx, task_name: str, models: tuple[str, str], limit: int, outpu
     if as_json:
         click.echo(json.dumps(report))
         return
-    click.echo(f"{report['n']} items: disagreement {report['disagreement_rate']:.1%}; side by side in {report['file']}")
+    click.echo(
+        f"{report['n']} items: disagreement {report['disagreement_rate']:.1%}; side by side in {report['file']}"
+    )
     for d in report["top_disagreements"]:
         click.echo(f"  A={d['a']}  B={d['b']}  x{d['count']}")
 
@@ -431,13 +571,31 @@ def compare(ctx: Ctx, task_name: str, models: tuple[str, str], limit: int, outpu
 # -- workers ---------------------------------------------------------------------
 
 
-def worker_argv(task: str, *, gpu: int | None, loglevel: str, hostname: str | None = None) -> list[str]:
+def worker_argv(
+    task: str, *, gpu: int | None, loglevel: str, hostname: str | None = None
+) -> list[str]:
     slot = f"gpu{gpu}" if gpu is not None else "cpu"
     name = hostname or f"{task}@{slot}.%h"
     return [
-        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-        "--pool", "solo", "--concurrency", "1", "-Q", f"fleet.{task}", "-n", name,
-        "--loglevel", loglevel, "-E", "--without-gossip", "--without-mingle",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.app",
+        "worker",
+        "--pool",
+        "solo",
+        "--concurrency",
+        "1",
+        "-Q",
+        f"fleet.{task}",
+        "-n",
+        name,
+        "--loglevel",
+        loglevel,
+        "-E",
+        "--without-gossip",
+        "--without-mingle",
     ]
 
 
@@ -451,7 +609,11 @@ def worker_env(settings: Settings, *, gpu: int | None) -> dict[str, str]:
 
 @main.command()
 @task_option
-@click.option("--gpu", type=click.IntRange(min=0), help="Pin to this GPU index (CUDA_VISIBLE_DEVICES). Unset: CPU.")
+@click.option(
+    "--gpu",
+    type=click.IntRange(min=0),
+    help="Pin to this GPU index (CUDA_VISIBLE_DEVICES). Unset: CPU.",
+)
 @click.option("--loglevel", default="INFO", show_default=True)
 @pass_ctx
 def worker(ctx: Ctx, task_name: str, gpu: int | None, loglevel: str) -> None:
@@ -463,11 +625,18 @@ def worker(ctx: Ctx, task_name: str, gpu: int | None, loglevel: str) -> None:
 
 @main.command()
 @task_option
-@click.option("--gpus", default="all", show_default=True,
-              help="'all' visible GPUs, or indexes like 0,1,3 (indexes this host lacks run as CPU stand-ins).")
+@click.option(
+    "--gpus",
+    default="all",
+    show_default=True,
+    help="'all' visible GPUs, or indexes like 0,1,3 (indexes this host lacks run as CPU stand-ins).",
+)
 @click.option("--loglevel", default="INFO", show_default=True)
-@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Write each worker's log to DIR/<task>-gpuN.log instead of this terminal.")
+@click.option(
+    "--log-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write each worker's log to DIR/<task>-gpuN.log instead of this terminal.",
+)
 @pass_ctx
 def workers(ctx: Ctx, task_name: str, gpus: str, loglevel: str, log_dir: Path | None) -> None:
     """Start and supervise one pinned worker per GPU; restart any that dies, with backoff."""
@@ -478,7 +647,11 @@ def workers(ctx: Ctx, task_name: str, gpus: str, loglevel: str, log_dir: Path | 
         indexes = parse_gpus(gpus, available=visible_gpus())
     except ValueError as e:
         fail(str(e), EXIT_CONFIG)
-    sys.exit(supervise(task_name, indexes, ctx.settings, loglevel=loglevel, log_dir=log_dir, echo=click.echo))
+    sys.exit(
+        supervise(
+            task_name, indexes, ctx.settings, loglevel=loglevel, log_dir=log_dir, echo=click.echo
+        )
+    )
 
 
 # -- models, train, demo -----------------------------------------------------------------
@@ -490,20 +663,28 @@ def models() -> None:
 
 
 @models.command("prepare")
-@click.option("--only", multiple=True, help="Prepare only these (intent-minilm, whisper-tiny.en, smollm2-135m-instruct, all-minilm-l6-v2).")
+@click.option(
+    "--only",
+    multiple=True,
+    help="Prepare only these (intent-minilm, whisper-tiny.en, smollm2-135m-instruct, all-minilm-l6-v2).",
+)
 @click.option("--force", is_flag=True, help="Rebuild even if present.")
 @pass_ctx
 def models_prepare(ctx: Ctx, only: tuple[str, ...], force: bool) -> None:
     """Build every bundled model folder once (seconds to a few minutes on CPU)."""
     from fleet.models import prepare_models
 
-    for name, path, seconds in prepare_models(ctx.settings.resolved_models_dir, only=only, force=force, echo=click.echo):
+    for name, path, seconds in prepare_models(
+        ctx.settings.resolved_models_dir, only=only, force=force, echo=click.echo
+    ):
         click.echo(f"{name:24} {path}  ({seconds:.1f}s)")
 
 
 @main.command()
 @task_option
-@click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default: the tuned value).")
+@click.option(
+    "--epochs", type=click.IntRange(min=1), help="Training epochs (default: the tuned value)."
+)
 @click.option("--seed", default=0, show_default=True)
 @pass_ctx
 def train(ctx: Ctx, task_name: str, epochs: int | None, seed: int) -> None:
@@ -512,14 +693,21 @@ def train(ctx: Ctx, task_name: str, epochs: int | None, seed: int) -> None:
 
     if task_name != "intent":
         fail("only `--task intent` has a shipped training set", EXIT_CONFIG)
-    metrics = train_intent_model(ctx.settings.resolved_models_dir, epochs=epochs, seed=seed, echo=click.echo)
-    click.echo(f"held-out accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
-               f"on {metrics.get('n', metrics.get('test_size', '?'))} examples")
+    metrics = train_intent_model(
+        ctx.settings.resolved_models_dir, epochs=epochs, seed=seed, echo=click.echo
+    )
+    click.echo(
+        f"held-out accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
+        f"on {metrics.get('n', metrics.get('test_size', '?'))} examples"
+    )
 
 
 @main.command()
-@click.option("--conversations", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="JSONL to classify instead of the bundled samples.")
+@click.option(
+    "--conversations",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSONL to classify instead of the bundled samples.",
+)
 @click.option("--timeout", type=float, default=900, show_default=True)
 @pass_ctx
 def demo(ctx: Ctx, conversations: Path | None, timeout: float) -> None:

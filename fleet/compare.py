@@ -27,20 +27,35 @@ CHUNK = 64
 def _sources(url: str, spec: TaskSpec, limit: int) -> list[Source]:
     with transaction(url) as session:
         ids = first_source_ids(session, kind=spec.source, limit=limit)
-        inputs = load_inputs(session, [(i, spec.source, i) for i in ids], text_from_task=spec.input_from)
+        inputs = load_inputs(
+            session, [(i, spec.source, i) for i in ids], text_from_task=spec.input_from
+        )
     return [Source(i, spec.source, ext, data) for i, (ext, data) in inputs.items()]
 
 
-def _run_model(settings: Settings, spec: TaskSpec, model: str, sources: list[Source]) -> dict[int, ItemResult]:
+def _run_model(
+    settings: Settings, spec: TaskSpec, model: str, sources: list[Source]
+) -> dict[int, ItemResult]:
     from workers.device import pick_device
 
     base = spec.ladder[0]
-    tier = TierSpec(name=Path(model).name, path=model, dtype=base.dtype, max_length=base.max_length,
-                    max_batch_tokens=base.max_batch_tokens, options=base.options)
+    tier = TierSpec(
+        name=Path(model).name,
+        path=model,
+        dtype=base.dtype,
+        max_length=base.max_length,
+        max_batch_tokens=base.max_batch_tokens,
+        options=base.options,
+    )
     one = replace(spec, ladder=(tier,))
-    runtime = ModelRuntime(one, make_adapter(one, max_chars=settings.max_text_chars,
-                                             audio_root=settings.resolved_audio_root),
-                           models_dir=settings.resolved_models_dir, device=pick_device())
+    runtime = ModelRuntime(
+        one,
+        make_adapter(
+            one, max_chars=settings.max_text_chars, audio_root=settings.resolved_audio_root
+        ),
+        models_dir=settings.resolved_models_dir,
+        device=pick_device(),
+    )
     runtime.start()
     try:
         out: dict[int, ItemResult] = {}
@@ -52,8 +67,9 @@ def _run_model(settings: Settings, spec: TaskSpec, model: str, sources: list[Sou
         runtime.stop()
 
 
-def compare(settings: Settings, spec: TaskSpec, model_a: str, model_b: str, *, limit: int,
-            out_path: Path) -> dict[str, Any]:
+def compare(
+    settings: Settings, spec: TaskSpec, model_a: str, model_b: str, *, limit: int, out_path: Path
+) -> dict[str, Any]:
     url = settings.db_url()
     sources = _sources(url, spec, limit)
     a = _run_model(settings, spec, model_a, sources)
@@ -71,9 +87,20 @@ def compare(settings: Settings, spec: TaskSpec, model_a: str, model_b: str, *, l
             disagree += not agree
             pairs[(la, lb)] += 1
             row = {
-                "external_id": src.external_id, "agree": agree,
-                "a": {"model": model_a, "label": la, "confidence": ra.prediction.confidence if ra.prediction else None, "error": ra.error},
-                "b": {"model": model_b, "label": lb, "confidence": rb.prediction.confidence if rb.prediction else None, "error": rb.error},
+                "external_id": src.external_id,
+                "agree": agree,
+                "a": {
+                    "model": model_a,
+                    "label": la,
+                    "confidence": ra.prediction.confidence if ra.prediction else None,
+                    "error": ra.error,
+                },
+                "b": {
+                    "model": model_b,
+                    "label": lb,
+                    "confidence": rb.prediction.confidence if rb.prediction else None,
+                    "error": rb.error,
+                },
             }
             f.write(json.dumps(row) + "\n")
             if not agree and len(examples) < 10:

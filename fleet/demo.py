@@ -76,7 +76,11 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
 
     t0 = time.monotonic()
     s = ctx.services()
-    where = "embedded, under " + str(s.state_dir) if ctx.settings.embedded else "DATABASE_URL / BROKER_URL"
+    where = (
+        "embedded, under " + str(s.state_dir)
+        if ctx.settings.embedded
+        else "DATABASE_URL / BROKER_URL"
+    )
     click.echo(f"services: {where}")
     prepare_intent(s.resolved_models_dir, echo=click.echo)
     specs = [ctx.task("intent")]
@@ -84,7 +88,9 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
     path = conversations or _data("sample_conversations.jsonl")
     with path.open("rb") as f, byte_progress(path.stat().st_size, "ingest") as advance:
         report = ingest_conversations_file(s.db_url(), f, progress=advance)
-    click.echo(f"conversations: {report.inserted} new, {report.already_present} already there, {len(report.bad)} bad lines")
+    click.echo(
+        f"conversations: {report.inserted} new, {report.already_present} already there, {len(report.bad)} bad lines"
+    )
 
     spoken = _speak_samples(s.resolved_audio_root)
     if spoken is None:
@@ -99,17 +105,25 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
     procs = [_start_worker(ctx, spec.name, s.state_dir / "logs") for spec in specs]
     try:
         with run_progress([sp.name for sp in specs]) as update:
-            run = run_until_done(s.db_url(), ctx.app(), specs, s, trigger="demo", timeout=timeout, progress=update)
+            run = run_until_done(
+                s.db_url(), ctx.app(), specs, s, trigger="demo", timeout=timeout, progress=update
+            )
         for proc, log_path in procs:
             if proc.poll() is not None:
-                click.echo(f"a worker exited early (code {proc.returncode}); its log: {log_path}", err=True)
+                click.echo(
+                    f"a worker exited early (code {proc.returncode}); its log: {log_path}", err=True
+                )
     finally:
         for proc, _ in procs:
             _stop(proc)
 
     rows = fetch_results(s.db_url(), task="intent", limit=None)
     results_table(rows[:60], title="intent of the sample conversations")
-    scored = [(r["label"], (r.get("conversation_meta") or {}).get("gold_intent")) for r in rows if r["status"] == "done"]
+    scored = [
+        (r["label"], (r.get("conversation_meta") or {}).get("gold_intent"))
+        for r in rows
+        if r["status"] == "done"
+    ]
     scored = [(a, b) for a, b in scored if b]
     if scored:
         acc = sum(a == b for a, b in scored) / len(scored)
@@ -117,7 +131,9 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
     if spoken is not None:
         _audio_table(s.db_url(), fetch_results, spoken[1])
     for name, c in run.counts.items():
-        click.echo(f"{name}: done {c.get('done', 0)}, failed {c.get('failed', 0)}, dead {c.get('dead', 0)}")
+        click.echo(
+            f"{name}: done {c.get('done', 0)}, failed {c.get('failed', 0)}, dead {c.get('dead', 0)}"
+        )
     click.echo(f"demo took {time.monotonic() - t0:.1f}s; worker logs in {s.state_dir / 'logs'}")
     if run.timed_out:
         click.echo("timed out with work unfinished; see the worker logs", err=True)
@@ -135,6 +151,8 @@ def _audio_table(url: str, fetch_results: Any, spoken: dict[str, tuple[str, str]
         table.add_column(col, overflow="fold")
     for ext, (_sentence, label) in spoken.items():
         t = transcripts.get(ext, {})
-        transcript = (t.get("output") or {}).get("transcript") or t.get("last_error") or t.get("status", "")
+        transcript = (
+            (t.get("output") or {}).get("transcript") or t.get("last_error") or t.get("status", "")
+        )
         table.add_row(ext, str(transcript), str(intents.get(ext, {}).get("label") or ""), label)
     out.print(table)

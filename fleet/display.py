@@ -25,12 +25,20 @@ out = Console()
 
 
 @contextmanager
-def byte_progress(total: int, label: str, *, quiet: bool = False) -> Iterator[Callable[[int], None]]:
+def byte_progress(
+    total: int, label: str, *, quiet: bool = False
+) -> Iterator[Callable[[int], None]]:
     if quiet:
         yield lambda n: None
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as p:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as p:
         tid = p.add_task(label, total=total)
         yield lambda n: p.advance(tid, n)
 
@@ -40,21 +48,34 @@ def item_progress(label: str, *, quiet: bool = False) -> Iterator[Callable[[int]
     if quiet:
         yield lambda n: None
         return
-    with Progress(TextColumn("{task.description}"), TextColumn("{task.completed} items"),
-                  TimeElapsedColumn(), console=console, transient=True) as p:
+    with Progress(
+        TextColumn("{task.description}"),
+        TextColumn("{task.completed} items"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as p:
         tid = p.add_task(label, total=None)
         yield lambda n: p.advance(tid, n)
 
 
 @contextmanager
-def run_progress(tasks: Sequence[str], *, quiet: bool = False) -> Iterator[Callable[[dict[str, dict[str, int]]], None]]:
+def run_progress(
+    tasks: Sequence[str], *, quiet: bool = False
+) -> Iterator[Callable[[dict[str, dict[str, int]]], None]]:
     """One bar per task: finished (done+failed+dead) of all, with a live status line."""
     if quiet:
         yield lambda counts: None
         return
-    with Progress(TextColumn("{task.description:14}"), BarColumn(), MofNCompleteColumn(),
-                  TaskProgressColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                  console=console) as p:
+    with Progress(
+        TextColumn("{task.description:14}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as p:
         ids = {t: p.add_task(t, total=None, status="") for t in tasks}
 
         def update(counts: dict[str, dict[str, int]]) -> None:
@@ -87,9 +108,12 @@ def results_table(rows: list[dict[str, Any]], *, title: str, gold: bool = False)
         conf = r.get("confidence")
         detail = r.get("last_error") or r.get("detail") or ""
         table.add_row(
-            str(r["external_id"]), r["status"], str(r.get("label") or ""),
+            str(r["external_id"]),
+            r["status"],
+            str(r.get("label") or ""),
             f"{conf:.2f}" if isinstance(conf, float) else "",
-            str(r.get("model_name") or ""), "" if r.get("model_tier") is None else str(r["model_tier"]),
+            str(r.get("model_name") or ""),
+            "" if r.get("model_tier") is None else str(r["model_tier"]),
             str(detail),
         )
     out.print(table)

@@ -18,15 +18,15 @@ def classification_report(
     predicted). A missing prediction (None) counts as wrong and appears in
     the confusion matrix under "(none)".
     """
-    predicted = [p if p is not None else "(none)" for p in predicted]
-    if len(gold) != len(predicted):
-        raise ValueError(f"{len(gold)} gold labels but {len(predicted)} predictions")
+    preds = [p if p is not None else "(none)" for p in predicted]
+    if len(gold) != len(preds):
+        raise ValueError(f"{len(gold)} gold labels but {len(preds)} predictions")
     if labels is None:
-        labels = sorted(set(gold) | set(predicted))
+        labels = sorted(set(gold) | set(preds))
     labels = list(labels)
-    names = labels + sorted((set(gold) | set(predicted)) - set(labels))
+    names = labels + sorted((set(gold) | set(preds)) - set(labels))
     confusion: dict[str, dict[str, int]] = {g: {p: 0 for p in names} for g in names}
-    for g, p in zip(gold, predicted, strict=True):
+    for g, p in zip(gold, preds, strict=True):
         confusion[g][p] += 1
     per_label: dict[str, dict[str, float]] = {}
     for lab in labels:
@@ -38,7 +38,7 @@ def classification_report(
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_label[lab] = {"precision": precision, "recall": recall, "f1": f1, "support": gold_n}
     n = len(gold)
-    correct = sum(1 for g, p in zip(gold, predicted, strict=True) if g == p)
+    correct = sum(1 for g, p in zip(gold, preds, strict=True) if g == p)
     return {
         "n": n,
         "accuracy": correct / n if n else 0.0,

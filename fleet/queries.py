@@ -9,7 +9,9 @@ from sqlalchemy import text
 from db.engine import transaction
 
 
-def fetch_results(url: str, *, task: str, status: str = "all", limit: int | None = 50) -> list[dict[str, Any]]:
+def fetch_results(
+    url: str, *, task: str, status: str = "all", limit: int | None = 50
+) -> list[dict[str, Any]]:
     status_sql = "" if status == "all" else "AND w.status = :status"
     limit_sql = "" if limit is None else "LIMIT :limit"
     with transaction(url) as session:

@@ -15,8 +15,19 @@ from db.engine import get_engine
 from fleet.metrics import classification_report, percentile
 
 EXPORT_COLUMNS = (
-    "external_id", "source_kind", "task", "status", "label", "confidence", "scores", "output",
-    "model_name", "model_tier", "device", "latency_ms", "error",
+    "external_id",
+    "source_kind",
+    "task",
+    "status",
+    "label",
+    "confidence",
+    "scores",
+    "output",
+    "model_name",
+    "model_tier",
+    "device",
+    "latency_ms",
+    "error",
 )
 
 
@@ -49,8 +60,15 @@ def _safe_name(external_id: str) -> str:
     return name[:200]
 
 
-def export(url: str, *, task: str, fmt: str, out: IO[str] | None, status: str = "all",
-           individual_dir: Path | None = None) -> int:
+def export(
+    url: str,
+    *,
+    task: str,
+    fmt: str,
+    out: IO[str] | None,
+    status: str = "all",
+    individual_dir: Path | None = None,
+) -> int:
     """Write results as JSONL or CSV to `out`, or one JSON file per item into a folder."""
     n = 0
     writer: Any = None
@@ -66,9 +84,13 @@ def export(url: str, *, task: str, fmt: str, out: IO[str] | None, status: str = 
             if name in used:  # two ids that sanitize alike keep distinct files
                 name = f"{name}-{n}"
             used.add(name)
-            (individual_dir / f"{name}.json").write_text(json.dumps(row, indent=2, default=str) + "\n")
+            (individual_dir / f"{name}.json").write_text(
+                json.dumps(row, indent=2, default=str) + "\n"
+            )
         elif writer is not None:
-            writer.writerow({k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()})
+            writer.writerow(
+                {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()}
+            )
         elif out is not None:
             out.write(json.dumps(row, default=str) + "\n")
     return n
@@ -88,7 +110,9 @@ def load_gold(path: Path) -> dict[str, str]:
                 if label is None:
                     raise KeyError("label")
             except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise ValueError(f"{path}:{lineno}: expected {{'external_id', 'label'}}: {e}") from None
+                raise ValueError(
+                    f"{path}:{lineno}: expected {{'external_id', 'label'}}: {e}"
+                ) from None
     return gold
 
 

@@ -27,7 +27,9 @@ def visible_gpus() -> int:
     if shutil.which("nvidia-smi") is None:
         return 0
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return 0
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
@@ -39,7 +41,9 @@ def parse_gpus(spec: str, *, available: int) -> list[int]:
     spec = spec.strip()
     if spec == "all":
         if available == 0:
-            raise ValueError("--gpus all: no GPU is visible (nvidia-smi); name indexes to run CPU stand-ins")
+            raise ValueError(
+                "--gpus all: no GPU is visible (nvidia-smi); name indexes to run CPU stand-ins"
+            )
         return list(range(available))
     try:
         gpus = [int(x) for x in spec.split(",") if x.strip()]

@@ -43,7 +43,15 @@ class TaskSpec:
 
 
 def _tier(task: str, i: int, raw: dict[str, Any]) -> TierSpec:
-    known = {"name", "path", "dtype", "max_length", "max_batch_tokens", "min_batch_tokens", "footprint_mb"}
+    known = {
+        "name",
+        "path",
+        "dtype",
+        "max_length",
+        "max_batch_tokens",
+        "min_batch_tokens",
+        "footprint_mb",
+    }
     if "path" not in raw:
         raise ConfigError(f"task {task!r} ladder tier {i} has no 'path'")
     options = {k: v for k, v in raw.items() if k not in known}

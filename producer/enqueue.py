@@ -57,9 +57,7 @@ def enqueue(
     if dry_run:
         with transaction(url) as session:
             pending = session.execute(
-                text(
-                    "SELECT count(*) FROM work_items WHERE task = :t AND status = 'pending'"
-                ),
+                text("SELECT count(*) FROM work_items WHERE task = :t AND status = 'pending'"),
                 {"t": spec.name},
             ).scalar_one()
             undiscovered = session.execute(
@@ -81,7 +79,10 @@ def enqueue(
         want = max(batch_size, want - want % batch_size) if want >= batch_size else want
         with transaction(url) as session:
             batches = ledger.claim_batches(
-                session, task=spec.name, limit=want, batch_size=batch_size,
+                session,
+                task=spec.name,
+                limit=want,
+                batch_size=batch_size,
                 lease_seconds=lease_seconds,
             )
         if not batches:

@@ -18,5 +18,9 @@ def reconcile(url: str, *, max_attempts: int, task: str | None = None) -> dict[s
     with transaction(url) as session:
         counts = ledger.reconcile(session, max_attempts=max_attempts, task=task)
     if counts["returned"] or counts["dead"]:
-        log.warning("reconciler: %d expired leases back to pending, %d dead", counts["returned"], counts["dead"])
+        log.warning(
+            "reconciler: %d expired leases back to pending, %d dead",
+            counts["returned"],
+            counts["dead"],
+        )
     return counts

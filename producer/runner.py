@@ -38,8 +38,11 @@ def feed(url: str, app: Celery, spec: TaskSpec, settings: Settings) -> int:
         return 0
     with transaction(url) as session:
         batches = ledger.claim_batches(
-            session, task=spec.name, limit=room * settings.batch_size,
-            batch_size=settings.batch_size, lease_seconds=settings.lease_seconds,
+            session,
+            task=spec.name,
+            limit=room * settings.batch_size,
+            batch_size=settings.batch_size,
+            lease_seconds=settings.lease_seconds,
         )
     if batches:
         with app.producer_or_acquire() as producer:
@@ -84,7 +87,9 @@ def run_until_done(
         if progress:
             progress(counts)
         report.counts = counts
-        open_items = sum(c.get(s, 0) for c in counts.values() for s in ("pending", "queued", "running"))
+        open_items = sum(
+            c.get(s, 0) for c in counts.values() for s in ("pending", "queued", "running")
+        )
         upstream_open = any(
             sum(counts[s.name].get(k, 0) for k in ("pending", "queued", "running"))
             for s in specs
@@ -101,6 +106,9 @@ def run_until_done(
         session.execute(
             update(Run)
             .where(Run.id == run_id)
-            .values(finished_at=func.now(), counts={"tasks": report.counts, "timed_out": report.timed_out})
+            .values(
+                finished_at=func.now(),
+                counts={"tasks": report.counts, "timed_out": report.timed_out},
+            )
         )
     return report

@@ -18,9 +18,20 @@ import psycopg
 from sqlalchemy import text
 
 REPO = Path(__file__).resolve().parent.parent
-ADMIN_URL = os.environ.get("TEST_ADMIN_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_URL = os.environ.get(
+    "TEST_ADMIN_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 REDIS_BASE = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
-INTENT_LABELS = ["rag_query", "professional", "psychological", "learning", "social", "emotional", "aspirational", "chitchat"]
+INTENT_LABELS = [
+    "rag_query",
+    "professional",
+    "psychological",
+    "learning",
+    "social",
+    "emotional",
+    "aspirational",
+    "chitchat",
+]
 
 
 def create_database() -> tuple[str, str]:
@@ -40,8 +51,14 @@ def drop_database(name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def build_tiny_classifier(folder: Path, *, labels: Sequence[str] = INTENT_LABELS, hidden: int = 32,
-                          layers: int = 2, seed: int = 0) -> Path:
+def build_tiny_classifier(
+    folder: Path,
+    *,
+    labels: Sequence[str] = INTENT_LABELS,
+    hidden: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+) -> Path:
     """A real BERT sequence classifier with random weights (MiniLM's tokenizer)."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
@@ -53,9 +70,14 @@ def build_tiny_classifier(folder: Path, *, labels: Sequence[str] = INTENT_LABELS
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
     cfg = BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-        num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=512,
-        num_labels=len(labels), id2label=dict(enumerate(labels)),
+        vocab_size=tok.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=512,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
     )
     model = BertForSequenceClassification(cfg).eval()
@@ -65,9 +87,10 @@ def build_tiny_classifier(folder: Path, *, labels: Sequence[str] = INTENT_LABELS
     return folder
 
 
-def tasks_toml(path: Path, tiers: Sequence[dict[str, Any]], *, task: str = "intent",
-               extra: str = "") -> Path:
-    lines = [f'[tasks.{task}]', 'kind = "sequence_classify"', 'source = "conversation"']
+def tasks_toml(
+    path: Path, tiers: Sequence[dict[str, Any]], *, task: str = "intent", extra: str = ""
+) -> Path:
+    lines = [f"[tasks.{task}]", 'kind = "sequence_classify"', 'source = "conversation"']
     for t in tiers:
         lines.append(f"[[tasks.{task}.ladder]]")
         for k, v in t.items():
@@ -77,15 +100,31 @@ def tasks_toml(path: Path, tiers: Sequence[dict[str, Any]], *, task: str = "inte
 
 
 def conversations(n: int, *, prefix: str = "c", start: int = 0) -> list[dict[str, Any]]:
-    words = ["report", "deadline", "friend", "course", "happy", "goal", "weather", "document", "anxious"]
+    words = [
+        "report",
+        "deadline",
+        "friend",
+        "course",
+        "happy",
+        "goal",
+        "weather",
+        "document",
+        "anxious",
+    ]
     out = []
     for i in range(start, start + n):
         k = 1 + (i * 7) % 40
         content = " ".join(words[(i + j) % len(words)] for j in range(k))
-        out.append({"external_id": f"{prefix}{i:06d}", "messages": [
-            {"role": "user", "content": f"message {i}: {content}"},
-            {"role": "assistant", "content": "ok"},
-        ], "language": "en"})
+        out.append(
+            {
+                "external_id": f"{prefix}{i:06d}",
+                "messages": [
+                    {"role": "user", "content": f"message {i}: {content}"},
+                    {"role": "assistant", "content": "ok"},
+                ],
+                "language": "en",
+            }
+        )
     return out
 
 
@@ -97,25 +136,46 @@ def write_jsonl(path: Path, rows: Sequence[Any]) -> Path:
 
 
 def fleet_env(settings_env: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "DATABASE_URL", "BROKER_URL"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FLEET_", "DATABASE_URL", "BROKER_URL"))
+    }
     env.update(settings_env)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
-def run_fleet(args: Sequence[str], env: dict[str, str], *, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "fleet.cli", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+def run_fleet(
+    args: Sequence[str], env: dict[str, str], *, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"fleet {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"fleet {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
 class WorkerProcess:
     """A real `celery worker` (via `fleet worker`) as a subprocess."""
 
-    def __init__(self, task: str, env: dict[str, str], log: Path, *, name: str | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        task: str,
+        env: dict[str, str],
+        log: Path,
+        *,
+        name: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.task, self.env, self.log = task, dict(env), log
         if extra_env:
             self.env.update(extra_env)
@@ -128,15 +188,23 @@ class WorkerProcess:
         argv = worker_argv(self.task, gpu=None, loglevel="INFO", hostname=self.name)
         env = dict(self.env)
         env["CUDA_VISIBLE_DEVICES"] = ""
-        self.proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=self.log.open("ab"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=REPO,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return self
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+                raise AssertionError(
+                    f"worker exited {self.proc.returncode}:\n{self.log.read_text()[-4000:]}"
+                )
             if " ready." in self.log.read_text(errors="replace"):
                 return
             time.sleep(0.2)
@@ -168,9 +236,13 @@ def result_count_per_item(url: str, task: str) -> dict[int, int]:
     from db.engine import transaction
 
     with transaction(url) as s:
-        rows = s.execute(text(
-            "SELECT w.id, count(r.id) FROM work_items w LEFT JOIN results r ON r.work_item_id = w.id "
-            "WHERE w.task = :t GROUP BY w.id"), {"t": task}).all()
+        rows = s.execute(
+            text(
+                "SELECT w.id, count(r.id) FROM work_items w LEFT JOIN results r ON r.work_item_id = w.id "
+                "WHERE w.task = :t GROUP BY w.id"
+            ),
+            {"t": task},
+        ).all()
     return dict(rows)
 
 

@@ -78,7 +78,9 @@ def _load_model_at_start(sender: Any = None, **_: Any) -> None:
     from workers.state import start_runtime
 
     queues = list(sender.app.amqp.queues.consume_from or {})
-    tasks = [q.removeprefix("fleet.") for q in queues if q.startswith("fleet.") and q != "fleet.default"]
+    tasks = [
+        q.removeprefix("fleet.") for q in queues if q.startswith("fleet.") and q != "fleet.default"
+    ]
     if len(tasks) != 1:
         raise SystemExit(
             f"a fleet worker serves exactly one task queue, got {queues or 'none'}: "

@@ -96,7 +96,9 @@ def on_oom(*, sub_batch_items: int, tier: int, tiers: int) -> OomAction:
     return OomAction.GIVE_UP
 
 
-def start_tier(footprints_mb: Sequence[float | None], free_mb: float | None, *, headroom: float = 0.85) -> int:
+def start_tier(
+    footprints_mb: Sequence[float | None], free_mb: float | None, *, headroom: float = 0.85
+) -> int:
     """The largest tier whose estimated footprint fits the free device memory.
 
     Unknown free memory (CPU) or unknown footprints: start at the top and let
@@ -153,7 +155,9 @@ def poison_plan(deliveries: Sequence[tuple[int, int]], *, crashes_allowed: int) 
         return PoisonPlan(PoisonAction.SPLIT, (clean, suspects), reset_deliveries=False)
     if len(ids) > 1:
         mid = len(ids) // 2
-        return PoisonPlan(PoisonAction.SPLIT, (tuple(ids[:mid]), tuple(ids[mid:])), reset_deliveries=True)
+        return PoisonPlan(
+            PoisonAction.SPLIT, (tuple(ids[:mid]), tuple(ids[mid:])), reset_deliveries=True
+        )
     if deliveries[0][1] >= crashes_allowed:
         return PoisonPlan(PoisonAction.DEAD, (tuple(ids),))
     return PoisonPlan(PoisonAction.RUN)
@@ -185,7 +189,12 @@ class RetryDecision:
 
 
 def retry_decision(
-    *, transient: bool, attempt: int, max_retries: int, base: float = 1.0, cap: float = 60.0,
+    *,
+    transient: bool,
+    attempt: int,
+    max_retries: int,
+    base: float = 1.0,
+    cap: float = 60.0,
     rng: random.Random | None = None,
 ) -> RetryDecision:
     """Transient infrastructure errors retry with backoff; anything else does not

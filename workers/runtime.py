@@ -49,7 +49,9 @@ class MemoryNotReleased(RuntimeError):
     """Unloading a tier did not give its memory back: only a new process will."""
 
     def __init__(self, next_tier: int, held_mb: float) -> None:
-        super().__init__(f"{held_mb:.0f} MiB still allocated after unload; restart on tier {next_tier}")
+        super().__init__(
+            f"{held_mb:.0f} MiB still allocated after unload; restart on tier {next_tier}"
+        )
         self.next_tier = next_tier
 
 
@@ -139,7 +141,11 @@ class ModelRuntime:
         self.clean_batches = 0
         log.info(
             "loaded task=%s tier=%d model=%s device=%s in %.1fs",
-            self.spec.name, tier, spec.name, self.device, time.perf_counter() - started,
+            self.spec.name,
+            tier,
+            spec.name,
+            self.device,
+            time.perf_counter() - started,
         )
 
     def _switch(self, tier: int) -> None:
@@ -176,16 +182,22 @@ class ModelRuntime:
             remaining = [s for s in remaining if s.item_id in leftover]
         if stats.ooms == 0:
             self.clean_batches += 1
-            target = step_up(tier=self.tier, clean_batches=self.clean_batches, after=self.step_up_after)
+            target = step_up(
+                tier=self.tier, clean_batches=self.clean_batches, after=self.step_up_after
+            )
             if target != self.tier:
-                log.info("stepping up to tier %d after %d clean batches", target, self.clean_batches)
+                log.info(
+                    "stepping up to tier %d after %d clean batches", target, self.clean_batches
+                )
                 self._switch(target)
         else:
             self.clean_batches = 0
         stats.budget_end = self.budget.tokens
         return [results[s.item_id] for s in sources], stats
 
-    def _prepare(self, sources: list[Source], results: dict[int, ItemResult]) -> dict[int, Prepared]:
+    def _prepare(
+        self, sources: list[Source], results: dict[int, ItemResult]
+    ) -> dict[int, Prepared]:
         prepared: dict[int, Prepared] = {}
         for src in sources:
             try:
@@ -235,7 +247,12 @@ class ModelRuntime:
                     )
                     log.warning(
                         "OOM task=%s tier=%d sub-batch=%d items cost=%d budget=%d -> %s",
-                        self.spec.name, self.tier, len(sub), cost, self.budget.tokens, action,
+                        self.spec.name,
+                        self.tier,
+                        len(sub),
+                        cost,
+                        self.budget.tokens,
+                        action,
                     )
                     if action is OomAction.RETRY_SMALLER:
                         self.budget = next_budget(
@@ -263,8 +280,13 @@ class ModelRuntime:
                     results[p.item_id] = self._failed(p.item_id, str(pred))
                 else:
                     results[p.item_id] = ItemResult(
-                        p.item_id, pred, pred.error, self.tier, self.model_name,
-                        elapsed_ms / len(sub), p.notes,
+                        p.item_id,
+                        pred,
+                        pred.error,
+                        self.tier,
+                        self.model_name,
+                        elapsed_ms / len(sub),
+                        p.notes,
                     )
         return set()
 

@@ -52,7 +52,9 @@ class WorkerState:
 _state: WorkerState | None = None
 
 
-def start_runtime(settings: Settings, task_name: str, *, hostname: str, app: Celery | None = None) -> WorkerState:
+def start_runtime(
+    settings: Settings, task_name: str, *, hostname: str, app: Celery | None = None
+) -> WorkerState:
     global _state
     from fleet.logs import setup_logging
     from workers.device import pick_device
@@ -160,7 +162,10 @@ def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
         raise ValueError(f"this worker serves {st.task.name!r}, got a batch for {msg.task!r}")
     with transaction(url) as session:
         started = ledger.start_batch(
-            session, batch_id=msg.batch_id, item_ids=msg.item_ids, worker=hostname,
+            session,
+            batch_id=msg.batch_id,
+            item_ids=msg.item_ids,
+            worker=hostname,
             lease_seconds=s.lease_seconds,
         )
     if not started:
@@ -174,14 +179,18 @@ def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
     if plan.action is PoisonAction.SPLIT:
         with transaction(url) as session:
             parts = ledger.split_batch(
-                session, batch_id=msg.batch_id, parts=plan.parts,
-                lease_seconds=s.lease_seconds, reset_deliveries=plan.reset_deliveries,
+                session,
+                batch_id=msg.batch_id,
+                parts=plan.parts,
+                lease_seconds=s.lease_seconds,
+                reset_deliveries=plan.reset_deliveries,
             )
         for part in parts:
             send_batch(_app(st), BatchMessage(msg.task, part.batch_id, part.item_ids))
         log.warning(
             "batch %s was delivered before and never finished (a worker died): split into %s",
-            msg.batch_id, [len(p.item_ids) for p in parts],
+            msg.batch_id,
+            [len(p.item_ids) for p in parts],
         )
         return {"batch": msg.batch_id, "split": [p.batch_id for p in parts]}
     if plan.action is PoisonAction.DEAD:
@@ -260,7 +269,10 @@ def _create_follow_ups(
         created = ledger.add_items(session, task=task, source_kind=kind, source_ids=source_ids)
         if created:
             out[task] = ledger.claim_batches(
-                session, task=task, limit=created, batch_size=st.settings.batch_size,
+                session,
+                task=task,
+                limit=created,
+                batch_size=st.settings.batch_size,
                 lease_seconds=st.settings.lease_seconds,
             )
     return out

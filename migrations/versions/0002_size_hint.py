@@ -19,7 +19,9 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.add_column("work_items", sa.Column("size_hint", sa.BigInteger(), server_default="0", nullable=False))
+    op.add_column(
+        "work_items", sa.Column("size_hint", sa.BigInteger(), server_default="0", nullable=False)
+    )
     # Existing items: sizes from their sources, so their claims are size-ordered too.
     op.execute(
         "UPDATE work_items w SET size_hint = octet_length(c.messages::text) "
@@ -29,7 +31,9 @@ def upgrade() -> None:
         "UPDATE work_items w SET size_hint = COALESCE(round(a.duration_s * 100), 0) "
         "FROM audio_files a WHERE w.source_kind = 'audio' AND a.id = w.source_id"
     )
-    op.create_index("ix_work_items_claim", "work_items", ["task", "status", "size_hint", "id"], unique=False)
+    op.create_index(
+        "ix_work_items_claim", "work_items", ["task", "status", "size_hint", "id"], unique=False
+    )
 
 
 def downgrade() -> None:

@@ -65,11 +65,17 @@ name = "tiny-big"
 path = "tiny-big"
 max_length = 128
 """)
-    env = fleet_env({
-        "DATABASE_URL": db_url, "BROKER_URL": broker_url, "FLEET_STATE_DIR": str(tmp_path / "state"),
-        "FLEET_MODELS_DIR": str(tiny_models), "FLEET_CONFIG_FILE": str(config),
-        "FLEET_AUDIO_ROOT": str(root), "FLEET_RECONCILE_INTERVAL": "2",
-    })
+    env = fleet_env(
+        {
+            "DATABASE_URL": db_url,
+            "BROKER_URL": broker_url,
+            "FLEET_STATE_DIR": str(tmp_path / "state"),
+            "FLEET_MODELS_DIR": str(tiny_models),
+            "FLEET_CONFIG_FILE": str(config),
+            "FLEET_AUDIO_ROOT": str(root),
+            "FLEET_RECONCILE_INTERVAL": "2",
+        }
+    )
     workers = [
         WorkerProcess("transcribe", env, tmp_path / "transcribe.log").start(),
         WorkerProcess("audio_intent", env, tmp_path / "intent.log").start(),
@@ -84,26 +90,56 @@ def test_audio_folder_transcribed_then_classified(audio_fleet):
     out = run_fleet(["ingest", "audio", str(batch), "--json"], env)
     assert '"inserted": 7' in out.stdout
     (batch / "gone.wav").unlink()  # registered, then lost before the worker reads it
-    run = subprocess.run([sys.executable, "-m", "fleet.cli", "run", "-t", "transcribe", "--timeout", "300", "--json"],
-                         env=env, cwd=REPO, capture_output=True, text=True, timeout=330)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fleet.cli",
+            "run",
+            "-t",
+            "transcribe",
+            "--timeout",
+            "300",
+            "--json",
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=330,
+    )
     assert run.returncode == 1, run.stderr  # 1: some items failed, by design
     with transaction(url) as s:
-        rows = s.execute(text("""
+        rows = s.execute(
+            text("""
             SELECT a.external_id, w.task, w.status, w.last_error, r.output ->> 'transcript', r.label
             FROM work_items w JOIN audio_files a ON a.id = w.source_id
-            LEFT JOIN results r ON r.work_item_id = w.id ORDER BY 1, 2""")).all()
-    by = {(ext.split("/")[-1], task): (status, err, transcript, label) for ext, task, status, err, transcript, label in rows}
+            LEFT JOIN results r ON r.work_item_id = w.id ORDER BY 1, 2""")
+        ).all()
+    by = {
+        (ext.split("/")[-1], task): (status, err, transcript, label)
+        for ext, task, status, err, transcript, label in rows
+    }
     for name, sentence in SPOKEN.items():
         status, err, transcript, _ = by[(name, "transcribe")]
         assert status == "done", err
         assert wer(sentence, transcript) < 0.2, transcript
         status, err, _, label = by[(name, "audio_intent")]
         assert status == "done" and label, err
-    reasons = {name: by[(name, "transcribe")][1] for name in ("empty.wav", "notes.wav", "cut.wav", "escape.wav", "gone.wav")}
+    reasons = {
+        name: by[(name, "transcribe")][1]
+        for name in ("empty.wav", "notes.wav", "cut.wav", "escape.wav", "gone.wav")
+    }
     assert all(by[(n, "transcribe")][0] == "failed" for n in reasons), by
     assert "empty" in reasons["empty.wav"].lower() or "0 bytes" in reasons["empty.wav"]
     assert "not audio" in reasons["notes.wav"].lower() or "text" in reasons["notes.wav"].lower()
     assert "truncated" in reasons["cut.wav"].lower()
     assert "outside" in reasons["escape.wav"].lower() or "escape" in reasons["escape.wav"].lower()
-    assert "not found" in reasons["gone.wav"].lower() or "missing" in reasons["gone.wav"].lower() or "does not exist" in reasons["gone.wav"].lower()
-    assert not any(task == "audio_intent" for (n, task) in by if n in reasons)  # no follow-up for failures
+    assert (
+        "not found" in reasons["gone.wav"].lower()
+        or "missing" in reasons["gone.wav"].lower()
+        or "does not exist" in reasons["gone.wav"].lower()
+    )
+    assert not any(
+        task == "audio_intent" for (n, task) in by if n in reasons
+    )  # no follow-up for failures

@@ -34,17 +34,34 @@ def _ingest(fleet, n: int) -> None:
     run_fleet(["ingest", "conversations", str(path)], fleet.env)
 
 
-def _run(fleet, *, timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def _run(
+    fleet, *, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "fleet.cli", "run", "-t", "intent", "--timeout", str(timeout), "--json"],
-        env={**fleet.env, **(env or {})}, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "fleet.cli",
+            "run",
+            "-t",
+            "intent",
+            "--timeout",
+            str(timeout),
+            "--json",
+        ],
+        env={**fleet.env, **(env or {})},
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
 def _tiers(url: str) -> dict[int, int]:
     with transaction(url) as s:
-        return dict(s.execute(text(
-            "SELECT r.model_tier, count(*) FROM results r GROUP BY 1")).all())
+        return dict(
+            s.execute(text("SELECT r.model_tier, count(*) FROM results r GROUP BY 1")).all()
+        )
 
 
 def _one_result_each(url: str, n: int) -> None:
@@ -75,17 +92,38 @@ def test_oom_at_every_budget_steps_down_to_tier_1(fleet):
     assert status_counts(fleet.db_url, "intent") == {"done": 150}
     assert _tiers(fleet.db_url) == {1: 150}
     with transaction(fleet.db_url) as s:
-        assert s.execute(text("SELECT DISTINCT model_name FROM results")).scalars().all() == ["tiny-small"]
+        assert s.execute(text("SELECT DISTINCT model_name FROM results")).scalars().all() == [
+            "tiny-small"
+        ]
     assert "-> downshift" in w.log.read_text()
 
 
 def test_poison_item_ends_dead_and_its_batch_completes(fleet):
     _ingest(fleet, 40)
-    env = {"FLEET_CRASH_ON": "c000013", "FLEET_BATCH_SIZE": "8", "FLEET_LEASE_SECONDS": "5",
-           "FLEET_RESTART_BACKOFF": "0.2"}
+    env = {
+        "FLEET_CRASH_ON": "c000013",
+        "FLEET_BATCH_SIZE": "8",
+        "FLEET_LEASE_SECONDS": "5",
+        "FLEET_RESTART_BACKOFF": "0.2",
+    }
     sup = subprocess.Popen(
-        [sys.executable, "-m", "fleet.cli", "workers", "-t", "intent", "--gpus", "0", "--log-dir", str(fleet.tmp / "logs")],
-        env={**fleet.env, **env}, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "fleet.cli",
+            "workers",
+            "-t",
+            "intent",
+            "--gpus",
+            "0",
+            "--log-dir",
+            str(fleet.tmp / "logs"),
+        ],
+        env={**fleet.env, **env},
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         run = _run(fleet, timeout=240, env=env)
@@ -97,9 +135,12 @@ def test_poison_item_ends_dead_and_its_batch_completes(fleet):
     counts = status_counts(fleet.db_url, "intent")
     assert counts == {"done": 39, "dead": 1}, (counts, sup_out)
     with transaction(fleet.db_url) as s:
-        ext, reason = s.execute(text(
-            "SELECT c.external_id, w.last_error FROM work_items w JOIN conversations c ON c.id = w.source_id "
-            "WHERE w.status = 'dead'")).one()
+        ext, reason = s.execute(
+            text(
+                "SELECT c.external_id, w.last_error FROM work_items w JOIN conversations c ON c.id = w.source_id "
+                "WHERE w.status = 'dead'"
+            )
+        ).one()
     assert ext == "c000013" and "isolated as poison" in reason
     assert "exited with 137" in sup_out and "restarting" in sup_out
     _one_result_each_done = result_count_per_item(fleet.db_url, "intent")
@@ -125,8 +166,23 @@ def test_two_pinned_workers_share_one_queue(fleet):
     _ingest(fleet, 600)
     logs = fleet.tmp / "logs"
     sup = subprocess.Popen(
-        [sys.executable, "-m", "fleet.cli", "workers", "-t", "intent", "--gpus", "0,1", "--log-dir", str(logs)],
-        env=fleet.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "fleet.cli",
+            "workers",
+            "-t",
+            "intent",
+            "--gpus",
+            "0,1",
+            "--log-dir",
+            str(logs),
+        ],
+        env=fleet.env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 120

@@ -48,7 +48,9 @@ def test_500_conversations_through_a_real_worker(fleet, capsys):
     seconds = _wait_done(fleet.db_url, N, timeout=300)
     _assert_exactly_one_result_each(fleet.db_url, N)
     with capsys.disabled():
-        print(f"\n[e2e] {N} items in {seconds:.1f}s = {N / seconds:.0f} items/s (1 CPU worker, tiny BERT)")
+        print(
+            f"\n[e2e] {N} items in {seconds:.1f}s = {N / seconds:.0f} items/s (1 CPU worker, tiny BERT)"
+        )
     results = run_fleet(["results", "-t", "intent", "--json", "--limit", "5"], fleet.env)
     assert '"model_name": "tiny-big"' in results.stdout and '"model_tier": 0' in results.stdout
     log = worker.log.read_text()
@@ -59,8 +61,14 @@ def test_worker_killed_mid_run_loses_nothing(fleet):
     path = write_jsonl(fleet.tmp / "c.jsonl", conversations(N))
     run_fleet(["ingest", "conversations", str(path)], fleet.env)
     # `fleet run` feeds the queue under backpressure and reconciles expired leases.
-    runner = subprocess.Popen([sys.executable, "-m", "fleet.cli", "run", "-t", "intent", "--timeout", "240", "--json"],
-                              env=fleet.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "fleet.cli", "run", "-t", "intent", "--timeout", "240", "--json"],
+        env=fleet.env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         first = fleet.worker()
         deadline = time.monotonic() + 120

@@ -12,7 +12,11 @@ from tests.support import conversations, status_counts, write_jsonl
 
 
 def _env(db_url: str, broker_url: str, tmp_path) -> dict[str, str]:
-    return {"DATABASE_URL": db_url, "BROKER_URL": broker_url, "FLEET_STATE_DIR": str(tmp_path / "state")}
+    return {
+        "DATABASE_URL": db_url,
+        "BROKER_URL": broker_url,
+        "FLEET_STATE_DIR": str(tmp_path / "state"),
+    }
 
 
 def test_ingest_reports_bad_lines_and_keeps_the_rest(db_url, broker_url, tmp_path):
@@ -24,13 +28,21 @@ def test_ingest_reports_bad_lines_and_keeps_the_rest(db_url, broker_url, tmp_pat
         f.write(b'"just a string"\n')
         f.write(json.dumps(conversations(1, prefix="late")[0]).encode() + b"\n")
     runner = CliRunner()
-    result = runner.invoke(main, ["ingest", "conversations", str(path), "--json"], env=_env(db_url, broker_url, tmp_path))
+    result = runner.invoke(
+        main,
+        ["ingest", "conversations", str(path), "--json"],
+        env=_env(db_url, broker_url, tmp_path),
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["inserted"] == 21 and report["read"] == 24
     assert [b["line"] for b in report["bad"]] == [21, 22, 24]
     assert "not valid UTF-8" in report["bad"][1]["reason"]
-    again = runner.invoke(main, ["ingest", "conversations", str(path), "--json"], env=_env(db_url, broker_url, tmp_path))
+    again = runner.invoke(
+        main,
+        ["ingest", "conversations", str(path), "--json"],
+        env=_env(db_url, broker_url, tmp_path),
+    )
     assert json.loads(again.output)["already_present"] == 21
 
 
@@ -42,7 +54,9 @@ def test_enqueue_sends_ids_only(db_url, broker_url, tmp_path):
     dry = runner.invoke(main, ["enqueue", "-t", "intent", "--dry-run", "--json"], env=env)
     assert json.loads(dry.output)["items"] == 50
     assert status_counts(db_url, "intent") == {}  # dry run claims nothing
-    result = runner.invoke(main, ["enqueue", "-t", "intent", "--limit", "40", "--batch-size", "16", "--json"], env=env)
+    result = runner.invoke(
+        main, ["enqueue", "-t", "intent", "--limit", "40", "--batch-size", "16", "--json"], env=env
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert (report["items"], report["batches"]) == (40, 3)

@@ -36,7 +36,9 @@ def test_concurrent_claims_never_overlap(db_url):
         barrier.wait()
         while True:
             with transaction(db_url) as s:
-                batches = ledger.claim_batches(s, task="intent", limit=97, batch_size=16, lease_seconds=60)
+                batches = ledger.claim_batches(
+                    s, task="intent", limit=97, batch_size=16, lease_seconds=60
+                )
                 time.sleep(0.01)  # hold the row locks a moment: overlap would show
             if not batches:
                 return
@@ -59,20 +61,32 @@ def test_claim_cuts_batches_and_counts_attempts(db_url):
         batches = ledger.claim_batches(s, task="intent", limit=70, batch_size=32, lease_seconds=60)
     assert sorted(len(b.item_ids) for b in batches) == [6, 32, 32]
     with transaction(db_url) as s:
-        assert s.execute(text("SELECT DISTINCT attempts, status FROM work_items")).all() == [(1, "queued")]
+        assert s.execute(text("SELECT DISTINCT attempts, status FROM work_items")).all() == [
+            (1, "queued")
+        ]
 
 
 def _run_one(url: str, outcomes_for) -> tuple[ledger.ClaimedBatch, list[ledger.StartedItem]]:
     with transaction(url) as s:
         (batch,) = ledger.claim_batches(s, task="intent", limit=5, batch_size=5, lease_seconds=60)
     with transaction(url) as s:
-        started = ledger.start_batch(s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60)
+        started = ledger.start_batch(
+            s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60
+        )
     return batch, started
 
 
 def _outcomes(ids, *, fail=()):
-    row = {"label": "x", "confidence": 0.9, "scores": {"x": 0.9}, "output": None,
-           "model_name": "m", "model_tier": 0, "device": "cpu", "latency_ms": 1.0}
+    row = {
+        "label": "x",
+        "confidence": 0.9,
+        "scores": {"x": 0.9},
+        "output": None,
+        "model_name": "m",
+        "model_tier": 0,
+        "device": "cpu",
+        "latency_ms": 1.0,
+    }
     return [ledger.Outcome(i, row, "bad input" if i in fail else None) for i in ids]
 
 
@@ -82,7 +96,9 @@ def test_finish_batch_twice_keeps_one_result(db_url):
     assert [s.deliveries_before for s in started] == [0] * 5
     ids = batch.item_ids
     with transaction(db_url) as s:
-        first = ledger.finish_batch(s, batch_id=batch.batch_id, outcomes=_outcomes(ids, fail={ids[0]}))
+        first = ledger.finish_batch(
+            s, batch_id=batch.batch_id, outcomes=_outcomes(ids, fail={ids[0]})
+        )
     with transaction(db_url) as s:
         second = ledger.finish_batch(s, batch_id=batch.batch_id, outcomes=_outcomes(ids))
     assert (first.done, first.failed, first.skipped) == (4, 1, 0)
@@ -90,7 +106,9 @@ def test_finish_batch_twice_keeps_one_result(db_url):
     with transaction(db_url) as s:
         assert s.execute(text("SELECT count(*) FROM results")).scalar_one() == 5
         assert s.execute(text("SELECT count(DISTINCT work_item_id) FROM results")).scalar_one() == 5
-        err = s.execute(text("SELECT last_error FROM work_items WHERE status = 'failed'")).scalar_one()
+        err = s.execute(
+            text("SELECT last_error FROM work_items WHERE status = 'failed'")
+        ).scalar_one()
     assert err == "bad input"
 
 
@@ -100,7 +118,12 @@ def test_redelivered_batch_is_skipped_and_stale_batch_cannot_finish(db_url):
     with transaction(db_url) as s:
         ledger.finish_batch(s, batch_id=batch.batch_id, outcomes=_outcomes(batch.item_ids))
     with transaction(db_url) as s:  # the same message again
-        assert ledger.start_batch(s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60) == []
+        assert (
+            ledger.start_batch(
+                s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60
+            )
+            == []
+        )
 
 
 def test_reconcile_returns_expired_leases_then_kills_after_attempts(db_url):
@@ -140,15 +163,32 @@ def test_split_and_mark_dead(db_url):
     with transaction(db_url) as s:
         (batch,) = ledger.claim_batches(s, task="intent", limit=6, batch_size=6, lease_seconds=60)
     with transaction(db_url) as s:
-        ledger.start_batch(s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60)
+        ledger.start_batch(
+            s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60
+        )
     with transaction(db_url) as s:  # delivered again: deliveries_before = 1
-        again = ledger.start_batch(s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60)
+        again = ledger.start_batch(
+            s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60
+        )
     assert {a.deliveries_before for a in again} == {1}
     with transaction(db_url) as s:
-        parts = ledger.split_batch(s, batch_id=batch.batch_id, parts=[batch.item_ids[:3], batch.item_ids[3:]], lease_seconds=60, reset_deliveries=True)
+        parts = ledger.split_batch(
+            s,
+            batch_id=batch.batch_id,
+            parts=[batch.item_ids[:3], batch.item_ids[3:]],
+            lease_seconds=60,
+            reset_deliveries=True,
+        )
     assert [len(p.item_ids) for p in parts] == [3, 3]
     with transaction(db_url) as s:
-        started = ledger.start_batch(s, batch_id=parts[0].batch_id, item_ids=parts[0].item_ids, worker="w", lease_seconds=60)
+        started = ledger.start_batch(
+            s, batch_id=parts[0].batch_id, item_ids=parts[0].item_ids, worker="w", lease_seconds=60
+        )
         assert {x.deliveries_before for x in started} == {0}
-        assert ledger.mark_dead(s, batch_id=parts[0].batch_id, item_ids=parts[0].item_ids[:1], reason="poison") == 1
+        assert (
+            ledger.mark_dead(
+                s, batch_id=parts[0].batch_id, item_ids=parts[0].item_ids[:1], reason="poison"
+            )
+            == 1
+        )
         assert ledger.counts(s)["intent"] == {"dead": 1, "queued": 3, "running": 2}

@@ -16,7 +16,14 @@ def test_upgrade_check_downgrade():
     try:
         upgrade(url)
         tables = set(inspect(get_engine(url)).get_table_names())
-        assert {"conversations", "audio_files", "work_items", "results", "runs", "alembic_version"} <= tables
+        assert {
+            "conversations",
+            "audio_files",
+            "work_items",
+            "results",
+            "runs",
+            "alembic_version",
+        } <= tables
         command.check(alembic_config(url))  # raises if the models and migrations differ
         downgrade(url, "base")
         assert set(inspect(get_engine(url)).get_table_names()) == {"alembic_version"}

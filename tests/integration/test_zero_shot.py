@@ -49,10 +49,16 @@ def tiny_nli(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("nli")
     tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, num_labels=3,
-                     id2label={0: "contradiction", 1: "neutral", 2: "entailment"},
-                     label2id={"contradiction": 0, "neutral": 1, "entailment": 2})
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        id2label={0: "contradiction", 1: "neutral", 2: "entailment"},
+        label2id={"contradiction": 0, "neutral": 1, "entailment": 2},
+    )
     BertForSequenceClassification(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d
@@ -63,7 +69,9 @@ def test_nli_method_scores_every_label(tiny_nli, multi):
     a = ZeroShotAdapter(labels=LABELS, multi_label=multi)
     a.load(TierSpec(name="nli", path="", max_length=128), str(tiny_nli), "cpu")
     assert a.method == "nli"
-    prepared = [a.prepare(_src(i, t)) for i, t in enumerate(["short", "a somewhat longer message " * 5])]
+    prepared = [
+        a.prepare(_src(i, t)) for i, t in enumerate(["short", "a somewhat longer message " * 5])
+    ]
     assert prepared[1].cost > prepared[0].cost  # pairs x longest pair
     preds = a.predict(prepared)
     for p in preds:

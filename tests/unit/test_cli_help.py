@@ -22,7 +22,7 @@ def test_help(path):
     result = CliRunner().invoke(main, [*path, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output
-    doc = (main if not path else None)
+    doc = main if not path else None
     del doc
     # every command explains itself in one line at least
     assert len(result.output.splitlines()) > 3

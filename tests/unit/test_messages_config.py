@@ -15,8 +15,12 @@ def test_message_round_trip():
 
 @pytest.mark.parametrize(
     "raw",
-    [{}, {"task": "t", "batch_id": "b"}, {"task": 1, "batch_id": "b", "item_ids": []},
-     {"task": "t", "batch_id": "b", "item_ids": ["x"]}],
+    [
+        {},
+        {"task": "t", "batch_id": "b"},
+        {"task": 1, "batch_id": "b", "item_ids": []},
+        {"task": "t", "batch_id": "b", "item_ids": ["x"]},
+    ],
 )
 def test_bad_messages_are_rejected(raw):
     with pytest.raises(ValueError):
@@ -38,8 +42,14 @@ def test_bundled_tasks_parse():
         ({"tasks": {"a": {"kind": "nope", "ladder": [{"path": "x"}]}}}, "kind must be"),
         ({"tasks": {"a": {"kind": "fake", "ladder": []}}}, "empty model ladder"),
         ({"tasks": {"a": {"kind": "fake", "ladder": [{"name": "x"}]}}}, "has no 'path'"),
-        ({"tasks": {"a": {"kind": "fake", "then": ["b"], "ladder": [{"path": "x"}]}}}, "unknown task 'b'"),
-        ({"tasks": {"a": {"kind": "fake", "labels": "zz", "ladder": [{"path": "x"}]}}}, "label set"),
+        (
+            {"tasks": {"a": {"kind": "fake", "then": ["b"], "ladder": [{"path": "x"}]}}},
+            "unknown task 'b'",
+        ),
+        (
+            {"tasks": {"a": {"kind": "fake", "labels": "zz", "ladder": [{"path": "x"}]}}},
+            "label set",
+        ),
     ],
 )
 def test_config_errors(doc, message):

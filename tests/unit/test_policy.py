@@ -110,7 +110,13 @@ def test_step_up(tier, clean, after, expected):
         # suspects among clean items run apart; suspects keep their count
         ([(1, 0), (2, 1), (3, 0), (4, 2)], 2, PoisonAction.SPLIT, ((1, 3), (2, 4)), False),
         # only suspects: halves, counts restart
-        ([(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)], 2, PoisonAction.SPLIT, ((1, 2), (3, 4, 5)), True),
+        (
+            [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)],
+            2,
+            PoisonAction.SPLIT,
+            ((1, 2), (3, 4, 5)),
+            True,
+        ),
         ([(7, 3), (8, 1)], 2, PoisonAction.SPLIT, ((7,), (8,)), True),
         ([(7, 1)], 2, PoisonAction.RUN, (), False),  # alone, one death: one more chance
         ([(7, 2)], 2, PoisonAction.DEAD, ((7,),), False),

@@ -25,15 +25,24 @@ def _tiers(tmp_path: Path, n: int, budget: int = 1000) -> tuple[TierSpec, ...]:
 
 def _sources(n: int, words: int = 10) -> list[Source]:
     return [
-        Source(i, "conversation", f"e{i}", {"messages": [{"role": "user", "content": "w " * (words + i % 3)}]})
+        Source(
+            i,
+            "conversation",
+            f"e{i}",
+            {"messages": [{"role": "user", "content": "w " * (words + i % 3)}]},
+        )
         for i in range(n)
     ]
 
 
-def _runtime(tmp_path: Path, tiers: int, sim: str | None, budget: int = 1000) -> tuple[ModelRuntime, FakeAdapter]:
+def _runtime(
+    tmp_path: Path, tiers: int, sim: str | None, budget: int = 1000
+) -> tuple[ModelRuntime, FakeAdapter]:
     adapter = FakeAdapter()
     spec = TaskSpec("t", "fake", "conversation", _tiers(tmp_path, tiers, budget))
-    rt = ModelRuntime(spec, adapter, models_dir=tmp_path, device="cpu", simulator=MemorySimulator.parse(sim))
+    rt = ModelRuntime(
+        spec, adapter, models_dir=tmp_path, device="cpu", simulator=MemorySimulator.parse(sim)
+    )
     rt.start()
     return rt, adapter
 
@@ -67,7 +76,9 @@ def test_oom_at_every_budget_steps_down_a_tier(tmp_path):
 
 def test_oom_on_smallest_tier_fails_only_the_items_that_do_not_fit(tmp_path):
     srcs = _sources(10)
-    srcs[3] = Source(3, "conversation", "big", {"messages": [{"role": "user", "content": "w " * 500}]})
+    srcs[3] = Source(
+        3, "conversation", "big", {"messages": [{"role": "user", "content": "w " * 500}]}
+    )
     rt, _ = _runtime(tmp_path, 1, "0:200")
     results, _ = rt.run(srcs)
     errors = {r.item_id: r.error for r in results if r.error}

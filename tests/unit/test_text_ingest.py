@@ -16,7 +16,10 @@ from workers.adapters.text import conversation_messages, conversation_text
         ({"messages": [1]}, "message 0 is int"),
         ({"messages": [{"content": "x"}]}, "message 0 has no role"),
         ({"messages": [{"role": "user"}]}, "content must be a string, got NoneType"),
-        ({"messages": [{"role": "user", "content": {"a": 1}}]}, "content must be a string, got dict"),
+        (
+            {"messages": [{"role": "user", "content": {"a": 1}}]},
+            "content must be a string, got dict",
+        ),
         ({"messages": [{"role": "user", "content": "   "}]}, "only empty messages"),
         ({"messages": [{"role": "user", "content": "x" * 101}]}, "exceeds 100 characters"),
         ({"text": ""}, "text to classify is empty"),
@@ -29,8 +32,13 @@ def test_malformed_conversations(data, reason):
 
 
 def test_conversation_text():
-    data = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""},
-                         {"role": "assistant", "content": "hello"}]}
+    data = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": ""},
+            {"role": "assistant", "content": "hello"},
+        ]
+    }
     assert conversation_text(data, max_chars=100) == "user: hi\nassistant: hello"
     assert conversation_text({"text": "a transcript"}, max_chars=100) == "a transcript"
 
@@ -44,7 +52,10 @@ def test_conversation_text():
         (b'{"external_id": "", "messages": []}', "missing external_id"),
         (b'{"external_id": true, "messages": []}', "missing external_id"),
         (b'{"external_id": "a"}', "missing messages"),
-        (b'{"external_id": "a", "messages": [{"role": "user", "content": "\\u0000"}]}', "NUL character"),
+        (
+            b'{"external_id": "a", "messages": [{"role": "user", "content": "\\u0000"}]}',
+            "NUL character",
+        ),
         (b'{"external_id": "a", "messages": "\xff\xfe"}', "not valid UTF-8"),
     ],
 )
@@ -55,4 +66,9 @@ def test_bad_lines(raw, reason):
 
 def test_good_line_keeps_malformed_messages_for_the_worker():
     row = parse_conversation_line(b'{"id": 7, "messages": [{"role": 1}], "meta": {"k": "v"}}', 1)
-    assert row == {"external_id": "7", "messages": [{"role": 1}], "language": None, "meta": {"k": "v"}}
+    assert row == {
+        "external_id": "7",
+        "messages": [{"role": 1}],
+        "language": None,
+        "meta": {"k": "v"},
+    }

@@ -15,9 +15,13 @@ def torch_dtype(name: str, device: str) -> Any:
     if name == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
     try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
+            name
+        ]
     except KeyError:
-        raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {name!r}") from None
+        raise ValueError(
+            f"dtype must be auto, float32, float16 or bfloat16, got {name!r}"
+        ) from None
 
 
 class SequenceClassifyAdapter:
@@ -67,6 +71,12 @@ class SequenceClassifyAdapter:
         top = torch.topk(probs, k, dim=-1)
         out: list[Prediction | InputError] = []
         for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-            scores = {str(id2label[i]): round(float(v), 6) for v, i in zip(values, indices, strict=True)}
-            out.append(Prediction(label=str(id2label[indices[0]]), confidence=float(values[0]), scores=scores))
+            scores = {
+                str(id2label[i]): round(float(v), 6) for v, i in zip(values, indices, strict=True)
+            }
+            out.append(
+                Prediction(
+                    label=str(id2label[indices[0]]), confidence=float(values[0]), scores=scores
+                )
+            )
         return out

@@ -32,14 +32,14 @@ def conversation_messages(data: dict[str, Any], *, max_chars: int) -> list[dict[
     out: list[dict[str, str]] = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
-            raise InputError(f"message {i} is {type(msg).__name__}, expected an object with role and content")
+            raise InputError(
+                f"message {i} is {type(msg).__name__}, expected an object with role and content"
+            )
         role, content = msg.get("role"), msg.get("content")
         if not isinstance(role, str) or not role:
             raise InputError(f"message {i} has no role (expected a string such as 'user')")
         if not isinstance(content, str):
-            raise InputError(
-                f"message {i} content must be a string, got {type(content).__name__}"
-            )
+            raise InputError(f"message {i} content must be a string, got {type(content).__name__}")
         total += len(content)
         if total > max_chars:
             raise InputError(

@@ -38,7 +38,9 @@ class ZeroShotAdapter:
         **_: Any,
     ) -> None:
         if not labels:
-            raise ValueError("a zero_shot task needs labels (a label set or a table in the task config)")
+            raise ValueError(
+                "a zero_shot task needs labels (a label set or a table in the task config)"
+            )
         self.labels = dict(labels)
         self.names = list(self.labels)
         self.max_chars = max_chars
@@ -74,7 +76,9 @@ class ZeroShotAdapter:
                 raise ValueError(f"{model_path} has no 'entailment' label: not an NLI model")
             self.entail = label2id["entailment"]
             self.contra = label2id.get("contradiction", -1)
-            model = AutoModelForSequenceClassification.from_pretrained(model_path, local_files_only=True, dtype=dtype)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_path, local_files_only=True, dtype=dtype
+            )
         else:
             model = AutoModel.from_pretrained(model_path, local_files_only=True, dtype=dtype)
         self.method = method
@@ -83,7 +87,13 @@ class ZeroShotAdapter:
         self.max_length = min(tier.max_length, limit)
         if method == "embedding":
             texts = [f"{name.replace('_', ' ')}: {desc}" for name, desc in self.labels.items()]
-            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            enc = self.tokenizer(
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             with torch.inference_mode():
                 self.label_emb = self._embed({k: v.to(device) for k, v in enc.items()})
 
@@ -102,7 +112,12 @@ class ZeroShotAdapter:
         text = conversation_text(source.data, max_chars=self.max_chars)
         if self.method == "nli":
             pairs = [
-                self.tokenizer(text, self.hypothesis.format(desc), truncation="only_first", max_length=self.max_length)["input_ids"]
+                self.tokenizer(
+                    text,
+                    self.hypothesis.format(desc),
+                    truncation="only_first",
+                    max_length=self.max_length,
+                )["input_ids"]
                 for desc in self.labels.values()
             ]
             return Prepared(source.item_id, max(len(p) for p in pairs) * len(pairs), pairs)
@@ -120,20 +135,36 @@ class ZeroShotAdapter:
                 logits = logits.view(len(batch), len(self.names), -1)
                 if self.multi_label:
                     cols = [self.contra, self.entail] if self.contra >= 0 else [self.entail]
-                    probs = logits[..., cols].softmax(-1)[..., -1] if len(cols) == 2 else logits[..., self.entail].sigmoid()
+                    probs = (
+                        logits[..., cols].softmax(-1)[..., -1]
+                        if len(cols) == 2
+                        else logits[..., self.entail].sigmoid()
+                    )
                 else:
                     probs = logits[..., self.entail].softmax(-1)
             else:
-                enc = self.tokenizer.pad({"input_ids": [p.payload for p in batch]}, return_tensors="pt")
+                enc = self.tokenizer.pad(
+                    {"input_ids": [p.payload for p in batch]}, return_tensors="pt"
+                )
                 emb = self._embed({k: v.to(self.device) for k, v in enc.items()})
                 cos = emb @ self.label_emb.T
-                probs = (cos / self.temperature).softmax(-1) if not self.multi_label else ((cos + 1) / 2)
+                probs = (
+                    (cos / self.temperature).softmax(-1)
+                    if not self.multi_label
+                    else ((cos + 1) / 2)
+                )
         out: list[Prediction | InputError] = []
         for row in probs.cpu().tolist():
             scores = {n: round(float(s), 6) for n, s in zip(self.names, row, strict=True)}
             best = max(scores, key=scores.__getitem__)
             output: dict[str, Any] = {"method": self.method}
             if self.multi_label:
-                output["labels"] = [n for n, s in sorted(scores.items(), key=lambda kv: -kv[1]) if s >= self.threshold]
-            out.append(Prediction(label=best, confidence=scores[best], scores=scores, output=output))
+                output["labels"] = [
+                    n
+                    for n, s in sorted(scores.items(), key=lambda kv: -kv[1])
+                    if s >= self.threshold
+                ]
+            out.append(
+                Prediction(label=best, confidence=scores[best], scores=scores, output=output)
+            )
         return out
