@@ -75,12 +75,9 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
     from producer.runner import run_until_done
 
     t0 = time.monotonic()
+    embedded = ctx.settings.embedded  # before services() fills in the URLs
     s = ctx.services()
-    where = (
-        "embedded, under " + str(s.state_dir)
-        if ctx.settings.embedded
-        else "DATABASE_URL / BROKER_URL"
-    )
+    where = "embedded, under " + str(s.state_dir) if embedded else "DATABASE_URL / BROKER_URL"
     click.echo(f"services: {where}")
     prepare_intent(s.resolved_models_dir, echo=click.echo)
     specs = [ctx.task("intent")]

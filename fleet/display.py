@@ -103,7 +103,12 @@ def counts_table(counts: dict[str, dict[str, int]]) -> None:
 def results_table(rows: list[dict[str, Any]], *, title: str, gold: bool = False) -> None:
     table = Table(title=title)
     for col in ("external_id", "status", "label", "confidence", "model", "tier", "detail"):
-        table.add_column(col, overflow="fold", max_width=60 if col == "detail" else None)
+        table.add_column(
+            col,
+            overflow="fold",
+            max_width=60 if col == "detail" else None,
+            no_wrap=col in ("external_id", "model"),
+        )
     for r in rows:
         conf = r.get("confidence")
         detail = r.get("last_error") or r.get("detail") or ""

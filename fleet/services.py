@@ -10,6 +10,7 @@ the last one to exit stops them.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,13 @@ def _embedded_redis(state_dir: Path) -> str:
 
 def ensure_services(settings: Settings) -> Settings:
     """Settings with both URLs set, starting embedded servers for the missing ones."""
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (servers, CI); /tmp is fine here.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+        return _ensure_services(settings)
+
+
+def _ensure_services(settings: Settings) -> Settings:
     updates: dict[str, Any] = {}
     if settings.database_url is None:
         url = _embedded_postgres(settings.state_dir)
