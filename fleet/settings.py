@@ -80,6 +80,12 @@ class Settings(BaseSettings):
         description="Redis redelivers an unacknowledged batch after this many seconds. "
         "Must exceed the longest batch.",
     )
+    step_up_after: int | None = Field(
+        default=None,
+        ge=1,
+        description="After this many clean batches on a lower tier, a worker tries the next "
+        "larger model again. Unset: it stays where OOM put it.",
+    )
     restart_backoff: float = Field(
         default=1.0,
         gt=0,
@@ -148,7 +154,14 @@ class Settings(BaseSettings):
             env["DATABASE_URL"] = self.db_url()
         if self.broker_url is not None:
             env["BROKER_URL"] = self.redis_url()
-        for name in ("models_dir", "config_file", "audio_root", "simulate_memory", "crash_on"):
+        for name in (
+            "models_dir",
+            "config_file",
+            "audio_root",
+            "simulate_memory",
+            "crash_on",
+            "step_up_after",
+        ):
             value = getattr(self, name)
             if value is not None:
                 env[f"FLEET_{name.upper()}"] = str(value)

@@ -73,6 +73,7 @@ def start_runtime(
         device=pick_device(),
         simulator=MemorySimulator.parse(settings.simulate_memory),
         start_at=_tier_hint(settings, spec.name),
+        step_up_after=settings.step_up_after,
     )
     runtime.start()
     _state = WorkerState(settings, spec, tasks, runtime, hostname, app)
