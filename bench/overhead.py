@@ -48,17 +48,8 @@ def build_model(folder: Path) -> Path:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from fleet.models import minilm_path
+    from workers.train import INTENT_LABELS as labels
 
-    labels = [
-        "rag_query",
-        "professional",
-        "psychological",
-        "learning",
-        "social",
-        "emotional",
-        "aspirational",
-        "chitchat",
-    ]
     m = AutoModelForSequenceClassification.from_pretrained(
         str(minilm_path()),
         num_labels=8,

@@ -149,7 +149,7 @@ def _audio_table(url: str, fetch_results: Any, spoken: dict[str, tuple[str, str]
     for ext, (_sentence, label) in spoken.items():
         t = transcripts.get(ext, {})
         transcript = (
-            (t.get("output") or {}).get("transcript") or t.get("last_error") or t.get("status", "")
+            (t.get("output") or {}).get("transcript") or t.get("error") or t.get("status", "")
         )
         table.add_row(ext, str(transcript), str(intents.get(ext, {}).get("label") or ""), label)
     out.print(table)

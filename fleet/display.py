@@ -111,7 +111,7 @@ def results_table(rows: list[dict[str, Any]], *, title: str, gold: bool = False)
         )
     for r in rows:
         conf = r.get("confidence")
-        detail = r.get("last_error") or r.get("detail") or ""
+        detail = r.get("error") or r.get("detail") or ""
         table.add_row(
             str(r["external_id"]),
             r["status"],

@@ -5,14 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import text
-
-from db.engine import get_engine
 from fleet.metrics import classification_report, percentile
+from fleet.queries import iter_results
 
 EXPORT_COLUMNS = (
     "external_id",
@@ -29,30 +26,6 @@ EXPORT_COLUMNS = (
     "latency_ms",
     "error",
 )
-
-
-def iter_results(url: str, *, task: str, status: str = "all") -> Iterator[dict[str, Any]]:
-    """Every item of a task with its result, streamed from a server-side cursor."""
-    status_sql = "" if status == "all" else "AND w.status = :status"
-    sql = text(
-        f"""
-        SELECT COALESCE(c.external_id, a.external_id) AS external_id, w.source_kind, w.task,
-               w.status, r.label, r.confidence, r.scores, r.output, r.model_name, r.model_tier,
-               r.device, r.latency_ms, w.last_error AS error
-        FROM work_items w
-        LEFT JOIN results r ON r.work_item_id = w.id
-        LEFT JOIN conversations c ON w.source_kind = 'conversation' AND c.id = w.source_id
-        LEFT JOIN audio_files a ON w.source_kind = 'audio' AND a.id = w.source_id
-        WHERE w.task = :task {status_sql}
-        ORDER BY w.id
-        """
-    )
-    with get_engine(url).connect() as conn:
-        result = conn.execution_options(stream_results=True, yield_per=2000).execute(
-            sql, {"task": task, "status": status}
-        )
-        for row in result.mappings():
-            yield dict(row)
 
 
 def _safe_name(external_id: str) -> str:
@@ -76,7 +49,8 @@ def export(
         writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS)
         writer.writeheader()
     used: set[str] = set()
-    for row in iter_results(url, task=task, status=status):
+    for full in iter_results(url, task=task, status=status):
+        row = {k: full[k] for k in EXPORT_COLUMNS}
         n += 1
         if individual_dir is not None:
             individual_dir.mkdir(parents=True, exist_ok=True)

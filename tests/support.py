@@ -17,21 +17,13 @@ from typing import Any
 import psycopg
 from sqlalchemy import text
 
+from workers.train import INTENT_LABELS
+
 REPO = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get(
     "TEST_ADMIN_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_BASE = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
-INTENT_LABELS = [
-    "rag_query",
-    "professional",
-    "psychological",
-    "learning",
-    "social",
-    "emotional",
-    "aspirational",
-    "chitchat",
-]
 
 
 def create_database() -> tuple[str, str]:

@@ -15,19 +15,11 @@ from sqlalchemy import text
 from db.engine import transaction
 from fleet.models import prepare_minilm
 from tests.support import REPO, WorkerProcess, fleet_env, run_fleet
+from workers.train import INTENT_LABELS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-LABELS = {
-    "rag_query",
-    "professional",
-    "psychological",
-    "learning",
-    "social",
-    "emotional",
-    "aspirational",
-    "chitchat",
-}
+LABELS = set(INTENT_LABELS)
 BAD = [
     ({"external_id": "bad-empty", "messages": []}, "conversation has no messages"),
     ({"external_id": "bad-role", "messages": [{"content": "hi"}]}, "has no role"),
