@@ -90,6 +90,29 @@ def discover(session: Session, *, task: str, source_kind: str, limit: int | None
     return _rowcount(result)
 
 
+def claimable(session: Session, *, task: str, source_kind: str) -> tuple[int, int]:
+    """(pending items, sources with no item yet) for a task: what an enqueue would take."""
+    table = {"conversation": "conversations", "audio": "audio_files"}[source_kind]
+    pending = session.execute(
+        text("SELECT count(*) FROM work_items WHERE task = :t AND status = 'pending'"),
+        {"t": task},
+    ).scalar_one()
+    undiscovered = session.execute(
+        text(
+            f"""
+            SELECT count(*) FROM {table} s
+            WHERE NOT EXISTS (
+                SELECT 1 FROM work_items w
+                WHERE w.task = CAST(:t AS varchar) AND w.source_kind = CAST(:k AS varchar)
+                  AND w.source_id = s.id
+            )
+            """
+        ),
+        {"t": task, "k": source_kind},
+    ).scalar_one()
+    return int(pending), int(undiscovered)
+
+
 def add_items(session: Session, *, task: str, source_kind: str, source_ids: Sequence[int]) -> int:
     """Create pending items for given sources (e.g. the intent task on a fresh transcript)."""
     if not source_ids:

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from celery import Celery
-from sqlalchemy import text
 
 from db import ledger
 from db.engine import transaction
@@ -56,18 +55,9 @@ def enqueue(
     discovered = 0 if dry_run else discover(url, spec)
     if dry_run:
         with transaction(url) as session:
-            pending = session.execute(
-                text("SELECT count(*) FROM work_items WHERE task = :t AND status = 'pending'"),
-                {"t": spec.name},
-            ).scalar_one()
-            undiscovered = session.execute(
-                text(
-                    f"""SELECT count(*) FROM {"conversations" if spec.source == "conversation" else "audio_files"} s
-                    WHERE NOT EXISTS (SELECT 1 FROM work_items w WHERE w.task = :t
-                      AND w.source_kind = :k AND w.source_id = s.id)"""
-                ),
-                {"t": spec.name, "k": spec.source},
-            ).scalar_one()
+            pending, undiscovered = ledger.claimable(
+                session, task=spec.name, source_kind=spec.source
+            )
         n = pending + undiscovered
         if limit is not None:
             n = min(n, limit)

@@ -13,7 +13,6 @@ The settings here are what make the queue safe:
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from celery import Celery, signals
@@ -94,7 +93,3 @@ def _unload(**_: Any) -> None:
     from workers.state import stop_runtime
 
     stop_runtime()
-
-
-if os.environ.get("FLEET_WORKER_EAGER_IMPORT"):
-    import workers.tasks  # noqa: F401
