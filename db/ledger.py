@@ -11,16 +11,20 @@ so a late, duplicated or redelivered message can never undo newer work.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import CursorResult, text
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from db.schema import Result, Status
+from db.schema import Status
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
 
 
 def _rowcount(result: Any) -> int:
@@ -278,25 +282,39 @@ def finish_batch(session: Session, *, batch_id: str, outcomes: Sequence[Outcome]
         if o.result is not None and o.item_id in written
     ]
     if rows:
-        stmt = insert(Result).values(rows)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[Result.work_item_id],
-            set_={
-                c: stmt.excluded[c]
-                for c in (
-                    "label",
-                    "confidence",
-                    "scores",
-                    "output",
-                    "model_name",
-                    "model_tier",
-                    "device",
-                    "latency_ms",
-                    "created_at",
-                )
+        # One statement over arrays (unnest): no per-row parameters to compile,
+        # so a large batch's results are written at bulk speed (bench/producer.py).
+        session.execute(
+            text(
+                """
+                INSERT INTO results (work_item_id, label, confidence, scores, output,
+                                     model_name, model_tier, device, latency_ms)
+                SELECT * FROM unnest(
+                    CAST(:ids AS bigint[]), CAST(:labels AS varchar[]),
+                    CAST(:confidences AS float8[]), CAST(:scores AS jsonb[]),
+                    CAST(:outputs AS jsonb[]), CAST(:models AS varchar[]),
+                    CAST(:tiers AS int[]), CAST(:devices AS varchar[]),
+                    CAST(:latencies AS float8[]))
+                ON CONFLICT (work_item_id) DO UPDATE SET
+                    label = EXCLUDED.label, confidence = EXCLUDED.confidence,
+                    scores = EXCLUDED.scores, output = EXCLUDED.output,
+                    model_name = EXCLUDED.model_name, model_tier = EXCLUDED.model_tier,
+                    device = EXCLUDED.device, latency_ms = EXCLUDED.latency_ms,
+                    created_at = now()
+                """
+            ),
+            {
+                "ids": [r["work_item_id"] for r in rows],
+                "labels": [r["label"] for r in rows],
+                "confidences": [r["confidence"] for r in rows],
+                "scores": [_json(r["scores"]) for r in rows],
+                "outputs": [_json(r["output"]) for r in rows],
+                "models": [r["model_name"] for r in rows],
+                "tiers": [r["model_tier"] for r in rows],
+                "devices": [r["device"] for r in rows],
+                "latencies": [r["latency_ms"] for r in rows],
             },
         )
-        session.execute(stmt)
     return FinishCounts(
         done=len(done_ids), failed=len(failed_ids), skipped=len(outcomes) - len(written)
     )
