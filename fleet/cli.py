@@ -26,6 +26,7 @@ class Ctx:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._ready = False
+        self._app: Any = None
 
     def services(self) -> Settings:
         if not self._ready:
@@ -52,9 +53,17 @@ class Ctx:
         return self.services().db_url()
 
     def app(self) -> Any:
-        from workers.app import create_app
+        """One Celery app per command. Its broker connections are closed at exit
+        (atexit runs this before the embedded Redis' own check, which only stops
+        the server when no client is left connected)."""
+        if self._app is None:
+            import atexit
 
-        return create_app(self.services())
+            from workers.app import create_app
+
+            self._app = create_app(self.services())
+            atexit.register(self._app.pool.force_close_all)
+        return self._app
 
     def tasks(self) -> Any:
         from fleet.taskconfig import ConfigError, load_tasks

