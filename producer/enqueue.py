@@ -67,21 +67,46 @@ def enqueue(
         want = CLAIM_CHUNK if limit is None else min(CLAIM_CHUNK, limit - sent_items)
         # Whole batches per chunk, so a chunk boundary never makes a short batch.
         want = max(batch_size, want - want % batch_size) if want >= batch_size else want
-        with transaction(url) as session:
-            batches = ledger.claim_batches(
-                session,
-                task=spec.name,
-                limit=want,
-                batch_size=batch_size,
-                lease_seconds=lease_seconds,
-            )
+        batches = claim_and_send(
+            url,
+            app,
+            spec,
+            limit=want,
+            batch_size=batch_size,
+            lease_seconds=lease_seconds,
+            progress=progress,
+        )
         if not batches:
             break
+        sent_items += sum(len(b.item_ids) for b in batches)
+        sent_batches += len(batches)
+    return EnqueueReport(spec.name, discovered, sent_items, sent_batches)
+
+
+def claim_and_send(
+    url: str,
+    app: Celery,
+    spec: TaskSpec,
+    *,
+    limit: int,
+    batch_size: int,
+    lease_seconds: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[ledger.ClaimedBatch]:
+    """Claim up to `limit` items (committed as queued first) and send their batches
+    over one pooled broker connection."""
+    with transaction(url) as session:
+        batches = ledger.claim_batches(
+            session,
+            task=spec.name,
+            limit=limit,
+            batch_size=batch_size,
+            lease_seconds=lease_seconds,
+        )
+    if batches:
         with app.producer_or_acquire() as producer:
             for b in batches:
                 send_batch(app, BatchMessage(spec.name, b.batch_id, b.item_ids), producer=producer)
-                sent_items += len(b.item_ids)
-                sent_batches += 1
                 if progress:
                     progress(len(b.item_ids))
-    return EnqueueReport(spec.name, discovered, sent_items, sent_batches)
+    return batches

@@ -16,9 +16,8 @@ from db.engine import transaction
 from db.schema import Run
 from fleet.settings import Settings
 from fleet.taskconfig import TaskSpec
-from producer.enqueue import discover, queue_depth
+from producer.enqueue import claim_and_send, discover, queue_depth
 from producer.reconciler import reconcile
-from workers.messages import BatchMessage, send_batch
 
 
 @dataclass
@@ -36,18 +35,14 @@ def feed(url: str, app: Celery, spec: TaskSpec, settings: Settings) -> int:
     room = settings.max_inflight_batches - queue_depth(app, spec.queue)
     if room <= 0:
         return 0
-    with transaction(url) as session:
-        batches = ledger.claim_batches(
-            session,
-            task=spec.name,
-            limit=room * settings.batch_size,
-            batch_size=settings.batch_size,
-            lease_seconds=settings.lease_seconds,
-        )
-    if batches:
-        with app.producer_or_acquire() as producer:
-            for b in batches:
-                send_batch(app, BatchMessage(spec.name, b.batch_id, b.item_ids), producer=producer)
+    batches = claim_and_send(
+        url,
+        app,
+        spec,
+        limit=room * settings.batch_size,
+        batch_size=settings.batch_size,
+        lease_seconds=settings.lease_seconds,
+    )
     return len(batches)
 
 
