@@ -57,6 +57,29 @@ def _run(
     )
 
 
+def _supervisor(fleet, gpus: str, logs, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """`fleet workers` (the supervisor) pinning one worker per listed GPU index."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleet.cli",
+            "workers",
+            "-t",
+            "intent",
+            "--gpus",
+            gpus,
+            "--log-dir",
+            str(logs),
+        ],
+        env={**fleet.env, **(env or {})},
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def _tiers(url: str) -> dict[int, int]:
     with transaction(url) as s:
         return dict(
@@ -106,25 +129,7 @@ def test_poison_item_ends_dead_and_its_batch_completes(fleet):
         "FLEET_LEASE_SECONDS": "5",
         "FLEET_RESTART_BACKOFF": "0.2",
     }
-    sup = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fleet.cli",
-            "workers",
-            "-t",
-            "intent",
-            "--gpus",
-            "0",
-            "--log-dir",
-            str(fleet.tmp / "logs"),
-        ],
-        env={**fleet.env, **env},
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    sup = _supervisor(fleet, "0", fleet.tmp / "logs", env)
     try:
         run = _run(fleet, timeout=240, env=env)
         out, err = run.communicate(timeout=260)
@@ -143,8 +148,8 @@ def test_poison_item_ends_dead_and_its_batch_completes(fleet):
         ).one()
     assert ext == "c000013" and "isolated as poison" in reason
     assert "exited with 137" in sup_out and "restarting" in sup_out
-    _one_result_each_done = result_count_per_item(fleet.db_url, "intent")
-    assert sum(_one_result_each_done.values()) == 39
+    per_item = result_count_per_item(fleet.db_url, "intent")
+    assert sum(per_item.values()) == 39
 
 
 def test_redis_flushed_mid_run_the_reconciler_finishes_everything(fleet):
@@ -165,25 +170,7 @@ def test_redis_flushed_mid_run_the_reconciler_finishes_everything(fleet):
 def test_two_pinned_workers_share_one_queue(fleet):
     _ingest(fleet, 600)
     logs = fleet.tmp / "logs"
-    sup = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fleet.cli",
-            "workers",
-            "-t",
-            "intent",
-            "--gpus",
-            "0,1",
-            "--log-dir",
-            str(logs),
-        ],
-        env=fleet.env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    sup = _supervisor(fleet, "0,1", logs)
     try:
         deadline = time.monotonic() + 120
         while sum(" ready." in p.read_text() for p in logs.glob("*.log")) < 2:
@@ -201,5 +188,6 @@ def test_two_pinned_workers_share_one_queue(fleet):
         workers = dict(s.execute(text("SELECT worker, count(*) FROM work_items GROUP BY 1")).all())
     assert {w.split(".")[0] for w in workers} == {"intent@gpu0", "intent@gpu1"}
     assert min(workers.values()) > 50  # both really worked
-    for p in ("intent-gpu0.log", "intent-gpu1.log"):
-        assert "CUDA_VISIBLE_DEVICES" not in (logs / p).read_text() or True
+    for gpu in (0, 1):  # each pinned worker logged under its own name
+        log = (logs / f"intent-gpu{gpu}.log").read_text()
+        assert f"intent@gpu{gpu}." in log and " ready." in log
