@@ -110,6 +110,30 @@ class Settings(BaseSettings):
         description="Testing aid: the worker process dies (os._exit) when a batch holds an item "
         "whose conversation external_id is listed here (comma separated).",
     )
+    # -- operations: schedule, Flower, metrics ----------------------------------
+    nightly_crontab: str = Field(
+        default="0 2 * * *",
+        description="When `fleet beat` runs the nightly discover + enqueue of every task "
+        "(crontab: minute hour day-of-month month day-of-week).",
+    )
+    timezone: str = Field(default="UTC", description="Time zone of nightly_crontab.")
+    beat_reconcile_seconds: float = Field(
+        default=300.0, gt=0, description="Seconds between reconciler passes under `fleet beat`."
+    )
+    flower_address: str = Field(default="127.0.0.1", description="`fleet flower` listens here.")
+    flower_port: int = Field(default=5555, ge=1, le=65535, description="`fleet flower` port.")
+    flower_user: str = Field(default="fleet", description="Flower basic-auth user name.")
+    flower_password: SecretStr | None = Field(
+        default=None,
+        description="Flower basic-auth password. Unset: `fleet flower` generates one and keeps "
+        "it in state_dir/flower-password (mode 0600).",
+    )
+    metrics_address: str = Field(
+        default="127.0.0.1", description="`fleet metrics` (Prometheus exporter) listens here."
+    )
+    metrics_port: int = Field(
+        default=9808, ge=1, le=65535, description="`fleet metrics` (Prometheus exporter) port."
+    )
     log_level: str = Field(default="INFO", description="Logging level.")
     log_json: bool = Field(default=False, description="Log one JSON object per line.")
 

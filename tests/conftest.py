@@ -26,7 +26,22 @@ def db_url() -> Iterator[str]:
         drop_database(name)
 
 
-_redis_db = iter(range(1, 16))
+def _lock_redis_db() -> tuple[int, object]:
+    """A Redis database index no other test process on this machine is using:
+    each index is held by an exclusive file lock, so concurrent pytest runs
+    never flush each other's queues."""
+    import fcntl
+    import tempfile
+
+    for index in range(1, 16):
+        f = open(Path(tempfile.gettempdir()) / f"fleet-test-redis-db-{index}.lock", "w")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            continue
+        return index, f
+    raise RuntimeError("all Redis test databases 1..15 are in use by other test runs")
 
 
 @pytest.fixture
@@ -34,12 +49,16 @@ def broker_url() -> Iterator[str]:
     """A Redis database (index) of its own on the real Redis, flushed before and after."""
     import redis
 
-    url = f"{REDIS_BASE}/{next(_redis_db, 15)}"
+    index, lock = _lock_redis_db()
+    url = f"{REDIS_BASE}/{index}"
     client = redis.Redis.from_url(url)
     client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
+        lock.close()  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")
