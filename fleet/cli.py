@@ -726,5 +726,36 @@ def demo(ctx: Ctx, conversations: Path | None, timeout: float) -> None:
     sys.exit(run_demo(ctx, conversations=conversations, timeout=timeout))
 
 
+@main.command()
+@click.option("--run", "run_id", type=click.IntRange(min=1), help="Report on this run (its id).")
+@click.option("--since", help="Window start: 2026-01-05, 2026-01-05T22:00, today, or 24h / 7d ago.")
+@click.option("--until", help="Window end (with --since; default now).")
+@click.option("--task", "-t", "task_names", multiple=True, help="Only this task; repeat.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@pass_ctx
+def report(
+    ctx: Ctx,
+    run_id: int | None,
+    since: str | None,
+    until: str | None,
+    task_names: tuple[str, ...],
+    out: Path,
+) -> None:
+    """Write one self-contained HTML page: throughput, labels, tiers, failures, summary."""
+    from fleet.htmlreport import ReportError, fmt_duration, write_report
+
+    try:
+        data = write_report(
+            ctx.url(), out, run_id=run_id, since=since, until=until, tasks=task_names
+        )
+    except ReportError as e:
+        fail(str(e), EXIT_CONFIG)
+    t = data.total
+    click.echo(
+        f"wrote {out}: {t.items} items (done {t.done}, failed {t.failed}, dead {t.dead}) "
+        f"over {fmt_duration(data.duration_s)}"
+    )
+
+
 if __name__ == "__main__":
     main()

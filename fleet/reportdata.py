@@ -1,0 +1,448 @@
+"""What `fleet report` shows, read from the ledger for a run or a time window.
+
+An item counts in the window when it reached done, failed or dead
+(`work_items.updated_at`) inside it; a `--run` window is the `runs` row's
+started_at..finished_at (now, while it has none). Every query here is one
+grouped statement over that window, so a report over millions of items reads
+counts, never rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from fleet.charts import time_step
+
+MAX_BINS = 60
+
+
+class ReportError(ValueError):
+    """Bad options or nothing to report; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class Window:
+    start: dt.datetime
+    end: dt.datetime
+    tasks: tuple[str, ...] = ()  # empty: every task
+    run_id: int | None = None
+    trigger: str | None = None
+    open_run: bool = False  # the run has no finished_at: still going, or stopped uncleanly
+    timed_out: bool = False
+
+
+@dataclass
+class TaskRow:
+    task: str
+    done: int = 0
+    failed: int = 0
+    dead: int = 0
+    first: dt.datetime | None = None
+    last: dt.datetime | None = None
+    latency_p50_ms: float | None = None
+
+    @property
+    def items(self) -> int:
+        return self.done + self.failed + self.dead
+
+
+@dataclass(frozen=True)
+class TierUse:
+    task: str
+    tier: int
+    model: str
+    done: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class FailureGroup:
+    task: str
+    reason: str
+    failed: int
+    dead: int
+    example: str
+
+
+@dataclass(frozen=True)
+class RunRef:
+    id: int
+    trigger: str
+    tasks: str
+    started_at: dt.datetime
+    finished_at: dt.datetime | None
+
+
+@dataclass
+class ReportData:
+    window: Window
+    rows: list[TaskRow]
+    axis: tuple[dt.datetime, dt.datetime]
+    bin_seconds: int
+    throughput: dict[str, list[int]]  # items finished per bin, per task
+    labels: dict[str, list[tuple[str | None, int]]]
+    tiers: list[TierUse]
+    failures: list[FailureGroup]
+    runs: list[RunRef]
+    generated_at: dt.datetime = field(default_factory=lambda: dt.datetime.now().astimezone())
+    database: str = ""
+
+    @property
+    def total(self) -> TaskRow:
+        t = TaskRow("all tasks")
+        for r in self.rows:
+            t.done, t.failed, t.dead = t.done + r.done, t.failed + r.failed, t.dead + r.dead
+        firsts = [r.first for r in self.rows if r.first]
+        lasts = [r.last for r in self.rows if r.last]
+        t.first, t.last = (min(firsts), max(lasts)) if firsts and lasts else (None, None)
+        return t
+
+    @property
+    def duration_s(self) -> float:
+        """The run's length; for a date window, first to last finish."""
+        if self.window.run_id is not None:
+            return (self.window.end - self.window.start).total_seconds()
+        t = self.total
+        return (t.last - t.first).total_seconds() if t.first and t.last else 0.0
+
+    @property
+    def items_per_s(self) -> float | None:
+        return self.total.items / self.duration_s if self.duration_s > 0 else None
+
+    @property
+    def trigger_text(self) -> str:
+        if self.window.trigger is not None:
+            return self.window.trigger
+        if not self.runs:
+            return "no run recorded"
+        by: dict[str, list[int]] = {}
+        for r in self.runs:
+            by.setdefault(r.trigger, []).append(r.id)
+        return ", ".join(
+            f"{t} (run{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))})"
+            for t, ids in by.items()
+        )
+
+
+# -- reading options ------------------------------------------------------------
+
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)\s*$", re.IGNORECASE)
+_AGE_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_when(value: str, *, now: dt.datetime, option: str = "--since") -> dt.datetime:
+    """An ISO date or time (naive: local time), today/yesterday, or an age (90m, 24h, 7d)."""
+    v = value.strip()
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if v.lower() == "today":
+        return midnight
+    if v.lower() == "yesterday":
+        return midnight - dt.timedelta(days=1)
+    if v.lower() == "now":
+        return now
+    m = _AGE.match(v)
+    if m:
+        return now - dt.timedelta(seconds=float(m.group(1)) * _AGE_UNITS[m.group(2).lower()])
+    try:
+        when = dt.datetime.fromisoformat(v)
+    except ValueError:
+        raise ReportError(
+            f"cannot read {option} {value!r}: give an ISO date or time (2026-01-05, "
+            "2026-01-05T22:00, optionally with +01:00), today, yesterday, or an age "
+            "such as 90m, 24h, 7d"
+        ) from None
+    return when if when.tzinfo is not None else when.astimezone()
+
+
+def fmt_when(t: dt.datetime) -> str:
+    return t.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _runs_hint(session: Session) -> str:
+    rows = session.execute(
+        text("SELECT id, trigger, started_at FROM runs ORDER BY id DESC LIMIT 5")
+    ).all()
+    if not rows:
+        return "no run is recorded yet (`fleet run` records one); use --since DATE instead"
+    latest = "; ".join(f"{i} ({t}, {fmt_when(s)})" for i, t, s in rows)
+    return f"latest runs: {latest}; or use --since DATE"
+
+
+def _since_hint(session: Session, tasks: tuple[str, ...]) -> str:
+    task_sql = "AND task = ANY(CAST(:tasks AS text[]))" if tasks else ""
+    last = session.execute(
+        text(
+            f"SELECT max(updated_at) FROM work_items WHERE status IN ('done', 'failed', 'dead') "
+            f"{task_sql}"
+        ),
+        {"tasks": list(tasks)},
+    ).scalar_one()
+    if last is None:
+        which = ", ".join(tasks) if tasks else "any task"
+        return f"no item of {which} has finished yet: run `fleet run --task T` first"
+    since = (last - dt.timedelta(hours=1)).astimezone().strftime("%Y-%m-%dT%H:%M")
+    return f"the latest item finished at {fmt_when(last)}; try --since {since}"
+
+
+def resolve_window(
+    session: Session,
+    *,
+    run_id: int | None,
+    since: str | None,
+    until: str | None,
+    tasks: tuple[str, ...] = (),
+    now: dt.datetime | None = None,
+) -> Window:
+    now = now or dt.datetime.now().astimezone()
+    if (run_id is None) == (since is None):
+        raise ReportError("give either --run ID or --since DATE (with an optional --until DATE)")
+    if run_id is not None:
+        if until is not None:
+            raise ReportError("--until goes with --since; a --run report covers that run")
+        row = session.execute(
+            text("SELECT trigger, task, started_at, finished_at, counts FROM runs WHERE id = :i"),
+            {"i": run_id},
+        ).first()
+        if row is None:
+            raise ReportError(f"no run with id {run_id}: {_runs_hint(session)}")
+        trigger, run_tasks, started, finished, counts = row
+        ran = tuple(t for t in (run_tasks or "").split(",") if t)
+        if tasks and ran and not set(tasks) <= set(ran):
+            other = ", ".join(sorted(set(tasks) - set(ran)))
+            raise ReportError(
+                f"run {run_id} ran {', '.join(ran)}; --task {other} was not part of it"
+            )
+        return Window(
+            start=started,
+            end=finished or now,
+            tasks=tasks or ran,
+            run_id=run_id,
+            trigger=trigger,
+            open_run=finished is None,
+            timed_out=bool((counts or {}).get("timed_out")),
+        )
+    assert since is not None
+    start = parse_when(since, now=now, option="--since")
+    end = parse_when(until, now=now, option="--until") if until is not None else now
+    if end <= start:
+        raise ReportError(f"--until ({fmt_when(end)}) must be after --since ({fmt_when(start)})")
+    return Window(start=start, end=end, tasks=tasks)
+
+
+# -- reading the ledger -----------------------------------------------------------
+
+
+def _finished_cte(window: Window) -> str:
+    task_sql = "AND w.task = ANY(CAST(:tasks AS text[]))" if window.tasks else ""
+    return f"""
+        WITH fin AS (
+            SELECT w.id, w.task, w.status, w.updated_at, w.last_error
+            FROM work_items w
+            WHERE w.status IN ('done', 'failed', 'dead')
+              AND w.updated_at >= :start AND w.updated_at <= :end {task_sql}
+        )
+    """
+
+
+def _params(window: Window, **extra: Any) -> dict[str, Any]:
+    return {"start": window.start, "end": window.end, "tasks": list(window.tasks), **extra}
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_FILE = re.compile(
+    r"(?<![\w/])(?:[\w.-]+/)*[\w.-]+\.(?:wav|flac|ogg|mp3|m4a|opus|json|jsonl|txt)\b", re.I
+)
+_PATH = re.compile(r"(?<![\w])(?:/[\w.@+-]+){2,}/?")
+_UUID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I)
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?!\w)")
+
+
+def reason_key(error: str | None) -> str:
+    """A failure reason without what differs between items (quoted values, file
+    names, paths, ids, numbers), so errors of one kind group together."""
+    if not error or not error.strip():
+        return "(no reason recorded)"
+    line = error.strip().splitlines()[0]
+    line = _QUOTED.sub("\u2026", line)
+    line = _UUID.sub("<id>", line)
+    line = _PATH.sub("<path>", line)
+    line = _FILE.sub("<file>", line)
+    line = _NUMBER.sub("N", line)
+    line = re.sub(r"\s+", " ", line).strip()
+    return line if len(line) <= 160 else line[:159] + "\u2026"
+
+
+def _read_rows(session: Session, window: Window) -> list[TaskRow]:
+    rows: dict[str, TaskRow] = {}
+    for task, status, n, first, last in session.execute(
+        text(
+            _finished_cte(window)
+            + "SELECT task, status, count(*), min(updated_at), max(updated_at) "
+            "FROM fin GROUP BY 1, 2 ORDER BY 1, 2"
+        ),
+        _params(window),
+    ):
+        r = rows.setdefault(task, TaskRow(task))
+        setattr(r, status, n)
+        r.first = first if r.first is None else min(r.first, first)
+        r.last = last if r.last is None else max(r.last, last)
+    for task, p50 in session.execute(
+        text(
+            _finished_cte(window)
+            + "SELECT fin.task, percentile_cont(0.5) WITHIN GROUP (ORDER BY r.latency_ms) "
+            "FROM fin JOIN results r ON r.work_item_id = fin.id "
+            "WHERE fin.status = 'done' GROUP BY 1"
+        ),
+        _params(window),
+    ):
+        if task in rows and p50 is not None:
+            rows[task].latency_p50_ms = float(p50)
+    return sorted(rows.values(), key=lambda r: (-r.items, r.task))
+
+
+def _axis(window: Window, rows: list[TaskRow]) -> tuple[dt.datetime, dt.datetime, int, int]:
+    """(start, end, bin seconds, bins): the run's window, or first to last finish.
+    Bins are whole, so every point is a rate over the same length of time."""
+    if window.run_id is not None:
+        start, end = window.start, window.end
+    else:
+        start = min(r.first for r in rows if r.first)
+        end = max(r.last for r in rows if r.last)
+    span = max((end - start).total_seconds(), 1.0)
+    width = time_step(span, MAX_BINS)
+    bins = max(math.ceil(span / width), 1)
+    if window.run_id is None and bins * width <= span:
+        bins += 1  # the last finish sits exactly on a bin edge
+    return start, start + dt.timedelta(seconds=bins * width), width, bins
+
+
+def _read_throughput(
+    session: Session, window: Window, rows: list[TaskRow], start: dt.datetime, width: int, bins: int
+) -> dict[str, list[int]]:
+    out = {r.task: [0] * bins for r in rows}
+    for task, k, n in session.execute(
+        text(
+            _finished_cte(window)
+            + "SELECT task, floor(extract(epoch FROM updated_at - CAST(:x0 AS timestamptz)) "
+            "/ :w)::bigint, count(*) FROM fin GROUP BY 1, 2"
+        ),
+        _params(window, x0=start, w=width),
+    ):
+        out[task][min(max(int(k), 0), bins - 1)] += n
+    return out
+
+
+def _read_labels(session: Session, window: Window) -> dict[str, list[tuple[str | None, int]]]:
+    out: dict[str, list[tuple[str | None, int]]] = {}
+    for task, label, n in session.execute(
+        text(
+            _finished_cte(window) + "SELECT fin.task, r.label, count(*) FROM fin "
+            "JOIN results r ON r.work_item_id = fin.id WHERE fin.status = 'done' "
+            "GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2"
+        ),
+        _params(window),
+    ):
+        out.setdefault(task, []).append((label, n))
+    return out
+
+
+def _read_tiers(session: Session, window: Window) -> list[TierUse]:
+    got: dict[tuple[str, int, str], dict[str, int]] = {}
+    for task, tier, model, status, n in session.execute(
+        text(
+            _finished_cte(window)
+            + "SELECT fin.task, r.model_tier, r.model_name, fin.status, count(*) FROM fin "
+            "JOIN results r ON r.work_item_id = fin.id GROUP BY 1, 2, 3, 4"
+        ),
+        _params(window),
+    ):
+        got.setdefault((task, tier, model), {})[status] = n
+    return [
+        TierUse(task, tier, model, c.get("done", 0), c.get("failed", 0) + c.get("dead", 0))
+        for (task, tier, model), c in sorted(got.items())
+    ]
+
+
+def _read_failures(session: Session, window: Window) -> list[FailureGroup]:
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for task, status, error, n in session.execute(
+        text(
+            _finished_cte(window)
+            + "SELECT task, status, left(last_error, 1000), count(*) FROM fin "
+            "WHERE status IN ('failed', 'dead') GROUP BY 1, 2, 3"
+        ),
+        _params(window),
+    ):
+        g = groups.setdefault(
+            (task, reason_key(error)), {"failed": 0, "dead": 0, "example": error or ""}
+        )
+        g[status] += n
+    out = [
+        FailureGroup(task, reason, g["failed"], g["dead"], g["example"])
+        for (task, reason), g in groups.items()
+    ]
+    return sorted(out, key=lambda f: (-(f.failed + f.dead), f.task, f.reason))
+
+
+def _read_runs(session: Session, window: Window) -> list[RunRef]:
+    rows = session.execute(
+        text(
+            "SELECT id, trigger, coalesce(task, ''), started_at, finished_at FROM runs "
+            "WHERE started_at <= :end AND coalesce(finished_at, now()) >= :start ORDER BY id"
+        ),
+        _params(window),
+    ).all()
+    return [RunRef(*r) for r in rows]
+
+
+def collect(session: Session, window: Window) -> ReportData:
+    """Everything the page shows; ReportError when nothing finished in the window."""
+    rows = _read_rows(session, window)
+    if not rows:
+        tasks = f" for {', '.join(window.tasks)}" if window.tasks else ""
+        what = (
+            f"run {window.run_id} ({window.trigger}) finished no items{tasks}"
+            if window.run_id is not None
+            else f"no results{tasks}"
+        )
+        raise ReportError(
+            f"{what} between {fmt_when(window.start)} and {fmt_when(window.end)}; "
+            f"{_since_hint(session, window.tasks)}"
+        )
+    start, end, width, bins = _axis(window, rows)
+    return ReportData(
+        window=window,
+        rows=rows,
+        axis=(start, end),
+        bin_seconds=width,
+        throughput=_read_throughput(session, window, rows, start, width, bins),
+        labels=_read_labels(session, window),
+        tiers=_read_tiers(session, window),
+        failures=_read_failures(session, window),
+        runs=_read_runs(session, window),
+    )
+
+
+def read_report(
+    url: str,
+    *,
+    run_id: int | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    tasks: tuple[str, ...] = (),
+) -> ReportData:
+    from db.engine import transaction
+
+    with transaction(url) as session:
+        window = resolve_window(session, run_id=run_id, since=since, until=until, tasks=tasks)
+        data = collect(session, window)
+    data.database = make_url(url).database or ""
+    return data
