@@ -757,5 +757,54 @@ def report(
     )
 
 
+@main.command()
+@click.option("--task", "-t", "task_name", help="Only this task.")
+@json_option
+@pass_ctx
+def status(ctx: Ctx, task_name: str | None, as_json: bool) -> None:
+    """Per task: items by status, items/s, ETA, queue length; live workers; the latest run."""
+    from fleet.statusview import show_status
+
+    if task_name:
+        ctx.task(task_name)
+    sys.exit(show_status(ctx.services(), only=task_name, as_json=as_json))
+
+
+@main.command()
+@click.option("--task", "-t", "task_name", help="Only this task.")
+@click.option(
+    "--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True, help="Seconds."
+)
+@click.option("--until-done", is_flag=True, help="Exit 0 once nothing is pending/queued/running.")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Stop after this many seconds.")
+@pass_ctx
+def watch(
+    ctx: Ctx, task_name: str | None, interval: float, until_done: bool, timeout: float | None
+) -> None:
+    """Live progress bars per task and the workers' state, refreshed in place (Ctrl-C stops)."""
+    from fleet.statusview import run_watch
+
+    if task_name:
+        ctx.task(task_name)
+    s = ctx.services()
+    sys.exit(
+        run_watch(s, only=task_name, interval=interval, until_done=until_done, timeout=timeout)
+    )
+
+
+@main.command()
+@click.option("--address", help="Listen address (default FLEET_METRICS_ADDRESS).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), help="Port (default FLEET_METRICS_PORT; 0: any free)."
+)
+@pass_ctx
+def metrics(ctx: Ctx, address: str | None, port: int | None) -> None:
+    """Serve Prometheus metrics: backlog, queue lengths, items/s, per-worker stats."""
+    from fleet.exporter import run_exporter
+
+    s = ctx.services()
+    sys.exit(run_exporter(s, address=address, port=port, echo=lambda m: click.echo(m, err=True)))
+
+
 if __name__ == "__main__":
     main()

@@ -72,6 +72,7 @@ class BatchStats:
     sub_batches: int = 0
     ooms: int = 0
     downshifts: int = 0
+    step_ups: int = 0
     budget_start: int = 0
     budget_end: int = 0
 
@@ -189,6 +190,7 @@ class ModelRuntime:
                 log.info(
                     "stepping up to tier %d after %d clean batches", target, self.clean_batches
                 )
+                stats.step_ups += 1
                 self._switch(target)
         else:
             self.clean_batches = 0

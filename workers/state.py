@@ -30,6 +30,7 @@ from db.engine import transaction
 from db.sources import load_inputs
 from fleet.settings import Settings
 from fleet.taskconfig import TaskSpec, get_task, load_tasks
+from workers import stats as worker_stats
 from workers.adapters import make_adapter
 from workers.adapters.base import Source
 from workers.messages import BatchMessage, send_batch
@@ -77,6 +78,14 @@ def start_runtime(
     )
     runtime.start()
     _state = WorkerState(settings, spec, tasks, runtime, hostname, app)
+    if settings.broker_url is not None:  # live stats for `fleet status` / `fleet metrics`
+        worker_stats.start(
+            settings.redis_url(),
+            worker=hostname,
+            task=spec.name,
+            device=runtime.device,
+            placement=lambda: (runtime.tier, runtime.model_name),
+        )
     return _state
 
 
@@ -113,6 +122,7 @@ def _restart_on(st: WorkerState, exc: MemoryNotReleased) -> None:
 def stop_runtime() -> None:
     global _state
     if _state is not None:
+        worker_stats.stop()
         _state.runtime.stop()
         _state = None
 
@@ -171,6 +181,7 @@ def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
         )
     if not started:
         log.info("batch %s: nothing leased to it any more (stale or redelivered)", msg.batch_id)
+        worker_stats.count_message("stale")
         return {"batch": msg.batch_id, "skipped": len(msg.item_ids)}
 
     ids = [i.item_id for i in started]
@@ -193,6 +204,7 @@ def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
             msg.batch_id,
             [len(p.item_ids) for p in parts],
         )
+        worker_stats.count_message("split")
         return {"batch": msg.batch_id, "split": [p.batch_id for p in parts]}
     if plan.action is PoisonAction.DEAD:
         reason = (
@@ -202,6 +214,7 @@ def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
         with transaction(url) as session:
             ledger.mark_dead(session, batch_id=msg.batch_id, item_ids=ids, reason=reason)
         log.error("batch %s: item %s is poison, marked dead", msg.batch_id, ids)
+        worker_stats.count_message("poison", dead=len(ids))
         return {"batch": msg.batch_id, "dead": ids}
 
     with transaction(url) as session:
@@ -252,6 +265,9 @@ def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
         "attempt": msg.attempt,
     }
     log.info("batch %s", json.dumps(line))
+    worker_stats.batch_finished(
+        time.perf_counter() - started_at, done=counts.done, failed=counts.failed, run=stats
+    )
     return {k: line[k] for k in ("items", "done", "failed", "skipped", "tier", "ooms")}
 
 

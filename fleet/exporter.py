@@ -1,0 +1,324 @@
+"""`fleet metrics`: a Prometheus exporter for what Flower does not show.
+
+Every scrape reads the fleet's state once (`fleet.status.collect`, the same
+read `fleet status` prints) and turns it into metric families: the backlog by
+task and status and each queue's length (what an autoscaler such as KEDA's
+Prometheus scaler needs), throughput and ETA, and each live worker's counters,
+batch-seconds histogram, model tier and GPU memory (published by the workers
+to Redis, see `workers.stats`). Nothing is cached between scrapes; an
+unreadable Postgres or Redis shows as `fleet_exporter_up{source=...} 0` rather
+than a failed scrape.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+from fleet.status import FleetStatus, collect
+from workers.stats import BATCH_BUCKETS, OUTCOMES, WorkerStats, redis_client
+
+log = logging.getLogger("fleet.exporter")
+
+SOURCES = ("database", "broker")
+
+
+class ListenError(RuntimeError):
+    pass
+
+
+WORKER_LABELS = ["worker", "task"]
+
+
+def _worker_counters(workers: Sequence[WorkerStats]) -> list[Metric]:
+    items = CounterMetricFamily(
+        "fleet_worker_items",
+        "Items a worker finished, by outcome (done, failed, dead).",
+        labels=[*WORKER_LABELS, "outcome"],
+    )
+    messages = CounterMetricFamily(
+        "fleet_worker_messages",
+        "Batch messages a worker took, by outcome: processed (ran through the model), stale "
+        "(nothing left leased to it), split (poison isolation), poison (marked dead).",
+        labels=[*WORKER_LABELS, "outcome"],
+    )
+    simple: list[tuple[CounterMetricFamily, Callable[[WorkerStats], int]]] = [
+        (
+            CounterMetricFamily(
+                "fleet_worker_ooms", "Out-of-memory errors caught.", labels=WORKER_LABELS
+            ),
+            lambda w: w.ooms,
+        ),
+        (
+            CounterMetricFamily(
+                "fleet_worker_downshifts",
+                "Steps down the model ladder after an OOM.",
+                labels=WORKER_LABELS,
+            ),
+            lambda w: w.downshifts,
+        ),
+        (
+            CounterMetricFamily(
+                "fleet_worker_step_ups",
+                "Steps back up the ladder after clean batches.",
+                labels=WORKER_LABELS,
+            ),
+            lambda w: w.step_ups,
+        ),
+    ]
+    for w in workers:
+        labels = [w.worker, w.task]
+        items.add_metric([*labels, "done"], w.items_done)
+        items.add_metric([*labels, "failed"], w.items_failed)
+        items.add_metric([*labels, "dead"], w.items_dead)
+        for outcome in sorted({*OUTCOMES, *w.messages}):
+            messages.add_metric([*labels, outcome], w.messages.get(outcome, 0))
+        for family, value in simple:
+            family.add_metric(labels, value(w))
+    return [items, messages, *(f for f, _ in simple)]
+
+
+def _worker_gauges(st: FleetStatus) -> list[Metric]:
+    hist = HistogramMetricFamily(
+        "fleet_worker_batch_seconds",
+        "Seconds per batch in the worker, from start_batch to committed results.",
+        labels=WORKER_LABELS,
+    )
+    tier = GaugeMetricFamily(
+        "fleet_worker_tier",
+        "Model ladder tier the worker holds now (0 = largest).",
+        labels=WORKER_LABELS,
+    )
+    info = GaugeMetricFamily(
+        "fleet_worker_info",
+        "Always 1; labels name the worker's model, GPU and device.",
+        labels=[*WORKER_LABELS, "model", "gpu", "device", "device_name"],
+    )
+    allocated = GaugeMetricFamily(
+        "fleet_worker_gpu_memory_allocated_bytes",
+        "GPU memory held by tensors (torch.cuda.memory_allocated); 0 on CPU.",
+        labels=WORKER_LABELS,
+    )
+    reserved = GaugeMetricFamily(
+        "fleet_worker_gpu_memory_reserved_bytes",
+        "GPU memory reserved by the caching allocator; 0 on CPU.",
+        labels=WORKER_LABELS,
+    )
+    total = GaugeMetricFamily(
+        "fleet_worker_gpu_memory_total_bytes", "The GPU's memory; 0 on CPU.", labels=WORKER_LABELS
+    )
+    seen = GaugeMetricFamily(
+        "fleet_worker_last_seen_seconds",
+        "Seconds since the worker last published its stats (batch or heartbeat).",
+        labels=WORKER_LABELS,
+    )
+    for w in st.workers:
+        labels = [w.worker, w.task]
+        buckets = [
+            *(
+                (floatToGoString(bound), n)
+                for bound, n in zip(BATCH_BUCKETS, w.batch_seconds_buckets[:-1], strict=True)
+            ),
+            ("+Inf", w.batch_seconds_buckets[-1]),
+        ]
+        hist.add_metric(labels, buckets, w.batch_seconds_sum)
+        tier.add_metric(labels, w.tier)
+        info.add_metric([*labels, w.model, w.gpu, w.device, w.device_name], 1)
+        allocated.add_metric(labels, w.gpu_memory_allocated)
+        reserved.add_metric(labels, w.gpu_memory_reserved)
+        total.add_metric(labels, w.gpu_memory_total)
+        seen.add_metric(labels, st.last_seen(w))
+    return [hist, tier, info, allocated, reserved, total, seen]
+
+
+def _task_gauges(st: FleetStatus) -> list[Metric]:
+    backlog = GaugeMetricFamily(
+        "fleet_backlog_items",
+        "Work items in the ledger by task and status.",
+        labels=["task", "status"],
+    )
+    remaining = GaugeMetricFamily(
+        "fleet_remaining_items",
+        "Work items not finished yet (pending + queued + running).",
+        labels=["task"],
+    )
+    queue = GaugeMetricFamily(
+        "fleet_queue_length",
+        "Batch messages waiting in the task's Redis queue (all priorities).",
+        labels=["task", "queue"],
+    )
+    rate = GaugeMetricFamily(
+        "fleet_items_per_second",
+        f"Results written per second over the last {st.window_seconds:g} s.",
+        labels=["task"],
+    )
+    eta = GaugeMetricFamily(
+        "fleet_eta_seconds",
+        "Remaining items / items per second (absent while nothing is finishing).",
+        labels=["task"],
+    )
+    workers = GaugeMetricFamily("fleet_workers", "Live workers serving the task.", labels=["task"])
+    for name, t in st.tasks.items():
+        if "database" not in st.errors:
+            for status, n in t.counts.items():
+                backlog.add_metric([name, status], n)
+            remaining.add_metric([name], t.remaining)
+        if t.queue_length is not None:
+            queue.add_metric([name, f"fleet.{name}"], t.queue_length)
+        if t.items_per_second is not None:
+            rate.add_metric([name], t.items_per_second)
+        if t.eta_seconds is not None:
+            eta.add_metric([name], t.eta_seconds)
+        if "broker" not in st.errors:
+            workers.add_metric([name], t.workers)
+    return [backlog, remaining, queue, rate, eta, workers]
+
+
+def _run_gauges(st: FleetStatus) -> list[Metric]:
+    started = GaugeMetricFamily(
+        "fleet_last_run_started_timestamp_seconds",
+        "When the newest run (fleet run / nightly) started.",
+        labels=["trigger"],
+    )
+    finished = GaugeMetricFamily(
+        "fleet_last_run_finished_timestamp_seconds",
+        "When the newest run finished (absent while it is still going).",
+        labels=["trigger"],
+    )
+    unacked = GaugeMetricFamily(
+        "fleet_broker_unacked_messages",
+        "Messages delivered to a worker and not acknowledged yet (batches running).",
+    )
+    run = st.latest_run
+    if run is not None:
+        started.add_metric([run.trigger], run.started_at.timestamp())
+        if run.finished_at is not None:
+            finished.add_metric([run.trigger], run.finished_at.timestamp())
+    if st.unacked is not None:
+        unacked.add_metric([], st.unacked)
+    return [started, finished, unacked]
+
+
+def metric_families(st: FleetStatus) -> list[Metric]:
+    """Every `fleet_*` metric family for one status read."""
+    up = GaugeMetricFamily(
+        "fleet_exporter_up",
+        "1 if the source (database, broker) could be read on this scrape.",
+        labels=["source"],
+    )
+    for source in SOURCES:
+        up.add_metric([source], 0 if source in st.errors else 1)
+    return [
+        up,
+        *_task_gauges(st),
+        *_run_gauges(st),
+        *_worker_counters(st.workers),
+        *_worker_gauges(st),
+    ]
+
+
+class FleetCollector(Collector):
+    """Reads the fleet on every scrape."""
+
+    def __init__(
+        self, db_url: str, broker_url: str, *, tasks: Sequence[str], window: float
+    ) -> None:
+        self.db_url = db_url
+        self.broker_url = broker_url
+        self.client = redis_client(broker_url)
+        self.tasks = list(tasks)
+        self.window = window
+
+    def collect(self) -> Iterable[Metric]:
+        started = time.perf_counter()
+        st = collect(
+            self.db_url,
+            self.client,
+            tasks=self.tasks,
+            window=self.window,
+            broker_url=self.broker_url,
+        )
+        for source, error in st.errors.items():
+            log.warning("scrape: %s unreadable: %s", source, error)
+        yield from metric_families(st)
+        duration = GaugeMetricFamily(
+            "fleet_exporter_scrape_seconds", "Seconds this scrape spent reading the fleet."
+        )
+        duration.add_metric([], time.perf_counter() - started)
+        yield duration
+
+
+def serve(
+    db_url: str,
+    broker_url: str,
+    *,
+    address: str,
+    port: int,
+    tasks: Sequence[str],
+    window: float,
+    ready: Callable[[str], Any] | None = None,
+) -> None:
+    """Serve /metrics until SIGTERM or Ctrl-C."""
+    from prometheus_client import start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(db_url, broker_url, tasks=tasks, window=window))
+    try:
+        server, thread = start_http_server(port, addr=address, registry=registry)
+    except OSError as e:
+        raise ListenError(
+            f"cannot listen on {address}:{port} ({e.strerror or e}): choose another with "
+            "--port / FLEET_METRICS_PORT, or --address / FLEET_METRICS_ADDRESS"
+        ) from e
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    host = f"[{address}]" if ":" in address else address
+    if ready is not None:
+        ready(f"serving Prometheus metrics on http://{host}:{server.server_port}/metrics")
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def run_exporter(
+    settings: Any, *, address: str | None, port: int | None, echo: Callable[[str], Any]
+) -> int:
+    """`fleet metrics`: serve until stopped. Returns the exit code."""
+    from fleet.status import RATE_WINDOW_S, configured_tasks
+
+    address = address or settings.metrics_address
+    port = settings.metrics_port if port is None else port
+    try:
+        serve(
+            settings.db_url(),
+            settings.redis_url(),
+            address=address,
+            port=port,
+            tasks=configured_tasks(settings.config_file),
+            window=RATE_WINDOW_S,
+            ready=echo,
+        )
+    except ListenError as e:
+        echo(str(e))
+        return 2
+    return 0
