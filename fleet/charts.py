@@ -52,11 +52,14 @@ def nice_step(span: float, target: int) -> float:
     return 10 * mag
 
 
-def value_ticks(vmax: float, target: int = 5) -> list[float]:
-    """Ticks from 0 up to the first tick at or above `vmax` (at least one interval)."""
-    step = nice_step(vmax if vmax > 0 else 1.0, target)
+def value_ticks(vmax: float, target: int = 5, *, whole: bool = False) -> list[float]:
+    """Ticks from 0 up to the first tick at or above `vmax` (at least one interval);
+    `whole` keeps steps of counts at 1 or more."""
     if vmax <= 0:
-        return [0.0, step]
+        return [0.0, 1.0]
+    step = nice_step(vmax, target)
+    if whole:
+        step = max(step, 1.0)
     n = math.ceil(vmax / step - 1e-9)
     return [i * step for i in range(n + 1)]
 
@@ -235,6 +238,8 @@ class Bar:
     segments: tuple[Segment, ...]
     note: str = ""  # written after the bar's total, e.g. a share
     hover: str = ""
+    tag: str = ""  # written bold before the label, in tag_colour (e.g. the task)
+    tag_colour: str = INK
 
     @property
     def total(self) -> float:
@@ -265,7 +270,7 @@ def bar_chart(
     pw = max(width - left - max_note - 18, 60.0)
     ph = row * len(bars)
     height = top + ph + 44
-    ticks = value_ticks(max((b.total for b in bars), default=0.0), target=4)
+    ticks = value_ticks(max((b.total for b in bars), default=0.0), target=4, whole=True)
     vmax = ticks[-1]
 
     def px(v: float) -> float:
@@ -287,7 +292,14 @@ def bar_chart(
     for i, b in enumerate(bars):
         y0 = top + i * row
         by = y0 + (row - bar_h) / 2 + (8 if stacked else 0)
-        if stacked:
+        if stacked and b.tag:
+            room = width - left - 8 - text_width(b.tag + ": ")
+            body.append(
+                f'<text x="{left:.1f}" y="{y0 + 13:.1f}" fill="{INK}">'
+                f'<tspan font-weight="bold" fill="{b.tag_colour}">{escape(b.tag)}:</tspan> '
+                f"{escape(clip(b.label, room))}</text>"
+            )
+        elif stacked:
             body.append(_text(left, y0 + 13, clip(b.label, width - left - 8)))
         else:
             body.append(_text(left - 8, by + bar_h - 3, clip(b.label, lw - 12), anchor="end"))

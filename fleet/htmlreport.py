@@ -158,14 +158,17 @@ def _tier_svg(data: ReportData) -> str:
 def _failure_svg(data: ReportData) -> str:
     many_tasks = len({f.task for f in data.failures}) > 1
     shown = data.failures[:MAX_REASONS]
+    colours = _task_colours(data)
     bars = [
         Bar(
-            f"{f.task}: {f.reason}" if many_tasks else f.reason,
+            f.reason,
             (
                 Segment(f.failed, STATUS_COLOURS["failed"], "failed"),
                 Segment(f.dead, STATUS_COLOURS["dead"], "dead"),
             ),
             hover=f"{f.task}: {f.failed} failed, {f.dead} dead. For example: {f.example}",
+            tag=f.task if many_tasks else "",
+            tag_colour=colours.get(f.task, charts.INK),
         )
         for f in shown
     ]
@@ -194,10 +197,14 @@ def _summary_table(data: ReportData) -> str:
     )
     colours = _task_colours(data)
 
+    w = data.window
+    same_day = w.start.astimezone().date() == w.end.astimezone().date()
+    clock = "%H:%M:%S" if same_day else "%m-%d %H:%M:%S"
+
     def line(r: TaskRow, cls: str, swatch: str) -> str:
         p50 = f"{r.latency_p50_ms:,.0f} ms" if r.latency_p50_ms is not None else "\u2014"
-        first = r.first.astimezone().strftime("%H:%M:%S") if r.first else "\u2014"
-        last = r.last.astimezone().strftime("%H:%M:%S") if r.last else "\u2014"
+        first = r.first.astimezone().strftime(clock) if r.first else "\u2014"
+        last = r.last.astimezone().strftime(clock) if r.last else "\u2014"
         return (
             f'<tr class="{cls}" data-task="{escape(r.task)}"><td>{swatch}{escape(r.task)}</td>'
             f'<td data-k="items">{r.items:,}</td><td data-k="done">{r.done:,}</td>'
@@ -227,7 +234,8 @@ def _cards(data: ReportData) -> str:
         ("items/s", _rate(data.items_per_s)),
     ]
     return "".join(
-        f'<div class="card" data-k="{k}"><div class="k">{k}</div><div class="v">{v}</div></div>'
+        f'<div class="card{" bad" if k in ("failed", "dead") and v != "0" else ""}" '
+        f'data-k="{k}"><div class="k">{k}</div><div class="v">{v}</div></div>'
         for k, v in cards
     )
 
@@ -299,7 +307,7 @@ section { margin-top: 28px; }
 .card { border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px; background: var(--bg); }
 .card .k { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .05em; }
 .card .v { font-size: 24px; font-weight: 700; font-variant-numeric: tabular-nums; }
-.card[data-k=failed] .v { color: #b35a00; } .card[data-k=dead] .v { color: #a3280c; }
+.card.bad[data-k=failed] .v { color: #b35a00; } .card.bad[data-k=dead] .v { color: #a3280c; }
 table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
 table.facts { width: auto; margin-bottom: 6px; }
 table.facts th { text-align: left; color: var(--muted); font-weight: 400; padding: 2px 18px 2px 0; }

@@ -94,6 +94,7 @@ class ReportData:
     runs: list[RunRef]
     generated_at: dt.datetime = field(default_factory=lambda: dt.datetime.now().astimezone())
     database: str = ""
+    latency_p50_ms: float | None = None  # over every task
 
     @property
     def total(self) -> TaskRow:
@@ -103,6 +104,7 @@ class ReportData:
         firsts = [r.first for r in self.rows if r.first]
         lasts = [r.last for r in self.rows if r.last]
         t.first, t.last = (min(firsts), max(lasts)) if firsts and lasts else (None, None)
+        t.latency_p50_ms = self.latency_p50_ms
         return t
 
     @property
@@ -280,8 +282,11 @@ def reason_key(error: str | None) -> str:
     return line if len(line) <= 160 else line[:159] + "\u2026"
 
 
-def _read_rows(session: Session, window: Window) -> list[TaskRow]:
+def _read_rows(session: Session, window: Window) -> tuple[list[TaskRow], float | None]:
+    """Counts per task and status, first and last finish, median latency; and the
+    median latency over every task."""
     rows: dict[str, TaskRow] = {}
+    overall: float | None = None
     for task, status, n, first, last in session.execute(
         text(
             _finished_cte(window)
@@ -299,13 +304,15 @@ def _read_rows(session: Session, window: Window) -> list[TaskRow]:
             _finished_cte(window)
             + "SELECT fin.task, percentile_cont(0.5) WITHIN GROUP (ORDER BY r.latency_ms) "
             "FROM fin JOIN results r ON r.work_item_id = fin.id "
-            "WHERE fin.status = 'done' GROUP BY 1"
+            "WHERE fin.status = 'done' GROUP BY GROUPING SETS ((fin.task), ())"
         ),
         _params(window),
     ):
-        if task in rows and p50 is not None:
+        if task is None:  # the grouping set over every task
+            overall = None if p50 is None else float(p50)
+        elif task in rows and p50 is not None:
             rows[task].latency_p50_ms = float(p50)
-    return sorted(rows.values(), key=lambda r: (-r.items, r.task))
+    return sorted(rows.values(), key=lambda r: (-r.items, r.task)), overall
 
 
 def _axis(window: Window, rows: list[TaskRow]) -> tuple[dt.datetime, dt.datetime, int, int]:
@@ -405,7 +412,7 @@ def _read_runs(session: Session, window: Window) -> list[RunRef]:
 
 def collect(session: Session, window: Window) -> ReportData:
     """Everything the page shows; ReportError when nothing finished in the window."""
-    rows = _read_rows(session, window)
+    rows, p50 = _read_rows(session, window)
     if not rows:
         tasks = f" for {', '.join(window.tasks)}" if window.tasks else ""
         what = (
@@ -428,6 +435,7 @@ def collect(session: Session, window: Window) -> ReportData:
         tiers=_read_tiers(session, window),
         failures=_read_failures(session, window),
         runs=_read_runs(session, window),
+        latency_p50_ms=p50,
     )
 
 
@@ -442,6 +450,9 @@ def read_report(
     from db.engine import transaction
 
     with transaction(url) as session:
+        # One snapshot for every query: items finishing meanwhile cannot make the
+        # summary and the charts disagree.
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
         window = resolve_window(session, run_id=run_id, since=since, until=until, tasks=tasks)
         data = collect(session, window)
     data.database = make_url(url).database or ""

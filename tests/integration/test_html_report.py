@@ -168,7 +168,7 @@ class _Cells(HTMLParser):
             self.rows[self._task or ""] = {}
         elif tag == "td" and self._task and a.get("data-k"):
             self._key = a["data-k"]
-        elif tag == "div" and a.get("class") == "card":
+        elif tag == "div" and "card" in (a.get("class") or "").split():
             self._card = a.get("data-k")
         elif tag == "div" and a.get("class") == "v" and self._card:
             self._in_v = True
