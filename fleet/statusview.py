@@ -196,20 +196,24 @@ def watch(
     (KeyboardInterrupt) is the caller's to treat as a normal exit."""
     bars = Bars()
     started = time.monotonic()
-    with Live(console=console, auto_refresh=False, redirect_stderr=False) as live:
-        while True:
-            st = read()
-            bars.update(st)
-            parts: list[RenderableType] = [header(services, st), bars.progress, tasks_table(st)]
-            parts += [workers_table(st), run_line(st)]
-            if st.errors:
-                parts.append(errors_text(st))
-            live.update(Group(*parts), refresh=True)
-            if until_done and st.done:
-                return True
-            if timeout is not None and time.monotonic() - started >= timeout:
-                return False
-            time.sleep(interval)
+    try:
+        with Live(console=console, auto_refresh=False, redirect_stderr=False) as live:
+            while True:
+                st = read()
+                bars.update(st)
+                parts: list[RenderableType] = [header(services, st), bars.progress, tasks_table(st)]
+                parts += [workers_table(st), run_line(st)]
+                if st.errors:
+                    parts.append(errors_text(st))
+                live.update(Group(*parts), refresh=True)
+                if until_done and st.done:
+                    return True
+                if timeout is not None and time.monotonic() - started >= timeout:
+                    return False
+                time.sleep(interval)
+    finally:
+        if not console.is_terminal:  # a file or pipe gets the final view; end its line
+            console.line()
 
 
 # -- the commands' bodies (fleet/cli.py keeps only thin wrappers) ---------------------
