@@ -120,6 +120,12 @@ class Settings(BaseSettings):
     beat_reconcile_seconds: float = Field(
         default=300.0, gt=0, description="Seconds between reconciler passes under `fleet beat`."
     )
+    beat_feed_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds between feed ticks under `fleet beat`: top up the task queues of "
+        "the open nightly run (backpressure) and close the run when its work is finished.",
+    )
     flower_address: str = Field(default="127.0.0.1", description="`fleet flower` listens here.")
     flower_port: int = Field(default=5555, ge=1, le=65535, description="`fleet flower` port.")
     flower_user: str = Field(default="fleet", description="Flower basic-auth user name.")

@@ -18,6 +18,7 @@ from typing import Any
 from celery import Celery, signals
 
 from fleet.settings import Settings
+from workers.control import CONTROL_QUEUE  # also registers the fleet_info inspect command
 
 TASK_NAME = "fleet.run_batch"
 
@@ -74,9 +75,11 @@ def _load_model_at_start(sender: Any = None, **_: Any) -> None:
     The task is named by the worker's queue (`-Q fleet.<task>`), so
     `celery -A workers.app worker -Q fleet.intent` works as `fleet worker` does.
     """
+    queues = list(sender.app.amqp.queues.consume_from or {})
+    if queues == [CONTROL_QUEUE]:
+        return  # `fleet beat`'s control worker: scheduled producer tasks, no model
     from workers.state import start_runtime
 
-    queues = list(sender.app.amqp.queues.consume_from or {})
     tasks = [
         q.removeprefix("fleet.") for q in queues if q.startswith("fleet.") and q != "fleet.default"
     ]
