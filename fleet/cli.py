@@ -806,5 +806,50 @@ def metrics(ctx: Ctx, address: str | None, port: int | None) -> None:
     sys.exit(run_exporter(s, address=address, port=port, echo=lambda m: click.echo(m, err=True)))
 
 
+@main.command()
+@click.option(
+    "--task", "-t", "task_names", multiple=True, help="Only these tasks (default: every one)."
+)
+@click.option("--timeout", type=float, help="Give up after this many seconds (exit 4).")
+@json_option
+@pass_ctx
+def nightly(ctx: Ctx, task_names: tuple[str, ...], timeout: float | None, as_json: bool) -> None:
+    """Run the nightly job once in the foreground (cron, Kubernetes CronJob).
+
+    Discovers and runs every configured task, records a `runs` row (trigger
+    nightly). A nightly run still going elsewhere: says which, exits 0.
+    """
+    from fleet.beat import nightly_command
+
+    nightly_command(ctx, task_names, timeout=timeout, as_json=as_json)
+
+
+@main.command()
+@click.option("--loglevel", default="INFO", show_default=True)
+@pass_ctx
+def beat(ctx: Ctx, loglevel: str) -> None:
+    """Run the schedule: Celery beat plus a control worker on fleet.control (no model).
+
+    Nightly on FLEET_NIGHTLY_CRONTAB (FLEET_TIMEZONE), a feed tick every
+    FLEET_BEAT_FEED_SECONDS, the reconciler every FLEET_BEAT_RECONCILE_SECONDS.
+    """
+    from fleet.beat import beat_command
+
+    sys.exit(beat_command(ctx, loglevel=loglevel))
+
+
+@main.command()
+@click.option("--address", help="Listen address (default FLEET_FLOWER_ADDRESS).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port (default FLEET_FLOWER_PORT).")
+@click.option("--no-auth", is_flag=True, help="Serve without a password (warns).")
+@pass_ctx
+def flower(ctx: Ctx, address: str | None, port: int | None, no_auth: bool) -> None:
+    """Watch the fleet in Flower on its broker, behind basic auth (FLEET_FLOWER_*)."""
+    from fleet.flower import run_flower
+
+    echo = lambda m: click.echo(m, err=True)  # noqa: E731
+    sys.exit(run_flower(ctx, address=address, port=port, no_auth=no_auth, echo=echo))
+
+
 if __name__ == "__main__":
     main()
