@@ -851,5 +851,51 @@ def flower(ctx: Ctx, address: str | None, port: int | None, no_auth: bool) -> No
     sys.exit(run_flower(ctx, address=address, port=port, no_auth=no_auth, echo=echo))
 
 
+@main.group()
+def deploy() -> None:
+    """Generate deployment manifests from the task config (see deploy/README.md)."""
+
+
+@deploy.command("compose")
+@click.option("--gpus", required=True, help="This host's GPU indexes, e.g. 0,1,2,3 (or 'all').")
+@click.option(
+    "--task", "-t", "task_options", multiple=True, help="Task, or TASK=0,1 to pin GPUs; repeat."
+)
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), help="File to write.")
+@pass_ctx
+def deploy_compose(ctx: Ctx, gpus: str, task_options: tuple[str, ...], out: Path | None) -> None:
+    """One worker service per GPU (docker-compose.override.yml); default task: intent."""
+    from fleet.deploy import compose_command
+
+    try:
+        text, plan = compose_command(ctx.tasks(), gpus, task_options)
+    except ValueError as e:  # fleet.deploy.DeployError is one
+        fail(str(e), EXIT_CONFIG)
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    out.write_text(text)
+    click.echo(f"wrote {out}: {len(plan)} worker(s); start them with `docker compose up -d`")
+
+
+@deploy.command("k8s")
+@task_option
+@click.option("--max-replicas", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option(
+    "--list-length",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="KEDA target: batches waiting per worker.",
+)
+@pass_ctx
+def deploy_k8s(ctx: Ctx, task_name: str, max_replicas: int, list_length: int) -> None:
+    """A task's worker Deployment (one GPU per pod) and its KEDA ScaledObject, as YAML."""
+    from fleet.deploy import k8s_command
+
+    spec = ctx.task(task_name)
+    click.echo(k8s_command(spec, max_replicas=max_replicas, list_length=list_length), nl=False)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,369 @@
+"""Deployment manifests generated from the task config, so they cannot drift from it.
+
+`fleet deploy compose` writes the per-GPU worker services of a Docker Compose
+override: one service per GPU, each reserving exactly that GPU and serving one
+task (one resident model per GPU). `fleet deploy k8s` writes a task's worker
+Deployment (one GPU per pod) and the KEDA ScaledObject that scales it on the
+length of the task's Redis list.
+
+The shapes here are the ones in docker-compose.yml and deploy/k8s/;
+tests/unit/test_deploy_manifests.py checks that they agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from fleet.taskconfig import TaskSpec
+
+IMAGE = "gpu-fleet:latest"
+K8S_IMAGE = "gpu-fleet"  # kustomization.yaml sets the registry and tag
+UID = 10001  # the non-root `fleet` user of deploy/Dockerfile
+
+# What every fleet container of docker-compose.yml shares (its `x-fleet` block).
+COMPOSE_BUILD = {"context": ".", "dockerfile": "deploy/Dockerfile"}
+COMPOSE_ENVIRONMENT = {
+    "DATABASE_URL": "postgresql://fleet:${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env}"
+    "@${POSTGRES_HOST:-postgres}:5432/fleet",
+    "BROKER_URL": "redis://:${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}@${REDIS_HOST:-redis}:6379/0",
+    "FLEET_MODELS_DIR": "/models",
+    "FLEET_AUDIO_ROOT": "/audio",
+}
+COMPOSE_WORKER_VOLUMES = ["models:/models:ro", "${AUDIO_DIR:-./audio}:/audio:ro"]
+COMPOSE_WORKER_DEPENDS_ON = {
+    "postgres": {"condition": "service_healthy"},
+    "redis": {"condition": "service_healthy"},
+    "migrate": {"condition": "service_completed_successfully"},
+    "models": {"condition": "service_completed_successfully"},
+}
+# A stopping worker finishes its batch first (warm shutdown); past this it is killed
+# and the batch comes back through the lease (FLEET_LEASE_SECONDS).
+STOP_GRACE = "10m"
+
+
+class DeployError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Assignment:
+    task: str
+    gpu: int  # host GPU index
+
+
+def parse_task_option(value: str) -> tuple[str, list[int] | None]:
+    """'intent' -> ('intent', None); 'intent=0,1' -> ('intent', [0, 1])."""
+    name, sep, gpus = value.partition("=")
+    name = name.strip()
+    if not name:
+        raise DeployError(f"--task takes a task name or TASK=GPU,GPU; got {value!r}")
+    if not sep:
+        return name, None
+    try:
+        indexes = [int(g) for g in gpus.split(",") if g.strip()]
+    except ValueError:
+        raise DeployError(f"--task {value!r}: GPUs must be indexes like 0,1") from None
+    if not indexes or min(indexes) < 0 or len(set(indexes)) != len(indexes):
+        raise DeployError(f"--task {value!r}: needs distinct non-negative GPU indexes")
+    return name, indexes
+
+
+def assign_gpus(gpus: Sequence[int], tasks: Sequence[str]) -> list[Assignment]:
+    """One task per GPU. `tasks` are names or NAME=GPU,GPU; GPUs not named are
+    split among the tasks without GPUs in contiguous blocks, in order."""
+    if not gpus:
+        raise DeployError("--gpus names no GPU")
+    parsed = [parse_task_option(t) for t in tasks] or [("intent", None)]
+    names = [n for n, _ in parsed]
+    if len(set(names)) != len(names):
+        raise DeployError(f"a task is named twice in --task: {', '.join(names)}")
+    owner: dict[int, str] = {}
+    for name, explicit in parsed:
+        for g in explicit or []:
+            if g not in gpus:
+                raise DeployError(f"--task {name}: GPU {g} is not in --gpus {_csv(gpus)}")
+            if g in owner:
+                raise DeployError(
+                    f"GPU {g} is given to both {owner[g]} and {name}: one GPU holds one model"
+                )
+            owner[g] = name
+    free = [g for g in gpus if g not in owner]
+    implicit = [n for n, explicit in parsed if explicit is None]
+    if implicit and len(free) < len(implicit):
+        raise DeployError(
+            f"{len(implicit)} task(s) without GPUs ({', '.join(implicit)}) but only "
+            f"{len(free)} GPU(s) left ({_csv(free) or 'none'}): each GPU holds one model; "
+            "add GPUs or assign them with --task T=0,1"
+        )
+    if free and not implicit:
+        raise DeployError(
+            f"GPU(s) {_csv(free)} have no task: name them in a --task T={_csv(free)} "
+            "or leave them out of --gpus"
+        )
+    start = 0
+    for i, name in enumerate(implicit):
+        size = len(free) // len(implicit) + (1 if i < len(free) % len(implicit) else 0)
+        for g in free[start : start + size]:
+            owner[g] = name
+        start += size
+    return [Assignment(owner[g], g) for g in sorted(owner)]
+
+
+def _csv(values: Sequence[int]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+# -- compose ---------------------------------------------------------------------
+
+
+def compose_worker(task: str, gpu: int | None) -> dict[str, Any]:
+    """One worker service. With a GPU it reserves exactly that host GPU; inside its
+    container that GPU is the only one, index 0, hence `--gpu 0`."""
+    service: dict[str, Any] = {
+        "image": IMAGE,
+        "build": dict(COMPOSE_BUILD),
+        "env_file": ".env",
+        "environment": dict(COMPOSE_ENVIRONMENT),
+        "volumes": list(COMPOSE_WORKER_VOLUMES),
+        "depends_on": {k: dict(v) for k, v in COMPOSE_WORKER_DEPENDS_ON.items()},
+        "restart": "unless-stopped",
+        "stop_grace_period": STOP_GRACE,
+    }
+    if gpu is None:
+        service["command"] = ["worker", "--task", task]
+        return service
+    service["hostname"] = "${NODE_NAME:-fleet}-gpu" + str(gpu)
+    service["command"] = ["worker", "--task", task, "--gpu", "0"]
+    service["deploy"] = {
+        "resources": {
+            "reservations": {
+                "devices": [{"driver": "nvidia", "device_ids": [str(gpu)], "capabilities": ["gpu"]}]
+            }
+        }
+    }
+    return service
+
+
+def compose_override(assignments: Sequence[Assignment]) -> dict[str, Any]:
+    return {
+        "services": {
+            f"worker-{a.task}-gpu{a.gpu}": compose_worker(a.task, a.gpu) for a in assignments
+        }
+    }
+
+
+def compose_header(argv: Sequence[str], assignments: Sequence[Assignment]) -> str:
+    by_task: dict[str, list[int]] = {}
+    for a in assignments:
+        by_task.setdefault(a.task, []).append(a.gpu)
+    plan = "; ".join(f"{t}: GPU {_csv(g)}" for t, g in by_task.items())
+    return (
+        f"# Generated by `fleet deploy compose {' '.join(argv)}`; regenerate rather than edit.\n"
+        f"# One worker per GPU, one model each ({plan}).\n"
+        "# Next to docker-compose.yml as docker-compose.override.yml, `docker compose up -d`\n"
+        "# starts these with the rest. Leave out `--profile gpu`: its worker-gpu0/worker-gpu1\n"
+        "# would put a second worker (and model) on GPUs 0 and 1.\n"
+    )
+
+
+# -- kubernetes -------------------------------------------------------------------
+
+
+def k8s_worker(
+    spec: TaskSpec, *, max_replicas: int = 4, list_length: int = 4
+) -> list[dict[str, Any]]:
+    """A task's worker Deployment (one GPU per pod, one pod per GPU) and its KEDA
+    ScaledObject on the Redis list of the task's queue."""
+    if max_replicas < 1 or list_length < 1:
+        raise DeployError("--max-replicas and --list-length must be at least 1")
+    name = f"fleet-worker-{spec.name.replace('_', '-')}"
+    labels = {
+        "app.kubernetes.io/name": "gpu-fleet",
+        "app.kubernetes.io/component": "worker",
+        "gpu-fleet/task": spec.name,
+    }
+    mounts: list[dict[str, Any]] = [
+        {"name": "models", "mountPath": "/models", "readOnly": True},
+        {"name": "state", "mountPath": "/var/lib/fleet"},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {
+            "name": "models",
+            "persistentVolumeClaim": {"claimName": "fleet-models", "readOnly": True},
+        },
+        {"name": "state", "emptyDir": {}},
+    ]
+    if spec.source == "audio" and spec.input_from is None:
+        mounts.append({"name": "audio", "mountPath": "/audio", "readOnly": True})
+        volumes.append(
+            {
+                "name": "audio",
+                "persistentVolumeClaim": {"claimName": "fleet-audio", "readOnly": True},
+            }
+        )
+    container = {
+        "name": "worker",
+        "image": K8S_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        # The device plugin gives the pod one GPU, which it sees as index 0.
+        "args": ["worker", "--task", spec.name, "--gpu", "0"],
+        "envFrom": [{"configMapRef": {"name": "fleet-config"}}],
+        "env": [_secret_env("DATABASE_URL"), _secret_env("BROKER_URL")],
+        "resources": {
+            "requests": {"cpu": "2", "memory": "8Gi"},
+            "limits": {"memory": "16Gi", "nvidia.com/gpu": 1},
+        },
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": mounts,
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            # No `replicas`: KEDA owns it (0 while the queue is empty).
+            "selector": {"matchLabels": {"app.kubernetes.io/component": "worker", **_task(spec)}},
+            # Replace pods one at a time without a spare GPU.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+            },
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    # Warm shutdown: the batch in hand finishes before the pod goes.
+                    "terminationGracePeriodSeconds": 600,
+                    "securityContext": _pod_security(),
+                    "tolerations": [
+                        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+                    ],
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+    scaled = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "scaleTargetRef": {"name": name},
+            "minReplicaCount": 0,
+            "maxReplicaCount": max_replicas,
+            "pollingInterval": 15,
+            # A worker that has just taken the last batch leaves the list empty while
+            # it runs: wait before scaling to zero so its batch can finish.
+            "cooldownPeriod": 600,
+            "advanced": {
+                "horizontalPodAutoscalerConfig": {
+                    "behavior": {"scaleDown": {"stabilizationWindowSeconds": 600}}
+                }
+            },
+            "triggers": [
+                {
+                    "type": "redis",
+                    "metadata": {
+                        "listName": spec.queue,
+                        "listLength": str(list_length),
+                        "activationListLength": "0",
+                        "databaseIndex": "0",
+                    },
+                    "authenticationRef": {"name": "fleet-redis"},
+                }
+            ],
+        },
+    }
+    return [deployment, scaled]
+
+
+def _task(spec: TaskSpec) -> dict[str, str]:
+    return {"gpu-fleet/task": spec.name}
+
+
+def _secret_env(key: str) -> dict[str, Any]:
+    return {"name": key, "valueFrom": {"secretKeyRef": {"name": "fleet-secrets", "key": key}}}
+
+
+def _pod_security() -> dict[str, Any]:
+    return {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID}
+
+
+def k8s_header(spec: TaskSpec, options: str = "") -> str:
+    return (
+        f"# Generated by `fleet deploy k8s --task {spec.name}{options}`; regenerate rather "
+        "than edit.\n"
+        f"# Workers for task {spec.name} (queue {spec.queue}): one GPU per pod, scaled by KEDA\n"
+        "# on the number of batches waiting in the queue's Redis list.\n"
+    )
+
+
+# -- YAML --------------------------------------------------------------------------
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style, keys in insertion order, lists indented under their key, no
+    anchors (a shared dict is written out at each place)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)
+
+
+def dump_yaml(docs: Sequence[dict[str, Any]], header: str = "") -> str:
+    body = "---\n".join(
+        yaml.dump(d, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+        for d in docs
+    )
+    return header + body
+
+
+# -- commands (the click wrappers in fleet/cli.py call these) -----------------------
+
+
+def host_gpus(spec: str) -> list[int]:
+    """'0,1,3' -> those indexes; 'all' -> every GPU nvidia-smi shows on this machine."""
+    from fleet.supervisor import parse_gpus, visible_gpus
+
+    available = visible_gpus() if spec.strip() == "all" else 0
+    if spec.strip() == "all" and available == 0:
+        raise DeployError(
+            "--gpus all: no GPU is visible here (nvidia-smi); name the target host's GPU "
+            "indexes instead, e.g. --gpus 0,1,2,3"
+        )
+    return parse_gpus(spec, available=available)
+
+
+def compose_command(
+    tasks: dict[str, TaskSpec], gpus_spec: str, task_options: Sequence[str]
+) -> tuple[str, list[Assignment]]:
+    """YAML text of the compose override and the plan it holds."""
+    gpus = host_gpus(gpus_spec)
+    assignments = assign_gpus(gpus, task_options)
+    for name in dict.fromkeys(a.task for a in assignments):
+        if name not in tasks:
+            raise DeployError(
+                f"unknown task {name!r}; configured tasks: {', '.join(sorted(tasks)) or 'none'}"
+            )
+    argv = [f"--gpus {_csv(gpus)}", *(f"--task {t}" for t in task_options)]
+    text = dump_yaml([compose_override(assignments)], compose_header(argv, assignments))
+    return text, assignments
+
+
+def k8s_command(spec: TaskSpec, *, max_replicas: int = 4, list_length: int = 4) -> str:
+    options = "".join(
+        f" --{flag} {value}"
+        for flag, value, default in (
+            ("max-replicas", max_replicas, 4),
+            ("list-length", list_length, 4),
+        )
+        if value != default
+    )
+    docs = k8s_worker(spec, max_replicas=max_replicas, list_length=list_length)
+    return dump_yaml(docs, k8s_header(spec, options))
