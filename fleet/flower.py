@@ -118,5 +118,12 @@ def run_flower(
     host = f"[{address}]" if ":" in address else address
     echo(f"Flower on http://{host}:{port}/ watching {redact(s.redis_url())}")
     sys.stdout.flush()
-    code = app.start(["flower", f"--address={address}", f"--port={port}"])
+    try:
+        code = app.start(["flower", f"--address={address}", f"--port={port}"])
+    except OSError as e:  # the port is taken, or the address is not this host's
+        fail(
+            f"Flower cannot listen on {host}:{port}: {e.strerror or e}. Pick another with "
+            "--port/--address (FLEET_FLOWER_PORT, FLEET_FLOWER_ADDRESS).",
+            EXIT_CONFIG,
+        )
     return int(code or 0)

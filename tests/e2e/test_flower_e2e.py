@@ -83,7 +83,22 @@ def _worker_listed(flower: FlowerProcess, auth: tuple[str, str], name: str) -> b
     return name in json.loads(body)
 
 
-def test_flower_requires_the_password_and_lists_the_worker(fleet):
+def fleet_info(env: dict[str, str], name: str) -> dict:
+    """The `fleet_info` reply of one worker, through the `celery inspect` client."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers.app", "inspect", "fleet_info"]
+        + ["-d", name, "--json", "-t", "10"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])[name]
+
+
+def test_flower_lists_the_worker_behind_the_password_and_fleet_info_names_its_model(fleet):
     worker = fleet.worker(name=WORKER)
     worker.wait_ready()
     name = WORKER.replace("%h", socket.gethostname())
@@ -119,6 +134,15 @@ def test_flower_requires_the_password_and_lists_the_worker(fleet):
         assert f"http://127.0.0.1:{flower.port}/" in log
     finally:
         flower.stop()
+    info = fleet_info(fleet.env, name)
+    assert info["hostname"] == name and info["role"] == "worker"
+    assert info["task"] == "intent" and info["queues"] == ["fleet.intent"]
+    assert info["model"] == "tiny-big" and info["tier"] == 0
+    assert info["ladder"] == ["tiny-big", "tiny-small"]
+    assert info["device"] == "cpu" and info["gpu"] is None
+    assert info["budget_tokens"] == 4096
+    assert info["memory"]["rss_mb"] > 50
+    assert info["pid"] == worker.proc.pid
     # The same password next time: it is kept, not regenerated.
     again = FlowerProcess(fleet.env, fleet.tmp / "flower2.log")
     try:
@@ -159,39 +183,17 @@ def test_flower_password_from_settings_and_the_no_auth_opt_out(fleet):
     assert bad.returncode == 2 and "contain no ','" in bad.stderr
     assert "a,b" not in bad.stderr + bad.stdout
 
-
-def test_fleet_info_inspect_reply_of_a_real_worker(fleet):
-    worker = fleet.worker(name=WORKER)
-    worker.wait_ready()
-    name = WORKER.replace("%h", socket.gethostname())
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers.app",
-            "inspect",
-            "fleet_info",
-            "-d",
-            name,
-            "--json",
-            "-t",
-            "10",
-        ],
-        env=fleet.env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    info = json.loads(proc.stdout.strip().splitlines()[-1])[name]
-    assert info["hostname"] == name and info["role"] == "worker"
-    assert info["task"] == "intent" and info["queues"] == ["fleet.intent"]
-    assert info["model"] == "tiny-big" and info["tier"] == 0
-    assert info["ladder"] == ["tiny-big", "tiny-small"]
-    assert info["device"] == "cpu" and info["gpu"] is None
-    assert info["budget_tokens"] == 4096
-    assert info["memory"]["rss_mb"] > 50
-    assert info["pid"] == worker.proc.pid
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = subprocess.run(
+            [sys.executable, "-m", "fleet.cli", "flower", "--port", str(port)],
+            env=fleet.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert busy.returncode == 2, busy.stderr
+    assert f"Flower cannot listen on 127.0.0.1:{port}: Address already in use" in busy.stderr
