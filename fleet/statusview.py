@@ -275,6 +275,10 @@ def run_watch(
     out: Console | None = None,
 ) -> int:
     out = out or console()
+    if not out.is_terminal:  # the view is written once, at the end: say that it is running
+        what = f"task {only}" if only else "every task"
+        stop = "until nothing is left to do" if until_done else "until Ctrl-C"
+        click.echo(f"watching {what} every {interval:g}s {stop}", err=True)
     try:
         finished = watch(
             reader(settings, only=only),

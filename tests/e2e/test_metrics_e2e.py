@@ -113,8 +113,8 @@ def test_metrics_and_status_match_the_ledger_and_the_worker(fleet):
     assert value(got, "fleet_workers", task="intent") == 1
     assert value(got, "fleet_items_per_second", task="intent") > 0
     assert value(got, "fleet_worker_tier", **me) == 1
-    assert value(got, "fleet_worker_info", **me, model="tiny-small", gpu="cpu", device="cpu",
-                 device_name="cpu") == 1  # fmt: skip
+    info = {"model": "tiny-small", "gpu": "cpu", "device": "cpu", "device_name": "cpu"}
+    assert value(got, "fleet_worker_info", **me, **info) == 1
     assert value(got, "fleet_worker_items_total", **me, outcome="done") == N
     assert value(got, "fleet_worker_items_total", **me, outcome="failed") == 0
     assert value(got, "fleet_worker_messages_total", **me, outcome="processed") == batches
@@ -136,3 +136,7 @@ def test_metrics_and_status_match_the_ledger_and_the_worker(fleet):
     # Every metric the Grafana dashboard queries is one this exporter exposes.
     missing = dashboard_metrics() - {name for name, _ in got}
     assert not missing, f"the dashboard queries metrics the exporter does not expose: {missing}"
+
+    # A worker that stops (warm shutdown) removes its stats at once, not after the TTL.
+    worker.stop()
+    assert scan_workers(redis_client(fleet.broker_url)) == []

@@ -222,7 +222,9 @@ def test_watch_stops_cleanly_on_ctrl_c(env):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(6)  # imports, services check, a few refreshes
+    assert proc.stderr is not None
+    assert "watching every task" in proc.stderr.readline()  # started, about to refresh
+    time.sleep(2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
