@@ -14,6 +14,7 @@ import datetime as dt
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -309,7 +310,7 @@ def collect(
     return st
 
 
-def configured_tasks(config_file: Any) -> list[str]:
+def configured_tasks(config_file: Path | None) -> list[str]:
     """Task names from the task config, or none when it cannot be read (the
     ledger and the workers still name every task that has work)."""
     from fleet.taskconfig import ConfigError, load_tasks
