@@ -731,7 +731,13 @@ def demo(ctx: Ctx, conversations: Path | None, timeout: float) -> None:
 @click.option("--since", help="Window start: 2026-01-05, 2026-01-05T22:00, today, or 24h / 7d ago.")
 @click.option("--until", help="Window end (with --since; default now).")
 @click.option("--task", "-t", "task_names", multiple=True, help="Only this task; repeat.")
-@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="HTML file to write (one page, nothing external).",
+)
 @pass_ctx
 def report(
     ctx: Ctx,

@@ -28,9 +28,6 @@ TOP_LABELS = 10
 MAX_REASONS = 15
 
 
-# -- the page ---------------------------------------------------------------------------
-
-
 def fmt_duration(seconds: float) -> str:
     if seconds < 10:
         return f"{seconds:.1f} s"

@@ -21,7 +21,9 @@ from sqlalchemy.orm import Session
 
 from fleet.charts import time_step
 
-MAX_BINS = 60
+# Throughput bins: enough to show a trend, few enough that each holds several
+# batches (a bin of one batch or none draws batch cadence, not throughput).
+MIN_BINS, MAX_BINS, ITEMS_PER_BIN = 12, 60, 40
 
 
 class ReportError(ValueError):
@@ -324,7 +326,8 @@ def _axis(window: Window, rows: list[TaskRow]) -> tuple[dt.datetime, dt.datetime
         start = min(r.first for r in rows if r.first)
         end = max(r.last for r in rows if r.last)
     span = max((end - start).total_seconds(), 1.0)
-    width = time_step(span, MAX_BINS)
+    items = sum(r.items for r in rows)
+    width = time_step(span, min(max(items // ITEMS_PER_BIN, MIN_BINS), MAX_BINS))
     bins = max(math.ceil(span / width), 1)
     if window.run_id is None and bins * width <= span:
         bins += 1  # the last finish sits exactly on a bin edge
