@@ -4,6 +4,7 @@ schedule and `fleet demo`."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from fleet.settings import Settings
 from fleet.taskconfig import TaskSpec
 from producer.enqueue import claim_and_send, discover, queue_depth
 from producer.reconciler import reconcile
+from workers.policy import backoff, transient_service
+
+log = logging.getLogger("fleet.run")
 
 
 @dataclass
@@ -69,34 +73,58 @@ def run_until_done(
             discover(url, spec)
     report = RunReport(run_id, {}, 0.0)
     last_reconcile = time.monotonic()
+    outage = Outage()
     while True:
-        if time.monotonic() - last_reconcile >= settings.reconcile_interval:
-            got = reconcile(url, max_attempts=settings.max_attempts)
-            for k in got:
-                report.reconciled[k] += got[k]
-            last_reconcile = time.monotonic()
-        for spec in specs:
-            report.sent_batches += feed(url, app, spec, settings)
-        with transaction(url) as session:
-            counts = {n: ledger.counts(session, task=n).get(n, {}) for n in names}
+        try:
+            if time.monotonic() - last_reconcile >= settings.reconcile_interval:
+                got = reconcile(url, max_attempts=settings.max_attempts)
+                for k in got:
+                    report.reconciled[k] += got[k]
+                last_reconcile = time.monotonic()
+            for spec in specs:
+                report.sent_batches += feed(url, app, spec, settings)
+            with transaction(url) as session:
+                counts = {n: ledger.counts(session, task=n).get(n, {}) for n in names}
+        except Exception as exc:
+            delay = outage.failed(exc)  # re-raises anything but a lost connection
+            if timeout is not None and time.monotonic() - started + delay > timeout:
+                report.timed_out = True
+                break
+            time.sleep(delay)
+            continue
+        outage.recovered()
         if progress:
             progress(counts)
         report.counts = counts
-        open_items = sum(
-            c.get(s, 0) for c in counts.values() for s in ("pending", "queued", "running")
-        )
-        upstream_open = any(
-            sum(counts[s.name].get(k, 0) for k in ("pending", "queued", "running"))
-            for s in specs
-            if s.then
-        )
-        if open_items == 0 and not upstream_open:
+        if _finished(specs, counts):
             break
         if timeout is not None and time.monotonic() - started > timeout:
             report.timed_out = True
             break
         time.sleep(poll)
     report.seconds = time.monotonic() - started
+    for _ in range(10):  # Postgres may be restarting right now: the record is worth a wait
+        try:
+            _close_run(url, run_id, report)
+            break
+        except Exception as exc:
+            time.sleep(outage.failed(exc))
+    else:
+        log.error("run %d finished but its end could not be recorded in the runs table", run_id)
+    return report
+
+
+def _finished(specs: Sequence[TaskSpec], counts: dict[str, dict[str, int]]) -> bool:
+    open_items = sum(c.get(s, 0) for c in counts.values() for s in ("pending", "queued", "running"))
+    upstream_open = any(
+        sum(counts[s.name].get(k, 0) for k in ("pending", "queued", "running"))
+        for s in specs
+        if s.then
+    )
+    return open_items == 0 and not upstream_open
+
+
+def _close_run(url: str, run_id: int, report: RunReport) -> None:
     with transaction(url) as session:
         session.execute(
             update(Run)
@@ -106,4 +134,53 @@ def run_until_done(
                 counts={"tasks": report.counts, "timed_out": report.timed_out},
             )
         )
-    return report
+
+
+class Outage:
+    """Rides out Postgres or Redis going away during a run.
+
+    The ledger keeps every item safe while a service is down (leases expire,
+    the reconciler returns them), so the run waits with capped exponential
+    backoff and says so, instead of dying with a traceback. Errors that are not
+    a lost connection are raised again.
+    """
+
+    def __init__(self, *, base: float = 0.5, cap: float = 10.0) -> None:
+        self.base, self.cap = base, cap
+        self.failures = 0
+        self.since = 0.0
+        self.service = ""
+
+    def failed(self, exc: BaseException) -> float:
+        """Log the outage and return how long to wait before the next try."""
+        service = transient_service(exc)
+        if service is None:
+            raise exc
+        if self.failures == 0:
+            self.since = time.monotonic()
+        self.failures += 1
+        self.service = service
+        delay = backoff(self.failures - 1, base=self.base, cap=self.cap, jitter=False)
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        log.warning(
+            "%s unreachable (%s: %s); retrying in %.1fs (try %d, down %.0fs). "
+            "Items stay safe in the ledger; check that %s is running.",
+            service,
+            type(exc).__name__,
+            detail[:300],
+            delay,
+            self.failures,
+            time.monotonic() - self.since,
+            service,
+        )
+        return delay
+
+    def recovered(self) -> None:
+        if self.failures:
+            log.warning(
+                "%s reachable again after %.0fs and %d failed tries; the run goes on",
+                self.service,
+                time.monotonic() - self.since,
+                self.failures,
+            )
+            self.failures = 0

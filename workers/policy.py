@@ -202,3 +202,39 @@ def retry_decision(
     if not transient or attempt >= max_retries:
         return RetryDecision(False)
     return RetryDecision(True, backoff(attempt, base=base, cap=cap, rng=rng))
+
+
+def transient_service(exc: BaseException) -> str | None:
+    """The service `exc` says is unreachable ("Postgres", "Redis"), or None.
+
+    A lost database or broker connection is transient: the same work (a
+    worker's batch, a `fleet run` pass) is worth retrying once it is back.
+
+    Libraries are imported here, not at module level: the pure policy above
+    stays importable anywhere.
+    """
+    import kombu.exceptions
+    import redis.exceptions
+    import sqlalchemy.exc
+
+    if isinstance(
+        exc,
+        (
+            sqlalchemy.exc.OperationalError,
+            sqlalchemy.exc.InterfaceError,
+            sqlalchemy.exc.DisconnectionError,
+        ),
+    ) or (isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated):
+        return "Postgres"
+    if isinstance(
+        exc,
+        (
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            kombu.exceptions.OperationalError,
+        ),
+    ):
+        return "Redis"
+    if isinstance(exc, ConnectionError):  # a bare socket error: either one
+        return "Postgres or Redis"
+    return None

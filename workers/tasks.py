@@ -12,33 +12,11 @@ from celery import Task
 
 from workers.app import TASK_NAME, app
 from workers.messages import BatchMessage
-from workers.policy import retry_decision
+from workers.policy import retry_decision, transient_service
 
 log = logging.getLogger("fleet.worker")
 
 MAX_RETRIES = 8
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Lost database or broker connections: worth retrying the same batch."""
-    import kombu.exceptions
-    import redis.exceptions
-    import sqlalchemy.exc
-
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(
-        exc,
-        (
-            sqlalchemy.exc.OperationalError,
-            sqlalchemy.exc.InterfaceError,
-            sqlalchemy.exc.DisconnectionError,
-            redis.exceptions.ConnectionError,
-            redis.exceptions.TimeoutError,
-            kombu.exceptions.OperationalError,
-            ConnectionError,
-        ),
-    )
 
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -49,18 +27,21 @@ def run_batch(self: Task, **kwargs: Any) -> dict[str, Any]:
     try:
         return process(msg, hostname=self.request.hostname or "worker")
     except Exception as exc:
+        service = transient_service(exc)
         decision = retry_decision(
-            transient=is_transient(exc), attempt=msg.attempt, max_retries=MAX_RETRIES
+            transient=service is not None, attempt=msg.attempt, max_retries=MAX_RETRIES
         )
         if not decision.retry:
             # The ledger still holds the items leased; the reconciler returns them.
             log.exception("batch %s failed and is left to the reconciler", msg.batch_id)
             raise
         log.warning(
-            "batch %s: transient %s, retry %d in %.1fs",
+            "batch %s: %s unreachable (transient %s), retry %d of %d in %.1fs",
             msg.batch_id,
+            service,
             type(exc).__name__,
             msg.attempt + 1,
+            MAX_RETRIES,
             decision.countdown,
         )
         raise self.retry(
