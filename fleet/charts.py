@@ -122,19 +122,16 @@ def _text(x: float, y: float, s: str, *, anchor: str = "start", fill: str = INK,
 
 
 def _legend(items: Sequence[tuple[str, str]], x_right: float, y: float) -> list[str]:
-    """Swatches and names, right-aligned so they end at `x_right`."""
-    out: list[str] = []
-    x = x_right
-    for name, fill in reversed(items):
-        w = text_width(name)
-        x -= w
-        out.append(_text(x, y + 4, name, fill=MUTED))
-        x -= 16
-        out.append(
-            f'<rect x="{x:.1f}" y="{y - 5:.1f}" width="11" height="11" rx="2" fill="{fill}"/>'
+    """Swatches and names right-aligned at `x_right`, in one text element so the
+    browser spaces them by the real glyph widths."""
+    parts = []
+    for i, (name, fill) in enumerate(items):
+        gap = ' dx="18"' if i else ""
+        parts.append(
+            f'<tspan{gap} fill="{fill}" font-size="15">\u25a0</tspan>'
+            f'<tspan dx="5" fill="{MUTED}">{escape(name)}</tspan>'
         )
-        x -= 14
-    return out
+    return [f'<text x="{x_right:.1f}" y="{y + 4:.1f}" text-anchor="end">{"".join(parts)}</text>']
 
 
 @dataclass(frozen=True)

@@ -348,9 +348,10 @@ def render(data: ReportData) -> str:
         if data.failures
         else '<p class="note">No failed or dead items in this window.</p>'
     )
-    bin_note = charts.fmt_number(data.bin_seconds) + " s"
-    if data.bin_seconds >= 60:
-        bin_note = fmt_duration(data.bin_seconds).replace(" 00 s", "")
+    bs = data.bin_seconds
+    bin_note = f"{bs} s" if bs < 60 else f"{bs // 60} min" if bs < 3600 else f"{bs / 3600:g} h"
+    if bs >= 86400:
+        bin_note = f"{bs / 86400:g} d"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
