@@ -332,8 +332,9 @@ def split_batch(
     (see `workers.policy.poison_plan` for when and how).
 
     Attempts restart at zero, so innocent neighbours of a poison item do not
-    use up their attempts while it is being isolated; with `reset_deliveries`
-    each half also gets its own count of worker deaths.
+    use up their attempts while it is being isolated. The start that decided
+    the split ran nothing, so it is taken off the delivery count: deliveries
+    keep counting worker deaths only (`reset_deliveries` sets them to zero).
     """
     out: list[ClaimedBatch] = []
     for part in parts:
@@ -343,7 +344,7 @@ def split_batch(
                 """
                 UPDATE work_items
                 SET status = 'queued', batch_id = CAST(:new AS uuid), attempts = 0,
-                    deliveries = CASE WHEN :reset THEN 0 ELSE deliveries END,
+                    deliveries = CASE WHEN :reset THEN 0 ELSE greatest(deliveries - 1, 0) END,
                     lease_until = now() + make_interval(secs => :lease), updated_at = now()
                 WHERE id = ANY(CAST(:ids AS bigint[]))
                   AND batch_id = CAST(:old AS uuid) AND status = 'running'
@@ -383,7 +384,10 @@ def reconcile(session: Session, *, max_attempts: int, task: str | None = None) -
     """Return expired leases to pending; past the attempt limit, mark dead.
 
     This is what makes a lost Redis message or a killed worker harmless: the
-    ledger, not the broker, knows what is unfinished.
+    ledger, not the broker, knows what is unfinished. Only items a worker
+    started (running) count against the limit: a queued item whose lease
+    expired was never taken (workers down or busy, its message lost with
+    Redis), which is not the item's fault, so that claim is not counted.
     """
     task_sql = "AND task = :task" if task else ""
     params = {"max": max_attempts, "task": task}
@@ -393,9 +397,10 @@ def reconcile(session: Session, *, max_attempts: int, task: str | None = None) -
                 f"""
             UPDATE work_items
             SET status = 'dead', lease_until = NULL, updated_at = now(),
-                last_error = 'lease expired ' || attempts || ' times (worker lost or message '
-                             'lost each time); `fleet retry --status dead` puts it back'
-            WHERE status IN ('queued', 'running') AND lease_until < now()
+                last_error = 'started by a worker ' || attempts || ' times and never finished '
+                             '(the worker was lost each time, or the batch outlasted '
+                             'FLEET_LEASE_SECONDS); `fleet retry --status dead` puts it back'
+            WHERE status = 'running' AND lease_until < now()
               AND attempts >= :max {task_sql}
             """
             ),
@@ -407,9 +412,11 @@ def reconcile(session: Session, *, max_attempts: int, task: str | None = None) -
             text(
                 f"""
             UPDATE work_items
-            SET status = 'pending', batch_id = NULL, lease_until = NULL, updated_at = now()
+            SET status = 'pending', batch_id = NULL, lease_until = NULL, updated_at = now(),
+                attempts = CASE WHEN status = 'queued' THEN greatest(attempts - 1, 0)
+                                ELSE attempts END
             WHERE status IN ('queued', 'running') AND lease_until < now()
-              AND attempts < :max {task_sql}
+              AND (status = 'queued' OR attempts < :max) {task_sql}
             """
             ),
             params,

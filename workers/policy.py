@@ -129,37 +129,37 @@ class PoisonAction(StrEnum):
 class PoisonPlan:
     action: PoisonAction
     parts: tuple[tuple[int, ...], ...] = ()
-    reset_deliveries: bool = False
 
 
 def poison_plan(deliveries: Sequence[tuple[int, int]], *, crashes_allowed: int) -> PoisonPlan:
     """Decide what to do with a batch from each item's earlier unfinished deliveries.
 
     An item delivered before and never finished was in a batch whose worker
-    died: it is a suspect. Isolation, one worker death at a time:
+    died: it is a suspect, and from then on it runs alone:
       - no suspects: run;
-      - suspects among clean items: run them apart (the clean part cannot
-        crash for their sake; suspects keep their count);
-      - only suspects, several: split in halves, counts restart, so the half
-        that crashes again is the one holding the poison;
-      - one suspect alone: it has had `crashes_allowed` deaths -> dead, else run.
-    Every worker death either halves a suspect group or counts against a lone
-    item, so isolation ends after about log2(batch) + crashes_allowed deaths.
+      - several items, some suspects: split; the clean items run together,
+        each suspect alone (counts are kept);
+      - one suspect alone: dead once its count exceeds `crashes_allowed`, else
+        run. Its first death may have been with other items: it does not count
+        against it, so an item is dead after `crashes_allowed` deaths alone.
+
+    Counts are never restarted. Suspects of different dead batches meet again
+    in later claims (claims go by size); with halves and restarted counts, the
+    halves can be exactly the groups they came from, and two poison items then
+    kill workers forever. Here every death after the first is a lone item's
+    and counts against it, so isolating a poison item costs at most
+    `crashes_allowed + 1` worker deaths whatever the batch size, and its
+    innocent neighbours finish after one.
     """
-    ids = [i for i, _ in deliveries]
     suspects = tuple(i for i, d in deliveries if d > 0)
     if not suspects:
         return PoisonPlan(PoisonAction.RUN)
-    clean = tuple(i for i, d in deliveries if d <= 0)
-    if clean:
-        return PoisonPlan(PoisonAction.SPLIT, (clean, suspects), reset_deliveries=False)
-    if len(ids) > 1:
-        mid = len(ids) // 2
-        return PoisonPlan(
-            PoisonAction.SPLIT, (tuple(ids[:mid]), tuple(ids[mid:])), reset_deliveries=True
-        )
-    if deliveries[0][1] >= crashes_allowed:
-        return PoisonPlan(PoisonAction.DEAD, (tuple(ids),))
+    if len(deliveries) > 1:
+        clean = tuple(i for i, d in deliveries if d <= 0)
+        alone = tuple((i,) for i in suspects)
+        return PoisonPlan(PoisonAction.SPLIT, ((clean, *alone) if clean else alone))
+    if deliveries[0][1] > crashes_allowed:
+        return PoisonPlan(PoisonAction.DEAD, (suspects,))
     return PoisonPlan(PoisonAction.RUN)
 
 

@@ -195,21 +195,25 @@ def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
                 batch_id=msg.batch_id,
                 parts=plan.parts,
                 lease_seconds=s.lease_seconds,
-                reset_deliveries=plan.reset_deliveries,
+                reset_deliveries=False,
             )
         for part in parts:
             send_batch(_app(st), BatchMessage(msg.task, part.batch_id, part.item_ids))
+        suspects = sum(1 for i in started if i.deliveries_before > 0)
         log.warning(
-            "batch %s was delivered before and never finished (a worker died): split into %s",
+            "batch %s was delivered before and never finished (a worker died): "
+            "split, %d suspect(s) now run alone, %d other item(s) together",
             msg.batch_id,
-            [len(p.item_ids) for p in parts],
+            suspects,
+            len(started) - suspects,
         )
         worker_stats.count_message("split")
         return {"batch": msg.batch_id, "split": [p.batch_id for p in parts]}
     if plan.action is PoisonAction.DEAD:
         reason = (
-            f"the worker process died {started[0].deliveries_before} time(s) running this item "
-            "alone: isolated as poison. Inspect the input, then `fleet retry --status dead`."
+            f"the worker process died {started[0].deliveries_before} times running this item "
+            "(alone after the first death): isolated as poison. Inspect the input, then "
+            "`fleet retry --status dead`."
         )
         with transaction(url) as session:
             ledger.mark_dead(session, batch_id=msg.batch_id, item_ids=ids, reason=reason)

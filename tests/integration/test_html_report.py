@@ -133,9 +133,16 @@ def fill(url: str, *, rounds: int = 4, pause: float = 1.1) -> tuple[int, dict[st
             item_ids=poison.item_ids,
             reason="killed its worker 3 times; left out so the rest of its batch could finish",
         )
-    lost = _batch(url, "intent", 1, lease=0)  # its message was lost: the lease runs out
-    time.sleep(0.05)
+    lost = _batch(url, "intent", 1)  # a worker took it and was lost: the lease runs out
+    _start(url, lost)
     with transaction(url) as s:
+        s.execute(
+            text(
+                "UPDATE work_items SET lease_until = now() - interval '1 second' "
+                "WHERE batch_id = CAST(:b AS uuid)"
+            ),
+            {"b": lost.batch_id},
+        )
         assert ledger.reconcile(s, max_attempts=1)["dead"] == 1
     expected["sentiment"]["dead"] += len(poison.item_ids)
     expected["intent"]["dead"] += len(lost.item_ids)
@@ -275,7 +282,7 @@ def test_report_numbers_match_the_ledger(db_url, broker_url, tmp_path):
     assert reasons[
         ("sentiment", "killed its worker N times; left out so the rest of its batch could finish")
     ] == (0, 2)
-    assert [v for (t, r), v in reasons.items() if r.startswith("lease expired")] == [(0, 1)]
+    assert [v for (t, r), v in reasons.items() if r.startswith("started by a worker")] == [(0, 1)]
     assert sum(a + b for a, b in reasons.values()) == sum(
         c["failed"] + c["dead"] for c in expected.values()
     )

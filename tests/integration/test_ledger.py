@@ -126,28 +126,48 @@ def test_redelivered_batch_is_skipped_and_stale_batch_cannot_finish(db_url):
         )
 
 
+def _expire_leases(s) -> None:
+    s.execute(text("UPDATE work_items SET lease_until = now() - interval '1 second'"))
+
+
 def test_reconcile_returns_expired_leases_then_kills_after_attempts(db_url):
     _seed(db_url, 5)
+    _run_one(db_url, None)  # claimed and started: then the worker is lost
     with transaction(db_url) as s:
-        ledger.claim_batches(s, task="intent", limit=5, batch_size=5, lease_seconds=60)
-        s.execute(text("UPDATE work_items SET lease_until = now() - interval '1 second'"))
+        _expire_leases(s)
     with transaction(db_url) as s:
         assert ledger.reconcile(s, max_attempts=2) == {"returned": 5, "dead": 0}
+    _run_one(db_url, None)
     with transaction(db_url) as s:
-        (batch,) = ledger.claim_batches(s, task="intent", limit=5, batch_size=5, lease_seconds=60)
-        s.execute(text("UPDATE work_items SET lease_until = now() - interval '1 second'"))
+        _expire_leases(s)
     with transaction(db_url) as s:
         assert ledger.reconcile(s, max_attempts=2) == {"returned": 0, "dead": 5}
         assert ledger.counts(s) == {"intent": {"dead": 5}}
+        (reason,) = set(s.execute(text("SELECT last_error FROM work_items")).scalars())
+        assert "started by a worker 2 times" in reason
         assert ledger.retry(s, statuses=["dead"]) == 5
         assert ledger.counts(s) == {"intent": {"pending": 5}}
+
+
+def test_reconcile_never_counts_a_claim_no_worker_took(db_url):
+    """Queued items whose lease expired were never started (workers down or
+    busy, the message lost with Redis): not their fault, never dead for it."""
+    _seed(db_url, 5)
+    for _ in range(4):
+        with transaction(db_url) as s:
+            ledger.claim_batches(s, task="intent", limit=5, batch_size=5, lease_seconds=60)
+            _expire_leases(s)
+        with transaction(db_url) as s:
+            assert ledger.reconcile(s, max_attempts=2) == {"returned": 5, "dead": 0}
+    with transaction(db_url) as s:
+        assert set(s.execute(text("SELECT attempts FROM work_items")).scalars()) == {0}
 
 
 def test_stale_batch_after_reclaim_changes_nothing(db_url):
     _seed(db_url, 5)
     old, _ = _run_one(db_url, None)
     with transaction(db_url) as s:  # lease expired, reclaimed into a new batch
-        s.execute(text("UPDATE work_items SET lease_until = now() - interval '1 second'"))
+        _expire_leases(s)
         ledger.reconcile(s, max_attempts=5)
     new, _ = _run_one(db_url, None)
     with transaction(db_url) as s:
@@ -192,3 +212,27 @@ def test_split_and_mark_dead(db_url):
             == 1
         )
         assert ledger.counts(s)["intent"] == {"dead": 1, "queued": 3, "running": 2}
+
+
+def test_split_takes_back_the_start_that_decided_it(db_url):
+    """Deliveries count worker deaths: a start that only split the batch ran nothing."""
+    _seed(db_url, 4)
+    batch, _ = _run_one(db_url, None)  # started, then the worker died
+    with transaction(db_url) as s:
+        again = ledger.start_batch(
+            s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60
+        )
+        assert {a.deliveries_before for a in again} == {1}
+        parts = ledger.split_batch(
+            s,
+            batch_id=batch.batch_id,
+            parts=[(i,) for i in batch.item_ids],
+            lease_seconds=60,
+            reset_deliveries=False,
+        )
+    assert [len(p.item_ids) for p in parts] == [1, 1, 1, 1]
+    with transaction(db_url) as s:
+        alone = ledger.start_batch(
+            s, batch_id=parts[0].batch_id, item_ids=parts[0].item_ids, worker="w", lease_seconds=60
+        )
+    assert [a.deliveries_before for a in alone] == [1]

@@ -104,57 +104,66 @@ def test_step_up(tier, clean, after, expected):
 
 
 @pytest.mark.parametrize(
-    ("deliveries", "allowed", "action", "parts", "reset"),
+    ("deliveries", "allowed", "action", "parts"),
     [
-        ([(1, 0), (2, 0)], 2, PoisonAction.RUN, (), False),
-        # suspects among clean items run apart; suspects keep their count
-        ([(1, 0), (2, 1), (3, 0), (4, 2)], 2, PoisonAction.SPLIT, ((1, 3), (2, 4)), False),
-        # only suspects: halves, counts restart
-        (
-            [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)],
-            2,
-            PoisonAction.SPLIT,
-            ((1, 2), (3, 4, 5)),
-            True,
-        ),
-        ([(7, 3), (8, 1)], 2, PoisonAction.SPLIT, ((7,), (8,)), True),
-        ([(7, 1)], 2, PoisonAction.RUN, (), False),  # alone, one death: one more chance
-        ([(7, 2)], 2, PoisonAction.DEAD, ((7,),), False),
-        ([(7, 1)], 1, PoisonAction.DEAD, ((7,),), False),
+        ([(1, 0), (2, 0)], 2, PoisonAction.RUN, ()),
+        # suspects among clean items: the clean run together, each suspect alone
+        ([(1, 0), (2, 1), (3, 0), (4, 2)], 2, PoisonAction.SPLIT, ((1, 3), (2,), (4,))),
+        # only suspects: each alone, counts kept
+        ([(1, 1), (2, 1), (3, 1)], 2, PoisonAction.SPLIT, ((1,), (2,), (3,))),
+        ([(7, 3), (8, 1)], 2, PoisonAction.SPLIT, ((7,), (8,))),
+        # alone: the first death may have been in a group and does not count
+        ([(7, 1)], 2, PoisonAction.RUN, ()),
+        ([(7, 2)], 2, PoisonAction.RUN, ()),
+        ([(7, 3)], 2, PoisonAction.DEAD, ((7,),)),
+        ([(7, 1)], 1, PoisonAction.RUN, ()),
+        ([(7, 2)], 1, PoisonAction.DEAD, ((7,),)),
     ],
 )
-def test_poison_plan(deliveries, allowed, action, parts, reset):
+def test_poison_plan(deliveries, allowed, action, parts):
     plan = poison_plan(deliveries, crashes_allowed=allowed)
-    assert (plan.action, plan.parts, plan.reset_deliveries) == (action, parts, reset)
+    assert (plan.action, plan.parts) == (action, parts)
 
 
-def test_poison_isolation_terminates_and_spares_the_innocent():
-    """Simulate the worker dying on item 13 of a 32-item batch until it is settled."""
-    deliveries = dict.fromkeys(range(32), 0)
-    queue = [tuple(range(32))]
+def _isolate(poison: set[int], *, n: int, batch_size: int, allowed: int) -> tuple[set, set, int]:
+    """Simulate the ledger and worker deaths until every item is settled: claims
+    take pending items in order (so suspects of different dead batches meet
+    again), a start counts a delivery, a split takes it back, a batch holding a
+    poison item kills its worker and comes back after its lease."""
+    deliveries = dict.fromkeys(range(n), 0)
+    pending, queue = list(range(n)), []
     done, dead, deaths = set(), set(), 0
-    while queue:
+    while pending or queue:
+        if not queue:
+            pending.sort()
+            queue = [tuple(pending[i : i + batch_size]) for i in range(0, len(pending), batch_size)]
+            pending = []
         batch = queue.pop(0)
-        plan = poison_plan([(i, deliveries[i]) for i in batch], crashes_allowed=2)
+        for i in batch:
+            deliveries[i] += 1
+        plan = poison_plan([(i, deliveries[i] - 1) for i in batch], crashes_allowed=allowed)
         if plan.action is PoisonAction.SPLIT:
-            for part in plan.parts:
-                if plan.reset_deliveries:
-                    for i in part:
-                        deliveries[i] = 0
-                queue.append(part)
+            for i in batch:
+                deliveries[i] -= 1
+            queue.extend(plan.parts)
         elif plan.action is PoisonAction.DEAD:
             dead |= set(batch)
+        elif poison & set(batch):
+            deaths += 1
+            pending.extend(batch)  # lease expired: reclaimed with whatever else is pending
         else:
-            for i in batch:
-                deliveries[i] += 1
-            if 13 in batch:
-                deaths += 1
-                queue.append(batch)  # reclaimed after the lease expires
-            else:
-                done |= set(batch)
-        assert deaths < 12
-    assert dead == {13} and done == set(range(32)) - {13}
-    assert deaths <= 5 + 2
+            done |= set(batch)
+        assert deaths <= 100, "isolation does not terminate"
+    return done, dead, deaths
+
+
+@pytest.mark.parametrize("allowed", [1, 2, 3])
+@pytest.mark.parametrize("poison", [{13}, {13, 21}, {3, 4, 5, 60}])
+def test_poison_isolation_terminates_and_spares_the_innocent(poison, allowed):
+    done, dead, deaths = _isolate(poison, n=64, batch_size=8, allowed=allowed)
+    assert dead == poison and done == set(range(64)) - poison
+    # each poison item: at most one death with others, then `allowed` alone
+    assert deaths <= len(poison) * (allowed + 1)
 
 
 @pytest.mark.parametrize(("attempt", "expected"), [(0, 1.0), (1, 2.0), (3, 8.0), (10, 60.0)])
