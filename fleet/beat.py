@@ -31,8 +31,9 @@ def nightly_command(
     from fleet.display import run_progress
     from producer.nightly import RunStillGoing, drive, run_specs
 
+    task_names = list(task_names) or ctx.settings.nightly_task_names()
     for name in task_names:
-        ctx.task(name)  # a typo fails here, with the list of tasks
+        ctx.task(name)  # a typo (also in FLEET_NIGHTLY_TASKS) fails here, with the list of tasks
     specs = run_specs(ctx.tasks(), task_names or None)
     s = ctx.services()
     app = ctx.app()
@@ -67,6 +68,9 @@ def beat_command(ctx: Ctx, *, loglevel: str) -> int:
     except ScheduleError as e:
         fail(str(e), EXIT_CONFIG)
     tasks = ctx.tasks()
+    nightly_names = ctx.settings.nightly_task_names()
+    for name in nightly_names:
+        ctx.task(name)  # a typo in FLEET_NIGHTLY_TASKS fails before anything starts
     s = ctx.services()
     app = install(ctx.app(), s, tasks)
     setup_logging(loglevel, json_lines=s.log_json)
@@ -74,7 +78,7 @@ def beat_command(ctx: Ctx, *, loglevel: str) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     click.echo(
         f"fleet beat: nightly at '{s.nightly_crontab}' ({s.timezone}) over "
-        f"{', '.join(tasks)}; feed tick every {s.beat_feed_seconds:g}s, reconcile every "
+        f"{', '.join(nightly_names or tasks)}; feed tick every {s.beat_feed_seconds:g}s, reconcile every "
         f"{s.beat_reconcile_seconds:g}s; control worker on {CONTROL_QUEUE}",
         err=True,
     )

@@ -117,6 +117,12 @@ class Settings(BaseSettings):
         "(crontab: minute hour day-of-month month day-of-week).",
     )
     timezone: str = Field(default="UTC", description="Time zone of nightly_crontab.")
+    nightly_tasks: str | None = Field(
+        default=None,
+        description="Comma-separated tasks a nightly run covers (their follow-up tasks are added). "
+        "Unset: every configured task; list only the tasks that have workers, or a run waits "
+        "for items nobody serves.",
+    )
     beat_reconcile_seconds: float = Field(
         default=300.0, gt=0, description="Seconds between reconciler passes under `fleet beat`."
     )
@@ -154,6 +160,10 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_broker(cls, v: object) -> object:
         return v or None
+
+    def nightly_task_names(self) -> list[str]:
+        """`nightly_tasks` as a list (empty: every configured task)."""
+        return [n.strip() for n in (self.nightly_tasks or "").split(",") if n.strip()]
 
     @property
     def resolved_models_dir(self) -> Path:

@@ -100,7 +100,7 @@ def install(app: Celery, settings: Settings, tasks: dict[str, TaskSpec]) -> Cele
 
     @app.task(name=NIGHTLY_TASK, bind=True, ignore_result=True)
     def nightly_task(self: Any) -> dict[str, Any]:
-        specs = nightly.run_specs(tasks)
+        specs = nightly.run_specs(tasks, settings.nightly_task_names() or None)
         holder = self.request.hostname or nightly.holder_name()
         return nightly.start(url, app, specs, settings, holder=holder)
 

@@ -198,6 +198,20 @@ def test_beat_with_a_bad_crontab_fails_before_starting(nightly_env):
     assert "FLEET_NIGHTLY_CRONTAB='0 25 * * *' is not a valid crontab" in proc.stderr
 
 
+def test_nightly_tasks_setting_names_the_tasks_and_a_typo_fails_before_starting(nightly_env):
+    assert Settings(nightly_tasks=" intent, transcribe ,").nightly_task_names() == [
+        "intent",
+        "transcribe",
+    ]
+    assert Settings().nightly_task_names() == []
+    env = dict(nightly_env.env, FLEET_NIGHTLY_TASKS="intent,intnet")
+    for command in (["nightly"], ["beat"]):
+        proc = run_fleet(command, env, timeout=60, check=False)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "intnet" in proc.stderr
+    assert runs(nightly_env.db_url) == []
+
+
 @pytest.mark.slow
 def test_nightly_one_run_at_a_time_takes_over_an_abandoned_one_and_finishes(nightly_env):
     e = nightly_env
