@@ -229,7 +229,7 @@ def _print_ingest(report: Any, as_json: bool) -> None:
         f"bad {len(report.bad)}"
     )
     for lineno, reason in report.bad[:20]:
-        click.echo(f"  line {lineno}: {reason}", err=True)
+        click.echo(f"  line {lineno}: {reason}" if lineno else f"  {reason}", err=True)
     if len(report.bad) > 20:
         click.echo(
             f"  ... and {len(report.bad) - 20} more bad lines (use --json for all)", err=True

@@ -7,6 +7,9 @@ skipped; every good line goes in. Files are streamed, never loaded whole.
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,26 +30,68 @@ class IngestReport:
     bad: list[tuple[int, str]] = field(default_factory=list)  # (line number or 0, reason)
 
 
+# Column sizes in db/schema.py: a longer value would fail the whole chunk's insert.
+MAX_EXTERNAL_ID = 256
+MAX_LANGUAGE = 16
+# A \uD800-\uDFFF escape: JSON allows it, UTF-8 (and so Postgres) cannot hold it unpaired.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _check_storable(obj: Any) -> None:
+    """Postgres text and jsonb hold neither NUL characters nor unpaired surrogates."""
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            if "\x00" in value:
+                raise ValueError("contains a NUL character (\\u0000), which Postgres cannot store")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(
+                    f"contains an unpaired UTF-16 surrogate (\\u{ord(value[e.start]):04x}), "
+                    "which is not valid Unicode; fix the producer of this file"
+                ) from None
+
+
 def parse_conversation_line(raw: bytes, lineno: int) -> dict[str, Any]:
     """One JSONL line -> a conversations row. Raises ValueError with the reason."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"not valid UTF-8 (byte {e.start})") from None
+    if lineno == 1:
+        line = line.removeprefix("\ufeff")  # a byte order mark some editors write
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read; flatten it") from None
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     ext = obj.get("external_id", obj.get("id"))
     if not isinstance(ext, str | int) or isinstance(ext, bool) or str(ext) == "":
         raise ValueError("missing external_id (a string or integer)")
+    if len(str(ext)) > MAX_EXTERNAL_ID:
+        raise ValueError(
+            f"external_id is {len(str(ext)):,} characters; at most {MAX_EXTERNAL_ID} are stored"
+        )
     if "messages" not in obj:
         raise ValueError("missing messages (a list of {role, content})")
-    if "\\u0000" in line:
-        raise ValueError("contains a NUL character (\\u0000), which Postgres cannot store")
+    if "\\u0000" in line or _SURROGATE_ESCAPE.search(line):
+        _check_storable(obj)
     language = obj.get("language")
+    if isinstance(language, str) and len(language) > MAX_LANGUAGE:
+        raise ValueError(
+            f"language is {len(language)} characters; use a language code such as 'en' "
+            f"(at most {MAX_LANGUAGE})"
+        )
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
     # Messages are stored as given: a malformed conversation is still ingested,
     # and the worker records exactly what is wrong with it on its work item.
@@ -102,6 +147,21 @@ def iter_audio_files(folder: Path) -> Iterator[Path]:
             yield path
 
 
+def _unstorable_path(rel: str) -> str | None:
+    """Why a file's relative path cannot be its external_id, if it cannot."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
+        return f"{shown}: the file name is not valid UTF-8; rename the file"
+    if len(rel) > MAX_EXTERNAL_ID:
+        return (
+            f"{rel[:60]}...: the path under the audio root is {len(rel)} characters; "
+            f"at most {MAX_EXTERNAL_ID} are stored (shorten the folder or file names)"
+        )
+    return None
+
+
 def ingest_audio_dir(
     url: str, folder: Path, *, audio_root: Path, progress: Callable[[int], None] | None = None
 ) -> IngestReport:
@@ -124,12 +184,18 @@ def ingest_audio_dir(
     rows: list[dict[str, Any]] = []
     for path in iter_audio_files(folder):
         report.read += 1
-        rel = base.relative_to(root) / path.relative_to(folder)
+        rel = str(base.relative_to(root) / path.relative_to(folder))
+        problem = _unstorable_path(rel)
+        if problem:
+            report.bad.append((0, problem))
+            continue
         try:
-            duration = float(soundfile.info(str(path)).duration)
+            duration: float | None = float(soundfile.info(str(path)).duration)
         except Exception:
             duration = None
-        rows.append({"external_id": str(rel), "uri": str(rel), "duration_s": duration, "meta": {}})
+        if duration is not None and not (math.isfinite(duration) and duration >= 0):
+            duration = None  # a nonsense header: the worker says what is wrong
+        rows.append({"external_id": rel, "uri": rel, "duration_s": duration, "meta": {}})
         if progress:
             progress(1)
     for i in range(0, len(rows), CHUNK):

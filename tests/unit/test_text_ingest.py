@@ -57,11 +57,27 @@ def test_conversation_text():
             "NUL character",
         ),
         (b'{"external_id": "a", "messages": "\xff\xfe"}', "not valid UTF-8"),
+        (b'{"external_id": "a", "messages": "\\ud800"}', "unpaired UTF-16 surrogate"),
+        (b'{"external_id": "\\udfff", "messages": []}', "unpaired UTF-16 surrogate"),
+        (b'{"external_id": "a", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested"),
+        (b'{"external_id": "' + b"x" * 257 + b'", "messages": []}', "at most 256"),
+        (
+            b'{"external_id": "a", "language": "english (united kingdom)", "messages": []}',
+            "language",
+        ),
     ],
 )
 def test_bad_lines(raw, reason):
     with pytest.raises(ValueError, match=reason):
         parse_conversation_line(raw, 1)
+
+
+def test_paired_surrogates_escaped_backslashes_and_a_bom_are_fine():
+    row = parse_conversation_line(
+        '\ufeff{"external_id": "a", "messages": ["\\ud83d\\ude00 \\\\u0000 \\\\ud800"]}'.encode(),
+        1,
+    )
+    assert row["messages"] == ["\U0001f600 \\u0000 \\ud800"]
 
 
 def test_good_line_keeps_malformed_messages_for_the_worker():
