@@ -86,6 +86,12 @@ class Settings(BaseSettings):
         description="After this many clean batches on a lower tier, a worker tries the next "
         "larger model again. Unset: it stays where OOM put it.",
     )
+    start_tier: int | None = Field(
+        default=None,
+        ge=0,
+        description="Force a worker to load this tier of its ladder (0 = largest) instead of "
+        "choosing by free device memory.",
+    )
     restart_backoff: float = Field(
         default=1.0,
         gt=0,
@@ -201,6 +207,7 @@ class Settings(BaseSettings):
             "simulate_memory",
             "crash_on",
             "step_up_after",
+            "start_tier",
         ):
             value = getattr(self, name)
             if value is not None:

@@ -97,9 +97,8 @@ def _hint_file(settings: Settings, task: str) -> Path:
 def _tier_hint(settings: Settings, task: str) -> int | None:
     """FLEET_START_TIER, or the tier a previous process of this slot asked to
     restart on because its memory did not come back in-process."""
-    env = os.environ.get("FLEET_START_TIER")
-    if env:
-        return int(env)
+    if settings.start_tier is not None:
+        return settings.start_tier
     hint = _hint_file(settings, task)
     if hint.is_file():
         tier = int(hint.read_text().strip() or 0)
