@@ -12,6 +12,7 @@ so a late, duplicated or redelivered message can never undo newer work.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,10 +22,6 @@ from sqlalchemy import CursorResult, text
 from sqlalchemy.orm import Session
 
 from db.schema import Status
-
-
-def _json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value)
 
 
 def _rowcount(result: Any) -> int:
@@ -142,47 +139,53 @@ def claim_batches(
 
     `FOR UPDATE SKIP LOCKED` lets any number of producers claim at once without
     ever claiming the same item twice. Items are taken in size order, so each
-    batch holds similar lengths. Batch ids are derived in SQL from one random
-    prefix, so a million items are claimed in one statement.
+    batch holds similar lengths.
+
+    Two steps in the caller's transaction: lock the ids in size order, then
+    update each batch by primary key (one statement per batch, sent in one
+    pipelined executemany). The rows are locked, so every one of them is
+    updated. A single UPDATE joined to the locked set would leave the join to
+    the planner, which hashes the whole table on every claim (or, with stale
+    statistics, does far worse).
     """
     if limit <= 0:
         return []
-    rows = session.execute(
+    locked = session.execute(
         text(
             """
-            WITH locked AS (
-                SELECT id, size_hint FROM work_items
-                WHERE task = :task AND status = 'pending'
-                ORDER BY size_hint, id
-                LIMIT :limit
-                FOR UPDATE SKIP LOCKED
-            ), numbered AS (
-                SELECT id, (row_number() OVER (ORDER BY size_hint, id) - 1) / :batch_size AS grp
-                FROM locked
-            )
-            UPDATE work_items w
-            SET status = 'queued',
-                batch_id = md5(:prefix || n.grp::text)::uuid,
-                attempts = w.attempts + 1,
-                lease_until = now() + make_interval(secs => :lease),
-                updated_at = now()
-            FROM numbered n
-            WHERE w.id = n.id
-            RETURNING w.id, w.batch_id
+            SELECT id FROM work_items
+            WHERE task = :task AND status = 'pending'
+            ORDER BY size_hint, id
+            LIMIT :limit
+            FOR UPDATE SKIP LOCKED
             """
         ),
-        {
-            "task": task,
-            "limit": limit,
-            "batch_size": batch_size,
-            "prefix": uuid.uuid4().hex,
-            "lease": lease_seconds,
-        },
-    ).all()
-    groups: dict[str, list[int]] = {}
-    for item_id, batch_id in rows:
-        groups.setdefault(str(batch_id), []).append(item_id)
-    return [ClaimedBatch(b, tuple(sorted(ids))) for b, ids in groups.items()]
+        {"task": task, "limit": limit},
+    )
+    ids = list(locked.scalars())
+    batches = [
+        ClaimedBatch(str(uuid.uuid4()), tuple(sorted(ids[i : i + batch_size])))
+        for i in range(0, len(ids), batch_size)
+    ]
+    if batches:
+        session.execute(
+            text(
+                """
+                UPDATE work_items
+                SET status = 'queued',
+                    batch_id = CAST(:batch AS uuid),
+                    attempts = attempts + 1,
+                    lease_until = now() + make_interval(secs => :lease),
+                    updated_at = now()
+                WHERE id = ANY(CAST(:ids AS bigint[]))
+                """
+            ),
+            [
+                {"batch": b.batch_id, "ids": list(b.item_ids), "lease": lease_seconds}
+                for b in batches
+            ],
+        )
+    return batches
 
 
 def start_batch(
@@ -228,6 +231,30 @@ def extend_lease(session: Session, *, batch_id: str, lease_seconds: int) -> int:
     return _rowcount(result)
 
 
+def _float(value: Any) -> Any:
+    """JSON has no NaN or infinity: those travel as the strings Postgres reads
+    them from ("NaN", "Infinity", "-Infinity")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def _results_json(rows: list[dict[str, Any]]) -> str:
+    """The rows as one JSON array; a NaN inside scores or output names its item."""
+    try:
+        return json.dumps(rows, allow_nan=False)
+    except ValueError:
+        for r in rows:
+            try:
+                json.dumps([r["scores"], r["output"]], allow_nan=False)
+            except ValueError:
+                raise ValueError(
+                    f"work item {r['work_item_id']}: its result's scores or output hold NaN "
+                    "or infinity, which JSON cannot store; the adapter must replace them"
+                ) from None
+        raise
+
+
 def finish_batch(session: Session, *, batch_id: str, outcomes: Sequence[Outcome]) -> FinishCounts:
     """Write a batch's results and final states in the caller's one transaction.
 
@@ -235,7 +262,7 @@ def finish_batch(session: Session, *, batch_id: str, outcomes: Sequence[Outcome]
     exactly those rows (upsert on work_item_id), so finishing the same batch
     twice leaves one result per item.
     """
-    ok = [o for o in outcomes if o.error is None]
+    ok = [o.item_id for o in outcomes if o.error is None]
     bad = [o for o in outcomes if o.error is not None]
     done_ids: set[int] = set()
     failed_ids: set[int] = set()
@@ -251,7 +278,7 @@ def finish_batch(session: Session, *, batch_id: str, outcomes: Sequence[Outcome]
                     RETURNING id
                     """
                 ),
-                {"ids": [o.item_id for o in ok], "batch": batch_id},
+                {"ids": ok, "batch": batch_id},
             ).scalars()
         )
     if bad:
@@ -277,24 +304,30 @@ def finish_batch(session: Session, *, batch_id: str, outcomes: Sequence[Outcome]
         )
     written = done_ids | failed_ids
     rows = [
-        {"work_item_id": o.item_id, **o.result}
+        {
+            **o.result,
+            "work_item_id": o.item_id,
+            "confidence": _float(o.result["confidence"]),
+            "latency_ms": _float(o.result["latency_ms"]),
+        }
         for o in outcomes
         if o.result is not None and o.item_id in written
     ]
     if rows:
-        # One statement over arrays (unnest): no per-row parameters to compile,
-        # so a large batch's results are written at bulk speed (bench/producer.py).
+        # The rows travel as one JSON document (one call of the C encoder, unpacked
+        # by json_to_recordset): no per-value quoting of nine parameter arrays, so
+        # a large batch's results are written at bulk speed (bench/producer.py).
         session.execute(
             text(
                 """
                 INSERT INTO results (work_item_id, label, confidence, scores, output,
                                      model_name, model_tier, device, latency_ms)
-                SELECT * FROM unnest(
-                    CAST(:ids AS bigint[]), CAST(:labels AS varchar[]),
-                    CAST(:confidences AS float8[]), CAST(:scores AS jsonb[]),
-                    CAST(:outputs AS jsonb[]), CAST(:models AS varchar[]),
-                    CAST(:tiers AS int[]), CAST(:devices AS varchar[]),
-                    CAST(:latencies AS float8[]))
+                SELECT work_item_id, label, confidence, scores, output,
+                       model_name, model_tier, device, latency_ms
+                FROM json_to_recordset(CAST(:rows AS json)) AS r(
+                    work_item_id bigint, label varchar, confidence float8, scores jsonb,
+                    output jsonb, model_name varchar, model_tier int, device varchar,
+                    latency_ms float8)
                 ON CONFLICT (work_item_id) DO UPDATE SET
                     label = EXCLUDED.label, confidence = EXCLUDED.confidence,
                     scores = EXCLUDED.scores, output = EXCLUDED.output,
@@ -303,17 +336,7 @@ def finish_batch(session: Session, *, batch_id: str, outcomes: Sequence[Outcome]
                     created_at = now()
                 """
             ),
-            {
-                "ids": [r["work_item_id"] for r in rows],
-                "labels": [r["label"] for r in rows],
-                "confidences": [r["confidence"] for r in rows],
-                "scores": [_json(r["scores"]) for r in rows],
-                "outputs": [_json(r["output"]) for r in rows],
-                "models": [r["model_name"] for r in rows],
-                "tiers": [r["model_tier"] for r in rows],
-                "devices": [r["device"] for r in rows],
-                "latencies": [r["latency_ms"] for r in rows],
-            },
+            {"rows": _results_json(rows)},
         )
     return FinishCounts(
         done=len(done_ids), failed=len(failed_ids), skipped=len(outcomes) - len(written)

@@ -15,7 +15,7 @@ from celery import Celery
 from db import ledger
 from db.engine import transaction
 from fleet.taskconfig import TaskSpec
-from workers.messages import BatchMessage, send_batch
+from workers.messages import BatchMessage, send_batches
 
 CLAIM_CHUNK = 20_000  # items per claim transaction: bounded memory for any backlog
 
@@ -94,7 +94,7 @@ def claim_and_send(
     progress: Callable[[int], None] | None = None,
 ) -> list[ledger.ClaimedBatch]:
     """Claim up to `limit` items (committed as queued first) and send their batches
-    over one pooled broker connection."""
+    over one pooled broker connection, pipelined."""
     with transaction(url) as session:
         batches = ledger.claim_batches(
             session,
@@ -104,9 +104,9 @@ def claim_and_send(
             lease_seconds=lease_seconds,
         )
     if batches:
-        with app.producer_or_acquire() as producer:
-            for b in batches:
-                send_batch(app, BatchMessage(spec.name, b.batch_id, b.item_ids), producer=producer)
-                if progress:
-                    progress(len(b.item_ids))
+        send_batches(
+            app,
+            (BatchMessage(spec.name, b.batch_id, b.item_ids) for b in batches),
+            progress=progress,
+        )
     return batches
