@@ -68,9 +68,10 @@ def parse_conversation_line(raw: bytes, lineno: int) -> dict[str, Any]:
     if lineno == 1:
         line = line.removeprefix("\ufeff")  # a byte order mark some editors write
     try:
-        obj = json.loads(line)
+        obj = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+        what = e.msg.removesuffix(" at")  # "Unterminated string starting at"
+        raise ValueError(f"not valid JSON ({what} at column {e.colno})") from None
     except RecursionError:
         raise ValueError("JSON nested too deeply to read; flatten it") from None
     if not isinstance(obj, dict):
