@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import cast, func, literal, select, update
+from sqlalchemy import Connection, cast, func, literal, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
@@ -47,7 +47,7 @@ from fleet.settings import Settings
 from fleet.taskconfig import TaskSpec
 from producer.enqueue import discover
 from producer.reconciler import reconcile
-from producer.runner import feed
+from producer.runner import Outage, feed
 
 log = logging.getLogger("fleet.nightly")
 
@@ -91,6 +91,7 @@ class NightlyReport:
     reconciled: dict[str, int] = field(default_factory=lambda: {"returned": 0, "dead": 0})
     took_over: list[int] = field(default_factory=list)
     interrupted: bool = False
+    taken_over: bool = False  # another driver took the run over during an outage
 
 
 def run_key(run_id: int) -> int:
@@ -253,10 +254,10 @@ def drive(
     Raises RunStillGoing when another nightly run is alive."""
     started = time.monotonic()
     names = [s.name for s in specs]
-    # A dedicated connection holds the run's session lock until this process ends.
-    conn = get_engine(url).connect()
+    # A dedicated connection holds the run's session lock while this process drives it.
+    lock = _RunLock(url)
     try:
-        with Session(bind=conn) as session, session.begin():
+        with Session(bind=lock.connect()) as session, session.begin():
             run_id, took_over = open_run(
                 session,
                 names,
@@ -265,22 +266,93 @@ def drive(
                 stale_after=beat_stale_after(settings),
             )
             session.execute(select(func.pg_advisory_lock(run_key(run_id))))
+        lock.run_id = run_id
         report = NightlyReport(run_id, {}, 0.0, took_over=took_over)
         log.info("nightly run %d opened over %s", run_id, ", ".join(names))
         try:
-            _drive_loop(url, app, specs, settings, report, timeout, poll, progress, started)
+            _drive_loop(url, app, specs, settings, report, timeout, poll, progress, started, lock)
         except BaseException:  # Ctrl-C, SIGTERM, a lost service: the row still closes
             report.interrupted = True
             raise
         finally:
             report.seconds = time.monotonic() - started
-            with transaction(url) as session:
-                _close(session, run_id, **_summary(report, names))
-        conn.execute(select(func.pg_advisory_unlock(run_key(run_id))))
-        conn.commit()
+            if not report.taken_over:
+                _close_with_retries(url, run_id, _summary(report, names))
+        lock.release()
     finally:
-        conn.close()
+        lock.close()
     return report
+
+
+class _RunLock:
+    """The session-level advisory lock that says "this process drives run N".
+
+    Postgres drops it with the connection, e.g. when the server restarts; after
+    an outage the driver takes it again on a fresh connection, unless another
+    `fleet nightly` took the run over meanwhile (then this one stops)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.run_id: int | None = None
+        self._conn: Connection | None = None
+
+    def connect(self) -> Connection:
+        self.close()
+        self._conn = get_engine(self.url).connect()
+        return self._conn
+
+    def retake(self) -> bool:
+        """After an outage: True when this process still (or again) holds the run."""
+        assert self.run_id is not None
+        conn = self._conn
+        try:
+            if conn is not None:
+                conn.execute(select(1))
+                conn.commit()
+                return True  # the connection, and with it the lock, survived
+        except Exception:
+            log.warning(
+                "nightly run %d: the lock connection was lost; taking it again", self.run_id
+            )
+        conn = self.connect()
+        got = conn.execute(select(func.pg_try_advisory_lock(run_key(self.run_id)))).scalar()
+        conn.commit()
+        if not got:
+            return False
+        with Session(bind=conn) as session:
+            finished = session.execute(
+                select(Run.finished_at).where(Run.id == self.run_id)
+            ).scalar_one()
+            session.commit()
+        return finished is None
+
+    def release(self) -> None:
+        if self._conn is not None and self.run_id is not None:
+            try:
+                self._conn.execute(select(func.pg_advisory_unlock(run_key(self.run_id))))
+                self._conn.commit()
+            except Exception:  # the lock went with its connection
+                pass
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+            self._conn = None
+
+
+def _close_with_retries(url: str, run_id: int, summary: dict[str, Any]) -> None:
+    outage = Outage()
+    for _ in range(10):  # Postgres may be restarting right now: the record is worth a wait
+        try:
+            with transaction(url) as session:
+                _close(session, run_id, **summary)
+            return
+        except Exception as exc:
+            time.sleep(outage.failed(exc))
+    log.error("nightly run %d ended but its end could not be recorded in the runs table", run_id)
 
 
 def _drive_loop(
@@ -293,19 +365,41 @@ def _drive_loop(
     poll: float,
     progress: Callable[[dict[str, dict[str, int]]], None] | None,
     started: float,
+    lock: _RunLock,
 ) -> None:
     names = [s.name for s in specs]
-    report.discovered = _discover_all(url, specs)
     last_reconcile = time.monotonic()
+    outage = Outage()
+    discovered = False
     while True:
-        if time.monotonic() - last_reconcile >= settings.reconcile_interval:
-            got = reconcile(url, max_attempts=settings.max_attempts)
-            for k in got:
-                report.reconciled[k] = report.reconciled.get(k, 0) + got[k]
-            last_reconcile = time.monotonic()
-        for spec in specs:
-            report.sent_batches += feed(url, app, spec, settings)
-        report.counts = _counts(url, names)
+        try:
+            if not discovered:
+                report.discovered = _discover_all(url, specs)
+                discovered = True
+            if outage.failures and not lock.retake():
+                log.error(
+                    "nightly run %d was taken over by another driver during the outage; "
+                    "this one stops",
+                    report.run_id,
+                )
+                report.taken_over = True
+                return
+            if time.monotonic() - last_reconcile >= settings.reconcile_interval:
+                got = reconcile(url, max_attempts=settings.max_attempts)
+                for k in got:
+                    report.reconciled[k] = report.reconciled.get(k, 0) + got[k]
+                last_reconcile = time.monotonic()
+            for spec in specs:
+                report.sent_batches += feed(url, app, spec, settings)
+            report.counts = _counts(url, names)
+        except Exception as exc:
+            delay = outage.failed(exc)  # re-raises anything but a lost connection
+            if timeout is not None and time.monotonic() - started + delay > timeout:
+                report.timed_out = True
+                return
+            time.sleep(delay)
+            continue
+        outage.recovered()
         if progress:
             progress(report.counts)
         if open_items(report.counts) == 0:
