@@ -23,6 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -40,7 +41,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -113,10 +114,8 @@ class PostgresServer:
     # -- running commands as the server's user -------------------------------------
 
     def _run(self, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        kwargs: dict[str, object] = {}
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         if self.user is not None:
-            kwargs = {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
             env["HOME"] = str(self.root)
         proc = subprocess.run(
             [str(self.bin / argv[0]), *argv[1:]],
@@ -125,7 +124,9 @@ class PostgresServer:
             timeout=timeout,
             cwd=self.root,
             env=env,
-            **kwargs,  # type: ignore[arg-type]
+            user=self.user.pw_uid if self.user else None,
+            group=self.user.pw_gid if self.user else None,
+            extra_groups=[] if self.user else None,
         )
         if proc.returncode != 0:
             raise RuntimeError(
