@@ -189,20 +189,31 @@ def claim_batches(
 
 
 def start_batch(
-    session: Session, *, batch_id: str, item_ids: Sequence[int], worker: str, lease_seconds: int
+    session: Session,
+    *,
+    batch_id: str,
+    item_ids: Sequence[int],
+    worker: str,
+    lease_seconds: int,
+    resume: bool = False,
 ) -> list[StartedItem]:
     """Mark running the items still leased to this batch, renewing their lease.
 
     Items already finished, or reclaimed into another batch after their lease
     expired, are not returned: the worker skips them, so a redelivered or stale
     message changes nothing.
+
+    Each start counts a delivery; `deliveries_before` (starts that never
+    finished) is what poison isolation reads. With `resume`, the previous start
+    ended in a transient error in a worker that lived, not a crash: this start
+    takes its place instead of adding one.
     """
     rows = session.execute(
         text(
             """
             UPDATE work_items w
             SET status = 'running',
-                deliveries = w.deliveries + 1,
+                deliveries = GREATEST(w.deliveries + :inc, 1),
                 worker = :worker,
                 lease_until = now() + make_interval(secs => :lease),
                 updated_at = now()
@@ -212,7 +223,13 @@ def start_batch(
             RETURNING w.id, w.source_kind, w.source_id, w.deliveries - 1
             """
         ),
-        {"ids": list(item_ids), "batch": batch_id, "worker": worker, "lease": lease_seconds},
+        {
+            "ids": list(item_ids),
+            "batch": batch_id,
+            "worker": worker,
+            "lease": lease_seconds,
+            "inc": 0 if resume else 1,
+        },
     ).all()
     return sorted((StartedItem(*r) for r in rows), key=lambda s: s.item_id)
 

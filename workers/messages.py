@@ -20,14 +20,21 @@ class BatchMessage:
     batch_id: str
     item_ids: tuple[int, ...]
     attempt: int = 0
+    # Set on a retry after a transient error (Postgres/Redis unreachable) in a
+    # worker that had already started the batch and lived: that start was not
+    # a crash, so it must not count toward poison isolation.
+    resume: bool = False
 
     def encode(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "task": self.task,
             "batch_id": self.batch_id,
             "item_ids": list(self.item_ids),
             "attempt": self.attempt,
         }
+        if self.resume:
+            out["resume"] = True
+        return out
 
     def summary(self) -> str:
         """What logs and Flower show for the message's arguments. Celery would
@@ -50,10 +57,12 @@ class BatchMessage:
             raise ValueError("batch message task and batch_id must be strings")
         if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
             raise ValueError("batch message item_ids must be a list of integers")
-        return cls(task, batch_id, tuple(ids), int(raw.get("attempt", 0)))
+        return cls(
+            task, batch_id, tuple(ids), int(raw.get("attempt", 0)), raw.get("resume") is True
+        )
 
-    def next_attempt(self) -> BatchMessage:
-        return replace(self, attempt=self.attempt + 1)
+    def next_attempt(self, *, resume: bool = False) -> BatchMessage:
+        return replace(self, attempt=self.attempt + 1, resume=resume)
 
 
 def send_batch(app: Any, msg: BatchMessage, *, producer: Any = None) -> None:

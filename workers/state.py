@@ -163,13 +163,43 @@ def _crash_if_asked(st: WorkerState, sources: list[Source]) -> None:
         os._exit(137)
 
 
+# (batch_id, attempt) of the message whose start_batch this process committed
+# last: a transient error after it is retried as a resume, not counted as a crash.
+_started: tuple[str, int] | None = None
+
+
+def batch_started(msg: BatchMessage) -> bool:
+    """Did this process commit the start of this very message?"""
+    return _started == (msg.batch_id, msg.attempt)
+
+
+def _first_resume(settings: Settings, msg: BatchMessage) -> bool:
+    """True for the first start of a resume message. A worker that dies on it has
+    the same message redelivered: that start finds the key and counts as usual,
+    so a crash loop is still isolated. Without Redis, count as usual."""
+    if not msg.resume:
+        return False
+    client = worker_stats.redis_client(settings.redis_url())
+    try:
+        key = f"fleet:resume:{msg.batch_id}:{msg.attempt}"
+        return bool(client.set(key, 1, nx=True, ex=settings.visibility_timeout))
+    except Exception as e:
+        log.warning("batch %s: resume not recorded (%s); this start counts", msg.batch_id, e)
+        return False
+    finally:
+        client.close()
+
+
 def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
+    global _started
     st = current()
     s = st.settings
     url = s.db_url()
     started_at = time.perf_counter()
+    _started = None
     if msg.task != st.task.name:
         raise ValueError(f"this worker serves {st.task.name!r}, got a batch for {msg.task!r}")
+    resume = _first_resume(s, msg)
     with transaction(url) as session:
         started = ledger.start_batch(
             session,
@@ -177,7 +207,9 @@ def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
             item_ids=msg.item_ids,
             worker=hostname,
             lease_seconds=s.lease_seconds,
+            resume=resume,
         )
+    _started = (msg.batch_id, msg.attempt)
     if not started:
         log.info("batch %s: nothing leased to it any more (stale or redelivered)", msg.batch_id)
         worker_stats.count_message("stale")

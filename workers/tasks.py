@@ -21,7 +21,7 @@ MAX_RETRIES = 8
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
 def run_batch(self: Task, **kwargs: Any) -> dict[str, Any]:
-    from workers.state import process
+    from workers.state import batch_started, process
 
     msg = BatchMessage.decode(kwargs)
     try:
@@ -45,7 +45,9 @@ def run_batch(self: Task, **kwargs: Any) -> dict[str, Any]:
             decision.countdown,
         )
         raise self.retry(
-            kwargs=msg.next_attempt().encode(),
+            # This process lived: its start of the batch, if committed, was no crash;
+            # a resume this attempt could not start yet is carried to the next one.
+            kwargs=msg.next_attempt(resume=msg.resume or batch_started(msg)).encode(),
             countdown=decision.countdown,
             max_retries=MAX_RETRIES,
             exc=exc,

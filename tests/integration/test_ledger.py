@@ -236,3 +236,31 @@ def test_split_takes_back_the_start_that_decided_it(db_url):
             s, batch_id=parts[0].batch_id, item_ids=parts[0].item_ids, worker="w", lease_seconds=60
         )
     assert [a.deliveries_before for a in alone] == [1]
+
+
+def test_a_resumed_start_replaces_the_start_a_transient_error_ended(db_url):
+    """A worker that lived through a transient error is no crash: the retry's
+    start takes the place of the first one; a crash after it counts again."""
+    _seed(db_url, 3)
+    batch, first = _run_one(db_url, None)  # started; then Postgres went away, the worker lived
+    assert {a.deliveries_before for a in first} == {0}
+
+    def start(resume: bool) -> list[ledger.StartedItem]:
+        with transaction(db_url) as s:
+            return ledger.start_batch(
+                s,
+                batch_id=batch.batch_id,
+                item_ids=batch.item_ids,
+                worker="w",
+                lease_seconds=60,
+                resume=resume,
+            )
+
+    assert {a.deliveries_before for a in start(resume=True)} == {0}  # no crash so far
+    assert {a.deliveries_before for a in start(resume=False)} == {1}  # that start died
+    with transaction(db_url) as s:
+        got = s.execute(
+            text("SELECT DISTINCT deliveries FROM work_items WHERE batch_id = CAST(:b AS uuid)"),
+            {"b": batch.batch_id},
+        ).scalars()
+        assert list(got) == [2]

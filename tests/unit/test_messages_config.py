@@ -11,6 +11,10 @@ def test_message_round_trip():
     assert BatchMessage.decode(m.encode()) == m
     assert m.next_attempt().attempt == 3
     assert set(m.encode()) == {"task", "batch_id", "item_ids", "attempt"}
+    resumed = m.next_attempt(resume=True)
+    assert resumed.encode()["resume"] is True and BatchMessage.decode(resumed.encode()) == resumed
+    assert resumed.next_attempt().resume is False  # only the retry that says so
+    assert BatchMessage.decode({**m.encode(), "resume": "yes"}).resume is False  # JSON true only
 
 
 @pytest.mark.parametrize(
