@@ -18,6 +18,9 @@ from fleet.taskconfig import TaskSpec
 from workers.messages import BatchMessage, send_batches
 
 CLAIM_CHUNK = 20_000  # items per claim transaction: bounded memory for any backlog
+# An enqueue that claims at least this many items refreshes the planner's
+# statistics of the ledger afterwards (see ledger.analyze).
+ANALYZE_AFTER = 50_000
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,9 @@ def enqueue(
             break
         sent_items += sum(len(b.item_ids) for b in batches)
         sent_batches += len(batches)
+    if sent_items >= ANALYZE_AFTER:
+        with transaction(url) as session:
+            ledger.analyze(session)
     return EnqueueReport(spec.name, discovered, sent_items, sent_batches)
 
 

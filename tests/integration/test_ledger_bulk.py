@@ -6,9 +6,11 @@ from __future__ import annotations
 import base64
 import json
 import math
+from collections.abc import Iterator
 
 import pytest
 import redis
+from kombu import pools
 from sqlalchemy import text
 
 from db import ledger
@@ -16,6 +18,15 @@ from db.engine import transaction
 from db.sources import ingest_conversations
 from tests.support import conversations
 from workers.messages import BatchMessage, send_batches
+
+
+@pytest.fixture
+def fresh_pools() -> Iterator[None]:
+    """kombu keeps producer pools per broker URL for the whole process; a pool
+    another test closed would be handed to this test's app. Start and end clean."""
+    pools.reset()
+    yield
+    pools.reset()  # closes this test's broker connections
 
 
 def _seed(url: str, n: int) -> None:
@@ -175,7 +186,7 @@ def test_finish_batch_replaces_the_result_of_an_earlier_attempt(db_url):
     assert got == {skipped: "old", **{i: "new" for i in second.item_ids if i != skipped}}
 
 
-def test_send_batches_pipelines_every_message_in_order(broker_url):
+def test_send_batches_pipelines_every_message_in_order(broker_url, fresh_pools):
     from fleet.settings import Settings
     from workers.app import create_app
 
@@ -184,10 +195,7 @@ def test_send_batches_pipelines_every_message_in_order(broker_url):
         BatchMessage("intent", f"b{k:04d}", tuple(range(k * 64, k * 64 + 64))) for k in range(700)
     ]
     seen: list[int] = []
-    try:
-        assert send_batches(app, msgs, progress=seen.append) == 700
-    finally:
-        app.pool.force_close_all()
+    assert send_batches(app, msgs, progress=seen.append) == 700
     assert seen == [64] * 700
     client = redis.Redis.from_url(broker_url)
     try:
@@ -205,3 +213,40 @@ def test_send_batches_pipelines_every_message_in_order(broker_url):
     )
     assert json.loads(base64.b64decode(last["body"]))[1]["batch_id"] == "b0699"
     assert BatchMessage.decode(kwargs) == msgs[0]
+
+
+def test_enqueue_sends_every_batch_and_refreshes_statistics_after_a_large_claim(
+    db_url, broker_url, monkeypatch, fresh_pools
+):
+    from fleet.settings import Settings
+    from fleet.taskconfig import get_task, load_tasks
+    from producer import enqueue as producer_enqueue
+    from workers.app import create_app
+
+    with transaction(db_url) as s:
+        ingest_conversations(s, conversations(300))
+    monkeypatch.setattr(producer_enqueue, "CLAIM_CHUNK", 100)  # several claim chunks
+    monkeypatch.setattr(producer_enqueue, "ANALYZE_AFTER", 250)
+    app = create_app(Settings(database_url=db_url, broker_url=broker_url))
+    spec = get_task(load_tasks(), "intent")
+    sent: list[int] = []
+    report = producer_enqueue.enqueue(
+        db_url, app, spec, limit=None, batch_size=16, lease_seconds=60, progress=sent.append
+    )
+    # Claims take whole batches (96 of each 100): 6 + 6 + 6 + 1 batches.
+    assert (report.discovered, report.items, report.batches) == (300, 300, 19)
+    assert sum(sent) == 300
+    client = redis.Redis.from_url(broker_url)
+    try:
+        bodies = [json.loads(base64.b64decode(json.loads(m)["body"]))[1]
+                  for m in client.lrange("fleet.intent", 0, -1)]  # fmt: skip
+    finally:
+        client.close()
+    assert sorted(i for b in bodies for i in b["item_ids"]) == sorted(_sizes(db_url))
+    with transaction(db_url) as s:
+        assert ledger.counts(s, task="intent") == {"intent": {"queued": 300}}
+        s.execute(text("SELECT pg_stat_clear_snapshot()"))
+        analyzed = s.execute(
+            text("SELECT last_analyze FROM pg_stat_user_tables WHERE relname = 'work_items'")
+        ).scalar_one()
+    assert analyzed is not None
