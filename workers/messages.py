@@ -42,9 +42,11 @@ class BatchMessage:
         the rest of sending."""
         ids = self.item_ids
         shown = f"[{ids[0]}, ..., {ids[-1]}]" if len(ids) > 2 else repr(list(ids))
+        count = f"{len(ids)} item" + ("" if len(ids) == 1 else "s")
+        resume = ", 'resume': True" if self.resume else ""
         return (
             f"{{'task': {self.task!r}, 'batch_id': {self.batch_id!r}, "
-            f"'item_ids': {shown} ({len(ids)} items), 'attempt': {self.attempt}}}"
+            f"'item_ids': {shown} ({count}), 'attempt': {self.attempt}{resume}}}"
         )
 
     @classmethod
