@@ -1,11 +1,12 @@
 """Fleet overhead against the bare model, and against the one-at-a-time way.
 
-    .venv/bin/python -m bench.overhead [--items 2000] [--batch-size 64]
+    .venv/bin/python -m bench.overhead [--items 2000] [--batch-size 64] [--workers N]
 
 Measured side by side in one run, same model (MiniLM-L6 encoder with an
 8-label head: the intent classifier's architecture and cost), same texts:
   bare      the adapter alone, length-sorted batches, in this process
-  fleet     ingest -> Postgres -> `fleet run` -> Redis -> one real celery worker -> results in Postgres
+  fleet     ingest -> Postgres -> `fleet run` -> Redis -> real celery worker(s) -> results in Postgres
+            (--workers N: N workers share the machine's cores, each with cores/N torch threads)
   pipeline1 a transformers pipeline called once per conversation (the old scripts)
   pipeline32  pipeline(..., batch_size=32), no length sorting
 Prints items/s for each and the ratios. Needs Postgres and Redis
@@ -95,7 +96,9 @@ def pipeline_rate(model: Path, items: list[str], batch_size: int | None) -> floa
     return len(items) / (time.perf_counter() - start)
 
 
-def fleet(model: Path, items: list[str], batch_size: int, batch_tokens: int, tmp: Path) -> float:
+def fleet(
+    model: Path, items: list[str], batch_size: int, batch_tokens: int, tmp: Path, workers: int = 1
+) -> float:
     import redis
 
     name = f"fleet_bench_{os.getpid()}"
@@ -133,18 +136,18 @@ def fleet(model: Path, items: list[str], batch_size: int, batch_tokens: int, tmp
         check=True,
         capture_output=True,
     )
-    log = (tmp / "worker.log").open("wb")
-    worker = subprocess.Popen(
-        [*fl, "worker", "-t", "intent", "--loglevel", "WARNING"], env=env, stdout=log, stderr=log
-    )
+    from fleet.cli import worker_argv
+
+    procs = []
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    for k in range(workers):
+        log = (tmp / f"worker{k}.log").open("wb")
+        argv = worker_argv("intent", gpu=None, loglevel="WARNING", hostname=f"intent@cpu{k}.%h")
+        wenv = {**env, "OMP_NUM_THREADS": str(threads)} if workers > 1 else env
+        procs.append(subprocess.Popen(argv, env=wenv, stdout=log, stderr=log))
     try:
-        # Let the worker load its model first: the ratio is about steady-state throughput.
-        subprocess.run(
-            [sys.executable, "-m", "celery", "-A", "workers.app", "inspect", "ping", "-t", "60"],
-            env=env,
-            capture_output=True,
-            timeout=120,
-        )
+        # Let the workers load their model first: the ratio is about steady-state throughput.
+        _wait_workers(env, workers)
         time.sleep(1)
         subprocess.run(
             [*fl, "run", "-t", "intent", "--json"], env=env, check=True, capture_output=True
@@ -159,11 +162,29 @@ def fleet(model: Path, items: list[str], batch_size: int, batch_tokens: int, tmp
         assert row is not None
         rate = len(items) / float(row[0])
     finally:
-        worker.terminate()
-        worker.wait(timeout=60)
+        for w in procs:
+            w.terminate()
+        for w in procs:
+            w.wait(timeout=60)
         with psycopg.connect(ADMIN, autocommit=True) as c:
             c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     return rate
+
+
+def _wait_workers(env: dict[str, str], n: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ping = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "workers.app", "inspect", "ping", "-t", "5"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if ping.stdout.count("pong") >= n:
+            return
+        time.sleep(1)
+    raise SystemExit(f"{n} worker(s) did not answer within {timeout:.0f}s; see worker*.log")
 
 
 def main() -> None:
@@ -173,6 +194,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--workers", type=int, default=1, help="fleet workers (cores are shared)")
     ap.add_argument(
         "--skip-pipeline1", action="store_true", help="skip the slow one-at-a-time baseline"
     )
@@ -184,13 +206,15 @@ def main() -> None:
         tmp = Path(d)
         model = build_model(tmp / "model")
         rates = {"bare": bare(model, items, args.batch_tokens)}
-        rates["fleet"] = fleet(model, items, args.batch_size, args.batch_tokens, tmp)
+        rates["fleet"] = fleet(
+            model, items, args.batch_size, args.batch_tokens, tmp, workers=args.workers
+        )
         rates["pipeline32"] = pipeline_rate(model, items, 32)
         if not args.skip_pipeline1:
             rates["pipeline1"] = pipeline_rate(model, items[: max(200, args.items // 5)], None)
     print(
         f"items={args.items} batch_size={args.batch_size} batch_tokens={args.batch_tokens} "
-        f"torch_threads={torch.get_num_threads()} cpus={os.cpu_count()}"
+        f"torch_threads={torch.get_num_threads()} cpus={os.cpu_count()} workers={args.workers}"
     )
     for k, v in rates.items():
         print(f"{k:12} {v:8.1f} items/s")
