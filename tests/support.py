@@ -6,9 +6,12 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -255,3 +258,57 @@ def wer(reference: str, hypothesis: str) -> float:
         for j, h in enumerate(hyp, 1):
             diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (r != h))
     return row[-1] / len(ref)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServedProcess:
+    """A `fleet` command that serves HTTP (flower, metrics) as a real process."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str], port: int, log: Path) -> None:
+        self.port, self.log = port, log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fleet.cli", *args],
+            env=env,
+            cwd=REPO,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_up(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"exited:\n{self.log.read_text()}"
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"not listening after {timeout}s:\n{self.log.read_text()}")
+
+    def get(self, path: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
+        import base64
+
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
+        if auth is not None:
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=20)

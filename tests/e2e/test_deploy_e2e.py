@@ -10,34 +10,21 @@ and Kubernetes restarting the pod forever.
 
 from __future__ import annotations
 
-import base64
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.support import REPO, fleet_env
+from tests.support import REPO, ServedProcess, fleet_env, free_port
 
 pytestmark = pytest.mark.e2e
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 K8S = REPO / "deploy" / "k8s"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def k8s_probe_path(file: str) -> str:
@@ -67,53 +54,9 @@ def healthcheck_argv(service: str, port: int) -> list[str]:
     return [sys.executable, *(re.sub(f":{published}/", f":{port}/", a) for a in test[2:])]
 
 
-class Served:
-    def __init__(self, args: list[str], env: dict[str, str], port: int, log: Path) -> None:
-        self.port, self.log = port, log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fleet.cli", *args],
-            env=env,
-            cwd=REPO,
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_up(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"exited:\n{self.log.read_text()}"
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise AssertionError(f"not listening after {timeout}s:\n{self.log.read_text()}")
-
-    def get(self, path: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
-        if auth is not None:
-            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-            req.add_header("Authorization", f"Basic {token}")
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return resp.status, resp.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=20)
-
-
 @pytest.fixture
-def served() -> Iterator[list[Served]]:
-    started: list[Served] = []
+def served() -> Iterator[list[ServedProcess]]:
+    started: list[ServedProcess] = []
     yield started
     for s in started:
         s.stop()
@@ -125,7 +68,9 @@ def test_flower_as_deployed_passes_its_healthcheck_and_asks_for_the_password(
     port = free_port()
     env = service_env("flower", db_url, broker_url, port, tmp_path)
     env.update(FLEET_FLOWER_USER="ops", FLEET_FLOWER_PASSWORD="s3cret-pw")
-    flower = Served(COMPOSE["services"]["flower"]["command"], env, port, tmp_path / "flower.log")
+    flower = ServedProcess(
+        COMPOSE["services"]["flower"]["command"], env, port, tmp_path / "flower.log"
+    )
     served.append(flower)
     flower.wait_up()
 
@@ -141,7 +86,9 @@ def test_flower_as_deployed_passes_its_healthcheck_and_asks_for_the_password(
 def test_metrics_as_deployed_passes_its_healthcheck(db_url, broker_url, tmp_path, served):
     port = free_port()
     env = service_env("metrics", db_url, broker_url, port, tmp_path)
-    exporter = Served(COMPOSE["services"]["metrics"]["command"], env, port, tmp_path / "m.log")
+    exporter = ServedProcess(
+        COMPOSE["services"]["metrics"]["command"], env, port, tmp_path / "m.log"
+    )
     served.append(exporter)
     exporter.wait_up()
 

@@ -4,77 +4,27 @@ the password kept out of logs and `ps`, the running worker listed; and the
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import signal
 import socket
 import stat
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.support import REPO
+from tests.support import REPO, ServedProcess, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 WORKER = "intent@gpu0.%h"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class FlowerProcess:
+class FlowerProcess(ServedProcess):
     def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
-        self.port = free_port()
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fleet.cli", "flower", "--port", str(self.port), *args],
-            env=env,
-            cwd=REPO,
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def get(self, path: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
-        if auth is not None:
-            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-            req.add_header("Authorization", f"Basic {token}")
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return resp.status, resp.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def wait_up(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"flower exited:\n{self.log.read_text()}"
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise AssertionError(f"flower not listening after {timeout}s:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=20)
+        port = free_port()
+        super().__init__(["flower", "--port", str(port), *args], env, port, log)
 
 
 def _worker_listed(flower: FlowerProcess, auth: tuple[str, str], name: str) -> bool:
