@@ -60,10 +60,19 @@ def _tier(task: str, i: int, raw: dict[str, Any]) -> TierSpec:
     return TierSpec(**fields, options=options)
 
 
+# Queues fleet.control (beat's control worker) and fleet.default (Celery's default).
+RESERVED_NAMES = ("control", "default")
+
+
 def parse_tasks(doc: dict[str, Any]) -> dict[str, TaskSpec]:
     label_sets: dict[str, dict[str, str]] = doc.get("labels", {})
     tasks: dict[str, TaskSpec] = {}
     for name, raw in doc.get("tasks", {}).items():
+        if name in RESERVED_NAMES:
+            raise ConfigError(
+                f"task name {name!r} is reserved (queue fleet.{name} carries the fleet's own "
+                "messages): rename the task"
+            )
         kind = raw.get("kind")
         if kind not in KINDS:
             raise ConfigError(f"task {name!r}: kind must be one of {KINDS}, got {kind!r}")

@@ -54,6 +54,8 @@ def test_bundled_tasks_parse():
             {"tasks": {"a": {"kind": "fake", "labels": "zz", "ladder": [{"path": "x"}]}}},
             "label set",
         ),
+        ({"tasks": {"control": {"kind": "fake", "ladder": [{"path": "x"}]}}}, "reserved"),
+        ({"tasks": {"default": {"kind": "fake", "ladder": [{"path": "x"}]}}}, "reserved"),
     ],
 )
 def test_config_errors(doc, message):
