@@ -13,11 +13,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from tests.chaos.servers import PostgresServer, RedisServer, ServerUnavailable
-from tests.support import REPO, WorkerProcess, fleet_env, status_counts, tasks_toml
+from tests.e2e.conftest import Fleet as E2EFleet
+from tests.support import REPO, fleet_env, status_counts, tasks_toml
 
 TINY_LADDER = [
     {"name": "tiny-big", "path": "tiny-big", "max_length": 128, "max_batch_tokens": 4096},
@@ -67,29 +69,12 @@ def servers() -> Iterator[Servers]:
 
 
 @dataclass
-class Fleet:
+class Fleet(E2EFleet):
     """Workers and `fleet` commands against one database and broker."""
 
-    db_url: str
-    broker_url: str
-    tmp: Path
-    env: dict[str, str]
-    workers: list[WorkerProcess] = field(default_factory=list)
-    runs: list[subprocess.Popen[str]] = field(default_factory=list)
+    name_prefix: ClassVar[str] = "chaos"
 
-    def worker(
-        self, task: str = "intent", *, name: str | None = None, **extra: str
-    ) -> WorkerProcess:
-        n = len(self.workers)
-        w = WorkerProcess(
-            task,
-            self.env,
-            self.tmp / f"worker{n}.log",
-            name=name or f"{task}@chaos{n}.%h",
-            extra_env=extra,
-        )
-        self.workers.append(w)
-        return w.start()
+    runs: list[subprocess.Popen[str]] = field(default_factory=list)
 
     def run(
         self, task: str = "intent", *, timeout: float = 240, **extra: str

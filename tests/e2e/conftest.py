@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -11,6 +12,10 @@ from tests.support import WorkerProcess, fleet_env, tasks_toml
 
 @dataclass
 class Fleet:
+    """Real worker processes against one database and broker."""
+
+    name_prefix: ClassVar[str] = "w"  # workers are named <task>@<prefix><n>.%h
+
     db_url: str
     broker_url: str
     tmp: Path
@@ -25,7 +30,7 @@ class Fleet:
             task,
             self.env,
             self.tmp / f"worker{n}.log",
-            name=name or f"{task}@w{n}.%h",
+            name=name or f"{task}@{self.name_prefix}{n}.%h",
             extra_env=extra_env,
         )
         self.workers.append(w)
