@@ -18,8 +18,9 @@ from typing import Any
 INTENT = "intent-minilm"
 MINILM = "all-minilm-l6-v2"
 WHISPER = "whisper-tiny.en"
+WHISPER_BASE = "whisper-base"
 SMOLLM = "smollm2-135m-instruct"
-ALL = (INTENT, MINILM, WHISPER, SMOLLM)
+ALL = (INTENT, MINILM, WHISPER, WHISPER_BASE, SMOLLM)
 
 Echo = Callable[[str], None]
 
@@ -128,6 +129,10 @@ def _prepare_one(name: str, models_dir: Path, force: bool, echo: Echo) -> Path:
         from workers.prepare.whisper_ct2 import prepare_whisper
 
         return prepare_whisper(models_dir, force=force)
+    if name == WHISPER_BASE:
+        from workers.prepare.whisper_ct2 import prepare_whisper_base
+
+        return prepare_whisper_base(models_dir, force=force)
     if name == SMOLLM:
         from workers.prepare.smollm import prepare_smollm
 

