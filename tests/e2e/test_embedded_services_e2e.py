@@ -1,0 +1,128 @@
+"""The embedded default under concurrency: processes that start at the same
+moment on one state folder share one Postgres and one Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+pytestmark = pytest.mark.e2e
+
+# Starts (or attaches to) the embedded servers, says which it got, then holds
+# them until the test lets go: all four processes are alive at the same time.
+HOLDER = """
+import json, sys, time
+from pathlib import Path
+from fleet.settings import Settings
+from fleet.services import ensure_services
+s = ensure_services(Settings())
+print(json.dumps({"db": s.db_url(), "broker": s.redis_url()}), flush=True)
+release = Path(sys.argv[1])
+while not release.exists():
+    time.sleep(0.1)
+"""
+
+
+def _embedded_env(state: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL")}
+    env["FLEET_STATE_DIR"] = str(state)
+    return env
+
+
+def _redis_servers_in(folder: Path) -> int:
+    """redis-server processes working in this folder (Redis chdirs to its `dir`)."""
+    import psutil
+
+    n = 0
+    for p in psutil.process_iter(["name"]):
+        try:
+            if p.info["name"] == "redis-server" and Path(p.cwd()) == folder.resolve():
+                n += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return n
+
+
+def test_four_processes_at_once_share_one_postgres_and_one_redis(tmp_path):
+    state = tmp_path / "state"
+    release = tmp_path / "release"
+    env = _embedded_env(state)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(release)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    try:
+        got = []
+        for p in procs:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            assert line, (
+                f"holder exited: {p.wait(timeout=10)} {p.stderr.read() if p.stderr else ''}"
+            )
+            got.append(json.loads(line))
+        assert len({g["broker"] for g in got}) == 1, got
+        assert len({g["db"] for g in got}) == 1, got
+        socket_file = got[0]["broker"].removeprefix("redis+socket://")
+        client = redis.Redis(unix_socket_path=socket_file)
+        client.set("fleet:probe", "one server")
+        assert client.get("fleet:probe") == b"one server"
+        # Every holder is a client of that one server (its own pool's connection).
+        assert len(client.client_list()) >= 5
+        client.close()
+        assert _redis_servers_in(state / "redis") == 1
+        registry = json.loads((state / "redis" / "fleet.rdb.settings").read_text())
+        assert registry["unixsocket"] == socket_file
+    finally:
+        release.touch()
+        for p in procs:
+            p.wait(timeout=60)
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [
+        p.stderr.read() if p.stderr else "" for p in procs
+    ]
+    # The last one out stopped the server it shared.
+    deadline = time.monotonic() + 10
+    while Path(socket_file).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(socket_file).exists()
+
+
+def test_a_dead_servers_record_is_not_reused(tmp_path):
+    """A registry naming a server that no longer answers (killed, socket gone)
+    is dropped and a fresh server starts."""
+    state = tmp_path / "state"
+    (state / "redis").mkdir(parents=True)
+    (state / "redis" / "fleet.rdb.settings").write_text(
+        json.dumps(
+            {
+                "pidfile": str(tmp_path / "gone.pid"),
+                "unixsocket": str(tmp_path / "gone.socket"),
+            }
+        )
+    )
+    (tmp_path / "gone.pid").write_text(str(os.getpid()))  # a live pid that is no Redis
+    release = tmp_path / "release"
+    release.touch()
+    out = subprocess.run(
+        [sys.executable, "-c", HOLDER, str(release)],
+        env=_embedded_env(state),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    broker = json.loads(out.stdout)["broker"]
+    assert "gone.socket" not in broker
+    assert "does not answer" in out.stderr
