@@ -580,11 +580,23 @@ def compare(
 # -- workers ---------------------------------------------------------------------
 
 
+def worker_name(task: str, *, gpu: int | None, unique: str | None = None) -> str:
+    """A celery node name `<task>@<gpuN|cpu>-<unique>.%h` (celery fills in %h).
+
+    `unique` defaults to a short random token, so two workers for one task on
+    one host (by hand, or under two supervisors) never share a name: Celery,
+    Flower and `fleet status` would see them as one worker.
+    """
+    import secrets
+
+    slot = f"gpu{gpu}" if gpu is not None else "cpu"
+    return f"{task}@{slot}-{unique or secrets.token_hex(3)}.%h"
+
+
 def worker_argv(
     task: str, *, gpu: int | None, loglevel: str, hostname: str | None = None
 ) -> list[str]:
-    slot = f"gpu{gpu}" if gpu is not None else "cpu"
-    name = hostname or f"{task}@{slot}.%h"
+    name = hostname or worker_name(task, gpu=gpu)
     return [
         sys.executable,
         "-m",
@@ -628,7 +640,9 @@ def worker_env(settings: Settings, *, gpu: int | None) -> dict[str, str]:
 def worker(ctx: Ctx, task_name: str, gpu: int | None, loglevel: str) -> None:
     """Start one solo-pool Celery worker for a task, holding its model resident."""
     ctx.task(task_name)  # fail here, with the list of tasks, on a typo
-    argv = worker_argv(task_name, gpu=gpu, loglevel=loglevel)
+    # The worker replaces this process: its pid names it.
+    name = worker_name(task_name, gpu=gpu, unique=str(os.getpid()))
+    argv = worker_argv(task_name, gpu=gpu, loglevel=loglevel, hostname=name)
     os.execvpe(argv[0], argv, worker_env(ctx.settings, gpu=gpu))
 
 

@@ -2,7 +2,9 @@
 
 Each child is a real `celery worker` with CUDA_VISIBLE_DEVICES set to its GPU
 before torch is imported. A child that dies is restarted with exponential
-backoff (reset once it has stayed up a minute); SIGTERM/SIGINT stop them all
+backoff (reset once it has stayed up a minute), except one that exits with the
+configuration-error code 2 (no model, bad config), which no restart can fix;
+SIGTERM/SIGINT stop them all
 with a warm shutdown, so their current batches finish first.
 """
 
@@ -20,6 +22,7 @@ from fleet.settings import Settings
 from workers.policy import backoff
 
 STABLE_AFTER_S = 60.0
+EXIT_CONFIG = 2  # a worker's own exit code when it cannot load its model (workers.app)
 
 
 def visible_gpus() -> int:
@@ -61,6 +64,7 @@ class Child:
     started: float = 0.0
     restarts: int = 0
     next_start: float = 0.0
+    given_up: bool = False
 
 
 def _reap(c: Child, now: float, task: str, echo: Callable[[str], None], base: float) -> None:
@@ -68,6 +72,15 @@ def _reap(c: Child, now: float, task: str, echo: Callable[[str], None], base: fl
     if c.proc is None or c.proc.poll() is None:
         return
     code = c.proc.returncode
+    if code == EXIT_CONFIG:
+        # The worker could not load its model or config: a restart cannot fix that.
+        c.proc = None
+        c.given_up = True
+        echo(
+            f"{task}@gpu{c.gpu} exited with {code} (configuration error: its log says what "
+            "to run, e.g. `fleet models prepare`); not restarting it"
+        )
+        return
     if now - c.started > STABLE_AFTER_S:
         c.restarts = 0
     delay = backoff(c.restarts, base=base, cap=60.0, jitter=False)
@@ -118,8 +131,11 @@ def supervise(
         now = time.monotonic()
         for c in children:
             _reap(c, now, task, echo, settings.restart_backoff)
-            if c.proc is None and now >= c.next_start:
+            if c.proc is None and not c.given_up and now >= c.next_start:
                 start(c)
+        if all(c.given_up for c in children):
+            echo("no worker could start (configuration error); stopping")
+            return EXIT_CONFIG
         time.sleep(0.5)
     echo("stopping workers (warm shutdown: current batches finish)")
     for c in children:

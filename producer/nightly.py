@@ -47,7 +47,7 @@ from fleet.settings import Settings
 from fleet.taskconfig import TaskSpec
 from producer.enqueue import discover
 from producer.reconciler import reconcile
-from producer.runner import Outage, feed
+from producer.runner import Outage, ServedWatch, feed
 
 log = logging.getLogger("fleet.nightly")
 
@@ -370,6 +370,7 @@ def _drive_loop(
     names = [s.name for s in specs]
     last_reconcile = time.monotonic()
     outage = Outage()
+    watch = ServedWatch(settings.redis_url())
     discovered = False
     while True:
         try:
@@ -400,6 +401,7 @@ def _drive_loop(
             time.sleep(delay)
             continue
         outage.recovered()
+        watch.check(names, report.counts)
         if progress:
             progress(report.counts)
         if open_items(report.counts) == 0:

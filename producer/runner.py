@@ -50,6 +50,71 @@ def feed(url: str, app: Celery, spec: TaskSpec, settings: Settings) -> int:
     return len(batches)
 
 
+class ServedWatch:
+    """Says, a few seconds into a run and then every minute, which tasks with
+    waiting items have no live worker, and how to start one.
+
+    Live workers are read from their stats heartbeats in Redis
+    (`fleet:worker:<name>`, see workers.stats): a worker appears once its model
+    is loaded and disappears a minute after it dies. The run keeps waiting: a
+    worker started later picks the work up.
+    """
+
+    def __init__(
+        self,
+        broker_url: str,
+        *,
+        grace: float = 5.0,
+        repeat: float = 60.0,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
+        self.broker_url = broker_url
+        self.grace, self.repeat = grace, repeat
+        self.started = time.monotonic()
+        self.last_said: dict[str, float] = {}
+        self.echo = echo or log.warning
+
+    def unserved(self, names: Sequence[str], counts: dict[str, dict[str, int]]) -> list[str]:
+        """Tasks among `names` with pending or queued items and no live worker."""
+        from workers.stats import redis_client, scan_workers
+
+        waiting = [
+            n
+            for n in names
+            if counts.get(n, {}).get("pending", 0) + counts.get(n, {}).get("queued", 0)
+        ]
+        if not waiting:
+            return []
+        client = redis_client(self.broker_url)
+        try:
+            served = {w.task for w in scan_workers(client)}
+        finally:
+            client.close()
+        return [n for n in waiting if n not in served]
+
+    def check(self, names: Sequence[str], counts: dict[str, dict[str, int]]) -> list[str]:
+        """Say which tasks nobody serves (at most once a `repeat` per task); return them."""
+        now = time.monotonic()
+        if now - self.started < self.grace:
+            return []
+        try:
+            missing = self.unserved(names, counts)
+        except Exception as e:  # a Redis blip: the drive loop's outage handling owns that
+            log.debug("worker heartbeat check skipped: %s", e)
+            return []
+        for name in missing:
+            if now - self.last_said.get(name, -1e9) >= self.repeat:
+                self.last_said[name] = now
+                waiting = counts.get(name, {})
+                n = waiting.get("pending", 0) + waiting.get("queued", 0)
+                self.echo(
+                    f"no live worker serves task {name!r} ({n} item(s) waiting; no worker "
+                    f"for it has reported a heartbeat): start one with `fleet worker --task "
+                    f"{name}` (or `fleet workers --task {name} --gpus all`); still waiting"
+                )
+        return missing
+
+
 def run_until_done(
     url: str,
     app: Celery,
@@ -74,6 +139,7 @@ def run_until_done(
     report = RunReport(run_id, {}, 0.0)
     last_reconcile = time.monotonic()
     outage = Outage()
+    watch = ServedWatch(settings.redis_url())
     while True:
         try:
             if time.monotonic() - last_reconcile >= settings.reconcile_interval:
@@ -93,6 +159,7 @@ def run_until_done(
             time.sleep(delay)
             continue
         outage.recovered()
+        watch.check(names, counts)
         if progress:
             progress(counts)
         report.counts = counts

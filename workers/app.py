@@ -88,11 +88,34 @@ def _load_model_at_start(sender: Any = None, **_: Any) -> None:
             f"a fleet worker serves exactly one task queue, got {queues or 'none'}: "
             "start it with `fleet worker --task T` or `celery -A workers.app worker -Q fleet.T`"
         )
-    start_runtime(sender.app.fleet_settings, tasks[0], hostname=sender.hostname, app=sender.app)
+    try:
+        start_runtime(sender.app.fleet_settings, tasks[0], hostname=sender.hostname, app=sender.app)
+    except Exception as exc:
+        _exit_before_consuming(tasks[0], exc)
 
 
-@signals.worker_shutdown.connect
-def _unload(**_: Any) -> None:
-    from workers.state import stop_runtime
+# A worker that cannot load its model exits before it consumes a message, with
+# EXIT_CONFIG when a restart cannot help (a missing model, a bad task config):
+# `fleet workers` does not restart it, and a deployment sees a failed start, not
+# a worker that takes batches and fails each one. Anything else exits 1 and is
+# restarted with backoff.
+EXIT_CONFIG = 2
 
-    stop_runtime()
+
+def _exit_before_consuming(task: str, exc: Exception) -> None:
+    import logging
+    import os
+
+    from workers.runtime import ModelMissing
+
+    config = isinstance(exc, (ModelMissing, FileNotFoundError, ValueError, LookupError))
+    log = logging.getLogger("fleet.worker")
+    log.error(
+        "worker for task %r cannot start, so it takes no batches (exit %d): %s",
+        task,
+        EXIT_CONFIG if config else 1,
+        exc,
+        exc_info=not config,
+    )
+    logging.shutdown()
+    os._exit(EXIT_CONFIG if config else 1)

@@ -118,6 +118,14 @@ class ModelRuntime:
         return path
 
     def start(self) -> None:
+        """Load the first tier that fits (or `start_at`).
+
+        Raises ModelMissing, before anything loads, when any tier of the ladder
+        has no model folder: a worker must not take batches it cannot run, nor
+        find out at its first out-of-memory step-down that the smaller model is absent.
+        """
+        for tier in range(len(self.spec.ladder)):
+            self._path(tier)
         if self.start_at is not None:
             first = min(self.start_at, len(self.spec.ladder) - 1)
         else:

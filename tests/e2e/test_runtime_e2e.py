@@ -186,8 +186,9 @@ def test_two_pinned_workers_share_one_queue(fleet):
     _one_result_each(fleet.db_url, 600)
     with transaction(fleet.db_url) as s:
         workers = dict(s.execute(text("SELECT worker, count(*) FROM work_items GROUP BY 1")).all())
-    assert {w.split(".")[0] for w in workers} == {"intent@gpu0", "intent@gpu1"}
+    assert {w.split("-")[0] for w in workers} == {"intent@gpu0", "intent@gpu1"}
+    assert len(workers) == 2  # unique names: one per pinned worker
     assert min(workers.values()) > 50  # both really worked
     for gpu in (0, 1):  # each pinned worker logged under its own name
         log = (logs / f"intent-gpu{gpu}.log").read_text()
-        assert f"intent@gpu{gpu}." in log and " ready." in log
+        assert f"intent@gpu{gpu}-" in log and " ready." in log
