@@ -185,6 +185,16 @@ CONVERSATIONS: list[tuple[str, bytes, Expect]] = [
         Expect.failed("only empty messages"),
     ),
     (
+        "content-zero-width",
+        _line("content-zero-width", _user("\u200b\u200b\ufeff\u2060")),
+        Expect.failed("only empty messages"),
+    ),
+    (
+        "content-control-codes",
+        _line("content-control-codes", _user("\u0007\u0007\u001b\u0008")),
+        Expect.failed("only empty messages"),
+    ),
+    (
         "huge-one-message",
         _line("huge-one-message", _user("word " * 240_000)),
         Expect.failed("exceeds 1,000,000 characters"),

@@ -24,6 +24,23 @@ from workers.adapters.text import conversation_messages, conversation_text
         ({"messages": [{"role": "user", "content": "x" * 101}]}, "exceeds 100 characters"),
         ({"text": ""}, "text to classify is empty"),
         ({"text": None}, "text to classify is empty"),
+        # Empty to a reader: format and control characters only.
+        ({"messages": [{"role": "user", "content": "\u200b\u200b\ufeff"}]}, "only empty"),
+        ({"messages": [{"role": "user", "content": "\u0007\u0000\u001b"}]}, "only empty"),
+        (
+            {"messages": [{"role": "user", "content": "\u200d\u2060\u00ad \u202e\u200e"}]},
+            "only empty",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "\u200b"},
+                    {"role": "assistant", "content": "\u2028\u2029\u3000"},
+                ]
+            },
+            "invisible characters",
+        ),
+        ({"text": "\ufeff\u200b\u200c"}, "text to classify is empty"),
     ],
 )
 def test_malformed_conversations(data, reason):
@@ -88,3 +105,27 @@ def test_good_line_keeps_malformed_messages_for_the_worker():
         "language": None,
         "meta": {"k": "v"},
     }
+
+
+@pytest.mark.parametrize(
+    ("text", "blank"),
+    [
+        ("", True),
+        (" \t\n", True),
+        ("\u200b\ufeff\u0007", True),
+        ("\ue000", True),  # private use: no glyph a reader knows
+        ("a\u200b", False),
+        ("\u0301", False),  # a lone combining mark is still a visible mark
+        ("\U0001f600", False),  # an emoji is content
+        ("\u4e2d", False),
+    ],
+)
+def test_is_blank(text, blank):
+    from workers.adapters.text import is_blank
+
+    assert is_blank(text) is blank
+
+
+def test_visible_text_beside_invisible_is_kept():
+    data = {"messages": [{"role": "user", "content": "\u200bhello\u200b"}]}
+    assert conversation_messages(data, max_chars=100)[0]["content"] == "\u200bhello\u200b"

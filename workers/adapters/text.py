@@ -3,17 +3,36 @@ malformed one fail clearly instead of crashing the batch."""
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from workers.adapters.base import InputError
+
+# Unicode general categories a reader cannot see: separators (Z*: spaces, line
+# and paragraph separators), controls (Cc: BEL, NUL, ...), format characters
+# (Cf: zero-width space/joiners, BOM, bidi marks, soft hyphen), surrogates,
+# unassigned code points and private use (Cs, Cn, Co).
+_INVISIBLE = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Cs", "Cn", "Co"})
+
+
+def is_blank(text: str) -> bool:
+    """True when `text` holds nothing a reader could see: empty, whitespace, or
+    only invisible characters (zero-width spaces, U+FEFF, control codes, ...).
+
+    Such content is empty to a person, so the fleet fails it as empty instead
+    of letting a model label nothing with confidence.
+    """
+    return all(unicodedata.category(ch) in _INVISIBLE for ch in text)
 
 
 def conversation_messages(data: dict[str, Any], *, max_chars: int) -> list[dict[str, str]]:
     """Validated messages of a conversation: a non-empty list of {role, content} strings."""
     if "text" in data:  # output of another task, e.g. a transcript
         text = data["text"]
-        if not isinstance(text, str) or not text.strip():
-            raise InputError("the text to classify is empty")
+        if not isinstance(text, str) or is_blank(text):
+            raise InputError(
+                "the text to classify is empty (nothing but whitespace or invisible characters)"
+            )
         if len(text) > max_chars:
             raise InputError(
                 f"text is {len(text):,} characters; the limit is {max_chars:,} "
@@ -47,8 +66,11 @@ def conversation_messages(data: dict[str, Any], *, max_chars: int) -> list[dict[
                 "(raise FLEET_MAX_TEXT_CHARS or split the conversation)"
             )
         out.append({"role": role, "content": content})
-    if not any(m["content"].strip() for m in out):
-        raise InputError("conversation has only empty messages")
+    if all(is_blank(m["content"]) for m in out):
+        raise InputError(
+            "conversation has only empty messages (nothing but whitespace or invisible "
+            "characters such as zero-width spaces or control codes)"
+        )
     return out
 
 
@@ -57,4 +79,4 @@ def conversation_text(data: dict[str, Any], *, max_chars: int) -> str:
     messages = conversation_messages(data, max_chars=max_chars)
     if len(messages) == 1 and "text" in data:
         return messages[0]["content"]
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages if m["content"].strip())
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages if not is_blank(m["content"]))
