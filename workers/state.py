@@ -313,7 +313,13 @@ def _create_follow_ups(
     and sent right away so they never wait for a producer pass."""
     if not st.task.then:
         return {}
-    ok = {r.item_id for r in results if r.error is None}
+    # A transcript with no speech in it has nothing to classify: no follow-up item.
+    ok = {
+        r.item_id
+        for r in results
+        if r.error is None
+        and not (r.prediction and (r.prediction.output or {}).get("no_speech") is True)
+    }
     source_ids = [i.source_id for i in started if i.item_id in ok]
     kind = st.task.source
     out: dict[str, list[ledger.ClaimedBatch]] = {}
