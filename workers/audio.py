@@ -7,6 +7,12 @@ what is wrong and what to do; the rest of the batch goes on.
 Decoding uses soundfile's bundled libsndfile (WAV, FLAC, OGG Vorbis/Opus and
 MP3 from libsndfile 1.1 on); resampling uses scipy's polyphase filter, run in
 blocks so a 4-hour file never needs more than its 16 kHz mono copy in memory.
+
+Headers that lie are refused before libsndfile guesses: a PCM WAV claiming a
+sample size it cannot have (7 bits) would be read as 8-bit noise. Channels
+that cancel when mixed (one the inverse of the other) are caught while mixing
+and one channel is used instead. `voice_gate` (frame energy and a steady-tone
+test) keeps silence, faint noise, clicks and tones away from the model.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
@@ -31,6 +38,11 @@ MAX_CHANNELS = 8
 SUPPORTED = "WAV, FLAC, OGG (Vorbis/Opus) or MP3"
 _READ_BLOCK_S = 30.0  # decode this much at a time
 _MIN_TAIL_S = 0.1
+# WAV sample formats libsndfile really decodes: (format tag, container bits per sample).
+_WAV_PCM, _WAV_FLOAT, _WAV_EXTENSIBLE = 1, 3, 0xFFFE
+_WAV_BITS = {_WAV_PCM: (8, 16, 24, 32), _WAV_FLOAT: (32, 64)}
+# A mix this much quieter than its loudest channel means the channels cancel.
+CANCEL_RATIO = 0.1  # -20 dB
 
 
 # ----------------------------------------------------------------------------- paths
@@ -149,6 +161,70 @@ def _wav_shortfall(path: Path) -> tuple[int, int] | None:
     return None
 
 
+def _wav_format_problem(path: Path) -> str | None:
+    """Why a RIFF/WAVE header's sample format cannot be decoded faithfully, or None.
+
+    libsndfile accepts a PCM header claiming, say, 7 bits per sample and reads
+    the data as 8-bit samples: noise with a wrong duration, which Whisper then
+    "transcribes". Only the container sizes the format defines are accepted
+    (PCM 8/16/24/32, float 32/64; WAVE_FORMAT_EXTENSIBLE the same, with fewer
+    valid bits allowed inside the container). Other codecs (mu-law, ADPCM, ...)
+    are left to libsndfile.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
+            if chunk_id == b"fmt ":
+                fmt = f.read(min(chunk_size, 40))
+                break
+            pos += 8 + chunk_size + (chunk_size & 1)
+        else:
+            return None
+    if len(fmt) < 16:
+        return "its WAV format chunk is cut short (a corrupt or truncated header; re-export it)"
+    tag, channels, _rate, _bytes_per_s, block_align, bits = struct.unpack("<HHIIHH", fmt[:16])
+    container = tag
+    if tag == _WAV_EXTENSIBLE:
+        if len(fmt) < 40:
+            return "its WAVE_FORMAT_EXTENSIBLE header is too short"
+        container = struct.unpack("<H", fmt[24:26])[0]  # first two bytes of the sub-format GUID
+    allowed = _WAV_BITS.get(container)
+    if allowed is None:
+        return None
+    kind = "PCM" if container == _WAV_PCM else "float"
+    if bits not in allowed:
+        return (
+            f"its header declares {bits}-bit {kind} samples; supported {kind} sample sizes are "
+            f"{', '.join(map(str, allowed))} bits (re-export it, e.g. as 16-bit PCM)"
+        )
+    if channels and block_align != channels * bits // 8:
+        return (
+            f"its header is inconsistent: {channels} channel(s) of {bits}-bit samples need "
+            f"{channels * bits // 8} bytes per frame, the header says {block_align} (re-export it)"
+        )
+    return None
+
+
+def _check_wav_header(path: Path, name: str) -> None:
+    """Refuse a WAV whose header lies about its sample format or its length."""
+    problem = _wav_format_problem(path)
+    if problem:
+        raise InputError(f"{name} cannot be decoded faithfully: {problem}")
+    shortfall = _wav_shortfall(path)
+    if shortfall:
+        declared, present = shortfall
+        raise InputError(
+            f"{name} is truncated: its header declares {declared:,} bytes of audio but only "
+            f"{present:,} are present; upload the complete file"
+        )
+
+
 def _open(path: Path) -> sf.SoundFile:
     """Open with libsndfile, turning its errors into actionable InputErrors."""
     name = path.name
@@ -220,8 +296,30 @@ class _StreamResampler:
             yield self._run(end, last=True)
 
 
-def _mono_blocks(f: sf.SoundFile, name: str, block: int) -> Iterator[np.ndarray]:
-    """Float32 mono blocks; libsndfile errors mid-stream mean a corrupt file."""
+def mix_to_mono(data: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(mono, cancelled) for `data` of shape (frames, channels), float32.
+
+    The mean of the channels, unless that mix is more than 20 dB quieter than the
+    loudest channel: then the channels cancel (one wired in inverted polarity, or
+    a phase-inverted copy), and the loudest channel alone is returned with
+    `cancelled` True. Mono input is returned as is.
+    """
+    if data.shape[1] == 1:
+        return data[:, 0], False
+    mono = data.mean(axis=1, dtype=np.float32)
+    per_channel = np.sqrt(np.mean(np.square(data, dtype=np.float64), axis=0))
+    loudest = int(np.argmax(per_channel))
+    mix_rms = float(np.sqrt(np.mean(np.square(mono, dtype=np.float64))))
+    if per_channel[loudest] > 1e-4 and mix_rms < CANCEL_RATIO * per_channel[loudest]:
+        return np.ascontiguousarray(data[:, loudest]), True
+    return mono, False
+
+
+def _mono_blocks(
+    f: sf.SoundFile, name: str, block: int, notes: dict[str, Any]
+) -> Iterator[np.ndarray]:
+    """Float32 mono blocks; libsndfile errors mid-stream mean a corrupt file.
+    Sets notes["channels_cancel"] when a block's channels cancelled in the mix."""
     while True:
         try:
             data = f.read(block, dtype="float32", always_2d=True)
@@ -232,23 +330,34 @@ def _mono_blocks(f: sf.SoundFile, name: str, block: int) -> Iterator[np.ndarray]
             ) from None
         if not len(data):
             return
-        mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-        if not np.isfinite(mono).all():
+        if not np.isfinite(data).all():
             raise InputError(f"{name} contains NaN or infinite samples; re-export it")
+        mono, cancelled = mix_to_mono(data)
+        if cancelled:
+            notes["channels_cancel"] = True
         yield mono
         if len(data) < block:
             return
 
 
 def decode_audio(
-    path: Path, *, target_sr: int = 16000, max_seconds: float = 4 * 3600
+    path: Path,
+    *,
+    target_sr: int = 16000,
+    max_seconds: float = 4 * 3600,
+    notes: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Float32 mono samples at `target_sr` and the duration in seconds.
+    """Float32 mono samples at `target_sr` (shape (n,), range [-1, 1]) and the
+    duration in seconds.
 
     Validates everything that would otherwise surface as a crash or a silently
-    wrong transcript: empty, truncated, corrupt or non-audio files, rates and
-    channel counts outside what we support, and overlong audio.
+    wrong transcript: empty, truncated, corrupt or non-audio files, sample
+    formats a header claims but the decoder cannot really read, rates and
+    channel counts outside what we support, and overlong audio (all raise
+    InputError). `notes`, when given, receives what was repaired on the way:
+    {"channels_cancel": True} when the channels cancelled and one was used.
     """
+    notes = {} if notes is None else notes
     path = Path(path)
     name = path.name
     try:
@@ -257,13 +366,7 @@ def decode_audio(
         raise InputError(f"cannot read {name}: {e.strerror}") from None
     if size == 0:
         raise InputError(f"{name} is empty (0 bytes); the upload probably failed, upload it again")
-    shortfall = _wav_shortfall(path)
-    if shortfall:
-        declared, present = shortfall
-        raise InputError(
-            f"{name} is truncated: its header declares {declared:,} bytes of audio but only "
-            f"{present:,} are present; upload the complete file"
-        )
+    _check_wav_header(path, name)
     with _open(path) as f:
         sr, channels, declared_frames = f.samplerate, f.channels, f.frames
         if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
@@ -287,7 +390,7 @@ def decode_audio(
         resampler = _StreamResampler(sr, target_sr) if sr != target_sr else None
         parts: list[np.ndarray] = []
         read = 0
-        for mono in _mono_blocks(f, name, max(1, int(_READ_BLOCK_S * sr))):
+        for mono in _mono_blocks(f, name, max(1, int(_READ_BLOCK_S * sr)), notes):
             read += len(mono)
             if read > limit_frames:  # the header under-declared the length (e.g. MP3)
                 raise InputError(
@@ -308,6 +411,67 @@ def decode_audio(
     if not len(samples):
         raise InputError(f"{name} is too short to contain audio ({read} samples)")
     return np.ascontiguousarray(samples, dtype=np.float32), read / sr
+
+
+# ----------------------------------------------------------------------------- voice gate
+
+VOICE_DBFS = -50.0  # a frame quieter than this (RMS, dB full scale) holds no voice
+MIN_VOICE_S = 0.1  # less loud time than this is not a word
+STEADY_SHARE = 0.85  # this share of loud frames peaking at one frequency: a tone, not a voice
+
+
+def _frames(x: np.ndarray, frame: int) -> np.ndarray:
+    n = len(x) // frame
+    return x[: n * frame].reshape(n, frame).astype(np.float64)
+
+
+def _loud(frames: np.ndarray, min_dbfs: float) -> np.ndarray:
+    rms = np.sqrt(np.mean(np.square(frames), axis=1)) if len(frames) else np.zeros(0)
+    return frames[rms >= 10 ** (min_dbfs / 20)]
+
+
+def voiced_seconds(
+    samples: np.ndarray, *, sr: int = 16000, frame_s: float = 0.02, min_dbfs: float = VOICE_DBFS
+) -> float:
+    """Seconds of `samples` (mono float, [-1, 1]) in `frame_s` frames whose RMS is at
+    least `min_dbfs`: the short-time energy gate of classic endpoint detection
+    (Rabiner & Sambur, 1975). Digital silence, faint noise and clicks score ~0."""
+    x = np.asarray(samples, dtype=np.float32).reshape(-1)
+    frame = max(1, int(frame_s * sr))
+    return len(_loud(_frames(x, frame), min_dbfs)) * frame / sr
+
+
+def is_steady_tone(
+    samples: np.ndarray, *, sr: int = 16000, frame_s: float = 0.04, min_dbfs: float = VOICE_DBFS
+) -> bool:
+    """Whether the loud part of `samples` is one steady tone (a sine, a dial or
+    DTMF tone, a beep): at least STEADY_SHARE of its loud frames have their
+    strongest FFT bin (25 Hz wide) at the same frequency. Speech moves its pitch
+    and formants: on the recorded prompts of asterisk-core-sounds-en and
+    pocketsphinx-testdata this share stays below 0.7, even for a sung-out "y"."""
+    x = np.asarray(samples, dtype=np.float32).reshape(-1)
+    frame = max(1, int(frame_s * sr))
+    loud = _loud(_frames(x, frame), min_dbfs)
+    if len(loud) < 3:
+        return False
+    peaks = np.argmax(np.abs(np.fft.rfft(loud * np.hanning(frame), axis=1)), axis=1)
+    values, counts = np.unique(peaks, return_counts=True)
+    mode = values[int(np.argmax(counts))]
+    return float(np.mean(peaks == mode)) >= STEADY_SHARE
+
+
+def voice_gate(
+    samples: np.ndarray, *, sr: int = 16000, min_voice_s: float = MIN_VOICE_S
+) -> str | None:
+    """Why `samples` cannot hold speech ("quiet": under `min_voice_s` of frames
+    above VOICE_DBFS; "tone": one steady tone), or None when they may. Run before
+    decoding: Whisper answers "you" for faint noise, a single sample or 50 ms, and
+    words for beeps."""
+    if voiced_seconds(samples, sr=sr) < min_voice_s:
+        return "quiet"
+    if is_steady_tone(samples, sr=sr):
+        return "tone"
+    return None
 
 
 # ----------------------------------------------------------------------------- chunking

@@ -7,6 +7,7 @@ with a message that says what is wrong, never a crash or a silent half-result.
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,15 @@ import pytest
 import soundfile as sf
 
 from workers.adapters.base import InputError
-from workers.audio import chunk_audio, decode_audio, resolve_audio_path
+from workers.audio import (
+    chunk_audio,
+    decode_audio,
+    is_steady_tone,
+    mix_to_mono,
+    resolve_audio_path,
+    voice_gate,
+    voiced_seconds,
+)
 
 SR = 16000
 
@@ -319,3 +328,167 @@ def test_chunk_cuts_at_silence() -> None:
 def test_chunk_rejects_multichannel() -> None:
     with pytest.raises(ValueError):
         chunk_audio(np.zeros((10, 2), dtype=np.float32))
+
+
+# ----------------------------------------------------------------------------- headers that lie
+
+
+def _wav_bytes(
+    data: bytes, *, bits: int, block_align: int, channels: int = 1, tag: int = 1, sr: int = SR
+) -> bytes:
+    """A RIFF/WAVE file with a hand-written fmt chunk (whatever it claims) around `data`."""
+    fmt = struct.pack("<HHIIHH", tag, channels, sr, sr * block_align, block_align, bits)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    body += b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def _pcm16(x: np.ndarray) -> bytes:
+    return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+@pytest.mark.parametrize("block_align", [1, 2])
+def test_seven_bit_wav_is_refused(tmp_path: Path, block_align: int) -> None:
+    """16-bit speech under a header claiming 7-bit samples: libsndfile would read it
+    as 8-bit noise twice as long; it must fail with the reason instead."""
+    p = tmp_path / "seven.wav"
+    p.write_bytes(_wav_bytes(_pcm16(tone(1.0)), bits=7, block_align=block_align))
+    with pytest.raises(
+        InputError, match=r"7-bit PCM samples; supported PCM sample sizes are 8, 16"
+    ):
+        decode_audio(p)
+
+
+def test_inconsistent_block_align_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "align.wav"
+    p.write_bytes(_wav_bytes(_pcm16(tone(1.0)), bits=16, block_align=3))
+    with pytest.raises(InputError, match="need 2 bytes per frame, the header says 3"):
+        decode_audio(p)
+
+
+def test_hand_written_16_bit_wav_decodes(tmp_path: Path) -> None:
+    """The same writer with an honest header decodes to the signal (the check is not
+    refusing everything hand-made)."""
+    p = tmp_path / "honest.wav"
+    p.write_bytes(_wav_bytes(_pcm16(tone(1.0)), bits=16, block_align=2))
+    samples, dur = decode_audio(p)
+    assert dur == pytest.approx(1.0)
+    assert np.max(np.abs(samples - tone(1.0))) < 1e-3
+
+
+@pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_24", "PCM_32", "DOUBLE", "ULAW", "IMA_ADPCM"])
+def test_real_sample_formats_still_decode(tmp_path: Path, subtype: str) -> None:
+    p = tmp_path / f"{subtype}.wav"
+    sf.write(p, tone(1.0), SR, subtype=subtype)
+    samples, dur = decode_audio(p)
+    assert dur == pytest.approx(1.0, abs=0.02)
+    assert np.max(np.abs(samples[100:-100])) > 0.2
+
+
+def test_24_bit_extensible_with_20_valid_bits_decodes(tmp_path: Path) -> None:
+    """WAVE_FORMAT_EXTENSIBLE may declare fewer valid bits than its 24-bit container."""
+    p = tmp_path / "ext.wav"
+    sf.write(p, tone(1.0), SR, subtype="PCM_24", format="WAVEX")
+    raw = bytearray(p.read_bytes())
+    fmt_at = raw.index(b"fmt ") + 8
+    assert struct.unpack_from("<H", raw, fmt_at)[0] == 0xFFFE
+    struct.pack_into("<H", raw, fmt_at + 18, 20)  # wValidBitsPerSample
+    p.write_bytes(bytes(raw))
+    _, dur = decode_audio(p)
+    assert dur == pytest.approx(1.0)
+
+
+def test_stereo_channels_that_cancel_use_one_channel(tmp_path: Path) -> None:
+    """Right = -left: the plain mix is digital silence; the left channel is used and
+    the repair is noted."""
+    p = tmp_path / "cancel.wav"
+    left = tone(2.0)
+    sf.write(p, np.stack([left, -left], axis=1), SR, subtype="PCM_16")
+    notes: dict[str, object] = {}
+    samples, dur = decode_audio(p, notes=notes)
+    assert notes == {"channels_cancel": True}
+    assert np.max(np.abs(samples - left)) < 1e-3
+
+
+def test_nearly_cancelling_channels_are_caught_too(tmp_path: Path) -> None:
+    p = tmp_path / "almost.wav"
+    left = tone(2.0)
+    sf.write(p, np.stack([left, -0.95 * left], axis=1), SR, subtype="FLOAT")  # mix at -32 dB
+    notes: dict[str, object] = {}
+    samples, _ = decode_audio(p, notes=notes)
+    assert notes.get("channels_cancel") is True
+    assert np.max(np.abs(samples - left)) < 1e-3
+
+
+def test_ordinary_stereo_is_mixed_without_a_note(tmp_path: Path) -> None:
+    p = tmp_path / "stereo.wav"
+    sf.write(p, tone(1.0, channels=2), SR, subtype="FLOAT")
+    notes: dict[str, object] = {}
+    samples, _ = decode_audio(p, notes=notes)
+    assert notes == {}
+    assert np.allclose(samples, tone(1.0, channels=2).mean(axis=1), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("data", "cancelled"),
+    [
+        (np.zeros((100, 2), np.float32), False),  # silence is not "cancelling"
+        (np.stack([tone(0.1), np.zeros(1600, np.float32)], axis=1), False),  # one channel empty
+        (np.stack([tone(0.1), -tone(0.1)], axis=1), True),
+        (np.stack([tone(0.1), tone(0.1), -2 * tone(0.1)], axis=1), True),  # 3 channels
+    ],
+)
+def test_mix_to_mono_table(data: np.ndarray, cancelled: bool) -> None:
+    mono, flag = mix_to_mono(data)
+    assert flag is cancelled and mono.shape == (len(data),)
+
+
+# ----------------------------------------------------------------------------- voice gate
+
+RNG = np.random.default_rng(7)
+HOSTILE = {
+    "faint noise (-60 dBFS)": (RNG.standard_normal(3 * SR) * 1e-3, "quiet"),
+    "1 sample": (np.array([0.5]), "quiet"),
+    "10 samples": (RNG.standard_normal(10) * 0.3, "quiet"),
+    "50 ms of loud noise": (RNG.standard_normal(SR // 20) * 0.3, "quiet"),
+    "steady 440 Hz tone": (tone(3.0, freq=440.0) * 1.6, "tone"),
+    "DTMF-like pair of tones": (tone(2.0, freq=697.0) + tone(2.0, freq=1209.0), "tone"),
+    "digital silence": (np.zeros(SR, np.float32), "quiet"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_voice_gate_stops_hostile_inputs(name: str) -> None:
+    samples, why = HOSTILE[name]
+    assert voice_gate(samples.astype(np.float32)) == why
+
+
+def test_voice_gate_lets_loud_broadband_noise_through_to_the_model() -> None:
+    """Loud noise is not the gate's call: Whisper's no-speech probability decides it."""
+    assert voice_gate((RNG.standard_normal(2 * SR) * 0.1).astype(np.float32)) is None
+
+
+SPEECH_DIRS = [
+    Path("/usr/share/pocketsphinx/test/data/cards"),
+    Path("/usr/share/asterisk/sounds/en/letters"),
+    Path("/usr/share/asterisk/sounds/en/digits"),
+]
+
+
+def test_voice_gate_passes_real_recorded_speech() -> None:
+    """Every recording of a spoken letter, digit and card name passes the gate (Debian's
+    pocketsphinx-testdata and asterisk-core-sounds-en-wav: ./scripts/install.sh)."""
+    files = [f for d in SPEECH_DIRS if d.is_dir() for f in sorted(d.glob("*.wav"))]
+    if not files:
+        pytest.skip("pocketsphinx-testdata / asterisk-core-sounds-en-wav are not installed")
+    stopped = {f.name: voice_gate(decode_audio(f)[0]) for f in files}
+    assert {k: v for k, v in stopped.items() if v} == {}
+    assert len(files) > 50
+
+
+def test_steady_tone_needs_a_steady_pitch() -> None:
+    sweep_t = np.arange(SR) / SR
+    sweep = 0.5 * np.sin(2 * np.pi * (200 + 300 * sweep_t) * sweep_t)  # a glide, like a voice
+    assert not is_steady_tone(sweep.astype(np.float32))
+    assert is_steady_tone(tone(1.0, freq=1000.0))
+    assert voiced_seconds(tone(1.0)) == pytest.approx(1.0)

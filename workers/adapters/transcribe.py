@@ -1,26 +1,137 @@
 """Speech-to-text with a Whisper model in transformers format (see
-`workers.prepare.whisper_ct2` for how the tiny.en weights get there).
+`workers.prepare.whisper_ct2` for how the base and tiny.en weights get there).
 
 Long files are cut into <= 30 s windows (Whisper's context) in `prepare`; the
 windows of every file in a sub-batch go through the model together, so short
 and long files share forwards and the GPU stays busy.
+
+No speech, no text. Whisper writes something for every window it is given:
+"you" for faint noise or a 50 ms click, words for a beep, "Aaaa..." runs for
+a tone. Three checks stand between a window and a transcript:
+
+    window -> voice gate (frame energy, steady tone; workers.audio.voice_gate)
+           -> encoder, one decoder step at <|startoftranscript|>: language and
+              P(<|nospeech|>)
+           -> greedy decode, mean log-probability of the chosen tokens
+           -> drop_reason(): the reference implementation's no-speech rule
+              (P(nospeech) > 0.6 and mean log-prob < -1.0) and its repetition
+              guard (gzip compression ratio of the text > 2.4)
+
+openai/whisper (transcribe.py) re-decodes a window that fails the repetition or
+log-prob check at rising temperatures; here such a window is dropped instead,
+so results stay reproducible. An item whose windows all end dropped is done
+with an empty transcript and `no_speech: true`, and gets no follow-up label.
 """
 
 from __future__ import annotations
 
 import gc
+import zlib
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from workers.adapters.base import InputError, Prediction, Prepared, Source, TierSpec
-from workers.audio import chunk_audio, decode_audio, resolve_audio_path
+from workers.audio import MIN_VOICE_S, chunk_audio, decode_audio, resolve_audio_path, voice_gate
 
 SAMPLE_RATE = 16000
 WINDOW_S = 30.0
-SILENCE_PEAK = 1e-3  # -60 dBFS: below this a chunk is treated as silence (option "silence_peak")
+# openai/whisper transcribe() defaults; tier options of the same names override them.
+NO_SPEECH_THRESHOLD = 0.6
+LOGPROB_THRESHOLD = -1.0
+COMPRESSION_RATIO_THRESHOLD = 2.4
+
+
+def compression_ratio(text: str) -> float:
+    """UTF-8 length of `text` over its zlib-compressed length (openai/whisper's
+    repetition measure: a decoding stuck in a loop compresses very well)."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def drop_reason(
+    no_speech_prob: float,
+    avg_logprob: float | None,
+    text: str,
+    *,
+    no_speech_threshold: float = NO_SPEECH_THRESHOLD,
+    logprob_threshold: float = LOGPROB_THRESHOLD,
+    compression_ratio_threshold: float = COMPRESSION_RATIO_THRESHOLD,
+) -> str | None:
+    """Why a decoded window's text is not speech, or None to keep it.
+
+    "no_speech_prob": P(<|nospeech|>) above the threshold and the decode not
+    confident (mean log-prob below its threshold; None, e.g. under beam search,
+    counts as not confident); "repetition": the text's compression ratio is
+    above its threshold. Rules and defaults from openai/whisper transcribe.py.
+    """
+    if no_speech_prob > no_speech_threshold and (
+        avg_logprob is None or avg_logprob < logprob_threshold
+    ):
+        return "no_speech_prob"
+    if compression_ratio(text) > compression_ratio_threshold:
+        return "repetition"
+    return None
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One window's decode: text, detected language (None for English-only
+    models), P(<|nospeech|>) at the first step, mean log-probability per token."""
+
+    text: str
+    language: str | None
+    no_speech_prob: float
+    avg_logprob: float | None
+
+
+class _LogprobTracker:
+    """A transformers logits processor that sums the log-probability of each token
+    greedy decoding picks, per row, up to and including end-of-text (the
+    reference's avg_logprob = sum / (tokens + 1)), without keeping every step's
+    scores. At call t it reads the token chosen at t-1 from `input_ids`."""
+
+    def __init__(self, eos: int) -> None:
+        self.eos = eos
+        self.prev: Any = None
+        self.sums: Any = None
+        self.counts: Any = None
+        self.done: Any = None
+
+    def _take(self, tokens: Any) -> None:
+        import torch
+
+        picked = self.prev.gather(1, tokens[:, None]).squeeze(1)
+        live = ~self.done
+        self.sums += torch.where(live, picked, torch.zeros_like(picked))
+        self.counts += live.to(self.counts.dtype)
+        self.done |= tokens == self.eos
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self.prev is None:
+            n = scores.shape[0]
+            self.sums = torch.zeros(n, dtype=torch.float64, device=scores.device)
+            self.counts = torch.zeros(n, dtype=torch.float64, device=scores.device)
+            self.done = torch.zeros(n, dtype=torch.bool, device=scores.device)
+        else:
+            self._take(input_ids[:, -1])
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, last_tokens: Any) -> list[float | None]:
+        """Mean log-probability per row, given the last column of the sequences."""
+        if self.prev is None:
+            return []
+        self._take(last_tokens.to(self.prev.device))
+        return [
+            float(s / c) if c > 0 else None
+            for s, c in zip(self.sums.tolist(), self.counts.tolist(), strict=True)
+        ]
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -37,10 +148,13 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+ChunkResult = tuple[str, str | None, str | None, float]  # text, language, drop reason, P(nospeech)
+
+
 def _merge(
-    results: dict[int, list[tuple[str, str | None]] | InputError],
+    results: dict[int, list[ChunkResult] | InputError],
     item: int,
-    res: list[tuple[str, str | None]] | InputError,
+    res: list[ChunkResult] | InputError,
 ) -> None:
     """Append an item's chunk results in order; a failure wins over partial text."""
     prev = results.get(item)
@@ -121,12 +235,13 @@ class TranscribeAdapter:
                 "set it to a path relative to the audio root"
             )
         path = resolve_audio_path(self.audio_root, uri)
+        repaired: dict[str, Any] = {}
         samples, duration = decode_audio(
-            path, target_sr=SAMPLE_RATE, max_seconds=self.max_audio_seconds
+            path, target_sr=SAMPLE_RATE, max_seconds=self.max_audio_seconds, notes=repaired
         )
         search_s = 2.0 if self.tier is None else float(self.tier.options.get("cut_search_s", 2.0))
         chunks = chunk_audio(samples, sr=SAMPLE_RATE, window_s=WINDOW_S, cut_search_s=search_s)
-        notes: dict[str, Any] = {"duration_s": round(duration, 3)}
+        notes: dict[str, Any] = {"duration_s": round(duration, 3), **repaired}
         declared = data.get("duration_s")
         if isinstance(declared, (int, float)) and abs(declared - duration) > max(
             1.0, 0.05 * duration
@@ -141,9 +256,13 @@ class TranscribeAdapter:
 
     # ------------------------------------------------------------------ model run
 
-    def _generate(self, chunks: list[np.ndarray]) -> tuple[list[str], list[str | None]]:
-        """Transcribe chunks in one forward: (texts, language per chunk)."""
+    def _generate(self, chunks: list[np.ndarray]) -> list[Decoded]:
+        """Decode chunks in one batch: the encoder runs once; one decoder step at
+        <|startoftranscript|> gives P(<|nospeech|>) and (multilingual) the
+        language; greedy generation reuses the encoder output."""
         import torch
+        from transformers import LogitsProcessorList
+        from transformers.modeling_outputs import BaseModelOutput
 
         assert self.model is not None and self.processor is not None
         on_cuda = "cuda" in str(self.device)
@@ -158,28 +277,70 @@ class TranscribeAdapter:
         for key in ("num_beams", "max_new_tokens"):  # e.g. cap runaway repetition loops
             if key in options:
                 kwargs[key] = int(options[key])
-        languages: list[str | None] = ["en"] * len(chunks)
+        gen = self.model.generation_config
+        no_speech_id = int(gen.no_timestamps_token_id) - 1  # <|nocaptions|> / <|nospeech|>
+        n = len(chunks)
+        languages: list[str | None] = [None] * n
+        tracker = (
+            _LogprobTracker(int(gen.eos_token_id)) if kwargs.get("num_beams", 1) == 1 else None
+        )
         with torch.inference_mode():
+            encoded = self.model.model.encoder(features).last_hidden_state
+            sot = torch.full((n, 1), int(gen.decoder_start_token_id), device=encoded.device)
+            first = self.model(encoder_outputs=(encoded,), decoder_input_ids=sot).logits[:, 0]
+            no_speech = first.float().softmax(dim=-1)[:, no_speech_id].tolist()
             if self._id_to_lang:
-                # Detect once, then pass the languages so generate does not detect again.
-                lang_ids = self.model.detect_language(input_features=features).tolist()
-                languages = [self._id_to_lang.get(int(i)) for i in lang_ids]
+                # Language from the same step (what detect_language does, without a second encoder pass).
+                lang_ids = torch.tensor(sorted(self._id_to_lang), device=first.device)
+                picked = lang_ids[first[:, lang_ids].argmax(dim=-1)].tolist()
+                languages = [self._id_to_lang.get(int(i)) for i in picked]
                 kwargs["language"] = [lang or "en" for lang in languages]
                 kwargs["task"] = "transcribe"
-            ids = self.model.generate(features, **kwargs)
+            if tracker is not None:
+                kwargs["logits_processor"] = LogitsProcessorList([tracker])
+            ids = self.model.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoded), **kwargs
+            )
+            logprobs: list[float | None] = tracker.finish(ids[:, -1]) if tracker else [None] * n
         texts = self.processor.batch_decode(ids, skip_special_tokens=True)
-        return [t.strip() for t in texts], languages
+        return [
+            Decoded(t.strip(), lang, float(ns), lp)
+            for t, lang, ns, lp in zip(texts, languages, no_speech, logprobs, strict=True)
+        ]
+
+    def _judge(self, d: Decoded) -> ChunkResult:
+        options = self.tier.options if self.tier is not None else {}
+        reason = drop_reason(
+            d.no_speech_prob,
+            d.avg_logprob,
+            d.text,
+            no_speech_threshold=float(options.get("no_speech_threshold", NO_SPEECH_THRESHOLD)),
+            logprob_threshold=float(options.get("logprob_threshold", LOGPROB_THRESHOLD)),
+            compression_ratio_threshold=float(
+                options.get("compression_ratio_threshold", COMPRESSION_RATIO_THRESHOLD)
+            ),
+        )
+        return (
+            ("", None, reason, d.no_speech_prob)
+            if reason
+            else (
+                d.text,
+                d.language,
+                None,
+                d.no_speech_prob,
+            )
+        )
 
     def _run_groups(
         self, flat: list[tuple[int, np.ndarray]], per_forward: int
-    ) -> dict[int, list[tuple[str, str | None]] | InputError]:
+    ) -> dict[int, list[ChunkResult] | InputError]:
         """Transcribe (item index, chunk) pairs in groups; on a non-OOM failure
         redo that group's items one by one so only the culprit fails."""
-        results: dict[int, list[tuple[str, str | None]] | InputError] = {}
+        results: dict[int, list[ChunkResult] | InputError] = {}
         for start in range(0, len(flat), per_forward):
             group = flat[start : start + per_forward]
             try:
-                texts, langs = self._generate([c for _, c in group])
+                decoded = self._generate([c for _, c in group])
             except Exception as exc:
                 if _is_oom(exc):
                     raise
@@ -194,8 +355,8 @@ class TranscribeAdapter:
                     for key, res in self._run_groups(mine, per_forward).items():
                         _merge(results, key, res)
                 continue
-            for (item, _), text, lang in zip(group, texts, langs, strict=True):
-                _merge(results, item, [(text, lang)])
+            for (item, _), d in zip(group, decoded, strict=True):
+                _merge(results, item, [self._judge(d)])
         return results
 
     def predict(self, batch: list[Prepared]) -> list[Prediction | InputError]:
@@ -204,10 +365,10 @@ class TranscribeAdapter:
             raise RuntimeError("TranscribeAdapter.predict called before load()")
         options = self.tier.options if self.tier is not None else {}
         per_forward = max(1, int(options.get("max_chunks_per_forward", 64)))
-        # Whisper "hears" words (typically "you") in digital silence: don't ask it.
-        silence_peak = float(options.get("silence_peak", SILENCE_PEAK))
+        min_voice_s = float(options.get("min_voice_s", MIN_VOICE_S))
         out: list[Prediction | InputError | None] = [None] * len(batch)
         n_chunks = [0] * len(batch)
+        gated: list[Counter[str]] = [Counter() for _ in batch]
         flat: list[tuple[int, np.ndarray]] = []
         for i, prep in enumerate(batch):
             chunks = prep.payload
@@ -220,29 +381,37 @@ class TranscribeAdapter:
                 out[i] = InputError(f"audio payload is not numeric samples: {exc}")
                 continue
             n_chunks[i] = len(arrays)
-            flat.extend(
-                (i, a) for a in arrays if a.size and float(np.max(np.abs(a))) >= silence_peak
-            )
+            for a in arrays:  # Whisper "hears" words in silence, clicks and tones: don't ask it
+                why = voice_gate(a, sr=SAMPLE_RATE, min_voice_s=min_voice_s)
+                if why:
+                    gated[i][why] += 1
+                else:
+                    flat.append((i, a))
         # Failures stay per item; chunk results keep their order within an item.
         results = self._run_groups(flat, per_forward)
         default_language = None if self._id_to_lang else "en"
         for i, prep in enumerate(batch):
             if out[i] is not None:
                 continue
-            res = results.get(i, [])  # [] = every chunk was silent
+            res = results.get(i, [])  # [] = the voice gate stopped every chunk
             if isinstance(res, InputError):
                 out[i] = res
                 continue
-            langs = [lang for _, lang in res if lang]
+            kept = [r for r in res if r[2] is None]
+            skipped = gated[i] + Counter(r[2] for r in res if r[2] is not None)
+            langs = [lang for _, lang, _, _ in kept if lang]
             language = Counter(langs).most_common(1)[0][0] if langs else default_language
-            out[i] = Prediction(
-                label=None,
-                confidence=None,
-                output={
-                    "transcript": " ".join(t for t, _ in res if t),
-                    "language": language,
-                    "duration_s": prep.notes.get("duration_s"),
-                    "chunks": n_chunks[i],
-                },
-            )
+            transcript = " ".join(t for t, _, _, _ in kept if t)
+            output: dict[str, Any] = {
+                "transcript": transcript,
+                "no_speech": not transcript,
+                "language": language if transcript else None,
+                "duration_s": prep.notes.get("duration_s"),
+                "chunks": n_chunks[i],
+            }
+            if res:
+                output["no_speech_prob"] = round(min(r[3] for r in res), 3)
+            if skipped:
+                output["skipped_chunks"] = dict(sorted(skipped.items()))
+            out[i] = Prediction(label=None, confidence=None, output=output)
         return [o if o is not None else InputError("internal: no result") for o in out]
