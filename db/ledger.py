@@ -234,16 +234,23 @@ def start_batch(
     return sorted((StartedItem(*r) for r in rows), key=lambda s: s.item_id)
 
 
-def extend_lease(session: Session, *, batch_id: str, lease_seconds: int) -> int:
-    """Heartbeat for a long batch."""
+def extend_lease(
+    session: Session, *, batch_id: str, lease_seconds: int, worker: str | None = None
+) -> int:
+    """Heartbeat of a running batch (workers.heartbeat): renew the lease of its
+    running rows, only those `worker` runs when given, so the reconciler never
+    returns a live batch's items. Returns the number of rows renewed: 0 means
+    the batch is no longer this worker's (finished, or reclaimed while it was
+    unreachable)."""
     result = session.execute(
         text(
             """
             UPDATE work_items SET lease_until = now() + make_interval(secs => :lease)
             WHERE batch_id = CAST(:batch AS uuid) AND status = 'running'
+              AND (CAST(:worker AS text) IS NULL OR worker = :worker)
             """
         ),
-        {"batch": batch_id, "lease": lease_seconds},
+        {"batch": batch_id, "lease": lease_seconds, "worker": worker},
     )
     return _rowcount(result)
 

@@ -35,7 +35,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout,
+            # Sweep for unacknowledged messages past the visibility timeout every
+            # few seconds (kombu's default is about every 100 s), so a dead
+            # worker's batch comes back soon after the timeout; a live long batch
+            # redelivered this way is recognised by its heartbeat (workers.heartbeat).
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 4)),
+            "unacked_restore_throttle": 1,
+        },
         "broker_connection_retry_on_startup": True,
         "worker_send_task_events": True,  # Flower
         "task_send_sent_event": True,

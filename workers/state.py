@@ -4,9 +4,11 @@
 the first batch); `process` runs one batch message through the ledger and the
 runtime:
 
+    held by a live worker elsewhere (workers.heartbeat) -> duplicate delivery: done
     start_batch (rows still leased to this batch -> running)
       nothing left      -> stale or redelivered message: done
       delivered before  -> a worker died on it: split in halves, or dead if alone
+    heartbeat starts: the lease and the holder mark stay alive while it runs
     load inputs from Postgres (and audio from disk)
     runtime.run       -> one outcome per item (bad input fails that item only)
     finish_batch      -> results + states in one transaction (idempotent)
@@ -33,6 +35,7 @@ from fleet.taskconfig import TaskSpec, get_task, load_tasks
 from workers import stats as worker_stats
 from workers.adapters import make_adapter
 from workers.adapters.base import Source
+from workers.heartbeat import BatchHeartbeat, alive_elsewhere
 from workers.messages import BatchMessage, send_batch
 from workers.policy import PoisonAction, poison_plan
 from workers.runtime import ItemResult, MemoryNotReleased, ModelRuntime
@@ -190,6 +193,21 @@ def _first_resume(settings: Settings, msg: BatchMessage) -> bool:
         client.close()
 
 
+def _held_elsewhere(settings: Settings, msg: BatchMessage, hostname: str) -> str | None:
+    """The live worker running this batch now, if another one (workers.heartbeat).
+    Without Redis the delivery is treated as usual."""
+    if settings.broker_url is None:
+        return None
+    client = worker_stats.redis_client(settings.redis_url())
+    try:
+        return alive_elsewhere(client, msg.batch_id, me=hostname)
+    except Exception as e:
+        log.warning("batch %s: holder mark not readable (%s); running as usual", msg.batch_id, e)
+        return None
+    finally:
+        client.close()
+
+
 def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
     global _started
     st = current()
@@ -199,6 +217,17 @@ def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
     _started = None
     if msg.task != st.task.name:
         raise ValueError(f"this worker serves {st.task.name!r}, got a batch for {msg.task!r}")
+    holder = _held_elsewhere(s, msg, hostname)
+    if holder is not None:
+        log.warning(
+            "batch %s is running on %s right now (its heartbeat is alive): this delivery is a "
+            "duplicate (the broker's visibility timeout passed while it ran), acknowledged "
+            "without running; nothing is split or counted as a crash",
+            msg.batch_id,
+            holder,
+        )
+        worker_stats.count_message("duplicate")
+        return {"batch": msg.batch_id, "duplicate_of": holder}
     resume = _first_resume(s, msg)
     with transaction(url) as session:
         started = ledger.start_batch(
@@ -252,6 +281,31 @@ def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
         worker_stats.count_message("poison", dead=len(ids))
         return {"batch": msg.batch_id, "dead": ids}
 
+    heartbeat = BatchHeartbeat(
+        db_url=url,
+        client_factory=(
+            (lambda: worker_stats.redis_client(s.redis_url())) if s.broker_url is not None else None
+        ),
+        batch_id=msg.batch_id,
+        worker=hostname,
+        lease_seconds=s.lease_seconds,
+        visibility_timeout=s.visibility_timeout,
+    )
+    with heartbeat:
+        return _run_started(st, msg, started, ids, started_at=started_at)
+
+
+def _run_started(
+    st: WorkerState,
+    msg: BatchMessage,
+    started: list[ledger.StartedItem],
+    ids: list[int],
+    *,
+    started_at: float,
+) -> dict[str, Any]:
+    """Load inputs, run the model, write results and follow-ups (the lease kept
+    alive meanwhile by the caller's heartbeat)."""
+    url = st.settings.db_url()
     with transaction(url) as session:
         inputs = load_inputs(
             session,

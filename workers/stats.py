@@ -32,7 +32,7 @@ HEARTBEAT_SECONDS = 10.0
 # Upper bounds (seconds) of the batch-seconds histogram; a final +Inf bucket follows.
 BATCH_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 # Message outcomes besides a batch run through the model.
-OUTCOMES = ("processed", "stale", "split", "poison")
+OUTCOMES = ("processed", "stale", "split", "poison", "duplicate")
 
 
 def redis_client(url: str) -> redis.Redis:

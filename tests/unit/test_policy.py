@@ -186,3 +186,13 @@ def test_retry_decision(transient, attempt, retry):
     d = retry_decision(transient=transient, attempt=attempt, max_retries=8, rng=random.Random(1))
     assert d.retry is retry
     assert (d.countdown > 0) is retry or d.countdown == 0
+
+
+@pytest.mark.parametrize(
+    ("lease", "visibility", "interval"),
+    [(900, 3600, 225.0), (6, 3600, 1.5), (60, 5, 1.25), (5, 5, 1.25), (2, 2, 1.0)],
+)
+def test_heartbeat_interval_fits_four_beats_in_the_shorter_deadline(lease, visibility, interval):
+    from workers.heartbeat import interval_for
+
+    assert interval_for(lease_seconds=lease, visibility_timeout=visibility) == interval
