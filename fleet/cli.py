@@ -689,7 +689,7 @@ def models() -> None:
 @click.option(
     "--only",
     multiple=True,
-    help="Prepare only these (intent-minilm, whisper-tiny.en, smollm2-135m-instruct, all-minilm-l6-v2).",
+    help="Prepare only these (intent-minilm, worthiness-minilm, sentiment-minilm, whisper-tiny.en, smollm2-135m-instruct, all-minilm-l6-v2).",
 )
 @click.option("--force", is_flag=True, help="Rebuild even if present.")
 @pass_ctx
@@ -703,26 +703,152 @@ def models_prepare(ctx: Ctx, only: tuple[str, ...], force: bool) -> None:
         click.echo(f"{name:24} {path}  ({seconds:.1f}s)")
 
 
+_file = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
 @main.command()
 @task_option
+@click.option("--data", type=_file, help="Labeled CSV/JSONL/JSON: text,label[,weight|confidence].")
+@click.option("--from-task", help="Train on this task's stored results (e.g. llm_classify).")
 @click.option(
-    "--epochs", type=click.IntRange(min=1), help="Training epochs (default: the tuned value)."
+    "--min-confidence",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="With --from-task: keep results at least this confident.",
+)
+@click.option(
+    "--confirmed",
+    type=_file,
+    help='With --from-task: only items a reviewer confirmed ({"external_id","label"} lines).',
+)
+@click.option(
+    "--base", help="Encoder to start from: a local folder or a cached hub id (default: MiniLM)."
+)
+@click.option(
+    "--eval", "eval_file", type=_file, help="Validation file (default: a split of --data)."
+)
+@click.option(
+    "--test", "test_file", type=_file, help="Independent test file, scored once at the end."
+)
+@click.option("--test-fraction", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True)
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="Model folder to write."
+)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), help="Most epochs (early stopping may end sooner)."
+)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Examples per step.")
+@click.option(
+    "--patience", type=click.IntRange(min=1), help="Epochs without improvement before stopping."
+)
+@click.option("--max-length", type=click.IntRange(min=8), help="Tokens per example.")
+@click.option(
+    "--class-weights",
+    type=click.Choice(["balanced", "none"]),
+    default="balanced",
+    show_default=True,
+    help="Weigh rare labels up (n / (k * count)).",
 )
 @click.option("--seed", default=0, show_default=True)
+@json_option
 @pass_ctx
-def train(ctx: Ctx, task_name: str, epochs: int | None, seed: int) -> None:
-    """Fine-tune the bundled MiniLM encoder on the shipped intent set; report held-out metrics."""
-    from fleet.models import train_intent_model
+def train(
+    ctx: Ctx,
+    task_name: str,
+    data: Path | None,
+    from_task: str | None,
+    min_confidence: float,
+    confirmed: Path | None,
+    base: str | None,
+    eval_file: Path | None,
+    test_file: Path | None,
+    test_fraction: float,
+    out: Path | None,
+    epochs: int | None,
+    lr: float | None,
+    batch_size: int | None,
+    patience: int | None,
+    max_length: int | None,
+    class_weights: str,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Fine-tune an encoder for a sequence_classify task from a labeled file, stored results or the bundled set.
 
-    if task_name != "intent":
-        fail("only `--task intent` has a shipped training set", EXIT_CONFIG)
-    metrics = train_intent_model(
-        ctx.settings.resolved_models_dir, epochs=epochs, seed=seed, echo=click.echo
-    )
+    Writes a model folder (safetensors, tokenizer, training_metrics.json, a model
+    card) and prints the TOML lines that serve it.
+    """
+    from fleet.training import Chosen, choose_examples, run_training
+    from workers.train import TrainConfig
+    from workers.train_data import TrainingDataError
+
+    spec = ctx.task(task_name)
+    if from_task:
+        ctx.task(from_task)
+    try:
+        chosen: Chosen = choose_examples(
+            task_name,
+            data=data,
+            from_task=from_task,
+            min_confidence=min_confidence,
+            confirmed=confirmed,
+            db_url=ctx.url,
+            models_dir=ctx.settings.resolved_models_dir,
+        )
+        out = out or chosen.out
+        overrides = {
+            k: v
+            for k, v in {
+                "epochs": epochs,
+                "lr": lr,
+                "batch_size": batch_size,
+                "patience": patience,
+                "max_length": max_length,
+            }.items()
+            if v is not None
+        }
+        config = TrainConfig(seed=seed, class_weighting=class_weights, **overrides)
+        metrics = run_training(
+            spec,
+            models_dir=ctx.settings.resolved_models_dir,
+            examples=chosen.examples,
+            data_name=chosen.data_name,
+            out=out,
+            base=base,
+            eval_file=eval_file,
+            test_file=test_file or chosen.test_file,
+            config=config,
+            test_fraction=test_fraction,
+            quiet=as_json,
+            extra=chosen.extra,
+        )
+    except (TrainingDataError, ValueError) as e:
+        fail(f"{e}", EXIT_CONFIG)
+    except OSError as e:
+        if base is None:
+            raise
+        fail(
+            f"cannot load the base model {base!r}: {e}. Give a local folder with config.json, "
+            "weights and a tokenizer (hub ids load from the local cache only)",
+            EXIT_CONFIG,
+        )
+    if as_json:
+        click.echo(json.dumps({**metrics, "folder": str(out)}))
+        return
+    val = metrics["validation_scores"]
     click.echo(
-        f"held-out accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
-        f"on {metrics.get('n', metrics.get('test_size', '?'))} examples"
+        f"{out}: {metrics['n_train']} examples, {metrics['epochs_run']} epochs (best "
+        f"{metrics['best_epoch']}); validation accuracy {val['accuracy']:.3f}, "
+        f"macro-F1 {val['macro_f1']:.3f} (n={val['n']})"
     )
+    if metrics.get("test"):
+        t = metrics["test"]
+        click.echo(
+            f"independent test accuracy {t['accuracy']:.3f}, macro-F1 {t['macro_f1']:.3f} (n={t['n']})"
+        )
+    click.echo("serve it: add to the task config, at the top of the ladder:\n" + metrics["toml"])
 
 
 @main.command()

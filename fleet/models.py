@@ -11,16 +11,42 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 INTENT = "intent-minilm"
+WORTHINESS = "worthiness-minilm"
+SENTIMENT = "sentiment-minilm"
 MINILM = "all-minilm-l6-v2"
 WHISPER = "whisper-tiny.en"
 WHISPER_BASE = "whisper-base"
 SMOLLM = "smollm2-135m-instruct"
-ALL = (INTENT, MINILM, WHISPER, WHISPER_BASE, SMOLLM)
+ALL = (INTENT, WORTHINESS, SENTIMENT, MINILM, WHISPER, WHISPER_BASE, SMOLLM)
+
+
+@dataclass(frozen=True)
+class BundledClassifier:
+    """A classifier the fleet trains from data it ships: `fleet/data/<data>`, scored on
+    `fleet/data/<eval>` (written separately from the training file)."""
+
+    task: str
+    folder: str
+    data: str
+    eval: str
+
+
+BUNDLED: dict[str, BundledClassifier] = {
+    b.folder: b
+    for b in (
+        BundledClassifier("intent", INTENT, "intent.jsonl", "eval/intent_eval.jsonl"),
+        BundledClassifier(
+            "worthiness", WORTHINESS, "worthiness.jsonl", "eval/worthiness_eval.jsonl"
+        ),
+        BundledClassifier("sentiment", SENTIMENT, "sentiment.jsonl", "eval/sentiment_eval.jsonl"),
+    )
+}
 
 Echo = Callable[[str], None]
 
@@ -31,8 +57,18 @@ def minilm_path() -> Path:
     return Path(get_model_path())
 
 
+def data_file(name: str) -> Path:
+    """A file under the package's fleet/data folder."""
+    return Path(str(resources.files("fleet").joinpath(f"data/{name}")))
+
+
 def intent_data_path() -> Path:
-    return Path(str(resources.files("fleet").joinpath("data/intent.jsonl")))
+    return data_file("intent.jsonl")
+
+
+def bundled_for_task(task: str) -> BundledClassifier | None:
+    """The bundled classifier of a task (intent, worthiness, sentiment), if it has one."""
+    return next((b for b in BUNDLED.values() if b.task == task), None)
 
 
 def prepare_minilm(models_dir: Path, *, force: bool = False) -> Path:
@@ -50,79 +86,74 @@ def prepare_minilm(models_dir: Path, *, force: bool = False) -> Path:
     return target
 
 
+def train_bundled(
+    models_dir: Path,
+    bundled: BundledClassifier,
+    *,
+    config: Any = None,
+    echo: Echo = print,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune MiniLM on a bundled set into models_dir/<folder>, scored on its eval set.
+
+    Labels (and their id order) are the task's `[labels.*]` set in the bundled
+    tasks.toml. Writes the folder whole, then moves it into place.
+    """
+    from fleet.taskconfig import load_tasks
+    from fleet.training import run_training
+    from workers.train import TrainConfig
+    from workers.train_data import load_labeled
+
+    spec = load_tasks(None)[bundled.task]
+    test = data_file(bundled.eval)
+    echo(f"training {bundled.folder} from the bundled MiniLM on {bundled.data} (once)")
+    metrics = run_training(
+        spec,
+        models_dir=models_dir,
+        examples=load_labeled(data_file(bundled.data)),
+        data_name=bundled.data,
+        out=models_dir / bundled.folder,
+        base=None,
+        eval_file=None,
+        test_file=test if test.is_file() else None,
+        config=config or TrainConfig(),
+        test_fraction=0.2,
+        quiet=quiet,
+    )
+    line = f"{bundled.folder}: split accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}"
+    if metrics.get("test"):
+        line += f"; independent set accuracy {metrics['test']['accuracy']:.3f} (n={metrics['test']['n']})"
+    echo(line)
+    return metrics
+
+
 def train_intent_model(
     models_dir: Path, *, epochs: int | None = None, seed: int = 0, echo: Echo = print
 ) -> dict[str, Any]:
     """Fine-tune MiniLM on the shipped intent set into models_dir/intent-minilm."""
-    from workers.train import train_intent
+    from workers.train import TrainConfig
 
-    target = models_dir / INTENT
-    tmp = models_dir / f".{INTENT}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    models_dir.mkdir(parents=True, exist_ok=True)
-    kwargs: dict[str, Any] = {"seed": seed}
-    if epochs is not None:
-        kwargs["epochs"] = epochs
-    echo(f"training {INTENT} from the bundled MiniLM on {intent_data_path().name} (once)")
-    metrics = _train_with_progress(train_intent, tmp, kwargs)
-    echo(f"held-out accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.replace(target)
-    return metrics
+    config = TrainConfig(seed=seed, **({"epochs": epochs} if epochs else {}))
+    return train_bundled(models_dir, BUNDLED[INTENT], config=config, echo=echo)
 
 
-def _train_with_progress(
-    train: Callable[..., dict[str, Any]], out: Path, kwargs: dict[str, Any]
-) -> dict[str, Any]:
-    """Run the fine-tune behind a progress bar (steps, epoch, loss)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-    from transformers.utils import logging as hf_logging
-
-    from fleet.display import console
-
-    # The base encoder has no classifier head yet: transformers' load report says so. Expected.
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    with Progress(
-        TextColumn("train intent"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("train", total=None, status="")
-
-        def progress(event: dict[str, Any]) -> None:
-            if event.get("stage") == "train":
-                bar.update(
-                    task,
-                    total=event["total_steps"],
-                    completed=event["step"],
-                    status=f"epoch {event['epoch']}/{event['epochs']} loss {event['loss']:.3f}",
-                )
-
-        return train(intent_data_path(), out, progress=progress, **kwargs)
-
-
-def prepare_intent(models_dir: Path, *, force: bool = False, echo: Echo = print) -> Path:
-    target = models_dir / INTENT
+def prepare_bundled(
+    models_dir: Path, folder: str, *, force: bool = False, echo: Echo = print
+) -> Path:
+    """models_dir/<folder> for a bundled classifier, trained unless already there."""
+    target = models_dir / folder
     if force or not (target / "config.json").is_file():
-        train_intent_model(models_dir, echo=echo)
+        train_bundled(models_dir, BUNDLED[folder], echo=echo)
     return target
 
 
+def prepare_intent(models_dir: Path, *, force: bool = False, echo: Echo = print) -> Path:
+    return prepare_bundled(models_dir, INTENT, force=force, echo=echo)
+
+
 def _prepare_one(name: str, models_dir: Path, force: bool, echo: Echo) -> Path:
-    if name == INTENT:
-        return prepare_intent(models_dir, force=force, echo=echo)
+    if name in BUNDLED:
+        return prepare_bundled(models_dir, name, force=force, echo=echo)
     if name == MINILM:
         return prepare_minilm(models_dir, force=force)
     if name == WHISPER:
@@ -149,6 +180,7 @@ def prepare_models(
         yield name, path, time.perf_counter() - started
 
 
-def training_metrics(models_dir: Path) -> dict[str, Any] | None:
-    f = models_dir / INTENT / "training_metrics.json"
+def training_metrics(models_dir: Path, folder: str = INTENT) -> dict[str, Any] | None:
+    """The training_metrics.json of a prepared bundled classifier, if there is one."""
+    f = models_dir / folder / "training_metrics.json"
     return json.loads(f.read_text()) if f.is_file() else None

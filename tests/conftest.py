@@ -106,7 +106,7 @@ def smollm_dir(bundled_models_dir: Path) -> Path:
 def trained_intent(bundled_models_dir: Path) -> tuple[Path, dict, list]:
     """The intent classifier fine-tuned once per session from the bundled MiniLM
     on the shipped training set: (folder, held-out metrics, progress events)."""
-    from fleet.models import INTENT, intent_data_path
+    from fleet.models import BUNDLED, INTENT, data_file, intent_data_path
     from workers.train import METRICS_FILE, train_intent
 
     out = bundled_models_dir / INTENT
@@ -115,5 +115,11 @@ def trained_intent(bundled_models_dir: Path) -> tuple[Path, dict, list]:
         import json
 
         return out, json.loads((out / METRICS_FILE).read_text()), events
-    metrics = train_intent(intent_data_path(), out, seed=0, progress=events.append)
+    metrics = train_intent(
+        intent_data_path(),
+        out,
+        seed=0,
+        progress=events.append,
+        test_path=data_file(BUNDLED[INTENT].eval),
+    )
     return out, metrics, events

@@ -1,4 +1,5 @@
-"""workers.train: the split, the metrics, the shipped data and (slow) a real fine-tune."""
+"""workers.train and workers.train_data: reading, checking and splitting labeled data, the
+shipped sets, and (slow) a real fine-tune of the bundled intent classifier."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ from pathlib import Path
 import pytest
 
 from fleet.metrics import classification_report as compute_metrics
-from workers.train import (
-    INTENT_LABELS,
-    METRICS_FILE,
-    load_examples,
-    ordered_labels,
+from fleet.models import BUNDLED, data_file
+from fleet.taskconfig import load_tasks
+from workers.train import INTENT_LABELS, METRICS_FILE, ordered_labels, tier_toml
+from workers.train_data import (
+    Example,
+    TrainingDataError,
+    check_labels,
+    class_weights,
+    data_hash,
+    load_labeled,
     split_examples,
 )
 
@@ -21,31 +27,34 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "fleet" / "data"
 INTENT_DATA = DATA_DIR / "intent.jsonl"
 
 
-def _examples() -> list[tuple[str, str]]:
+def _examples() -> list[Example]:
     return (
-        [(f"a{i}", "a") for i in range(10)]
-        + [(f"b{i}", "b") for i in range(5)]
-        + [(f"c{i}", "c") for i in range(2)]
-        + [("d0", "d")]
+        [Example(f"a{i}", "a") for i in range(10)]
+        + [Example(f"b{i}", "b") for i in range(5)]
+        + [Example(f"c{i}", "c") for i in range(2)]
+        + [Example("d0", "d")]
     )
+
+
+def _key(ex: Example) -> tuple[str, str]:
+    return ex.text, ex.label
 
 
 def test_split_is_stratified_disjoint_and_complete() -> None:
     examples = _examples()
     train, test = split_examples(examples, test_fraction=0.2, seed=0)
-    assert sorted(train + test) == sorted(examples)
+    assert sorted(map(_key, train + test)) == sorted(map(_key, examples))
     assert not set(train) & set(test)
-    held = Counter(lab for _, lab in test)
     # round(n * 0.2), at least one when a label has two or more, never all of a label
-    assert held == {"a": 2, "b": 1, "c": 1}
-    assert Counter(lab for _, lab in train) == {"a": 8, "b": 4, "c": 1, "d": 1}
+    assert Counter(ex.label for ex in test) == {"a": 2, "b": 1, "c": 1}
+    assert Counter(ex.label for ex in train) == {"a": 8, "b": 4, "c": 1, "d": 1}
 
 
 def test_split_is_deterministic_and_seeded() -> None:
     examples = _examples()
     assert split_examples(examples, seed=0) == split_examples(examples, seed=0)
-    held0 = sorted(split_examples(examples, seed=0)[1])
-    assert any(sorted(split_examples(examples, seed=s)[1]) != held0 for s in range(1, 6))
+    held0 = sorted(map(_key, split_examples(examples, seed=0)[1]))
+    assert any(sorted(map(_key, split_examples(examples, seed=s)[1])) != held0 for s in range(1, 6))
 
 
 def test_split_rejects_bad_fraction() -> None:
@@ -63,43 +72,115 @@ def test_metrics_on_a_hand_computed_example() -> None:
     assert m["per_label"]["a"] == pytest.approx(
         {"precision": 1.0, "recall": 2 / 3, "f1": 0.8, "support": 3}
     )
-    assert m["per_label"]["b"] == pytest.approx(
-        {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
-    )
-    assert m["per_label"]["c"] == pytest.approx(
-        {"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1}
-    )
     assert m["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
-    assert m["confusion"] == {
-        "a": {"a": 2, "b": 1, "c": 0},
-        "b": {"a": 0, "b": 1, "c": 1},
-        "c": {"a": 0, "b": 0, "c": 1},
-    }
+    assert m["confusion"]["b"] == {"a": 0, "b": 1, "c": 1}
 
 
-def test_metrics_count_a_never_predicted_label_as_zero() -> None:
-    m = compute_metrics(["a", "b"], ["a", "a"], ["a", "b"])
-    assert m["per_label"]["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
-    assert m["per_label"]["a"]["precision"] == pytest.approx(0.5)
-    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.0) / 2)
+def test_class_weights_are_balanced() -> None:
+    # n / (k * count): 18 / (4 * 10), 18 / (4 * 5), 18 / (4 * 2), 18 / (4 * 1)
+    assert class_weights(_examples(), ["a", "b", "c", "d"]) == pytest.approx([0.45, 0.9, 2.25, 4.5])
 
 
-def test_load_examples_reports_the_bad_line(tmp_path: Path) -> None:
-    p = tmp_path / "d.jsonl"
-    p.write_text('{"text": "hi there you", "label": "chitchat"}\n\n{"text": "", "label": "x"}\n')
-    with pytest.raises(ValueError, match=":3:"):
-        load_examples(p)
+def test_data_hash_follows_content_and_order() -> None:
+    ex = _examples()
+    assert data_hash(ex) == data_hash(list(ex))
+    assert data_hash(ex) != data_hash(ex[::-1])
+    assert data_hash(ex) != data_hash([Example("a0", "a", 0.5), *ex[1:]])
+
+
+def test_csv_with_the_older_jobs_columns(tmp_path: Path) -> None:
+    p = tmp_path / "d.csv"
+    p.write_text(
+        'message,category,confidence\n"Hello, how are you?",chitchat,0.9\n\nlook it up,rag_query,\n'
+    )
+    assert load_labeled(p) == [
+        Example("Hello, how are you?", "chitchat", 0.9),
+        Example("look it up", "rag_query", 1.0),
+    ]
+
+
+def test_conversations_become_the_served_text(tmp_path: Path) -> None:
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"conversations": [{"messages": msgs, "label": "chitchat"}]}))
+    assert load_labeled(p) == [Example("user: hi\nassistant: hello", "chitchat")]
+    j = tmp_path / "c.jsonl"
+    j.write_text(json.dumps({"external_id": "x", "messages": msgs, "meta": {"label": "social"}}))
+    assert load_labeled(j) == [Example("user: hi\nassistant: hello", "social")]
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "match"),
+    [
+        ("d.csv", "text,label,source\nhi,a,web\n", r"d.csv:2: unknown column\(s\) 'source'"),
+        ("d.jsonl", '{"text": "hi", "label": "a", "lang": "en"}\n', r"unknown column\(s\) 'lang'"),
+        ("d.csv", "text,label\nhi,a\n  ,b\n", r"d.csv:3: empty text"),
+        (
+            "d.jsonl",
+            '{"text": "hi", "label": "a"}\n\n{"text": "", "label": "x"}\n',
+            r":3: empty text",
+        ),
+        ("d.jsonl", '{"text": "hi"}\n', r":1: no label"),
+        ("d.csv", "text,label,weight\nhi,a,-1\n", r"positive number"),
+        ("d.csv", "text,label,weight\nhi,a,lots\n", r"not a number"),
+        ("d.jsonl", '{"text": "hi", "label": "a"}\nnot json\n', r":2: not valid JSON"),
+        ("d.jsonl", '{"messages": [], "label": "a"}\n', r"conversation has no messages"),
+        ("d.txt", "hi\ta\n", r"unknown file type"),
+        ("d.csv", "", r"empty CSV"),
+    ],
+)
+def test_bad_files_say_where_and_what(tmp_path: Path, name: str, body: str, match: str) -> None:
+    p = tmp_path / name
+    p.write_text(body)
+    with pytest.raises(TrainingDataError, match=match):
+        load_labeled(p)
+
+
+def test_label_checks() -> None:
+    two = [Example("x", "a"), Example("y", "b")]
+    with pytest.raises(TrainingDataError, match="only one label"):
+        check_labels([Example("x", "a"), Example("y", "a")], None)
+    with pytest.raises(TrainingDataError, match="no examples of c"):
+        check_labels(two, ["a", "b", "c"])
+    with pytest.raises(TrainingDataError, match="labels the task does not have: b"):
+        check_labels(two, ["a"])
+    assert check_labels(two, ["b", "a"]) == ["b", "a"]  # the task's order: the model's ids
+    assert check_labels(two, None) == ["a", "b"]
+
+
+def test_tier_toml_parses_into_a_ladder(tmp_path: Path) -> None:
+    import tomllib
+
+    doc = tomllib.loads(
+        '[tasks.intent]\nkind = "sequence_classify"\n' + tier_toml("intent", "m", tmp_path / "m")
+    )
+    assert doc["tasks"]["intent"]["ladder"] == [
+        {"name": "m", "path": str(tmp_path / "m"), "max_length": 256, "max_batch_tokens": 8192}
+    ]
 
 
 def test_shipped_intent_data() -> None:
-    examples = load_examples(INTENT_DATA)
-    counts = Counter(lab for _, lab in examples)
+    examples = load_labeled(INTENT_DATA)
+    counts = Counter(ex.label for ex in examples)
     assert set(counts) == set(INTENT_LABELS)
-    assert min(counts.values()) >= 75
-    texts = [t.strip().lower() for t, _ in examples]
+    assert min(counts.values()) >= 110
+    texts = [ex.text.strip().lower() for ex in examples]
     assert len(texts) == len(set(texts)), "duplicate training lines"
     assert ordered_labels(counts) == list(INTENT_LABELS)
-    assert any("\nassistant: " in t for t in texts)
+    assert sum("\nassistant: " in t for t in texts) >= 40
+
+
+@pytest.mark.parametrize("folder", sorted(BUNDLED))
+def test_bundled_sets_match_their_tasks_and_stay_apart_from_their_eval(folder: str) -> None:
+    b = BUNDLED[folder]
+    spec = load_tasks(None)[b.task]
+    assert spec.kind == "sequence_classify"
+    assert spec.ladder[0].path == b.folder
+    train, held = load_labeled(data_file(b.data)), load_labeled(data_file(b.eval))
+    assert check_labels(train, list(spec.labels)) == list(spec.labels)
+    assert {ex.label for ex in held} == set(spec.labels)
+    assert len(held) >= 60
+    assert not {ex.text.lower() for ex in train} & {ex.text.lower() for ex in held}
 
 
 def test_shipped_demo_files() -> None:
@@ -108,7 +189,7 @@ def test_shipped_demo_files() -> None:
     assert len({r["external_id"] for r in rows}) == 48
     assert Counter(r["meta"]["gold_intent"] for r in rows) == {lab: 6 for lab in INTENT_LABELS}
     assert all(1 <= len(r["messages"]) <= 4 for r in rows)
-    train_texts = {t.lower() for t, _ in load_examples(INTENT_DATA)}
+    train_texts = {ex.text.lower() for ex in load_labeled(INTENT_DATA)}
     for r in rows:
         for msg in r["messages"]:
             assert msg["content"].lower() not in train_texts
@@ -130,13 +211,14 @@ def test_train_intent_on_shipped_data(trained_intent: tuple[Path, dict, list]) -
     out, metrics, events = trained_intent
 
     assert metrics["accuracy"] > 0.85, metrics
-    assert metrics["n_train"] + metrics["n_test"] == len(load_examples(INTENT_DATA))
+    assert metrics["n_train"] + metrics["n_test"] == len(load_labeled(INTENT_DATA))
     assert set(metrics["test_per_label"]) == set(INTENT_LABELS)
+    assert metrics["test"]["n"] >= 100  # the independent set was scored too
     assert json.loads((out / METRICS_FILE).read_text())["accuracy"] == metrics["accuracy"]
     assert (out / "model.safetensors").is_file()
     assert not events or any(e["stage"] == "epoch" for e in events)
 
     model = AutoModelForSequenceClassification.from_pretrained(out)
-    assert sorted(model.config.id2label.values()) == sorted(INTENT_LABELS)
+    assert list(model.config.id2label.values()) == list(INTENT_LABELS)
     [label] = predict(out, ["user: Can you look up the refund policy in our FAQ?"])
     assert label in INTENT_LABELS

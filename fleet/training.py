@@ -1,0 +1,254 @@
+"""`fleet train`: choose the examples, the labels and the folder, then train behind progress bars.
+
+The training itself is `workers.train.train_task`; this module decides what
+goes into it:
+
+* examples: `--data FILE`, or the stored results of another task
+  (`--from-task`, `fleet.distill`), or the task's bundled set;
+* labels: the task's declared label set (`labels = "..."` in the task config),
+  else the label set of the model its ladder serves now, so a retrained
+  model answers with the same names; the data must match it exactly;
+* where: `--out`, else a new dated folder under FLEET_MODELS_DIR (a bundled
+  task's own folder when retraining from its bundled set).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleet.taskconfig import TaskSpec, resolve_model_path
+from workers.train_data import TrainingDataError
+
+
+def task_labels(spec: TaskSpec, models_dir: Path) -> list[str] | None:
+    """The labels a model for `spec` must have, in id order; None when the task does not say.
+
+    The task config's label set comes first; without one, the label names
+    (id2label) of the first ladder folder that exists.
+    """
+    if spec.labels:
+        return list(spec.labels)
+    for tier in spec.ladder:
+        cfg = resolve_model_path(tier, models_dir) / "config.json"
+        if cfg.is_file():
+            id2label = json.loads(cfg.read_text()).get("id2label") or {}
+            names = [id2label[k] for k in sorted(id2label, key=int)]
+            if names and not all(n.startswith("LABEL_") for n in names):
+                return names
+    return None
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """What to train on: the examples, how to name them, the default folder and test file."""
+
+    examples: list[Any]
+    data_name: str
+    out: Path
+    test_file: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def choose_examples(
+    task: str,
+    *,
+    data: Path | None,
+    from_task: str | None,
+    min_confidence: float,
+    confirmed: Path | None,
+    db_url: Callable[[], str],
+    models_dir: Path,
+) -> Chosen:
+    """The training set of `fleet train`: `data`, else `from_task`'s stored results, else
+    the task's bundled set (then also its independent eval file and its own folder).
+
+    `db_url` is called only for `from_task`. Raises TrainingDataError for
+    conflicting options, no stored results to learn from, or a task without
+    a bundled set and no data.
+    """
+    from fleet.models import bundled_for_task, data_file
+    from workers.train_data import load_labeled
+
+    if data and from_task:
+        raise TrainingDataError("give --data or --from-task, not both")
+    if (confirmed or min_confidence) and not from_task:
+        raise TrainingDataError("--min-confidence and --confirmed go with --from-task")
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dated = models_dir / f"{task}-trained-{stamp}"
+    if from_task:
+        from fleet.distill import describe, distilled_examples
+        from fleet.reports import load_gold
+
+        reviewed = load_gold(confirmed) if confirmed else None
+        examples, rep = distilled_examples(
+            db_url(), task=from_task, min_confidence=min_confidence, confirmed=reviewed
+        )
+        if not examples:
+            raise TrainingDataError(
+                f"no stored results of {from_task!r} to train on ({rep.seen} done, "
+                f"{rep.low_confidence} below --min-confidence, {rep.not_confirmed} not "
+                f"confirmed): run `fleet run --task {from_task}` first or lower the floor"
+            )
+        return Chosen(
+            examples,
+            f"results of {from_task} (confidence >= {min_confidence})",
+            dated,
+            extra={"distilled": describe(rep, task=from_task, min_confidence=min_confidence)},
+        )
+    if data:
+        return Chosen(load_labeled(data), data.name, dated)
+    bundled = bundled_for_task(task)
+    if bundled is None:
+        raise TrainingDataError(f"task {task!r} has no bundled training set: give --data FILE")
+    test = data_file(bundled.eval)
+    return Chosen(
+        load_labeled(data_file(bundled.data)),
+        bundled.data,
+        models_dir / bundled.folder,
+        test_file=test if test.is_file() else None,
+    )
+
+
+@contextmanager
+def training_progress(title: str) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A live training bar (steps, epoch, loss, last validation macro-F1) and an evaluation bar."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from transformers.utils import logging as hf_logging
+
+    from fleet.display import console
+
+    # One display: transformers' own bars (weights loading, shard writing) and load reports off.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        train = bar.add_task(f"train {title}", total=None, status="")
+        evals: dict[str, Any] = {}
+        last = {"f1": ""}
+
+        def update(event: dict[str, Any]) -> None:
+            stage = event.get("stage")
+            if stage == "train":
+                bar.update(
+                    train,
+                    total=event["total_steps"],
+                    completed=event["step"],
+                    status=f"epoch {event['epoch']}/{event['epochs']} loss {event['loss']:.3f}"
+                    + last["f1"],
+                )
+            elif stage == "epoch" and "eval_macro_f1" in event:
+                last["f1"] = f"  val macro-F1 {event['eval_macro_f1']:.3f}"
+            elif stage == "eval":
+                name = event["set"]
+                if name not in evals:
+                    evals[name] = bar.add_task(f"evaluate {name}", total=event["total"], status="")
+                bar.update(evals[name], total=event["total"], completed=event["done"])
+                if event["total"] and event["done"] >= event["total"]:
+                    bar.update(evals[name], visible=False)
+                    del evals[name]
+
+        yield update
+
+
+def run_training(
+    spec: TaskSpec,
+    *,
+    models_dir: Path,
+    examples: list[Any],
+    data_name: str,
+    out: Path,
+    base: str | None,
+    eval_file: Path | None,
+    test_file: Path | None,
+    config: Any,
+    test_fraction: float,
+    quiet: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train `spec`'s classifier into `out` (written whole, then moved into place).
+
+    Raises TrainingDataError for unusable data (see `workers.train_data`) and
+    ValueError for a task that is not `sequence_classify`.
+    """
+    import shutil
+
+    from workers.train import train_task
+    from workers.train_data import load_labeled
+
+    if spec.kind != "sequence_classify":
+        raise ValueError(
+            f"task {spec.name!r} is {spec.kind}; `fleet train` trains sequence_classify tasks"
+        )
+    labels = task_labels(spec, models_dir)
+    eval_examples = load_labeled(eval_file) if eval_file else None
+    test_examples = load_labeled(test_file) if test_file else None
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {
+        "labels": labels,
+        "data": data_name,
+        "eval_examples": eval_examples,
+        "test_examples": test_examples,
+        "test_data": test_file.name if test_file else None,
+        "base": base,
+        "config": config,
+        "test_fraction": test_fraction,
+    }
+    try:
+        if quiet:  # for --json: stdout carries the JSON only, stderr no bars
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+            metrics = train_task(spec.name, examples, tmp, progress=lambda event: None, **kwargs)
+        else:
+            with training_progress(spec.name) as progress:
+                metrics = train_task(spec.name, examples, tmp, progress=progress, **kwargs)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if extra:
+        metrics.update(extra)
+    # The card and metrics name the final folder, not the temporary one.
+    from workers.train import CARD_FILE, METRICS_FILE, model_card, tier_toml
+
+    metrics["toml"] = tier_toml(spec.name, out.name, out.resolve())
+    (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (tmp / CARD_FILE).write_text(model_card(metrics), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return metrics
+
+
+__all__ = [
+    "Chosen",
+    "TrainingDataError",
+    "choose_examples",
+    "run_training",
+    "task_labels",
+    "training_progress",
+]

@@ -1,0 +1,148 @@
+"""`fleet train` through the real CLI: a tiny random BERT as the base, trained from a CSV;
+the bad-data errors and their exit code."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fleet.cli import EXIT_CONFIG, main
+from tests.support import build_tiny_classifier
+from workers.train import INTENT_LABELS
+
+PHRASES = {
+    "rag_query": "search the handbook for",
+    "professional": "my manager wants the report on",
+    "psychological": "my anxiety keeps coming back about",
+    "learning": "please explain how to study",
+    "social": "my best friend and I argued about",
+    "emotional": "I feel so sad right now about",
+    "aspirational": "one day I dream of mastering",
+    "chitchat": "haha tell me a joke about",
+}
+TOPICS = ["cats", "trains", "rain", "music", "soup", "maps", "bikes", "lamps"]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_classifier(tmp_path_factory.mktemp("base") / "tiny", labels=["x", "y"])
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {
+        "FLEET_STATE_DIR": str(tmp_path / "state"),
+        "FLEET_MODELS_DIR": str(tmp_path / "models"),
+    }
+
+
+def _csv(path: Path, rows: list[tuple[str, str, float]]) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["message", "category", "confidence"])
+        w.writerows(rows)
+    return path
+
+
+def test_train_from_csv_writes_a_servable_folder(tmp_path: Path, tiny_base: Path) -> None:
+    rows = [(f"{p} {t}", lab, 0.9) for lab, p in PHRASES.items() for t in TOPICS]
+    data = _csv(tmp_path / "intent.csv", rows)
+    out = tmp_path / "trained"
+    result = CliRunner().invoke(
+        main,
+        ["train", "--task", "intent", "--data", str(data), "--base", str(tiny_base)]
+        + ["--out", str(out), "--epochs", "3", "--lr", "5e-3", "--test", str(data), "--json"],
+        env=_env(tmp_path),
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["folder"] == str(out)
+    assert report["labels"] == list(INTENT_LABELS)  # the task's order, not the file's
+    assert report["n_train"] + report["n_test"] == len(rows)
+    assert report["test_per_label"] == {lab: 2 for lab in sorted(INTENT_LABELS)}  # round(8 * 0.2)
+    assert 1 <= report["epochs_run"] <= 3 and report["best_epoch"] is not None
+    assert report["test"]["n"] == len(rows)
+    assert report["class_weights"] == {lab: pytest.approx(1.0) for lab in INTENT_LABELS}
+
+    from transformers import AutoConfig
+
+    assert (out / "model.safetensors").is_file()
+    assert not list(out.glob("*.bin")) and not list(out.glob("checkpoint-*"))
+    assert list(AutoConfig.from_pretrained(out).id2label.values()) == list(INTENT_LABELS)
+    saved = json.loads((out / "training_metrics.json").read_text())
+    assert saved["data_sha256"] == report["data_sha256"] and saved["base_model"] == str(tiny_base)
+    card = (out / "README.md").read_text()
+    assert (
+        report["data_sha256"] in card
+        and str(tiny_base) in card
+        and "[[tasks.intent.ladder]]" in card
+    )
+
+    # The folder serves: the sequence_classify adapter loads it and labels a conversation.
+    from workers.adapters.base import Source, TierSpec
+    from workers.adapters.sequence_classify import SequenceClassifyAdapter
+
+    adapter = SequenceClassifyAdapter()
+    adapter.load(TierSpec(name="t", path=str(out)), str(out), "cpu")
+    source = Source(1, "conversation", "c1", {"messages": [{"role": "user", "content": "hi"}]})
+    [pred] = adapter.predict([adapter.prepare(source)])
+    assert pred.label in INTENT_LABELS  # type: ignore[union-attr]
+
+
+def test_human_output_shows_scores_and_the_toml_lines(tmp_path: Path, tiny_base: Path) -> None:
+    rows = [(f"{p} {t}", lab, 1.0) for lab, p in PHRASES.items() for t in TOPICS[:4]]
+    result = CliRunner().invoke(
+        main,
+        ["train", "-t", "intent", "--data", str(_csv(tmp_path / "d.csv", rows))]
+        + ["--base", str(tiny_base), "--epochs", "1", "--class-weights", "none"],
+        env=_env(tmp_path),
+    )
+    assert result.exit_code == 0, result.output
+    assert "validation accuracy" in result.output
+    assert "[[tasks.intent.ladder]]" in result.output
+    [folder] = (tmp_path / "models").glob("intent-trained-*")
+    assert f'path = "{folder.resolve()}"' in result.output
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("text,label\nhi,chitchat\nhello,chitchat\n", "only one label"),
+        ("text,label,source\nhi,chitchat,web\n", "unknown column(s) 'source'"),
+        ("text,label\nhi,chitchat\n   ,social\n", "empty text"),
+        ("text,label\nhi,chitchat\nmy friend,social\n", "label set differs from the task's"),
+    ],
+)
+def test_bad_data_exits_2_with_the_reason(tmp_path: Path, body: str, message: str) -> None:
+    data = tmp_path / "bad.csv"
+    data.write_text(body)
+    result = CliRunner().invoke(
+        main, ["train", "--task", "intent", "--data", str(data)], env=_env(tmp_path)
+    )
+    assert result.exit_code == EXIT_CONFIG
+    assert message in result.output
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_only_sequence_classify_tasks_train(tmp_path: Path) -> None:
+    data = _csv(tmp_path / "d.csv", [("a", "x", 1.0), ("b", "y", 1.0)])
+    result = CliRunner().invoke(
+        main, ["train", "--task", "transcribe", "--data", str(data)], env=_env(tmp_path)
+    )
+    assert result.exit_code == EXIT_CONFIG
+    assert "trains sequence_classify tasks" in result.output
+
+
+def test_a_missing_base_model_says_what_to_give(tmp_path: Path) -> None:
+    rows = [(f"{p} {t}", lab, 1.0) for lab, p in PHRASES.items() for t in TOPICS[:2]]
+    result = CliRunner().invoke(
+        main,
+        ["train", "-t", "intent", "--data", str(_csv(tmp_path / "d.csv", rows))]
+        + ["--base", str(tmp_path / "no-such-model")],
+        env=_env(tmp_path),
+    )
+    assert result.exit_code == EXIT_CONFIG
+    assert "cannot load the base model" in result.output
