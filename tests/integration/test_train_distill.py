@@ -1,0 +1,160 @@
+"""Distillation through the real CLI: `fleet train --from-task llm_classify` learns from the
+llm_classify results stored in a real Postgres (written through the ledger, as a worker
+writes them), keeps only confident (or reviewer-confirmed) labels and weighs each by its
+confidence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from db.engine import transaction
+from db.ledger import Outcome, claim_batches, discover, finish_batch, start_batch
+from db.sources import ingest_conversations
+from fleet.cli import EXIT_CONFIG, main
+from tests.support import build_tiny_classifier
+from workers.train import INTENT_LABELS
+
+WORDS = {
+    "rag_query": "search the wiki for",
+    "professional": "my manager needs the slides on",
+    "psychological": "why do I overthink",
+    "learning": "explain for my exam",
+    "social": "my sister and I fell out over",
+    "emotional": "I'm so happy right now about",
+    "aspirational": "my dream is to master",
+    "chitchat": "lol tell me a joke about",
+}
+TOPICS = ("boats", "tea", "snow", "jazz", "glue")
+
+
+def _store_llm_results(url: str) -> dict[str, tuple[str, float]]:
+    """Conversations, llm_classify items and their results; returns external_id -> (label, conf).
+
+    Per label: four confident results (0.9), one unsure (0.3); plus one failed item."""
+    records, truth = [], {}
+    for lab, words in WORDS.items():
+        for i, topic in enumerate(TOPICS):
+            eid = f"{lab}-{i}"
+            records.append(
+                {"external_id": eid, "messages": [{"role": "user", "content": f"{words} {topic}"}]}
+            )
+            truth[eid] = (lab, 0.3 if i == 4 else 0.9)
+    records.append({"external_id": "broken", "messages": [{"role": "user", "content": "x"}]})
+    with transaction(url) as s:
+        ingest_conversations(s, records)
+        discover(s, task="llm_classify", source_kind="conversation")
+        [batch] = claim_batches(s, task="llm_classify", limit=100, batch_size=100, lease_seconds=60)
+        started = start_batch(
+            s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60
+        )
+        ext = dict(
+            s.execute(
+                text(
+                    "SELECT w.id, c.external_id FROM work_items w "
+                    "JOIN conversations c ON c.id = w.source_id"
+                )
+            ).all()
+        )
+        outcomes = []
+        for item in started:
+            eid = ext[item.item_id]
+            if eid == "broken":
+                outcomes.append(Outcome(item.item_id, None, "the model's answer was not JSON"))
+                continue
+            label, conf = truth[eid]
+            result = {
+                "label": label,
+                "confidence": conf,
+                "scores": {label: conf},
+                "output": {"category": label},
+                "model_name": "smollm2-135m-instruct",
+                "model_tier": 0,
+                "device": "cpu",
+                "latency_ms": 12.0,
+            }
+            outcomes.append(Outcome(item.item_id, result))
+        finish_batch(s, batch_id=batch.batch_id, outcomes=outcomes)
+    return truth
+
+
+@pytest.fixture
+def tiny_base(tmp_path: Path) -> Path:
+    return build_tiny_classifier(tmp_path / "tiny", labels=["x", "y"])
+
+
+def _env(db_url: str, broker_url: str, tmp_path: Path) -> dict[str, str]:
+    return {
+        "DATABASE_URL": db_url,
+        "BROKER_URL": broker_url,
+        "FLEET_STATE_DIR": str(tmp_path / "state"),
+        "FLEET_MODELS_DIR": str(tmp_path / "models"),
+    }
+
+
+def test_train_from_stored_llm_results(
+    db_url: str, broker_url: str, tmp_path: Path, tiny_base: Path
+) -> None:
+    _store_llm_results(db_url)
+    out = tmp_path / "distilled"
+    result = CliRunner().invoke(
+        main,
+        ["train", "--task", "intent", "--from-task", "llm_classify", "--min-confidence", "0.6"]
+        + ["--base", str(tiny_base), "--out", str(out), "--epochs", "2", "--json"],
+        env=_env(db_url, broker_url, tmp_path),
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["distilled"] == {
+        "from_task": "llm_classify",
+        "min_confidence": 0.6,
+        "seen": 40,  # done items with a label; the failed one is not read
+        "kept": 32,
+        "below_min_confidence": 8,
+        "not_confirmed": 0,
+        "bad_text": 0,
+        "per_label": {lab: 4 for lab in sorted(INTENT_LABELS)},
+    }
+    assert report["n_train"] + report["n_test"] == 32
+    assert report["labels"] == list(INTENT_LABELS)
+    assert report["data"] == "results of llm_classify (confidence >= 0.6)"
+    assert (out / "model.safetensors").is_file()
+    saved = json.loads((out / "training_metrics.json").read_text())
+    assert saved["distilled"]["kept"] == 32 and "llm_classify" in (out / "README.md").read_text()
+
+
+def test_only_reviewer_confirmed_labels(
+    db_url: str, broker_url: str, tmp_path: Path, tiny_base: Path
+) -> None:
+    truth = _store_llm_results(db_url)
+    # A reviewer confirmed two items per label and corrected one: that one is left out.
+    reviewed = tmp_path / "reviewed.jsonl"
+    lines = []
+    for lab in WORDS:
+        lines.append({"external_id": f"{lab}-0", "label": truth[f"{lab}-0"][0]})
+        lines.append({"external_id": f"{lab}-1", "label": truth[f"{lab}-1"][0]})
+    lines.append({"external_id": "social-2", "label": "professional"})
+    reviewed.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    result = CliRunner().invoke(
+        main,
+        ["train", "-t", "intent", "--from-task", "llm_classify", "--confirmed", str(reviewed)]
+        + ["--base", str(tiny_base), "--out", str(tmp_path / "m"), "--epochs", "1", "--json"],
+        env=_env(db_url, broker_url, tmp_path),
+    )
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)["distilled"]
+    assert (d["kept"], d["not_confirmed"]) == (16, 24)
+
+
+def test_nothing_stored_says_what_to_run(db_url: str, broker_url: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["train", "-t", "intent", "--from-task", "llm_classify", "--min-confidence", "0.5"],
+        env=_env(db_url, broker_url, tmp_path),
+    )
+    assert result.exit_code == EXIT_CONFIG
+    assert "fleet run --task llm_classify" in result.output
