@@ -76,7 +76,8 @@ def discover(session: Session, *, task: str, source_kind: str, limit: int | None
             INSERT INTO work_items (source_kind, source_id, task, status, size_hint)
             SELECT CAST(:kind AS varchar), s.id, CAST(:task AS varchar), 'pending', {size}
             FROM {table} s
-            WHERE NOT EXISTS (
+            WHERE s.gone_at IS NULL  -- gone from its sync source (db.sync)
+              AND NOT EXISTS (
                 SELECT 1 FROM work_items w
                 WHERE w.source_kind = CAST(:kind AS varchar) AND w.source_id = s.id
                   AND w.task = CAST(:task AS varchar)
@@ -102,7 +103,7 @@ def claimable(session: Session, *, task: str, source_kind: str) -> tuple[int, in
         text(
             f"""
             SELECT count(*) FROM {table} s
-            WHERE NOT EXISTS (
+            WHERE s.gone_at IS NULL AND NOT EXISTS (
                 SELECT 1 FROM work_items w
                 WHERE w.task = CAST(:t AS varchar) AND w.source_kind = CAST(:k AS varchar)
                   AND w.source_id = s.id

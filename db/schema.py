@@ -41,6 +41,8 @@ class Status(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"
     DEAD = "dead"
+    # The source row disappeared from its sync source (db.sync): not failed, not run again.
+    GONE = "gone"
 
 
 class SourceKind(enum.StrEnum):
@@ -63,6 +65,7 @@ class Base(DeclarativeBase):
 
 class Conversation(Base):
     __tablename__ = "conversations"
+    __table_args__ = (Index("ix_conversations_source", "source", "external_id"),)
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     external_id: Mapped[str] = mapped_column(String(256), unique=True)
@@ -72,10 +75,17 @@ class Conversation(Base):
     created_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
+    # Set by `fleet sync` (db.sync) for rows copied from a declared source; NULL for
+    # rows `fleet ingest` read from files.
+    source: Mapped[str | None] = mapped_column(String(64))
+    content_hash: Mapped[str | None] = mapped_column(String(64))
+    source_updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    gone_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class AudioFile(Base):
     __tablename__ = "audio_files"
+    __table_args__ = (Index("ix_audio_files_source", "source", "external_id"),)
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     external_id: Mapped[str] = mapped_column(String(256), unique=True)
@@ -85,6 +95,10 @@ class AudioFile(Base):
     created_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
+    source: Mapped[str | None] = mapped_column(String(64))
+    content_hash: Mapped[str | None] = mapped_column(String(64))
+    source_updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    gone_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class WorkItem(Base):
@@ -150,6 +164,50 @@ class Result(Base):
     created_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
+    # The exact weights: a Hugging Face snapshot commit, or "sha256:<hex>" of a local
+    # folder's files (workers.hub.model_revision). `fleet rerun` compares it.
+    model_revision: Mapped[str | None] = mapped_column(String(128))
+
+
+class ResultHistory(Base):
+    """Results that were replaced: the content changed (`fleet sync`), the model
+    changed (`fleet rerun`), or the source row went away. No foreign key: the
+    history outlives a deleted work item."""
+
+    __tablename__ = "result_history"
+    __table_args__ = (Index("ix_result_history_item", "work_item_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    work_item_id: Mapped[int] = mapped_column(BigInteger)
+    task: Mapped[str] = mapped_column(String(64))
+    source_kind: Mapped[str] = mapped_column(String(16))
+    source_id: Mapped[int] = mapped_column(BigInteger)
+    external_id: Mapped[str | None] = mapped_column(String(256))
+    label: Mapped[str | None] = mapped_column(String(256))
+    confidence: Mapped[float | None] = mapped_column(Float)
+    scores: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    model_name: Mapped[str] = mapped_column(String(256))
+    model_revision: Mapped[str | None] = mapped_column(String(128))
+    model_tier: Mapped[int] = mapped_column(Integer)
+    classified_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    replaced_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    reason: Mapped[str] = mapped_column(String(32))  # content_changed | rerun | gone
+
+
+class SyncState(Base):
+    """One row per declared source: where the last incremental sync stopped."""
+
+    __tablename__ = "sync_state"
+
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Greatest source updated_at seen; the next pass reads from it minus the overlap.
+    watermark: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    last_sync_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    last_full_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    counts: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
 
 
 class Run(Base):

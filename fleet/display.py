@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-STATUSES = ("pending", "queued", "running", "done", "failed", "dead")
+STATUSES = ("pending", "queued", "running", "done", "failed", "dead", "gone")
 console = Console(stderr=True)
 out = Console()
 
