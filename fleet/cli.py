@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from fleet.settings import Settings, redact
+from fleet.workercommand import worker_argv, worker_env, worker_name
 
 EXIT_FAILED_ITEMS, EXIT_CONFIG, EXIT_SERVICE, EXIT_TIMEOUT = 1, 2, 3, 4
 
@@ -578,54 +579,6 @@ def compare(
 
 
 # -- workers ---------------------------------------------------------------------
-
-
-def worker_name(task: str, *, gpu: int | None, unique: str | None = None) -> str:
-    """A celery node name `<task>@<gpuN|cpu>-<unique>.%h` (celery fills in %h).
-
-    `unique` defaults to a short random token, so two workers for one task on
-    one host (by hand, or under two supervisors) never share a name: Celery,
-    Flower and `fleet status` would see them as one worker.
-    """
-    import secrets
-
-    slot = f"gpu{gpu}" if gpu is not None else "cpu"
-    return f"{task}@{slot}-{unique or secrets.token_hex(3)}.%h"
-
-
-def worker_argv(
-    task: str, *, gpu: int | None, loglevel: str, hostname: str | None = None
-) -> list[str]:
-    name = hostname or worker_name(task, gpu=gpu)
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.app",
-        "worker",
-        "--pool",
-        "solo",
-        "--concurrency",
-        "1",
-        "-Q",
-        f"fleet.{task}",
-        "-n",
-        name,
-        "--loglevel",
-        loglevel,
-        "-E",
-        "--without-gossip",
-        "--without-mingle",
-    ]
-
-
-def worker_env(settings: Settings, *, gpu: int | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(settings.child_env())
-    # Pinned before torch is imported in the worker: the process sees one GPU as cuda:0.
-    env["CUDA_VISIBLE_DEVICES"] = str(gpu) if gpu is not None else ""
-    return env
 
 
 @main.command()

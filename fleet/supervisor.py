@@ -99,7 +99,7 @@ def supervise(
     log_dir: Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> int:
-    from fleet.cli import worker_argv, worker_env
+    from fleet.workercommand import worker_argv, worker_env
 
     children = [Child(g) for g in gpus]
     stopping = False

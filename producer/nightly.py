@@ -47,7 +47,7 @@ from fleet.settings import Settings
 from fleet.taskconfig import TaskSpec
 from producer.enqueue import discover
 from producer.reconciler import reconcile
-from producer.runner import Outage, ServedWatch, feed
+from producer.runner import Outage, ServedWatch, feed, gated
 
 log = logging.getLogger("fleet.nightly")
 
@@ -248,10 +248,12 @@ def drive(
     poll: float = 0.5,
     progress: Callable[[dict[str, dict[str, int]]], None] | None = None,
     holder: str | None = None,
+    gate: Callable[[str], bool] | None = None,
 ) -> NightlyReport:
     """Open a nightly run and drive it to the end in this process.
 
-    Raises RunStillGoing when another nightly run is alive."""
+    `gate` as in producer.runner.run_until_done (local workers). Raises
+    RunStillGoing when another nightly run is alive."""
     started = time.monotonic()
     names = [s.name for s in specs]
     # A dedicated connection holds the run's session lock while this process drives it.
@@ -270,7 +272,9 @@ def drive(
         report = NightlyReport(run_id, {}, 0.0, took_over=took_over)
         log.info("nightly run %d opened over %s", run_id, ", ".join(names))
         try:
-            _drive_loop(url, app, specs, settings, report, timeout, poll, progress, started, lock)
+            _drive_loop(
+                url, app, specs, settings, report, timeout, poll, progress, started, lock, gate
+            )
         except BaseException:  # Ctrl-C, SIGTERM, a lost service: the row still closes
             report.interrupted = True
             raise
@@ -366,6 +370,7 @@ def _drive_loop(
     progress: Callable[[dict[str, dict[str, int]]], None] | None,
     started: float,
     lock: _RunLock,
+    gate: Callable[[str], bool] | None = None,
 ) -> None:
     names = [s.name for s in specs]
     last_reconcile = time.monotonic()
@@ -390,7 +395,7 @@ def _drive_loop(
                 for k in got:
                     report.reconciled[k] = report.reconciled.get(k, 0) + got[k]
                 last_reconcile = time.monotonic()
-            for spec in specs:
+            for spec in gated(specs, gate):
                 report.sent_batches += feed(url, app, spec, settings)
             report.counts = _counts(url, names)
         except Exception as exc:
@@ -401,7 +406,7 @@ def _drive_loop(
             time.sleep(delay)
             continue
         outage.recovered()
-        watch.check(names, report.counts)
+        watch.check([s.name for s in gated(specs, gate)], report.counts)
         if progress:
             progress(report.counts)
         if open_items(report.counts) == 0:

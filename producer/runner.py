@@ -115,6 +115,11 @@ class ServedWatch:
         return missing
 
 
+def gated(specs: Sequence[TaskSpec], gate: Callable[[str], bool] | None) -> list[TaskSpec]:
+    """The tasks to feed on this pass: all of them, or those the gate lets through."""
+    return list(specs) if gate is None else [s for s in specs if gate(s.name)]
+
+
 def run_until_done(
     url: str,
     app: Celery,
@@ -125,7 +130,13 @@ def run_until_done(
     timeout: float | None = None,
     poll: float = 0.5,
     progress: Callable[[dict[str, dict[str, int]]], None] | None = None,
+    gate: Callable[[str], bool] | None = None,
 ) -> RunReport:
+    """Discover, then feed and reconcile until every task's items are finished.
+
+    `gate(task)`, when given, says whether to feed a task (and look for its
+    missing workers) on this pass: local workers (fleet.localworkers) hold back
+    the tasks whose workers are not up, or whose turn has not come."""
     started = time.monotonic()
     names = [s.name for s in specs]
     with transaction(url) as session:
@@ -147,7 +158,7 @@ def run_until_done(
                 for k in got:
                     report.reconciled[k] += got[k]
                 last_reconcile = time.monotonic()
-            for spec in specs:
+            for spec in gated(specs, gate):
                 report.sent_batches += feed(url, app, spec, settings)
             with transaction(url) as session:
                 counts = {n: ledger.counts(session, task=n).get(n, {}) for n in names}
@@ -159,7 +170,7 @@ def run_until_done(
             time.sleep(delay)
             continue
         outage.recovered()
-        watch.check(names, counts)
+        watch.check([s.name for s in gated(specs, gate)], counts)
         if progress:
             progress(counts)
         report.counts = counts

@@ -178,7 +178,7 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
-        from fleet.cli import worker_argv
+        from fleet.workercommand import worker_argv
 
         argv = worker_argv(self.task, gpu=None, loglevel="INFO", hostname=self.name)
         env = dict(self.env)
