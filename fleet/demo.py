@@ -70,7 +70,7 @@ def _speak_samples(audio_root: Path) -> tuple[Path, dict[str, tuple[str, str]]] 
 def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
     from fleet.display import byte_progress, run_progress
     from fleet.ingest import ingest_audio_dir, ingest_conversations_file
-    from fleet.models import WHISPER, prepare_intent, prepare_models
+    from fleet.models import SENTIMENT, WHISPER, WORTHINESS, prepare_intent, prepare_models
     from fleet.queries import fetch_results
     from producer.runner import run_until_done
 
@@ -80,7 +80,9 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
     where = "embedded, under " + str(s.state_dir) if embedded else "DATABASE_URL / BROKER_URL"
     click.echo(f"services: {where}")
     prepare_intent(s.resolved_models_dir, echo=click.echo)
-    specs = [ctx.task("intent")]
+    for _ in prepare_models(s.resolved_models_dir, only=[WORTHINESS, SENTIMENT], echo=click.echo):
+        pass
+    specs = [ctx.task("intent"), ctx.task("worthiness"), ctx.task("sentiment")]
 
     path = conversations or _data("sample_conversations.jsonl")
     with path.open("rb") as f, byte_progress(path.stat().st_size, "ingest") as advance:
@@ -125,6 +127,7 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
     if scored:
         acc = sum(a == b for a, b in scored) / len(scored)
         click.echo(f"agreement with the samples' intended labels: {acc:.1%} of {len(scored)}")
+    _labels_table(s.db_url(), fetch_results, ("worthiness", "sentiment"))
     if spoken is not None:
         _audio_table(s.db_url(), fetch_results, spoken[1])
     for name, c in run.counts.items():
@@ -152,4 +155,26 @@ def _audio_table(url: str, fetch_results: Any, spoken: dict[str, tuple[str, str]
             (t.get("output") or {}).get("transcript") or t.get("error") or t.get("status", "")
         )
         table.add_row(ext, str(transcript), str(intents.get(ext, {}).get("label") or ""), label)
+    out.print(table)
+
+
+def _labels_table(url: str, fetch_results: Any, tasks: tuple[str, ...]) -> None:
+    """What the other conversation tasks said of each sample: a column per task, label (confidence)."""
+    from rich.table import Table
+
+    by_task = {
+        t: {r["external_id"]: r for r in fetch_results(url, task=t, limit=None)} for t in tasks
+    }
+    table = Table(title=" and ".join(tasks) + " of the sample conversations")
+    table.add_column("external_id", no_wrap=True)
+    for t in tasks:
+        table.add_column(t)
+    for eid in sorted(set().union(*by_task.values()))[:60]:
+        cells = []
+        for t in tasks:
+            r = by_task[t].get(eid, {})
+            conf = r.get("confidence")
+            shown = f" ({conf:.2f})" if isinstance(conf, float) else ""
+            cells.append(f"{r.get('label') or r.get('error') or r.get('status', '')}{shown}")
+        table.add_row(str(eid), *cells)
     out.print(table)
