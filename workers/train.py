@@ -314,6 +314,9 @@ def train_classifier(
             learning_rate=config.lr,
             per_device_train_batch_size=config.batch_size,
             per_device_eval_batch_size=64,
+            # Batches of similar lengths: a batch is padded to its longest item, and
+            # the multi-turn examples are several times longer than the one-liners.
+            train_sampling_strategy="group_by_length",
             warmup_steps=config.warmup,
             weight_decay=config.weight_decay,
             max_grad_norm=1.0,
