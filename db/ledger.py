@@ -346,17 +346,18 @@ def finish_batch(session: Session, *, batch_id: str, outcomes: Sequence[Outcome]
             text(
                 """
                 INSERT INTO results (work_item_id, label, confidence, scores, output,
-                                     model_name, model_tier, device, latency_ms)
+                                     model_name, model_revision, model_tier, device, latency_ms)
                 SELECT work_item_id, label, confidence, scores, output,
-                       model_name, model_tier, device, latency_ms
+                       model_name, model_revision, model_tier, device, latency_ms
                 FROM json_to_recordset(CAST(:rows AS json)) AS r(
                     work_item_id bigint, label varchar, confidence float8, scores jsonb,
-                    output jsonb, model_name varchar, model_tier int, device varchar,
-                    latency_ms float8)
+                    output jsonb, model_name varchar, model_revision varchar, model_tier int,
+                    device varchar, latency_ms float8)
                 ON CONFLICT (work_item_id) DO UPDATE SET
                     label = EXCLUDED.label, confidence = EXCLUDED.confidence,
                     scores = EXCLUDED.scores, output = EXCLUDED.output,
-                    model_name = EXCLUDED.model_name, model_tier = EXCLUDED.model_tier,
+                    model_name = EXCLUDED.model_name, model_revision = EXCLUDED.model_revision,
+                    model_tier = EXCLUDED.model_tier,
                     device = EXCLUDED.device, latency_ms = EXCLUDED.latency_ms,
                     created_at = now()
                 """

@@ -152,10 +152,28 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         default=9808, ge=1, le=65535, description="`fleet metrics` (Prometheus exporter) port."
     )
+    # -- sources and model versions (db.sync, fleet sync, fleet rerun) ------------
+    source_database_url: SecretStr | None = Field(
+        default=None,
+        description="Postgres URL of the application database the `[sources.*]` of the task "
+        "config read from. Unset: they read from DATABASE_URL (the fleet's own database).",
+    )
+    sync_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="`fleet beat` runs `fleet sync` (incremental) every this many seconds; with "
+        "`fleet sync --install-triggers` a tick with no change marked costs one query. "
+        "Unset: sources sync only at the start of each nightly run.",
+    )
+    rerun_stale: bool = Field(
+        default=False,
+        description="A nightly run first puts back, for every task, the items whose result "
+        "came from a model revision no tier of the task's ladder has now (`fleet rerun`).",
+    )
     log_level: str = Field(default="INFO", description="Logging level.")
     log_json: bool = Field(default=False, description="Log one JSON object per line.")
 
-    @field_validator("database_url", mode="before")
+    @field_validator("database_url", "source_database_url", mode="before")
     @classmethod
     def _driver(cls, v: object) -> object:
         if isinstance(v, str) and v:
@@ -187,6 +205,12 @@ class Settings(BaseSettings):
         if self.database_url is None:
             raise RuntimeError("DATABASE_URL is not set; call fleet.services.ensure_services first")
         return self.database_url.get_secret_value()
+
+    def source_db_url(self) -> str:
+        """Where `[sources.*]` are read: FLEET_SOURCE_DATABASE_URL, else the fleet's database."""
+        if self.source_database_url is not None:
+            return self.source_database_url.get_secret_value()
+        return self.db_url()
 
     def redis_url(self) -> str:
         if self.broker_url is None:

@@ -8,12 +8,15 @@ tiers, largest first. A worker serves one task and holds one tier at a time.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from db.sync import ON_DELETE, SourceSpec
+from db.sync import SHAPES as SYNC_SHAPES
 from workers.adapters.base import TierSpec
 
 # "fake" is the shipped fake model (workers.adapters.fake) for tests and benchmarks.
@@ -110,7 +113,8 @@ def parse_tasks(doc: dict[str, Any]) -> dict[str, TaskSpec]:
     return tasks
 
 
-def load_tasks(path: Path | None = None) -> dict[str, TaskSpec]:
+def load_document(path: Path | None = None) -> dict[str, Any]:
+    """The task config file as a TOML document (the bundled one when `path` is None)."""
     if path is None:
         text = resources.files("fleet").joinpath("data/tasks.toml").read_text("utf-8")
     else:
@@ -119,10 +123,107 @@ def load_tasks(path: Path | None = None) -> dict[str, TaskSpec]:
         except OSError as e:
             raise ConfigError(f"cannot read task config {path}: {e.strerror}") from e
     try:
-        doc = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"task config {path or 'tasks.toml'} is not valid TOML: {e}") from e
-    return parse_tasks(doc)
+
+
+def load_tasks(path: Path | None = None) -> dict[str, TaskSpec]:
+    return parse_tasks(load_document(path))
+
+
+def load_sources(path: Path | None = None) -> dict[str, SourceSpec]:
+    """The `[sources.<name>]` tables of the task config (see db.sync)."""
+    return parse_sources(load_document(path))
+
+
+_SOURCE_KEYS = {
+    "kind",
+    "shape",
+    "query",
+    "table",
+    "chunk",
+    "overlap_seconds",
+    "detect_deletes",
+    "on_delete",
+    "trigger_tables",
+}
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+
+
+def parse_sources(doc: dict[str, Any]) -> dict[str, SourceSpec]:
+    """Validate every `[sources.<name>]` table into a SourceSpec; ConfigError names
+    the source, the key and what is allowed."""
+    raw_sources = doc.get("sources", {})
+    if not isinstance(raw_sources, dict):
+        raise ConfigError("`sources` must be a table of [sources.<name>] tables")
+    return {name: _source(name, raw) for name, raw in raw_sources.items()}
+
+
+def _source_names(name: str, raw: Any) -> tuple[str | None, str | None]:
+    where = f"source {name!r}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table, e.g. [sources.{name}]")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name) or name == "ingest":
+        raise ConfigError(
+            f"{where}: names are 1-64 letters, digits, '_', '.', '-' ('ingest' is reserved "
+            "for rows `fleet ingest` read from files)"
+        )
+    unknown = sorted(set(raw) - _SOURCE_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_SOURCE_KEYS))}"
+        )
+    query, table = raw.get("query"), raw.get("table")
+    if (query is None) == (table is None):
+        raise ConfigError(
+            f"{where}: give exactly one of `query` (SQL) or `table` (a table or view)"
+        )
+    if table is not None and not (isinstance(table, str) and _IDENT.match(table)):
+        raise ConfigError(f"{where}: table must be a name such as app.conversations, got {table!r}")
+    if query is not None and not (isinstance(query, str) and query.strip()):
+        raise ConfigError(f"{where}: query must be a non-empty SQL string")
+    return query, table
+
+
+def _source(name: str, raw: Any) -> SourceSpec:
+    where = f"source {name!r}"
+    query, table = _source_names(name, raw)
+    kind = raw.get("kind", "conversation")
+    if kind not in SOURCES:
+        raise ConfigError(f"{where}: kind must be one of {SOURCES}, got {kind!r}")
+    shape = raw.get("shape", "conversation")
+    if shape not in SYNC_SHAPES:
+        raise ConfigError(f"{where}: shape must be one of {SYNC_SHAPES}, got {shape!r}")
+    on_delete = raw.get("on_delete", "mark")
+    if on_delete not in ON_DELETE:
+        raise ConfigError(f"{where}: on_delete must be one of {ON_DELETE}, got {on_delete!r}")
+    chunk = raw.get("chunk", 5000)
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or not 1 <= chunk <= 1_000_000:
+        raise ConfigError(f"{where}: chunk must be an integer from 1 to 1000000, got {chunk!r}")
+    overlap = raw.get("overlap_seconds", 60.0)
+    if not isinstance(overlap, int | float) or isinstance(overlap, bool) or overlap < 0:
+        raise ConfigError(f"{where}: overlap_seconds must be a number >= 0, got {overlap!r}")
+    detect = raw.get("detect_deletes", True)
+    if not isinstance(detect, bool):
+        raise ConfigError(f"{where}: detect_deletes must be true or false, got {detect!r}")
+    triggers = raw.get("trigger_tables", [table] if table else [])
+    if not isinstance(triggers, list) or not all(
+        isinstance(t, str) and _IDENT.match(t) for t in triggers
+    ):
+        raise ConfigError(f"{where}: trigger_tables must be a list of table names")
+    return SourceSpec(
+        name=name,
+        kind=kind,
+        shape=shape if kind == "conversation" else "conversation",
+        query=query,
+        table=table,
+        chunk=chunk,
+        overlap_seconds=float(overlap),
+        detect_deletes=detect,
+        on_delete=on_delete,
+        trigger_tables=tuple(triggers),
+    )
 
 
 def get_task(tasks: dict[str, TaskSpec], name: str) -> TaskSpec:

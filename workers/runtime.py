@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet.taskconfig import TaskSpec, resolve_model_path
+from fleet.hub import ModelNotCached, ResolvedModel, resolve_tier
+from fleet.taskconfig import TaskSpec
 from workers import device as dev
 from workers.adapters.base import Adapter, InputError, Prediction, Prepared, Source
 from workers.policy import (
@@ -64,6 +65,7 @@ class ItemResult:
     model_name: str
     latency_ms: float
     notes: dict[str, Any] = field(default_factory=dict)
+    model_revision: str | None = None  # snapshot commit or sha256 of the folder (fleet.hub)
 
 
 @dataclass
@@ -100,6 +102,8 @@ class ModelRuntime:
         self.budget = Budget(0)
         self.clean_batches = 0
         self._baseline_mb = 0.0
+        self.revision: str | None = None
+        self._resolved: dict[int, ResolvedModel] = {}
 
     # -- loading -----------------------------------------------------------------
 
@@ -108,14 +112,15 @@ class ModelRuntime:
         return self.spec.ladder[self.tier].name
 
     def _path(self, tier: int) -> Path:
-        spec = self.spec.ladder[tier]
-        path = resolve_model_path(spec, self.models_dir)
-        if not (path / "config.json").is_file():
-            raise ModelMissing(
-                f"task {self.spec.name!r} tier {tier} ({spec.name}): no model at {path}. "
-                "Run `fleet models prepare`, or point the ladder's path at a model folder."
-            )
-        return path
+        """The tier's model folder (a local folder, or a Hugging Face id resolved in
+        the cache with local files only); its revision is computed once."""
+        if tier not in self._resolved:
+            spec = self.spec.ladder[tier]
+            try:
+                self._resolved[tier] = resolve_tier(spec, self.models_dir)
+            except ModelNotCached as e:
+                raise ModelMissing(f"task {self.spec.name!r} tier {tier} ({spec.name}): {e}") from e
+        return self._resolved[tier].path
 
     def start(self) -> None:
         """Load the first tier that fits (or `start_at`).
@@ -133,7 +138,7 @@ class ModelRuntime:
             for spec in self.spec.ladder:
                 size = spec.footprint_mb
                 if size is None:
-                    weights = dev.weights_mb(resolve_model_path(spec, self.models_dir))
+                    weights = dev.weights_mb(self._path(self.spec.ladder.index(spec)))
                     size = weights * 1.3 if weights else None  # activations and allocator slack
                 footprints.append(size)
             first = start_tier(footprints, dev.free_mb(self.device))
@@ -146,6 +151,7 @@ class ModelRuntime:
         started = time.perf_counter()
         self.adapter.load(spec, str(path), self.device)
         self.tier = tier
+        self.revision = self._resolved[tier].revision
         self.budget = Budget(spec.max_batch_tokens)
         self.clean_batches = 0
         log.info(
@@ -222,7 +228,9 @@ class ModelRuntime:
         return prepared
 
     def _failed(self, item_id: int, reason: str) -> ItemResult:
-        return ItemResult(item_id, None, reason, self.tier, self.model_name, 0.0)
+        return ItemResult(
+            item_id, None, reason, self.tier, self.model_name, 0.0, model_revision=self.revision
+        )
 
     def _run_prepared(
         self, prepared: dict[int, Prepared], results: dict[int, ItemResult], stats: BatchStats
@@ -297,6 +305,7 @@ class ModelRuntime:
                         self.model_name,
                         elapsed_ms / len(sub),
                         p.notes,
+                        self.revision,
                     )
         return set()
 

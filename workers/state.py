@@ -148,6 +148,7 @@ def _result_row(r: ItemResult, device: str) -> dict[str, Any] | None:
         "scores": p.scores,
         "output": output or None,
         "model_name": r.model_name,
+        "model_revision": r.model_revision,
         "model_tier": r.tier,
         "device": device,
         "latency_ms": round(r.latency_ms, 3),

@@ -1,0 +1,338 @@
+"""db.sync and db.history on the real Postgres: an application database of its
+own (app.conversations + app.messages), synced into the fleet's database."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from db import history, ledger, triggers
+from db.engine import get_engine, transaction
+from db.sources import ingest_conversations
+from db.sync import SourceSpec, SyncError, sync_source
+from tests.appdb import QUERY, add_conversation, create_app_database, sql
+from tests.support import drop_database
+
+APP = SourceSpec(name="app", shape="messages", query=QUERY, chunk=3, overlap_seconds=30)
+
+
+@pytest.fixture
+def app_db() -> Iterator[tuple[str, str]]:
+    name, url, plain = create_app_database()
+    try:
+        yield url, plain
+    finally:
+        drop_database(name)
+
+
+def _sync(db_url: str, app_url: str, spec: SourceSpec = APP, **kw: Any):
+    return sync_source(get_engine(db_url), get_engine(app_url), spec, **kw)
+
+
+def _classify(db_url: str, task: str, label: str, revision: str = "rev-1") -> int:
+    """Run the ledger as a worker would: claim, start, finish with one label."""
+    with transaction(db_url) as s:
+        ledger.discover(s, task=task, source_kind="conversation")
+        batches = ledger.claim_batches(s, task=task, limit=1000, batch_size=1000, lease_seconds=60)
+    done = 0
+    for b in batches:
+        with transaction(db_url) as s:
+            ledger.start_batch(
+                s, batch_id=b.batch_id, item_ids=b.item_ids, worker="w", lease_seconds=60
+            )
+            outcome = [
+                ledger.Outcome(
+                    i,
+                    {
+                        "label": label,
+                        "confidence": 0.9,
+                        "scores": {label: 0.9},
+                        "output": None,
+                        "model_name": "m",
+                        "model_revision": revision,
+                        "model_tier": 0,
+                        "device": "cpu",
+                        "latency_ms": 1.0,
+                    },
+                )
+                for i in b.item_ids
+            ]
+            done += ledger.finish_batch(s, batch_id=b.batch_id, outcomes=outcome).done
+    return done
+
+
+def _messages(db_url: str, ext: str) -> list[dict[str, str]]:
+    with transaction(db_url) as s:
+        return s.execute(
+            text("SELECT messages FROM conversations WHERE external_id = :e"), {"e": ext}
+        ).scalar_one()
+
+
+def _status(db_url: str, ext: str, task: str = "intent") -> str:
+    with transaction(db_url) as s:
+        return s.execute(
+            text(
+                "SELECT w.status FROM work_items w JOIN conversations c ON c.id = w.source_id "
+                "WHERE c.external_id = :e AND w.task = :t"
+            ),
+            {"e": ext, "t": task},
+        ).scalar_one()
+
+
+def test_first_pass_folds_messages_across_chunks(db_url, app_db):
+    app_url, plain = app_db
+    for cid in range(1, 6):  # 1..5 messages each: conversations straddle 3-row chunks
+        add_conversation(
+            plain,
+            cid,
+            [("user" if i % 2 == 0 else "assistant", f"c{cid} m{i}") for i in range(cid)],
+        )
+    report = _sync(db_url, app_url)
+    assert report.full and report.read == 15 and report.records == 5 and report.new == 5
+    assert _messages(db_url, "4") == [
+        {"role": "user", "content": "c4 m0"},
+        {"role": "assistant", "content": "c4 m1"},
+        {"role": "user", "content": "c4 m2"},
+        {"role": "assistant", "content": "c4 m3"},
+    ]
+    with transaction(db_url) as s:
+        row = s.execute(
+            text("SELECT source, content_hash, language FROM conversations WHERE external_id = '1'")
+        ).one()
+        state = s.execute(
+            text("SELECT watermark, last_full_at FROM sync_state WHERE source = 'app'")
+        ).one()
+    assert row.source == "app" and len(row.content_hash) == 32 and row.language == "en"
+    assert state.watermark is not None and state.last_full_at is not None
+    # Nothing changed: the incremental pass reads only the overlap and writes nothing.
+    again = _sync(db_url, app_url)
+    assert not again.full and again.new == again.changed == 0 and again.gone == 0
+
+
+def test_edit_grow_delete_and_history(db_url, app_db):
+    app_url, plain = app_db
+    for cid in (1, 2, 3, 4):
+        add_conversation(plain, cid, [("user", f"hello {cid}"), ("assistant", "hi")])
+    _sync(db_url, app_url)
+    assert _classify(db_url, "intent", "chitchat") == 4
+    assert _classify(db_url, "sentiment", "neutral") == 4
+
+    sql(
+        plain,
+        "UPDATE app.messages SET body = 'my report is late', updated_at = now() WHERE conversation_id = 1 AND seq = 0",
+    )
+    sql(
+        plain,
+        "INSERT INTO app.messages (conversation_id, seq, role, body) VALUES (2, 2, 'user', 'and my deadline')",
+    )
+    sql(plain, "DELETE FROM app.conversations WHERE id = 3")
+    report = _sync(db_url, app_url)
+    assert (report.changed, report.gone, report.new) == (2, 1, 0)
+    assert report.items_reset == 4  # two conversations x two tasks
+    assert _messages(db_url, "2")[-1] == {"role": "user", "content": "and my deadline"}
+    for task in ("intent", "sentiment"):
+        assert _status(db_url, "1", task) == "pending"
+        assert _status(db_url, "2", task) == "pending"
+        assert _status(db_url, "3", task) == "gone"
+        assert _status(db_url, "4", task) == "done"
+    with transaction(db_url) as s:
+        hist = s.execute(
+            text(
+                "SELECT external_id, task, label, model_revision, reason FROM result_history ORDER BY 1, 2"
+            )
+        ).all()
+        gone_error = s.execute(
+            text("SELECT DISTINCT last_error FROM work_items WHERE status = 'gone'")
+        ).scalar_one()
+        # Gone items are never discovered or claimed again.
+        assert ledger.discover(s, task="intent", source_kind="conversation") == 0
+        assert ledger.discover(s, task="topic", source_kind="conversation") == 3
+    assert [tuple(h) for h in hist] == [
+        ("1", "intent", "chitchat", "rev-1", "content_changed"),
+        ("1", "sentiment", "neutral", "rev-1", "content_changed"),
+        ("2", "intent", "chitchat", "rev-1", "content_changed"),
+        ("2", "sentiment", "neutral", "rev-1", "content_changed"),
+        ("3", "intent", "chitchat", "rev-1", "gone"),
+        ("3", "sentiment", "neutral", "rev-1", "gone"),
+    ]
+    assert "disappeared from source 'app'" in gone_error
+
+    # Re-classified: the view shows the new label; history keeps the old one.
+    assert _classify(db_url, "intent", "professional", revision="rev-2") == 2
+    with transaction(db_url) as s:
+        view = {
+            r.external_id: r
+            for r in s.execute(text("SELECT * FROM fleet_latest_results WHERE task = 'intent'"))
+        }
+    assert set(view) == {"1", "2", "4"}
+    assert (view["1"].label, view["1"].model_revision, view["1"].source) == (
+        "professional",
+        "rev-2",
+        "app",
+    )
+    assert view["4"].label == "chitchat"
+
+    # The row comes back: its items are pending again.
+    add_conversation(plain, 3, [("user", "back again")])
+    back = _sync(db_url, app_url)
+    assert back.returned == 1 and _status(db_url, "3") == "pending"
+
+
+def test_view_columns_are_the_contract(db_url):
+    with transaction(db_url) as s:
+        cols = [
+            r[0]
+            for r in s.execute(
+                text(
+                    "SELECT column_name FROM information_schema.columns "
+                    "WHERE table_name = 'fleet_latest_results' ORDER BY ordinal_position"
+                )
+            )
+        ]
+    assert cols == [
+        "external_id",
+        "source",
+        "source_kind",
+        "task",
+        "label",
+        "confidence",
+        "scores",
+        "output",
+        "model",
+        "model_revision",
+        "updated_at",
+    ]
+
+
+def test_overlap_catches_a_late_commit_below_the_watermark(db_url, app_db):
+    app_url, plain = app_db
+    add_conversation(plain, 1, [("user", "first")])
+    _sync(db_url, app_url)
+    # A row whose transaction committed late, stamped 3 s before the watermark.
+    sql(
+        plain,
+        "INSERT INTO app.conversations (id, language, updated_at) VALUES (2, 'en', now() - interval '3 seconds')",
+    )
+    sql(
+        plain,
+        "INSERT INTO app.messages (conversation_id, seq, role, body, updated_at) VALUES (2, 0, 'user', 'late', now() - interval '3 seconds')",
+    )
+    assert _sync(db_url, app_url).new == 1
+    # Outside the overlap it needs a full pass.
+    sql(
+        plain,
+        "INSERT INTO app.conversations (id, language, updated_at) VALUES (3, 'en', now() - interval '1 hour')",
+    )
+    sql(
+        plain,
+        "INSERT INTO app.messages (conversation_id, seq, role, body, updated_at) VALUES (3, 0, 'user', 'old', now() - interval '1 hour')",
+    )
+    assert _sync(db_url, app_url).new == 0
+    assert _sync(db_url, app_url, full=True).new == 1
+
+
+def test_conversation_shape_on_the_fleet_database_and_bad_rows(db_url):
+    """A jsonb-messages table in the fleet's own database; rows that cannot be
+    stored are reported with their reason, the rest go in."""
+    with transaction(db_url) as s:
+        s.execute(text("CREATE TABLE inbox (id text, msgs jsonb, lang text, changed timestamptz)"))
+        s.execute(
+            text(
+                'INSERT INTO inbox VALUES (\'a\', \'[{"role": "user", "content": "hi"}]\', \'en\', now()),'
+                " (NULL, '[]', 'en', now()), ('b', '[]', 'english-as-spoken-in-ireland', now()),"
+                ' (\'taken\', \'[{"role": "user", "content": "x"}]\', \'en\', now())'
+            )
+        )
+        ingest_conversations(s, [{"external_id": "taken", "messages": [], "language": "en"}])
+    spec = SourceSpec(
+        name="inbox",
+        query="SELECT id AS external_id, msgs AS messages, lang AS language, changed AS updated_at FROM inbox",
+    )
+    report = _sync(db_url, db_url, spec)
+    assert report.new == 1
+    reasons = dict(report.bad)
+    assert reasons[""] == "no external_id"
+    assert "longer than 16" in reasons["b"]
+    assert "already belongs to `fleet ingest`" in reasons["taken"]
+
+
+def test_missing_column_is_a_clear_error(db_url, app_db):
+    app_url, _ = app_db
+    spec = SourceSpec(name="bad", table="app.conversations")
+    with pytest.raises(SyncError, match=r"no column external_id, messages.*alias them"):
+        _sync(db_url, app_url, spec)
+    broken = SourceSpec(name="broken", query="SELECT * FROM app.nope")
+    with pytest.raises(SyncError, match="the query failed"):
+        _sync(db_url, app_url, broken)
+
+
+def test_on_delete_delete_removes_rows_and_items(db_url, app_db):
+    app_url, plain = app_db
+    spec = SourceSpec(name="app", shape="messages", query=QUERY, on_delete="delete")
+    add_conversation(plain, 1, [("user", "a")])
+    add_conversation(plain, 2, [("user", "b")])
+    _sync(db_url, app_url, spec)
+    _classify(db_url, "intent", "chitchat")
+    sql(plain, "DELETE FROM app.conversations WHERE id = 2")
+    assert _sync(db_url, app_url, spec).deleted == 1
+    with transaction(db_url) as s:
+        assert s.execute(text("SELECT count(*) FROM conversations")).scalar_one() == 1
+        assert s.execute(text("SELECT count(*) FROM work_items")).scalar_one() == 1
+        assert s.execute(text("SELECT external_id, reason FROM result_history")).one() == (
+            "2",
+            "gone",
+        )
+
+
+def test_rerun_puts_back_results_of_another_revision(db_url, app_db):
+    app_url, plain = app_db
+    for cid in (1, 2, 3):
+        add_conversation(plain, cid, [("user", f"x{cid}")])
+    _sync(db_url, app_url)
+    _classify(db_url, "intent", "chitchat", revision="old")
+    with transaction(db_url) as s:
+        first = s.execute(text("SELECT min(id) FROM work_items")).scalar_one()
+        s.execute(
+            text("UPDATE results SET model_revision = 'new' WHERE work_item_id = :i"), {"i": first}
+        )
+        assert len(history.stale_items(s, task="intent", current=["new"])) == 2
+        assert history.stale_items(s, task="intent", current=["m"]) == []  # by model name
+        future = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).isoformat()
+        assert history.stale_items(s, task="intent", current=["new"], since=future) == []
+        ids = history.stale_items(s, task="intent", current=["new"])
+        assert history.reset_items(s, item_ids=ids, reason="rerun") == 2
+        assert ledger.counts(s) == {"intent": {"done": 1, "pending": 2}}
+        assert (
+            s.execute(
+                text("SELECT count(*) FROM result_history WHERE reason = 'rerun'")
+            ).scalar_one()
+            == 2
+        )
+
+
+def test_triggers_mark_changes_for_a_beat_tick(db_url, app_db):
+    app_url, plain = app_db
+    engine = get_engine(app_url)
+    spec = SourceSpec(
+        name="app",
+        shape="messages",
+        query=QUERY,
+        trigger_tables=("app.conversations", "app.messages"),
+    )
+    assert triggers.install(engine, "app", spec.trigger_tables) == [
+        "app.conversations",
+        "app.messages",
+    ]
+    add_conversation(plain, 1, [("user", "a")])
+    marks = triggers.take_marks(engine, ["app", "other"])
+    assert marks.installed == {"app"} and marks.changed == {"app"} and not marks.deletes["app"]
+    assert triggers.take_marks(engine, ["app"]).changed == set()  # consumed
+    sql(plain, "DELETE FROM app.messages WHERE conversation_id = 1")
+    assert triggers.take_marks(engine, ["app"]).deletes == {"app": True}
+    assert triggers.remove(engine, "app") == ["app.conversations", "app.messages"]
+    add_conversation(plain, 2, [("user", "b")])
+    assert triggers.take_marks(engine, ["app"]).installed == set()
