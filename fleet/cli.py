@@ -996,5 +996,11 @@ def deploy_k8s(ctx: Ctx, task_name: str, max_replicas: int, list_length: int) ->
     click.echo(k8s_command(spec, max_replicas=max_replicas, list_length=list_length), nl=False)
 
 
+# fleet sync, fleet rerun, fleet models pull (fleet/synccli.py)
+from fleet.synccli import register as _register_sync  # noqa: E402
+
+_register_sync(main, models)
+
+
 if __name__ == "__main__":
     main()

@@ -48,6 +48,7 @@ from fleet.taskconfig import TaskSpec
 from producer.enqueue import discover
 from producer.reconciler import reconcile
 from producer.runner import Outage, ServedWatch, feed, gated
+from producer.sync import before_discovery
 
 log = logging.getLogger("fleet.nightly")
 
@@ -224,7 +225,11 @@ def open_run(
     return row.id, took_over
 
 
-def _discover_all(url: str, specs: Sequence[TaskSpec]) -> dict[str, int]:
+def _discover_all(
+    url: str, specs: Sequence[TaskSpec], settings: Settings | None = None
+) -> dict[str, int]:
+    if settings is not None:  # `fleet sync` of the declared sources (FLEET_RERUN_STALE) first
+        before_discovery(settings, specs)
     # Follow-up tasks (input_from) are created by the task they follow.
     return {s.name: discover(url, s) for s in specs if not s.input_from}
 
@@ -380,7 +385,7 @@ def _drive_loop(
     while True:
         try:
             if not discovered:
-                report.discovered = _discover_all(url, specs)
+                report.discovered = _discover_all(url, specs, settings)
                 discovered = True
             if outage.failures and not lock.retake():
                 log.error(
@@ -452,7 +457,7 @@ def start(
     except RunStillGoing as e:
         log.warning("%s", e)
         return {"still_going": e.run.run_id}
-    discovered = _discover_all(url, specs)
+    discovered = _discover_all(url, specs, settings)
     with transaction(url) as session:
         _merge(session, run_id, discovered=discovered)
     log.info(

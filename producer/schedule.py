@@ -9,6 +9,8 @@ to that queue:
     fleet.nightly_tick    every beat_feed_seconds: top up the open run's queues,
                           close it when nothing is pending, queued or running
     fleet.reconcile       every beat_reconcile_seconds: expired leases back to pending
+    fleet.sync            every sync_seconds (when set): sync the declared sources
+                          (with triggers installed, only those marked changed)
 
 Each task returns in seconds; the core is `producer.nightly`. GPU workers
 never see these tasks: each consumes only its own `fleet.<task>` queue.
@@ -30,6 +32,7 @@ from workers.control import CONTROL_QUEUE
 NIGHTLY_TASK = "fleet.nightly"
 TICK_TASK = "fleet.nightly_tick"
 RECONCILE_TASK = "fleet.reconcile"
+SYNC_TASK = "fleet.sync"
 # A nightly message older than this is dropped (the control worker was down all night).
 NIGHTLY_EXPIRES_S = 6 * 3600
 
@@ -69,7 +72,14 @@ def parse_crontab(expr: str, tz: str) -> crontab:
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """The beat schedule built from the settings (Celery's beat_schedule format)."""
     feed_s, reconcile_s = settings.beat_feed_seconds, settings.beat_reconcile_seconds
-    return {
+    sync: dict[str, dict[str, Any]] = {}
+    if settings.sync_seconds is not None:
+        sync["sync"] = {
+            "task": SYNC_TASK,
+            "schedule": timedelta(seconds=settings.sync_seconds),
+            "options": {"queue": CONTROL_QUEUE, "expires": max(settings.sync_seconds, 1.0)},
+        }
+    return sync | {
         "nightly": {
             "task": NIGHTLY_TASK,
             "schedule": parse_crontab(settings.nightly_crontab, settings.timezone),
@@ -111,6 +121,13 @@ def install(app: Celery, settings: Settings, tasks: dict[str, TaskSpec]) -> Cele
     @app.task(name=RECONCILE_TASK, ignore_result=True)
     def reconcile_task() -> dict[str, int]:
         return reconcile(url, max_attempts=settings.max_attempts)
+
+    @app.task(name=SYNC_TASK, ignore_result=True)
+    def sync_task() -> list[dict[str, Any]]:
+        from fleet.taskconfig import load_sources
+        from producer.sync import beat_tick
+
+        return beat_tick(settings, load_sources(settings.config_file))
 
     app.conf.timezone = settings.timezone
     app.conf.beat_schedule = beat_schedule(settings)

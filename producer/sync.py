@@ -128,3 +128,29 @@ def rerun_stale(url: str, settings: Settings, specs: Sequence[TaskSpec]) -> dict
         if current:
             out[spec.name] = rerun(url, task=spec.name, current=current)
     return out
+
+
+def before_discovery(settings: Settings, specs: Sequence[TaskSpec]) -> dict[str, Any]:
+    """What a nightly run does before it discovers: sync every declared source
+    (incremental) and, with FLEET_RERUN_STALE, put back results of old model
+    revisions. A source that fails is logged and skipped: the rest of the run
+    goes on with what the fleet already has."""
+    from db.sync import SyncError
+    from fleet.taskconfig import load_sources
+
+    out: dict[str, Any] = {}
+    try:
+        sources = load_sources(settings.config_file)
+    except ConfigError as e:
+        log.error("sources not synced: %s", e)
+        return {"error": str(e)}
+    for spec in sources.values():
+        try:
+            out[spec.name] = sync_sources(settings, [spec])[0].as_dict()
+        except SyncError as e:
+            log.error("%s; fix the source in the task config (`fleet sync` to retry)", e)
+            out[spec.name] = {"error": str(e)}
+    if settings.rerun_stale:
+        out["rerun"] = rerun_stale(settings.db_url(), settings, specs)
+        log.info("rerun of stale results: %s", out["rerun"])
+    return out
