@@ -684,7 +684,13 @@ _file = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option(
     "--test", "test_file", type=_file, help="Independent test file, scored once at the end."
 )
-@click.option("--test-fraction", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True)
+@click.option(
+    "--test-fraction",
+    type=click.FloatRange(0.05, 0.5),
+    default=0.2,
+    show_default=True,
+    help="Share of each label held out for validation when there is no --eval.",
+)
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), help="Model folder to write."
 )
@@ -704,7 +710,9 @@ _file = click.Path(exists=True, dir_okay=False, path_type=Path)
     show_default=True,
     help="Weigh rare labels up (n / (k * count)).",
 )
-@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--seed", default=0, show_default=True, help="Seeds the split, the head and the batches."
+)
 @json_option
 @pass_ctx
 def train(
