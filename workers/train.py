@@ -266,6 +266,7 @@ def train_classifier(
         AutoTokenizer,
         EarlyStoppingCallback,
         TrainingArguments,
+        set_seed,
     )
     from transformers.utils import logging as hf_logging
 
@@ -279,6 +280,7 @@ def train_classifier(
     label2id = {lab: i for i, lab in enumerate(labels)}
     base_path = str(base if base is not None else base_model_path())
     tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
+    set_seed(config.seed)  # the new head's initial weights, before the Trainer seeds the rest
     # A base encoder has no classifier head yet and transformers' load report says so: expected.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
