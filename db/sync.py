@@ -117,13 +117,23 @@ class SyncReport:
 
 
 def content_hash(record: dict[str, Any], kind: str) -> str:
-    """Hex blake2b (128 bits) of the content that classification reads."""
+    """Hex blake2b (128 bits) of the content that classification reads (its
+    canonical JSON: sorted keys, no spaces). Raises ValueError, with the reason,
+    for content Postgres cannot store (a NUL character, an unpaired surrogate)."""
     if kind == "conversation":
         body: Any = [record["messages"], record.get("language")]
     else:
         body = [record["uri"], record.get("duration_s")]
     raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.blake2b(raw.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    if "\\u0000" in raw or "\x00" in raw:
+        raise ValueError("content holds a NUL character (\\u0000), which Postgres cannot store")
+    try:
+        data = raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            "content holds an unpaired UTF-16 surrogate, which is not valid Unicode"
+        ) from None
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _incremental_where(spec: SourceSpec) -> str:
@@ -224,7 +234,7 @@ def read_records(
     _require(columns, spec)
     folding = spec.kind == "conversation" and spec.shape == "messages"
     carry: list[dict[str, Any]] = []
-    for part in result.mappings().partitions():
+    for part in result.mappings().partitions(spec.chunk):
         if on_rows:
             on_rows(len(part))
         if not folding:
@@ -248,7 +258,7 @@ def read_keys(conn: Connection, spec: SourceSpec, *, chunk: int) -> Iterator[lis
     result = conn.execution_options(stream_results=True, yield_per=chunk).execute(
         text(f"SELECT DISTINCT CAST(q.external_id AS text) FROM ({spec.select}) AS q")
     )
-    for part in result.partitions():
+    for part in result.partitions(chunk):
         yield [r[0] for r in part if r[0] is not None]
 
 
@@ -265,12 +275,6 @@ def _check(rec: dict[str, Any]) -> str | None:
     lang = rec.get("language")
     if isinstance(lang, str) and len(lang) > MAX_LANGUAGE:
         return f"language {lang[:20]!r} is longer than {MAX_LANGUAGE} characters; use a code such as 'en'"
-    try:
-        json.dumps(rec.get("messages", rec.get("uri")), ensure_ascii=False).encode("utf-8")
-    except (TypeError, ValueError, UnicodeEncodeError) as e:
-        return f"content cannot be stored as JSON ({type(e).__name__}: {e})"
-    if "\\u0000" in json.dumps(rec.get("messages", rec.get("uri"))):
-        return "content holds a NUL character (\\u0000), which Postgres cannot store"
     return None
 
 
@@ -312,11 +316,15 @@ def apply_chunk(
     good: dict[str, tuple[dict[str, Any], str]] = {}
     for rec in records:
         problem = _check(rec)
+        if problem is None:
+            try:
+                digest = content_hash(rec, spec.kind)
+            except (TypeError, ValueError) as e:
+                problem = str(e)
         if problem:
             report.bad.append((str(rec["external_id"] or "")[:80], problem))
             continue
-        ext = str(rec["external_id"])
-        good[ext] = (rec, content_hash(rec, spec.kind))  # a key twice in a chunk: last wins
+        good[str(rec["external_id"])] = (rec, digest)  # a key twice in a chunk: last wins
         if rec["updated_at"] is not None and (
             report.watermark is None or rec["updated_at"] > report.watermark
         ):
