@@ -82,7 +82,7 @@ def run_progress(
             for t, tid in ids.items():
                 c = counts.get(t, {})
                 total = sum(c.values())
-                finished = c.get("done", 0) + c.get("failed", 0) + c.get("dead", 0)
+                finished = sum(c.get(s, 0) for s in ("done", "failed", "dead", "gone"))
                 status = " ".join(f"{s}={c[s]}" for s in STATUSES if c.get(s))
                 p.update(tid, total=total or None, completed=finished, status=status)
 
