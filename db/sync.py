@@ -503,7 +503,11 @@ def sync_source(
     with Session(fleet) as s:
         watermark = load_watermark(s, spec.name)
     full = full or watermark is None
-    since = None if full else watermark - dt.timedelta(seconds=spec.overlap_seconds)
+    since = (
+        None
+        if full or watermark is None
+        else watermark - dt.timedelta(seconds=spec.overlap_seconds)
+    )
     report = SyncReport(spec.name, full=full, watermark=watermark)
 
     def counted(n: int) -> None:
