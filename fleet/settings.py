@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -56,7 +57,22 @@ class Settings(BaseSettings):
         default=None,
         description="Audio files must resolve inside this folder. Default: state_dir/audio.",
     )
-    batch_size: int = Field(default=32, ge=1, description="Items per batch message sent to Redis.")
+    batch_size: int = Field(
+        default=32,
+        ge=1,
+        description="Items per batch message sent to Redis: the size of the first batches of a "
+        "run, and the least once the size adapts (FLEET_BATCH_SECONDS).",
+    )
+    batch_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="Aim each batch message at this many seconds of worker time: `fleet run` "
+        "sizes batches from each task's measured items/s per worker, between FLEET_BATCH_SIZE "
+        "and FLEET_MAX_BATCH_SIZE (and at most a quarter of the lease). 0: always FLEET_BATCH_SIZE.",
+    )
+    max_batch_size: int = Field(
+        default=8192, ge=1, description="Most items in one batch message when sizes adapt."
+    )
     max_inflight_batches: int = Field(
         default=64, ge=1, description="Backpressure: most batches waiting in one task queue."
     )
@@ -97,6 +113,45 @@ class Settings(BaseSettings):
         gt=0,
         description="`fleet workers`: first restart delay of a dead worker in seconds; doubles "
         "per quick death, up to 60.",
+    )
+    local_workers: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="`fleet run` and `fleet nightly` start, supervise and stop the workers "
+        "they need on this machine (one per task per visible GPU, or one per task on the CPU): "
+        "on, off, or auto (on with the embedded servers, i.e. DATABASE_URL and BROKER_URL "
+        "unset). --local-workers / --no-local-workers overrides it.",
+    )
+    local_workers_mode: Literal["auto", "parallel", "sequential"] = Field(
+        default="auto",
+        description="Local workers: parallel (every task's worker at once), sequential (one "
+        "task at a time: its worker starts when its queue has work and stops when it is "
+        "drained; follow-ups after the task they follow), or auto (sequential when the "
+        "estimated footprints of all the tasks' models do not fit local_workers_memory_mb).",
+    )
+    local_workers_memory_mb: int | None = Field(
+        default=None,
+        ge=1,
+        description="Local workers: memory (MiB) their models may take, per GPU or on the CPU. "
+        "Unset: 85 % of the free GPU memory, or of MemAvailable on a CPU-only machine.",
+    )
+    local_workers_stop_grace: float = Field(
+        default=60.0,
+        gt=0,
+        description="Local workers: seconds a stopping worker has to finish its batch (warm "
+        "shutdown) before it is killed; a killed batch goes back to pending when its lease expires.",
+    )
+    parent_pid: int | None = Field(
+        default=None,
+        ge=1,
+        description="Set by local workers: the worker stops itself (warm shutdown) when the "
+        "`fleet` process with this pid is gone, even killed with SIGKILL, so none is orphaned.",
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="A worker calls torch.set_num_threads with this (and starts with "
+        "OMP_NUM_THREADS set to it). Local workers on the CPU set it to the cores divided by "
+        "the workers running at once. Unset: torch's default (every core).",
     )
     reconcile_interval: float = Field(
         default=30.0, gt=0, description="Seconds between reconciler passes in `fleet run`."
@@ -232,6 +287,7 @@ class Settings(BaseSettings):
             "crash_on",
             "step_up_after",
             "start_tier",
+            "torch_threads",
         ):
             value = getattr(self, name)
             if value is not None:

@@ -47,7 +47,7 @@ from fleet.settings import Settings
 from fleet.taskconfig import TaskSpec
 from producer.enqueue import discover
 from producer.reconciler import reconcile
-from producer.runner import Outage, ServedWatch, feed, gated
+from producer.runner import Feeder, Outage, ServedWatch, feed, gated
 from producer.sync import before_discovery
 
 log = logging.getLogger("fleet.nightly")
@@ -381,6 +381,7 @@ def _drive_loop(
     last_reconcile = time.monotonic()
     outage = Outage()
     watch = ServedWatch(settings.redis_url())
+    feeder = Feeder(settings)  # batches sized by cost; the poll below refills
     discovered = False
     while True:
         try:
@@ -401,7 +402,7 @@ def _drive_loop(
                     report.reconciled[k] = report.reconciled.get(k, 0) + got[k]
                 last_reconcile = time.monotonic()
             for spec in gated(specs, gate):
-                report.sent_batches += feed(url, app, spec, settings)
+                report.sent_batches += feeder.feed(url, app, spec)
             report.counts = _counts(url, names)
         except Exception as exc:
             delay = outage.failed(exc)  # re-raises anything but a lost connection

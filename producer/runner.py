@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from celery import Celery
 from sqlalchemy import func, update
@@ -19,6 +20,8 @@ from fleet.settings import Settings
 from fleet.taskconfig import TaskSpec
 from producer.enqueue import claim_and_send, discover, queue_depth
 from producer.reconciler import reconcile
+from producer.sizing import batch_size_for
+from workers.messages import wait_finished
 from workers.policy import backoff, transient_service
 
 log = logging.getLogger("fleet.run")
@@ -34,20 +37,119 @@ class RunReport:
     reconciled: dict[str, int] = field(default_factory=lambda: {"returned": 0, "dead": 0})
 
 
-def feed(url: str, app: Celery, spec: TaskSpec, settings: Settings) -> int:
-    """Claim and send batches until the queue holds max_inflight_batches."""
-    room = settings.max_inflight_batches - queue_depth(app, spec.queue)
+def feed(
+    url: str,
+    app: Celery,
+    spec: TaskSpec,
+    settings: Settings,
+    *,
+    batch_size: int | None = None,
+    depth: int | None = None,
+) -> int:
+    """Claim and send batches of `batch_size` (default FLEET_BATCH_SIZE) until the
+    queue holds `depth` messages (default FLEET_MAX_INFLIGHT_BATCHES)."""
+    size = batch_size or settings.batch_size
+    room = min(depth or settings.max_inflight_batches, settings.max_inflight_batches)
+    room -= queue_depth(app, spec.queue)
     if room <= 0:
         return 0
     batches = claim_and_send(
         url,
         app,
         spec,
-        limit=room * settings.batch_size,
-        batch_size=settings.batch_size,
+        limit=room * size,
+        batch_size=size,
         lease_seconds=settings.lease_seconds,
     )
     return len(batches)
+
+
+class Feeder:
+    """Feeds queues on demand, in batches sized by cost (producer/sizing.py).
+
+    `feed` sizes a task's messages from its workers' reported throughput and,
+    once measured, keeps about three messages per live worker queued (one
+    running, the next ones waiting) instead of FLEET_MAX_INFLIGHT_BATCHES,
+    which stays the cap. `wait` blocks until a worker signals a finished batch
+    (workers.messages.wait_finished) or the timeout passes, so the driver
+    refills a queue the moment it has room rather than on a timer.
+    """
+
+    REFRESH_SECONDS = 1.0  # how often worker stats are read again
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._client: Any = None
+        self._sizes: dict[str, int] = {}
+        self._depths: dict[str, int] = {}
+        self._read_at = -1e9
+
+    def _redis(self) -> Any:
+        if self._client is None:
+            from workers.stats import redis_client
+
+            self._client = redis_client(self.settings.redis_url())
+        return self._client
+
+    def _refresh(self) -> None:
+        if time.monotonic() - self._read_at < self.REFRESH_SECONDS:
+            return
+        from workers.stats import scan_workers
+
+        self._read_at = time.monotonic()
+        rates: dict[str, list[float]] = {}
+        for w in scan_workers(self._redis()):
+            rates.setdefault(w.task, []).append(w.recent_items_per_s)
+        s = self.settings
+        self._sizes = {
+            task: batch_size_for(
+                r,
+                base=s.batch_size,
+                cap=s.max_batch_size,
+                target_seconds=s.batch_seconds,
+                lease_seconds=s.lease_seconds,
+            )
+            for task, r in rates.items()
+        }
+        # Sized batches need few in the queue: ~3 per live worker (one running,
+        # the next waiting, one spare), so a task's backlog is not cut into
+        # small first batches before any throughput is measured.
+        self._depths = (
+            {task: max(4, 3 * len(r)) for task, r in rates.items()} if s.batch_seconds > 0 else {}
+        )
+
+    def batch_size(self, task: str) -> int:
+        """Items per message for `task` now."""
+        return self._sizes.get(task, self.settings.batch_size)
+
+    def feed(self, url: str, app: Celery, spec: TaskSpec) -> int:
+        """One feed pass for one task; returns the batches sent."""
+        try:
+            self._refresh()
+        except Exception as e:  # Redis blip: keep the last sizes
+            log.debug("worker stats not readable for batch sizing: %s", e)
+        return feed(
+            url,
+            app,
+            spec,
+            self.settings,
+            batch_size=self.batch_size(spec.name),
+            depth=self._depths.get(spec.name, 4 if self.settings.batch_seconds > 0 else None),
+        )
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until a batch finishes somewhere, or `timeout` seconds."""
+        if timeout <= 0:
+            return
+        try:
+            wait_finished(self._redis(), timeout)
+        except Exception:  # Redis down: the outage handling of the next pass says so
+            time.sleep(timeout)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
 
 class ServedWatch:
@@ -151,7 +253,11 @@ def run_until_done(
     last_reconcile = time.monotonic()
     outage = Outage()
     watch = ServedWatch(settings.redis_url())
+    feeder = Feeder(settings)
+    counted_at = -1e9
     while True:
+        # Feed on every wake (a batch finished somewhere); count, report and
+        # check for the end once a poll interval: counting scans the ledger.
         try:
             if time.monotonic() - last_reconcile >= settings.reconcile_interval:
                 got = reconcile(url, max_attempts=settings.max_attempts)
@@ -159,9 +265,12 @@ def run_until_done(
                     report.reconciled[k] += got[k]
                 last_reconcile = time.monotonic()
             for spec in gated(specs, gate):
-                report.sent_batches += feed(url, app, spec, settings)
-            with transaction(url) as session:
-                counts = {n: ledger.counts(session, task=n).get(n, {}) for n in names}
+                report.sent_batches += feeder.feed(url, app, spec)
+            due = time.monotonic() - counted_at >= poll
+            if due:
+                with transaction(url) as session:
+                    counts = {n: ledger.counts(session, task=n).get(n, {}) for n in names}
+                counted_at = time.monotonic()
         except Exception as exc:
             delay = outage.failed(exc)  # re-raises anything but a lost connection
             if timeout is not None and time.monotonic() - started + delay > timeout:
@@ -170,26 +279,31 @@ def run_until_done(
             time.sleep(delay)
             continue
         outage.recovered()
-        watch.check([s.name for s in gated(specs, gate)], counts)
-        if progress:
-            progress(counts)
-        report.counts = counts
-        if _finished(specs, counts):
-            break
+        if due:
+            watch.check([s.name for s in gated(specs, gate)], counts)
+            if progress:
+                progress(counts)
+            report.counts = counts
+            if _finished(specs, counts):
+                break
         if timeout is not None and time.monotonic() - started > timeout:
             report.timed_out = True
             break
-        time.sleep(poll)
+        feeder.wait(poll - (time.monotonic() - counted_at))
+    feeder.close()
     report.seconds = time.monotonic() - started
+    _close_with_retries(url, run_id, report, outage)
+    return report
+
+
+def _close_with_retries(url: str, run_id: int, report: RunReport, outage: Outage) -> None:
     for _ in range(10):  # Postgres may be restarting right now: the record is worth a wait
         try:
             _close_run(url, run_id, report)
-            break
+            return
         except Exception as exc:
             time.sleep(outage.failed(exc))
-    else:
-        log.error("run %d finished but its end could not be recorded in the runs table", run_id)
-    return report
+    log.error("run %d finished but its end could not be recorded in the runs table", run_id)
 
 
 def _finished(specs: Sequence[TaskSpec], counts: dict[str, dict[str, int]]) -> bool:

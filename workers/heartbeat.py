@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable
 
 import redis
 
@@ -77,7 +76,7 @@ class BatchHeartbeat:
         self,
         *,
         db_url: str,
-        client_factory: Callable[[], redis.Redis] | None,
+        client: redis.Redis | None,
         batch_id: str,
         worker: str,
         lease_seconds: int,
@@ -90,21 +89,15 @@ class BatchHeartbeat:
             lease_seconds=lease_seconds, visibility_timeout=visibility_timeout
         )
         self.ttl = max(2, math.ceil(3 * self.interval))
-        self._client_factory = client_factory
-        self._client: redis.Redis | None = None
+        self._client = client  # shared with the caller (thread-safe pool); not closed here
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.beats = 0
         self.extended = 0  # rows whose lease the last beat renewed
 
-    def _redis(self) -> redis.Redis | None:
-        if self._client is None and self._client_factory is not None:
-            self._client = self._client_factory()
-        return self._client
-
     def mark(self) -> None:
         """Set the holder mark (also done by every beat)."""
-        client = self._redis()
+        client = self._client
         if client is not None:
             client.set(batch_key(self.batch_id), self.worker, ex=self.ttl)
 
@@ -158,13 +151,11 @@ class BatchHeartbeat:
         try:
             key = batch_key(self.batch_id)
             raw = client.get(key)
-            if raw is not None and raw.decode() == self.worker:
+            holder = raw.decode() if isinstance(raw, bytes) else raw
+            if holder == self.worker:
                 client.delete(key)
         except redis.RedisError as e:
             log.debug("batch %s: holder mark left to expire (%s)", self.batch_id, e)
-        finally:
-            client.close()
-            self._client = None
 
     def __enter__(self) -> BatchHeartbeat:
         return self.start()

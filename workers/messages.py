@@ -102,3 +102,41 @@ def send_batches(
                 if progress:
                     progress(len(msg.item_ids))
     return sent
+
+
+# -- the finished-batch signal --------------------------------------------------
+# A worker that finishes a batch pushes the task's name here; `fleet run` blocks
+# on it (BLPOP) between feed passes, so a queue is refilled the moment a batch
+# finishes instead of on the next poll tick. A lost signal costs only a wait of
+# at most one poll interval.
+
+FINISHED_KEY = "fleet:finished"
+FINISHED_KEEP = 1000  # the list never grows past this, whoever reads it
+
+
+def signal_finished(client: Any, task: str) -> None:
+    """Tell a waiting driver that a batch of `task` finished (one round trip).
+
+    Raises the client's errors (redis.RedisError); callers treat them as harmless.
+    """
+    pipe = client.pipeline(transaction=False)
+    pipe.lpush(FINISHED_KEY, task)
+    pipe.ltrim(FINISHED_KEY, 0, FINISHED_KEEP - 1)
+    pipe.execute()
+
+
+def wait_finished(client: Any, timeout: float) -> list[str]:
+    """Block up to `timeout` seconds for finished-batch signals; return the task
+    names signalled (all of them that are waiting, so a burst wakes the driver once).
+
+    Raises the client's errors (redis.RedisError)."""
+    got = client.blpop([FINISHED_KEY], timeout=max(timeout, 0.01))
+    if got is None:
+        return []
+    names = [got[1].decode() if isinstance(got[1], bytes) else str(got[1])]
+    pipe = client.pipeline(transaction=True)
+    pipe.lrange(FINISHED_KEY, 0, -1)
+    pipe.delete(FINISHED_KEY)
+    rest, _ = pipe.execute()
+    names += [r.decode() if isinstance(r, bytes) else str(r) for r in rest]
+    return names

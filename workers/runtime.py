@@ -184,7 +184,22 @@ class ModelRuntime:
         return max(self.spec.ladder[self.tier].min_batch_tokens, 1)
 
     def run(self, sources: list[Source]) -> tuple[list[ItemResult], BatchStats]:
-        stats = BatchStats(items=len(sources), budget_start=self.budget.tokens)
+        """Run one batch's sources: one ItemResult per source, in order, and the
+        batch's stats (OOMs, step-downs; a step up decided after it)."""
+        stats = self.new_stats()
+        results = self.run_items(sources, stats)
+        self.settle(stats)
+        return results, stats
+
+    def new_stats(self) -> BatchStats:
+        """Empty stats for a batch run in several `run_items` calls."""
+        return BatchStats(budget_start=self.budget.tokens)
+
+    def run_items(self, sources: list[Source], stats: BatchStats) -> list[ItemResult]:
+        """Run part of a batch (bad input fails only its item; OOM shrinks the
+        budget or steps down a tier), adding to `stats`. Call `settle` once
+        when the whole batch has run."""
+        stats.items += len(sources)
         results: dict[int, ItemResult] = {}
         remaining = list(sources)
         while remaining:
@@ -195,6 +210,10 @@ class ModelRuntime:
                 break
             # Stepped down: what is left is prepared again for the new model.
             remaining = [s for s in remaining if s.item_id in leftover]
+        return [results[s.item_id] for s in sources]
+
+    def settle(self, stats: BatchStats) -> None:
+        """After a whole batch: count it clean or not, maybe step up a tier."""
         if stats.ooms == 0:
             self.clean_batches += 1
             target = step_up(
@@ -209,7 +228,6 @@ class ModelRuntime:
         else:
             self.clean_batches = 0
         stats.budget_end = self.budget.tokens
-        return [results[s.item_id] for s in sources], stats
 
     def _prepare(
         self, sources: list[Source], results: dict[int, ItemResult]

@@ -36,7 +36,7 @@ from workers import stats as worker_stats
 from workers.adapters import make_adapter
 from workers.adapters.base import Source
 from workers.heartbeat import BatchHeartbeat, alive_elsewhere
-from workers.messages import BatchMessage, send_batch
+from workers.messages import BatchMessage, send_batch, signal_finished
 from workers.policy import PoisonAction, poison_plan
 from workers.runtime import ItemResult, MemoryNotReleased, ModelRuntime
 
@@ -194,19 +194,42 @@ def _first_resume(settings: Settings, msg: BatchMessage) -> bool:
         client.close()
 
 
+_redis: Any = None
+
+
+def _broker_client(settings: Settings) -> Any:
+    """This process's one Redis client for the batch path (holder marks, the
+    finished signal): no connection set up per batch. None without a broker URL."""
+    global _redis
+    if settings.broker_url is None:
+        return None
+    if _redis is None:
+        _redis = worker_stats.redis_client(settings.redis_url())
+    return _redis
+
+
 def _held_elsewhere(settings: Settings, msg: BatchMessage, hostname: str) -> str | None:
     """The live worker running this batch now, if another one (workers.heartbeat).
     Without Redis the delivery is treated as usual."""
-    if settings.broker_url is None:
+    client = _broker_client(settings)
+    if client is None:
         return None
-    client = worker_stats.redis_client(settings.redis_url())
     try:
         return alive_elsewhere(client, msg.batch_id, me=hostname)
     except Exception as e:
         log.warning("batch %s: holder mark not readable (%s); running as usual", msg.batch_id, e)
         return None
-    finally:
-        client.close()
+
+
+def _signal_finished(settings: Settings, task: str) -> None:
+    """Wake a waiting `fleet run` so it refills the queue now (messages.signal_finished)."""
+    client = _broker_client(settings)
+    if client is None:
+        return
+    try:
+        signal_finished(client, task)
+    except Exception as e:  # the driver's poll picks the refill up anyway
+        log.debug("finished signal not sent: %s", e)
 
 
 def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
@@ -284,9 +307,7 @@ def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
 
     heartbeat = BatchHeartbeat(
         db_url=url,
-        client_factory=(
-            (lambda: worker_stats.redis_client(s.redis_url())) if s.broker_url is not None else None
-        ),
+        client=_broker_client(s),
         batch_id=msg.batch_id,
         worker=hostname,
         lease_seconds=s.lease_seconds,
@@ -294,6 +315,24 @@ def process(msg: BatchMessage, *, hostname: str) -> dict[str, Any]:
     )
     with heartbeat:
         return _run_started(st, msg, started, ids, started_at=started_at)
+
+
+# A batch larger than this runs as a pipeline of chunks of about this size:
+# the next chunk's inputs are read, and the last chunk's results written, while
+# the model runs the current one. Smaller batches run in one step.
+PIPELINE_CHUNK = 1024
+
+
+def chunk_plan(n: int, *, chunk: int = PIPELINE_CHUNK) -> list[tuple[int, int]]:
+    """[(start, end)) slices cutting n items into pipeline chunks.
+
+    One slice when n <= chunk; otherwise ceil(n / chunk) slices of
+    ceil(n / parts) items each, the last one taking the rest."""
+    if n <= chunk:
+        return [(0, n)]
+    parts = -(-n // chunk)
+    size = -(-n // parts)
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def _run_started(
@@ -305,34 +344,86 @@ def _run_started(
     started_at: float,
 ) -> dict[str, Any]:
     """Load inputs, run the model, write results and follow-ups (the lease kept
-    alive meanwhile by the caller's heartbeat)."""
+    alive meanwhile by the caller's heartbeat).
+
+    A large batch is a three-stage pipeline over chunks (chunk_plan): a reader
+    thread loads chunk k+1's inputs and a writer thread commits chunk k-1's
+    results (finish_batch is status-guarded and idempotent per item, so a batch
+    finished in parts is safe to redeliver) while this thread runs chunk k on
+    the model. The database round trips then overlap the device's work.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     url = st.settings.db_url()
-    with transaction(url) as session:
-        inputs = load_inputs(
-            session,
-            [(i.item_id, i.source_kind, i.source_id) for i in started],
-            text_from_task=st.task.input_from,
-        )
-    kinds = {i.item_id: i.source_kind for i in started}
-    sources = [
-        Source(item_id, kinds[item_id], ext, data) for item_id, (ext, data) in inputs.items()
-    ]
-    _crash_if_asked(st, sources)
-    try:
-        results, stats = st.runtime.run(sources)
-    except MemoryNotReleased as exc:
-        _restart_on(st, exc)
-        raise
     device = st.runtime.device
-    outcomes = [ledger.Outcome(r.item_id, _result_row(r, device), r.error) for r in results]
-    outcomes += [
-        ledger.Outcome(i, None, "the source row was deleted before the item ran")
-        for i in ids
-        if i not in inputs
-    ]
-    with transaction(url) as session:
-        counts = ledger.finish_batch(session, batch_id=msg.batch_id, outcomes=outcomes)
-        follow = _create_follow_ups(session, st, started, results)
+    slices = chunk_plan(len(started))
+    stats = st.runtime.new_stats()
+    counts = ledger.FinishCounts(done=0, failed=0, skipped=0)
+    follow: dict[str, list[ledger.ClaimedBatch]] = {}
+
+    def read(part: list[ledger.StartedItem]) -> list[Source]:
+        with transaction(url) as session:
+            inputs = load_inputs(
+                session,
+                [(i.item_id, i.source_kind, i.source_id) for i in part],
+                text_from_task=st.task.input_from,
+            )
+        kinds = {i.item_id: i.source_kind for i in part}
+        return [
+            Source(item_id, kinds[item_id], ext, data) for item_id, (ext, data) in inputs.items()
+        ]
+
+    def write(
+        part: list[ledger.StartedItem], sources: list[Source], results: list[ItemResult]
+    ) -> tuple[ledger.FinishCounts, dict[str, list[ledger.ClaimedBatch]]]:
+        loaded = {src.item_id for src in sources}
+        outcomes = [ledger.Outcome(r.item_id, _result_row(r, device), r.error) for r in results]
+        outcomes += [
+            ledger.Outcome(i.item_id, None, "the source row was deleted before the item ran")
+            for i in part
+            if i.item_id not in loaded
+        ]
+        with transaction(url) as session:
+            got = ledger.finish_batch(session, batch_id=msg.batch_id, outcomes=outcomes)
+            made = _create_follow_ups(session, st, part, results)
+        return got, made
+
+    def run_model(sources: list[Source]) -> list[ItemResult]:
+        _crash_if_asked(st, sources)
+        try:
+            return st.runtime.run_items(sources, stats)
+        except MemoryNotReleased as exc:
+            _restart_on(st, exc)
+            raise
+
+    if len(slices) == 1:
+        sources = read(started)
+        results = run_model(sources)
+        written = [write(started, sources, results)]
+    else:
+        with (
+            ThreadPoolExecutor(1, "batch-read") as reader,
+            ThreadPoolExecutor(1, "batch-write") as writer,
+        ):
+            parts = [started[a:b] for a, b in slices]
+            next_read: Future[list[Source]] = reader.submit(read, parts[0])
+            writes: list[Future[Any]] = []
+            for k, part in enumerate(parts):
+                sources = next_read.result()
+                if k + 1 < len(parts):
+                    next_read = reader.submit(read, parts[k + 1])
+                results = run_model(sources)
+                writes.append(writer.submit(write, part, sources, results))
+            written = [w.result() for w in writes]
+    st.runtime.settle(stats)
+    for got, made in written:
+        counts = ledger.FinishCounts(
+            done=counts.done + got.done,
+            failed=counts.failed + got.failed,
+            skipped=counts.skipped + got.skipped,
+        )
+        for task, batches in made.items():
+            follow.setdefault(task, []).extend(batches)
     for task, batches in follow.items():
         for b in batches:
             send_batch(_app(st), BatchMessage(task, b.batch_id, b.item_ids))
@@ -354,10 +445,11 @@ def _run_started(
         "seconds": round(time.perf_counter() - started_at, 3),
         "attempt": msg.attempt,
     }
-    log.info("batch %s", json.dumps(line))
     worker_stats.batch_finished(
         time.perf_counter() - started_at, done=counts.done, failed=counts.failed, run=stats
     )
+    _signal_finished(st.settings, st.task.name)
+    log.info("batch %s", json.dumps(line))
     return {k: line[k] for k in ("items", "done", "failed", "skipped", "tier", "ooms")}
 
 

@@ -77,6 +77,10 @@ class WorkerStats:
     batch_seconds_buckets: list[int] = field(default_factory=lambda: [0] * (len(BATCH_BUCKETS) + 1))
     batch_seconds_sum: float = 0.0
     last_batch_at: float | None = None
+    # Items per second of worker time over recent batches (an exponentially
+    # weighted mean, half weight on the newest batch): what `fleet run` sizes
+    # the next batches by (producer/sizing.py).
+    recent_items_per_s: float = 0.0
     gpu_memory_allocated: int = 0
     gpu_memory_reserved: int = 0
     gpu_memory_total: int = 0
@@ -105,6 +109,10 @@ class WorkerStats:
         self.batch_seconds_buckets[-1] += 1
         self.batch_seconds_sum += seconds
         self.last_batch_at = time.time()
+        if seconds > 0 and done + failed > 0:
+            rate = (done + failed) / seconds
+            old = self.recent_items_per_s
+            self.recent_items_per_s = rate if old <= 0 else 0.5 * old + 0.5 * rate
 
     def encode(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -159,6 +167,7 @@ class Publisher:
         self.heartbeat = heartbeat
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
 
@@ -168,13 +177,21 @@ class Publisher:
         self._thread.start()
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat):
-            self.publish()
+        while not self._stop.is_set():
+            self._wake.wait(self.heartbeat)
+            self._wake.clear()
+            if not self._stop.is_set():
+                self.publish()
 
     def record(self, update: Callable[[WorkerStats], None]) -> None:
+        """Apply an update now; it is written to Redis by the stats thread right
+        after (off the batch's path: the batch never waits for Redis here)."""
         with self._lock:
             update(self.stats)
-        self.publish()
+        if self._thread is None:
+            self.publish()
+        else:
+            self._wake.set()
 
     def publish(self) -> None:
         with self._lock:
@@ -200,6 +217,7 @@ class Publisher:
     def stop(self) -> None:
         """Stop the heartbeat and remove the key: a stopped worker leaves at once."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:

@@ -22,7 +22,12 @@ def is_blank(text: str) -> bool:
     Such content is empty to a person, so the fleet fails it as empty instead
     of letting a model label nothing with confidence.
     """
-    return all(unicodedata.category(ch) in _INVISIBLE for ch in text)
+    stripped = text.strip()
+    if not stripped:
+        return True
+    if stripped[0].isalnum():  # the common case, decided without a per-character scan
+        return False
+    return all(unicodedata.category(ch) in _INVISIBLE for ch in stripped)
 
 
 def conversation_messages(data: dict[str, Any], *, max_chars: int) -> list[dict[str, str]]:

@@ -1,0 +1,34 @@
+"""The finished-batch signal between workers and `fleet run`, on the real Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import redis
+
+from workers.messages import FINISHED_KEEP, FINISHED_KEY, signal_finished, wait_finished
+
+
+def test_a_signal_wakes_the_waiting_driver_at_once(broker_url):
+    client = redis.Redis.from_url(broker_url)
+    timer = threading.Timer(0.3, signal_finished, args=(redis.Redis.from_url(broker_url), "intent"))
+    started = time.monotonic()
+    timer.start()
+    got = wait_finished(client, timeout=5.0)
+    waited = time.monotonic() - started
+    assert got == ["intent"]
+    assert waited < 2.0  # woken by the signal, not by the 5 s timeout
+
+
+def test_a_burst_is_read_in_one_wake_and_the_list_stays_bounded(broker_url):
+    client = redis.Redis.from_url(broker_url)
+    for _ in range(FINISHED_KEEP + 50):
+        signal_finished(client, "topic")
+    assert client.llen(FINISHED_KEY) == FINISHED_KEEP
+    got = wait_finished(client, timeout=1.0)
+    assert len(got) == FINISHED_KEEP and set(got) == {"topic"}
+    assert client.llen(FINISHED_KEY) == 0
+    started = time.monotonic()
+    assert wait_finished(client, timeout=0.2) == []  # nothing waiting: the timeout
+    assert time.monotonic() - started >= 0.15
