@@ -336,3 +336,36 @@ def test_triggers_mark_changes_for_a_beat_tick(db_url, app_db):
     assert triggers.remove(engine, "app") == ["app.conversations", "app.messages"]
     add_conversation(plain, 2, [("user", "b")])
     assert triggers.take_marks(engine, ["app"]).installed == set()
+
+
+def test_audio_source(db_url):
+    """An audio source (external_id, uri, duration_s, updated_at): a changed uri
+    puts the file's items back to pending with their size from the new duration."""
+    with transaction(db_url) as s:
+        s.execute(text("CREATE TABLE calls (id int, path text, secs float8, changed timestamptz)"))
+        s.execute(
+            text("INSERT INTO calls VALUES (1, 'a.wav', 1.5, now()), (2, 'b.wav', 2.0, now())")
+        )
+    spec = SourceSpec(
+        name="calls",
+        kind="audio",
+        query="SELECT id::text AS external_id, path AS uri, secs AS duration_s, "
+        "changed AS updated_at FROM calls",
+    )
+    assert _sync(db_url, db_url, spec).new == 2
+    with transaction(db_url) as s:
+        assert ledger.discover(s, task="transcribe", source_kind="audio") == 2
+        s.execute(
+            text("UPDATE calls SET path = 'b2.wav', secs = 4.0, changed = now() WHERE id = 2")
+        )
+    report = _sync(db_url, db_url, spec)
+    assert (report.changed, report.unchanged, report.items_reset) == (1, 1, 1)
+    with transaction(db_url) as s:
+        row = s.execute(
+            text(
+                "SELECT a.uri, a.source, w.status, w.size_hint FROM audio_files a "
+                "JOIN work_items w ON w.source_id = a.id AND w.source_kind = 'audio' "
+                "WHERE a.external_id = '2'"
+            )
+        ).one()
+    assert tuple(row) == ("b2.wav", "calls", "pending", 400)
