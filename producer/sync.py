@@ -150,6 +150,16 @@ def before_discovery(settings: Settings, specs: Sequence[TaskSpec]) -> dict[str,
         except SyncError as e:
             log.error("%s; fix the source in the task config (`fleet sync` to retry)", e)
             out[spec.name] = {"error": str(e)}
+        except Exception as e:  # e.g. the source database unreachable: the run goes on
+            first = str(e).splitlines()[0] if str(e) else ""
+            log.error(
+                "source %r not synced (%s: %s); check FLEET_SOURCE_DATABASE_URL, "
+                "`fleet sync` to retry",
+                spec.name,
+                type(e).__name__,
+                first,
+            )
+            out[spec.name] = {"error": f"{type(e).__name__}: {first}"}
     if settings.rerun_stale:
         out["rerun"] = rerun_stale(settings.db_url(), settings, specs)
         log.info("rerun of stale results: %s", out["rerun"])
