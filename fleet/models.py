@@ -131,9 +131,13 @@ def train_intent_model(
     models_dir: Path, *, epochs: int | None = None, seed: int = 0, echo: Echo = print
 ) -> dict[str, Any]:
     """Fine-tune MiniLM on the shipped intent set into models_dir/intent-minilm."""
+    from dataclasses import replace
+
     from workers.train import TrainConfig
 
-    config = TrainConfig(seed=seed, **({"epochs": epochs} if epochs else {}))
+    config = TrainConfig(seed=seed)
+    if epochs:
+        config = replace(config, epochs=epochs)
     return train_bundled(models_dir, BUNDLED[INTENT], config=config, echo=echo)
 
 
