@@ -149,7 +149,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from db.engine import transaction
-    from db.ledger import discover
+    from db.ledger import analyze, discover
     from db.migrate import upgrade
 
     tag = uuid.uuid4().hex[:8]
@@ -191,6 +191,9 @@ def main() -> None:
             t0 = time.perf_counter()
             with transaction(fleet_url) as s:
                 items = discover(s, task="intent", source_kind="conversation")
+                # As `fleet enqueue` does after a bulk claim (ledger.analyze): the next
+                # night's sync meets a ledger with current planner statistics.
+                analyze(s)
             print(
                 f"discover: {items:,} work items in {time.perf_counter() - t0:.1f}s (not part of sync)"
             )

@@ -54,6 +54,7 @@ SHAPES = ("conversation", "messages")
 ON_DELETE = ("mark", "delete")
 MAX_EXTERNAL_ID = 256  # conversations.external_id is String(256)
 MAX_LANGUAGE = 16
+ANALYZE_AFTER = 50_000  # rows written in one pass past which the fleet table is analyzed
 
 
 class SyncError(RuntimeError):
@@ -534,7 +535,10 @@ def sync_source(
             first = str(e.orig).splitlines()[0] if e.orig else str(e)
             raise SyncError(f"source {spec.name!r}: the query failed: {first}") from e
         raise
-    report.seconds = time.perf_counter() - started
     with Session(fleet) as session, session.begin():
+        if report.new + report.changed >= ANALYZE_AFTER:
+            # Planner statistics for the next pass' lookups and resets (see ledger.analyze).
+            session.execute(text(f"ANALYZE {spec.fleet_table}"))
         save_state(session, report)
+    report.seconds = time.perf_counter() - started
     return report
