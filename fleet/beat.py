@@ -25,12 +25,19 @@ def _term_as_exit(signum: int, _frame: Any) -> None:
 
 
 def nightly_command(
-    ctx: Ctx, task_names: Sequence[str], *, timeout: float | None, as_json: bool
+    ctx: Ctx,
+    task_names: Sequence[str],
+    *,
+    timeout: float | None,
+    as_json: bool,
+    local_workers: bool | None = None,
 ) -> None:
-    from fleet.cli import _finish_run
+    from fleet.cli import EXIT_CONFIG, _finish_run, fail
     from fleet.display import run_progress
+    from fleet.localworkers import LocalWorkersFailed, maybe_local_workers, wanted
     from producer.nightly import RunStillGoing, drive, run_specs
 
+    local = wanted(local_workers, ctx.settings)  # before services() fills in the URLs
     task_names = list(task_names) or ctx.settings.nightly_task_names()
     for name in task_names:
         ctx.task(name)  # a typo (also in FLEET_NIGHTLY_TASKS) fails here, with the list of tasks
@@ -39,8 +46,24 @@ def nightly_command(
     app = ctx.app()
     signal.signal(signal.SIGTERM, _term_as_exit)
     try:
-        with run_progress([sp.name for sp in specs], quiet=as_json) as update:
-            report = drive(s.db_url(), app, specs, s, timeout=timeout, progress=update)
+        # Workers start on the loop's first pass, once this process drives the run.
+        with (
+            maybe_local_workers(specs, s, enabled=local) as lw,
+            run_progress(
+                [sp.name for sp in specs], quiet=as_json, workers=lw.notes if lw else None
+            ) as update,
+        ):
+            report = drive(
+                s.db_url(),
+                app,
+                specs,
+                s,
+                timeout=timeout,
+                progress=lw.wrap(update) if lw else update,
+                gate=lw.gate if lw else None,
+            )
+    except LocalWorkersFailed as e:
+        fail(str(e), EXIT_CONFIG)
     except RunStillGoing as e:
         if as_json:
             click.echo(json.dumps({"run_id": None, "still_going": e.run.run_id, "message": str(e)}))

@@ -98,6 +98,13 @@ task_option = click.option(
     "--task", "-t", "task_name", required=True, help="Task name from the task config (e.g. intent)."
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+local_workers_option = click.option(
+    "--local-workers/--no-local-workers",
+    default=None,
+    help="Start, supervise and stop the workers this run needs on this machine: one per task "
+    "per GPU, or per task on the CPU; one task at a time when memory is short. "
+    "Default: FLEET_LOCAL_WORKERS (auto: on with the embedded servers).",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -321,6 +328,7 @@ def enqueue(
 @click.option(
     "--trigger", default="manual", show_default=True, help="Recorded on the run (manual|nightly)."
 )
+@local_workers_option
 @json_option
 @pass_ctx
 def run(
@@ -329,25 +337,43 @@ def run(
     with_follow_ups: bool,
     timeout: float | None,
     trigger: str,
+    local_workers: bool | None,
     as_json: bool,
 ) -> None:
     """Drive tasks to completion: feed the queues, reconcile, show progress.
 
-    Workers must be running (`fleet worker --task T`). Exit 1 if items ended
-    failed or dead.
+    Workers must be running (`fleet worker --task T`), or started by this run
+    with --local-workers. Exit 1 if items ended failed or dead.
     """
     from fleet.display import run_progress
+    from fleet.localworkers import LocalWorkersFailed, maybe_local_workers, wanted
     from producer.runner import run_until_done
 
+    local = wanted(local_workers, ctx.settings)  # before services() fills in the URLs
     specs = [ctx.task(n) for n in task_names]
     if with_follow_ups:
         for spec in list(specs):
             specs += [ctx.task(t) for t in spec.then if t not in [s.name for s in specs]]
     s = ctx.services()
-    with run_progress([sp.name for sp in specs], quiet=as_json) as update:
-        report = run_until_done(
-            s.db_url(), ctx.app(), specs, s, trigger=trigger, timeout=timeout, progress=update
-        )
+    try:
+        with (
+            maybe_local_workers(specs, s, enabled=local) as lw,
+            run_progress(
+                [sp.name for sp in specs], quiet=as_json, workers=lw.notes if lw else None
+            ) as update,
+        ):
+            report = run_until_done(
+                s.db_url(),
+                ctx.app(),
+                specs,
+                s,
+                trigger=trigger,
+                timeout=timeout,
+                progress=lw.wrap(update) if lw else update,
+                gate=lw.gate if lw else None,
+            )
+    except LocalWorkersFailed as e:
+        fail(str(e), EXIT_CONFIG)
     _finish_run(report, as_json)
 
 
@@ -918,17 +944,25 @@ def metrics(ctx: Ctx, address: str | None, port: int | None) -> None:
     "--task", "-t", "task_names", multiple=True, help="Only these tasks (default: every one)."
 )
 @click.option("--timeout", type=float, help="Give up after this many seconds (exit 4).")
+@local_workers_option
 @json_option
 @pass_ctx
-def nightly(ctx: Ctx, task_names: tuple[str, ...], timeout: float | None, as_json: bool) -> None:
+def nightly(
+    ctx: Ctx,
+    task_names: tuple[str, ...],
+    timeout: float | None,
+    local_workers: bool | None,
+    as_json: bool,
+) -> None:
     """Run the nightly job once in the foreground (cron, Kubernetes CronJob).
 
     Discovers and runs every configured task, records a `runs` row (trigger
-    nightly). A nightly run still going elsewhere: says which, exits 0.
+    nightly). A nightly run still going elsewhere: says which, exits 0. With
+    --local-workers, one command on one machine starts the workers it needs.
     """
     from fleet.beat import nightly_command
 
-    nightly_command(ctx, task_names, timeout=timeout, as_json=as_json)
+    nightly_command(ctx, task_names, timeout=timeout, as_json=as_json, local_workers=local_workers)
 
 
 @main.command()

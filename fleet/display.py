@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -61,22 +61,27 @@ def item_progress(label: str, *, quiet: bool = False) -> Iterator[Callable[[int]
 
 @contextmanager
 def run_progress(
-    tasks: Sequence[str], *, quiet: bool = False
+    tasks: Sequence[str], *, quiet: bool = False, workers: Mapping[str, str] | None = None
 ) -> Iterator[Callable[[dict[str, dict[str, int]]], None]]:
-    """One bar per task: finished (done+failed+dead) of all, with a live status line."""
+    """One bar per task: finished (done+failed+dead) of all, with a live status line.
+
+    `workers` (task -> what its local worker is doing, kept up to date by
+    fleet.localworkers) adds a column read at every update."""
     if quiet:
         yield lambda counts: None
         return
-    with Progress(
+    columns = [
         TextColumn("{task.description:14}"),
         BarColumn(),
         MofNCompleteColumn(),
         TaskProgressColumn(),
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
-        console=console,
-    ) as p:
-        ids = {t: p.add_task(t, total=None, status="") for t in tasks}
+    ]
+    if workers is not None:
+        columns.append(TextColumn("{task.fields[worker]}", style="cyan"))
+    with Progress(*columns, console=console) as p:
+        ids = {t: p.add_task(t, total=None, status="", worker="") for t in tasks}
 
         def update(counts: dict[str, dict[str, int]]) -> None:
             for t, tid in ids.items():
@@ -84,7 +89,8 @@ def run_progress(
                 total = sum(c.values())
                 finished = sum(c.get(s, 0) for s in ("done", "failed", "dead", "gone"))
                 status = " ".join(f"{s}={c[s]}" for s in STATUSES if c.get(s))
-                p.update(tid, total=total or None, completed=finished, status=status)
+                note = (workers or {}).get(t, "")
+                p.update(tid, total=total or None, completed=finished, status=status, worker=note)
 
         yield update
 

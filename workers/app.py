@@ -96,10 +96,37 @@ def _load_model_at_start(sender: Any = None, **_: Any) -> None:
             f"a fleet worker serves exactly one task queue, got {queues or 'none'}: "
             "start it with `fleet worker --task T` or `celery -A workers.app worker -Q fleet.T`"
         )
+    from workers.device import set_threads
+
+    set_threads(sender.app.fleet_settings.torch_threads)
+    _follow_parent(sender.app.fleet_settings.parent_pid)
     try:
         start_runtime(sender.app.fleet_settings, tasks[0], hostname=sender.hostname, app=sender.app)
     except Exception as exc:
         _exit_before_consuming(tasks[0], exc)
+
+
+def _follow_parent(pid: int | None) -> None:
+    """A local worker (fleet.localworkers) stops with the `fleet` process that
+    started it: once that is gone (even SIGKILLed, so it could not stop its
+    workers), the worker sends itself SIGTERM, Celery's warm shutdown."""
+    if pid is None:
+        return
+    import logging
+    import os
+    import signal
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == pid:
+            time.sleep(1.0)
+        logging.getLogger("fleet.worker").warning(
+            "the fleet process %d that started this worker is gone; stopping (warm shutdown)", pid
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="fleet-parent", daemon=True).start()
 
 
 # A worker that cannot load its model exits before it consumes a message, with

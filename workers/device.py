@@ -16,6 +16,16 @@ def pick_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
+def set_threads(threads: int | None) -> None:
+    """Use `threads` CPU threads for torch's intra-op work (None: torch's default, every
+    core). Local workers sharing a CPU-only machine each get their share of the cores."""
+    if threads is None:
+        return
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def free_mb(device: str) -> float | None:
     if not device.startswith("cuda"):
         return None  # CPU: start at the top of the ladder, the OOM policy steps down
