@@ -6,8 +6,9 @@ file at a time, as audio seconds per wall second (the real-time factor's inverse
 Speech: espeak-ng speaks the sentences of fleet/data/sample_speech.txt, alone
 and strung together, into files of about 3 s to 90 s (half of them longer than
 Whisper's 30 s window, so they are cut into chunks), with four voices and three
-speeds. Model: Whisper tiny.en, converted once by workers.prepare.whisper_ct2
-into --models-dir (default FLEET_MODELS_DIR). Both modes run in this process on
+speeds. Model: the first tier of the bundled transcribe task (Whisper base;
+tiny.en with --tier 1), converted once by workers.prepare.whisper_ct2 into
+--models-dir (default FLEET_MODELS_DIR). Both modes run in this process on
 the same loaded model and the same files, in alternating order per round:
 
   batched   the worker's path: `ModelRuntime.run` with the bundled transcribe
@@ -125,7 +126,8 @@ def main() -> None:
     )
     ap.add_argument("--files", type=int, default=16, help="number of speech files")
     ap.add_argument("--rounds", type=int, default=2, help="runs of each mode (median shown)")
-    ap.add_argument("--models-dir", type=Path, help="where whisper-tiny.en is (or goes)")
+    ap.add_argument("--models-dir", type=Path, help="where the Whisper models are (or go)")
+    ap.add_argument("--tier", type=int, default=0, help="transcribe ladder tier to start on")
     args = ap.parse_args()
     if args.files < 1 or args.rounds < 1:
         ap.error("--files and --rounds must be at least 1")
@@ -136,11 +138,12 @@ def main() -> None:
     from fleet.taskconfig import get_task, load_tasks
     from workers.adapters.base import Source
     from workers.adapters.transcribe import TranscribeAdapter
-    from workers.prepare.whisper_ct2 import prepare_whisper
+    from workers.prepare.whisper_ct2 import prepare_whisper, prepare_whisper_base
     from workers.runtime import ModelRuntime
 
     models_dir = args.models_dir or Settings().resolved_models_dir
     started = time.perf_counter()
+    prepare_whisper_base(models_dir)
     prepare_whisper(models_dir)
     print(f"model ready in {models_dir} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
     spec = get_task(load_tasks(), "transcribe")
@@ -154,7 +157,9 @@ def main() -> None:
             for i, c in enumerate(clips)
         ]
         adapter = TranscribeAdapter(audio_root=root)
-        runtime = ModelRuntime(spec, adapter, models_dir=models_dir, device="cpu")
+        runtime = ModelRuntime(
+            spec, adapter, models_dir=models_dir, device="cpu", start_at=args.tier
+        )
         runtime.start()
 
         def batched() -> list[str]:

@@ -43,6 +43,9 @@ WINDOW_S = 30.0
 NO_SPEECH_THRESHOLD = 0.6
 LOGPROB_THRESHOLD = -1.0
 COMPRESSION_RATIO_THRESHOLD = 2.4
+# openai/whisper's sample_len (half the 448-token text context): a window of speech
+# needs fewer; a decode stuck in a loop would otherwise hold its whole batch for 448 steps.
+MAX_NEW_TOKENS = 224
 
 
 def compression_ratio(text: str) -> float:
@@ -272,9 +275,9 @@ class TranscribeAdapter:
             return_tensors="pt",
             device=str(self.device) if on_cuda else "cpu",  # log-mel on the GPU when there is one
         ).input_features.to(self.device, self.dtype)
-        kwargs: dict[str, Any] = {}
         options = self.tier.options if self.tier is not None else {}
-        for key in ("num_beams", "max_new_tokens"):  # e.g. cap runaway repetition loops
+        kwargs: dict[str, Any] = {"max_new_tokens": MAX_NEW_TOKENS}
+        for key in ("num_beams", "max_new_tokens"):
             if key in options:
                 kwargs[key] = int(options[key])
         gen = self.model.generation_config
