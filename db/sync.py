@@ -254,13 +254,9 @@ def read_records(
         yield [_fold(carry)]
 
 
-def read_keys(conn: Connection, spec: SourceSpec, *, chunk: int) -> Iterator[list[str]]:
-    """Every external_id the source has now, streamed in chunks."""
-    result = conn.execution_options(stream_results=True, yield_per=chunk).execute(
-        text(f"SELECT DISTINCT CAST(q.external_id AS text) FROM ({spec.select}) AS q")
-    )
-    for part in result.partitions(chunk):
-        yield [r[0] for r in part if r[0] is not None]
+def keys_sql(spec: SourceSpec) -> str:
+    """Every external_id the source has now (duplicates allowed: the anti-join ignores them)."""
+    return f"SELECT CAST(q.external_id AS text) FROM ({spec.select}) AS q"
 
 
 # -- writing --------------------------------------------------------------------
@@ -465,17 +461,25 @@ def save_state(session: Session, report: SyncReport) -> None:
 
 
 def _scan_deletes(fleet: Engine, source: Engine, spec: SourceSpec, report: SyncReport) -> None:
-    """Stream the source's keys into a temporary table (COPY), then mark the rest gone."""
-    with fleet.connect() as conn:
+    """Copy the source's keys into a temporary table, then mark the rest gone.
+
+    COPY ... TO STDOUT on the source feeds COPY ... FROM STDIN on the fleet, block
+    by block: the keys never become Python objects, and memory holds one block."""
+    with fleet.connect() as conn, source.connect() as src:
         conn.execute(
             text("CREATE TEMPORARY TABLE fleet_sync_seen (external_id text) ON COMMIT DROP")
         )
-        raw = conn.connection.driver_connection
-        with source.connect() as src:
-            with raw.cursor().copy("COPY fleet_sync_seen (external_id) FROM STDIN") as copy:  # type: ignore[union-attr]
-                for keys in read_keys(src, spec, chunk=max(spec.chunk, 20_000)):
-                    for k in keys:
-                        copy.write_row((k,))
+        into = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        out = src.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        with (
+            out.copy(f"COPY ({keys_sql(spec)}) TO STDOUT") as reader,
+            into.copy("COPY fleet_sync_seen (external_id) FROM STDIN") as writer,
+        ):
+            for block in reader:
+                writer.write(block)
+        src.rollback()
+        # An index, so the anti-join stays cheap whatever the planner believes about
+        # a table this pass has just filled (stale statistics pick a nested loop).
         conn.execute(text("CREATE INDEX ON fleet_sync_seen (external_id)"))
         conn.execute(text("ANALYZE fleet_sync_seen"))
         with Session(bind=conn) as session:
