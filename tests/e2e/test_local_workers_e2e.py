@@ -258,3 +258,21 @@ def test_workers_stop_by_themselves_when_fleet_is_killed(fleet):
     assert "that started this worker is gone; stopping (warm shutdown)" in logs
     for task in ("intent", "review"):
         assert "running" not in status_counts(fleet.db_url, task)
+
+
+def test_nightly_with_local_workers(fleet):
+    """`fleet nightly --local-workers`: one command on one machine runs the task
+    and its follow-up to the end, closes the nightly run and leaves no worker."""
+    env = _env(fleet, _config(fleet.tmp))
+    _ingest(fleet, env)
+    w = _watch(_start(["nightly", "--task", "intent", "--local-workers", "--json"], env))
+    assert w.proc.returncode == 0, w.stderr
+    report = json.loads(w.stdout)
+    assert report["counts"] == {"intent": {"done": N}, "review": {"done": N}}
+    assert sorted(v["task"] for v in w.workers.values()) == ["intent", "review"]
+    assert w.none_left() == []
+    with transaction(fleet.db_url) as s:
+        trigger, finished = s.execute(
+            text("SELECT trigger, finished_at FROM runs WHERE id = :i"), {"i": report["run_id"]}
+        ).one()
+    assert trigger == "nightly" and finished is not None
