@@ -108,10 +108,10 @@ def plan_workers(
         if budget_mb is None:
             why = "free memory unknown: every task at once"
         elif fits:
-            why = f"~{total:,.0f} MiB for every task's model fits {budget_mb:,.0f} MiB"
+            why = f"~{total:,.0f} MiB for every task's worker at once fits {budget_mb:,.0f} MiB"
         else:
             why = (
-                f"~{total:,.0f} MiB for every task's model does not fit {budget_mb:,.0f} MiB: "
+                f"~{total:,.0f} MiB for every task's worker at once does not fit {budget_mb:,.0f} MiB: "
                 "one task at a time"
             )
     else:

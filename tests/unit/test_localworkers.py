@@ -36,7 +36,8 @@ def test_plan_workers(need, gpus, cores, budget, mode, want_mode, want_gpus, thr
 def test_plan_says_why_it_goes_one_at_a_time():
     plan = plan_workers({"a": 700, "b": 700}, gpus=0, cores=2, budget_mb=1000)
     assert (
-        plan.why == "~1,400 MiB for every task's model does not fit 1,000 MiB: one task at a time"
+        plan.why
+        == "~1,400 MiB for every task's worker at once does not fit 1,000 MiB: one task at a time"
     )
 
 
