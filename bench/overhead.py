@@ -45,30 +45,46 @@ def texts(n: int, seed: int = 0) -> list[str]:
     ]
 
 
-def build_model(folder: Path) -> Path:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def build_model(folder: Path, shape: str = "minilm") -> Path:
+    """An 8-label classifier: the real MiniLM-L6 encoder with a new head, or
+    (`shape="bert-base"`) a random-weight BERT-base (768 wide, 12 layers, 110M):
+    the real cost of that architecture, meaningless answers."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+    )
 
     from fleet.models import minilm_path
-    from workers.train import INTENT_LABELS as labels
 
-    m = AutoModelForSequenceClassification.from_pretrained(
-        str(minilm_path()),
-        num_labels=8,
-        id2label=dict(enumerate(labels)),
-        label2id={n: i for i, n in enumerate(labels)},
-    )
-    m.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(minilm_path())).save_pretrained(folder)
+    labels = [f"label{i}" for i in range(8)]
+    names = {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+    if shape == "bert-base":
+        cfg = BertConfig(vocab_size=tok.vocab_size, num_labels=8, **names)
+        BertForSequenceClassification(cfg).save_pretrained(folder)
+    else:
+        m = AutoModelForSequenceClassification.from_pretrained(
+            str(minilm_path()), num_labels=8, **names
+        )
+        m.save_pretrained(folder)
+    tok.save_pretrained(folder)
     return folder
 
 
-def bare(model: Path, items: list[str], batch_tokens: int) -> float:
+def bare(
+    model: Path, items: list[str], batch_tokens: int, device: str = "cpu", dtype: str = "auto"
+) -> float:
     from workers.adapters.base import Source, TierSpec
     from workers.adapters.sequence_classify import SequenceClassifyAdapter
     from workers.policy import plan_batches
 
     a = SequenceClassifyAdapter()
-    a.load(TierSpec(name="m", path="", max_length=256), str(model), "cpu")
+    a.load(TierSpec(name="m", path="", max_length=256, dtype=dtype), str(model), device)
+    if device.startswith("cuda"):  # warm up kernels and the allocator outside the timing
+        warm = Source(-1, "conversation", "w", {"messages": [{"role": "user", "content": "hi"}]})
+        a.predict([a.prepare(warm)])
     srcs = [
         Source(i, "conversation", str(i), {"messages": [{"role": "user", "content": t}]})
         for i, t in enumerate(items)
@@ -77,14 +93,20 @@ def bare(model: Path, items: list[str], batch_tokens: int) -> float:
     prepared = {s.item_id: a.prepare(s) for s in srcs}
     for plan in plan_batches([(i, p.cost) for i, p in prepared.items()], max_tokens=batch_tokens):
         a.predict([prepared[i] for i in plan])
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
     return len(items) / (time.perf_counter() - start)
 
 
-def pipeline_rate(model: Path, items: list[str], batch_size: int | None) -> float:
+def pipeline_rate(
+    model: Path, items: list[str], batch_size: int | None, device: str = "cpu"
+) -> float:
     from transformers import pipeline
 
     clf = pipeline(
-        "text-classification", model=str(model), device="cpu", truncation=True, max_length=256
+        "text-classification", model=str(model), device=device, truncation=True, max_length=256
     )
     inputs = [f"user: {t}" for t in items]
     start = time.perf_counter()
@@ -97,7 +119,14 @@ def pipeline_rate(model: Path, items: list[str], batch_size: int | None) -> floa
 
 
 def fleet(
-    model: Path, items: list[str], batch_size: int, batch_tokens: int, tmp: Path, workers: int = 1
+    model: Path,
+    items: list[str],
+    batch_size: int,
+    batch_tokens: int,
+    tmp: Path,
+    workers: int = 1,
+    gpu: int | None = None,
+    dtype: str = "auto",
 ) -> float:
     import redis
 
@@ -110,7 +139,7 @@ def fleet(
     (tmp / "tasks.toml").write_text(
         f'[tasks.intent]\nkind = "sequence_classify"\nsource = "conversation"\n'
         f'[[tasks.intent.ladder]]\nname = "minilm"\npath = "{model}"\nmax_length = 256\n'
-        f"max_batch_tokens = {batch_tokens}\n"
+        f'max_batch_tokens = {batch_tokens}\ndtype = "{dtype}"\n'
     )
     env = {
         **os.environ,
@@ -120,7 +149,7 @@ def fleet(
         "FLEET_STATE_DIR": str(tmp / "state"),
         "FLEET_BATCH_SIZE": str(batch_size),
         "FLEET_MAX_INFLIGHT_BATCHES": "8",
-        "CUDA_VISIBLE_DEVICES": "",
+        "CUDA_VISIBLE_DEVICES": "" if gpu is None else str(gpu),
     }
     fl = [sys.executable, "-m", "fleet.cli"]
     subprocess.run([*fl, "migrate"], env=env, check=True, capture_output=True)
@@ -142,7 +171,7 @@ def fleet(
     threads = max(1, (os.cpu_count() or 1) // workers)
     for k in range(workers):
         log = (tmp / f"worker{k}.log").open("wb")
-        argv = worker_argv("intent", gpu=None, loglevel="WARNING", hostname=f"intent@cpu{k}.%h")
+        argv = worker_argv("intent", gpu=gpu, loglevel="WARNING", hostname=f"intent@b{k}.%h")
         wenv = {**env, "OMP_NUM_THREADS": str(threads)} if workers > 1 else env
         procs.append(subprocess.Popen(argv, env=wenv, stdout=log, stderr=log))
     try:
@@ -198,24 +227,57 @@ def main() -> None:
     ap.add_argument(
         "--skip-pipeline1", action="store_true", help="skip the slow one-at-a-time baseline"
     )
+    ap.add_argument(
+        "--gpu", type=int, help="run the model on this GPU (bare, pipelines and the fleet worker)"
+    )
+    ap.add_argument("--shape", choices=("minilm", "bert-base"), default="minilm")
+    ap.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    ap.add_argument("--json-out", type=Path, help="also write the figures to this JSON file")
     args = ap.parse_args()
+    if args.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)  # before torch is imported
     import torch
 
+    device = "cuda" if args.gpu is not None else "cpu"
     items = texts(args.items)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        model = build_model(tmp / "model")
-        rates = {"bare": bare(model, items, args.batch_tokens)}
+        model = build_model(tmp / "model", args.shape)
+        rates = {"bare": bare(model, items, args.batch_tokens, device, args.dtype)}
         rates["fleet"] = fleet(
-            model, items, args.batch_size, args.batch_tokens, tmp, workers=args.workers
+            model,
+            items,
+            args.batch_size,
+            args.batch_tokens,
+            tmp,
+            workers=args.workers,
+            gpu=args.gpu,
+            dtype=args.dtype,
         )
-        rates["pipeline32"] = pipeline_rate(model, items, 32)
+        rates["pipeline32"] = pipeline_rate(model, items, 32, device)
         if not args.skip_pipeline1:
-            rates["pipeline1"] = pipeline_rate(model, items[: max(200, args.items // 5)], None)
+            rates["pipeline1"] = pipeline_rate(
+                model, items[: max(200, args.items // 5)], None, device
+            )
     print(
         f"items={args.items} batch_size={args.batch_size} batch_tokens={args.batch_tokens} "
-        f"torch_threads={torch.get_num_threads()} cpus={os.cpu_count()} workers={args.workers}"
+        f"torch_threads={torch.get_num_threads()} cpus={os.cpu_count()} workers={args.workers} "
+        f"device={device} shape={args.shape} dtype={args.dtype}"
     )
+    if args.json_out:
+        args.json_out.write_text(
+            json.dumps(
+                {
+                    "shape": args.shape,
+                    "dtype": args.dtype,
+                    "device": device,
+                    "items": args.items,
+                    "rates": rates,
+                    "fleet_over_bare": rates["fleet"] / rates["bare"],
+                },
+                indent=2,
+            )
+        )
     for k, v in rates.items():
         print(f"{k:12} {v:8.1f} items/s")
     print(f"fleet/bare        {rates['fleet'] / rates['bare']:.3f}")
