@@ -183,7 +183,11 @@ def test_extra_keys_ignored() -> None:
         ('{"a": 1} tail', '{"a": 1}'),
         ('noise {"a": "b}"} tail', '{"a": "b}"}'),  # brace inside a string
         ('{"a": "x\\"y', '{"a": "x\\"y"}'),  # escaped quote stays escaped
-        ('{"a": [1, 2', '{"a": [1, 2]}'),
+        ('{"a": [1, 2', '{"a": [1]}'),  # the 2 may have been 23: dropped, not guessed
+        ('{"a": [1, 2 ', '{"a": [1, 2]}'),  # a delimiter after it: complete
+        ('{"a": 1, "b": 0.', '{"a": 1}'),  # a cut number is never a value
+        ('{"a": 1, "b": 0.5', '{"a": 1}'),
+        ('{"a": 1, "b": tru', '{"a": 1}'),
         ('{"a": {"b": 1}, "c": ', '{"a": {"b": 1}}'),
         ("no json", None),
         ("{", "{}"),

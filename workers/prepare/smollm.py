@@ -67,7 +67,7 @@ def prepare_smollm(models_dir: Path, *, force: bool = False) -> Path:
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}.", suffix=".tmp", dir=models_dir))
     try:
-        info = _convert(source, tmp)
+        info = convert_gguf(source, GGUF_FILE, tmp, eos_token="<|im_end|>")
         info["seconds"] = round(time.perf_counter() - started, 2)
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
         _swap_into_place(tmp, target, force=force)
@@ -78,15 +78,23 @@ def prepare_smollm(models_dir: Path, *, force: bool = False) -> Path:
     return target
 
 
-def _convert(source: Path, out: Path) -> dict[str, Any]:
-    """Load the GGUF once and save model, tokenizer and generation config into `out`."""
+def convert_gguf(
+    source: Path, gguf_file: str, out: Path, *, eos_token: str | None = None
+) -> dict[str, Any]:
+    """Load a GGUF causal LM once (de-quantized to float32) and save model, tokenizer and
+    generation config into `out` as safetensors. Also used for Gemma 3 (workers.prepare.gemma).
+
+    `eos_token`: the end-of-turn token of a chat model (its chat template is then
+    required); None keeps the tokenizer's own eos (a base model). Raises RuntimeError
+    when the conversion leaves a weight unset or a chat model has no template.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
-    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE)
-    if tokenizer.chat_template is None:
-        raise RuntimeError(f"{GGUF_FILE} carries no chat template")
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file)
+    if eos_token is not None and tokenizer.chat_template is None:
+        raise RuntimeError(f"{gguf_file} carries no chat template")
 
     # A fresh model from a clean config: the GGUF model's config carries a
     # `quantization_config` (quant_method "gguf") that would make the saved folder
@@ -115,7 +123,7 @@ def _convert(source: Path, out: Path) -> dict[str, Any]:
     if leftover:
         raise RuntimeError(f"GGUF conversion left buffers unset: {leftover[:5]}")
 
-    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos_id = tokenizer.convert_tokens_to_ids(eos_token) if eos_token else tokenizer.eos_token_id
     generation = GenerationConfig(
         bos_token_id=clean_config.bos_token_id,
         eos_token_id=eos_id,
@@ -128,9 +136,9 @@ def _convert(source: Path, out: Path) -> dict[str, Any]:
     tokenizer.save_pretrained(out)
     del gguf_model, model, state
     return {
-        "source": str(source / GGUF_FILE),
-        "source_bytes": (source / GGUF_FILE).stat().st_size,
-        "format": "safetensors float32 (de-quantized Q4_1)",
+        "source": str(source / gguf_file),
+        "source_bytes": (source / gguf_file).stat().st_size,
+        "format": "safetensors float32 (de-quantized from GGUF)",
     }
 
 
