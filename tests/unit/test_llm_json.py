@@ -140,6 +140,59 @@ def test_missing_confidence_is_recorded() -> None:
     assert answer["confidence"] is None and answer["field_errors"]["confidence"] == "missing"
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"category": "social", "confidence": 0.',  # cut at max_new_tokens (issue 10 item 6)
+        '{"category": "social", "confidence": 0',
+        '{"category": "social", "confidence": 0.8',  # may have been 0.85
+        '{"category": "social", "confidence": -',
+    ],
+)
+def test_cut_number_is_never_a_value(raw: str) -> None:
+    """A reply cut inside a number keeps its category; the number is missing, not 0.0."""
+    answer, err, repaired = parse_llm_json(raw, LABELS)
+    assert err is None and repaired and answer is not None
+    assert answer["category"] == "social"
+    assert answer["confidence"] is None
+    assert answer["field_errors"]["confidence"] == "missing"
+
+
+def test_complete_number_before_a_cut_is_kept() -> None:
+    answer, err, _ = parse_llm_json('{"category": "social", "confidence": 0.8, "reas', LABELS)
+    assert err is None and answer is not None and answer["confidence"] == 0.8
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "{'category': 'social', 'confidence': 0.9}",
+        "Sure! { 'category': 'social' }",
+    ],
+)
+def test_single_quoted_reply_names_its_fault(raw: str) -> None:
+    answer, err, repaired = parse_llm_json(raw, LABELS)
+    assert answer is None and not repaired
+    assert err is not None and "single quotes" in err and "double quotes" in err
+
+
+def test_reasoning_fields_of_a_cut_explanation() -> None:
+    from workers.adapters.llm_classify import reasoning_fields
+
+    done = reasoning_fields(
+        '{"category": "social", "reasoning": "a party", "key_entities": ["Ann"]}', False, 32
+    )
+    assert done == {"reasoning": "a party", "key_entities": ["Ann"], "field_errors": {}}
+    cut = reasoning_fields('{"category": "social", "reasoning": "a par', True, 32)
+    assert cut["reasoning"] == "" and "token limit" in cut["field_errors"]["reasoning"]
+    assert "max_new_tokens=32" in cut["field_errors"]["reasoning"]
+    cut_list = reasoning_fields(
+        '{"category": "social", "reasoning": "a party", "key_entities": ["Ann", "Bo', True, 32
+    )
+    assert cut_list["reasoning"] == "a party" and cut_list["key_entities"] == ["Ann"]
+    assert "token limit" in cut_list["field_errors"]["key_entities"]
+
+
 def test_nan_confidence_from_json_is_rejected() -> None:
     answer, err, _ = parse_llm_json('{"category": "social", "confidence": NaN}', LABELS)
     assert err is None and answer is not None and answer["confidence"] is None
