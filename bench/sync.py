@@ -162,9 +162,10 @@ def main() -> None:
         t0 = time.perf_counter()
         with psycopg.connect(_db(app_db), autocommit=True) as conn:
             conn.execute(APP_SCHEMA)
-            conn.execute(
-                FILL_JSONB if args.shape == "conversation" else FILL_MESSAGES, {"n": args.rows}
-            )
+            fill = FILL_JSONB if args.shape == "conversation" else FILL_MESSAGES
+            for statement in fill.split(";"):
+                if statement.strip():
+                    conn.execute(statement, {"n": args.rows})
             conn.execute(INDEXES)
         upgrade(fleet_url)
         print(
