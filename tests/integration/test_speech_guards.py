@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.support import wer
+from bench.asr import corpus_wer, normaliser
 from workers.adapters.base import InputError, Prediction, Source, TierSpec
 from workers.adapters.transcribe import TranscribeAdapter
 from workers.prepare.whisper_ct2 import MARKER
@@ -30,7 +30,14 @@ SR = 16000
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 CARDS = Path("/usr/share/pocketsphinx/test/data/cards")
 ASTERISK = Path("/usr/share/asterisk/sounds/en")
-SENTENCE = ("sense_and_sensibility_01_austen_64kb-0880.wav", "he was not an ill disposed young man")
+SENTENCE = (
+    "sense_and_sensibility_01_austen_64kb-0890.wav",
+    "unless to be rather cold hearted and rather selfish is to be ill disposed",
+)
+
+
+def sentence_wer(hypothesis: str) -> float:
+    return corpus_wer([SENTENCE[1]], [hypothesis], normaliser())
 
 
 def _need(path: Path) -> None:
@@ -92,12 +99,14 @@ def test_real_read_speech_and_prompts(adapter: TranscribeAdapter) -> None:
             refs[name] = " ".join(words.split())
     preps = [adapter.prepare(Source(i, "audio", n, {"uri": n})) for i, n in enumerate(refs)]
     results = adapter.predict(preps)
-    errors = []
-    for ref, res in zip(refs.values(), results, strict=True):
+    hyps = []
+    for res in results:
         assert isinstance(res, Prediction) and res.output is not None, res
         assert res.output["no_speech"] is False and res.output["language"] == "en"
-        errors.append(wer(ref, res.output["transcript"].replace("10", "ten")))
-    assert float(np.mean(errors)) < 0.15, errors
+        hyps.append(res.output["transcript"])
+    # Whisper's English normaliser on both sides ("four" and "4" are the same word).
+    rate = corpus_wer(list(refs.values()), hyps, normaliser())
+    assert rate < 0.1, list(zip(refs.values(), hyps, strict=True))
 
 
 # ----------------------------------------------------------------------------- no speech, no text
@@ -133,7 +142,7 @@ def test_hostile_inputs_end_done_with_no_text(adapter: TranscribeAdapter) -> Non
     if speech is not None:
         out = got["speech.wav"].output
         assert out is not None and out["no_speech"] is False
-        assert wer(SENTENCE[1], out["transcript"]) < 0.25
+        assert sentence_wer(out["transcript"]) < 0.1
 
 
 def test_recorded_tones_and_silence_are_not_transcribed(adapter: TranscribeAdapter) -> None:
@@ -158,7 +167,7 @@ def test_speech_after_a_long_silence_is_kept(adapter: TranscribeAdapter) -> None
     track = np.concatenate([np.zeros(35 * SR, np.float32), speech])
     out = _run(adapter, {"late.wav": track})["late.wav"].output
     assert out is not None and out["chunks"] == 2 and out["skipped_chunks"] == {"quiet": 1}
-    assert out["no_speech"] is False and wer(SENTENCE[1], out["transcript"]) < 0.25
+    assert out["no_speech"] is False and sentence_wer(out["transcript"]) < 0.1
 
 
 # ----------------------------------------------------------------------------- formats that lie
@@ -183,4 +192,4 @@ def test_stereo_that_cancels_is_transcribed_from_one_channel(adapter: Transcribe
     assert prep.notes["channels_cancel"] is True
     (res,) = adapter.predict([prep])
     assert isinstance(res, Prediction) and res.output is not None
-    assert wer(SENTENCE[1], res.output["transcript"]) < 0.25
+    assert sentence_wer(res.output["transcript"]) < 0.1
