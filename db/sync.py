@@ -526,7 +526,10 @@ def sync_source(
                 with Session(fleet) as session, session.begin():
                     apply_chunk(session, spec, records, report)
         report.read_seconds = time.perf_counter() - started
-        if spec.detect_deletes if detect_deletes is None else detect_deletes:
+        # A full pass always looks for deleted rows; an incremental one when the
+        # source asks for it (or the caller, e.g. a trigger marked a DELETE).
+        scan = (spec.detect_deletes or full) if detect_deletes is None else detect_deletes
+        if scan:
             t0 = time.perf_counter()
             _scan_deletes(fleet, source, spec, report)
             report.delete_scan_seconds = time.perf_counter() - t0

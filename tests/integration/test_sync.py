@@ -369,3 +369,42 @@ def test_audio_source(db_url):
             )
         ).one()
     assert tuple(row) == ("b2.wav", "calls", "pending", 400)
+
+
+def test_beat_tick_syncs_marked_sources_only(db_url, app_db, monkeypatch):
+    """producer.sync.beat_tick: with triggers, nothing marked -> nothing synced;
+    a write marks the source and the next tick syncs it (a delete with the key scan)."""
+    from fleet.settings import Settings
+    from producer.sync import beat_tick
+
+    app_url, plain = app_db
+    settings = Settings(database_url=db_url, source_database_url=app_url)
+    spec = SourceSpec(
+        name="app",
+        shape="messages",
+        query=QUERY,
+        trigger_tables=("app.conversations", "app.messages"),
+    )
+    add_conversation(plain, 1, [("user", "a")])
+    # No triggers yet: every tick is an incremental pass.
+    assert [r["new"] for r in beat_tick(settings, {"app": spec})] == [1]
+    triggers.install(get_engine(app_url), "app", spec.trigger_tables)
+    assert beat_tick(settings, {"app": spec}) == []
+    add_conversation(plain, 2, [("user", "b")])
+    ticked = beat_tick(settings, {"app": spec})
+    assert [(r["new"], r["delete_scan_seconds"]) for r in ticked] == [(1, 0.0)]
+    sql(plain, "DELETE FROM app.conversations WHERE id = 1")
+    assert [r["gone"] for r in beat_tick(settings, {"app": spec})] == [1]
+    assert beat_tick(settings, {"app": spec}) == []
+
+
+def test_without_detect_deletes_only_a_full_pass_finds_deleted_rows(db_url, app_db):
+    app_url, plain = app_db
+    spec = SourceSpec(name="app", shape="messages", query=QUERY, detect_deletes=False)
+    add_conversation(plain, 1, [("user", "a")])
+    add_conversation(plain, 2, [("user", "b")])
+    _sync(db_url, app_url, spec)
+    sql(plain, "DELETE FROM app.conversations WHERE id = 2")
+    incremental = _sync(db_url, app_url, spec)
+    assert incremental.gone == 0 and incremental.delete_scan_seconds == 0.0
+    assert _sync(db_url, app_url, spec, full=True).gone == 1
