@@ -52,7 +52,9 @@ class ModelNotCached(RuntimeError):
 @dataclass(frozen=True)
 class ResolvedModel:
     path: Path  # the folder to load
-    revision: str  # snapshot commit, or sha256:<hex> of a local folder
+    # Snapshot commit, or sha256:<hex> of a local folder (None: not hashed yet, see
+    # resolve_tier's hash_folder).
+    revision: str | None
     hub_id: str | None = None
 
 
@@ -125,9 +127,11 @@ def _cached_snapshot(repo: str, revision: str | None) -> Path:
         ) from e
 
 
-def resolve_tier(tier: TierSpec, models_dir: Path) -> ResolvedModel:
+def resolve_tier(tier: TierSpec, models_dir: Path, *, hash_folder: bool = True) -> ResolvedModel:
     """The folder and revision of a tier's model, from local files only.
 
+    With `hash_folder` false a local folder's revision is left None (hashing
+    reads every file: a worker hashes only the tier it loads).
     Raises ModelNotCached for a hub id missing from the cache, and for a folder
     without config.json (the message says what to run)."""
     repo = hub_id(tier, models_dir)
@@ -147,7 +151,7 @@ def resolve_tier(tier: TierSpec, models_dir: Path) -> ResolvedModel:
             "`fleet models pull` for a Hugging Face id (org/name), or point the ladder's "
             "path at a model folder"
         )
-    return ResolvedModel(path, folder_revision(path))
+    return ResolvedModel(path, folder_revision(path) if hash_folder else None)
 
 
 def pull(repo: str, revision: str | None, *, echo: Callable[[str], None] = print) -> ResolvedModel:

@@ -101,9 +101,11 @@ def current_revisions(spec: TaskSpec, settings: Settings) -> list[str]:
     out: list[str] = []
     for tier in spec.ladder:
         try:
-            out.append(resolve_tier(tier, settings.resolved_models_dir).revision)
+            revision = resolve_tier(tier, settings.resolved_models_dir).revision
         except ModelNotCached:
             continue
+        if revision:
+            out.append(revision)
     return out
 
 

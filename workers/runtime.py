@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet.hub import ModelNotCached, ResolvedModel, resolve_tier
+from fleet.hub import ModelNotCached, ResolvedModel, folder_revision, resolve_tier
 from fleet.taskconfig import TaskSpec
 from workers import device as dev
 from workers.adapters.base import Adapter, InputError, Prediction, Prepared, Source
@@ -113,11 +113,12 @@ class ModelRuntime:
 
     def _path(self, tier: int) -> Path:
         """The tier's model folder (a local folder, or a Hugging Face id resolved in
-        the cache with local files only); its revision is computed once."""
+        the cache with local files only). A local folder's revision is hashed when
+        the tier loads (`_load`), once per process."""
         if tier not in self._resolved:
             spec = self.spec.ladder[tier]
             try:
-                self._resolved[tier] = resolve_tier(spec, self.models_dir)
+                self._resolved[tier] = resolve_tier(spec, self.models_dir, hash_folder=False)
             except ModelNotCached as e:
                 raise ModelMissing(f"task {self.spec.name!r} tier {tier} ({spec.name}): {e}") from e
         return self._resolved[tier].path
@@ -151,7 +152,8 @@ class ModelRuntime:
         started = time.perf_counter()
         self.adapter.load(spec, str(path), self.device)
         self.tier = tier
-        self.revision = self._resolved[tier].revision
+        resolved = self._resolved[tier]
+        self.revision = resolved.revision or folder_revision(resolved.path)
         self.budget = Budget(spec.max_batch_tokens)
         self.clean_batches = 0
         log.info(

@@ -74,3 +74,9 @@ def test_a_folder_wins_over_a_hub_id_and_has_a_content_revision(tmp_path, hf_hom
 def test_missing_local_folder_names_both_commands(tmp_path):
     with pytest.raises(ModelNotCached, match="fleet models prepare.*fleet models pull"):
         resolve_tier(TierSpec(name="t", path="no-such-model"), tmp_path)
+
+
+def test_a_worker_can_defer_hashing_a_local_folder(tmp_path):
+    models = tmp_path / "models"
+    _model(models / "m", b"w")
+    assert resolve_tier(TierSpec(name="t", path="m"), models, hash_folder=False).revision is None

@@ -144,3 +144,15 @@ def test_simulator_spec_errors():
 
 def test_input_error_message_kept():
     assert str(InputError("why")) == "why"
+
+
+def test_results_record_the_revision_of_the_tier_that_ran(tmp_path):
+    from fleet.hub import folder_revision
+
+    rt, _ = _runtime(tmp_path, 2, "0:0")  # tier 0 cannot run anything: every item steps down
+    (tmp_path / "tier1" / "config.json").write_text('{"hidden_size": 32}')  # other weights
+    results, stats = rt.run(_sources(3))
+    assert stats.downshifts == 1 and rt.tier == 1
+    expected = folder_revision(tmp_path / "tier1")
+    assert expected.startswith("sha256:") and expected != folder_revision(tmp_path / "tier0")
+    assert {r.model_revision for r in results} == {expected}
