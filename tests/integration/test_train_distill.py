@@ -126,6 +126,20 @@ def test_train_from_stored_llm_results(
     saved = json.loads((out / "training_metrics.json").read_text())
     assert saved["distilled"]["kept"] == 32 and "llm_classify" in (out / "README.md").read_text()
 
+    # Old vs new on the same stored items: `fleet compare` runs both folders.
+    other = build_tiny_classifier(tmp_path / "old", seed=7)
+    compared = CliRunner().invoke(
+        main,
+        ["compare", "-t", "intent", "--models", str(other), str(out), "--limit", "20"]
+        + ["-o", str(tmp_path / "side.jsonl"), "--json"],
+        env=_env(db_url, broker_url, tmp_path),
+    )
+    assert compared.exit_code == 0, compared.output
+    side = [json.loads(line) for line in (tmp_path / "side.jsonl").read_text().splitlines()]
+    assert json.loads(compared.stdout)["n"] == len(side) == 20
+    assert {row["b"]["model"] for row in side} == {str(out)}
+    assert all(row["b"]["label"] in INTENT_LABELS for row in side)
+
 
 def test_only_reviewer_confirmed_labels(
     db_url: str, broker_url: str, tmp_path: Path, tiny_base: Path
