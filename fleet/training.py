@@ -126,7 +126,6 @@ def training_progress(title: str) -> Iterator[Callable[[dict[str, Any]], None]]:
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
-
     from transformers.utils import logging as hf_logging
 
     from fleet.display import console

@@ -177,7 +177,10 @@ def load_labeled(path: str | Path) -> list[Example]:
 
 
 def check_labels(
-    examples: Sequence[Example], task_labels: Sequence[str] | None, *, what: str = "the training data"
+    examples: Sequence[Example],
+    task_labels: Sequence[str] | None,
+    *,
+    what: str = "the training data",
 ) -> list[str]:
     """The label list to train, in the task's order; raises TrainingDataError when unusable.
 
