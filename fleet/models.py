@@ -23,7 +23,10 @@ MINILM = "all-minilm-l6-v2"
 WHISPER = "whisper-tiny.en"
 WHISPER_BASE = "whisper-base"
 SMOLLM = "smollm2-135m-instruct"
+GEMMA = "gemma3-270m"
 ALL = (INTENT, WORTHINESS, SENTIMENT, MINILM, WHISPER, WHISPER_BASE, SMOLLM)
+# Prepared only when named (`fleet models prepare --only gemma3-270m`): ~1 GB and ~1 min.
+OPTIONAL = (GEMMA,)
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,11 @@ def _prepare_one(name: str, models_dir: Path, force: bool, echo: Echo) -> Path:
         from workers.prepare.smollm import prepare_smollm
 
         return prepare_smollm(models_dir, force=force)
-    raise ValueError(f"unknown model {name!r}; bundled models: {', '.join(ALL)}")
+    if name == GEMMA:
+        from workers.prepare.gemma import prepare_gemma
+
+        return prepare_gemma(models_dir, force=force)
+    raise ValueError(f"unknown model {name!r}; bundled models: {', '.join(ALL + OPTIONAL)}")
 
 
 def prepare_models(

@@ -80,3 +80,48 @@ def test_nli_method_scores_every_label(tiny_nli, multi):
             assert abs(sum(p.scores.values()) - 1) < 1e-4
         else:
             assert all(0 <= s <= 1 for s in p.scores.values())
+
+
+def test_prototypes_file_adds_descriptions_and_examples():
+    """Several descriptions and example texts per label, averaged per label."""
+    from workers.adapters.zero_shot import label_prototypes
+
+    texts, owners = label_prototypes(LABELS, "intent_prototypes.json")
+    assert texts[0] == "learning: studying, courses, wanting to understand a concept"
+    per_label = [owners.count(k) for k in range(len(LABELS))]
+    assert all(n >= 5 for n in per_label), per_label  # description + 2 more + examples
+    assert owners == sorted(owners)
+    with pytest.raises(ValueError, match="not found"):
+        label_prototypes(LABELS, "no-such-file.json")
+
+    a = ZeroShotAdapter(labels=LABELS, prototypes="intent_prototypes.json")
+    a.load(TierSpec(name="minilm", path="", max_length=256), str(minilm_path()), "cpu")
+    assert a.label_emb.shape[0] == len(texts)
+    texts_by_label = {
+        "learning": "can u explain how vaccines train the immune system, for my bio homework",
+        "social": "my cousin is getting married and I have to sit next to my ex at dinner",
+        "chitchat": "lol ok. anyway hows ur weekend been",
+    }
+    preds = a.predict([a.prepare(_src(i, t)) for i, t in enumerate(texts_by_label.values())])
+    assert [p.label for p in preds if isinstance(p, Prediction)] == list(texts_by_label)
+    for p in preds:
+        assert isinstance(p, Prediction) and abs(sum(p.scores.values()) - 1) < 1e-4
+
+
+@pytest.mark.slow
+def test_llm_method_scores_labels_zero_shot(smollm_dir):
+    """The topic task on an LLM: label scoring through the zero-shot adapter."""
+    a = ZeroShotAdapter(labels=LABELS)
+    a.load(TierSpec(name="smollm", path="", max_length=1024), str(smollm_dir), "cpu")
+    assert a.method == "llm"  # a causal LM folder picks the LLM method
+    texts = {
+        "learning": "Which online course should I take to finally understand linear algebra?",
+        "chitchat": "Hi there! Lovely sunny weather today, isn't it?",
+    }
+    preds = a.predict([a.prepare(_src(i, t)) for i, t in enumerate(texts.values())])
+    assert [p.label for p in preds if isinstance(p, Prediction)] == list(texts)
+    for p in preds:
+        assert isinstance(p, Prediction) and p.output["method"] == "llm"
+        assert set(p.scores) == set(LABELS) and abs(sum(p.scores.values()) - 1) < 1e-4
+    a.unload()
+    assert a.llm is None

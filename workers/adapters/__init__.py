@@ -23,7 +23,7 @@ def make_adapter(spec: TaskSpec, *, max_chars: int, audio_root: Path) -> Adapter
     if spec.kind == "llm_classify":
         from workers.adapters.llm_classify import LLMClassifyAdapter
 
-        return LLMClassifyAdapter(labels=spec.labels, max_chars=max_chars)
+        return LLMClassifyAdapter(labels=spec.labels, max_chars=max_chars, **spec.options)
     if spec.kind == "zero_shot":
         from workers.adapters.zero_shot import ZeroShotAdapter
 

