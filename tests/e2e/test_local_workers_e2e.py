@@ -218,11 +218,11 @@ def test_sequential_under_a_memory_limit(fleet):
     """A memory cap that holds one worker, not two: one task at a time, a
     worker started when its queue has work and stopped when it is drained, the
     follow-up after the task it follows."""
-    env = _env(fleet, _config(fleet.tmp), FLEET_LOCAL_WORKERS_MEMORY_MB="700")
+    env = _env(fleet, _config(fleet.tmp), FLEET_LOCAL_WORKERS_MEMORY_MB="1000")
     _ingest(fleet, env)
     w = _watch(_start(["run", "-t", "intent", "--local-workers"], env))
     assert w.proc.returncode == 0, w.stderr
-    assert "local workers: sequential" in w.stderr and "does not fit 700 MiB" in w.stderr
+    assert "local workers: sequential" in w.stderr and "does not fit 1,000 MiB" in w.stderr
     assert w.most_at_once == 1, (w.widest, w.stderr)
     assert sorted(v["task"] for v in w.workers.values()) == ["intent", "review"]
     cores = len(os.sched_getaffinity(0))
