@@ -2,14 +2,14 @@
 
 Prepares the bundled models, ingests the sample conversations and (with
 espeak-ng installed) a few spoken sentences, starts one real `celery worker`
-subprocess per task, drives the run with a progress bar, prints the results
-and stops the workers.
+subprocess per task the way `fleet run --local-workers` does (fleet.localworkers:
+one task at a time when memory is short), drives the run with a progress bar,
+prints the results and stops the workers.
 """
 
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import time
 from importlib import resources
@@ -23,30 +23,6 @@ from fleet.display import out, results_table
 
 def _data(name: str) -> Path:
     return Path(str(resources.files("fleet").joinpath(f"data/{name}")))
-
-
-def _start_worker(ctx: Any, task: str, logs: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    from fleet.cli import worker_argv, worker_env
-
-    logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"worker-{task}.log"
-    proc = subprocess.Popen(
-        worker_argv(task, gpu=None, loglevel="INFO", hostname=f"{task}@demo.%h"),
-        env=worker_env(ctx.settings, gpu=None),
-        stdout=log_path.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    return proc, log_path
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _speak_samples(audio_root: Path) -> tuple[Path, dict[str, tuple[str, str]]] | None:
@@ -70,6 +46,7 @@ def _speak_samples(audio_root: Path) -> tuple[Path, dict[str, tuple[str, str]]] 
 def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
     from fleet.display import byte_progress, run_progress
     from fleet.ingest import ingest_audio_dir, ingest_conversations_file
+    from fleet.localworkers import LocalWorkersFailed, local_workers, say
     from fleet.models import SENTIMENT, WHISPER, WORTHINESS, prepare_intent, prepare_models
     from fleet.queries import fetch_results
     from producer.runner import run_until_done
@@ -101,20 +78,26 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
         click.echo(f"audio files: {audio.inserted} new, {audio.already_present} already there")
         specs += [ctx.task("transcribe"), ctx.task("audio_intent")]
 
-    procs = [_start_worker(ctx, spec.name, s.state_dir / "logs") for spec in specs]
+    # The same path as `fleet run --local-workers`: a worker per task (all at once, or
+    # one task at a time when memory is short), stopped at the end, also on Ctrl-C.
     try:
-        with run_progress([sp.name for sp in specs]) as update:
+        with (
+            local_workers(specs, s, echo=say) as lw,
+            run_progress([sp.name for sp in specs], workers=lw.notes) as update,
+        ):
             run = run_until_done(
-                s.db_url(), ctx.app(), specs, s, trigger="demo", timeout=timeout, progress=update
+                s.db_url(),
+                ctx.app(),
+                specs,
+                s,
+                trigger="demo",
+                timeout=timeout,
+                progress=lw.wrap(update),
+                gate=lw.gate,
             )
-        for proc, log_path in procs:
-            if proc.poll() is not None:
-                click.echo(
-                    f"a worker exited early (code {proc.returncode}); its log: {log_path}", err=True
-                )
-    finally:
-        for proc, _ in procs:
-            _stop(proc)
+    except LocalWorkersFailed as e:
+        click.echo(str(e), err=True)
+        return 2
 
     rows = fetch_results(s.db_url(), task="intent", limit=None)
     results_table(rows[:60], title="intent of the sample conversations")
