@@ -126,12 +126,13 @@ class Settings(BaseSettings):
         description="Local workers: parallel (every task's worker at once), sequential (one "
         "task at a time: its worker starts when its queue has work and stops when it is "
         "drained; follow-ups after the task they follow), or auto (sequential when the "
-        "estimated footprints of all the tasks' models do not fit local_workers_memory_mb).",
+        "estimated memory of every task's worker at once does not fit local_workers_memory_mb).",
     )
     local_workers_memory_mb: int | None = Field(
         default=None,
         ge=1,
-        description="Local workers: memory (MiB) their models may take, per GPU or on the CPU. "
+        description="Local workers: memory (MiB) the workers (models and processes) may take, "
+        "per GPU or on the CPU. "
         "Unset: 85 % of the free GPU memory, or of MemAvailable on a CPU-only machine.",
     )
     local_workers_stop_grace: float = Field(
