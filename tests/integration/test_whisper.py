@@ -177,12 +177,12 @@ def test_corrupt_file_fails_alone(adapter: TranscribeAdapter, audio_root: Path) 
 
 
 def test_predict_isolates_a_failing_item(adapter: TranscribeAdapter) -> None:
-    """A payload that breaks the feature extractor fails only its own item."""
+    """A payload that is not mono samples fails only its own item, with the reason."""
     good = adapter.prepare(source(0, "s2.wav"))
     bad = Prepared(item_id=1, cost=100, payload=[np.full((16000, 2), 0.1, np.float32)])
     empty = Prepared(item_id=2, cost=1, payload=[])
     results = adapter.predict([bad, good, empty])
-    assert isinstance(results[0], InputError) and "transcription failed" in str(results[0])
+    assert isinstance(results[0], InputError) and "not mono samples" in str(results[0])
     assert isinstance(results[1], Prediction) and results[1].output is not None
     assert wer(SENTENCES[2], results[1].output["transcript"]) < 0.2
     assert isinstance(results[2], InputError)

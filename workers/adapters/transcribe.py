@@ -383,6 +383,12 @@ class TranscribeAdapter:
             except (TypeError, ValueError) as exc:
                 out[i] = InputError(f"audio payload is not numeric samples: {exc}")
                 continue
+            shapes = [a.shape for a in arrays if a.ndim != 1]
+            if shapes:  # prepare() always mixes to mono; anything else is not this adapter's input
+                out[i] = InputError(
+                    f"audio payload is not mono samples (a chunk of shape {shapes[0]})"
+                )
+                continue
             n_chunks[i] = len(arrays)
             for a in arrays:  # Whisper "hears" words in silence, clicks and tones: don't ask it
                 why = voice_gate(a, sr=SAMPLE_RATE, min_voice_s=min_voice_s)
