@@ -189,7 +189,7 @@ def measure(
     rows: list[dict[str, Any]] = []
     for t, tier in enumerate(tiers):
         adapter = _load(tier, models_dir)
-        warm = sets[1]
+        warm = sets[0]
         run_set(adapter, SpeechSet(warm.name, warm.root, warm.items[:1]), "batched")
         for s in sets:
             order = list(modes) if t % 2 == 0 else list(modes)[::-1]
