@@ -109,8 +109,8 @@ class WorkItem(Base):
         UniqueConstraint("source_kind", "source_id", "task", name="uq_work_items_source_task"),
         CheckConstraint(_in("status", STATUSES), name="status"),
         CheckConstraint(_in("source_kind", SOURCE_KINDS), name="source_kind"),
-        # Claim scans pending items of one task by size; the reconciler scans leases.
-        Index("ix_work_items_task_status_id", "task", "status", "id"),
+        # Claim scans pending items of one task by size (this index also serves
+        # every other lookup by task and status); the reconciler scans leases.
         Index("ix_work_items_claim", "task", "status", "size_hint", "id"),
         Index(
             "ix_work_items_lease",
