@@ -5,6 +5,11 @@ espeak-ng installed) a few spoken sentences, starts one real `celery worker`
 subprocess per task the way `fleet run --local-workers` does (fleet.localworkers:
 one task at a time when memory is short), drives the run with a progress bar,
 prints the results and stops the workers.
+
+The transcribe worker starts on whisper-base under a simulated memory cap
+(FLEET_SIMULATE_MEMORY) that the short spoken samples fit; then a long recording
+arrives that does not, the worker steps down to whisper-tiny.en, and the audio
+table shows which model did which file.
 """
 
 from __future__ import annotations
@@ -43,11 +48,40 @@ def _speak_samples(audio_root: Path) -> tuple[Path, dict[str, tuple[str, str]]] 
     return folder, spoken
 
 
+def _speak_long(audio_root: Path) -> tuple[Path, dict[str, tuple[str, str]]]:
+    """A long recording (every sample sentence, twice) in audio_root/demo-late (once)."""
+    folder = audio_root / "demo-late"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [ln.partition("\t")[0] for ln in _data("sample_speech.txt").read_text().splitlines()]
+    text = " ".join([ln for ln in lines if ln.strip()] * 2)
+    wav = folder / "meeting.wav"
+    if not wav.exists():
+        subprocess.run(["espeak-ng", "-w", str(wav), text], check=True, capture_output=True)
+    return folder, {f"demo-late/{wav.name}": (text, "")}
+
+
+def _memory_cap(short: list[Path], long: Path) -> int | None:
+    """A tier-0 budget (centiseconds of padded audio) that all short files fit in one
+    sub-batch and the long file does not: midway between the two costs."""
+    import soundfile as sf
+
+    fits = max(round(sf.info(str(f)).duration * 100) for f in short) * len(short)
+    too_big = round(sf.info(str(long)).duration * 100)
+    return (fits + too_big) // 2 if too_big > fits else None
+
+
 def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
     from fleet.display import byte_progress, run_progress
     from fleet.ingest import ingest_audio_dir, ingest_conversations_file
     from fleet.localworkers import LocalWorkersFailed, local_workers, say
-    from fleet.models import SENTIMENT, WHISPER, WORTHINESS, prepare_intent, prepare_models
+    from fleet.models import (
+        SENTIMENT,
+        WHISPER,
+        WHISPER_BASE,
+        WORTHINESS,
+        prepare_intent,
+        prepare_models,
+    )
     from fleet.queries import fetch_results
     from producer.runner import run_until_done
 
@@ -69,32 +103,64 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
     )
 
     spoken = _speak_samples(s.resolved_audio_root)
+    cap_env: dict[str, str] = {}
+    late: tuple[Path, dict[str, tuple[str, str]]] | None = None
     if spoken is None:
         click.echo("audio: skipped (install espeak-ng to add spoken samples)")
     else:
-        for _ in prepare_models(s.resolved_models_dir, only=[WHISPER], echo=click.echo):
+        only = [WHISPER_BASE, WHISPER]
+        for _ in prepare_models(s.resolved_models_dir, only=only, echo=click.echo):
             pass
         audio = ingest_audio_dir(s.db_url(), spoken[0], audio_root=s.resolved_audio_root)
         click.echo(f"audio files: {audio.inserted} new, {audio.already_present} already there")
         specs += [ctx.task("transcribe"), ctx.task("audio_intent")]
+        late = _speak_long(s.resolved_audio_root)
+        root = s.resolved_audio_root
+        cap = _memory_cap([root / k for k in spoken[1]], root / next(iter(late[1])))
+        if cap is not None:
+            cap_env["FLEET_SIMULATE_MEMORY"] = f"0:{cap}"
+            click.echo(
+                f"transcribe: whisper-base under a simulated memory cap of {cap / 100:.0f} s of "
+                "padded audio per sub-batch (the short samples fit, a long recording will not)"
+            )
 
     # The same path as `fleet run --local-workers`: a worker per task (all at once, or
     # one task at a time when memory is short), stopped at the end, also on Ctrl-C.
     try:
-        with (
-            local_workers(specs, s, echo=say) as lw,
-            run_progress([sp.name for sp in specs], workers=lw.notes) as update,
-        ):
-            run = run_until_done(
-                s.db_url(),
-                ctx.app(),
-                specs,
-                s,
-                trigger="demo",
-                timeout=timeout,
-                progress=lw.wrap(update),
-                gate=lw.gate,
-            )
+        with local_workers(specs, s, echo=say, extra_env={"transcribe": cap_env}) as lw:
+            with run_progress([sp.name for sp in specs], workers=lw.notes) as update:
+                run = run_until_done(
+                    s.db_url(),
+                    ctx.app(),
+                    specs,
+                    s,
+                    trigger="demo",
+                    timeout=timeout,
+                    progress=lw.wrap(update),
+                    gate=lw.gate,
+                )
+            counts, timed_out = dict(run.counts), run.timed_out
+            shown = dict(spoken[1]) if spoken is not None else {}
+            if late is not None and not timed_out:
+                # The long recording arrives after the samples: under the cap it does not fit
+                # whisper-base, so the worker steps down to whisper-tiny.en for it.
+                ingest_audio_dir(s.db_url(), late[0], audio_root=s.resolved_audio_root)
+                click.echo(f"audio: a long recording arrives ({next(iter(late[1]))})")
+                audio_specs = [sp for sp in specs if sp.source == "audio"]
+                with run_progress([sp.name for sp in audio_specs], workers=lw.notes) as update:
+                    again = run_until_done(
+                        s.db_url(),
+                        ctx.app(),
+                        audio_specs,
+                        s,
+                        trigger="demo",
+                        timeout=timeout,
+                        progress=lw.wrap(update),
+                        gate=lw.gate,
+                    )
+                counts.update(again.counts)
+                timed_out = again.timed_out
+                shown.update(late[1])
     except LocalWorkersFailed as e:
         click.echo(str(e), err=True)
         return 2
@@ -112,13 +178,13 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
         click.echo(f"agreement with the samples' intended labels: {acc:.1%} of {len(scored)}")
     _labels_table(s.db_url(), fetch_results, ("worthiness", "sentiment"))
     if spoken is not None:
-        _audio_table(s.db_url(), fetch_results, spoken[1])
-    for name, c in run.counts.items():
+        _audio_table(s.db_url(), fetch_results, shown)
+    for name, c in counts.items():
         click.echo(
             f"{name}: done {c.get('done', 0)}, failed {c.get('failed', 0)}, dead {c.get('dead', 0)}"
         )
     click.echo(f"demo took {time.monotonic() - t0:.1f}s; worker logs in {s.state_dir / 'logs'}")
-    if run.timed_out:
+    if timed_out:
         click.echo("timed out with work unfinished; see the worker logs", err=True)
         return 4
     return 0
@@ -129,15 +195,21 @@ def _audio_table(url: str, fetch_results: Any, spoken: dict[str, tuple[str, str]
 
     transcripts = {r["external_id"]: r for r in fetch_results(url, task="transcribe", limit=None)}
     intents = {r["external_id"]: r for r in fetch_results(url, task="audio_intent", limit=None)}
-    table = Table(title="spoken samples: transcript, then intent")
-    for col in ("file", "transcript", "intent", "intended"):
+    table = Table(title="spoken samples: transcript (and the model that made it), then intent")
+    for col in ("file", "model", "transcript", "intent", "intended"):
         table.add_column(col, overflow="fold")
     for ext, (_sentence, label) in spoken.items():
         t = transcripts.get(ext, {})
         transcript = (
             (t.get("output") or {}).get("transcript") or t.get("error") or t.get("status", "")
         )
-        table.add_row(ext, str(transcript), str(intents.get(ext, {}).get("label") or ""), label)
+        table.add_row(
+            ext,
+            str(t.get("model_name") or ""),
+            str(transcript),
+            str(intents.get(ext, {}).get("label") or ""),
+            label,
+        )
     out.print(table)
 
 
