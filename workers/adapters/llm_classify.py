@@ -203,15 +203,19 @@ def load_verbalizers(path: str | None, labels: Mapping[str, str]) -> dict[str, l
     """The phrases scored for each label ("This conversation is about <phrase>").
 
     Without a file: the label's description from the task config. A file (JSON, a
-    relative path is under fleet/data) maps label -> {"descriptions": [phrases]}; every
-    label needs at least one. Raises ValueError for a missing file or label.
+    relative path is under fleet/data) maps label -> {"verbalizers": [phrases]} (or,
+    without that key, its "descriptions"); every label needs at least one. Short
+    phrases ("work", "small talk") cost one or two scored tokens each and scored
+    better than whole descriptions on SmolLM2-135M (docs/benchmarks.md). Raises
+    ValueError for a missing file or label.
     """
     if not path:
         return {name: [desc or name.replace("_", " ")] for name, desc in labels.items()}
     data = json.loads(data_file(path, "verbalizers").read_text(encoding="utf-8"))
     out: dict[str, list[str]] = {}
     for name in labels:
-        phrases = (data.get(name) or {}).get("descriptions") or []
+        entry = data.get(name) or {}
+        phrases = entry.get("verbalizers") or entry.get("descriptions") or []
         if not phrases or not all(isinstance(p, str) and p.strip() for p in phrases):
             raise ValueError(f"{path}: label {name!r} needs a non-empty list of descriptions")
         out[name] = [p.strip() for p in phrases]
