@@ -75,7 +75,9 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
     from fleet.ingest import ingest_audio_dir, ingest_conversations_file
     from fleet.localworkers import LocalWorkersFailed, local_workers, say
     from fleet.models import (
+        MINILM,
         SENTIMENT,
+        SMOLLM,
         WHISPER,
         WHISPER_BASE,
         WORTHINESS,
@@ -91,9 +93,11 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
     where = "embedded, under " + str(s.state_dir) if embedded else "DATABASE_URL / BROKER_URL"
     click.echo(f"services: {where}")
     prepare_intent(s.resolved_models_dir, echo=click.echo)
-    for _ in prepare_models(s.resolved_models_dir, only=[WORTHINESS, SENTIMENT], echo=click.echo):
+    only = [WORTHINESS, SENTIMENT, MINILM, SMOLLM]
+    for _ in prepare_models(s.resolved_models_dir, only=only, echo=click.echo):
         pass
-    specs = [ctx.task("intent"), ctx.task("worthiness"), ctx.task("sentiment")]
+    # intent by the trained encoder, topic zero-shot, llm_classify by LLM label scoring
+    specs = [ctx.task(t) for t in ("intent", "topic", "llm_classify", "worthiness", "sentiment")]
 
     path = conversations or _data("sample_conversations.jsonl")
     with path.open("rb") as f, byte_progress(path.stat().st_size, "ingest") as advance:
@@ -167,15 +171,20 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
 
     rows = fetch_results(s.db_url(), task="intent", limit=None)
     results_table(rows[:60], title="intent of the sample conversations")
-    scored = [
-        (r["label"], (r.get("conversation_meta") or {}).get("gold_intent"))
-        for r in rows
-        if r["status"] == "done"
-    ]
-    scored = [(a, b) for a, b in scored if b]
-    if scored:
-        acc = sum(a == b for a, b in scored) / len(scored)
-        click.echo(f"agreement with the samples' intended labels: {acc:.1%} of {len(scored)}")
+    for task in ("intent", "topic", "llm_classify"):
+        scored = [
+            (r["label"], (r.get("conversation_meta") or {}).get("gold_intent"))
+            for r in (
+                rows if task == "intent" else fetch_results(s.db_url(), task=task, limit=None)
+            )
+            if r["status"] == "done"
+        ]
+        scored = [(a, b) for a, b in scored if b]
+        if scored:
+            acc = sum(a == b for a, b in scored) / len(scored)
+            click.echo(
+                f"{task}: agreement with the samples' intended labels: {acc:.1%} of {len(scored)}"
+            )
     _labels_table(s.db_url(), fetch_results, ("worthiness", "sentiment"))
     if spoken is not None:
         _audio_table(s.db_url(), fetch_results, shown)
