@@ -114,6 +114,18 @@ def format_confusion(confusion: dict[str, dict[str, int]], labels: list[str]) ->
     return "\n".join(lines)
 
 
+def report(method: str, r: dict[str, Any], names: list[str], as_json: bool) -> None:
+    """Print one method's figures and confusion matrix (as soon as they are known)."""
+    print(
+        f"\n== {method}: accuracy {r['accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}  "
+        f"{r['items_per_s']:.2f} items/s",
+        flush=True,
+    )
+    print(format_confusion(r["confusion"], names), flush=True)
+    if as_json:
+        print(json.dumps({"method": method, **r}), flush=True)
+
+
 def run_adapter(adapter: Any, rows: list[dict[str, Any]], batch: int) -> tuple[list[Any], float]:
     """Predictions for every row (prepare + predict, sub-batches of `batch`) and the
     wall seconds they took."""
@@ -256,11 +268,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(
                     f"injection {method} {name}: {flipped}/{len(clear)} clear items became "
-                    f"{TARGET}, {changed}/{len(clear)} changed label"
+                    f"{TARGET}, {changed}/{len(clear)} changed label",
+                    flush=True,
                 )
         adapter.unload()
         labels_out = [p.label if p is not None else None for p in preds]
         results[method] = {**metrics(gold, labels_out, names), "items_per_s": len(rows) / seconds}
+        report(method, results[method], names, args.json)
         raw_name = f"{method}-raw"
         if raw_name in methods:
             raw = [
@@ -268,13 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                 for p in preds
             ]
             results[raw_name] = {**metrics(gold, raw, names), "items_per_s": len(rows) / seconds}
-    for method, r in results.items():
-        print(
-            f"\n== {method}: accuracy {r['accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}  {r['items_per_s']:.2f} items/s"
-        )
-        print(format_confusion(r["confusion"], names))
-        if args.json:
-            print(json.dumps({"method": method, **r}))
+            report(raw_name, results[raw_name], names, args.json)
     base = results.get("llm-generate")
     if base:
         for method, r in results.items():
