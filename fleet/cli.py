@@ -668,7 +668,7 @@ def models() -> None:
 @click.option(
     "--only",
     multiple=True,
-    help="Prepare only these (intent-minilm, worthiness-minilm, sentiment-minilm, whisper-tiny.en, smollm2-135m-instruct, all-minilm-l6-v2).",
+    help="Prepare only these (intent-minilm, worthiness-minilm, sentiment-minilm, whisper-tiny.en, smollm2-135m-instruct, all-minilm-l6-v2; gemma3-270m only when named).",
 )
 @click.option("--force", is_flag=True, help="Rebuild even if present.")
 @pass_ctx
