@@ -10,14 +10,12 @@ from typing import Any
 
 import pytest
 
-from workers.adapters.llm_classify import (
-    ANSWER_PREFIX,
+from workers.adapters.llm_classify import ANSWER_PREFIX, render_transcript, truncate_middle
+from workers.adapters.llm_json import (
     CategorySpeller,
     json_object_closed,
     parse_llm_json,
-    render_transcript,
     repair_json,
-    truncate_middle,
     validate_answer,
 )
 
@@ -177,7 +175,7 @@ def test_single_quoted_reply_names_its_fault(raw: str) -> None:
 
 
 def test_reasoning_fields_of_a_cut_explanation() -> None:
-    from workers.adapters.llm_classify import reasoning_fields
+    from workers.adapters.llm_json import reasoning_fields
 
     done = reasoning_fields(
         '{"category": "social", "reasoning": "a party", "key_entities": ["Ann"]}', False, 32
