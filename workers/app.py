@@ -154,3 +154,10 @@ def _exit_before_consuming(task: str, exc: Exception) -> None:
     )
     logging.shutdown()
     os._exit(EXIT_CONFIG if config else 1)
+
+
+@signals.worker_shutdown.connect
+def _unload(**_: Any) -> None:
+    from workers.state import stop_runtime
+
+    stop_runtime()
