@@ -36,6 +36,7 @@ from typing import Any
 
 import psycopg
 
+from bench.overhead import wait_workers
 from bench.producer import checkout
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,7 +143,7 @@ def fleet(
                 *("--loglevel", env["FLEET_LOG_LEVEL"], "--without-gossip", "--without-mingle"),
             ]
             procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=root))
-        _wait_workers(env, root, workers)
+        wait_workers(env, workers, cwd=root)
         time.sleep(1)
         subprocess.run([*fl, "run", "-t", "intent", "--json", "--timeout", "900"], **run)  # type: ignore[call-overload]
         with psycopg.connect(url) as c:
@@ -159,23 +160,6 @@ def fleet(
             w.wait(timeout=60)
         with psycopg.connect(ADMIN, autocommit=True) as c:
             c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def _wait_workers(env: dict[str, str], root: Path, n: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ping = subprocess.run(
-            [sys.executable, "-m", "celery", "-A", "workers.app", "inspect", "ping", "-t", "3"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=root,
-        )
-        if ping.stdout.count("pong") >= n:
-            return
-        time.sleep(0.5)
-    raise SystemExit(f"{n} worker(s) did not answer within {timeout:.0f}s; see worker-*.log")
 
 
 def main() -> None:

@@ -176,7 +176,7 @@ def fleet(
         procs.append(subprocess.Popen(argv, env=wenv, stdout=log, stderr=log))
     try:
         # Let the workers load their model first: the ratio is about steady-state throughput.
-        _wait_workers(env, workers)
+        wait_workers(env, workers)
         time.sleep(1)
         subprocess.run(
             [*fl, "run", "-t", "intent", "--json"], env=env, check=True, capture_output=True
@@ -200,20 +200,26 @@ def fleet(
     return rate
 
 
-def _wait_workers(env: dict[str, str], n: int, timeout: float = 180) -> None:
+def wait_workers(
+    env: dict[str, str], n: int, timeout: float = 180, cwd: Path | None = None
+) -> None:
+    """Until `n` workers answer `celery inspect ping` (their model is loaded).
+
+    Raises SystemExit naming the worker logs after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ping = subprocess.run(
-            [sys.executable, "-m", "celery", "-A", "workers.app", "inspect", "ping", "-t", "5"],
+            [sys.executable, "-m", "celery", "-A", "workers.app", "inspect", "ping", "-t", "3"],
             env=env,
             capture_output=True,
             text=True,
             timeout=60,
+            cwd=cwd,
         )
         if ping.stdout.count("pong") >= n:
             return
-        time.sleep(1)
-    raise SystemExit(f"{n} worker(s) did not answer within {timeout:.0f}s; see worker*.log")
+        time.sleep(0.5)
+    raise SystemExit(f"{n} worker(s) did not answer within {timeout:.0f}s; see the worker logs")
 
 
 def main() -> None:
