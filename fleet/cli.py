@@ -785,7 +785,7 @@ def train(
             models_dir=ctx.settings.resolved_models_dir,
         )
         out = out or chosen.out
-        overrides = {
+        overrides: dict[str, Any] = {
             k: v
             for k, v in {
                 "epochs": epochs,
