@@ -47,7 +47,7 @@ from fleet.settings import Settings
 from fleet.taskconfig import TaskSpec
 from producer.enqueue import discover
 from producer.reconciler import reconcile
-from producer.runner import Feeder, Outage, ServedWatch, feed, gated
+from producer.runner import Feeder, Outage, ServedWatch, feed, gated, task_label
 from producer.sync import before_discovery
 
 log = logging.getLogger("fleet.nightly")
@@ -58,7 +58,6 @@ OPEN_STATUSES = ("pending", "queued", "running")
 # Advisory lock keys (bigint). OPEN_KEY serializes opening a nightly run; a
 # foreground driver holds run_key(id) for the life of its run.
 OPEN_KEY = 0x666C_6565_7400_0000
-_TASK_COLUMN = 64  # runs.task is String(64)
 
 
 class RunStillGoing(RuntimeError):
@@ -118,14 +117,6 @@ def is_abandoned(run: OpenRun, *, now: dt.datetime, holder_alive: bool, stale_af
 
 def open_items(counts: dict[str, dict[str, int]]) -> int:
     return sum(c.get(s, 0) for c in counts.values() for s in OPEN_STATUSES)
-
-
-def task_label(names: Sequence[str]) -> str:
-    """What fits the runs.task column; the full list is in counts['task_names']."""
-    label = ",".join(names)
-    if len(label) <= _TASK_COLUMN:
-        return label
-    return f"{len(names)} tasks"
 
 
 def run_specs(tasks: dict[str, TaskSpec], names: Iterable[str] | None = None) -> list[TaskSpec]:

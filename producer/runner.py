@@ -222,6 +222,18 @@ def gated(specs: Sequence[TaskSpec], gate: Callable[[str], bool] | None) -> list
     return list(specs) if gate is None else [s for s in specs if gate(s.name)]
 
 
+TASK_COLUMN = 64  # runs.task is varchar(64)
+
+
+def task_label(names: Sequence[str]) -> str:
+    """What fits the runs.task column: the names joined by commas, or "N tasks"
+    when they do not fit (the full list is in the run's counts, `task_names`)."""
+    label = ",".join(names)
+    if len(label) <= TASK_COLUMN:
+        return label
+    return f"{len(names)} tasks"
+
+
 def run_until_done(
     url: str,
     app: Celery,
@@ -242,7 +254,7 @@ def run_until_done(
     started = time.monotonic()
     names = [s.name for s in specs]
     with transaction(url) as session:
-        run = Run(trigger=trigger, task=",".join(names))
+        run = Run(trigger=trigger, task=task_label(names))
         session.add(run)
         session.flush()
         run_id = run.id
@@ -323,7 +335,11 @@ def _close_run(url: str, run_id: int, report: RunReport) -> None:
             .where(Run.id == run_id)
             .values(
                 finished_at=func.now(),
-                counts={"tasks": report.counts, "timed_out": report.timed_out},
+                counts={
+                    "tasks": report.counts,
+                    "task_names": list(report.counts),
+                    "timed_out": report.timed_out,
+                },
             )
         )
 

@@ -32,3 +32,28 @@ def test_a_burst_is_read_in_one_wake_and_the_list_stays_bounded(broker_url):
     started = time.monotonic()
     assert wait_finished(client, timeout=0.2) == []  # nothing waiting: the timeout
     assert time.monotonic() - started >= 0.15
+
+
+def test_a_run_over_many_tasks_fits_its_runs_row(db_url, broker_url, tmp_path):
+    """`fleet run` (and `fleet demo`) over more task names than runs.task holds
+    records "N tasks" there and the full list in its counts."""
+    from sqlalchemy import select
+
+    from db.engine import transaction
+    from db.schema import Run
+    from fleet.settings import Settings
+    from fleet.taskconfig import TaskSpec
+    from producer.runner import run_until_done
+    from workers.adapters.base import TierSpec
+    from workers.app import create_app
+
+    settings = Settings(database_url=db_url, broker_url=broker_url, state_dir=tmp_path / "state")
+    tier = (TierSpec(name="m", path="m"),)
+    names = [f"a_rather_long_task_name_{i}" for i in range(7)]
+    specs = [TaskSpec(n, "fake", "conversation", tier) for n in names]
+    report = run_until_done(db_url, create_app(settings), specs, settings, timeout=30)
+    assert not report.timed_out
+    with transaction(db_url) as s:
+        run = s.execute(select(Run).where(Run.id == report.run_id)).scalar_one()
+    assert run.task == "7 tasks" and run.finished_at is not None
+    assert run.counts["task_names"] == names
