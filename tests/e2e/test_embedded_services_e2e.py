@@ -97,6 +97,8 @@ def test_four_processes_at_once_share_one_postgres_and_one_redis(tmp_path):
     while Path(socket_file).exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not Path(socket_file).exists()
+    # Nothing is left that the next start would have to look into.
+    assert not (state / "redis" / "fleet.rdb.settings").exists()
 
 
 def test_a_dead_servers_record_is_not_reused(tmp_path):
@@ -113,6 +115,7 @@ def test_a_dead_servers_record_is_not_reused(tmp_path):
         )
     )
     (tmp_path / "gone.pid").write_text(str(os.getpid()))  # a live pid that is no Redis
+    (tmp_path / "gone.socket").write_text("")  # a path that is there but answers nothing
     release = tmp_path / "release"
     release.touch()
     out = subprocess.run(
