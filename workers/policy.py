@@ -237,4 +237,8 @@ def transient_service(exc: BaseException) -> str | None:
         return "Redis"
     if isinstance(exc, ConnectionError):  # a bare socket error: either one
         return "Postgres or Redis"
+    if exc.__cause__ is not None:
+        # Raised `from` a lost connection, e.g. kombu's BatchPublishError ("delivery
+        # is uncertain") when Redis goes away in the middle of a pipelined publish.
+        return transient_service(exc.__cause__)
     return None

@@ -196,3 +196,42 @@ def test_heartbeat_interval_fits_four_beats_in_the_shorter_deadline(lease, visib
     from workers.heartbeat import interval_for
 
     assert interval_for(lease_seconds=lease, visibility_timeout=visibility) == interval
+
+
+def _raised_from(outer: Exception, cause: BaseException) -> Exception:
+    try:
+        raise outer from cause
+    except Exception as e:
+        return e
+
+
+def _transient_cases() -> list[tuple[BaseException, str | None]]:
+    import kombu.exceptions
+    import redis.exceptions
+    import sqlalchemy.exc
+
+    lost_redis = redis.exceptions.ConnectionError("Connection closed by server.")
+    return [
+        (lost_redis, "Redis"),
+        (redis.exceptions.TimeoutError("timed out"), "Redis"),
+        (kombu.exceptions.OperationalError("no route"), "Redis"),
+        (sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("down")), "Postgres"),
+        (ConnectionResetError(104, "reset"), "Postgres or Redis"),
+        # Redis went away mid-pipeline: kombu raises BatchPublishError from the cause.
+        (
+            _raised_from(
+                kombu.exceptions.KombuError("Redis publish batch failed; delivery is uncertain"),
+                lost_redis,
+            ),
+            "Redis",
+        ),
+        (ValueError("a bug"), None),
+        (_raised_from(RuntimeError("wrapped"), ValueError("a bug")), None),
+    ]
+
+
+def test_transient_service_names_the_lost_service():
+    from workers.policy import transient_service
+
+    for exc, service in _transient_cases():
+        assert transient_service(exc) == service, exc
