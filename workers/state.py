@@ -181,17 +181,15 @@ def _first_resume(settings: Settings, msg: BatchMessage) -> bool:
     """True for the first start of a resume message. A worker that dies on it has
     the same message redelivered: that start finds the key and counts as usual,
     so a crash loop is still isolated. Without Redis, count as usual."""
-    if not msg.resume:
+    client = _broker_client(settings) if msg.resume else None
+    if client is None:
         return False
-    client = worker_stats.redis_client(settings.redis_url())
     try:
         key = f"fleet:resume:{msg.batch_id}:{msg.attempt}"
         return bool(client.set(key, 1, nx=True, ex=settings.visibility_timeout))
     except Exception as e:
         log.warning("batch %s: resume not recorded (%s); this start counts", msg.batch_id, e)
         return False
-    finally:
-        client.close()
 
 
 _redis: Any = None
