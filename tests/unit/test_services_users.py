@@ -1,0 +1,37 @@
+"""Who still uses the embedded Redis: the per-process user files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from fleet.services import _other_live_users
+
+
+def test_leaving_removes_own_file_and_counts_live_others(tmp_path):
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / str(os.getpid())).touch()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (users / str(other.pid)).touch()
+        assert _other_live_users(users) is True
+        assert not (users / str(os.getpid())).exists()
+        assert (users / str(other.pid)).exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_files_of_dead_processes_are_dropped_and_do_not_count(tmp_path):
+    users = tmp_path / "users"
+    users.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (users / str(dead.pid)).touch()
+    (users / str(os.getpid())).touch()
+    (users / "not-a-pid").touch()
+    assert _other_live_users(users) is False
+    assert not (users / str(dead.pid)).exists()
+    assert _other_live_users(tmp_path / "missing") is False
