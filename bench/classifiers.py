@@ -39,11 +39,11 @@ def _row(name: str, m: dict[str, Any], seconds: float) -> str:
 def main() -> int:
     from transformers.utils import logging as hf_logging
 
-    from fleet.models import BUNDLED, INTENT, data_file, train_bundled
-    from fleet.taskconfig import load_tasks
-    from fleet.training import run_training
-    from workers.train import TrainConfig
-    from workers.train_data import load_labeled
+    from fleet.config.taskconfig import load_tasks
+    from fleet.models.finetune import TrainConfig
+    from fleet.models.labeled import load_labeled
+    from fleet.models.prepare import BUNDLED, INTENT, data_file, train_bundled
+    from fleet.models.training import run_training
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument(

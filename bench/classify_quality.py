@@ -154,17 +154,17 @@ def build(method: str, labels: dict[str, str], models_dir: Path) -> Any:
     from workers.adapters.base import TierSpec
 
     def smollm() -> Path:
-        from workers.prepare.smollm import prepare_smollm
+        from fleet.models.convert.smollm import prepare_smollm
 
         return prepare_smollm(models_dir)
 
     def gemma() -> Path:
-        from workers.prepare.gemma import prepare_gemma
+        from fleet.models.convert.gemma import prepare_gemma
 
         return prepare_gemma(models_dir)
 
     def minilm() -> Path:
-        from fleet.models import prepare_minilm
+        from fleet.models.prepare import prepare_minilm
 
         return prepare_minilm(models_dir)
 
@@ -195,7 +195,7 @@ def build(method: str, labels: dict[str, str], models_dir: Path) -> Any:
         )
         return a
 
-    from fleet.taskconfig import load_tasks
+    from fleet.config.taskconfig import load_tasks
 
     tasks = load_tasks()
     llm_opts = dict(tasks["llm_classify"].options)  # as the fleet runs it
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--models-dir (or FLEET_MODELS_DIR) is needed: where models are prepared")
     import torch
 
-    from fleet.taskconfig import load_tasks
+    from fleet.config.taskconfig import load_tasks
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -90,11 +90,11 @@ def whisper_small(gpu: int | None, files: int) -> dict[str, Any]:
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     from bench.whisper_rtf import make_clips
-    from fleet.settings import Settings
-    from fleet.taskconfig import TaskSpec
+    from fleet.config.settings import Settings
+    from fleet.config.taskconfig import TaskSpec
+    from fleet.models.convert.whisper_ct2 import prepare_whisper_base
     from workers.adapters.base import Source, TierSpec
     from workers.adapters.transcribe import TranscribeAdapter
-    from workers.prepare.whisper_ct2 import prepare_whisper_base
     from workers.runtime import ModelRuntime
 
     base = prepare_whisper_base(Settings().resolved_models_dir)

@@ -7,7 +7,7 @@ Speech: espeak-ng speaks the sentences of fleet/data/sample_speech.txt, alone
 and strung together, into files of about 3 s to 90 s (half of them longer than
 Whisper's 30 s window, so they are cut into chunks), with four voices and three
 speeds. Model: the first tier of the bundled transcribe task (Whisper base;
-tiny.en with --tier 1), converted once by workers.prepare.whisper_ct2 into
+tiny.en with --tier 1), converted once by fleet.models.convert.whisper_ct2 into
 --models-dir (default FLEET_MODELS_DIR). Both modes run in this process on
 the same loaded model and the same files, in alternating order per round:
 
@@ -134,11 +134,11 @@ def main() -> None:
 
     import torch
 
-    from fleet.settings import Settings
-    from fleet.taskconfig import get_task, load_tasks
+    from fleet.config.settings import Settings
+    from fleet.config.taskconfig import get_task, load_tasks
+    from fleet.models.convert.whisper_ct2 import prepare_whisper, prepare_whisper_base
     from workers.adapters.base import Source
     from workers.adapters.transcribe import TranscribeAdapter
-    from workers.prepare.whisper_ct2 import prepare_whisper, prepare_whisper_base
     from workers.runtime import ModelRuntime
 
     models_dir = args.models_dir or Settings().resolved_models_dir

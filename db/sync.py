@@ -1,6 +1,6 @@
 """Keeping the fleet's copy of a source in step with the user's own tables.
 
-A source (`[sources.<name>]` in the task config, parsed by fleet.taskconfig) is
+A source (`[sources.<name>]` in the task config, parsed by fleet.config.taskconfig) is
 a SQL query or a table on the fleet's database or a separate one
 (FLEET_SOURCE_DATABASE_URL). Its columns map to the fleet's shape:
 

@@ -33,8 +33,8 @@ def nightly_command(
     local_workers: bool | None = None,
 ) -> None:
     from fleet.cli import EXIT_CONFIG, _finish_run, fail
-    from fleet.display import run_progress
-    from fleet.localworkers import LocalWorkersFailed, maybe_local_workers, wanted
+    from fleet.observe.display import run_progress
+    from fleet.ops.localworkers import LocalWorkersFailed, maybe_local_workers, wanted
     from producer.nightly import RunStillGoing, drive, run_specs
 
     local = wanted(local_workers, ctx.settings)  # before services() fills in the URLs
@@ -82,7 +82,7 @@ def nightly_command(
 def beat_command(ctx: Ctx, *, loglevel: str) -> int:
     from db.engine import dispose_all
     from fleet.cli import EXIT_CONFIG, fail
-    from fleet.logs import setup_logging
+    from fleet.config.logs import setup_logging
     from producer.schedule import ScheduleError, beat_schedule, install
     from workers.control import CONTROL_QUEUE
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
-from fleet.settings import Settings, redact
-from fleet.workercommand import worker_argv, worker_env, worker_name
+from fleet.config.settings import Settings, redact
+from fleet.ops.workercommand import worker_argv, worker_env, worker_name
 
 EXIT_FAILED_ITEMS, EXIT_CONFIG, EXIT_SERVICE, EXIT_TIMEOUT = 1, 2, 3, 4
 
@@ -31,7 +31,7 @@ class Ctx:
 
     def services(self) -> Settings:
         if not self._ready:
-            from fleet.services import SchemaNotReady, check_schema, ensure_services
+            from fleet.ops.services import SchemaNotReady, check_schema, ensure_services
 
             try:
                 self.settings = ensure_services(self.settings)
@@ -67,7 +67,7 @@ class Ctx:
         return self._app
 
     def tasks(self) -> Any:
-        from fleet.taskconfig import ConfigError, load_tasks
+        from fleet.config.taskconfig import ConfigError, load_tasks
 
         try:
             return load_tasks(self.settings.config_file)
@@ -75,7 +75,7 @@ class Ctx:
             fail(str(e), EXIT_CONFIG)
 
     def task(self, name: str) -> Any:
-        from fleet.taskconfig import ConfigError, get_task
+        from fleet.config.taskconfig import ConfigError, get_task
 
         try:
             return get_task(self.tasks(), name)
@@ -118,7 +118,7 @@ def main(click_ctx: click.Context) -> None:
     """
     from pydantic import ValidationError
 
-    from fleet.logs import setup_logging
+    from fleet.config.logs import setup_logging
 
     try:
         settings = Settings()
@@ -165,7 +165,7 @@ def settings_cmd(ctx: Ctx, as_json: bool) -> None:
 def migrate(ctx: Ctx, revision: str, down: bool) -> None:
     """Bring the database schema to the code's version (Alembic)."""
     from db.migrate import downgrade, upgrade
-    from fleet.services import ensure_services
+    from fleet.ops.services import ensure_services
 
     s = ensure_services(ctx.settings)
     if down:
@@ -191,8 +191,8 @@ def ingest() -> None:
 @pass_ctx
 def ingest_conversations_cmd(ctx: Ctx, path: Path, as_json: bool) -> None:
     """Ingest a JSONL file: one {"external_id", "messages": [{role, content}], ...} per line."""
-    from fleet.display import byte_progress
-    from fleet.ingest import ingest_conversations_file
+    from fleet.observe.display import byte_progress
+    from fleet.ops.ingest import ingest_conversations_file
 
     url = ctx.url()
     with (
@@ -209,7 +209,7 @@ def ingest_conversations_cmd(ctx: Ctx, path: Path, as_json: bool) -> None:
 @pass_ctx
 def ingest_audio_cmd(ctx: Ctx, folder: Path, as_json: bool) -> None:
     """Register the audio files (wav, flac, ogg, mp3) under FOLDER, inside the audio root."""
-    from fleet.ingest import ingest_audio_dir
+    from fleet.ops.ingest import ingest_audio_dir
 
     s = ctx.services()
     try:
@@ -254,7 +254,7 @@ def backlog(ctx: Ctx, as_json: bool) -> None:
     """Work items per task and status."""
     from db import ledger
     from db.engine import transaction
-    from fleet.display import counts_table
+    from fleet.observe.display import counts_table
 
     with transaction(ctx.url()) as session:
         counts = ledger.counts(session)
@@ -284,7 +284,7 @@ def enqueue(
     as_json: bool,
 ) -> None:
     """Discover new items for a task, claim them and send batches of ids to its queue."""
-    from fleet.display import item_progress
+    from fleet.observe.display import item_progress
     from producer.enqueue import enqueue as do_enqueue
 
     spec = ctx.task(task_name)
@@ -345,8 +345,8 @@ def run(
     Workers must be running (`fleet worker --task T`), or started by this run
     with --local-workers. Exit 1 if items ended failed or dead.
     """
-    from fleet.display import run_progress
-    from fleet.localworkers import LocalWorkersFailed, maybe_local_workers, wanted
+    from fleet.observe.display import run_progress
+    from fleet.ops.localworkers import LocalWorkersFailed, maybe_local_workers, wanted
     from producer.runner import run_until_done
 
     local = wanted(local_workers, ctx.settings)  # before services() fills in the URLs
@@ -391,7 +391,7 @@ def _finish_run(report: Any, as_json: bool) -> None:
             )
         )
     else:
-        from fleet.display import counts_table
+        from fleet.observe.display import counts_table
 
         counts_table(report.counts)
         click.echo(f"run {report.run_id} took {report.seconds:.1f}s")
@@ -461,8 +461,8 @@ def retry(ctx: Ctx, statuses: tuple[str, ...], task_name: str | None) -> None:
 @pass_ctx
 def results(ctx: Ctx, task_name: str, status: str, limit: int, as_json: bool) -> None:
     """Show a task's results (label, confidence, model, tier) or errors."""
-    from fleet.display import results_table
-    from fleet.queries import fetch_results
+    from fleet.observe.display import results_table
+    from fleet.reporting.queries import fetch_results
 
     rows = fetch_results(ctx.url(), task=task_name, status=status, limit=limit)
     if as_json:
@@ -505,7 +505,7 @@ def export(
     output_dir: Path | None,
 ) -> None:
     """Export a task's results (streamed) as JSONL or CSV, or one file per item."""
-    from fleet.reports import export as do_export
+    from fleet.reporting.export import export as do_export
 
     if individual and output_dir is None:
         fail("--individual needs --output-dir DIR", EXIT_CONFIG)
@@ -536,8 +536,8 @@ def export(
 @pass_ctx
 def eval_cmd(ctx: Ctx, task_name: str, gold: Path, as_json: bool) -> None:
     """Score a task's stored results against gold labels: accuracy, macro-F1, confusion, latency."""
-    from fleet.display import confusion_table
-    from fleet.reports import evaluate, load_gold
+    from fleet.observe.display import confusion_table
+    from fleet.reporting.export import evaluate, load_gold
 
     try:
         labels = load_gold(gold)
@@ -590,7 +590,7 @@ def compare(
     ctx: Ctx, task_name: str, models: tuple[str, str], limit: int, output: Path, as_json: bool
 ) -> None:
     """Shadow run: two models on the same items; the disagreement rate and where they differ."""
-    from fleet.compare import compare as do_compare
+    from fleet.reporting.compare import compare as do_compare
 
     spec = ctx.task(task_name)
     report = do_compare(ctx.services(), spec, models[0], models[1], limit=limit, out_path=output)
@@ -642,7 +642,7 @@ def worker(ctx: Ctx, task_name: str, gpu: int | None, loglevel: str) -> None:
 @pass_ctx
 def workers(ctx: Ctx, task_name: str, gpus: str, loglevel: str, log_dir: Path | None) -> None:
     """Start and supervise one pinned worker per GPU; restart any that dies, with backoff."""
-    from fleet.supervisor import parse_gpus, supervise, visible_gpus
+    from fleet.ops.supervisor import parse_gpus, supervise, visible_gpus
 
     ctx.task(task_name)
     try:
@@ -674,7 +674,7 @@ def models() -> None:
 @pass_ctx
 def models_prepare(ctx: Ctx, only: tuple[str, ...], force: bool) -> None:
     """Build every bundled model folder once (seconds to a few minutes on CPU)."""
-    from fleet.models import prepare_models
+    from fleet.models.prepare import prepare_models
 
     for name, path, seconds in prepare_models(
         ctx.settings.resolved_models_dir, only=only, force=force, echo=click.echo
@@ -767,9 +767,9 @@ def train(
     Writes a model folder (safetensors, tokenizer, training_metrics.json, a model
     card) and prints the TOML lines that serve it.
     """
-    from fleet.training import Chosen, choose_examples, run_training
-    from workers.train import TrainConfig
-    from workers.train_data import TrainingDataError
+    from fleet.models.finetune import TrainConfig
+    from fleet.models.labeled import TrainingDataError
+    from fleet.models.training import Chosen, choose_examples, run_training
 
     spec = ctx.task(task_name)
     if from_task:
@@ -875,7 +875,7 @@ def report(
     out: Path,
 ) -> None:
     """Write one self-contained HTML page: throughput, labels, tiers, failures, summary."""
-    from fleet.htmlreport import ReportError, fmt_duration, write_report
+    from fleet.reporting.html import ReportError, fmt_duration, write_report
 
     try:
         data = write_report(
@@ -896,7 +896,7 @@ def report(
 @pass_ctx
 def status(ctx: Ctx, task_name: str | None, as_json: bool) -> None:
     """Per task: items by status, items/s, ETA, queue length; live workers; the latest run."""
-    from fleet.statusview import show_status
+    from fleet.observe.statusview import show_status
 
     if task_name:
         ctx.task(task_name)
@@ -915,7 +915,7 @@ def watch(
     ctx: Ctx, task_name: str | None, interval: float, until_done: bool, timeout: float | None
 ) -> None:
     """Live progress bars per task and the workers' state, refreshed in place (Ctrl-C stops)."""
-    from fleet.statusview import run_watch
+    from fleet.observe.statusview import run_watch
 
     if task_name:
         ctx.task(task_name)
@@ -933,7 +933,7 @@ def watch(
 @pass_ctx
 def metrics(ctx: Ctx, address: str | None, port: int | None) -> None:
     """Serve Prometheus metrics: backlog, queue lengths, items/s, per-worker stats."""
-    from fleet.exporter import run_exporter
+    from fleet.observe.prometheus import run_exporter
 
     s = ctx.services()
     sys.exit(run_exporter(s, address=address, port=port, echo=lambda m: click.echo(m, err=True)))
@@ -1006,11 +1006,11 @@ def deploy() -> None:
 @pass_ctx
 def deploy_compose(ctx: Ctx, gpus: str, task_options: tuple[str, ...], out: Path | None) -> None:
     """One worker service per GPU (docker-compose.override.yml); default task: intent."""
-    from fleet.deploy import compose_command
+    from fleet.ops.deploy import compose_command
 
     try:
         text, plan = compose_command(ctx.tasks(), gpus, task_options)
-    except ValueError as e:  # fleet.deploy.DeployError is one
+    except ValueError as e:  # fleet.ops.deploy.DeployError is one
         fail(str(e), EXIT_CONFIG)
     if out is None:
         click.echo(text, nl=False)
@@ -1032,7 +1032,7 @@ def deploy_compose(ctx: Ctx, gpus: str, task_options: tuple[str, ...], out: Path
 @pass_ctx
 def deploy_k8s(ctx: Ctx, task_name: str, max_replicas: int, list_length: int) -> None:
     """A task's worker Deployment (one GPU per pod) and its KEDA ScaledObject, as YAML."""
-    from fleet.deploy import k8s_command
+    from fleet.ops.deploy import k8s_command
 
     spec = ctx.task(task_name)
     click.echo(k8s_command(spec, max_replicas=max_replicas, list_length=list_length), nl=False)

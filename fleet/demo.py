@@ -2,7 +2,7 @@
 
 Prepares the bundled models, ingests the sample conversations and (with
 espeak-ng installed) a few spoken sentences, starts one real `celery worker`
-subprocess per task the way `fleet run --local-workers` does (fleet.localworkers:
+subprocess per task the way `fleet run --local-workers` does (fleet.ops.localworkers:
 one task at a time when memory is short), drives the run with a progress bar,
 prints the results and stops the workers.
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import click
 
-from fleet.display import out, results_table
+from fleet.observe.display import out, results_table
 
 
 def _data(name: str) -> Path:
@@ -71,10 +71,7 @@ def _memory_cap(short: list[Path], long: Path) -> int | None:
 
 
 def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
-    from fleet.display import byte_progress, run_progress
-    from fleet.ingest import ingest_audio_dir, ingest_conversations_file
-    from fleet.localworkers import LocalWorkersFailed, local_workers, say
-    from fleet.models import (
+    from fleet.models.prepare import (
         MINILM,
         SENTIMENT,
         SMOLLM,
@@ -84,7 +81,10 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
         prepare_intent,
         prepare_models,
     )
-    from fleet.queries import fetch_results
+    from fleet.observe.display import byte_progress, run_progress
+    from fleet.ops.ingest import ingest_audio_dir, ingest_conversations_file
+    from fleet.ops.localworkers import LocalWorkersFailed, local_workers, say
+    from fleet.reporting.queries import fetch_results
     from producer.runner import run_until_done
 
     t0 = time.monotonic()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fleet.cli import Ctx
-    from fleet.settings import Settings
+    from fleet.config.settings import Settings
 
 log = logging.getLogger("fleet.flower")
 
@@ -89,8 +89,8 @@ def run_flower(
     echo: Callable[[str], None],
 ) -> int:
     from fleet.cli import EXIT_CONFIG, fail
-    from fleet.services import ensure_services
-    from fleet.settings import redact
+    from fleet.config.settings import redact
+    from fleet.ops.services import ensure_services
     from workers.app import create_app
 
     s = ctx.settings

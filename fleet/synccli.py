@@ -1,7 +1,7 @@
 """`fleet sync`, `fleet rerun` and `fleet models pull`: the user's own data and models.
 
 Registered on the `fleet` group by fleet.cli (`register`). Thin: the work is in
-producer.sync, db.sync, db.triggers and fleet.hub.
+producer.sync, db.sync, db.triggers and workers.hub.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _fail(message: str, code: int = EXIT_CONFIG) -> Any:
 
 
 def _sources(ctx: Any) -> Any:
-    from fleet.taskconfig import ConfigError, load_sources
+    from fleet.config.taskconfig import ConfigError, load_sources
 
     try:
         return load_sources(ctx.settings.config_file)
@@ -42,7 +42,7 @@ def _live(quiet: bool) -> Iterator[Callable[[str, int], None]]:
         return
     from rich.live import Live
 
-    from fleet.display import console
+    from fleet.observe.display import console
 
     seen: dict[str, int] = {}
     started = time.monotonic()
@@ -98,7 +98,7 @@ def sync_cmd(
     from sqlalchemy.exc import OperationalError
 
     from db.sync import SyncError
-    from fleet.taskconfig import ConfigError
+    from fleet.config.taskconfig import ConfigError
     from producer.sync import pick, sync_sources
 
     sources = _sources(ctx)
@@ -226,7 +226,7 @@ def models_pull(ctx: Any, task_names: tuple[str, ...]) -> None:
     files only; no code is ever run from a model repository). Workers then load
     from the cache (HF_HOME) with local files only.
     """
-    from fleet.hub import ModelNotCached, hub_cache, hub_id, pull, tier_revision
+    from workers.hub import ModelNotCached, hub_cache, hub_id, pull, tier_revision
 
     tasks = ctx.tasks()
     chosen = [ctx.task(n) for n in task_names] if task_names else list(tasks.values())

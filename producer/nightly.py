@@ -43,8 +43,8 @@ from sqlalchemy.orm import Session
 from db import ledger
 from db.engine import get_engine, transaction
 from db.schema import Run
-from fleet.settings import Settings
-from fleet.taskconfig import TaskSpec
+from fleet.config.settings import Settings
+from fleet.config.taskconfig import TaskSpec
 from producer.enqueue import discover
 from producer.reconciler import reconcile
 from producer.runner import Feeder, Outage, ServedWatch, feed, gated, task_label

@@ -16,8 +16,8 @@ from sqlalchemy import func, update
 from db import ledger
 from db.engine import transaction
 from db.schema import Run
-from fleet.settings import Settings
-from fleet.taskconfig import TaskSpec
+from fleet.config.settings import Settings
+from fleet.config.taskconfig import TaskSpec
 from producer.enqueue import claim_and_send, discover, queue_depth
 from producer.reconciler import reconcile
 from producer.sizing import batch_size_for
@@ -249,7 +249,7 @@ def run_until_done(
     """Discover, then feed and reconcile until every task's items are finished.
 
     `gate(task)`, when given, says whether to feed a task (and look for its
-    missing workers) on this pass: local workers (fleet.localworkers) hold back
+    missing workers) on this pass: local workers (fleet.ops.localworkers) hold back
     the tasks whose workers are not up, or whose turn has not come."""
     started = time.monotonic()
     names = [s.name for s in specs]

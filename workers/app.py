@@ -17,7 +17,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from fleet.settings import Settings
+from fleet.config.settings import Settings
 from workers.control import CONTROL_QUEUE  # also registers the fleet_info inspect command
 
 TASK_NAME = "fleet.run_batch"
@@ -66,7 +66,7 @@ def _process_settings() -> Settings:
     if settings.embedded:
         # `celery -A workers.app worker` with no URLs: the same embedded servers
         # as the `fleet` command uses.
-        from fleet.services import ensure_services
+        from fleet.ops.services import ensure_services
 
         settings = ensure_services(settings)
     return settings
@@ -107,7 +107,7 @@ def _load_model_at_start(sender: Any = None, **_: Any) -> None:
 
 
 def _follow_parent(pid: int | None) -> None:
-    """A local worker (fleet.localworkers) stops with the `fleet` process that
+    """A local worker (fleet.ops.localworkers) stops with the `fleet` process that
     started it: once that is gone (even SIGKILLed, so it could not stop its
     workers), the worker sends itself SIGTERM, Celery's warm shutdown."""
     if pid is None:

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet.hub import ModelNotCached, ResolvedModel, folder_revision, resolve_tier
-from fleet.taskconfig import TaskSpec
+from fleet.config.taskconfig import TaskSpec
 from workers import device as dev
 from workers.adapters.base import Adapter, InputError, Prediction, Prepared, Source
+from workers.hub import ModelNotCached, ResolvedModel, folder_revision, resolve_tier
 from workers.policy import (
     Budget,
     OomAction,
@@ -65,7 +65,7 @@ class ItemResult:
     model_name: str
     latency_ms: float
     notes: dict[str, Any] = field(default_factory=dict)
-    model_revision: str | None = None  # snapshot commit or sha256 of the folder (fleet.hub)
+    model_revision: str | None = None  # snapshot commit or sha256 of the folder (workers.hub)
 
 
 @dataclass

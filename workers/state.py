@@ -30,8 +30,8 @@ from celery import Celery
 from db import ledger
 from db.engine import transaction
 from db.sources import load_inputs
-from fleet.settings import Settings
-from fleet.taskconfig import TaskSpec, get_task, load_tasks
+from fleet.config.settings import Settings
+from fleet.config.taskconfig import TaskSpec, get_task, load_tasks
 from workers import stats as worker_stats
 from workers.adapters import make_adapter
 from workers.adapters.base import Source
@@ -60,7 +60,7 @@ def start_runtime(
     settings: Settings, task_name: str, *, hostname: str, app: Celery | None = None
 ) -> WorkerState:
     global _state
-    from fleet.logs import setup_logging
+    from fleet.config.logs import setup_logging
     from workers.device import pick_device
     from workers.simulate import MemorySimulator
 

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.e2e
 HOLDER = """
 import json, sys, time
 from pathlib import Path
-from fleet.settings import Settings
-from fleet.services import ensure_services
+from fleet.config.settings import Settings
+from fleet.ops.services import ensure_services
 s = ensure_services(Settings())
 print(json.dumps({"db": s.db_url(), "broker": s.redis_url()}), flush=True)
 release = Path(sys.argv[1])

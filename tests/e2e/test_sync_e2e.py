@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from db.engine import transaction
-from fleet.taskconfig import load_tasks
+from fleet.config.taskconfig import load_tasks
 from tests.appdb import QUERY, add_conversation, create_app_database, sql
 from tests.e2e.conftest import Fleet
 from tests.hubcache import add_to_hub_cache
@@ -46,8 +46,8 @@ def _varied_classifier(folder: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from fleet.models import minilm_path
-    from workers.train import INTENT_LABELS
+    from fleet.models.finetune import INTENT_LABELS
+    from fleet.models.prepare import minilm_path
 
     torch.manual_seed(3)
     tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)

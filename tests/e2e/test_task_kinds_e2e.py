@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import text
 
 from db.engine import transaction
-from fleet.models import prepare_minilm
+from fleet.models.finetune import INTENT_LABELS
+from fleet.models.prepare import prepare_minilm
 from tests.support import REPO, WorkerProcess, fleet_env, run_fleet
-from workers.train import INTENT_LABELS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

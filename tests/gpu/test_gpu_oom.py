@@ -23,7 +23,7 @@ pytestmark = [
 def _bert(folder: Path, *, hidden: int, layers: int, heads: int) -> Path:
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from fleet.models import minilm_path
+    from fleet.models.prepare import minilm_path
 
     tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
     cfg = BertConfig(
@@ -41,7 +41,7 @@ def _bert(folder: Path, *, hidden: int, layers: int, heads: int) -> Path:
 
 
 def test_real_oom_downshifts(tmp_path):
-    from fleet.taskconfig import TaskSpec
+    from fleet.config.taskconfig import TaskSpec
     from workers.adapters.base import Source, TierSpec
     from workers.adapters.sequence_classify import SequenceClassifyAdapter
     from workers.runtime import ModelRuntime

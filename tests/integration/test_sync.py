@@ -374,7 +374,7 @@ def test_audio_source(db_url):
 def test_beat_tick_syncs_marked_sources_only(db_url, app_db, monkeypatch):
     """producer.sync.beat_tick: with triggers, nothing marked -> nothing synced;
     a write marks the source and the next tick syncs it (a delete with the key scan)."""
-    from fleet.settings import Settings
+    from fleet.config.settings import Settings
     from producer.sync import beat_tick
 
     app_url, plain = app_db

@@ -16,8 +16,8 @@ from db.engine import transaction
 from db.ledger import Outcome, claim_batches, discover, finish_batch, start_batch
 from db.sources import ingest_conversations
 from fleet.cli import EXIT_CONFIG, main
+from fleet.models.finetune import INTENT_LABELS
 from tests.support import build_tiny_classifier
-from workers.train import INTENT_LABELS
 
 WORDS = {
     "rag_query": "search the wiki for",

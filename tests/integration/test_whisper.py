@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from fleet.models.convert.whisper_ct2 import MARKER, prepare_whisper, read_ct2_model
 from tests.support import wer
 from workers.adapters.base import InputError, Prediction, Prepared, Source, TierSpec
 from workers.adapters.transcribe import TranscribeAdapter
-from workers.prepare.whisper_ct2 import MARKER, prepare_whisper, read_ct2_model
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.models import minilm_path
+from fleet.models.prepare import minilm_path
 from workers.adapters.base import Prediction, Source, TierSpec
 from workers.adapters.zero_shot import ZeroShotAdapter
 

@@ -26,10 +26,10 @@ import click
 import pytest
 import yaml
 
-from fleet import deploy
 from fleet.cli import main
-from fleet.settings import Settings
-from fleet.taskconfig import load_tasks
+from fleet.config.settings import Settings
+from fleet.config.taskconfig import load_tasks
+from fleet.ops import deploy
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -229,7 +229,7 @@ def test_every_fleet_variable_named_anywhere_is_a_setting():
     }
     assert named, "no FLEET_ variable found: the scan is broken"
     unknown = sorted((v, f) for v, f in named if v not in SETTING_VARS)
-    assert not unknown, f"not a field of fleet.settings.Settings: {unknown}"
+    assert not unknown, f"not a field of fleet.config.settings.Settings: {unknown}"
 
 
 def _defined_vars() -> list[tuple[str, str]]:

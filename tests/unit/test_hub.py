@@ -1,4 +1,4 @@
-"""fleet.hub: ladder tiers named by Hugging Face id, resolved from a cache built
+"""workers.hub: ladder tiers named by Hugging Face id, resolved from a cache built
 locally in the hub's layout (no network)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fleet.hub import ModelNotCached, folder_revision, hub_id, resolve_tier
 from tests.hubcache import add_to_hub_cache
 from workers.adapters.base import TierSpec
+from workers.hub import ModelNotCached, folder_revision, hub_id, resolve_tier
 
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40

@@ -1,13 +1,13 @@
-"""The pure decisions of fleet.localworkers: parallel or sequential, threads per
+"""The pure decisions of fleet.ops.localworkers: parallel or sequential, threads per
 worker, whose turn it is, and whether --local-workers is on."""
 
 from __future__ import annotations
 
 import pytest
 
-from fleet.localworkers import has_work, next_turn, plan_workers, upstream, wanted
-from fleet.settings import Settings
-from fleet.taskconfig import TaskSpec
+from fleet.config.settings import Settings
+from fleet.config.taskconfig import TaskSpec
+from fleet.ops.localworkers import has_work, next_turn, plan_workers, upstream, wanted
 from workers.adapters.base import TierSpec
 
 

@@ -7,8 +7,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from fleet import charts
-from fleet.reportdata import ReportError, parse_when, reason_key
+from fleet.reporting import charts
+from fleet.reporting.rundata import ReportError, parse_when, reason_key
 
 UTC = dt.UTC
 

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from fleet.services import _other_live_users
+from fleet.ops.services import _other_live_users
 
 
 def test_leaving_removes_own_file_and_counts_live_others(tmp_path):

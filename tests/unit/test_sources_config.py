@@ -8,7 +8,7 @@ import tomllib
 import pytest
 
 from db.sync import source_sql
-from fleet.taskconfig import ConfigError, parse_sources
+from fleet.config.taskconfig import ConfigError, parse_sources
 
 EXAMPLE = """
 [sources.app]

@@ -1,4 +1,4 @@
-"""workers.train and workers.train_data: reading, checking and splitting labeled data, the
+"""fleet.models.finetune and fleet.models.labeled: reading, checking and splitting labeled data, the
 shipped sets, and (slow) a real fine-tune of the bundled intent classifier."""
 
 from __future__ import annotations
@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fleet.metrics import classification_report as compute_metrics
-from fleet.models import BUNDLED, data_file
-from fleet.taskconfig import load_tasks
-from workers.train import INTENT_LABELS, METRICS_FILE, ordered_labels, tier_toml
-from workers.train_data import (
+from fleet.config.taskconfig import load_tasks
+from fleet.models.finetune import INTENT_LABELS, METRICS_FILE, ordered_labels, tier_toml
+from fleet.models.labeled import (
     Example,
     TrainingDataError,
     check_labels,
@@ -22,6 +20,8 @@ from workers.train_data import (
     load_labeled,
     split_examples,
 )
+from fleet.models.prepare import BUNDLED, data_file
+from fleet.reporting.scoring import classification_report as compute_metrics
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "fleet" / "data"
 INTENT_DATA = DATA_DIR / "intent.jsonl"
@@ -206,7 +206,7 @@ def test_shipped_demo_files() -> None:
 def test_train_intent_on_shipped_data(trained_intent: tuple[Path, dict, list]) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from workers.train import predict
+    from fleet.models.finetune import predict
 
     out, metrics, events = trained_intent
 

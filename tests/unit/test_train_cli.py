@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from fleet.cli import EXIT_CONFIG, main
+from fleet.models.finetune import INTENT_LABELS
 from tests.support import build_tiny_classifier
-from workers.train import INTENT_LABELS
 
 PHRASES = {
     "rag_query": "search the handbook for",

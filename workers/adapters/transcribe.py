@@ -1,5 +1,5 @@
 """Speech-to-text with a Whisper model in transformers format (see
-`workers.prepare.whisper_ct2` for how the base and tiny.en weights get there).
+`fleet.models.convert.whisper_ct2` for how the base and tiny.en weights get there).
 
 Long files are cut into <= 30 s windows (Whisper's context) in `prepare`; the
 windows of every file in a sub-batch go through the model together, so short

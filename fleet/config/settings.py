@@ -259,7 +259,9 @@ class Settings(BaseSettings):
 
     def db_url(self) -> str:
         if self.database_url is None:
-            raise RuntimeError("DATABASE_URL is not set; call fleet.services.ensure_services first")
+            raise RuntimeError(
+                "DATABASE_URL is not set; call fleet.ops.services.ensure_services first"
+            )
         return self.database_url.get_secret_value()
 
     def source_db_url(self) -> str:
@@ -270,7 +272,9 @@ class Settings(BaseSettings):
 
     def redis_url(self) -> str:
         if self.broker_url is None:
-            raise RuntimeError("BROKER_URL is not set; call fleet.services.ensure_services first")
+            raise RuntimeError(
+                "BROKER_URL is not set; call fleet.ops.services.ensure_services first"
+            )
         return self.broker_url.get_secret_value()
 
     def child_env(self) -> dict[str, str]:

@@ -82,7 +82,7 @@ def convert_gguf(
     source: Path, gguf_file: str, out: Path, *, eos_token: str | None = None
 ) -> dict[str, Any]:
     """Load a GGUF causal LM once (de-quantized to float32) and save model, tokenizer and
-    generation config into `out` as safetensors. Also used for Gemma 3 (workers.prepare.gemma).
+    generation config into `out` as safetensors. Also used for Gemma 3 (fleet.models.convert.gemma).
 
     `eos_token`: the end-of-turn token of a chat model (its chat template is then
     required); None keeps the tokenizer's own eos (a base model). Raises RuntimeError

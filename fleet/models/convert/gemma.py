@@ -4,7 +4,7 @@ into a plain safetensors folder, once.
 The package splits the Q4_K_M GGUF (~253 MB) over four part packages; its `assemble()`
 joins and checks them (sha256). Loading a GGUF with transformers de-quantizes every
 tensor (~50-60 s on CPU); the re-saved float32 folder loads in a few seconds. The
-conversion itself is the one SmolLM2 uses (`workers.prepare.smollm.convert_gguf`),
+conversion itself is the one SmolLM2 uses (`fleet.models.convert.smollm.convert_gguf`),
 written to a temporary sibling and renamed into place with a marker written last.
 
 Gemma 3 270M is a base model: its tokenizer has no chat template, so the LLM adapter
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers.prepare.smollm import MARKER, _swap_into_place, convert_gguf, is_prepared
+from fleet.models.convert.smollm import MARKER, _swap_into_place, convert_gguf, is_prepared
 
 log = logging.getLogger(__name__)
 

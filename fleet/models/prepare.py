@@ -102,10 +102,10 @@ def train_bundled(
     Labels (and their id order) are the task's `[labels.*]` set in the bundled
     tasks.toml. Writes the folder whole, then moves it into place.
     """
-    from fleet.taskconfig import load_tasks
-    from fleet.training import run_training
-    from workers.train import TrainConfig
-    from workers.train_data import load_labeled
+    from fleet.config.taskconfig import load_tasks
+    from fleet.models.finetune import TrainConfig
+    from fleet.models.labeled import load_labeled
+    from fleet.models.training import run_training
 
     spec = load_tasks(None)[bundled.task]
     test = data_file(bundled.eval)
@@ -136,7 +136,7 @@ def train_intent_model(
     """Fine-tune MiniLM on the shipped intent set into models_dir/intent-minilm."""
     from dataclasses import replace
 
-    from workers.train import TrainConfig
+    from fleet.models.finetune import TrainConfig
 
     config = TrainConfig(seed=seed)
     if epochs:
@@ -164,19 +164,19 @@ def _prepare_one(name: str, models_dir: Path, force: bool, echo: Echo) -> Path:
     if name == MINILM:
         return prepare_minilm(models_dir, force=force)
     if name == WHISPER:
-        from workers.prepare.whisper_ct2 import prepare_whisper
+        from fleet.models.convert.whisper_ct2 import prepare_whisper
 
         return prepare_whisper(models_dir, force=force)
     if name == WHISPER_BASE:
-        from workers.prepare.whisper_ct2 import prepare_whisper_base
+        from fleet.models.convert.whisper_ct2 import prepare_whisper_base
 
         return prepare_whisper_base(models_dir, force=force)
     if name == SMOLLM:
-        from workers.prepare.smollm import prepare_smollm
+        from fleet.models.convert.smollm import prepare_smollm
 
         return prepare_smollm(models_dir, force=force)
     if name == GEMMA:
-        from workers.prepare.gemma import prepare_gemma
+        from fleet.models.convert.gemma import prepare_gemma
 
         return prepare_gemma(models_dir, force=force)
     raise ValueError(f"unknown model {name!r}; bundled models: {', '.join(ALL + OPTIONAL)}")

@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 from typing import IO, Any
 
-from fleet.metrics import classification_report, percentile
-from fleet.queries import iter_results
+from fleet.reporting.queries import iter_results
+from fleet.reporting.scoring import classification_report, percentile
 
 EXPORT_COLUMNS = (
     "external_id",

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleet.settings import Settings
+from fleet.config.settings import Settings
 from workers.policy import backoff
 
 STABLE_AFTER_S = 60.0
@@ -99,7 +99,7 @@ def supervise(
     log_dir: Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> int:
-    from fleet.workercommand import worker_argv, worker_env
+    from fleet.ops.workercommand import worker_argv, worker_env
 
     children = [Child(g) for g in gpus]
     stopping = False

@@ -1,6 +1,6 @@
-"""How `fleet status` and `fleet watch` show a `fleet.status.FleetStatus`:
+"""How `fleet status` and `fleet watch` show a `fleet.observe.status.FleetStatus`:
 tables for a one-off look, progress bars per task that refresh in place
-(rich.live) for watching a run. Nothing here queries; `fleet.status` does."""
+(rich.live) for watching a run. Nothing here queries; `fleet.observe.status` does."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from rich.table import Table
 from rich.text import Text
 
 from db.schema import STATUSES
-from fleet.settings import Settings, redact
-from fleet.status import FleetStatus, TaskStatus, collect, configured_tasks
+from fleet.config.settings import Settings, redact
+from fleet.observe.status import FleetStatus, TaskStatus, collect, configured_tasks
 from workers.stats import redis_client
 
 

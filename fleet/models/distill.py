@@ -22,9 +22,9 @@ from typing import Any
 from sqlalchemy import text
 
 from db.engine import get_engine
+from fleet.models.labeled import MAX_TEXT_CHARS, Example
 from workers.adapters.base import InputError
 from workers.adapters.text import conversation_text
-from workers.train_data import MAX_TEXT_CHARS, Example
 
 DISTILL_SQL = text(
     """

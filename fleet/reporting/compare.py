@@ -15,8 +15,8 @@ from typing import Any
 
 from db.engine import transaction
 from db.sources import first_source_ids, load_inputs
-from fleet.settings import Settings
-from fleet.taskconfig import TaskSpec
+from fleet.config.settings import Settings
+from fleet.config.taskconfig import TaskSpec
 from workers.adapters import make_adapter
 from workers.adapters.base import Source, TierSpec
 from workers.runtime import ItemResult, ModelRuntime

@@ -66,7 +66,7 @@ def run_progress(
     """One bar per task: finished (done+failed+dead) of all, with a live status line.
 
     `workers` (task -> what its local worker is doing, kept up to date by
-    fleet.localworkers) adds a column read at every update."""
+    fleet.ops.localworkers) adds a column read at every update."""
     if quiet:
         yield lambda counts: None
         return

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from fleet.taskconfig import TaskSpec
+from fleet.config.taskconfig import TaskSpec
 
 IMAGE = "gpu-fleet:latest"
 K8S_IMAGE = "gpu-fleet"  # kustomization.yaml sets the registry and tag
@@ -329,7 +329,7 @@ def dump_yaml(docs: Sequence[dict[str, Any]], header: str = "") -> str:
 
 def host_gpus(spec: str) -> list[int]:
     """'0,1,3' -> those indexes; 'all' -> every GPU nvidia-smi shows on this machine."""
-    from fleet.supervisor import parse_gpus, visible_gpus
+    from fleet.ops.supervisor import parse_gpus, visible_gpus
 
     available = visible_gpus() if spec.strip() == "all" else 0
     if spec.strip() == "all" and available == 0:

@@ -478,12 +478,14 @@ def prepare_whisper_base(models_dir: Path, *, force: bool = False) -> Path:
     return _prepare(models_dir, BASE_DIRNAME, base_source(), force=force)
 
 
-if __name__ == "__main__":  # python -m workers.prepare.whisper_ct2 MODELS_DIR [--force] [--base]
+if (
+    __name__ == "__main__"
+):  # python -m fleet.models.convert.whisper_ct2 MODELS_DIR [--force] [--base]
     import sys
 
     args = [a for a in sys.argv[1:] if a not in ("--force", "--base")]
     if len(args) != 1:
-        sys.exit("usage: python -m workers.prepare.whisper_ct2 MODELS_DIR [--force] [--base]")
+        sys.exit("usage: python -m fleet.models.convert.whisper_ct2 MODELS_DIR [--force] [--base]")
     t0 = time.perf_counter()
     prep = prepare_whisper_base if "--base" in sys.argv else prepare_whisper
     path = prep(Path(args[0]), force="--force" in sys.argv)

@@ -1,6 +1,6 @@
 """How a worker process is started: its Celery node name, command line and
-environment. Shared by `fleet worker`, `fleet workers` (fleet.supervisor), local
-workers (fleet.localworkers), `fleet demo` and the tests, so none of them
+environment. Shared by `fleet worker`, `fleet workers` (fleet.ops.supervisor), local
+workers (fleet.ops.localworkers), `fleet demo` and the tests, so none of them
 imports the CLI.
 """
 
@@ -10,7 +10,7 @@ import os
 import secrets
 import sys
 
-from fleet.settings import Settings
+from fleet.config.settings import Settings
 
 
 def worker_name(task: str, *, gpu: int | None, unique: str | None = None) -> str:

@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from fleet.settings import Settings
-from fleet.taskconfig import TaskSpec, resolve_model_path
-from fleet.workercommand import worker_argv, worker_env, worker_name
+from fleet.config.settings import Settings
+from fleet.config.taskconfig import TaskSpec, resolve_model_path
+from fleet.ops.workercommand import worker_argv, worker_env, worker_name
 from workers.policy import backoff
 
 EXIT_CONFIG = 2  # a worker's own exit code when it cannot load its model (workers.app)
@@ -207,7 +207,7 @@ def gpu_free_mb() -> float | None:
 
 def plan_for(specs: Sequence[TaskSpec], settings: Settings) -> Plan:
     """The plan for these tasks on this machine, under the settings."""
-    from fleet.supervisor import visible_gpus
+    from fleet.ops.supervisor import visible_gpus
 
     gpus = visible_gpus()
     need = {s.name: footprint_mb(s, settings.resolved_models_dir) + PROCESS_MB for s in specs}
@@ -593,7 +593,7 @@ def wanted(flag: bool | None, settings: Settings) -> bool:
 
 def say(message: str) -> None:
     """Print a line above the live progress bars (stderr)."""
-    from fleet.display import console
+    from fleet.observe.display import console
 
     console.print(message, markup=False, highlight=False)
 

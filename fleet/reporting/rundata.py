@@ -19,7 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from fleet.charts import time_step
+from fleet.reporting.charts import time_step
 
 # Throughput bins: enough to show a trend, few enough that each holds several
 # batches (a bin of one batch or none draws batch cadence, not throughput).

@@ -1,6 +1,6 @@
 """`fleet metrics`: a Prometheus exporter for what Flower does not show.
 
-Every scrape reads the fleet's state once (`fleet.status.collect`, the same
+Every scrape reads the fleet's state once (`fleet.observe.status.collect`, the same
 read `fleet status` prints) and turns it into metric families: the backlog by
 task and status and each queue's length (what an autoscaler such as KEDA's
 Prometheus scaler needs), throughput and ETA, and each live worker's counters,
@@ -28,10 +28,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from fleet.status import FleetStatus, collect
+from fleet.observe.status import FleetStatus, collect
 from workers.stats import BATCH_BUCKETS, OUTCOMES, WorkerStats, redis_client
 
-log = logging.getLogger("fleet.exporter")
+log = logging.getLogger("fleet.observe.prometheus")
 
 SOURCES = ("database", "broker")
 
@@ -304,7 +304,7 @@ def run_exporter(
     settings: Any, *, address: str | None, port: int | None, echo: Callable[[str], Any]
 ) -> int:
     """`fleet metrics`: serve until stopped. Returns the exit code."""
-    from fleet.status import RATE_WINDOW_S, configured_tasks
+    from fleet.observe.status import RATE_WINDOW_S, configured_tasks
 
     address = address or settings.metrics_address
     port = settings.metrics_port if port is None else port

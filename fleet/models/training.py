@@ -1,10 +1,10 @@
 """`fleet train`: choose the examples, the labels and the folder, then train behind progress bars.
 
-The training itself is `workers.train.train_task`; this module decides what
+The training itself is `fleet.models.finetune.train_task`; this module decides what
 goes into it:
 
 * examples: `--data FILE`, or the stored results of another task
-  (`--from-task`, `fleet.distill`), or the task's bundled set;
+  (`--from-task`, `fleet.models.distill`), or the task's bundled set;
 * labels: the task's declared label set (`labels = "..."` in the task config),
   else the label set of the model its ladder serves now, so a retrained
   model answers with the same names; the data must match it exactly;
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet.taskconfig import TaskSpec, resolve_model_path
-from workers.train_data import TrainingDataError
+from fleet.config.taskconfig import TaskSpec, resolve_model_path
+from fleet.models.labeled import TrainingDataError
 
 
 def task_labels(spec: TaskSpec, models_dir: Path) -> list[str] | None:
@@ -72,8 +72,8 @@ def choose_examples(
     conflicting options, no stored results to learn from, or a task without
     a bundled set and no data.
     """
-    from fleet.models import bundled_for_task, data_file
-    from workers.train_data import load_labeled
+    from fleet.models.labeled import load_labeled
+    from fleet.models.prepare import bundled_for_task, data_file
 
     if data and from_task:
         raise TrainingDataError("give --data or --from-task, not both")
@@ -82,8 +82,8 @@ def choose_examples(
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     dated = models_dir / f"{task}-trained-{stamp}"
     if from_task:
-        from fleet.distill import describe, distilled_examples
-        from fleet.reports import load_gold
+        from fleet.models.distill import describe, distilled_examples
+        from fleet.reporting.export import load_gold
 
         reviewed = load_gold(confirmed) if confirmed else None
         examples, rep = distilled_examples(
@@ -128,7 +128,7 @@ def training_progress(title: str) -> Iterator[Callable[[dict[str, Any]], None]]:
     )
     from transformers.utils import logging as hf_logging
 
-    from fleet.display import console
+    from fleet.observe.display import console
 
     # One display: transformers' own bars (weights loading, shard writing) and load reports off.
     hf_logging.set_verbosity_error()
@@ -188,13 +188,13 @@ def run_training(
 ) -> dict[str, Any]:
     """Train `spec`'s classifier into `out` (written whole, then moved into place).
 
-    Raises TrainingDataError for unusable data (see `workers.train_data`) and
+    Raises TrainingDataError for unusable data (see `fleet.models.labeled`) and
     ValueError for a task that is not `sequence_classify`.
     """
     import shutil
 
-    from workers.train import train_task
-    from workers.train_data import load_labeled
+    from fleet.models.finetune import train_task
+    from fleet.models.labeled import load_labeled
 
     if spec.kind != "sequence_classify":
         raise ValueError(
@@ -232,7 +232,7 @@ def run_training(
     if extra:
         metrics.update(extra)
     # The card and metrics name the final folder, not the temporary one.
-    from workers.train import CARD_FILE, METRICS_FILE, model_card, tier_toml
+    from fleet.models.finetune import CARD_FILE, METRICS_FILE, model_card, tier_toml
 
     metrics["toml"] = tier_toml(spec.name, out.name, out.resolve())
     (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

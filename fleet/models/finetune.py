@@ -1,7 +1,7 @@
 """Fine-tune an encoder into a `sequence_classify` model folder the fleet serves.
 
 `fleet train` and `fleet models prepare` both come here. The input is a list
-of labeled examples (`workers.train_data`), the output a plain Hugging Face
+of labeled examples (`fleet.models.labeled`), the output a plain Hugging Face
 folder (config, safetensors weights, tokenizer) plus `training_metrics.json`
 and a model card (`README.md`), ready for a task's ladder.
 
@@ -40,8 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fleet.metrics import classification_report
-from workers.train_data import (
+from fleet.models.labeled import (
     Example,
     TrainingDataError,
     check_labels,
@@ -50,6 +49,7 @@ from workers.train_data import (
     load_labeled,
     split_examples,
 )
+from fleet.reporting.scoring import classification_report
 
 __all__ = [
     "INTENT_LABELS",
@@ -123,7 +123,7 @@ def base_model_path() -> Path:
 
 
 def load_examples(path: str | Path) -> list[Example]:
-    """Labeled examples from CSV/JSONL/JSON (`workers.train_data.load_labeled`)."""
+    """Labeled examples from CSV/JSONL/JSON (`fleet.models.labeled.load_labeled`)."""
     return load_labeled(path)
 
 
@@ -423,7 +423,7 @@ def evaluate(
     max_length: int = 128,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of a saved classifier on `examples` (`fleet.metrics.classification_report`)."""
+    """Metrics of a saved classifier on `examples` (`fleet.reporting.scoring.classification_report`)."""
     from transformers import AutoConfig
 
     labels = list(AutoConfig.from_pretrained(model_dir, local_files_only=True).id2label.values())

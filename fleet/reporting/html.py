@@ -2,10 +2,10 @@
 
 It shows items finished per minute per task, the labels each task gave, which
 model tier served how many items, why items failed (grouped by reason) and a
-summary table; fleet/reportdata.py reads the numbers from the ledger.
+summary table; fleet/reporting/rundata.py reads the numbers from the ledger.
 
 The page references nothing outside itself: charts are inline SVG
-(fleet/charts.py), styles are inline, and the numbers behind the charts are
+(fleet/reporting/charts.py), styles are inline, and the numbers behind the charts are
 embedded as JSON (`<script type="application/json" id="report-data">`) for
 scripts.
 """
@@ -18,9 +18,9 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from fleet import charts
-from fleet.charts import STATUS_COLOURS, Bar, Segment, Series
-from fleet.reportdata import ReportData, ReportError, TaskRow, fmt_when, read_report
+from fleet.reporting import charts
+from fleet.reporting.charts import STATUS_COLOURS, Bar, Segment, Series
+from fleet.reporting.rundata import ReportData, ReportError, TaskRow, fmt_when, read_report
 
 __all__ = ["ReportError", "fmt_duration", "render", "write_report"]
 

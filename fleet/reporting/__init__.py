@@ -1,0 +1,2 @@
+"""Reading results back: the HTML run report, exports, evaluation against
+labels (`scoring`), shadow comparison of two models."""
