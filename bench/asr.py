@@ -166,8 +166,8 @@ def run_set(adapter: Any, s: SpeechSet, mode: str) -> Run:
 
 
 def _load(tier: str, models_dir: Path) -> Any:
+    from fleet.config.taskconfig import TierSpec
     from fleet.models.prepare import prepare_models
-    from workers.adapters.base import TierSpec
     from workers.adapters.transcribe import TranscribeAdapter
 
     for _name, path, took in prepare_models(models_dir, only=[tier], echo=lambda m: None):

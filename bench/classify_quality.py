@@ -151,7 +151,7 @@ def run_adapter(adapter: Any, rows: list[dict[str, Any]], batch: int) -> tuple[l
 
 def build(method: str, labels: dict[str, str], models_dir: Path) -> Any:
     """The loaded adapter of one method (models prepared into models_dir if missing)."""
-    from workers.adapters.base import TierSpec
+    from fleet.config.taskconfig import TierSpec
 
     def smollm() -> Path:
         from fleet.models.convert.smollm import prepare_smollm

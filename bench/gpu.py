@@ -91,9 +91,9 @@ def whisper_small(gpu: int | None, files: int) -> dict[str, Any]:
 
     from bench.whisper_rtf import make_clips
     from fleet.config.settings import Settings
-    from fleet.config.taskconfig import TaskSpec
+    from fleet.config.taskconfig import TaskSpec, TierSpec
     from fleet.models.convert.whisper_ct2 import prepare_whisper_base
-    from workers.adapters.base import Source, TierSpec
+    from workers.adapters.base import Source
     from workers.adapters.transcribe import TranscribeAdapter
     from workers.runtime import ModelRuntime
 

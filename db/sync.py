@@ -31,7 +31,7 @@ minus `overlap_seconds` (default 60), so a row committed with an updated_at
 just below the last watermark is still seen; the rows read again in the overlap
 hash the same and cost nothing.
 
-This module imports nothing from fleet/, producer/ or workers/.
+This module imports nothing from fleet/ (but its config, fleet.config), producer/ or workers/.
 """
 
 from __future__ import annotations
@@ -48,10 +48,9 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
 from db import history
+from fleet.config.taskconfig import SourceSpec
 
 KINDS = ("conversation", "audio")
-SHAPES = ("conversation", "messages")
-ON_DELETE = ("mark", "delete")
 MAX_EXTERNAL_ID = 256  # conversations.external_id is String(256)
 MAX_LANGUAGE = 16
 ANALYZE_AFTER = 50_000  # rows written in one pass past which the fleet table is analyzed
@@ -59,32 +58,6 @@ ANALYZE_AFTER = 50_000  # rows written in one pass past which the fleet table is
 
 class SyncError(RuntimeError):
     """A source cannot be read as declared (a missing column, a failing query)."""
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """One declared source. Exactly one of `query` and `table` is set."""
-
-    name: str
-    kind: str = "conversation"  # conversation | audio
-    shape: str = "conversation"  # conversation (messages jsonb) | messages (one row each)
-    query: str | None = None
-    table: str | None = None
-    chunk: int = 5000  # rows per server-side cursor fetch and per write transaction
-    overlap_seconds: float = 60.0
-    detect_deletes: bool = True
-    on_delete: str = "mark"  # mark (items gone) | delete (rows and items removed)
-    # Tables `fleet sync --install-triggers` watches (default: `table`).
-    trigger_tables: tuple[str, ...] = ()
-
-    @property
-    def select(self) -> str:
-        """The source as a sub-select."""
-        return self.query.strip().rstrip(";") if self.query else f"SELECT * FROM {self.table}"
-
-    @property
-    def fleet_table(self) -> str:
-        return history.TABLES[self.kind]
 
 
 @dataclass
@@ -309,7 +282,7 @@ def apply_chunk(
     session: Session, spec: SourceSpec, records: Sequence[dict[str, Any]], report: SyncReport
 ) -> None:
     """Compare one chunk with the stored rows and write only what changed."""
-    table = spec.fleet_table
+    table = history.TABLES[spec.kind]
     good: dict[str, tuple[dict[str, Any], str]] = {}
     for rec in records:
         problem = _check(rec)
@@ -390,7 +363,7 @@ def apply_chunk(
 
 def apply_gone(session: Session, spec: SourceSpec, report: SyncReport, *, seen_table: str) -> None:
     """Rows of this source that the key scan did not see: gone (or deleted)."""
-    table = spec.fleet_table
+    table = history.TABLES[spec.kind]
     ids = list(
         session.execute(
             text(
@@ -545,7 +518,7 @@ def sync_source(
     with Session(fleet) as session, session.begin():
         if report.new + report.changed >= ANALYZE_AFTER:
             # Planner statistics for the next pass' lookups and resets (see ledger.analyze).
-            session.execute(text(f"ANALYZE {spec.fleet_table}"))
+            session.execute(text(f"ANALYZE {history.TABLES[spec.kind]}"))
         save_state(session, report)
     report.seconds = time.perf_counter() - started
     return report

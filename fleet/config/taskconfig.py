@@ -4,6 +4,9 @@ fleet/data/tasks.toml unless FLEET_CONFIG_FILE points elsewhere).
 A task is a named job over one kind of source (`intent` over conversations,
 `transcribe` over audio files) run by one model kind, with a ladder of model
 tiers, largest first. A worker serves one task and holds one tier at a time.
+A source (`[sources.<name>]`) is a table or query that `fleet sync` copies in (db.sync).
+
+Imports nothing from the project: every layer reads its config from here.
 """
 
 from __future__ import annotations
@@ -15,17 +18,58 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from db.sync import ON_DELETE, SourceSpec
-from db.sync import SHAPES as SYNC_SHAPES
-from workers.adapters.base import TierSpec
-
 # "fake" is the shipped fake model (workers.adapters.fake) for tests and benchmarks.
 KINDS = ("sequence_classify", "zero_shot", "llm_classify", "transcribe", "fake")
 SOURCES = ("conversation", "audio")
 
 
+# A source's row shapes (db.sync): `conversation` has a messages jsonb column,
+# `messages` one row per message, folded in position order.
+SYNC_SHAPES = ("conversation", "messages")
+# What a source row that disappeared does to the fleet's copy: `mark` its items
+# gone, or `delete` the rows and items.
+ON_DELETE = ("mark", "delete")
+
+
 class ConfigError(ValueError):
-    pass
+    """The task config is unreadable or invalid; the message names the task or
+    source, the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """One rung of a task's model ladder (largest first in the config)."""
+
+    name: str
+    path: str
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    max_length: int = 512
+    max_batch_tokens: int = 16384  # starting budget (padded cost = longest x count)
+    min_batch_tokens: int = 0  # floor of the adaptive budget; 0 = one item's cost
+    footprint_mb: float | None = None  # estimated device memory; None = from the weights' size
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One declared source (db.sync reads it). Exactly one of `query` and `table` is set."""
+
+    name: str
+    kind: str = "conversation"  # conversation | audio
+    shape: str = "conversation"  # conversation (messages jsonb) | messages (one row each)
+    query: str | None = None
+    table: str | None = None
+    chunk: int = 5000  # rows per server-side cursor fetch and per write transaction
+    overlap_seconds: float = 60.0
+    detect_deletes: bool = True
+    on_delete: str = "mark"  # mark (items gone) | delete (rows and items removed)
+    # Tables `fleet sync --install-triggers` watches (default: `table`).
+    trigger_tables: tuple[str, ...] = ()
+
+    @property
+    def select(self) -> str:
+        """The source as a sub-select."""
+        return self.query.strip().rstrip(";") if self.query else f"SELECT * FROM {self.table}"
 
 
 @dataclass(frozen=True)
@@ -133,7 +177,9 @@ def load_tasks(path: Path | None = None) -> dict[str, TaskSpec]:
 
 
 def load_sources(path: Path | None = None) -> dict[str, SourceSpec]:
-    """The `[sources.<name>]` tables of the task config (see db.sync)."""
+    """The `[sources.<name>]` tables of the task config (see db.sync).
+
+    Raises ConfigError when the file is unreadable or a table is invalid."""
     return parse_sources(load_document(path))
 
 

@@ -41,8 +41,8 @@ def _bert(folder: Path, *, hidden: int, layers: int, heads: int) -> Path:
 
 
 def test_real_oom_downshifts(tmp_path):
-    from fleet.config.taskconfig import TaskSpec
-    from workers.adapters.base import Source, TierSpec
+    from fleet.config.taskconfig import TaskSpec, TierSpec
+    from workers.adapters.base import Source
     from workers.adapters.sequence_classify import SequenceClassifyAdapter
     from workers.runtime import ModelRuntime
 

@@ -42,9 +42,8 @@ def test_a_run_over_many_tasks_fits_its_runs_row(db_url, broker_url, tmp_path):
     from db.engine import transaction
     from db.schema import Run
     from fleet.config.settings import Settings
-    from fleet.config.taskconfig import TaskSpec
+    from fleet.config.taskconfig import TaskSpec, TierSpec
     from producer.runner import run_until_done
-    from workers.adapters.base import TierSpec
     from workers.app import create_app
 
     settings = Settings(database_url=db_url, broker_url=broker_url, state_dir=tmp_path / "state")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from workers.adapters.base import Prediction, Source, TierSpec
+from fleet.config.taskconfig import TierSpec
+from workers.adapters.base import Prediction, Source
 
 pytestmark = [
     pytest.mark.slow,

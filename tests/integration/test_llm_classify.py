@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from workers.adapters.base import InputError, Prediction, Prepared, Source, TierSpec
+from fleet.config.taskconfig import TierSpec
+from workers.adapters.base import InputError, Prediction, Prepared, Source
 
 pytestmark = [
     pytest.mark.slow,

@@ -13,7 +13,8 @@ from sqlalchemy import text
 from db import history, ledger, triggers
 from db.engine import get_engine, transaction
 from db.sources import ingest_conversations
-from db.sync import SourceSpec, SyncError, sync_source
+from db.sync import SyncError, sync_source
+from fleet.config.taskconfig import SourceSpec
 from tests.appdb import QUERY, add_conversation, create_app_database, sql
 from tests.support import drop_database
 

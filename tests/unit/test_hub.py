@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from fleet.config.taskconfig import TierSpec
 from tests.hubcache import add_to_hub_cache
-from workers.adapters.base import TierSpec
 from workers.hub import ModelNotCached, folder_revision, hub_id, resolve_tier
 
 COMMIT_A = "a" * 40

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet.config.taskconfig import TaskSpec
-from workers.adapters.base import InputError, Prepared, Source, TierSpec
+from fleet.config.taskconfig import TaskSpec, TierSpec
+from workers.adapters.base import InputError, Prepared, Source
 from workers.adapters.fake import FakeAdapter
 from workers.runtime import ModelMissing, ModelRuntime
 from workers.simulate import MemorySimulator

@@ -1,4 +1,4 @@
-"""`[sources.<name>]` tables of the task config: parsed into db.sync.SourceSpec,
+"""`[sources.<name>]` tables of the task config: parsed into SourceSpec (fleet.config.taskconfig),
 every mistake a ConfigError that names the source and what is allowed."""
 
 from __future__ import annotations

@@ -82,7 +82,8 @@ def test_train_from_csv_writes_a_servable_folder(tmp_path: Path, tiny_base: Path
     )
 
     # The folder serves: the sequence_classify adapter loads it and labels a conversation.
-    from workers.adapters.base import Source, TierSpec
+    from fleet.config.taskconfig import TierSpec
+    from workers.adapters.base import Source
     from workers.adapters.sequence_classify import SequenceClassifyAdapter
 
     adapter = SequenceClassifyAdapter()

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from fleet.config.taskconfig import TierSpec
+
 
 class InputError(Exception):
     """The item itself is bad (malformed conversation, corrupt audio, ...).
@@ -54,20 +56,6 @@ class Prediction:
     # repair): the result row keeps `output` (raw text included) and the item is
     # marked failed with this reason. Never replace it with a default label.
     error: str | None = None
-
-
-@dataclass(frozen=True)
-class TierSpec:
-    """One rung of a task's model ladder (largest first in the config)."""
-
-    name: str
-    path: str
-    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
-    max_length: int = 512
-    max_batch_tokens: int = 16384  # starting budget (padded cost = longest x count)
-    min_batch_tokens: int = 0  # floor of the adaptive budget; 0 = one item's cost
-    footprint_mb: float | None = None  # estimated device memory; None = from the weights' size
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 class Adapter(Protocol):

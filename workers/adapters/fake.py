@@ -12,7 +12,8 @@ import hashlib
 import time
 from typing import Any
 
-from workers.adapters.base import InputError, Prediction, Prepared, Source, TierSpec
+from fleet.config.taskconfig import TierSpec
+from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.adapters.text import conversation_text
 
 LABELS = ("alpha", "beta", "gamma", "delta")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.adapters.base import InputError, Prediction, Prepared, Source, TierSpec
+from fleet.config.taskconfig import TierSpec
+from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.adapters.text import conversation_text
 
 

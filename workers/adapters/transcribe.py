@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from workers.adapters.base import InputError, Prediction, Prepared, Source, TierSpec
+from fleet.config.taskconfig import TierSpec
+from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.audio import MIN_VOICE_S, chunk_audio, decode_audio, resolve_audio_path, voice_gate
 
 SAMPLE_RATE = 16000

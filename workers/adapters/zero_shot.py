@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from workers.adapters.base import InputError, Prediction, Prepared, Source, TierSpec
+from fleet.config.taskconfig import TierSpec
+from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.adapters.sequence_classify import torch_dtype
 from workers.adapters.text import conversation_text
 
