@@ -2,12 +2,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast lint typecheck demo bench
+.PHONY: install test test-fast lint layers typecheck demo bench
 
 install:
 	./scripts/install.sh
 
-test: install
+test: install layers
 	$(PY) -m pytest -q
 
 test-fast:
@@ -15,6 +15,9 @@ test-fast:
 
 lint:
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+layers:
+	$(VENV)/bin/lint-imports
 
 typecheck:
 	$(VENV)/bin/mypy

@@ -520,13 +520,3 @@ def counts(session: Session, *, task: str | None = None) -> dict[str, dict[str, 
     ):
         out.setdefault(t, {})[status] = n
     return out
-
-
-def unfinished(session: Session, *, task: str) -> int:
-    return session.execute(
-        text(
-            "SELECT count(*) FROM work_items WHERE task = :task "
-            "AND status IN ('pending', 'queued', 'running')"
-        ),
-        {"task": task},
-    ).scalar_one()

@@ -107,7 +107,7 @@ def trained_intent(bundled_models_dir: Path) -> tuple[Path, dict, list]:
     """The intent classifier fine-tuned once per session from the bundled MiniLM
     on the shipped training set: (folder, held-out metrics, progress events)."""
     from fleet.models.finetune import METRICS_FILE, train_intent
-    from fleet.models.prepare import BUNDLED, INTENT, data_file, intent_data_path
+    from fleet.models.prepare import BUNDLED, INTENT, data_file
 
     out = bundled_models_dir / INTENT
     events: list[dict] = []
@@ -116,7 +116,7 @@ def trained_intent(bundled_models_dir: Path) -> tuple[Path, dict, list]:
 
         return out, json.loads((out / METRICS_FILE).read_text()), events
     metrics = train_intent(
-        intent_data_path(),
+        data_file("intent.jsonl"),
         out,
         seed=0,
         progress=events.append,

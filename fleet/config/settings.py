@@ -311,15 +311,18 @@ class Settings(BaseSettings):
 
 
 def redact(url: str) -> str:
-    """Hide the password in a URL for display."""
-    from sqlalchemy.engine import make_url
+    """Hide the password in a URL for display: `scheme://user:***@host/...`.
 
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a SQLAlchemy URL (e.g. redis+socket://)
-        if "@" in url and "://" in url:
-            scheme, rest = url.split("://", 1)
-            creds, host = rest.rsplit("@", 1)
-            user = creds.split(":", 1)[0]
-            return f"{scheme}://{user}:***@{host}"
+    A URL without credentials (e.g. `redis+socket:///tmp/r.sock`) comes back
+    unchanged; the query string is kept (no secrets go there in this project).
+    """
+    if "://" not in url:
         return url
+    scheme, rest = url.split("://", 1)
+    netloc, sep, path = rest.partition("/")
+    if "@" not in netloc:
+        return url
+    creds, host = netloc.rsplit("@", 1)
+    user, has_password, _ = creds.partition(":")
+    shown = f"{user}:***" if has_password else user
+    return f"{scheme}://{shown}@{host}{sep}{path}"

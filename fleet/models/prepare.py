@@ -7,7 +7,6 @@ ready). Model weights never live in the repository.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -63,10 +62,6 @@ def minilm_path() -> Path:
 def data_file(name: str) -> Path:
     """A file under the package's fleet/data folder."""
     return Path(str(resources.files("fleet").joinpath(f"data/{name}")))
-
-
-def intent_data_path() -> Path:
-    return data_file("intent.jsonl")
 
 
 def bundled_for_task(task: str) -> BundledClassifier | None:
@@ -130,20 +125,6 @@ def train_bundled(
     return metrics
 
 
-def train_intent_model(
-    models_dir: Path, *, epochs: int | None = None, seed: int = 0, echo: Echo = print
-) -> dict[str, Any]:
-    """Fine-tune MiniLM on the shipped intent set into models_dir/intent-minilm."""
-    from dataclasses import replace
-
-    from fleet.models.finetune import TrainConfig
-
-    config = TrainConfig(seed=seed)
-    if epochs:
-        config = replace(config, epochs=epochs)
-    return train_bundled(models_dir, BUNDLED[INTENT], config=config, echo=echo)
-
-
 def prepare_bundled(
     models_dir: Path, folder: str, *, force: bool = False, echo: Echo = print
 ) -> Path:
@@ -189,9 +170,3 @@ def prepare_models(
         started = time.perf_counter()
         path = _prepare_one(name, models_dir, force, echo)
         yield name, path, time.perf_counter() - started
-
-
-def training_metrics(models_dir: Path, folder: str = INTENT) -> dict[str, Any] | None:
-    """The training_metrics.json of a prepared bundled classifier, if there is one."""
-    f = models_dir / folder / "training_metrics.json"
-    return json.loads(f.read_text()) if f.is_file() else None
