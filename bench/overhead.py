@@ -166,7 +166,7 @@ def fleet(
         check=True,
         capture_output=True,
     )
-    from fleet.cli import worker_argv
+    from fleet.ops.workercommand import worker_argv
 
     procs = []
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -210,7 +210,7 @@ def wait_workers(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ping = subprocess.run(
-            [sys.executable, "-m", "celery", "-A", "workers.app", "inspect", "ping", "-t", "3"],
+            [sys.executable, "-m", "celery", "-A", "fleet.ops.celeryapp", "inspect", "ping", "-t", "3"],
             env=env,
             capture_output=True,
             text=True,

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from fleet.config.settings import Settings
 from fleet.config.taskconfig import TaskSpec, resolve_model_path
@@ -59,6 +59,7 @@ FRESH_S = 25.0  # a heartbeat older than this is a worker that is gone (they bea
 
 Counts = dict[str, dict[str, int]]
 Echo = Callable[[str], None]
+T = TypeVar("T")
 
 
 class LocalWorkersFailed(RuntimeError):
@@ -598,13 +599,33 @@ def say(message: str) -> None:
     console.print(message, markup=False, highlight=False)
 
 
-@contextmanager
-def maybe_local_workers(
-    specs: Sequence[TaskSpec], settings: Settings, *, enabled: bool, echo: Echo = say
-) -> Iterator[LocalWorkers | None]:
-    """`local_workers(...)` when enabled, else None: the caller's workers serve the run."""
+def drive_with_local_workers(
+    specs: Sequence[TaskSpec],
+    settings: Settings,
+    drive: Callable[[Callable[[Counts], None], Callable[[str], bool] | None], T],
+    *,
+    enabled: bool,
+    quiet: bool = False,
+) -> T:
+    """Call `drive(progress, gate)` under live progress bars, one per task of `specs`.
+
+    With `enabled`, this machine's workers for `specs` are started around the
+    call (`local_workers`) and stopped after it, also on errors and Ctrl-C:
+    `progress` then also steps them and `gate` says which tasks to feed. Without,
+    `gate` is None: the caller's workers serve the run. `quiet` hides the bars.
+    Returns what `drive` returns.
+
+    Raises:
+        LocalWorkersFailed: the only work left belongs to tasks whose worker could not start.
+    """
+    from fleet.observe.display import run_progress
+
+    names = [spec.name for spec in specs]
     if not enabled:
-        yield None
-        return
-    with local_workers(specs, settings, echo=echo) as lw:
-        yield lw
+        with run_progress(names, quiet=quiet) as update:
+            return drive(update, None)
+    with (
+        local_workers(specs, settings, echo=say) as lw,
+        run_progress(names, quiet=quiet, workers=lw.notes) as update,
+    ):
+        return drive(lw.wrap(update), lw.gate)

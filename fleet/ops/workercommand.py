@@ -1,7 +1,7 @@
 """How a worker process is started: its Celery node name, command line and
 environment. Shared by `fleet worker`, `fleet workers` (fleet.ops.supervisor), local
-workers (fleet.ops.localworkers), `fleet demo` and the tests, so none of them
-imports the CLI.
+workers (fleet.ops.localworkers), `fleet demo`, `fleet beat`'s control worker, the
+tests and the benchmarks.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+from pathlib import Path
 
 from fleet.config.settings import Settings
 
@@ -24,6 +25,28 @@ def worker_name(task: str, *, gpu: int | None, unique: str | None = None) -> str
     return f"{task}@{slot}-{unique or secrets.token_hex(3)}.%h"
 
 
+def solo_worker_options(queue: str, *, name: str, loglevel: str) -> list[str]:
+    """The `celery worker` options every fleet worker runs with: one solo-pool
+    process consuming `queue` under node name `name`, sending task events (for
+    Flower and `fleet status`), without gossip and mingle (no chatter between
+    workers at start)."""
+    return [
+        "--pool",
+        "solo",
+        "--concurrency",
+        "1",
+        "-Q",
+        queue,
+        "-n",
+        name,
+        "--loglevel",
+        loglevel,
+        "-E",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
 def worker_argv(
     task: str, *, gpu: int | None, loglevel: str, hostname: str | None = None
 ) -> list[str]:
@@ -34,21 +57,21 @@ def worker_argv(
         "-m",
         "celery",
         "-A",
-        "workers.app",
+        "fleet.ops.celeryapp",
         "worker",
-        "--pool",
-        "solo",
-        "--concurrency",
-        "1",
-        "-Q",
-        f"fleet.{task}",
-        "-n",
-        name,
-        "--loglevel",
-        loglevel,
-        "-E",
-        "--without-gossip",
-        "--without-mingle",
+        *solo_worker_options(f"fleet.{task}", name=name, loglevel=loglevel),
+    ]
+
+
+def control_worker_args(schedule_file: Path, *, queue: str, loglevel: str) -> list[str]:
+    """The `app.start(...)` arguments of `fleet beat`: a worker on the control
+    `queue` (no model) with beat embedded, its schedule kept in `schedule_file`."""
+    return [
+        "worker",
+        "--beat",
+        "--schedule-filename",
+        str(schedule_file),
+        *solo_worker_options(queue, name="control@%h", loglevel=loglevel),
     ]
 
 

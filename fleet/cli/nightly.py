@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+import sys
+from typing import Any
 
 import click
 
-if TYPE_CHECKING:
-    from fleet.cli import Ctx
+from fleet.cli.context import ExitCode, FleetContext, fail, pass_fleet
+from fleet.cli.output import finish_run, json_option, local_workers_option
 
 
 def _term_as_exit(signum: int, _frame: Any) -> None:
@@ -24,46 +24,52 @@ def _term_as_exit(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def nightly_command(
-    ctx: Ctx,
-    task_names: Sequence[str],
-    *,
+@click.command()
+@click.option(
+    "--task", "-t", "task_names", multiple=True, help="Only these tasks (default: every one)."
+)
+@click.option("--timeout", type=float, help="Give up after this many seconds (exit 4).")
+@local_workers_option
+@json_option
+@pass_fleet
+def nightly(
+    ctx: FleetContext,
+    task_names: tuple[str, ...],
     timeout: float | None,
+    local_workers: bool | None,
     as_json: bool,
-    local_workers: bool | None = None,
 ) -> None:
-    from fleet.cli import EXIT_CONFIG, _finish_run, fail
-    from fleet.observe.display import run_progress
-    from fleet.ops.localworkers import LocalWorkersFailed, maybe_local_workers, wanted
-    from producer.nightly import RunStillGoing, drive, run_specs
+    """Run the nightly job once in the foreground (cron, Kubernetes CronJob).
+
+    Discovers and runs every configured task, records a `runs` row (trigger
+    nightly). A nightly run still going elsewhere: says which, exits 0. With
+    --local-workers, one command on one machine starts the workers it needs.
+    """
+    from fleet.ops.localworkers import LocalWorkersFailed, drive_with_local_workers, wanted
+    from producer.drive import run_specs
+    from producer.nightly import RunStillGoing, drive
 
     local = wanted(local_workers, ctx.settings)  # before services() fills in the URLs
-    task_names = list(task_names) or ctx.settings.nightly_task_names()
-    for name in task_names:
+    names = list(task_names) or ctx.settings.nightly_task_names()
+    for name in names:
         ctx.task(name)  # a typo (also in FLEET_NIGHTLY_TASKS) fails here, with the list of tasks
-    specs = run_specs(ctx.tasks(), task_names or None)
+    specs = run_specs(ctx.tasks(), names or None)
     s = ctx.services()
     app = ctx.app()
     signal.signal(signal.SIGTERM, _term_as_exit)
     try:
         # Workers start on the loop's first pass, once this process drives the run.
-        with (
-            maybe_local_workers(specs, s, enabled=local) as lw,
-            run_progress(
-                [sp.name for sp in specs], quiet=as_json, workers=lw.notes if lw else None
-            ) as update,
-        ):
-            report = drive(
-                s.db_url(),
-                app,
-                specs,
-                s,
-                timeout=timeout,
-                progress=lw.wrap(update) if lw else update,
-                gate=lw.gate if lw else None,
-            )
+        report = drive_with_local_workers(
+            specs,
+            s,
+            lambda progress, gate: drive(
+                s.db_url(), app, specs, s, timeout=timeout, progress=progress, gate=gate
+            ),
+            enabled=local,
+            quiet=as_json,
+        )
     except LocalWorkersFailed as e:
-        fail(str(e), EXIT_CONFIG)
+        fail(str(e), ExitCode.CONFIG)
     except RunStillGoing as e:
         if as_json:
             click.echo(json.dumps({"run_id": None, "still_going": e.run.run_id, "message": str(e)}))
@@ -76,20 +82,28 @@ def nightly_command(
         click.echo(
             f"closed abandoned nightly run(s) {report.took_over} (their driver was gone)", err=True
         )
-    _finish_run(report, as_json)
+    finish_run(report, as_json)
 
 
-def beat_command(ctx: Ctx, *, loglevel: str) -> int:
+@click.command()
+@click.option("--loglevel", default="INFO", show_default=True)
+@pass_fleet
+def beat(ctx: FleetContext, loglevel: str) -> None:
+    """Run the schedule: Celery beat plus a control worker on fleet.control (no model).
+
+    Nightly on FLEET_NIGHTLY_CRONTAB (FLEET_TIMEZONE), a feed tick every
+    FLEET_BEAT_FEED_SECONDS, the reconciler every FLEET_BEAT_RECONCILE_SECONDS.
+    """
     from db.engine import dispose_all
-    from fleet.cli import EXIT_CONFIG, fail
     from fleet.config.logs import setup_logging
+    from fleet.ops.workercommand import control_worker_args
     from producer.schedule import ScheduleError, beat_schedule, install
     from workers.control import CONTROL_QUEUE
 
     try:
         beat_schedule(ctx.settings)  # a bad crontab or time zone fails before anything starts
     except ScheduleError as e:
-        fail(str(e), EXIT_CONFIG)
+        fail(str(e), ExitCode.CONFIG)
     tasks = ctx.tasks()
     nightly_names = ctx.settings.nightly_task_names()
     for name in nightly_names:
@@ -108,24 +122,6 @@ def beat_command(ctx: Ctx, *, loglevel: str) -> int:
     # Beat runs in a forked child: no pooled database connection crosses the fork.
     dispose_all()
     code = app.start(
-        [
-            "worker",
-            "--beat",
-            "--schedule-filename",
-            str(folder / "schedule"),
-            "-Q",
-            CONTROL_QUEUE,
-            "--pool",
-            "solo",
-            "--concurrency",
-            "1",
-            "-n",
-            "control@%h",
-            "--loglevel",
-            loglevel,
-            "-E",
-            "--without-gossip",
-            "--without-mingle",
-        ]
+        control_worker_args(folder / "schedule", queue=CONTROL_QUEUE, loglevel=loglevel)
     )
-    return int(code or 0)
+    sys.exit(int(code or 0))

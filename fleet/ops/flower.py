@@ -1,4 +1,4 @@
-"""`fleet flower`: Flower on the fleet's broker, behind basic auth by default.
+"""What `fleet flower` runs: Flower on the fleet's broker, behind basic auth by default.
 
 The broker is resolved as every `fleet` command resolves it (BROKER_URL, or
 the embedded Redis), so Flower watches the same queues as the workers. The
@@ -17,23 +17,21 @@ import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from fleet.cli import Ctx
-    from fleet.config.settings import Settings
+from fleet.config.settings import Settings, redact
 
-log = logging.getLogger("fleet.flower")
+log = logging.getLogger(__name__)
 
 PASSWORD_FILE = "flower-password"
 ENV_AUTH = "FLOWER_BASIC_AUTH"
 
 
 class FlowerConfigError(ValueError):
-    pass
+    """Flower cannot start as configured: bad credentials, or it cannot listen where asked."""
 
 
 def password_file(settings: Settings) -> Path:
+    """Where a generated Flower password is kept: state_dir/flower-password."""
     return settings.state_dir / PASSWORD_FILE
 
 
@@ -81,19 +79,26 @@ def credentials(settings: Settings) -> tuple[str, str]:
 
 
 def run_flower(
-    ctx: Ctx,
+    settings: Settings,
     *,
     address: str | None,
     port: int | None,
     no_auth: bool,
     echo: Callable[[str], None],
 ) -> int:
-    from fleet.cli import EXIT_CONFIG, fail
-    from fleet.config.settings import redact
+    """Serve Flower in this process until it stops; returns its exit status.
+
+    `address` and `port` default to FLEET_FLOWER_ADDRESS and FLEET_FLOWER_PORT.
+    Only the broker is resolved (embedded Redis or BROKER_URL): Flower comes up
+    even while Postgres is down. `echo` gets the lines for the operator.
+
+    Raises:
+        FlowerConfigError: unusable credentials, or the address/port cannot be listened on.
+    """
     from fleet.ops.services import ensure_services
     from workers.app import create_app
 
-    s = ctx.settings
+    s = settings
     address = address or s.flower_address
     port = port or s.flower_port
     if no_auth:
@@ -106,10 +111,7 @@ def run_flower(
     elif s.flower_password is None and os.environ.get(ENV_AUTH):
         echo(f"Flower credentials from {ENV_AUTH} (set by you)")
     else:
-        try:
-            auth, where = credentials(s)
-        except FlowerConfigError as e:
-            fail(str(e), EXIT_CONFIG)
+        auth, where = credentials(s)
         os.environ[ENV_AUTH] = auth  # read by Flower at start; not on the command line
         echo(f"Flower user {s.flower_user!r}; the password is in {where}")
     # Only the broker is needed: Flower comes up even while Postgres is down.
@@ -121,9 +123,8 @@ def run_flower(
     try:
         code = app.start(["flower", f"--address={address}", f"--port={port}"])
     except OSError as e:  # the port is taken, or the address is not this host's
-        fail(
+        raise FlowerConfigError(
             f"Flower cannot listen on {host}:{port}: {e.strerror or e}. Pick another with "
-            "--port/--address (FLEET_FLOWER_PORT, FLEET_FLOWER_ADDRESS).",
-            EXIT_CONFIG,
-        )
+            "--port/--address (FLEET_FLOWER_PORT, FLEET_FLOWER_ADDRESS)."
+        ) from e
     return int(code or 0)

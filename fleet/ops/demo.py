@@ -1,4 +1,4 @@
-"""`fleet demo`: the whole nightly job once, on one machine.
+"""What `fleet demo` runs: the whole nightly job once, on one machine.
 
 Prepares the bundled models, ingests the sample conversations and (with
 espeak-ng installed) a few spoken sentences, starts one real `celery worker`
@@ -17,13 +17,35 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-import click
-
+from fleet.config.settings import Settings
+from fleet.config.taskconfig import TaskSpec
 from fleet.observe.display import out, results_table
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+
+class DemoContext(Protocol):
+    """What the demo needs of its caller (the `fleet` command's context)."""
+
+    settings: Settings
+
+    def services(self) -> Settings:
+        """The settings with the services started and their URLs filled in."""
+        ...
+
+    def task(self, name: str) -> TaskSpec:
+        """One task of the task config."""
+        ...
+
+    def app(self) -> Celery:
+        """The Celery app on the resolved services."""
+        ...
 
 
 def _data(name: str) -> Path:
@@ -70,7 +92,23 @@ def _memory_cap(short: list[Path], long: Path) -> int | None:
     return (fits + too_big) // 2 if too_big > fits else None
 
 
-def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
+def run_demo(
+    ctx: DemoContext,
+    *,
+    conversations: Path | None,
+    timeout: float,
+    echo: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> int:
+    """Run the demo; returns the exit status: 0, or 4 when it timed out with work unfinished.
+
+    `conversations` replaces the bundled sample conversations; `timeout` bounds
+    each drive (seconds). `echo` gets the report lines (stdout), `warn` the
+    problems (stderr); the tables go to stdout.
+
+    Raises:
+        LocalWorkersFailed: only the work of tasks whose worker cannot start is left.
+    """
     from fleet.models.prepare import (
         MINILM,
         SENTIMENT,
@@ -83,7 +121,7 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
     )
     from fleet.observe.display import byte_progress, run_progress
     from fleet.ops.ingest import ingest_audio_dir, ingest_conversations_file
-    from fleet.ops.localworkers import LocalWorkersFailed, local_workers, say
+    from fleet.ops.localworkers import local_workers, say
     from fleet.reporting.queries import fetch_results
     from producer.runner import run_until_done
 
@@ -91,10 +129,10 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
     embedded = ctx.settings.embedded  # before services() fills in the URLs
     s = ctx.services()
     where = "embedded, under " + str(s.state_dir) if embedded else "DATABASE_URL / BROKER_URL"
-    click.echo(f"services: {where}")
-    prepare_intent(s.resolved_models_dir, echo=click.echo)
+    echo(f"services: {where}")
+    prepare_intent(s.resolved_models_dir, echo=echo)
     only = [WORTHINESS, SENTIMENT, MINILM, SMOLLM]
-    for _ in prepare_models(s.resolved_models_dir, only=only, echo=click.echo):
+    for _ in prepare_models(s.resolved_models_dir, only=only, echo=echo):
         pass
     # intent by the trained encoder, topic zero-shot, llm_classify by LLM label scoring
     specs = [ctx.task(t) for t in ("intent", "topic", "llm_classify", "worthiness", "sentiment")]
@@ -102,7 +140,7 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
     path = conversations or _data("sample_conversations.jsonl")
     with path.open("rb") as f, byte_progress(path.stat().st_size, "ingest") as advance:
         report = ingest_conversations_file(s.db_url(), f, progress=advance)
-    click.echo(
+    echo(
         f"conversations: {report.inserted} new, {report.already_present} already there, {len(report.bad)} bad lines"
     )
 
@@ -110,64 +148,60 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
     cap_env: dict[str, str] = {}
     late: tuple[Path, dict[str, tuple[str, str]]] | None = None
     if spoken is None:
-        click.echo("audio: skipped (install espeak-ng to add spoken samples)")
+        echo("audio: skipped (install espeak-ng to add spoken samples)")
     else:
         only = [WHISPER_BASE, WHISPER]
-        for _ in prepare_models(s.resolved_models_dir, only=only, echo=click.echo):
+        for _ in prepare_models(s.resolved_models_dir, only=only, echo=echo):
             pass
         audio = ingest_audio_dir(s.db_url(), spoken[0], audio_root=s.resolved_audio_root)
-        click.echo(f"audio files: {audio.inserted} new, {audio.already_present} already there")
+        echo(f"audio files: {audio.inserted} new, {audio.already_present} already there")
         specs += [ctx.task("transcribe"), ctx.task("audio_intent")]
         late = _speak_long(s.resolved_audio_root)
         root = s.resolved_audio_root
         cap = _memory_cap([root / k for k in spoken[1]], root / next(iter(late[1])))
         if cap is not None:
             cap_env["FLEET_SIMULATE_MEMORY"] = f"0:{cap}"
-            click.echo(
+            echo(
                 f"transcribe: whisper-base under a simulated memory cap of {cap / 100:.0f} s of "
                 "padded audio per sub-batch (the short samples fit, a long recording will not)"
             )
 
     # The same path as `fleet run --local-workers`: a worker per task (all at once, or
     # one task at a time when memory is short), stopped at the end, also on Ctrl-C.
-    try:
-        with local_workers(specs, s, echo=say, extra_env={"transcribe": cap_env}) as lw:
-            with run_progress([sp.name for sp in specs], workers=lw.notes) as update:
-                run = run_until_done(
+    with local_workers(specs, s, echo=say, extra_env={"transcribe": cap_env}) as lw:
+        with run_progress([sp.name for sp in specs], workers=lw.notes) as update:
+            run = run_until_done(
+                s.db_url(),
+                ctx.app(),
+                specs,
+                s,
+                trigger="demo",
+                timeout=timeout,
+                progress=lw.wrap(update),
+                gate=lw.gate,
+            )
+        counts, timed_out = dict(run.counts), run.timed_out
+        shown = dict(spoken[1]) if spoken is not None else {}
+        if late is not None and not timed_out:
+            # The long recording arrives after the samples: under the cap it does not fit
+            # whisper-base, so the worker steps down to whisper-tiny.en for it.
+            ingest_audio_dir(s.db_url(), late[0], audio_root=s.resolved_audio_root)
+            echo(f"audio: a long recording arrives ({next(iter(late[1]))})")
+            audio_specs = [sp for sp in specs if sp.source == "audio"]
+            with run_progress([sp.name for sp in audio_specs], workers=lw.notes) as update:
+                again = run_until_done(
                     s.db_url(),
                     ctx.app(),
-                    specs,
+                    audio_specs,
                     s,
                     trigger="demo",
                     timeout=timeout,
                     progress=lw.wrap(update),
                     gate=lw.gate,
                 )
-            counts, timed_out = dict(run.counts), run.timed_out
-            shown = dict(spoken[1]) if spoken is not None else {}
-            if late is not None and not timed_out:
-                # The long recording arrives after the samples: under the cap it does not fit
-                # whisper-base, so the worker steps down to whisper-tiny.en for it.
-                ingest_audio_dir(s.db_url(), late[0], audio_root=s.resolved_audio_root)
-                click.echo(f"audio: a long recording arrives ({next(iter(late[1]))})")
-                audio_specs = [sp for sp in specs if sp.source == "audio"]
-                with run_progress([sp.name for sp in audio_specs], workers=lw.notes) as update:
-                    again = run_until_done(
-                        s.db_url(),
-                        ctx.app(),
-                        audio_specs,
-                        s,
-                        trigger="demo",
-                        timeout=timeout,
-                        progress=lw.wrap(update),
-                        gate=lw.gate,
-                    )
-                counts.update(again.counts)
-                timed_out = again.timed_out
-                shown.update(late[1])
-    except LocalWorkersFailed as e:
-        click.echo(str(e), err=True)
-        return 2
+            counts.update(again.counts)
+            timed_out = again.timed_out
+            shown.update(late[1])
 
     rows = fetch_results(s.db_url(), task="intent", limit=None)
     results_table(rows[:60], title="intent of the sample conversations")
@@ -182,19 +216,17 @@ def run_demo(ctx: Any, *, conversations: Path | None, timeout: float) -> int:
         scored = [(a, b) for a, b in scored if b]
         if scored:
             acc = sum(a == b for a, b in scored) / len(scored)
-            click.echo(
-                f"{task}: agreement with the samples' intended labels: {acc:.1%} of {len(scored)}"
-            )
+            echo(f"{task}: agreement with the samples' intended labels: {acc:.1%} of {len(scored)}")
     _labels_table(s.db_url(), fetch_results, ("worthiness", "sentiment"))
     if spoken is not None:
         _audio_table(s.db_url(), fetch_results, shown)
     for name, c in counts.items():
-        click.echo(
+        echo(
             f"{name}: done {c.get('done', 0)}, failed {c.get('failed', 0)}, dead {c.get('dead', 0)}"
         )
-    click.echo(f"demo took {time.monotonic() - t0:.1f}s; worker logs in {s.state_dir / 'logs'}")
+    echo(f"demo took {time.monotonic() - t0:.1f}s; worker logs in {s.state_dir / 'logs'}")
     if timed_out:
-        click.echo("timed out with work unfinished; see the worker logs", err=True)
+        warn("timed out with work unfinished; see the worker logs")
         return 4
     return 0
 

@@ -1,37 +1,131 @@
-"""`fleet sync`, `fleet rerun` and `fleet models pull`: the user's own data and models.
-
-Registered on the `fleet` group by fleet.cli (`register`). Thin: the work is in
-producer.sync, db.sync, db.triggers and workers.hub.
+"""The data commands: `fleet settings`, `migrate`, `ingest conversations|audio`,
+`sync` (the declared [sources.*]) and `rerun` (items whose result came from
+another model version). Thin: the work is in fleet.ops.ingest, producer.sync,
+db.sync, db.triggers and db.migrate.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
 
-EXIT_CONFIG, EXIT_SERVICE = 2, 3
+from fleet.cli.context import ExitCode, FleetContext, fail, pass_fleet
+from fleet.cli.output import json_option
+from fleet.config.settings import redact
 
 
-def _fail(message: str, code: int = EXIT_CONFIG) -> Any:
-    from fleet.cli import fail
+@click.command("settings")
+@json_option
+@pass_fleet
+def settings_cmd(ctx: FleetContext, as_json: bool) -> None:
+    """Show the settings in force (secrets masked) and where each comes from."""
+    s = ctx.settings
+    out: dict[str, Any] = {}
+    for name in type(s).model_fields:
+        value = getattr(s, name)
+        if name in ("database_url", "broker_url"):
+            value = redact(value.get_secret_value()) if value is not None else "(embedded)"
+        out[name] = str(value) if value is not None else None
+    out["models_dir (resolved)"] = str(s.resolved_models_dir)
+    out["audio_root (resolved)"] = str(s.resolved_audio_root)
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    for name, value in out.items():
+        desc = type(s).model_fields[name].description if name in type(s).model_fields else ""
+        click.echo(f"{name:24} {value}")
+        if desc:
+            click.echo(f"{'':24} {click.style(desc, dim=True)}")
 
-    return fail(message, code)
+
+@click.command()
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+@click.option("--down", is_flag=True, help="Downgrade to --revision (default base) instead.")
+@pass_fleet
+def migrate(ctx: FleetContext, revision: str, down: bool) -> None:
+    """Bring the database schema to the code's version (Alembic)."""
+    from db.migrate import downgrade, upgrade
+    from fleet.ops.services import ensure_services
+
+    s = ensure_services(ctx.settings)
+    if down:
+        downgrade(s.db_url(), "base" if revision == "head" else revision)
+    else:
+        upgrade(s.db_url(), revision)
+    click.echo(
+        f"schema {'downgraded' if down else 'upgraded'} to {revision if not down or revision != 'head' else 'base'}"
+    )
 
 
-def _sources(ctx: Any) -> Any:
-    from fleet.config.taskconfig import ConfigError, load_sources
+@click.group()
+def ingest() -> None:
+    """Put conversations or audio files into Postgres (idempotent on external_id)."""
 
+
+@ingest.command("conversations")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
+@pass_fleet
+def ingest_conversations_cmd(ctx: FleetContext, path: Path, as_json: bool) -> None:
+    """Ingest a JSONL file: one {"external_id", "messages": [{role, content}], ...} per line."""
+    from fleet.observe.display import byte_progress
+    from fleet.ops.ingest import ingest_conversations_file
+
+    url = ctx.url()
+    with (
+        path.open("rb") as f,
+        byte_progress(path.stat().st_size, f"ingest {path.name}", quiet=as_json) as advance,
+    ):
+        report = ingest_conversations_file(url, f, progress=advance)
+    _print_ingest(report, as_json)
+
+
+@ingest.command("audio")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@json_option
+@pass_fleet
+def ingest_audio_cmd(ctx: FleetContext, folder: Path, as_json: bool) -> None:
+    """Register the audio files (wav, flac, ogg, mp3) under FOLDER, inside the audio root."""
+    from fleet.ops.ingest import ingest_audio_dir
+
+    s = ctx.services()
     try:
-        return load_sources(ctx.settings.config_file)
-    except ConfigError as e:
-        _fail(str(e))
+        report = ingest_audio_dir(s.db_url(), folder, audio_root=s.resolved_audio_root)
+    except ValueError as e:
+        fail(str(e), ExitCode.CONFIG)
+    _print_ingest(report, as_json)
+
+
+def _print_ingest(report: Any, as_json: bool) -> None:
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "read": report.read,
+                    "inserted": report.inserted,
+                    "already_present": report.already_present,
+                    "bad": [{"line": n, "reason": r} for n, r in report.bad],
+                }
+            )
+        )
+        return
+    click.echo(
+        f"read {report.read}, inserted {report.inserted}, already present {report.already_present}, "
+        f"bad {len(report.bad)}"
+    )
+    for lineno, reason in report.bad[:20]:
+        click.echo(f"  line {lineno}: {reason}" if lineno else f"  {reason}", err=True)
+    if len(report.bad) > 20:
+        click.echo(
+            f"  ... and {len(report.bad) - 20} more bad lines (use --json for all)", err=True
+        )
 
 
 @contextmanager
@@ -79,10 +173,10 @@ def _line(r: Any) -> str:
     "changed (see FLEET_SYNC_SECONDS); no sync runs.",
 )
 @click.option("--remove-triggers", is_flag=True, help="Drop the triggers again; no sync runs.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@click.pass_obj
+@json_option
+@pass_fleet
 def sync_cmd(
-    ctx: Any,
+    ctx: FleetContext,
     names: tuple[str, ...],
     full: bool,
     install_triggers: bool,
@@ -101,16 +195,16 @@ def sync_cmd(
     from fleet.config.taskconfig import ConfigError
     from producer.sync import pick, sync_sources
 
-    sources = _sources(ctx)
+    sources = ctx.sources()
     if not sources:
-        _fail(
+        fail(
             f"no [sources.<name>] in the task config ({ctx.settings.config_file or 'the bundled tasks.toml'}): "
             "declare one (see the README, 'Pointing the fleet at your own data')"
         )
     try:
         specs = pick(sources, names)
     except ConfigError as e:
-        _fail(str(e))
+        fail(str(e))
     settings = ctx.services()
     if install_triggers or remove_triggers:
         _triggers(settings, specs, remove=remove_triggers)
@@ -119,12 +213,12 @@ def sync_cmd(
         with _live(as_json) as step:
             reports = sync_sources(settings, specs, full=full, progress=step)
     except SyncError as e:
-        _fail(f"{e}. Fix the source in the task config and run `fleet sync` again.")
+        fail(f"{e}. Fix the source in the task config and run `fleet sync` again.")
     except OperationalError as e:
-        _fail(
+        fail(
             f"cannot reach the source database ({str(e.orig).splitlines()[0] if e.orig else e}); "
             "check FLEET_SOURCE_DATABASE_URL",
-            EXIT_SERVICE,
+            ExitCode.SERVICE,
         )
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in reports], indent=2))
@@ -158,7 +252,7 @@ def _triggers(settings: Any, specs: Any, *, remove: bool) -> None:
                     )
                 )
         except ValueError as e:
-            _fail(str(e))
+            fail(str(e))
 
 
 def _since(value: str | None) -> str | None:
@@ -167,7 +261,7 @@ def _since(value: str | None) -> str | None:
     try:
         stamp = dt.datetime.fromisoformat(value)
     except ValueError:
-        _fail(f"--since {value!r} is not a date or time; use e.g. 2026-11-01 or 2026-11-01T12:00")
+        fail(f"--since {value!r} is not a date or time; use e.g. 2026-11-01 or 2026-11-01T12:00")
     if stamp.tzinfo is None:
         stamp = stamp.replace(tzinfo=dt.UTC)
     return stamp.isoformat()
@@ -184,10 +278,10 @@ def _since(value: str | None) -> str | None:
 )
 @click.option("--since", help="Only results made at or after this date/time (ISO, UTC default).")
 @click.option("--dry-run", is_flag=True, help="Count the items; change nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@click.pass_obj
+@json_option
+@pass_fleet
 def rerun_cmd(
-    ctx: Any,
+    ctx: FleetContext,
     task_name: str,
     current: tuple[str, ...],
     since: str | None,
@@ -204,7 +298,7 @@ def rerun_cmd(
     settings = ctx.services()
     keep = list(current) or current_revisions(spec, settings)
     if not keep:
-        _fail(
+        fail(
             f"no tier of task {task_name!r} resolves to a model here (`fleet models prepare` or "
             "`fleet models pull`), so the current revision is unknown: pass --model-not REVISION"
         )
@@ -214,56 +308,3 @@ def rerun_cmd(
         return
     verb = "would put back" if dry_run else "put back"
     click.echo(f"{task_name}: {verb} {n:,} items whose result is not from {', '.join(keep)}")
-
-
-@click.command("pull")
-@click.option("--task", "-t", "task_names", multiple=True, help="Only these tasks' ladders.")
-@click.pass_obj
-def models_pull(ctx: Any, task_names: tuple[str, ...]) -> None:
-    """Download every ladder model named by Hugging Face id into the HF cache.
-
-    Run it where the hub is reachable (safetensors, configuration and tokenizer
-    files only; no code is ever run from a model repository). Workers then load
-    from the cache (HF_HOME) with local files only.
-    """
-    from workers.hub import ModelNotCached, hub_cache, hub_id, pull, tier_revision
-
-    tasks = ctx.tasks()
-    chosen = [ctx.task(n) for n in task_names] if task_names else list(tasks.values())
-    models_dir = ctx.settings.resolved_models_dir
-    wanted: dict[tuple[str, str | None], str] = {}
-    for spec in chosen:
-        for tier in spec.ladder:
-            repo = hub_id(tier, models_dir)
-            if repo is not None:
-                wanted.setdefault((repo, tier_revision(tier)), f"{spec.name}/{tier.name}")
-    if not wanted:
-        click.echo("no ladder tier names a Hugging Face id (org/name): nothing to pull")
-        return
-    failed = 0
-    for (repo, revision), where in wanted.items():
-        click.echo(
-            f"pulling {repo}{'@' + revision if revision else ''} ({where}) into {hub_cache()}"
-        )
-        try:
-            pull(repo, revision, echo=click.echo)
-        except ModelNotCached as e:
-            click.echo(f"  {e}", err=True)
-            failed += 1
-        except Exception as e:  # the hub unreachable, a wrong id, no access
-            click.echo(
-                f"  cannot download {repo} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                "run `fleet models pull` on a machine that can reach huggingface.co "
-                "(HF_TOKEN for gated models), then copy its HF_HOME here",
-                err=True,
-            )
-            failed += 1
-    if failed:
-        sys.exit(EXIT_SERVICE)
-
-
-def register(main: click.Group, models: click.Group) -> None:
-    """Add the commands to the `fleet` group and `fleet models`."""
-    main.add_command(sync_cmd)
-    main.add_command(rerun_cmd)
-    models.add_command(models_pull)

@@ -1,0 +1,71 @@
+"""The `fleet` command: a thin front door over producer/, workers/ and db/.
+
+One module per family of commands (run, nightly, workers, data, models,
+observe, reports, deploy, demo); the context, `fail` and the exit codes in
+`context`, the shared options and the run summary in `output`. Nothing outside
+this package imports it. Exit codes: `context.ExitCode`.
+"""
+
+from __future__ import annotations
+
+import click
+
+from fleet.cli import data, demo, deploy, models, nightly, observe, reports, run, workers
+from fleet.cli.context import ExitCode, FleetContext, fail
+from fleet.config.settings import Settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gpu-fleet")
+@click.pass_context
+def main(click_ctx: click.Context) -> None:
+    """Classify a Postgres backlog of conversations and audio with a Celery GPU fleet.
+
+    With DATABASE_URL and BROKER_URL unset, an embedded Postgres and Redis are
+    started under FLEET_STATE_DIR. `fleet demo` runs the whole job once.
+    """
+    from pydantic import ValidationError
+
+    from fleet.config.logs import setup_logging
+
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        fail(f"invalid settings: {e}", ExitCode.CONFIG)
+    setup_logging(
+        settings.log_level if settings.log_level != "INFO" else "WARNING",
+        json_lines=settings.log_json,
+    )
+    click_ctx.obj = FleetContext(settings)
+
+
+for _command in (
+    data.settings_cmd,
+    data.migrate,
+    data.ingest,
+    data.sync_cmd,
+    data.rerun_cmd,
+    run.backlog,
+    run.enqueue,
+    run.run,
+    run.reconcile,
+    run.retry,
+    reports.results,
+    reports.export,
+    reports.eval_cmd,
+    reports.compare,
+    reports.report,
+    workers.worker,
+    workers.workers,
+    models.models,
+    models.train,
+    demo.demo,
+    observe.status,
+    observe.watch,
+    observe.metrics,
+    observe.flower,
+    nightly.nightly,
+    nightly.beat,
+    deploy.deploy,
+):
+    main.add_command(_command)

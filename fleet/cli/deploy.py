@@ -1,0 +1,58 @@
+"""`fleet deploy compose|k8s`: deployment manifests from the task config (deploy/README.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from fleet.cli.context import ExitCode, FleetContext, fail, pass_fleet
+from fleet.cli.output import task_option
+
+
+@click.group()
+def deploy() -> None:
+    """Generate deployment manifests from the task config (see deploy/README.md)."""
+
+
+@deploy.command("compose")
+@click.option("--gpus", required=True, help="This host's GPU indexes, e.g. 0,1,2,3 (or 'all').")
+@click.option(
+    "--task", "-t", "task_options", multiple=True, help="Task, or TASK=0,1 to pin GPUs; repeat."
+)
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), help="File to write.")
+@pass_fleet
+def deploy_compose(
+    ctx: FleetContext, gpus: str, task_options: tuple[str, ...], out: Path | None
+) -> None:
+    """One worker service per GPU (docker-compose.override.yml); default task: intent."""
+    from fleet.ops.deploy import compose_command
+
+    try:
+        text, plan = compose_command(ctx.tasks(), gpus, task_options)
+    except ValueError as e:  # fleet.ops.deploy.DeployError is one
+        fail(str(e), ExitCode.CONFIG)
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    out.write_text(text)
+    click.echo(f"wrote {out}: {len(plan)} worker(s); start them with `docker compose up -d`")
+
+
+@deploy.command("k8s")
+@task_option
+@click.option("--max-replicas", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option(
+    "--list-length",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="KEDA target: batches waiting per worker.",
+)
+@pass_fleet
+def deploy_k8s(ctx: FleetContext, task_name: str, max_replicas: int, list_length: int) -> None:
+    """A task's worker Deployment (one GPU per pod) and its KEDA ScaledObject, as YAML."""
+    from fleet.ops.deploy import k8s_command
+
+    spec = ctx.task(task_name)
+    click.echo(k8s_command(spec, max_replicas=max_replicas, list_length=list_length), nl=False)

@@ -1,0 +1,238 @@
+"""`fleet models prepare|pull` and `fleet train`: the models the ladders serve."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fleet.cli.context import ExitCode, FleetContext, fail, pass_fleet
+from fleet.cli.output import json_option, task_option
+
+
+@click.group()
+def models() -> None:
+    """Prepare the bundled models (convert, train) into FLEET_MODELS_DIR."""
+
+
+@models.command("prepare")
+@click.option(
+    "--only",
+    multiple=True,
+    help="Prepare only these (intent-minilm, worthiness-minilm, sentiment-minilm, whisper-tiny.en, smollm2-135m-instruct, all-minilm-l6-v2; gemma3-270m only when named).",
+)
+@click.option("--force", is_flag=True, help="Rebuild even if present.")
+@pass_fleet
+def models_prepare(ctx: FleetContext, only: tuple[str, ...], force: bool) -> None:
+    """Build every bundled model folder once (seconds to a few minutes on CPU)."""
+    from fleet.models.prepare import prepare_models
+
+    for name, path, seconds in prepare_models(
+        ctx.settings.resolved_models_dir, only=only, force=force, echo=click.echo
+    ):
+        click.echo(f"{name:24} {path}  ({seconds:.1f}s)")
+
+
+@models.command("pull")
+@click.option("--task", "-t", "task_names", multiple=True, help="Only these tasks' ladders.")
+@pass_fleet
+def models_pull(ctx: FleetContext, task_names: tuple[str, ...]) -> None:
+    """Download every ladder model named by Hugging Face id into the HF cache.
+
+    Run it where the hub is reachable (safetensors, configuration and tokenizer
+    files only; no code is ever run from a model repository). Workers then load
+    from the cache (HF_HOME) with local files only.
+    """
+    from workers.hub import ModelNotCached, hub_cache, hub_id, pull, tier_revision
+
+    tasks = ctx.tasks()
+    chosen = [ctx.task(n) for n in task_names] if task_names else list(tasks.values())
+    models_dir = ctx.settings.resolved_models_dir
+    wanted: dict[tuple[str, str | None], str] = {}
+    for spec in chosen:
+        for tier in spec.ladder:
+            repo = hub_id(tier, models_dir)
+            if repo is not None:
+                wanted.setdefault((repo, tier_revision(tier)), f"{spec.name}/{tier.name}")
+    if not wanted:
+        click.echo("no ladder tier names a Hugging Face id (org/name): nothing to pull")
+        return
+    failed = 0
+    for (repo, revision), where in wanted.items():
+        click.echo(
+            f"pulling {repo}{'@' + revision if revision else ''} ({where}) into {hub_cache()}"
+        )
+        try:
+            pull(repo, revision, echo=click.echo)
+        except ModelNotCached as e:
+            click.echo(f"  {e}", err=True)
+            failed += 1
+        except Exception as e:  # the hub unreachable, a wrong id, no access
+            click.echo(
+                f"  cannot download {repo} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "run `fleet models pull` on a machine that can reach huggingface.co "
+                "(HF_TOKEN for gated models), then copy its HF_HOME here",
+                err=True,
+            )
+            failed += 1
+    if failed:
+        sys.exit(int(ExitCode.SERVICE))
+
+
+_file = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+@click.command()
+@task_option
+@click.option("--data", type=_file, help="Labeled CSV/JSONL/JSON: text,label[,weight|confidence].")
+@click.option("--from-task", help="Train on this task's stored results (e.g. llm_classify).")
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="With --from-task: keep results at least this confident.",
+)
+@click.option(
+    "--confirmed",
+    type=_file,
+    help='With --from-task: only items a reviewer confirmed ({"external_id","label"} lines).',
+)
+@click.option(
+    "--base", help="Encoder to start from: a local folder or a cached hub id (default: MiniLM)."
+)
+@click.option(
+    "--eval", "eval_file", type=_file, help="Validation file (default: a split of --data)."
+)
+@click.option(
+    "--test", "test_file", type=_file, help="Independent test file, scored once at the end."
+)
+@click.option(
+    "--test-fraction",
+    type=click.FloatRange(0.05, 0.5),
+    default=0.2,
+    show_default=True,
+    help="Share of each label held out for validation when there is no --eval.",
+)
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="Model folder to write."
+)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), help="Most epochs (early stopping may end sooner)."
+)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Examples per step.")
+@click.option(
+    "--patience", type=click.IntRange(min=1), help="Epochs without improvement before stopping."
+)
+@click.option("--max-length", type=click.IntRange(min=8), help="Tokens per example.")
+@click.option(
+    "--class-weights",
+    type=click.Choice(["balanced", "none"]),
+    default="balanced",
+    show_default=True,
+    help="Weigh rare labels up (n / (k * count)).",
+)
+@click.option(
+    "--seed", default=0, show_default=True, help="Seeds the split, the head and the batches."
+)
+@json_option
+@pass_fleet
+def train(
+    ctx: FleetContext,
+    task_name: str,
+    data: Path | None,
+    from_task: str | None,
+    min_confidence: float,
+    confirmed: Path | None,
+    base: str | None,
+    eval_file: Path | None,
+    test_file: Path | None,
+    test_fraction: float,
+    out: Path | None,
+    epochs: int | None,
+    lr: float | None,
+    batch_size: int | None,
+    patience: int | None,
+    max_length: int | None,
+    class_weights: str,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Fine-tune an encoder for a sequence_classify task from a labeled file, stored results or the bundled set.
+
+    Writes a model folder (safetensors, tokenizer, training_metrics.json, a model
+    card) and prints the TOML lines that serve it.
+    """
+    from fleet.models.finetune import TrainConfig
+    from fleet.models.labeled import TrainingDataError
+    from fleet.models.training import Chosen, choose_examples, run_training
+
+    spec = ctx.task(task_name)
+    if from_task:
+        ctx.task(from_task)
+    try:
+        chosen: Chosen = choose_examples(
+            task_name,
+            data=data,
+            from_task=from_task,
+            min_confidence=min_confidence,
+            confirmed=confirmed,
+            db_url=ctx.url,
+            models_dir=ctx.settings.resolved_models_dir,
+        )
+        out = out or chosen.out
+        overrides: dict[str, Any] = {
+            k: v
+            for k, v in {
+                "epochs": epochs,
+                "lr": lr,
+                "batch_size": batch_size,
+                "patience": patience,
+                "max_length": max_length,
+            }.items()
+            if v is not None
+        }
+        config = TrainConfig(seed=seed, class_weighting=class_weights, **overrides)
+        metrics = run_training(
+            spec,
+            models_dir=ctx.settings.resolved_models_dir,
+            examples=chosen.examples,
+            data_name=chosen.data_name,
+            out=out,
+            base=base,
+            eval_file=eval_file,
+            test_file=test_file or chosen.test_file,
+            config=config,
+            test_fraction=test_fraction,
+            quiet=as_json,
+            extra=chosen.extra,
+        )
+    except (TrainingDataError, ValueError) as e:
+        fail(f"{e}", ExitCode.CONFIG)
+    except OSError as e:
+        if base is None:
+            raise
+        fail(
+            f"cannot load the base model {base!r}: {e}. Give a local folder with config.json, "
+            "weights and a tokenizer (hub ids load from the local cache only)",
+            ExitCode.CONFIG,
+        )
+    if as_json:
+        click.echo(json.dumps({**metrics, "folder": str(out)}))
+        return
+    val = metrics["validation_scores"]
+    click.echo(
+        f"{out}: {metrics['n_train']} examples, {metrics['epochs_run']} epochs (best "
+        f"{metrics['best_epoch']}); validation accuracy {val['accuracy']:.3f}, "
+        f"macro-F1 {val['macro_f1']:.3f} (n={val['n']})"
+    )
+    if metrics.get("test"):
+        t = metrics["test"]
+        click.echo(
+            f"independent test accuracy {t['accuracy']:.3f}, macro-F1 {t['macro_f1']:.3f} (n={t['n']})"
+        )
+    click.echo("serve it: add to the task config, at the top of the ladder:\n" + metrics["toml"])

@@ -1,0 +1,64 @@
+"""The options several `fleet` commands share, and how a run's outcome is printed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from fleet.cli.context import ExitCode
+
+task_option = click.option(
+    "--task", "-t", "task_name", required=True, help="Task name from the task config (e.g. intent)."
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+local_workers_option = click.option(
+    "--local-workers/--no-local-workers",
+    default=None,
+    help="Start, supervise and stop the workers this run needs on this machine: one per task "
+    "per GPU, or per task on the CPU; one task at a time when memory is short. "
+    "Default: FLEET_LOCAL_WORKERS (auto: on with the embedded servers).",
+)
+
+
+def finish_run(report: Any, as_json: bool) -> None:
+    """Print a finished run (`fleet run`, `fleet nightly`) and exit with its code.
+
+    `report` has run_id, counts ({task: {status: n}}), seconds and timed_out.
+    Returns when every item is done; exits TIMEOUT when the run timed out with
+    work unfinished, FAILED_ITEMS when items ended failed or dead.
+    """
+    bad = sum(c.get("failed", 0) + c.get("dead", 0) for c in report.counts.values())
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "run_id": report.run_id,
+                    "counts": report.counts,
+                    "seconds": round(report.seconds, 2),
+                    "timed_out": report.timed_out,
+                }
+            )
+        )
+    else:
+        from fleet.observe.display import counts_table
+
+        counts_table(report.counts)
+        click.echo(f"run {report.run_id} took {report.seconds:.1f}s")
+    if report.timed_out:
+        if not as_json:
+            click.echo(
+                "timed out with work unfinished: are workers running? (`fleet worker --task T`)",
+                err=True,
+            )
+        sys.exit(int(ExitCode.TIMEOUT))
+    if bad:
+        if not as_json:
+            click.echo(
+                f"{bad} item(s) failed or dead: see `fleet results --status failed`; "
+                "`fleet retry --status failed` puts them back",
+                err=True,
+            )
+        sys.exit(int(ExitCode.FAILED_ITEMS))

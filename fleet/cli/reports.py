@@ -1,0 +1,210 @@
+"""Reading the results: `fleet results`, `export`, `eval`, `compare` and `report` (HTML)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from fleet.cli.context import ExitCode, FleetContext, fail, pass_fleet
+from fleet.cli.output import json_option, task_option
+
+
+@click.command()
+@task_option
+@click.option(
+    "--status",
+    type=click.Choice(["done", "failed", "dead", "all"]),
+    default="all",
+    show_default=True,
+)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option
+@pass_fleet
+def results(ctx: FleetContext, task_name: str, status: str, limit: int, as_json: bool) -> None:
+    """Show a task's results (label, confidence, model, tier) or errors."""
+    from fleet.observe.display import results_table
+    from fleet.reporting.queries import fetch_results
+
+    rows = fetch_results(ctx.url(), task=task_name, status=status, limit=limit)
+    if as_json:
+        click.echo(json.dumps(rows, default=str))
+    else:
+        results_table(rows, title=f"{task_name}: {status}")
+
+
+@click.command()
+@task_option
+@click.option(
+    "--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True
+)
+@click.option(
+    "--status",
+    type=click.Choice(["done", "failed", "dead", "all"]),
+    default="all",
+    show_default=True,
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File to write (default: stdout).",
+)
+@click.option("--individual", is_flag=True, help="One JSON file per item in --output-dir.")
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for --individual.",
+)
+@pass_fleet
+def export(
+    ctx: FleetContext,
+    task_name: str,
+    fmt: str,
+    status: str,
+    output: Path | None,
+    individual: bool,
+    output_dir: Path | None,
+) -> None:
+    """Export a task's results (streamed) as JSONL or CSV, or one file per item."""
+    from fleet.reporting.export import export as do_export
+
+    if individual and output_dir is None:
+        fail("--individual needs --output-dir DIR", ExitCode.CONFIG)
+    url = ctx.url()
+    if individual:
+        n = do_export(
+            url, task=task_name, fmt=fmt, out=None, status=status, individual_dir=output_dir
+        )
+        click.echo(f"wrote {n} files to {output_dir}", err=True)
+        return
+    if output is None:
+        n = do_export(url, task=task_name, fmt=fmt, out=sys.stdout, status=status)
+    else:
+        with output.open("w", newline="") as f:
+            n = do_export(url, task=task_name, fmt=fmt, out=f, status=status)
+    click.echo(f"exported {n} items", err=True)
+
+
+@click.command("eval")
+@task_option
+@click.option(
+    "--gold",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help='JSONL of {"external_id", "label"}.',
+)
+@json_option
+@pass_fleet
+def eval_cmd(ctx: FleetContext, task_name: str, gold: Path, as_json: bool) -> None:
+    """Score a task's stored results against gold labels: accuracy, macro-F1, confusion, latency."""
+    from fleet.observe.display import confusion_table
+    from fleet.reporting.export import evaluate, load_gold
+
+    try:
+        labels = load_gold(gold)
+    except ValueError as e:
+        fail(str(e), ExitCode.CONFIG)
+    report = evaluate(ctx.url(), task=task_name, gold=labels)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    confusion_table(report["confusion"])
+    lat = report["latency_ms"]
+    click.echo(
+        f"accuracy {report['accuracy']:.3f}  macro-F1 {report['macro_f1']:.3f}  n={report['n']}  "
+        f"latency/item mean {lat['mean']:.1f} ms p50 {lat['p50']:.1f} p95 {lat['p95']:.1f}"
+    )
+    if report["not_in_task"] or report["not_done"]:
+        click.echo(
+            f"{report['not_in_task']} gold items have no work item; {report['not_done']} are not done",
+            err=True,
+        )
+
+
+@click.command()
+@task_option
+@click.option(
+    "--models",
+    nargs=2,
+    required=True,
+    metavar="A B",
+    help="Two model folders (or names under FLEET_MODELS_DIR).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Items to run both on.",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("compare.jsonl"),
+    show_default=True,
+    help="Side-by-side answers, one line per item.",
+)
+@json_option
+@pass_fleet
+def compare(
+    ctx: FleetContext,
+    task_name: str,
+    models: tuple[str, str],
+    limit: int,
+    output: Path,
+    as_json: bool,
+) -> None:
+    """Shadow run: two models on the same items; the disagreement rate and where they differ."""
+    from fleet.reporting.compare import compare as do_compare
+
+    spec = ctx.task(task_name)
+    report = do_compare(ctx.services(), spec, models[0], models[1], limit=limit, out_path=output)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(
+        f"{report['n']} items: disagreement {report['disagreement_rate']:.1%}; side by side in {report['file']}"
+    )
+    for d in report["top_disagreements"]:
+        click.echo(f"  A={d['a']}  B={d['b']}  x{d['count']}")
+
+
+@click.command()
+@click.option("--run", "run_id", type=click.IntRange(min=1), help="Report on this run (its id).")
+@click.option("--since", help="Window start: 2026-01-05, 2026-01-05T22:00, today, or 24h / 7d ago.")
+@click.option("--until", help="Window end (with --since; default now).")
+@click.option("--task", "-t", "task_names", multiple=True, help="Only this task; repeat.")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="HTML file to write (one page, nothing external).",
+)
+@pass_fleet
+def report(
+    ctx: FleetContext,
+    run_id: int | None,
+    since: str | None,
+    until: str | None,
+    task_names: tuple[str, ...],
+    out: Path,
+) -> None:
+    """Write one self-contained HTML page: throughput, labels, tiers, failures, summary."""
+    from fleet.reporting.html import ReportError, fmt_duration, write_report
+
+    try:
+        data = write_report(
+            ctx.url(), out, run_id=run_id, since=since, until=until, tasks=task_names
+        )
+    except ReportError as e:
+        fail(str(e), ExitCode.CONFIG)
+    t = data.total
+    click.echo(
+        f"wrote {out}: {t.items} items (done {t.done}, failed {t.failed}, dead {t.dead}) "
+        f"over {fmt_duration(data.duration_s)}"
+    )
