@@ -4,12 +4,14 @@ backpressure, reconcile, and record one `runs` row (trigger 'nightly').
 Two drivers share this core:
 
 - `fleet nightly` (cron, a Kubernetes CronJob): `drive` opens the run and
-  takes it to the end in the foreground, holding a Postgres session advisory
-  lock on the run for as long as the process lives.
+  takes it to the end in the foreground with the drive loop of
+  producer.drive, holding a Postgres session advisory lock on the run for as
+  long as the process lives.
 - `fleet beat`: the crontab entry calls `start`, which opens the run, discovers
   and sends what backpressure allows, and returns; `tick`, every
   beat_feed_seconds, tops the queues up and closes the run once nothing is
-  pending, queued or running. No scheduled task blocks for hours.
+  pending, queued or running, with the same feed and count. No scheduled
+  task blocks for hours. The row itself is written by producer.runs.
 
 One nightly run at a time. Opening one takes a transaction advisory lock, so
 two starters never both pass the check, then looks for an open nightly row:
@@ -31,30 +33,27 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import Connection, cast, func, literal, select, update
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import Connection, func, select
 from sqlalchemy.orm import Session
 
-from db import ledger
 from db.engine import get_engine, transaction
 from db.schema import Run
 from fleet.config.settings import Settings
 from fleet.config.taskconfig import TaskSpec
-from producer.enqueue import discover
-from producer.reconciler import reconcile
-from producer.runner import Feeder, Outage, ServedWatch, feed, gated, task_label
-from producer.sync import before_discovery
+from producer import runs
+from producer.drive import count, discover_all, feed, open_items
+from producer.drive import drive as drive_run
+from producer.runs import Counts, RunReport
 
 log = logging.getLogger("fleet.nightly")
 
 TRIGGER = "nightly"
 FOREGROUND, BEAT = "foreground", "beat"
-OPEN_STATUSES = ("pending", "queued", "running")
 # Advisory lock keys (bigint). OPEN_KEY serializes opening a nightly run; a
 # foreground driver holds run_key(id) for the life of its run.
 OPEN_KEY = 0x666C_6565_7400_0000
@@ -73,6 +72,9 @@ class RunStillGoing(RuntimeError):
 
 @dataclass(frozen=True)
 class OpenRun:
+    """An open nightly runs row: its driver's mode (FOREGROUND or BEAT), holder
+    ("host:pid" or the control worker's name) and last feed tick (beat)."""
+
     run_id: int
     started_at: dt.datetime
     mode: str
@@ -80,25 +82,13 @@ class OpenRun:
     last_tick: dt.datetime | None
 
 
-@dataclass
-class NightlyReport:
-    run_id: int
-    counts: dict[str, dict[str, int]]
-    seconds: float
-    timed_out: bool = False
-    discovered: dict[str, int] = field(default_factory=dict)
-    sent_batches: int = 0
-    reconciled: dict[str, int] = field(default_factory=lambda: {"returned": 0, "dead": 0})
-    took_over: list[int] = field(default_factory=list)
-    interrupted: bool = False
-    taken_over: bool = False  # another driver took the run over during an outage
-
-
 def run_key(run_id: int) -> int:
+    """The advisory lock key a foreground driver of run `run_id` holds."""
     return OPEN_KEY + 1 + run_id
 
 
 def holder_name() -> str:
+    """This process as a run's holder: "host:pid"."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -115,20 +105,7 @@ def is_abandoned(run: OpenRun, *, now: dt.datetime, holder_alive: bool, stale_af
     return (now - last).total_seconds() > stale_after
 
 
-def open_items(counts: dict[str, dict[str, int]]) -> int:
-    return sum(c.get(s, 0) for c in counts.values() for s in OPEN_STATUSES)
-
-
-def run_specs(tasks: dict[str, TaskSpec], names: Iterable[str] | None = None) -> list[TaskSpec]:
-    """The tasks a nightly run covers: the named ones (all configured if none)
-    plus the tasks that follow them (transcribe -> audio_intent)."""
-    chosen = [tasks[n] for n in names] if names else list(tasks.values())
-    for spec in list(chosen):
-        chosen += [tasks[t] for t in spec.then if tasks[t] not in chosen]
-    return chosen
-
-
-# -- the runs row ------------------------------------------------------------------
+# -- one nightly run at a time ---------------------------------------------------------
 
 
 def _open_runs(session: Session) -> list[OpenRun]:
@@ -160,18 +137,6 @@ def _holder_alive(session: Session, run: OpenRun) -> bool:
     return not got
 
 
-def _close(session: Session, run_id: int, **counts: Any) -> None:
-    session.execute(
-        update(Run)
-        .where(Run.id == run_id)
-        .values(finished_at=func.now(), counts=Run.counts.op("||")(_jsonb(counts)))
-    )
-
-
-def _jsonb(value: dict[str, Any]) -> Any:
-    return cast(literal(value, JSONB), JSONB)
-
-
 def open_run(
     session: Session,
     names: Sequence[str],
@@ -199,36 +164,12 @@ def open_run(
         log.warning(
             "nightly run %d (%s, %s) abandoned: %s", run.run_id, run.mode, run.holder, reason
         )
-        _close(session, run.run_id, abandoned=reason)
+        runs.close(session, run.run_id, abandoned=reason)
         took_over.append(run.run_id)
-    row = Run(
-        trigger=TRIGGER,
-        task=task_label(names),
-        counts={
-            "mode": mode,
-            "holder": holder,
-            "task_names": list(names),
-            "last_tick": now.isoformat(),
-        },
+    run_id = runs.insert(
+        session, trigger=TRIGGER, names=names, mode=mode, holder=holder, last_tick=now.isoformat()
     )
-    session.add(row)
-    session.flush()
-    return row.id, took_over
-
-
-def _discover_all(
-    url: str, specs: Sequence[TaskSpec], settings: Settings | None = None
-) -> dict[str, int]:
-    if settings is not None:  # `fleet sync` of the declared sources (FLEET_RERUN_STALE) first
-        before_discovery(settings, specs)
-    # Follow-up tasks (input_from) are created by the task they follow.
-    return {s.name: discover(url, s) for s in specs if not s.input_from}
-
-
-def _counts(url: str, names: Sequence[str]) -> dict[str, dict[str, int]]:
-    with transaction(url) as session:
-        every = ledger.counts(session)
-    return {n: every.get(n, {}) for n in names}
+    return run_id, took_over
 
 
 # -- foreground: `fleet nightly` -----------------------------------------------------
@@ -242,14 +183,17 @@ def drive(
     *,
     timeout: float | None = None,
     poll: float = 0.5,
-    progress: Callable[[dict[str, dict[str, int]]], None] | None = None,
+    progress: Callable[[Counts], None] | None = None,
     holder: str | None = None,
     gate: Callable[[str], bool] | None = None,
-) -> NightlyReport:
-    """Open a nightly run and drive it to the end in this process.
+) -> RunReport:
+    """Open a nightly run and drive it to the end in this process
+    (producer.drive.drive, after syncing the declared sources).
 
-    `gate` as in producer.runner.run_until_done (local workers). Raises
-    RunStillGoing when another nightly run is alive."""
+    `poll`, `progress` and `gate` as in producer.drive.drive; `holder` defaults
+    to holder_name(). The row closes however the run ends (interrupted on an
+    exception, which is raised again), unless another driver took the run over
+    during an outage. Raises RunStillGoing when another nightly run is alive."""
     started = time.monotonic()
     names = [s.name for s in specs]
     # A dedicated connection holds the run's session lock while this process drives it.
@@ -265,19 +209,23 @@ def drive(
             )
             session.execute(select(func.pg_advisory_lock(run_key(run_id))))
         lock.run_id = run_id
-        report = NightlyReport(run_id, {}, 0.0, took_over=took_over)
+        report = RunReport(run_id, took_over=took_over)
         log.info("nightly run %d opened over %s", run_id, ", ".join(names))
-        try:
-            _drive_loop(
-                url, app, specs, settings, report, timeout, poll, progress, started, lock, gate
+        with runs.recorded(url, report, names, started=started):
+            drive_run(
+                url,
+                app,
+                specs,
+                settings,
+                report,
+                started=started,
+                timeout=timeout,
+                poll=poll,
+                progress=progress,
+                gate=gate,
+                sync=True,
+                held=lock.retake,
             )
-        except BaseException:  # Ctrl-C, SIGTERM, a lost service: the row still closes
-            report.interrupted = True
-            raise
-        finally:
-            report.seconds = time.monotonic() - started
-            if not report.taken_over:
-                _close_with_retries(url, run_id, _summary(report, names))
         lock.release()
     finally:
         lock.close()
@@ -343,89 +291,6 @@ class _RunLock:
             self._conn = None
 
 
-def _close_with_retries(url: str, run_id: int, summary: dict[str, Any]) -> None:
-    outage = Outage()
-    for _ in range(10):  # Postgres may be restarting right now: the record is worth a wait
-        try:
-            with transaction(url) as session:
-                _close(session, run_id, **summary)
-            return
-        except Exception as exc:
-            time.sleep(outage.failed(exc))
-    log.error("nightly run %d ended but its end could not be recorded in the runs table", run_id)
-
-
-def _drive_loop(
-    url: str,
-    app: Celery,
-    specs: Sequence[TaskSpec],
-    settings: Settings,
-    report: NightlyReport,
-    timeout: float | None,
-    poll: float,
-    progress: Callable[[dict[str, dict[str, int]]], None] | None,
-    started: float,
-    lock: _RunLock,
-    gate: Callable[[str], bool] | None = None,
-) -> None:
-    names = [s.name for s in specs]
-    last_reconcile = time.monotonic()
-    outage = Outage()
-    watch = ServedWatch(settings.redis_url())
-    feeder = Feeder(settings)  # batches sized by cost; the poll below refills
-    discovered = False
-    while True:
-        try:
-            if not discovered:
-                report.discovered = _discover_all(url, specs, settings)
-                discovered = True
-            if outage.failures and not lock.retake():
-                log.error(
-                    "nightly run %d was taken over by another driver during the outage; "
-                    "this one stops",
-                    report.run_id,
-                )
-                report.taken_over = True
-                return
-            if time.monotonic() - last_reconcile >= settings.reconcile_interval:
-                got = reconcile(url, max_attempts=settings.max_attempts)
-                for k in got:
-                    report.reconciled[k] = report.reconciled.get(k, 0) + got[k]
-                last_reconcile = time.monotonic()
-            for spec in gated(specs, gate):
-                report.sent_batches += feeder.feed(url, app, spec)
-            report.counts = _counts(url, names)
-        except Exception as exc:
-            delay = outage.failed(exc)  # re-raises anything but a lost connection
-            if timeout is not None and time.monotonic() - started + delay > timeout:
-                report.timed_out = True
-                return
-            time.sleep(delay)
-            continue
-        outage.recovered()
-        watch.check([s.name for s in gated(specs, gate)], report.counts)
-        if progress:
-            progress(report.counts)
-        if open_items(report.counts) == 0:
-            return
-        if timeout is not None and time.monotonic() - started > timeout:
-            report.timed_out = True
-            return
-        time.sleep(poll)
-
-
-def _summary(report: NightlyReport, names: Sequence[str]) -> dict[str, Any]:
-    return {
-        "tasks": report.counts or {n: {} for n in names},
-        "discovered": report.discovered,
-        "sent_batches": report.sent_batches,
-        "reconciled": report.reconciled,
-        "timed_out": report.timed_out,
-        "interrupted": report.interrupted,
-        "seconds": round(report.seconds, 2),
-    }
-
-
 # -- under `fleet beat`: start on the crontab, then tick ---------------------------------
 
 
@@ -439,7 +304,8 @@ def start(
 ) -> dict[str, Any]:
     """Open a beat-driven nightly run, discover, send what backpressure allows.
 
-    Returns a short summary; a run still going is reported, not raised."""
+    Returns {"run_id", "discovered", "took_over", "sent_batches", "open_items"},
+    or {"still_going": run id} when a run is still going (not raised)."""
     names = [s.name for s in specs]
     try:
         with transaction(url) as session:
@@ -449,9 +315,9 @@ def start(
     except RunStillGoing as e:
         log.warning("%s", e)
         return {"still_going": e.run.run_id}
-    discovered = _discover_all(url, specs, settings)
+    discovered = discover_all(url, specs, settings)
     with transaction(url) as session:
-        _merge(session, run_id, discovered=discovered)
+        runs.merge(session, run_id, discovered=discovered)
     log.info(
         "nightly run %d opened over %s: %d new items",
         run_id,
@@ -463,18 +329,13 @@ def start(
     return summary
 
 
-def _merge(session: Session, run_id: int, **counts: Any) -> None:
-    session.execute(
-        update(Run).where(Run.id == run_id).values(counts=Run.counts.op("||")(_jsonb(counts)))
-    )
-
-
 def tick(
     url: str, app: Celery, tasks: dict[str, TaskSpec], settings: Settings
 ) -> dict[str, Any] | None:
     """Top up the queues of the open beat-driven run; close it when its work is done.
 
-    None when no such run is open (or another tick holds it)."""
+    Returns {"run_id", "sent_batches", "open_items"}; None when no such run is
+    open (or another tick holds it)."""
     with transaction(url) as session:
         run = session.scalars(
             select(Run)
@@ -495,7 +356,7 @@ def tick(
         if missing:
             log.warning("nightly run %d: tasks %s are no longer configured", run.id, missing)
         sent = sum(feed(url, app, spec, settings) for spec in specs)
-        counts = _counts(url, [s.name for s in specs])
+        counts = count(url, [s.name for s in specs])
         now = session.scalar(select(func.now()))
         assert now is not None
         values: dict[str, Any] = {
@@ -507,8 +368,8 @@ def tick(
         if remaining == 0:
             values["seconds"] = round((now - run.started_at).total_seconds(), 2)
             values["timed_out"] = False
-            _close(session, run.id, **values)
+            runs.close(session, run.id, **values)
             log.info("nightly run %d finished: %s", run.id, counts)
         else:
-            _merge(session, run.id, **values)
+            runs.merge(session, run.id, **values)
         return {"run_id": run.id, "sent_batches": sent, "open_items": remaining}

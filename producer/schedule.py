@@ -104,30 +104,33 @@ def install(app: Celery, settings: Settings, tasks: dict[str, TaskSpec]) -> Cele
 
     `settings` must have its services resolved (both URLs set)."""
     from producer import nightly
+    from producer.drive import run_specs
     from producer.reconciler import reconcile
 
     url = settings.db_url()
 
-    @app.task(name=NIGHTLY_TASK, bind=True, ignore_result=True)
     def nightly_task(self: Any) -> dict[str, Any]:
-        specs = nightly.run_specs(tasks, settings.nightly_task_names() or None)
+        specs = run_specs(tasks, settings.nightly_task_names() or None)
         holder = self.request.hostname or nightly.holder_name()
         return nightly.start(url, app, specs, settings, holder=holder)
 
-    @app.task(name=TICK_TASK, ignore_result=True)
     def tick_task() -> dict[str, Any] | None:
         return nightly.tick(url, app, tasks, settings)
 
-    @app.task(name=RECONCILE_TASK, ignore_result=True)
     def reconcile_task() -> dict[str, int]:
         return reconcile(url, max_attempts=settings.max_attempts)
 
-    @app.task(name=SYNC_TASK, ignore_result=True)
     def sync_task() -> list[dict[str, Any]]:
         from fleet.config.taskconfig import load_sources
         from producer.sync import beat_tick
 
         return beat_tick(settings, load_sources(settings.config_file))
+
+    # Registered by call rather than as decorators: Celery's are untyped.
+    app.task(name=NIGHTLY_TASK, bind=True, ignore_result=True)(nightly_task)
+    app.task(name=TICK_TASK, ignore_result=True)(tick_task)
+    app.task(name=RECONCILE_TASK, ignore_result=True)(reconcile_task)
+    app.task(name=SYNC_TASK, ignore_result=True)(sync_task)
 
     app.conf.timezone = settings.timezone
     app.conf.beat_schedule = beat_schedule(settings)

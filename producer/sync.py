@@ -19,9 +19,9 @@ from typing import Any
 
 from db import history, triggers
 from db.engine import get_engine, transaction
-from db.sync import SourceSpec, SyncReport, sync_source
+from db.sync import SyncReport, sync_source
 from fleet.config.settings import Settings
-from fleet.config.taskconfig import ConfigError, TaskSpec
+from fleet.config.taskconfig import ConfigError, SourceSpec, TaskSpec
 
 log = logging.getLogger("fleet.sync")
 
