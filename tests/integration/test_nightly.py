@@ -168,7 +168,8 @@ def test_when_an_open_run_counts_as_abandoned(mode, holder_alive, idle_s, abando
 
 def test_a_nightly_run_covers_every_task_and_their_follow_ups():
     from fleet.config.taskconfig import load_tasks
-    from producer.nightly import run_specs, task_label
+    from producer.drive import run_specs
+    from producer.runs import task_label
 
     tasks = load_tasks()
     assert [s.name for s in run_specs(tasks)] == list(tasks)
