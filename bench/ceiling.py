@@ -139,7 +139,7 @@ def fleet(
             log = (tmp / f"worker-{tag}-{k}.log").open("wb")
             argv = [
                 sys.executable,
-                *("-m", "celery", "-A", "workers.app", "worker", "--pool", "solo"),
+                *("-m", "celery", "-A", "fleet.ops.celeryapp", "worker", "--pool", "solo"),
                 *("-Q", "fleet.intent", "-n", f"intent@bench{k}-{tag}.%h"),
                 *("--loglevel", env["FLEET_LOG_LEVEL"], "--without-gossip", "--without-mingle"),
             ]

@@ -1,5 +1,10 @@
 """The Celery app and its configuration. Imports nothing heavy, so the
-producer and Flower can load it cheaply (`celery -A workers.app flower`).
+producer and Flower can build an app cheaply (`create_app(settings)`).
+
+Importing this module builds nothing, starts nothing and connects no signal:
+the worker process's entry (`celery -A fleet.ops.celeryapp worker`) builds its
+app with `create_app`, registers the task (workers.tasks) and connects the
+worker signals.
 
 The settings here are what make the queue safe:
 - JSON only (no pickle: a pickled message is rejected and logged);
@@ -15,15 +20,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery
 
 from fleet.config.settings import Settings
-from workers.control import CONTROL_QUEUE  # also registers the fleet_info inspect command
-
-TASK_NAME = "fleet.run_batch"
+from workers import control  # noqa: F401  # registers the fleet_info inspect command
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration for `settings` (broker URL from `settings.redis_url()`)."""
     return {
         "broker_url": settings.redis_url(),
         "task_serializer": "json",
@@ -55,109 +59,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def create_app(settings: Settings) -> Celery:
+    """A new Celery app for `settings` (not set as current; no task registered).
+
+    `settings` must have its broker URL set (fleet.ops.services.ensure_services
+    sets it on the embedded default); the app keeps them as `app.fleet_settings`.
+    Raises RuntimeError when the broker URL is unset.
+    """
     app = Celery("fleet", set_as_current=False)
     app.conf.update(celery_config(settings))
     app.fleet_settings = settings  # type: ignore[attr-defined]  # not in conf: `inspect conf` would show secrets
     return app
-
-
-def _process_settings() -> Settings:
-    settings = Settings()
-    if settings.embedded:
-        # `celery -A workers.app worker` with no URLs: the same embedded servers
-        # as the `fleet` command uses.
-        from fleet.ops.services import ensure_services
-
-        settings = ensure_services(settings)
-    return settings
-
-
-app = create_app(_process_settings())
-app.autodiscover_tasks(["workers"], related_name="tasks", force=True)
-
-
-@signals.worker_init.connect
-def _load_model_at_start(sender: Any = None, **_: Any) -> None:
-    """Load the task's model once, before the worker takes its first batch.
-
-    The task is named by the worker's queue (`-Q fleet.<task>`), so
-    `celery -A workers.app worker -Q fleet.intent` works as `fleet worker` does.
-    """
-    queues = list(sender.app.amqp.queues.consume_from or {})
-    if queues == [CONTROL_QUEUE]:
-        return  # `fleet beat`'s control worker: scheduled producer tasks, no model
-    from workers.state import start_runtime
-
-    tasks = [
-        q.removeprefix("fleet.") for q in queues if q.startswith("fleet.") and q != "fleet.default"
-    ]
-    if len(tasks) != 1:
-        raise SystemExit(
-            f"a fleet worker serves exactly one task queue, got {queues or 'none'}: "
-            "start it with `fleet worker --task T` or `celery -A workers.app worker -Q fleet.T`"
-        )
-    from workers.device import set_threads
-
-    set_threads(sender.app.fleet_settings.torch_threads)
-    _follow_parent(sender.app.fleet_settings.parent_pid)
-    try:
-        start_runtime(sender.app.fleet_settings, tasks[0], hostname=sender.hostname, app=sender.app)
-    except Exception as exc:
-        _exit_before_consuming(tasks[0], exc)
-
-
-def _follow_parent(pid: int | None) -> None:
-    """A local worker (fleet.ops.localworkers) stops with the `fleet` process that
-    started it: once that is gone (even SIGKILLed, so it could not stop its
-    workers), the worker sends itself SIGTERM, Celery's warm shutdown."""
-    if pid is None:
-        return
-    import logging
-    import os
-    import signal
-    import threading
-    import time
-
-    def watch() -> None:
-        while os.getppid() == pid:
-            time.sleep(1.0)
-        logging.getLogger("fleet.worker").warning(
-            "the fleet process %d that started this worker is gone; stopping (warm shutdown)", pid
-        )
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="fleet-parent", daemon=True).start()
-
-
-# A worker that cannot load its model exits before it consumes a message, with
-# EXIT_CONFIG when a restart cannot help (a missing model, a bad task config):
-# `fleet workers` does not restart it, and a deployment sees a failed start, not
-# a worker that takes batches and fails each one. Anything else exits 1 and is
-# restarted with backoff.
-EXIT_CONFIG = 2
-
-
-def _exit_before_consuming(task: str, exc: Exception) -> None:
-    import logging
-    import os
-
-    from workers.runtime import ModelMissing
-
-    config = isinstance(exc, (ModelMissing, FileNotFoundError, ValueError, LookupError))
-    log = logging.getLogger("fleet.worker")
-    log.error(
-        "worker for task %r cannot start, so it takes no batches (exit %d): %s",
-        task,
-        EXIT_CONFIG if config else 1,
-        exc,
-        exc_info=not config,
-    )
-    logging.shutdown()
-    os._exit(EXIT_CONFIG if config else 1)
-
-
-@signals.worker_shutdown.connect
-def _unload(**_: Any) -> None:
-    from workers.state import stop_runtime
-
-    stop_runtime()

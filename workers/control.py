@@ -5,11 +5,11 @@ from its loaded runtime: task, GPU (CUDA_VISIBLE_DEVICES) and device, model
 and tier, batch budget and memory. Flower's worker names say task and GPU
 (`intent@gpu0.host`); this says which model the worker is on right now:
 
-    celery -A workers.app inspect fleet_info --json [-d intent@gpu0.host]
+    celery -A fleet.ops.celeryapp inspect fleet_info --json [-d intent@gpu0.host]
     app.control.broadcast("fleet_info", reply=True, timeout=2)
 
 `workers.app` imports this module, so the command is registered in every
-worker and in the `celery inspect` client. It imports no torch and no
+app it builds, worker and `celery inspect` client alike. It imports no torch and no
 worker state: it reads them only where the worker already loaded them.
 """
 
@@ -40,18 +40,13 @@ def _rss_mb() -> float | None:
 
 
 def _device_memory(device: str) -> dict[str, float]:
-    if not device.startswith("cuda") or "torch" not in sys.modules:
+    """The device's memory (workers.device.memory_report), read only in a worker
+    that loaded its device module; empty elsewhere."""
+    device_module = sys.modules.get("workers.device")
+    if device_module is None or "torch" not in sys.modules:
         return {}
-    import torch
-
-    free, total = torch.cuda.mem_get_info()
-    return {
-        "device_free_mb": round(free / 2**20, 1),
-        "device_total_mb": round(total / 2**20, 1),
-        "allocated_mb": round(torch.cuda.memory_allocated() / 2**20, 1),
-        "reserved_mb": round(torch.cuda.memory_reserved() / 2**20, 1),
-        "peak_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
-    }
+    report: dict[str, float] = device_module.memory_report(device)
+    return report
 
 
 def worker_info(hostname: str, queues: list[str]) -> dict[str, Any]:

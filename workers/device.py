@@ -7,6 +7,7 @@ the pinned GPU is always `cuda:0` inside the worker.
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -65,3 +66,43 @@ def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def device_name(device: str) -> str:
+    """The GPU's name ("NVIDIA H100 80GB HBM3"), or "cpu"."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    import torch
+
+    return str(torch.cuda.get_device_name(0))
+
+
+def memory_reader(device: str) -> Callable[[], tuple[int, int, int]]:
+    """A reader of bytes (allocated, reserved, total) on the worker's device; zeros on CPU."""
+    if not device.startswith("cuda"):
+        return lambda: (0, 0, 0)
+    import torch
+
+    total = int(torch.cuda.get_device_properties(0).total_memory)
+
+    def read() -> tuple[int, int, int]:
+        return int(torch.cuda.memory_allocated(0)), int(torch.cuda.memory_reserved(0)), total
+
+    return read
+
+
+def memory_report(device: str) -> dict[str, float]:
+    """MiB free, total, allocated, reserved and peak allocated on a CUDA device
+    (`fleet_info`); empty on CPU."""
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return {
+        "device_free_mb": round(free / 2**20, 1),
+        "device_total_mb": round(total / 2**20, 1),
+        "allocated_mb": round(torch.cuda.memory_allocated() / 2**20, 1),
+        "reserved_mb": round(torch.cuda.memory_reserved() / 2**20, 1),
+        "peak_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+    }

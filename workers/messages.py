@@ -7,7 +7,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
-# workers.app.TASK_NAME; not imported here, that module builds the Celery app.
+# The batch task's name: workers register it under this name (workers.tasks), the
+# producer sends to it by name, without importing any worker code.
 TASK_NAME = "fleet.run_batch"
 # Redis commands per pipelined round trip when sending many batches: each batch
 # is one LPUSH plus one PUBLISH of its task-sent event (Flower).

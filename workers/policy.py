@@ -176,7 +176,7 @@ def backoff(
     Full jitter spreads a fleet of workers that lost the database at the same
     moment, so they do not all reconnect at once.
     """
-    ceiling = min(cap, base * (2 ** max(attempt, 0)))
+    ceiling = min(cap, base * 2.0 ** max(attempt, 0))
     if not jitter:
         return ceiling
     return (rng or random).uniform(0, ceiling)

@@ -227,28 +227,6 @@ class Publisher:
         self.client.close()
 
 
-def cuda_memory(device: str) -> Callable[[], tuple[int, int, int]]:
-    """Bytes (allocated, reserved, total) on the worker's device; zeros on CPU."""
-    if not device.startswith("cuda"):
-        return lambda: (0, 0, 0)
-    import torch
-
-    total = int(torch.cuda.get_device_properties(0).total_memory)
-
-    def read() -> tuple[int, int, int]:
-        return int(torch.cuda.memory_allocated(0)), int(torch.cuda.memory_reserved(0)), total
-
-    return read
-
-
-def device_name(device: str) -> str:
-    if not device.startswith("cuda"):
-        return "cpu"
-    import torch
-
-    return str(torch.cuda.get_device_name(0))
-
-
 _publisher: Publisher | None = None
 
 
@@ -259,8 +237,14 @@ def start(
     task: str,
     device: str,
     placement: Callable[[], tuple[int, str]],
+    device_name: str = "cpu",
+    memory: Callable[[], tuple[int, int, int]] | None = None,
 ) -> Publisher:
-    """Begin publishing this worker's stats (called once the model is loaded)."""
+    """Begin publishing this worker's stats (called once the model is loaded).
+
+    `placement` reads (tier, model name) and `memory` the device's (allocated,
+    reserved, total) bytes at each publish (workers.device.memory_reader;
+    None: zeros, a CPU worker)."""
     global _publisher
     stop()
     stats = WorkerStats(
@@ -269,11 +253,11 @@ def start(
         pid=os.getpid(),
         gpu=gpu_slot(),
         device=device,
-        device_name=device_name(device),
+        device_name=device_name,
         started_at=time.time(),
     )
     _publisher = Publisher(
-        redis_client(broker_url), stats, placement=placement, memory=cuda_memory(device)
+        redis_client(broker_url), stats, placement=placement, memory=memory or (lambda: (0, 0, 0))
     )
     _publisher.start()
     return _publisher

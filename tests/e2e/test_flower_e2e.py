@@ -36,7 +36,7 @@ def _worker_listed(flower: FlowerProcess, auth: tuple[str, str], name: str) -> b
 def fleet_info(env: dict[str, str], name: str) -> dict:
     """The `fleet_info` reply of one worker, through the `celery inspect` client."""
     proc = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "workers.app", "inspect", "fleet_info"]
+        [sys.executable, "-m", "celery", "-A", "fleet.ops.celeryapp", "inspect", "fleet_info"]
         + ["-d", name, "--json", "-t", "10"],
         env=env,
         cwd=REPO,

@@ -1,5 +1,5 @@
 """Batch messages sized by cost (producer/sizing.py) and the worker's pipeline
-chunks (workers/state.py chunk_plan): pure decisions, table-tested."""
+chunks (workers/batch.py chunk_plan): pure decisions, table-tested."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_batch_size_for(rates, target, lease, expected):
     ],
 )
 def test_chunk_plan(n, chunk, expected):
-    from workers.state import chunk_plan
+    from workers.batch import chunk_plan
 
     plan = chunk_plan(n, chunk=chunk)
     assert plan == expected
