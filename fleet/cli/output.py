@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Protocol
 
 import click
 
@@ -23,10 +23,26 @@ local_workers_option = click.option(
 )
 
 
-def finish_run(report: Any, as_json: bool) -> None:
+class RunSummary(Protocol):
+    """What `finish_run` reads of a driven run's report (producer's run report)."""
+
+    @property
+    def run_id(self) -> int | None: ...
+
+    @property
+    def counts(self) -> dict[str, dict[str, int]]: ...
+
+    @property
+    def seconds(self) -> float: ...
+
+    @property
+    def timed_out(self) -> bool: ...
+
+
+def finish_run(report: RunSummary, as_json: bool) -> None:
     """Print a finished run (`fleet run`, `fleet nightly`) and exit with its code.
 
-    `report` has run_id, counts ({task: {status: n}}), seconds and timed_out.
+    `report` counts: {task: {status: items}}; seconds: the run's wall time.
     Returns when every item is done; exits TIMEOUT when the run timed out with
     work unfinished, FAILED_ITEMS when items ended failed or dead.
     """
