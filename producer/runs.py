@@ -25,6 +25,7 @@ from sqlalchemy import cast, func, literal, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
+from db import ledger
 from db.engine import transaction
 from db.schema import Run
 from producer.outage import Outage
@@ -145,4 +146,16 @@ def recorded(
     finally:
         report.seconds = time.monotonic() - started
         if not report.taken_over:
+            if report.interrupted:
+                _recount(url, report, names)
             close_with_retries(url, report.run_id, report.summary(names))
+
+
+def _recount(url: str, report: RunReport, names: Sequence[str]) -> None:
+    """The ledger's counts now, for a run stopped between two counting passes
+    (best effort: a database that is down leaves the last counts)."""
+    try:
+        with transaction(url) as session:
+            report.counts = {n: ledger.counts(session, task=n).get(n, {}) for n in names}
+    except Exception as exc:  # the close below retries and says what failed
+        log.warning("run %d: could not count its items at the end: %s", report.run_id, exc)

@@ -6,33 +6,17 @@ need them.
 from __future__ import annotations
 
 import atexit
-from enum import IntEnum
 from typing import TYPE_CHECKING, NoReturn
 
 import click
 
+from fleet.config.exitcodes import ExitCode
 from fleet.config.settings import Settings, redact
 
 if TYPE_CHECKING:
     from celery import Celery
 
     from fleet.config.taskconfig import SourceSpec, TaskSpec
-
-
-class ExitCode(IntEnum):
-    """The `fleet` command's exit status.
-
-    OK: done. FAILED_ITEMS: the work finished with failed or dead items (`run`,
-    `nightly`). CONFIG: bad usage or configuration. SERVICE: Postgres or Redis
-    unreachable, or the schema not migrated. TIMEOUT: `run` gave up with work
-    unfinished.
-    """
-
-    OK = 0
-    FAILED_ITEMS = 1
-    CONFIG = 2
-    SERVICE = 3
-    TIMEOUT = 4
 
 
 class FleetError(click.ClickException):

@@ -9,19 +9,12 @@ reconcile tasks of `producer.schedule` to it.
 from __future__ import annotations
 
 import json
-import signal
 import sys
-from typing import Any
 
 import click
 
 from fleet.cli.context import ExitCode, FleetContext, fail, pass_fleet
-from fleet.cli.output import finish_run, json_option, local_workers_option
-
-
-def _term_as_exit(signum: int, _frame: Any) -> None:
-    # SIGTERM (systemd, Kubernetes) unwinds like Ctrl-C, so the run row is closed.
-    raise SystemExit(128 + signum)
+from fleet.cli.output import finish_run, json_option, local_workers_option, unwind_on_sigterm
 
 
 @click.command()
@@ -56,7 +49,7 @@ def nightly(
     specs = run_specs(ctx.tasks(), names or None)
     s = ctx.services()
     app = ctx.app()
-    signal.signal(signal.SIGTERM, _term_as_exit)
+    unwind_on_sigterm()
     try:
         # Workers start on the loop's first pass, once this process drives the run.
         report = drive_with_local_workers(

@@ -78,3 +78,17 @@ def finish_run(report: RunSummary, as_json: bool) -> None:
                 err=True,
             )
         sys.exit(int(ExitCode.FAILED_ITEMS))
+
+
+def unwind_on_sigterm() -> None:
+    """Make SIGTERM (systemd, Kubernetes, `kill`) unwind like Ctrl-C.
+
+    The process exits 128+15 through SystemExit, so `finally` blocks run: the
+    runs row is closed as interrupted and local workers are stopped.
+    """
+    import signal
+
+    def _term_as_exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _term_as_exit)

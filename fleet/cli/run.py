@@ -7,7 +7,13 @@ import json
 import click
 
 from fleet.cli.context import ExitCode, FleetContext, fail, pass_fleet
-from fleet.cli.output import finish_run, json_option, local_workers_option, task_option
+from fleet.cli.output import (
+    finish_run,
+    json_option,
+    local_workers_option,
+    task_option,
+    unwind_on_sigterm,
+)
 
 
 @click.command()
@@ -117,6 +123,7 @@ def run(
     if with_follow_ups:
         specs = run_specs(ctx.tasks(), task_names)
     s = ctx.services()
+    unwind_on_sigterm()
     try:
         report = drive_with_local_workers(
             specs,

@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from db.schema import STATUSES
+from fleet.config.exitcodes import ExitCode
 from fleet.config.settings import Settings, redact
 from fleet.observe.status import FleetStatus, TaskStatus, collect, configured_tasks
 from workers.stats import redis_client
@@ -216,9 +217,9 @@ def watch(
             console.line()
 
 
-# -- the commands' bodies (fleet/cli.py keeps only thin wrappers) ---------------------
+# -- the commands' bodies (fleet/cli/observe.py keeps only thin wrappers) ---------------------
 
-EXIT_OK, EXIT_SERVICE, EXIT_TIMEOUT = 0, 3, 4
+EXIT_OK, EXIT_SERVICE, EXIT_TIMEOUT = ExitCode.OK, ExitCode.SERVICE, ExitCode.TIMEOUT
 
 
 def console() -> Console:

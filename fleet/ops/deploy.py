@@ -324,7 +324,7 @@ def dump_yaml(docs: Sequence[dict[str, Any]], header: str = "") -> str:
     return header + body
 
 
-# -- commands (the click wrappers in fleet/cli.py call these) -----------------------
+# -- commands (the click wrappers in fleet/cli/deploy.py call these) -----------------------
 
 
 def host_gpus(spec: str) -> list[int]:

@@ -40,12 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from fleet.config.exitcodes import ExitCode
 from fleet.config.settings import Settings
 from fleet.config.taskconfig import TaskSpec, resolve_model_path
 from fleet.ops.workercommand import worker_argv, worker_env, worker_name
 from workers.policy import backoff
 
-EXIT_CONFIG = 2  # a worker's own exit code when it cannot load its model (workers.app)
+EXIT_CONFIG = ExitCode.CONFIG  # a worker's own exit code when it cannot load its model
 # What a worker holds besides 1.3 x its weights: the interpreter with torch and
 # transformers (~450 MiB), activations and allocator slack. In the bundled nightly on
 # the CPU the Whisper base worker's proportional set size (libtorch's pages shared

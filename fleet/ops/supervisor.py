@@ -18,11 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleet.config.exitcodes import ExitCode
 from fleet.config.settings import Settings
 from workers.policy import backoff
 
 STABLE_AFTER_S = 60.0
-EXIT_CONFIG = 2  # a worker's own exit code when it cannot load its model (workers.app)
+EXIT_CONFIG = ExitCode.CONFIG  # a worker's own exit code when it cannot load its model
 
 
 def visible_gpus() -> int:

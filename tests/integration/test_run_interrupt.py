@@ -1,4 +1,4 @@
-"""A `fleet run` stopped with Ctrl-C still closes its runs row, marked interrupted,
+"""A `fleet run` stopped with Ctrl-C or SIGTERM still closes its runs row, marked interrupted,
 against the real Postgres and Redis (no worker: the run waits until the signal)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 
 from tests.support import (
@@ -42,8 +43,9 @@ def _wait_for(what: str, check: Any, timeout: float) -> Any:
     raise AssertionError(f"{what}: not after {timeout}s")
 
 
-def test_ctrl_c_closes_the_run_row_as_interrupted(
-    db_url: str, broker_url: str, tiny_models: Path, tmp_path: Path
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stopped_run_closes_its_row_as_interrupted(
+    db_url: str, broker_url: str, tiny_models: Path, tmp_path: Path, sig: signal.Signals
 ) -> None:
     config = tasks_toml(tmp_path / "tasks.toml", [{"name": "tiny-small", "path": "tiny-small"}])
     env = fleet_env(
@@ -72,7 +74,8 @@ def test_ctrl_c_closes_the_run_row_as_interrupted(
     try:
         _wait_for("run opened", lambda: _runs(db_url), 60)
         _wait_for("items queued", lambda: status_counts(db_url, "intent").get("queued"), 30)
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the terminal's process group
+        # Ctrl-C reaches the terminal's process group; systemd and Kubernetes send SIGTERM.
+        os.killpg(proc.pid, sig)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
