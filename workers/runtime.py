@@ -255,79 +255,117 @@ class ModelRuntime:
     def _run_prepared(
         self, prepared: dict[int, Prepared], results: dict[int, ItemResult], stats: BatchStats
     ) -> set[int]:
-        """Run everything prepared on the current tier. Returns the ids left over
-        when the runtime stepped down to another tier."""
+        """Run everything prepared on the current tier, one planned sub-batch at a
+        time. Returns the ids left over when the runtime stepped down to another tier."""
         pending = dict(prepared)
-        ceiling = self.spec.ladder[self.tier].max_batch_tokens * 4
-        max_items = self.spec.ladder[self.tier].options.get("max_batch_items")
         while pending:
-            plan = plan_batches(
-                [(i, p.cost) for i, p in pending.items()],
-                max_tokens=self.budget.tokens,
-                max_items=max_items,
-            )
-            sub = [pending[i] for i in plan[0]]
+            sub = self._next_sub_batch(pending)
             cost = padded_cost([p.cost for p in sub])
             started = time.perf_counter()
-            try:
-                if self.simulator is not None:
-                    self.simulator.check(self.tier, cost)
-                preds = self.adapter.predict(sub)
-            except Exception as exc:
-                if not dev.is_oom(exc):
-                    preds = self._isolate(sub, exc)
-                else:
-                    del exc
-                    dev.release_memory(self.device)
-                    stats.ooms += 1
-                    action = on_oom(
-                        sub_batch_items=len(sub), tier=self.tier, tiers=len(self.spec.ladder)
-                    )
-                    log.warning(
-                        "OOM task=%s tier=%d sub-batch=%d items cost=%d budget=%d -> %s",
-                        self.spec.name,
-                        self.tier,
-                        len(sub),
-                        cost,
-                        self.budget.tokens,
-                        action,
-                    )
-                    if action is OomAction.RETRY_SMALLER:
-                        self.budget = next_budget(
-                            self.budget, oom=True, floor=self._floor(), ceiling=ceiling, used=cost
-                        )
-                        continue
-                    if action is OomAction.DOWNSHIFT:
-                        stats.downshifts += 1
-                        self._switch(self.tier + 1)
-                        return set(pending)
-                    for p in sub:
-                        results[p.item_id] = self._failed(
-                            p.item_id,
-                            f"out of memory on the smallest model ({self.model_name}) with this "
-                            f"item alone ({p.cost} tokens): shorten it or use a device with more memory",
-                        )
-                        del pending[p.item_id]
-                    continue
+            preds = self._predict(sub, cost)
+            if preds is None:
+                if self._after_oom(sub, cost, pending, results, stats) is OomAction.DOWNSHIFT:
+                    return set(pending)
+                continue
             elapsed_ms = (time.perf_counter() - started) * 1000
-            stats.sub_batches += 1
-            self.budget = next_budget(self.budget, oom=False, floor=self._floor(), ceiling=ceiling)
-            for p, pred in zip(sub, preds, strict=True):
-                del pending[p.item_id]
-                if isinstance(pred, InputError):
-                    results[p.item_id] = self._failed(p.item_id, str(pred))
-                else:
-                    results[p.item_id] = ItemResult(
-                        p.item_id,
-                        pred,
-                        pred.error,
-                        self.tier,
-                        self.model_name,
-                        elapsed_ms / len(sub),
-                        p.notes,
-                        self.revision,
-                    )
+            self._record(sub, preds, elapsed_ms, pending, results, stats)
         return set()
+
+    def _ceiling(self) -> int:
+        """How far the budget may grow on the current tier."""
+        return self.spec.ladder[self.tier].max_batch_tokens * 4
+
+    def _next_sub_batch(self, pending: dict[int, Prepared]) -> list[Prepared]:
+        """The first sub-batch plan_batches packs under the current budget."""
+        plan = plan_batches(
+            [(i, p.cost) for i, p in pending.items()],
+            max_tokens=self.budget.tokens,
+            max_items=self.spec.ladder[self.tier].options.get("max_batch_items"),
+        )
+        return [pending[i] for i in plan[0]]
+
+    def _predict(self, sub: list[Prepared], cost: int) -> list[Prediction | InputError] | None:
+        """The sub-batch's predictions, or None after an out-of-memory error (the
+        error, and the frames it holds, dropped here so their memory can be
+        freed). Any other error is isolated to the items that cause it."""
+        try:
+            if self.simulator is not None:
+                self.simulator.check(self.tier, cost)
+            return self.adapter.predict(sub)
+        except Exception as exc:
+            if dev.is_oom(exc):
+                return None
+            return self._isolate(sub, exc)
+
+    def _after_oom(
+        self,
+        sub: list[Prepared],
+        cost: int,
+        pending: dict[int, Prepared],
+        results: dict[int, ItemResult],
+        stats: BatchStats,
+    ) -> OomAction:
+        """Free memory and apply the OOM policy (workers.policy.on_oom): a smaller
+        budget, the next tier, or, on the smallest tier with one item, fail it."""
+        dev.release_memory(self.device)
+        stats.ooms += 1
+        action = on_oom(sub_batch_items=len(sub), tier=self.tier, tiers=len(self.spec.ladder))
+        log.warning(
+            "OOM task=%s tier=%d sub-batch=%d items cost=%d budget=%d -> %s",
+            self.spec.name,
+            self.tier,
+            len(sub),
+            cost,
+            self.budget.tokens,
+            action,
+        )
+        if action is OomAction.RETRY_SMALLER:
+            self.budget = next_budget(
+                self.budget, oom=True, floor=self._floor(), ceiling=self._ceiling(), used=cost
+            )
+        elif action is OomAction.DOWNSHIFT:
+            stats.downshifts += 1
+            self._switch(self.tier + 1)
+        else:
+            for p in sub:
+                results[p.item_id] = self._failed(
+                    p.item_id,
+                    f"out of memory on the smallest model ({self.model_name}) with this "
+                    f"item alone ({p.cost} tokens): shorten it or use a device with more memory",
+                )
+                del pending[p.item_id]
+        return action
+
+    def _record(
+        self,
+        sub: list[Prepared],
+        preds: list[Prediction | InputError],
+        elapsed_ms: float,
+        pending: dict[int, Prepared],
+        results: dict[int, ItemResult],
+        stats: BatchStats,
+    ) -> None:
+        """Store a sub-batch's results (an InputError fails its item) and let the
+        budget grow after the success."""
+        stats.sub_batches += 1
+        self.budget = next_budget(
+            self.budget, oom=False, floor=self._floor(), ceiling=self._ceiling()
+        )
+        for p, pred in zip(sub, preds, strict=True):
+            del pending[p.item_id]
+            if isinstance(pred, InputError):
+                results[p.item_id] = self._failed(p.item_id, str(pred))
+            else:
+                results[p.item_id] = ItemResult(
+                    p.item_id,
+                    pred,
+                    pred.error,
+                    self.tier,
+                    self.model_name,
+                    elapsed_ms / len(sub),
+                    p.notes,
+                    self.revision,
+                )
 
     def _isolate(self, sub: list[Prepared], exc: Exception) -> list[Prediction | InputError]:
         """A non-memory error in a sub-batch: find which items cause it, keep the rest."""
