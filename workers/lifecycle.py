@@ -17,16 +17,16 @@ from typing import NoReturn
 
 from celery import Celery
 
+from fleet.config.exitcodes import ExitCode
 from workers.control import CONTROL_QUEUE
 
 log = logging.getLogger("fleet.worker")
 
 # A worker that cannot load its model exits before it consumes a message, with
-# EXIT_CONFIG when a restart cannot help (a missing model, a bad task config):
+# ExitCode.CONFIG when a restart cannot help (a missing model, a bad task config):
 # `fleet workers` does not restart it, and a deployment sees a failed start, not
 # a worker that takes batches and fails each one. Anything else exits 1 and is
 # restarted with backoff.
-EXIT_CONFIG = 2
 
 
 def queue_task(queues: Iterable[str]) -> str | None:
@@ -98,16 +98,17 @@ def follow_parent(pid: int | None) -> None:
 
 def exit_before_consuming(task: str, exc: Exception) -> NoReturn:
     """Log why the worker for `task` cannot start and exit the process at once:
-    EXIT_CONFIG for what a restart cannot fix, 1 otherwise. Never returns."""
+    ExitCode.CONFIG for what a restart cannot fix, 1 otherwise. Never returns."""
     from workers.runtime import ModelMissing
 
     config = isinstance(exc, (ModelMissing, FileNotFoundError, ValueError, LookupError))
+    code = int(ExitCode.CONFIG) if config else 1
     log.error(
         "worker for task %r cannot start, so it takes no batches (exit %d): %s",
         task,
-        EXIT_CONFIG if config else 1,
+        code,
         exc,
         exc_info=not config,
     )
     logging.shutdown()
-    os._exit(EXIT_CONFIG if config else 1)
+    os._exit(code)
