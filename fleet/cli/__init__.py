@@ -3,7 +3,7 @@
 One module per family of commands (run, nightly, workers, data, models,
 observe, reports, deploy, demo); the context, `fail` and the exit codes in
 `context`, the shared options and the run summary in `output`. Nothing outside
-this package imports it. Exit codes: `context.ExitCode`.
+this package imports it. Exit codes: `fleet.config.exitcodes.ExitCode`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 import click
 
 from fleet.cli import data, demo, deploy, models, nightly, observe, reports, run, workers
-from fleet.cli.context import ExitCode, FleetContext, fail
+from fleet.cli.context import FleetContext, fail
+from fleet.config.exitcodes import ExitCode
 from fleet.config.settings import Settings
 
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import click
 
-from fleet.cli.context import ExitCode, FleetContext, fail, pass_fleet
+from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option
+from fleet.config.exitcodes import ExitCode
 from fleet.config.settings import redact
 
 

@@ -9,8 +9,9 @@ from typing import Any
 
 import click
 
-from fleet.cli.context import ExitCode, FleetContext, fail, pass_fleet
+from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option, task_option
+from fleet.config.exitcodes import ExitCode
 
 
 @click.group()

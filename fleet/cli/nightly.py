@@ -13,8 +13,9 @@ import sys
 
 import click
 
-from fleet.cli.context import ExitCode, FleetContext, fail, pass_fleet
+from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import finish_run, json_option, local_workers_option, unwind_on_sigterm
+from fleet.config.exitcodes import ExitCode
 
 
 @click.command()

@@ -6,8 +6,9 @@ import sys
 
 import click
 
-from fleet.cli.context import ExitCode, FleetContext, fail, pass_fleet
+from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option
+from fleet.config.exitcodes import ExitCode
 
 
 def _warn(message: str) -> None:

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from fleet.cli.context import ExitCode, FleetContext, fail, pass_fleet
+from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import (
     finish_run,
     json_option,
@@ -14,6 +14,7 @@ from fleet.cli.output import (
     task_option,
     unwind_on_sigterm,
 )
+from fleet.config.exitcodes import ExitCode
 
 
 @click.command()
