@@ -210,7 +210,17 @@ def wait_workers(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ping = subprocess.run(
-            [sys.executable, "-m", "celery", "-A", "fleet.ops.celeryapp", "inspect", "ping", "-t", "3"],
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "fleet.ops.celeryapp",
+                "inspect",
+                "ping",
+                "-t",
+                "3",
+            ],
             env=env,
             capture_output=True,
             text=True,
