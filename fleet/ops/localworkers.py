@@ -536,10 +536,6 @@ class LocalWorkers:
                     w.out.close()
                     w.out = None
 
-    def pids(self) -> list[int]:
-        """Process ids of the workers running now."""
-        return [w.proc.pid for ws in self.workers.values() for w in ws if w.alive() and w.proc]
-
     def __enter__(self) -> LocalWorkers:
         # SIGTERM (systemd, Kubernetes, kill) unwinds like Ctrl-C, so the workers are stopped.
         try:
