@@ -197,6 +197,7 @@ def start_batch(
     worker: str,
     lease_seconds: int,
     resume: bool = False,
+    count_later: bool = False,
 ) -> list[StartedItem]:
     """Mark running the items still leased to this batch, renewing their lease.
 
@@ -207,21 +208,26 @@ def start_batch(
     Each start counts a delivery; `deliveries_before` (starts that never
     finished) is what poison isolation reads. With `resume`, the previous start
     ended in a transient error in a worker that lived, not a crash: this start
-    takes its place instead of adding one.
+    takes its place instead of adding one. With `count_later`, this start
+    counts nothing: the worker counts each chunk of a large batch as it takes
+    it up (`count_deliveries`), so a worker that dies makes suspects of the
+    chunks it had taken up, not of the whole batch.
     """
     rows = session.execute(
         text(
             """
             UPDATE work_items w
             SET status = 'running',
-                deliveries = GREATEST(w.deliveries + :inc, 1),
+                deliveries = CASE WHEN :later THEN w.deliveries
+                                  ELSE GREATEST(w.deliveries + :inc, 1) END,
                 worker = :worker,
                 lease_until = now() + make_interval(secs => :lease),
                 updated_at = now()
             WHERE w.id = ANY(CAST(:ids AS bigint[]))
               AND w.batch_id = CAST(:batch AS uuid)
               AND w.status IN ('queued', 'running')
-            RETURNING w.id, w.source_kind, w.source_id, w.deliveries - 1
+            RETURNING w.id, w.source_kind, w.source_id,
+                      CASE WHEN :later THEN w.deliveries ELSE w.deliveries - 1 END
             """
         ),
         {
@@ -230,9 +236,27 @@ def start_batch(
             "worker": worker,
             "lease": lease_seconds,
             "inc": 0 if resume else 1,
+            "later": count_later,
         },
     ).all()
     return sorted((StartedItem(*r) for r in rows), key=lambda s: s.item_id)
+
+
+def count_deliveries(session: Session, *, batch_id: str, item_ids: Sequence[int]) -> int:
+    """Count a delivery for the items of one chunk of a batch started with
+    `start_batch(count_later=True)`, as the worker takes the chunk up. Only
+    rows still running under this batch count. Returns the rows counted."""
+    result = session.execute(
+        text(
+            """
+            UPDATE work_items SET deliveries = deliveries + 1
+            WHERE id = ANY(CAST(:ids AS bigint[]))
+              AND batch_id = CAST(:batch AS uuid) AND status = 'running'
+            """
+        ),
+        {"ids": list(item_ids), "batch": batch_id},
+    )
+    return _rowcount(result)
 
 
 def extend_lease(
@@ -376,14 +400,16 @@ def split_batch(
     parts: Sequence[Sequence[int]],
     lease_seconds: int,
     reset_deliveries: bool,
+    start_counted: bool = True,
 ) -> list[ClaimedBatch]:
     """Re-batch a suspected poison batch into parts with fresh batch ids
     (see `workers.policy.poison_plan` for when and how).
 
     Attempts restart at zero, so innocent neighbours of a poison item do not
     use up their attempts while it is being isolated. The start that decided
-    the split ran nothing, so it is taken off the delivery count: deliveries
-    keep counting worker deaths only (`reset_deliveries` sets them to zero).
+    the split ran nothing, so when it counted a delivery (`start_counted`) that
+    one is taken off: deliveries keep counting worker deaths only
+    (`reset_deliveries` sets them to zero).
     """
     out: list[ClaimedBatch] = []
     for part in parts:
@@ -393,7 +419,8 @@ def split_batch(
                 """
                 UPDATE work_items
                 SET status = 'queued', batch_id = CAST(:new AS uuid), attempts = 0,
-                    deliveries = CASE WHEN :reset THEN 0 ELSE greatest(deliveries - 1, 0) END,
+                    deliveries = CASE WHEN :reset THEN 0
+                                      ELSE greatest(deliveries - :uncount, 0) END,
                     lease_until = now() + make_interval(secs => :lease), updated_at = now()
                 WHERE id = ANY(CAST(:ids AS bigint[]))
                   AND batch_id = CAST(:old AS uuid) AND status = 'running'
@@ -406,6 +433,7 @@ def split_batch(
                 "ids": list(part),
                 "lease": lease_seconds,
                 "reset": reset_deliveries,
+                "uncount": 1 if start_counted else 0,
             },
         ).scalars()
         got = tuple(sorted(ids))

@@ -3,7 +3,11 @@ named steps that end in one BatchOutcome, observed once (stats and log line):
 
     _duplicate        held by a live worker elsewhere (workers.heartbeat)
                       -> DUPLICATE: acknowledged without running
-    _start            start_batch (rows still leased to this batch -> running)
+    _start            start_batch (rows still leased to this batch -> running);
+                      it counts a delivery per item, or for a batch of several
+                      pipeline chunks each chunk counts as the reader takes it
+                      up, so a worker death makes suspects of at most the two
+                      chunks in flight, not the whole batch
                       nothing left -> STALE: a stale or redelivered message
     _poison_split     delivered before and never finished (a worker died on it):
                       -> SPLIT: the clean items run together, each suspect alone;
@@ -157,18 +161,22 @@ def _steps(
     holder = _duplicate(st, msg, hostname)
     if holder is not None:
         return outcome(BatchKind.DUPLICATE, len(msg.item_ids), holder=holder)
-    started = _start(st, msg, hostname)
+    resume = _first_resume(st, msg)
+    # A batch of several pipeline chunks counts each chunk's delivery as the
+    # chunk is taken up: a worker that dies makes suspects of those, not of all.
+    count_later = not resume and len(msg.item_ids) > PIPELINE_CHUNK
+    started = _start(st, msg, hostname, resume=resume, count_later=count_later)
     attempt.started = True
     if not started:
         n = len(msg.item_ids)
         return outcome(BatchKind.STALE, n, skipped=n)
-    poison = _poison_split(st, msg, started)
+    poison = _poison_split(st, msg, started, start_counted=not count_later)
     if poison is not None:
         kind, parts, dead = poison
         suspects = sum(1 for i in started if i.deliveries_before > 0)
         return outcome(kind, len(started), parts=parts, dead=dead, suspects=suspects)
     with _heartbeat(st, msg, hostname):
-        ran = _run_pipeline(st, msg, started)
+        ran = _run_pipeline(st, msg, started, count=count_later)
         _send_follow_ups(st, ran.follow_ups)
     rt = st.runtime
     return outcome(
@@ -232,9 +240,10 @@ def _duplicate(st: WorkerState, msg: BatchMessage, hostname: str) -> str | None:
         return None
 
 
-def _start(st: WorkerState, msg: BatchMessage, hostname: str) -> list[ledger.StartedItem]:
+def _start(
+    st: WorkerState, msg: BatchMessage, hostname: str, *, resume: bool, count_later: bool
+) -> list[ledger.StartedItem]:
     """Commit the start of the rows still leased to this batch (none: stale)."""
-    resume = _first_resume(st, msg)
     with transaction(st.settings.db_url()) as session:
         return ledger.start_batch(
             session,
@@ -243,6 +252,7 @@ def _start(st: WorkerState, msg: BatchMessage, hostname: str) -> list[ledger.Sta
             worker=hostname,
             lease_seconds=st.settings.lease_seconds,
             resume=resume,
+            count_later=count_later,
         )
 
 
@@ -262,7 +272,7 @@ def _first_resume(st: WorkerState, msg: BatchMessage) -> bool:
 
 
 def _poison_split(
-    st: WorkerState, msg: BatchMessage, started: list[ledger.StartedItem]
+    st: WorkerState, msg: BatchMessage, started: list[ledger.StartedItem], *, start_counted: bool
 ) -> tuple[BatchKind, tuple[str, ...], tuple[int, ...]] | None:
     """Apply workers.policy.poison_plan: None to run the batch; otherwise
     (SPLIT, new batch ids, ()) once the parts are committed and sent, or
@@ -279,6 +289,7 @@ def _poison_split(
                 parts=plan.parts,
                 lease_seconds=s.lease_seconds,
                 reset_deliveries=False,
+                start_counted=start_counted,
             )
         for part in parts:
             send_batch(st.app, BatchMessage(msg.task, part.batch_id, part.item_ids))
@@ -348,7 +359,9 @@ class _Ran:
             self.follow_ups.setdefault(task, []).extend(batches)
 
 
-def _run_pipeline(st: WorkerState, msg: BatchMessage, started: list[ledger.StartedItem]) -> _Ran:
+def _run_pipeline(
+    st: WorkerState, msg: BatchMessage, started: list[ledger.StartedItem], *, count: bool
+) -> _Ran:
     """Load inputs, run the model, write results and claim follow-ups (the lease
     kept alive meanwhile by the caller's heartbeat).
 
@@ -357,11 +370,13 @@ def _run_pipeline(st: WorkerState, msg: BatchMessage, started: list[ledger.Start
     results (finish_batch is status-guarded and idempotent per item, so a batch
     finished in parts is safe to redeliver) while this thread runs chunk k on
     the model. The database round trips then overlap the device's work.
+    With `count`, the reader counts each chunk's delivery as it reads it
+    (`ledger.count_deliveries`).
     """
     stats = st.runtime.new_stats()
     slices = chunk_plan(len(started))
     if len(slices) == 1:
-        sources = _read(st, started)
+        sources = _read(st, msg, started, count)
         written = [_write(st, msg, started, sources, _run_model(st, sources, stats))]
     else:
         with (
@@ -369,12 +384,12 @@ def _run_pipeline(st: WorkerState, msg: BatchMessage, started: list[ledger.Start
             ThreadPoolExecutor(1, "batch-write") as writer,
         ):
             parts = [started[a:b] for a, b in slices]
-            next_read: Future[list[Source]] = reader.submit(_read, st, parts[0])
+            next_read: Future[list[Source]] = reader.submit(_read, st, msg, parts[0], count)
             writes: list[Future[tuple[ledger.FinishCounts, FollowUps]]] = []
             for k, part in enumerate(parts):
                 sources = next_read.result()
                 if k + 1 < len(parts):
-                    next_read = reader.submit(_read, st, parts[k + 1])
+                    next_read = reader.submit(_read, st, msg, parts[k + 1], count)
                 results = _run_model(st, sources, stats)
                 writes.append(writer.submit(_write, st, msg, part, sources, results))
             written = [w.result() for w in writes]
@@ -385,9 +400,16 @@ def _run_pipeline(st: WorkerState, msg: BatchMessage, started: list[ledger.Start
     return ran
 
 
-def _read(st: WorkerState, part: list[ledger.StartedItem]) -> list[Source]:
-    """The sources of `part` (a deleted source row is simply absent)."""
+def _read(
+    st: WorkerState, msg: BatchMessage, part: list[ledger.StartedItem], count: bool
+) -> list[Source]:
+    """The sources of `part` (a deleted source row is simply absent); with
+    `count`, its delivery is counted in the same transaction."""
     with transaction(st.settings.db_url()) as session:
+        if count:
+            ledger.count_deliveries(
+                session, batch_id=msg.batch_id, item_ids=[i.item_id for i in part]
+            )
         inputs = load_inputs(
             session,
             [(i.item_id, i.source_kind, i.source_id) for i in part],

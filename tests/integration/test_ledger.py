@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 from sqlalchemy import text
 
@@ -264,3 +265,55 @@ def test_a_resumed_start_replaces_the_start_a_transient_error_ended(db_url):
             {"b": batch.batch_id},
         ).scalars()
         assert list(got) == [2]
+
+
+def test_a_batch_counted_per_chunk_makes_suspects_only_of_chunks_taken_up(db_url):
+    """A large batch starts without counting; each chunk counts as the worker
+    takes it up. A worker that dies after taking up the first chunk leaves
+    only that chunk's items suspect, and a split of that start takes nothing back."""
+    _seed(db_url, 8)
+    with transaction(db_url) as s:
+        (batch,) = ledger.claim_batches(s, task="intent", limit=8, batch_size=8, lease_seconds=60)
+    ids = list(batch.item_ids)
+    with transaction(db_url) as s:
+        started = ledger.start_batch(
+            s,
+            batch_id=batch.batch_id,
+            item_ids=ids,
+            worker="w",
+            lease_seconds=60,
+            count_later=True,
+        )
+        assert {x.deliveries_before for x in started} == {0}
+        assert ledger.count_deliveries(s, batch_id=batch.batch_id, item_ids=ids[:3]) == 3
+        # another batch's rows, or rows not running under this one, are not counted
+        assert ledger.count_deliveries(s, batch_id=str(uuid.uuid4()), item_ids=ids[3:]) == 0
+    # The worker died; the message is delivered again.
+    with transaction(db_url) as s:
+        again = ledger.start_batch(
+            s,
+            batch_id=batch.batch_id,
+            item_ids=ids,
+            worker="w2",
+            lease_seconds=60,
+            count_later=True,
+        )
+    before = {a.item_id: a.deliveries_before for a in again}
+    assert [i for i in ids if before[i] > 0] == ids[:3]
+    with transaction(db_url) as s:
+        parts = ledger.split_batch(
+            s,
+            batch_id=batch.batch_id,
+            parts=[tuple(ids[3:]), *((i,) for i in ids[:3])],
+            lease_seconds=60,
+            reset_deliveries=False,
+            start_counted=False,
+        )
+        deliveries = dict(
+            s.execute(
+                text("SELECT id, deliveries FROM work_items WHERE id = ANY(:ids)"),
+                {"ids": ids},
+            ).all()
+        )
+    assert [len(p.item_ids) for p in parts] == [5, 1, 1, 1]
+    assert {i: deliveries[i] for i in ids} == {i: (1 if i in ids[:3] else 0) for i in ids}
