@@ -36,7 +36,7 @@ from typing import Any
 
 import psycopg
 
-from bench.overhead import wait_workers
+from bench.overhead import celery_entry, wait_workers
 from bench.producer import checkout
 
 REPO = Path(__file__).resolve().parent.parent
@@ -135,11 +135,12 @@ def fleet(
     try:
         subprocess.run([*fl, "migrate"], **run)  # type: ignore[call-overload]
         subprocess.run([*fl, "ingest", "conversations", str(jsonl)], **run)  # type: ignore[call-overload]
+        entry = celery_entry(root)
         for k in range(workers):
             log = (tmp / f"worker-{tag}-{k}.log").open("wb")
             argv = [
                 sys.executable,
-                *("-m", "celery", "-A", "fleet.ops.celeryapp", "worker", "--pool", "solo"),
+                *("-m", "celery", "-A", entry, "worker", "--pool", "solo"),
                 *("-Q", "fleet.intent", "-n", f"intent@bench{k}-{tag}.%h"),
                 *("--loglevel", env["FLEET_LOG_LEVEL"], "--without-gossip", "--without-mingle"),
             ]

@@ -201,6 +201,13 @@ def fleet(
     return rate
 
 
+def celery_entry(root: Path | None = None) -> str:
+    """The `celery -A` app of the code at `root` (this tree when None): a
+    --baseline from before `fleet.ops.celeryapp` had its app in `workers.app`."""
+    base = root or Path(__file__).resolve().parents[1]
+    return "fleet.ops.celeryapp" if (base / "fleet/ops/celeryapp.py").is_file() else "workers.app"
+
+
 def wait_workers(
     env: dict[str, str], n: int, timeout: float = 180, cwd: Path | None = None
 ) -> None:
@@ -215,7 +222,7 @@ def wait_workers(
                 "-m",
                 "celery",
                 "-A",
-                "fleet.ops.celeryapp",
+                celery_entry(cwd),
                 "inspect",
                 "ping",
                 "-t",
