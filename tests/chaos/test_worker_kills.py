@@ -78,6 +78,12 @@ def test_twenty_random_sigkills_during_5000_items(
         # can land twice on one innocent lone suspect (a limit noted in
         # docs/architecture.md, "Feeding a fast worker").
         FLEET_BATCH_SECONDS="0",
+        # Twenty kills in about a minute land, now and then, twice on one innocent
+        # item while it runs alone after a split (a CI run saw it): with the default
+        # allowance of 2 deaths alone it then ends dead as poison. This test is about
+        # loss and duplication under kills, not isolation (tests/chaos/test_poison.py),
+        # so an item here may die alone 5 times before it counts as poison.
+        FLEET_POISON_CRASHES="5",
     )
     path = write_jsonl(tmp_path / "c.jsonl", conversations(N))
     run_fleet(["ingest", "conversations", str(path)], fleet.env)
