@@ -27,14 +27,12 @@ from collections.abc import Callable, Iterable, Sequence
 import redis
 from celery import Celery
 
-from db import ledger
-from db.engine import transaction
 from fleet.config.settings import Settings
 from fleet.config.taskconfig import TaskSpec
 from producer.enqueue import claim_and_send, discover, queue_depth
 from producer.outage import Outage
 from producer.reconciler import reconcile
-from producer.runs import Counts, RunReport
+from producer.runs import Counts, RunReport, count
 from producer.sizing import batch_size_for
 from producer.sync import before_discovery
 from workers.messages import wait_finished
@@ -58,12 +56,6 @@ def run_specs(tasks: dict[str, TaskSpec], names: Iterable[str] | None = None) ->
 def open_items(counts: Counts) -> int:
     """Items pending, queued or running over every task of `counts`."""
     return sum(c.get(s, 0) for c in counts.values() for s in OPEN_STATUSES)
-
-
-def count(url: str, names: Sequence[str]) -> Counts:
-    """{task: {status: items}} for each of `names` ({} for a task with none)."""
-    with transaction(url) as session:
-        return {n: ledger.counts(session, task=n).get(n, {}) for n in names}
 
 
 def discover_all(

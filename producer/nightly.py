@@ -46,9 +46,9 @@ from db.schema import Run
 from fleet.config.settings import Settings
 from fleet.config.taskconfig import TaskSpec
 from producer import runs
-from producer.drive import count, discover_all, feed, open_items
+from producer.drive import discover_all, feed, open_items
 from producer.drive import drive as drive_run
-from producer.runs import Counts, RunReport
+from producer.runs import Counts, RunReport, count
 
 log = logging.getLogger("fleet.nightly")
 

@@ -151,11 +151,16 @@ def recorded(
             close_with_retries(url, report.run_id, report.summary(names))
 
 
+def count(url: str, names: Sequence[str]) -> Counts:
+    """{task: {status: items}} for each of `names` ({} for a task with none)."""
+    with transaction(url) as session:
+        return {n: ledger.counts(session, task=n).get(n, {}) for n in names}
+
+
 def _recount(url: str, report: RunReport, names: Sequence[str]) -> None:
     """The ledger's counts now, for a run stopped between two counting passes
     (best effort: a database that is down leaves the last counts)."""
     try:
-        with transaction(url) as session:
-            report.counts = {n: ledger.counts(session, task=n).get(n, {}) for n in names}
+        report.counts = count(url, names)
     except Exception as exc:  # the close below retries and says what failed
         log.warning("run %d: could not count its items at the end: %s", report.run_id, exc)
