@@ -219,8 +219,6 @@ def watch(
 
 # -- the commands' bodies (fleet/cli/observe.py keeps only thin wrappers) ---------------------
 
-EXIT_OK, EXIT_SERVICE, EXIT_TIMEOUT = ExitCode.OK, ExitCode.SERVICE, ExitCode.TIMEOUT
-
 
 def console() -> Console:
     """stdout; piped into a file or a log, wide enough that the tables keep their columns."""
@@ -263,7 +261,7 @@ def show_status(
         click.echo(json.dumps(doc, indent=2))
     else:
         out.print(status_view(st, services_line(settings)))
-    return EXIT_SERVICE if st.errors else EXIT_OK
+    return ExitCode.SERVICE if st.errors else ExitCode.OK
 
 
 def run_watch(
@@ -290,11 +288,11 @@ def run_watch(
             console=out,
         )
     except KeyboardInterrupt:
-        return EXIT_OK
+        return ExitCode.OK
     if until_done and not finished:
         click.echo(
             "timed out with work unfinished: are workers running? (`fleet worker --task T`)",
             err=True,
         )
-        return EXIT_TIMEOUT
-    return EXIT_OK
+        return ExitCode.TIMEOUT
+    return ExitCode.OK

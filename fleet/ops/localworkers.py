@@ -46,7 +46,6 @@ from fleet.config.taskconfig import TaskSpec, resolve_model_path
 from fleet.ops.workercommand import worker_argv, worker_env, worker_name
 from workers.policy import backoff
 
-EXIT_CONFIG = ExitCode.CONFIG  # a worker's own exit code when it cannot load its model
 # What a worker holds besides 1.3 x its weights: the interpreter with torch and
 # transformers (~450 MiB), activations and allocator slack. In the bundled nightly on
 # the CPU the Whisper base worker's proportional set size (libtorch's pages shared
@@ -387,7 +386,7 @@ class LocalWorkers:
                 w.proc, w.ready = None, False
                 if not w.wanted:
                     continue
-                if code == EXIT_CONFIG:
+                if code == ExitCode.CONFIG:
                     w.wanted = False
                     self.broken.add(w.task)
                     self._note(w.task, "worker failed (configuration)")

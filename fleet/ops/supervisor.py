@@ -23,7 +23,6 @@ from fleet.config.settings import Settings
 from workers.policy import backoff
 
 STABLE_AFTER_S = 60.0
-EXIT_CONFIG = ExitCode.CONFIG  # a worker's own exit code when it cannot load its model
 
 
 def visible_gpus() -> int:
@@ -73,7 +72,7 @@ def _reap(c: Child, now: float, task: str, echo: Callable[[str], None], base: fl
     if c.proc is None or c.proc.poll() is None:
         return
     code = c.proc.returncode
-    if code == EXIT_CONFIG:
+    if code == ExitCode.CONFIG:
         # The worker could not load its model or config: a restart cannot fix that.
         c.proc = None
         c.given_up = True
@@ -136,7 +135,7 @@ def supervise(
                 start(c)
         if all(c.given_up for c in children):
             echo("no worker could start (configuration error); stopping")
-            return EXIT_CONFIG
+            return ExitCode.CONFIG
         time.sleep(0.5)
     echo("stopping workers (warm shutdown: current batches finish)")
     for c in children:
