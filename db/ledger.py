@@ -4,7 +4,8 @@ Each function takes a Session and runs inside the caller's transaction.
 State changes are status-guarded (`... WHERE status = ... AND batch_id = ...`)
 so a late, duplicated or redelivered message can never undo newer work.
 
-    pending -> queued (claim) -> running (start_batch) -> done | failed
+    pending -> queued (claim) -> running (start_batch, or start_chunk for each
+               chunk of a large batch as the worker takes it up) -> done | failed
     queued/running with an expired lease -> pending (reconcile) | dead
     running, delivered again after a worker died -> split in halves | dead
 """
@@ -197,7 +198,7 @@ def start_batch(
     worker: str,
     lease_seconds: int,
     resume: bool = False,
-    count_later: bool = False,
+    by_chunk: bool = False,
 ) -> list[StartedItem]:
     """Mark running the items still leased to this batch, renewing their lease.
 
@@ -208,26 +209,52 @@ def start_batch(
     Each start counts a delivery; `deliveries_before` (starts that never
     finished) is what poison isolation reads. With `resume`, the previous start
     ended in a transient error in a worker that lived, not a crash: this start
-    takes its place instead of adding one. With `count_later`, this start
-    counts nothing: the worker counts each chunk of a large batch as it takes
-    it up (`count_deliveries`), so a worker that dies makes suspects of the
-    chunks it had taken up, not of the whole batch.
+    takes its place instead of adding one.
+
+    With `by_chunk`, this start only reads the rows still leased to the batch
+    (one index scan): the worker starts each chunk of a large batch as it takes
+    it up (`start_chunk`). A worker that dies then makes suspects of the chunks
+    it had taken up, not of the whole batch, and each item's row is written
+    once on the way to running instead of twice. Rows whose claim lease has
+    less than half of `lease_seconds` left (the message waited long in the
+    queue) get a fresh lease here; the heartbeat, beating every quarter lease
+    at most, keeps the rest alive until their chunk is taken up.
     """
+    if by_chunk:
+        session.execute(
+            text(
+                """
+                UPDATE work_items SET lease_until = now() + make_interval(secs => :lease)
+                WHERE batch_id = CAST(:batch AS uuid) AND status = 'queued'
+                  AND lease_until < now() + make_interval(secs => :lease / 2.0)
+                """
+            ),
+            {"batch": batch_id, "lease": lease_seconds},
+        )
+        rows = session.execute(
+            text(
+                """
+                SELECT id, source_kind, source_id, deliveries FROM work_items
+                WHERE batch_id = CAST(:batch AS uuid) AND status IN ('queued', 'running')
+                """
+            ),
+            {"batch": batch_id},
+        ).all()
+        wanted = set(item_ids)
+        return sorted((StartedItem(*r) for r in rows if r[0] in wanted), key=lambda s: s.item_id)
     rows = session.execute(
         text(
             """
             UPDATE work_items w
             SET status = 'running',
-                deliveries = CASE WHEN :later THEN w.deliveries
-                                  ELSE GREATEST(w.deliveries + :inc, 1) END,
+                deliveries = GREATEST(w.deliveries + :inc, 1),
                 worker = :worker,
                 lease_until = now() + make_interval(secs => :lease),
                 updated_at = now()
             WHERE w.id = ANY(CAST(:ids AS bigint[]))
               AND w.batch_id = CAST(:batch AS uuid)
               AND w.status IN ('queued', 'running')
-            RETURNING w.id, w.source_kind, w.source_id,
-                      CASE WHEN :later THEN w.deliveries ELSE w.deliveries - 1 END
+            RETURNING w.id, w.source_kind, w.source_id, w.deliveries - 1
             """
         ),
         {
@@ -236,43 +263,50 @@ def start_batch(
             "worker": worker,
             "lease": lease_seconds,
             "inc": 0 if resume else 1,
-            "later": count_later,
         },
     ).all()
     return sorted((StartedItem(*r) for r in rows), key=lambda s: s.item_id)
 
 
-def count_deliveries(session: Session, *, batch_id: str, item_ids: Sequence[int]) -> int:
-    """Count a delivery for the items of one chunk of a batch started with
-    `start_batch(count_later=True)`, as the worker takes the chunk up. Only
-    rows still running under this batch count. Returns the rows counted."""
-    result = session.execute(
+def start_chunk(
+    session: Session, *, batch_id: str, item_ids: Sequence[int], worker: str, lease_seconds: int
+) -> set[int]:
+    """Start one chunk of a batch begun with `start_batch(by_chunk=True)`, as the
+    worker takes the chunk up: rows still leased to this batch become running
+    under `worker` with a fresh lease, and count a delivery. Returns the ids
+    started (the others finished or were reclaimed meanwhile: skip them)."""
+    rows = session.execute(
         text(
             """
-            UPDATE work_items SET deliveries = deliveries + 1
+            UPDATE work_items
+            SET status = 'running', deliveries = deliveries + 1, worker = :worker,
+                lease_until = now() + make_interval(secs => :lease), updated_at = now()
             WHERE id = ANY(CAST(:ids AS bigint[]))
-              AND batch_id = CAST(:batch AS uuid) AND status = 'running'
+              AND batch_id = CAST(:batch AS uuid) AND status IN ('queued', 'running')
+            RETURNING id
             """
         ),
-        {"ids": list(item_ids), "batch": batch_id},
-    )
-    return _rowcount(result)
+        {"ids": list(item_ids), "batch": batch_id, "worker": worker, "lease": lease_seconds},
+    ).scalars()
+    return set(rows)
 
 
 def extend_lease(
     session: Session, *, batch_id: str, lease_seconds: int, worker: str | None = None
 ) -> int:
     """Heartbeat of a running batch (workers.heartbeat): renew the lease of its
-    running rows, only those `worker` runs when given, so the reconciler never
-    returns a live batch's items. Returns the number of rows renewed: 0 means
-    the batch is no longer this worker's (finished, or reclaimed while it was
-    unreachable)."""
+    running rows, only those `worker` runs when given, and of its queued rows
+    (chunks of a batch started by chunk, not yet taken up), so the reconciler
+    never returns a live batch's items. Returns the number of rows renewed: 0
+    means the batch is no longer this worker's (finished, or reclaimed while it
+    was unreachable)."""
     result = session.execute(
         text(
             """
             UPDATE work_items SET lease_until = now() + make_interval(secs => :lease)
-            WHERE batch_id = CAST(:batch AS uuid) AND status = 'running'
-              AND (CAST(:worker AS text) IS NULL OR worker = :worker)
+            WHERE batch_id = CAST(:batch AS uuid)
+              AND (status = 'queued' OR (status = 'running'
+                   AND (CAST(:worker AS text) IS NULL OR worker = :worker)))
             """
         ),
         {"batch": batch_id, "lease": lease_seconds, "worker": worker},
@@ -310,48 +344,17 @@ def finish_batch(session: Session, *, batch_id: str, outcomes: Sequence[Outcome]
     Only rows still running under this batch change; results are written for
     exactly those rows (upsert on work_item_id), so finishing the same batch
     twice leaves one result per item.
+
+    One statement: the done and failed state changes and the results insert
+    are data-modifying CTEs, the results joined to the rows the updates
+    touched. The results travel as one JSON document (one call of the C
+    encoder, unpacked by json_to_recordset), not as nine parameter arrays, so
+    a large batch's results are written at bulk speed (bench/producer.py).
+
+    Raises ValueError when a result's scores or output hold NaN or infinity.
     """
     ok = [o.item_id for o in outcomes if o.error is None]
     bad = [o for o in outcomes if o.error is not None]
-    done_ids: set[int] = set()
-    failed_ids: set[int] = set()
-    if ok:
-        done_ids = set(
-            session.execute(
-                text(
-                    """
-                    UPDATE work_items
-                    SET status = 'done', lease_until = NULL, last_error = NULL, updated_at = now()
-                    WHERE id = ANY(CAST(:ids AS bigint[]))
-                      AND batch_id = CAST(:batch AS uuid) AND status = 'running'
-                    RETURNING id
-                    """
-                ),
-                {"ids": ok, "batch": batch_id},
-            ).scalars()
-        )
-    if bad:
-        failed_ids = set(
-            session.execute(
-                text(
-                    """
-                    UPDATE work_items w
-                    SET status = 'failed', lease_until = NULL, last_error = e.err,
-                        updated_at = now()
-                    FROM unnest(CAST(:ids AS bigint[]), CAST(:errs AS text[])) AS e(id, err)
-                    WHERE w.id = e.id
-                      AND w.batch_id = CAST(:batch AS uuid) AND w.status = 'running'
-                    RETURNING w.id
-                    """
-                ),
-                {
-                    "ids": [o.item_id for o in bad],
-                    "errs": [o.error for o in bad],
-                    "batch": batch_id,
-                },
-            ).scalars()
-        )
-    written = done_ids | failed_ids
     rows = [
         {
             **o.result,
@@ -360,15 +363,26 @@ def finish_batch(session: Session, *, batch_id: str, outcomes: Sequence[Outcome]
             "latency_ms": _float(o.result["latency_ms"]),
         }
         for o in outcomes
-        if o.result is not None and o.item_id in written
+        if o.result is not None
     ]
-    if rows:
-        # The rows travel as one JSON document (one call of the C encoder, unpacked
-        # by json_to_recordset): no per-value quoting of nine parameter arrays, so
-        # a large batch's results are written at bulk speed (bench/producer.py).
-        session.execute(
-            text(
-                """
+    done, failed = session.execute(
+        text(
+            """
+            WITH done AS (
+                UPDATE work_items
+                SET status = 'done', lease_until = NULL, last_error = NULL, updated_at = now()
+                WHERE id = ANY(CAST(:ok AS bigint[]))
+                  AND batch_id = CAST(:batch AS uuid) AND status = 'running'
+                RETURNING id
+            ), failed AS (
+                UPDATE work_items w
+                SET status = 'failed', lease_until = NULL, last_error = e.err,
+                    updated_at = now()
+                FROM unnest(CAST(:bad AS bigint[]), CAST(:errs AS text[])) AS e(id, err)
+                WHERE w.id = e.id
+                  AND w.batch_id = CAST(:batch AS uuid) AND w.status = 'running'
+                RETURNING w.id
+            ), written AS (
                 INSERT INTO results (work_item_id, label, confidence, scores, output,
                                      model_name, model_revision, model_tier, device, latency_ms)
                 SELECT work_item_id, label, confidence, scores, output,
@@ -377,6 +391,7 @@ def finish_batch(session: Session, *, batch_id: str, outcomes: Sequence[Outcome]
                     work_item_id bigint, label varchar, confidence float8, scores jsonb,
                     output jsonb, model_name varchar, model_revision varchar, model_tier int,
                     device varchar, latency_ms float8)
+                WHERE r.work_item_id IN (SELECT id FROM done UNION ALL SELECT id FROM failed)
                 ON CONFLICT (work_item_id) DO UPDATE SET
                     label = EXCLUDED.label, confidence = EXCLUDED.confidence,
                     scores = EXCLUDED.scores, output = EXCLUDED.output,
@@ -384,13 +399,20 @@ def finish_batch(session: Session, *, batch_id: str, outcomes: Sequence[Outcome]
                     model_tier = EXCLUDED.model_tier,
                     device = EXCLUDED.device, latency_ms = EXCLUDED.latency_ms,
                     created_at = now()
-                """
-            ),
-            {"rows": _results_json(rows)},
-        )
-    return FinishCounts(
-        done=len(done_ids), failed=len(failed_ids), skipped=len(outcomes) - len(written)
-    )
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM failed)
+            """
+        ),
+        {
+            "ok": ok,
+            "bad": [o.item_id for o in bad],
+            "errs": [o.error for o in bad],
+            "batch": batch_id,
+            "rows": _results_json(rows),
+        },
+    ).one()
+    return FinishCounts(done=done, failed=failed, skipped=len(outcomes) - done - failed)
 
 
 def split_batch(
@@ -409,7 +431,8 @@ def split_batch(
     use up their attempts while it is being isolated. The start that decided
     the split ran nothing, so when it counted a delivery (`start_counted`) that
     one is taken off: deliveries keep counting worker deaths only
-    (`reset_deliveries` sets them to zero).
+    (`reset_deliveries` sets them to zero). Rows of a batch started by chunk
+    may still be queued (never taken up): those are split too.
     """
     out: list[ClaimedBatch] = []
     for part in parts:
@@ -423,7 +446,7 @@ def split_batch(
                                       ELSE greatest(deliveries - :uncount, 0) END,
                     lease_until = now() + make_interval(secs => :lease), updated_at = now()
                 WHERE id = ANY(CAST(:ids AS bigint[]))
-                  AND batch_id = CAST(:old AS uuid) AND status = 'running'
+                  AND batch_id = CAST(:old AS uuid) AND status IN ('queued', 'running')
                 RETURNING id
                 """
             ),

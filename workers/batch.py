@@ -3,11 +3,12 @@ named steps that end in one BatchOutcome, observed once (stats and log line):
 
     _duplicate        held by a live worker elsewhere (workers.heartbeat)
                       -> DUPLICATE: acknowledged without running
-    _start            start_batch (rows still leased to this batch -> running);
-                      it counts a delivery per item, or for a batch of several
-                      pipeline chunks each chunk counts as the reader takes it
-                      up, so a worker death makes suspects of at most the two
-                      chunks in flight, not the whole batch
+    _start            start_batch (rows still leased to this batch -> running,
+                      a delivery counted per item); a batch of several pipeline
+                      chunks is only read here and each chunk starts as the
+                      reader takes it up (start_chunk), so a worker death makes
+                      suspects of at most the two chunks in flight, not the
+                      whole batch, and each row is written once to start
                       nothing left -> STALE: a stale or redelivered message
     _poison_split     delivered before and never finished (a worker died on it):
                       -> SPLIT: the clean items run together, each suspect alone;
@@ -162,21 +163,21 @@ def _steps(
     if holder is not None:
         return outcome(BatchKind.DUPLICATE, len(msg.item_ids), holder=holder)
     resume = _first_resume(st, msg)
-    # A batch of several pipeline chunks counts each chunk's delivery as the
-    # chunk is taken up: a worker that dies makes suspects of those, not of all.
-    count_later = not resume and len(msg.item_ids) > PIPELINE_CHUNK
-    started = _start(st, msg, hostname, resume=resume, count_later=count_later)
+    # A batch of several pipeline chunks starts each chunk as it is taken up:
+    # a worker that dies makes suspects of those, not of all.
+    by_chunk = not resume and len(msg.item_ids) > PIPELINE_CHUNK
+    started = _start(st, msg, hostname, resume=resume, by_chunk=by_chunk)
     attempt.started = True
     if not started:
         n = len(msg.item_ids)
         return outcome(BatchKind.STALE, n, skipped=n)
-    poison = _poison_split(st, msg, started, start_counted=not count_later)
+    poison = _poison_split(st, msg, started, start_counted=not by_chunk)
     if poison is not None:
         kind, parts, dead = poison
         suspects = sum(1 for i in started if i.deliveries_before > 0)
         return outcome(kind, len(started), parts=parts, dead=dead, suspects=suspects)
     with _heartbeat(st, msg, hostname):
-        ran = _run_pipeline(st, msg, started, count=count_later)
+        ran = _run_pipeline(st, msg, started, hostname=hostname if by_chunk else None)
         _send_follow_ups(st, ran.follow_ups)
     rt = st.runtime
     return outcome(
@@ -241,9 +242,10 @@ def _duplicate(st: WorkerState, msg: BatchMessage, hostname: str) -> str | None:
 
 
 def _start(
-    st: WorkerState, msg: BatchMessage, hostname: str, *, resume: bool, count_later: bool
+    st: WorkerState, msg: BatchMessage, hostname: str, *, resume: bool, by_chunk: bool
 ) -> list[ledger.StartedItem]:
-    """Commit the start of the rows still leased to this batch (none: stale)."""
+    """Commit the start of the rows still leased to this batch (none: stale);
+    `by_chunk`: only read them, each chunk starts as it is taken up."""
     with transaction(st.settings.db_url()) as session:
         return ledger.start_batch(
             session,
@@ -252,7 +254,7 @@ def _start(
             worker=hostname,
             lease_seconds=st.settings.lease_seconds,
             resume=resume,
-            count_later=count_later,
+            by_chunk=by_chunk,
         )
 
 
@@ -360,7 +362,7 @@ class _Ran:
 
 
 def _run_pipeline(
-    st: WorkerState, msg: BatchMessage, started: list[ledger.StartedItem], *, count: bool
+    st: WorkerState, msg: BatchMessage, started: list[ledger.StartedItem], *, hostname: str | None
 ) -> _Ran:
     """Load inputs, run the model, write results and claim follow-ups (the lease
     kept alive meanwhile by the caller's heartbeat).
@@ -370,26 +372,27 @@ def _run_pipeline(
     results (finish_batch is status-guarded and idempotent per item, so a batch
     finished in parts is safe to redeliver) while this thread runs chunk k on
     the model. The database round trips then overlap the device's work.
-    With `count`, the reader counts each chunk's delivery as it reads it
-    (`ledger.count_deliveries`).
+    With `hostname` (a batch started by chunk), the reader starts each chunk
+    under that worker name as it reads it (`ledger.start_chunk`).
     """
     stats = st.runtime.new_stats()
     slices = chunk_plan(len(started))
     if len(slices) == 1:
-        sources = _read(st, msg, started, count)
-        written = [_write(st, msg, started, sources, _run_model(st, sources, stats))]
+        part, sources = _read(st, msg, started, hostname)
+        written = [_write(st, msg, part, sources, _run_model(st, sources, stats))]
     else:
         with (
             ThreadPoolExecutor(1, "batch-read") as reader,
             ThreadPoolExecutor(1, "batch-write") as writer,
         ):
             parts = [started[a:b] for a, b in slices]
-            next_read: Future[list[Source]] = reader.submit(_read, st, msg, parts[0], count)
+            next_read: Future[tuple[list[ledger.StartedItem], list[Source]]]
+            next_read = reader.submit(_read, st, msg, parts[0], hostname)
             writes: list[Future[tuple[ledger.FinishCounts, FollowUps]]] = []
-            for k, part in enumerate(parts):
-                sources = next_read.result()
+            for k in range(len(parts)):
+                part, sources = next_read.result()
                 if k + 1 < len(parts):
-                    next_read = reader.submit(_read, st, msg, parts[k + 1], count)
+                    next_read = reader.submit(_read, st, msg, parts[k + 1], hostname)
                 results = _run_model(st, sources, stats)
                 writes.append(writer.submit(_write, st, msg, part, sources, results))
             written = [w.result() for w in writes]
@@ -397,26 +400,39 @@ def _run_pipeline(
     ran = _Ran(ledger.FinishCounts(done=0, failed=0, skipped=0), stats)
     for got, made in written:
         ran.add(got, made)
+    # Rows a chunk's start no longer found leased to this batch were skipped too.
+    not_taken = len(started) - (ran.counts.done + ran.counts.failed + ran.counts.skipped)
+    ran.add(ledger.FinishCounts(done=0, failed=0, skipped=not_taken), {})
     return ran
 
 
 def _read(
-    st: WorkerState, msg: BatchMessage, part: list[ledger.StartedItem], count: bool
-) -> list[Source]:
-    """The sources of `part` (a deleted source row is simply absent); with
-    `count`, its delivery is counted in the same transaction."""
+    st: WorkerState, msg: BatchMessage, part: list[ledger.StartedItem], hostname: str | None
+) -> tuple[list[ledger.StartedItem], list[Source]]:
+    """The items of `part` that run and their sources (a deleted source row is
+    simply absent). With `hostname`, the chunk is started first in the same
+    transaction, and only the rows it started run (the others finished or were
+    reclaimed meanwhile: skipped)."""
     with transaction(st.settings.db_url()) as session:
-        if count:
-            ledger.count_deliveries(
-                session, batch_id=msg.batch_id, item_ids=[i.item_id for i in part]
+        if hostname is not None:
+            taken = ledger.start_chunk(
+                session,
+                batch_id=msg.batch_id,
+                item_ids=[i.item_id for i in part],
+                worker=hostname,
+                lease_seconds=st.settings.lease_seconds,
             )
+            part = [i for i in part if i.item_id in taken]
         inputs = load_inputs(
             session,
             [(i.item_id, i.source_kind, i.source_id) for i in part],
             text_from_task=st.task.input_from,
         )
     kinds = {i.item_id: i.source_kind for i in part}
-    return [Source(item_id, kinds[item_id], ext, data) for item_id, (ext, data) in inputs.items()]
+    sources = [
+        Source(item_id, kinds[item_id], ext, data) for item_id, (ext, data) in inputs.items()
+    ]
+    return part, sources
 
 
 def _run_model(st: WorkerState, sources: list[Source], stats: BatchStats) -> list[ItemResult]:

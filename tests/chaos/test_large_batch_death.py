@@ -1,11 +1,12 @@
 """A worker that dies inside a large batch makes suspects only of the chunks
 it had taken up, not of the whole batch.
 
-A batch of several pipeline chunks (workers.batch.PIPELINE_CHUNK) counts each
-chunk's delivery as the worker's reader takes it up. One poison item in the
-first chunk of a 3,000-item batch kills the worker; on redelivery the suspects
-(each then run alone) are the first chunk and at most the one read ahead,
-and everything else runs together again. Nothing is lost or written twice.
+A batch of several pipeline chunks (workers.batch.PIPELINE_CHUNK) starts each
+chunk (running, one delivery counted) as the worker's reader takes it up. One
+poison item in the first chunk of a 3,000-item batch kills the worker; on
+redelivery the suspects (each then run alone) are the first chunk and at most
+the one read ahead, and everything else is no suspect. Nothing is lost or
+written twice.
 """
 
 from __future__ import annotations
@@ -113,5 +114,9 @@ def test_a_death_in_a_large_batch_suspects_only_the_chunks_taken_up(
     assert all(int(t) == 0 for _, t in splits[1:]), splits
     # The first chunk, and at most the one the reader had taken up ahead of it.
     assert first_chunk <= suspects <= 2 * first_chunk < N, (suspects, first_chunk)
-    assert suspects + together == N
+    # The chunks never taken up stayed queued under the dead batch: they run
+    # together in the split when the message comes back before their lease
+    # ends (6 s here), or else the reconciler returns them and a new claim
+    # takes them, uncounted. Either way they are no suspects.
+    assert together in (0, N - suspects), (suspects, together)
     print(f"\n[chaos] a death in a {N}-item batch: {suspects} suspects (whole batch before: {N})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 import uuid
@@ -267,36 +268,52 @@ def test_a_resumed_start_replaces_the_start_a_transient_error_ended(db_url):
         assert list(got) == [2]
 
 
-def test_a_batch_counted_per_chunk_makes_suspects_only_of_chunks_taken_up(db_url):
-    """A large batch starts without counting; each chunk counts as the worker
-    takes it up. A worker that dies after taking up the first chunk leaves
-    only that chunk's items suspect, and a split of that start takes nothing back."""
+def test_a_batch_started_by_chunk_makes_suspects_only_of_chunks_taken_up(db_url):
+    """A large batch's start only reads its rows; each chunk starts (running,
+    one delivery) as the worker takes it up. A worker that dies after taking
+    up the first chunk leaves only that chunk's items suspect, the rest still
+    queued; a split of that start takes nothing back and splits both."""
     _seed(db_url, 8)
     with transaction(db_url) as s:
         (batch,) = ledger.claim_batches(s, task="intent", limit=8, batch_size=8, lease_seconds=60)
     ids = list(batch.item_ids)
+
+    def statuses() -> dict[int, tuple[str, int, str | None]]:
+        with transaction(db_url) as s:
+            return {
+                i: (st, d, w)
+                for i, st, d, w in s.execute(
+                    text(
+                        "SELECT id, status, deliveries, worker FROM work_items WHERE id = ANY(:ids)"
+                    ),
+                    {"ids": ids},
+                ).all()
+            }
+
     with transaction(db_url) as s:
         started = ledger.start_batch(
-            s,
-            batch_id=batch.batch_id,
-            item_ids=ids,
-            worker="w",
-            lease_seconds=60,
-            count_later=True,
+            s, batch_id=batch.batch_id, item_ids=ids, worker="w", lease_seconds=60, by_chunk=True
         )
+        assert [x.item_id for x in started] == ids
         assert {x.deliveries_before for x in started} == {0}
-        assert ledger.count_deliveries(s, batch_id=batch.batch_id, item_ids=ids[:3]) == 3
-        # another batch's rows, or rows not running under this one, are not counted
-        assert ledger.count_deliveries(s, batch_id=str(uuid.uuid4()), item_ids=ids[3:]) == 0
+    assert {v[0] for v in statuses().values()} == {"queued"}  # the start wrote nothing
+    with transaction(db_url) as s:
+        assert ledger.start_chunk(
+            s, batch_id=batch.batch_id, item_ids=ids[:3], worker="w", lease_seconds=60
+        ) == set(ids[:3])
+        # another batch's rows are not started
+        assert not ledger.start_chunk(
+            s, batch_id=str(uuid.uuid4()), item_ids=ids[3:], worker="w", lease_seconds=60
+        )
+    now = statuses()
+    assert [now[i] for i in ids[:3]] == [("running", 1, "w")] * 3
+    assert {now[i][:2] for i in ids[3:]} == {("queued", 0)}
+    with transaction(db_url) as s:  # the heartbeat keeps both kinds of row leased
+        assert ledger.extend_lease(s, batch_id=batch.batch_id, lease_seconds=60, worker="w") == 8
     # The worker died; the message is delivered again.
     with transaction(db_url) as s:
         again = ledger.start_batch(
-            s,
-            batch_id=batch.batch_id,
-            item_ids=ids,
-            worker="w2",
-            lease_seconds=60,
-            count_later=True,
+            s, batch_id=batch.batch_id, item_ids=ids, worker="w2", lease_seconds=60, by_chunk=True
         )
     before = {a.item_id: a.deliveries_before for a in again}
     assert [i for i in ids if before[i] > 0] == ids[:3]
@@ -309,11 +326,56 @@ def test_a_batch_counted_per_chunk_makes_suspects_only_of_chunks_taken_up(db_url
             reset_deliveries=False,
             start_counted=False,
         )
-        deliveries = dict(
+    assert [len(p.item_ids) for p in parts] == [5, 1, 1, 1]
+    now = statuses()
+    assert {i: now[i][:2] for i in ids} == {i: ("queued", 1 if i in ids[:3] else 0) for i in ids}
+
+
+def test_a_chunk_start_skips_rows_finished_or_reclaimed_meanwhile(db_url):
+    _seed(db_url, 4)
+    with transaction(db_url) as s:
+        (batch,) = ledger.claim_batches(s, task="intent", limit=4, batch_size=4, lease_seconds=60)
+    ids = list(batch.item_ids)
+    with transaction(db_url) as s:
+        ledger.start_batch(
+            s, batch_id=batch.batch_id, item_ids=ids, worker="w", lease_seconds=60, by_chunk=True
+        )
+        # the reconciler returned one row (its lease ran out) and it was claimed again
+        s.execute(
+            text("UPDATE work_items SET status = 'pending', batch_id = NULL WHERE id = :i"),
+            {"i": ids[0]},
+        )
+        assert ledger.start_chunk(
+            s, batch_id=batch.batch_id, item_ids=ids, worker="w", lease_seconds=60
+        ) == set(ids[1:])
+
+
+def test_a_start_by_chunk_renews_only_claim_leases_with_under_half_left(db_url):
+    """The start of a large batch writes nothing in the usual case; rows whose
+    claim lease has run down while the message waited get a fresh one, so they
+    stay leased until the heartbeat's first beat."""
+    _seed(db_url, 4)
+    with transaction(db_url) as s:
+        (batch,) = ledger.claim_batches(s, task="intent", limit=4, batch_size=4, lease_seconds=60)
+    ids = list(batch.item_ids)
+    with transaction(db_url) as s:
+        s.execute(
+            text("UPDATE work_items SET lease_until = now() + interval '5 s' WHERE id = :i"),
+            {"i": ids[0]},
+        )
+        before = dict(
             s.execute(
-                text("SELECT id, deliveries FROM work_items WHERE id = ANY(:ids)"),
-                {"ids": ids},
+                text("SELECT id, lease_until FROM work_items WHERE id = ANY(:ids)"), {"ids": ids}
             ).all()
         )
-    assert [len(p.item_ids) for p in parts] == [5, 1, 1, 1]
-    assert {i: deliveries[i] for i in ids} == {i: (1 if i in ids[:3] else 0) for i in ids}
+    with transaction(db_url) as s:
+        ledger.start_batch(
+            s, batch_id=batch.batch_id, item_ids=ids, worker="w", lease_seconds=60, by_chunk=True
+        )
+        after = dict(
+            s.execute(
+                text("SELECT id, lease_until FROM work_items WHERE id = ANY(:ids)"), {"ids": ids}
+            ).all()
+        )
+    assert after[ids[0]] > before[ids[0]] + dt.timedelta(seconds=40)
+    assert [after[i] for i in ids[1:]] == [before[i] for i in ids[1:]]
