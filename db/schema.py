@@ -65,10 +65,19 @@ class Base(DeclarativeBase):
 
 class Conversation(Base):
     __tablename__ = "conversations"
-    __table_args__ = (Index("ix_conversations_source", "source", "external_id"),)
+    # external_id is unique per source (db.sync); NULL source (`fleet ingest`) is one
+    # namespace of its own, hence NULLS NOT DISTINCT (Postgres 15+). Migration 0005.
+    __table_args__ = (
+        UniqueConstraint(
+            "source",
+            "external_id",
+            name="uq_conversations_source_external_id",
+            postgresql_nulls_not_distinct=True,
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    external_id: Mapped[str] = mapped_column(String(256), unique=True)
+    external_id: Mapped[str] = mapped_column(String(256))
     messages: Mapped[list[Any]] = mapped_column(JSONB)
     language: Mapped[str | None] = mapped_column(String(16))
     meta: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
@@ -85,10 +94,19 @@ class Conversation(Base):
 
 class AudioFile(Base):
     __tablename__ = "audio_files"
-    __table_args__ = (Index("ix_audio_files_source", "source", "external_id"),)
+    # external_id is unique per source (db.sync); NULL source (`fleet ingest`) is one
+    # namespace of its own, hence NULLS NOT DISTINCT (Postgres 15+). Migration 0005.
+    __table_args__ = (
+        UniqueConstraint(
+            "source",
+            "external_id",
+            name="uq_audio_files_source_external_id",
+            postgresql_nulls_not_distinct=True,
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    external_id: Mapped[str] = mapped_column(String(256), unique=True)
+    external_id: Mapped[str] = mapped_column(String(256))
     uri: Mapped[str] = mapped_column(Text)
     duration_s: Mapped[float | None] = mapped_column(Float)
     meta: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")

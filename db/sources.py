@@ -13,25 +13,30 @@ from db.schema import AudioFile, Conversation
 
 
 def ingest_conversations(session: Session, records: Sequence[dict[str, Any]]) -> int:
-    """Insert conversations; an external_id already present is left as it is."""
+    """Insert file-ingested conversations (NULL source): dicts of Conversation's
+    columns, without `source`. An external_id already ingested is left as it is;
+    one that only a `fleet sync` source holds is a different row (ids are unique
+    per source: uq_conversations_source_external_id). Returns the rows inserted."""
     if not records:
         return 0
     stmt = (
         insert(Conversation)
         .values(list(records))
-        .on_conflict_do_nothing(index_elements=[Conversation.external_id])
+        .on_conflict_do_nothing(index_elements=[Conversation.source, Conversation.external_id])
         .returning(Conversation.id)
     )
     return len(session.execute(stmt).all())
 
 
 def ingest_audio(session: Session, records: Sequence[dict[str, Any]]) -> int:
+    """Insert file-ingested audio files (NULL source), as ingest_conversations does;
+    returns the rows inserted."""
     if not records:
         return 0
     stmt = (
         insert(AudioFile)
         .values(list(records))
-        .on_conflict_do_nothing(index_elements=[AudioFile.external_id])
+        .on_conflict_do_nothing(index_elements=[AudioFile.source, AudioFile.external_id])
         .returning(AudioFile.id)
     )
     return len(session.execute(stmt).all())

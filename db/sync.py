@@ -17,7 +17,9 @@ One pass (`sync_source`):
             (flat memory at any size); incremental passes read only rows with
             updated_at >= watermark - overlap, a full pass reads them all
     compare hash each row's content (blake2b of its canonical JSON) against the
-            stored hash: an unchanged row costs one indexed lookup, no write
+            stored hash of this source's row with the same external_id (ids are
+            unique per source, not across sources: uq_<table>_source_external_id):
+            an unchanged row costs one indexed lookup, no write
     write   new rows are inserted (discovery then gives them work items); a row
             whose hash changed is updated, and every work item of it goes back to
             pending with its old result moved to result_history (db.history)
@@ -302,14 +304,16 @@ def apply_chunk(
     report.records += len(records)
     if not good:
         return
+    # external_id is unique per source (uq_<table>_source_external_id): another
+    # source's row, or a `fleet ingest` one, with the same id is a different row.
     stored = {
-        ext: (sid, source, digest, gone)
-        for sid, ext, source, digest, gone in session.execute(
+        ext: (sid, digest, gone)
+        for sid, ext, digest, gone in session.execute(
             text(
-                f"SELECT id, external_id, source, content_hash, gone_at IS NOT NULL "
-                f"FROM {table} WHERE external_id = ANY(CAST(:ids AS text[]))"
+                f"SELECT id, external_id, content_hash, gone_at IS NOT NULL FROM {table} "
+                "WHERE source = :source AND external_id = ANY(CAST(:ids AS text[]))"
             ),
-            {"ids": list(good)},
+            {"source": spec.name, "ids": list(good)},
         )
     }
     new: list[dict[str, Any]] = []
@@ -318,11 +322,8 @@ def apply_chunk(
         if ext not in stored:
             new.append(_jsonable(rec, spec, digest))
             continue
-        sid, source, old_digest, gone = stored[ext]
-        if source != spec.name:
-            owner = f"source {source!r}" if source else "`fleet ingest`"
-            report.bad.append((ext, f"external_id already belongs to {owner}; not overwritten"))
-        elif old_digest == digest and not gone:
+        sid, old_digest, gone = stored[ext]
+        if old_digest == digest and not gone:
             report.unchanged += 1
         else:
             changed.append(_jsonable(rec, spec, digest) | {"id": sid})
@@ -334,7 +335,7 @@ def apply_chunk(
                 f"""
                 INSERT INTO {table} ({cols})
                 SELECT {cols} FROM json_to_recordset(CAST(:rows AS json)) AS r({types})
-                ON CONFLICT (external_id) DO NOTHING
+                ON CONFLICT (source, external_id) DO NOTHING
                 """
             ),
             {"rows": json.dumps(new, ensure_ascii=False)},

@@ -1,7 +1,9 @@
 """Putting the backlog into Postgres: JSONL conversations and audio folders.
 
-Idempotent on external_id. A bad line is reported with its line number and
-skipped; every good line goes in. Files are streamed, never loaded whole.
+Idempotent on external_id among ingested rows (NULL source; a `fleet sync`
+source's row with the same id is a different row). A bad line is reported with
+its line number and skipped; every good line goes in. Files are streamed, never
+loaded whole.
 """
 
 from __future__ import annotations

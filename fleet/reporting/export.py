@@ -13,6 +13,7 @@ from fleet.reporting.scoring import classification_report, percentile
 
 EXPORT_COLUMNS = (
     "external_id",
+    "source",  # external_id is unique per source only ('ingest': `fleet ingest` rows)
     "source_kind",
     "task",
     "status",
@@ -55,7 +56,7 @@ def export(
         if individual_dir is not None:
             individual_dir.mkdir(parents=True, exist_ok=True)
             name = _safe_name(str(row["external_id"]))
-            if name in used:  # two ids that sanitize alike keep distinct files
+            if name in used:  # ids that sanitize alike, or one id of two sources: distinct files
                 name = f"{name}-{n}"
             used.add(name)
             (individual_dir / f"{name}.json").write_text(
@@ -90,10 +91,26 @@ def load_gold(path: Path) -> dict[str, str]:
     return gold
 
 
-def evaluate(url: str, *, task: str, gold: dict[str, str]) -> dict[str, Any]:
-    rows = {str(r["external_id"]): r for r in iter_results(url, task=task)}
+def evaluate(
+    url: str, *, task: str, gold: dict[str, str], source: str | None = None
+) -> dict[str, Any]:
+    """Score a task's stored results against gold labels ({external_id: label}).
+
+    Returns classification_report's dict plus latency_ms {mean, p50, p95},
+    not_in_task (gold ids with no item), not_done, and ambiguous: gold ids that
+    more than one source holds (external_id is unique per source only), which
+    are not scored; pass `source` (a `[sources.<name>]` name, or 'ingest') to
+    score one source's items and leave the rest out."""
+    rows: dict[str, dict[str, Any]] = {}
+    shared: set[str] = set()
+    for r in iter_results(url, task=task, source=source):
+        eid = str(r["external_id"])
+        if eid in rows and rows[eid]["source"] != r["source"]:
+            shared.add(eid)
+        rows[eid] = r
+    ambiguous = [eid for eid in gold if eid in shared]
     missing = [eid for eid in gold if eid not in rows]
-    ids = [eid for eid in gold if eid in rows]
+    ids = [eid for eid in gold if eid in rows and eid not in shared]
     truth = [gold[i] for i in ids]
     report = classification_report(truth, [rows[i]["label"] for i in ids], sorted(set(truth)))
     latencies = [rows[i]["latency_ms"] for i in ids if rows[i]["latency_ms"] is not None]
@@ -103,5 +120,6 @@ def evaluate(url: str, *, task: str, gold: dict[str, str]) -> dict[str, Any]:
         "p95": percentile(latencies, 0.95),
     }
     report["not_in_task"] = len(missing)
+    report["ambiguous"] = len(ambiguous)
     report["not_done"] = sum(1 for i in ids if rows[i]["status"] != "done")
     return report

@@ -4,6 +4,8 @@ own (app.conversations + app.messages), synced into the fleet's database."""
 from __future__ import annotations
 
 import datetime as dt
+import io
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +17,7 @@ from db.engine import get_engine, transaction
 from db.sources import ingest_conversations
 from db.sync import SyncError, sync_source
 from fleet.config.taskconfig import SourceSpec
+from fleet.reporting.export import evaluate, export
 from tests.appdb import QUERY, add_conversation, create_app_database, sql
 from tests.support import drop_database
 
@@ -66,21 +69,26 @@ def _classify(db_url: str, task: str, label: str, revision: str = "rev-1") -> in
     return done
 
 
-def _messages(db_url: str, ext: str) -> list[dict[str, str]]:
+def _messages(db_url: str, ext: str, source: str | None = "app") -> list[dict[str, str]]:
+    """The stored messages of one row; external ids are unique per source (None: ingest)."""
     with transaction(db_url) as s:
         return s.execute(
-            text("SELECT messages FROM conversations WHERE external_id = :e"), {"e": ext}
+            text(
+                "SELECT messages FROM conversations "
+                "WHERE external_id = :e AND source IS NOT DISTINCT FROM :s"
+            ),
+            {"e": ext, "s": source},
         ).scalar_one()
 
 
-def _status(db_url: str, ext: str, task: str = "intent") -> str:
+def _status(db_url: str, ext: str, task: str = "intent", source: str | None = "app") -> str:
     with transaction(db_url) as s:
         return s.execute(
             text(
                 "SELECT w.status FROM work_items w JOIN conversations c ON c.id = w.source_id "
-                "WHERE c.external_id = :e AND w.task = :t"
+                "WHERE c.external_id = :e AND c.source IS NOT DISTINCT FROM :s AND w.task = :t"
             ),
-            {"e": ext, "t": task},
+            {"e": ext, "s": source, "t": task},
         ).scalar_one()
 
 
@@ -254,11 +262,102 @@ def test_conversation_shape_on_the_fleet_database_and_bad_rows(db_url):
         query="SELECT id AS external_id, msgs AS messages, lang AS language, changed AS updated_at FROM inbox",
     )
     report = _sync(db_url, db_url, spec)
-    assert report.new == 1
+    # 'taken' was ingested from a file too: ids are unique per source, so the
+    # source's 'taken' is a row of its own, not a conflict.
+    assert report.new == 2
     reasons = dict(report.bad)
-    assert reasons[""] == "no external_id"
+    assert reasons == {"": "no external_id", "b": reasons["b"]}
     assert "longer than 16" in reasons["b"]
-    assert "already belongs to `fleet ingest`" in reasons["taken"]
+    assert _messages(db_url, "taken", source=None) == []
+    assert _messages(db_url, "taken", source="inbox") == [{"role": "user", "content": "x"}]
+
+
+def test_two_sources_with_the_same_ids_are_rows_of_their_own(db_url, app_db):
+    """Two sources that both number their rows 1, 2, 3, and a file-ingested
+    conversation with the same id: external ids are unique per source, so every
+    one is its own row, classified on its own; an edit or a delete in one source
+    touches only that source's row."""
+    app_url, plain = app_db
+    for cid in (1, 2, 3):
+        add_conversation(plain, cid, [("user", f"app {cid}")])
+    with transaction(db_url) as s:
+        s.execute(text("CREATE TABLE crm (id int, msgs jsonb, changed timestamptz)"))
+        s.execute(
+            text(
+                "INSERT INTO crm SELECT i, jsonb_build_array(jsonb_build_object("
+                "'role', 'user', 'content', 'crm ' || i)), now() FROM generate_series(1, 3) i"
+            )
+        )
+        assert ingest_conversations(s, [{"external_id": "1", "messages": [], "language": "en"}])
+    crm = SourceSpec(
+        name="crm",
+        query="SELECT id::text AS external_id, msgs AS messages, changed AS updated_at FROM crm",
+    )
+    first_app, first_crm = _sync(db_url, app_url), _sync(db_url, db_url, crm)
+    assert (first_app.new, first_app.bad) == (3, [])
+    assert (first_crm.new, first_crm.bad) == (3, [])
+    # Idempotent: ingesting the same file again inserts nothing, syncing again writes nothing.
+    with transaction(db_url) as s:
+        assert (
+            ingest_conversations(s, [{"external_id": "1", "messages": [], "language": "en"}]) == 0
+        )
+    assert _sync(db_url, db_url, crm, full=True).unchanged == 3
+    assert _classify(db_url, "intent", "chitchat") == 7
+    assert _messages(db_url, "2", "app") == [{"role": "user", "content": "app 2"}]
+    assert _messages(db_url, "2", "crm") == [{"role": "user", "content": "crm 2"}]
+    assert _messages(db_url, "1", None) == []
+
+    # An edit and a delete in crm: only crm's rows change.
+    with transaction(db_url) as s:
+        s.execute(
+            text(
+                'UPDATE crm SET msgs = \'[{"role": "user", "content": "crm edited"}]\', '
+                "changed = now() WHERE id = 2"
+            )
+        )
+        s.execute(text("DELETE FROM crm WHERE id = 3"))
+    report = _sync(db_url, db_url, crm, full=True)
+    assert (report.changed, report.gone, report.new, report.bad) == (1, 1, 0, [])
+    assert _messages(db_url, "2", "crm") == [{"role": "user", "content": "crm edited"}]
+    assert _messages(db_url, "2", "app") == [{"role": "user", "content": "app 2"}]
+    assert (_status(db_url, "2", source="crm"), _status(db_url, "3", source="crm")) == (
+        "pending",
+        "gone",
+    )
+    for ext in ("1", "2", "3"):
+        assert _status(db_url, ext, source="app") == "done"
+    assert _status(db_url, "1", source=None) == "done"
+    # The app's own full pass marks nothing of crm's (or ingest's) gone.
+    assert _sync(db_url, app_url, full=True).gone == 0
+    with transaction(db_url) as s:
+        view = sorted(
+            tuple(r)
+            for r in s.execute(
+                text("SELECT source, external_id FROM fleet_latest_results WHERE task = 'intent'")
+            )
+        )
+    assert view == [
+        ("app", "1"),
+        ("app", "2"),
+        ("app", "3"),
+        ("crm", "1"),
+        ("ingest", "1"),
+    ]
+    # Reports carry the source next to the id; eval leaves an id two sources
+    # share out of the score unless told which source to score.
+    buf = io.StringIO()
+    assert export(db_url, task="intent", fmt="jsonl", out=buf) == 7
+    rows = [json.loads(line) for line in buf.getvalue().splitlines()]
+    assert sorted((r["source"], r["external_id"]) for r in rows if r["external_id"] == "1") == [
+        ("app", "1"),
+        ("crm", "1"),
+        ("ingest", "1"),
+    ]
+    gold = {"1": "chitchat", "2": "chitchat"}
+    mixed = evaluate(db_url, task="intent", gold=gold)
+    assert (mixed["ambiguous"], mixed["n"]) == (2, 0)
+    app_only = evaluate(db_url, task="intent", gold=gold, source="app")
+    assert (app_only["ambiguous"], app_only["n"], app_only["accuracy"]) == (0, 2, 1.0)
 
 
 def test_missing_column_is_a_clear_error(db_url, app_db):
