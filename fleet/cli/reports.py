@@ -95,11 +95,18 @@ def export(
     "--gold",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     required=True,
-    help='JSONL of {"external_id", "label"}.',
+    help='JSONL of {"external_id", "label"[, "source"]}.',
+)
+@click.option(
+    "--source",
+    metavar="NAME",
+    help="score only this source's rows; `ingest` for rows read by `fleet ingest`",
 )
 @json_option
 @pass_fleet
-def eval_cmd(ctx: FleetContext, task_name: str, gold: Path, as_json: bool) -> None:
+def eval_cmd(
+    ctx: FleetContext, task_name: str, gold: Path, source: str | None, as_json: bool
+) -> None:
     """Score a task's stored results against gold labels: accuracy, macro-F1, confusion, latency."""
     from fleet.observe.display import confusion_table
     from fleet.reporting.export import evaluate, load_gold
@@ -108,7 +115,7 @@ def eval_cmd(ctx: FleetContext, task_name: str, gold: Path, as_json: bool) -> No
         labels = load_gold(gold)
     except ValueError as e:
         fail(str(e), ExitCode.CONFIG)
-    report = evaluate(ctx.url(), task=task_name, gold=labels)
+    report = evaluate(ctx.url(), task=task_name, gold=labels, source=source)
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -121,6 +128,19 @@ def eval_cmd(ctx: FleetContext, task_name: str, gold: Path, as_json: bool) -> No
     if report["not_in_task"] or report["not_done"]:
         click.echo(
             f"{report['not_in_task']} gold items have no work item; {report['not_done']} are not done",
+            err=True,
+        )
+    if report["ambiguous"]:
+        click.echo(
+            f"{report['ambiguous']} gold ids are held by more than one source and were not "
+            "scored; pass --source NAME to score one source's rows, or give those gold lines "
+            'a "source"',
+            err=True,
+        )
+    if report["other_source"]:
+        click.echo(
+            f"{report['other_source']} gold lines name another source than {source!r} and "
+            "were left out",
             err=True,
         )
 

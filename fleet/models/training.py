@@ -68,9 +68,11 @@ def choose_examples(
     """The training set of `fleet train`: `data`, else `from_task`'s stored results, else
     the task's bundled set (then also its independent eval file and its own folder).
 
-    `db_url` is called only for `from_task`. Raises TrainingDataError for
-    conflicting options, no stored results to learn from, or a task without
-    a bundled set and no data.
+    `db_url` is called only for `from_task`. `confirmed`: reviewed labels in
+    the `fleet eval --gold` format (`fleet.reporting.export.load_gold`; a line
+    may name its `source`). Raises TrainingDataError for conflicting options,
+    no stored results to learn from, or a task without a bundled set and no
+    data; ValueError for a bad line in `confirmed`.
     """
     from fleet.models.labeled import load_labeled
     from fleet.models.prepare import bundled_for_task, data_file
@@ -90,10 +92,18 @@ def choose_examples(
             db_url(), task=from_task, min_confidence=min_confidence, confirmed=reviewed
         )
         if not examples:
+            ambiguous = (
+                f", {rep.ambiguous} confirmed by a line without a 'source' while more than "
+                "one source holds the id (add the source to those lines: a "
+                "`[sources.<name>]` name, or 'ingest' for `fleet ingest` rows)"
+                if rep.ambiguous
+                else ""
+            )
             raise TrainingDataError(
                 f"no stored results of {from_task!r} to train on ({rep.seen} done, "
                 f"{rep.low_confidence} below --min-confidence, {rep.not_confirmed} not "
-                f"confirmed): run `fleet run --task {from_task}` first or lower the floor"
+                f"confirmed{ambiguous}): run `fleet run --task {from_task}` first or lower "
+                "the floor"
             )
         return Chosen(
             examples,

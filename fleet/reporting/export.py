@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -71,9 +73,66 @@ def export(
     return n
 
 
-def load_gold(path: Path) -> dict[str, str]:
-    """JSONL of {"external_id", "label"} (or "gold"/"intent"); bad lines raise with the line number."""
-    gold: dict[str, str] = {}
+@dataclass(frozen=True)
+class GoldLabels:
+    """Reviewed labels of stored items, as `load_gold` reads them.
+
+    external_id is unique per source only, so a line may name its `source`
+    (a `[sources.<name>]` name, or 'ingest' for rows `fleet ingest` read, as
+    exports write it). `per_source` maps (source, external_id) -> label for
+    lines that do; `any_source` maps external_id -> label for lines that do
+    not, which match an item only while one source alone holds that id.
+    """
+
+    any_source: dict[str, str] = field(default_factory=dict)
+    per_source: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, labels: Mapping[str, str] | GoldLabels) -> GoldLabels:
+        """`labels` as GoldLabels: a plain {external_id: label} mapping names no source."""
+        if isinstance(labels, GoldLabels):
+            return labels
+        return cls(any_source={str(k): str(v) for k, v in labels.items()})
+
+    def __len__(self) -> int:
+        return len(self.any_source) + len(self.per_source)
+
+    def ids(self) -> set[str]:
+        """Every external_id a line names, with or without a source."""
+        return set(self.any_source) | {eid for _, eid in self.per_source}
+
+    def label_for(self, source: str, external_id: str, *, shared: bool) -> str | None:
+        """The reviewed label of the stored item (source, external_id), or None.
+
+        The line naming that source wins; else a line without a source, unless
+        `shared` (more than one source holds the id: the line could mean
+        either item, see `is_ambiguous`)."""
+        label = self.per_source.get((source, external_id))
+        if label is not None:
+            return label
+        return None if shared else self.any_source.get(external_id)
+
+    def is_ambiguous(self, source: str, external_id: str, *, shared: bool) -> bool:
+        """True when only a line without a source names an id that more than one source holds."""
+        return (
+            shared
+            and (source, external_id) not in self.per_source
+            and external_id in self.any_source
+        )
+
+
+def load_gold(path: Path) -> GoldLabels:
+    """JSONL of {"external_id", "label"} (or "gold"/"intent"), optionally "source".
+
+    "source" says whose item a line is about: a `[sources.<name>]` name, or
+    'ingest' for `fleet ingest` rows (an export's lines carry it); without it
+    (or null) a line applies to the one source holding the id. Raises
+    ValueError with the line number for a bad line, a source that is not a
+    non-empty string, or an id given both with and without a source.
+    """
+    gold = GoldLabels()
+    where_any: dict[str, int] = {}
+    where_sourced: dict[str, int] = {}
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -81,45 +140,88 @@ def load_gold(path: Path) -> dict[str, str]:
             try:
                 obj = json.loads(line)
                 label = obj.get("label", obj.get("gold", obj.get("intent")))
-                gold[str(obj["external_id"])] = str(label)
+                eid = str(obj["external_id"])
                 if label is None:
                     raise KeyError("label")
+                source = obj.get("source")
             except (json.JSONDecodeError, KeyError, AttributeError) as e:
                 raise ValueError(
                     f"{path}:{lineno}: expected {{'external_id', 'label'}}: {e}"
                 ) from None
+            if source is not None and (not isinstance(source, str) or not source.strip()):
+                raise ValueError(
+                    f"{path}:{lineno}: 'source' must be a source's name ('ingest' for "
+                    f"`fleet ingest` rows) or left out, got {source!r}"
+                )
+            if source is None:
+                gold.any_source[eid] = str(label)
+                where_any.setdefault(eid, lineno)
+            else:
+                gold.per_source[(source.strip(), eid)] = str(label)
+                where_sourced.setdefault(eid, lineno)
+            if eid in where_any and eid in where_sourced:
+                raise ValueError(
+                    f"{path}:{lineno}: external_id {eid!r} is given with a source (line "
+                    f"{where_sourced[eid]}) and without one (line {where_any[eid]}); give "
+                    "every line of it a 'source'"
+                )
     return gold
 
 
 def evaluate(
-    url: str, *, task: str, gold: dict[str, str], source: str | None = None
+    url: str,
+    *,
+    task: str,
+    gold: Mapping[str, str] | GoldLabels,
+    source: str | None = None,
 ) -> dict[str, Any]:
-    """Score a task's stored results against gold labels ({external_id: label}).
+    """Score a task's stored results against gold labels (GoldLabels, or {external_id: label}).
 
     Returns classification_report's dict plus latency_ms {mean, p50, p95},
-    not_in_task (gold ids with no item), not_done, and ambiguous: gold ids that
-    more than one source holds (external_id is unique per source only), which
-    are not scored; pass `source` (a `[sources.<name>]` name, or 'ingest') to
-    score one source's items and leave the rest out."""
-    rows: dict[str, dict[str, Any]] = {}
-    shared: set[str] = set()
+    not_in_task (gold lines with no item), not_done, ambiguous and
+    other_source. ambiguous: gold lines without a source whose id more than
+    one source holds (external_id is unique per source only); they are not
+    scored: pass `source` (a `[sources.<name>]` name, or 'ingest') to score
+    one source's items and leave the rest out, or name the source in the
+    gold lines. other_source: lines naming a source other than `source`,
+    left out."""
+    labels = GoldLabels.of(gold)
+    wanted = labels.ids()
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    holders: dict[str, set[str]] = {}
     for r in iter_results(url, task=task, source=source):
         eid = str(r["external_id"])
-        if eid in rows and rows[eid]["source"] != r["source"]:
-            shared.add(eid)
-        rows[eid] = r
-    ambiguous = [eid for eid in gold if eid in shared]
-    missing = [eid for eid in gold if eid not in rows]
-    ids = [eid for eid in gold if eid in rows and eid not in shared]
-    truth = [gold[i] for i in ids]
-    report = classification_report(truth, [rows[i]["label"] for i in ids], sorted(set(truth)))
-    latencies = [rows[i]["latency_ms"] for i in ids if rows[i]["latency_ms"] is not None]
+        if eid not in wanted:  # only gold ids are kept: a task may hold millions
+            continue
+        rows[(str(r["source"]), eid)] = r
+        holders.setdefault(eid, set()).add(str(r["source"]))
+    scored: list[tuple[str, dict[str, Any]]] = []  # (gold label, stored row)
+    missing = ambiguous = other_source = 0
+    for eid, label in labels.any_source.items():
+        held = holders.get(eid, set())
+        if len(held) > 1:
+            ambiguous += 1
+        elif held:
+            scored.append((label, rows[(next(iter(held)), eid)]))
+        else:
+            missing += 1
+    for (src, eid), label in labels.per_source.items():
+        if source is not None and src != source:
+            other_source += 1
+        elif (src, eid) in rows:
+            scored.append((label, rows[(src, eid)]))
+        else:
+            missing += 1
+    truth = [g for g, _ in scored]
+    report = classification_report(truth, [r["label"] for _, r in scored], sorted(set(truth)))
+    latencies = [r["latency_ms"] for _, r in scored if r["latency_ms"] is not None]
     report["latency_ms"] = {
         "mean": sum(latencies) / len(latencies) if latencies else 0.0,
         "p50": percentile(latencies, 0.5),
         "p95": percentile(latencies, 0.95),
     }
-    report["not_in_task"] = len(missing)
-    report["ambiguous"] = len(ambiguous)
-    report["not_done"] = sum(1 for i in ids if rows[i]["status"] != "done")
+    report["not_in_task"] = missing
+    report["ambiguous"] = ambiguous
+    report["other_source"] = other_source
+    report["not_done"] = sum(1 for _, r in scored if r["status"] != "done")
     return report

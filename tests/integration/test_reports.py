@@ -27,36 +27,56 @@ def _env(db_url, broker_url, tmp_path, models=None):
     return env
 
 
-def _finish(db_url: str, labels: dict[str, str], failed: dict[str, str]) -> None:
+def _finish(
+    db_url: str,
+    labels: dict[str, str],
+    failed: dict[str, str],
+    crm: dict[str, str] | None = None,
+) -> None:
+    """Six ingested conversations (c000000..c000005) with intent results; `crm` adds a
+    copy of some of those ids held by the source 'crm', with its own label."""
+    crm = crm or {}
     with transaction(db_url) as s:
         ingest_conversations(s, conversations(6))
+        for eid in crm:
+            s.execute(
+                text(
+                    "INSERT INTO conversations (source, external_id, messages) "
+                    'VALUES (\'crm\', :e, \'[{"role": "user", "content": "crm"}]\')'
+                ),
+                {"e": eid},
+            )
         ledger.discover(s, task="intent", source_kind="conversation")
+    n = 6 + len(crm)
     with transaction(db_url) as s:
-        (batch,) = ledger.claim_batches(s, task="intent", limit=6, batch_size=6, lease_seconds=60)
+        (batch,) = ledger.claim_batches(s, task="intent", limit=n, batch_size=n, lease_seconds=60)
     with transaction(db_url) as s:
         ledger.start_batch(
             s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60
         )
-        ext = dict(
-            s.execute(
+        ext = {
+            item: (source, eid)
+            for item, source, eid in s.execute(
                 text(
-                    "SELECT w.id, c.external_id FROM work_items w JOIN conversations c ON c.id = w.source_id"
+                    "SELECT w.id, c.source, c.external_id FROM work_items w "
+                    "JOIN conversations c ON c.id = w.source_id"
                 )
             ).all()
-        )
+        }
         outcomes = []
         for item_id in batch.item_ids:
-            e = ext[item_id]
-            if e in failed:
+            source, e = ext[item_id]
+            if source is None and e in failed:
                 outcomes.append(ledger.Outcome(item_id, None, failed[e]))
             else:
+                label = crm[e] if source == "crm" else labels[e]
                 outcomes.append(
                     ledger.Outcome(
                         item_id,
                         {
-                            "label": labels[e],
+                            "label": label,
                             "confidence": 0.9,
-                            "scores": {labels[e]: 0.9},
+                            "scores": {label: 0.9},
                             "output": None,
                             "model_name": "m",
                             "model_tier": 0,
@@ -134,6 +154,66 @@ def test_eval_against_gold(db_url, broker_url, tmp_path):
         main, ["eval", "-t", "intent", "--gold", str(bad)], env=_env(db_url, broker_url, tmp_path)
     )
     assert res.exit_code == 2 and "bad.jsonl:1" in res.output
+
+
+def test_eval_of_an_id_two_sources_hold(db_url, broker_url, tmp_path):
+    # c000001 is held by `fleet ingest` (label b) and by the source crm (label a).
+    _finish(db_url, LABELS, {"c000005": "bad"}, crm={"c000001": "a"})
+    env = _env(db_url, broker_url, tmp_path)
+    gold = write_jsonl(
+        tmp_path / "gold.jsonl",
+        [
+            {"external_id": "c000000", "label": "a"},
+            {"external_id": "c000001", "label": "b"},
+            {"external_id": "c000002", "label": "a"},
+        ],
+    )
+
+    def run(*args: str, path=gold):
+        res = CliRunner().invoke(
+            main, ["eval", "-t", "intent", "--gold", str(path), *args], env=env
+        )
+        assert res.exit_code == 0, res.output
+        return res
+
+    # Unscored, not applied to both: the text output says so and what to do.
+    res = run()
+    assert "n=2" in res.stdout
+    assert "1 gold ids are held by more than one source and were not scored" in res.stderr
+    assert "pass --source" in res.stderr
+    both = json.loads(run("--json").stdout.splitlines()[-1])
+    assert (both["n"], both["accuracy"], both["ambiguous"], both["not_in_task"]) == (2, 1.0, 1, 0)
+    ingest = json.loads(run("--source", "ingest", "--json").stdout.splitlines()[-1])
+    assert (ingest["n"], ingest["accuracy"], ingest["ambiguous"]) == (3, 1.0, 0)
+    crm = json.loads(run("--source", "crm", "--json").stdout.splitlines()[-1])
+    assert (crm["n"], crm["accuracy"], crm["not_in_task"]) == (1, 0.0, 2)  # crm said a
+    assert "more than one source" not in run("--source", "ingest").stderr
+
+    # A gold line may name its source (as an export's lines do).
+    sourced = write_jsonl(
+        tmp_path / "sourced.jsonl",
+        [
+            {"external_id": "c000000", "label": "a"},
+            {"external_id": "c000001", "source": "crm", "label": "a"},
+        ],
+    )
+    named = json.loads(run("--json", path=sourced).stdout.splitlines()[-1])
+    assert (named["n"], named["accuracy"], named["ambiguous"]) == (2, 1.0, 0)
+    other = run("--source", "ingest", "--json", path=sourced)
+    assert json.loads(other.stdout.splitlines()[-1])["other_source"] == 1
+    assert "name another source than 'ingest'" in run("--source", "ingest", path=sourced).stderr
+
+    # One id both with and without a source: which item a line means is unclear.
+    mixed = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {"external_id": "c000001", "label": "b"},
+            {"external_id": "c000001", "source": "crm", "label": "a"},
+        ],
+    )
+    res = CliRunner().invoke(main, ["eval", "-t", "intent", "--gold", str(mixed)], env=env)
+    assert res.exit_code == 2
+    assert "mixed.jsonl:2" in res.output and "give every line of it a 'source'" in res.output
 
 
 def test_compare_two_models_side_by_side(db_url, broker_url, tiny_models, tmp_path):

@@ -16,7 +16,9 @@ from db.engine import transaction
 from db.ledger import Outcome, claim_batches, discover, finish_batch, start_batch
 from db.sources import ingest_conversations
 from fleet.cli import main
+from fleet.models.distill import distilled_examples
 from fleet.models.finetune import INTENT_LABELS
+from fleet.reporting.export import GoldLabels, load_gold
 from tests.support import build_tiny_classifier
 
 WORDS = {
@@ -32,10 +34,12 @@ WORDS = {
 TOPICS = ("boats", "tea", "snow", "jazz", "glue")
 
 
-def _store_llm_results(url: str) -> dict[str, tuple[str, float]]:
+def _store_llm_results(url: str, *, crm: bool = False) -> dict[str, tuple[str, float]]:
     """Conversations, llm_classify items and their results; returns external_id -> (label, conf).
 
-    Per label: four confident results (0.9), one unsure (0.3); plus one failed item."""
+    Per label: four confident results (0.9), one unsure (0.3); plus one failed item.
+    With `crm`, the source 'crm' also holds `<label>-0` (its own conversation, the same
+    label and confidence): ids are unique per source only."""
     records, truth = [], {}
     for lab, words in WORDS.items():
         for i, topic in enumerate(TOPICS):
@@ -47,6 +51,17 @@ def _store_llm_results(url: str) -> dict[str, tuple[str, float]]:
     records.append({"external_id": "broken", "messages": [{"role": "user", "content": "x"}]})
     with transaction(url) as s:
         ingest_conversations(s, records)
+        for lab in WORDS if crm else ():
+            s.execute(
+                text(
+                    "INSERT INTO conversations (source, external_id, messages) "
+                    "VALUES ('crm', :e, CAST(:m AS jsonb))"
+                ),
+                {
+                    "e": f"{lab}-0",
+                    "m": json.dumps([{"role": "user", "content": f"crm: {WORDS[lab]} kites"}]),
+                },
+            )
         discover(s, task="llm_classify", source_kind="conversation")
         [batch] = claim_batches(s, task="llm_classify", limit=100, batch_size=100, lease_seconds=60)
         started = start_batch(
@@ -116,6 +131,7 @@ def test_train_from_stored_llm_results(
         "kept": 32,
         "below_min_confidence": 8,
         "not_confirmed": 0,
+        "ambiguous": 0,
         "bad_text": 0,
         "per_label": {lab: 4 for lab in sorted(INTENT_LABELS)},
     }
@@ -162,6 +178,60 @@ def test_only_reviewer_confirmed_labels(
     assert result.exit_code == 0, result.output
     d = json.loads(result.stdout)["distilled"]
     assert (d["kept"], d["not_confirmed"]) == (16, 24)
+
+
+def test_reviewed_id_two_sources_hold(
+    db_url: str, broker_url: str, tmp_path: Path, tiny_base: Path
+) -> None:
+    # `<label>-0` is held by `fleet ingest` and by crm; a line without a source for
+    # it confirms neither item (as `fleet eval` leaves it unscored), one that names
+    # its source confirms that source's item only.
+    truth = _store_llm_results(db_url, crm=True)
+    legacy = [
+        {"external_id": f"{lab}-{i}", "label": truth[f"{lab}-{i}"][0]}
+        for lab in WORDS
+        for i in (0, 1, 2)
+    ]
+    examples, rep = distilled_examples(
+        db_url,
+        task="llm_classify",
+        confirmed=GoldLabels.of({x["external_id"]: x["label"] for x in legacy}),
+    )
+    assert (rep.seen, rep.kept, rep.ambiguous, rep.not_confirmed) == (48, 16, 16, 16)
+    assert not any("kites" in ex.text for ex in examples)
+
+    named = tmp_path / "named.jsonl"
+    lines = [
+        {"external_id": f"{lab}-0", "source": "crm", "label": truth[f"{lab}-0"][0]} for lab in WORDS
+    ] + [{"external_id": f"{lab}-1", "label": truth[f"{lab}-1"][0]} for lab in WORDS]
+    named.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    examples, rep = distilled_examples(db_url, task="llm_classify", confirmed=load_gold(named))
+    assert (rep.kept, rep.ambiguous, rep.not_confirmed) == (16, 0, 32)
+    assert sum("kites" in ex.text for ex in examples) == 8  # crm's, not ingest's
+
+    result = CliRunner().invoke(
+        main,
+        ["train", "-t", "intent", "--from-task", "llm_classify", "--confirmed", str(named)]
+        + ["--base", str(tiny_base), "--out", str(tmp_path / "m"), "--epochs", "1", "--json"],
+        env=_env(db_url, broker_url, tmp_path),
+    )
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)["distilled"]
+    assert (d["kept"], d["ambiguous"], d["not_confirmed"]) == (16, 0, 32)
+
+    # Only ambiguous lines: nothing to train on, and the reason says what to add.
+    only_shared = tmp_path / "shared.jsonl"
+    only_shared.write_text(
+        "".join(json.dumps(x) + "\n" for x in legacy if x["external_id"].endswith("-0"))
+    )
+    result = CliRunner().invoke(
+        main,
+        ["train", "-t", "intent", "--from-task", "llm_classify", "--confirmed", str(only_shared)],
+        env=_env(db_url, broker_url, tmp_path),
+    )
+    assert result.exit_code == 2, result.output
+    assert "16 confirmed by a line without a 'source'" in result.output
+    assert "add the source to those lines" in result.output
 
 
 def test_nothing_stored_says_what_to_run(db_url: str, broker_url: str, tmp_path: Path) -> None:
