@@ -2,7 +2,7 @@
 or costs what a GPU encoder does, next to the bare model.
 
     .venv/bin/python -m bench.ceiling [--items 20000] [--workers 1,4] [--cost-us 0,50]
-                                      [--baseline GIT_REV]
+                                      [--baseline GIT_REV] [--rounds 3]
 
 The `fake` model kind (workers/adapters/fake.py) sleeps `seconds_per_item` per
 item, so the model's cost is exactly known:
@@ -15,7 +15,9 @@ item, so the model's cost is exactly known:
 For each model cost and worker count it prints items/s, fleet/bare (bare for N
 workers is N x the one-process rate: the ideal) and the scaling from 1 to N
 workers. With `--baseline REV` the code at that revision runs the same fleet
-cases in the same run (interleaved), so before and after see one machine.
+cases in the same run (interleaved), so before and after see one machine;
+`--rounds N` runs each case N times (the order flipped each round) and prints
+the median, for a machine whose load varies.
 
 Needs Postgres and Redis (TEST_ADMIN_DATABASE_URL / TEST_REDIS_URL, default
 127.0.0.1). On a 2-core machine 4 workers share 2 cores with Postgres, Redis
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -172,6 +175,12 @@ def main() -> None:
     ap.add_argument("--workers", default="1,4", help="worker counts, comma-separated")
     ap.add_argument("--cost-us", default="0,50", help="model cost per item in microseconds")
     ap.add_argument("--baseline", metavar="GIT_REV", help="also run the code at this revision")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="fleet runs per case and version, interleaved; the median is printed",
+    )
     ap.add_argument("--json-out", type=Path, help="also write the figures to this JSON file")
     ap.add_argument("--keep", type=Path, help="work in this folder and keep the worker logs")
     ap.add_argument(
@@ -198,7 +207,8 @@ def main() -> None:
         if args.baseline:
             roots = {"baseline": checkout(args.baseline, tmp / "baseline"), **roots}
         print(
-            f"items={args.items} cpus={os.cpu_count()} baseline={args.baseline or '-'}",
+            f"items={args.items} cpus={os.cpu_count()} baseline={args.baseline or '-'} "
+            f"rounds={args.rounds}",
             flush=True,
         )
         for cost_us in costs:
@@ -206,18 +216,25 @@ def main() -> None:
             one = bare(convs, cost_us / 1e6)
             print(f"\nmodel cost {cost_us:g} us/item: bare {one:,.0f} items/s (one process)")
             for n in counts:
-                for version, root in roots.items():
-                    tag = f"{version}-{cost_us:g}-{n}"
-                    rate = fleet(
-                        root,
-                        jsonl,
-                        config,
-                        tmp,
-                        items=args.items,
-                        workers=n,
-                        tag=tag,
-                        settings=dict(kv.split("=", 1) for kv in args.set),
-                    )
+                rates: dict[str, list[float]] = {v: [] for v in roots}
+                for r in range(args.rounds):
+                    # interleaved, the order flipped each round: both versions see the same load
+                    order = list(roots) if r % 2 == 0 else list(roots)[::-1]
+                    for version in order:
+                        rates[version].append(
+                            fleet(
+                                roots[version],
+                                jsonl,
+                                config,
+                                tmp,
+                                items=args.items,
+                                workers=n,
+                                tag=f"{version}-{cost_us:g}-{n}-{r}",
+                                settings=dict(kv.split("=", 1) for kv in args.set),
+                            )
+                        )
+                for version in roots:
+                    rate = statistics.median(rates[version])
                     ratio = rate / (one * n)
                     cases.append(
                         {
@@ -225,15 +242,22 @@ def main() -> None:
                             "cost_us": cost_us,
                             "workers": n,
                             "items_per_s": round(rate, 1),
+                            "rounds_items_per_s": [round(x, 1) for x in rates[version]],
                             "bare_items_per_s": round(one * n, 1),
                             "fleet_over_bare": round(ratio, 4),
                         }
                     )
+                    each = ", ".join(f"{x:,.0f}" for x in rates[version])
                     print(
                         f"  {version:8} workers={n}  fleet {rate:9,.0f} items/s"
-                        f"  fleet/bare {ratio:.3f}",
+                        f"  fleet/bare {ratio:.3f}"
+                        + (f"  (median of {each})" if args.rounds > 1 else ""),
                         flush=True,
                     )
+                if "baseline" in rates:
+                    cur = statistics.median(rates["current"])
+                    base = statistics.median(rates["baseline"])
+                    print(f"  current/baseline {cur / base:.2f}x", flush=True)
         for cost_us in costs:
             for version in roots:
                 by_n = {
