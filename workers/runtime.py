@@ -156,13 +156,15 @@ class ModelRuntime:
         self.revision = resolved.revision or folder_revision(resolved.path)
         self.budget = Budget(spec.max_batch_tokens)
         self.clean_batches = 0
+        frozen = dev.freeze_heap()  # the model lives until unloaded: out of the GC's scans
         log.info(
-            "loaded task=%s tier=%d model=%s device=%s in %.1fs",
+            "loaded task=%s tier=%d model=%s device=%s in %.1fs (%d objects frozen)",
             self.spec.name,
             tier,
             spec.name,
             self.device,
             time.perf_counter() - started,
+            frozen,
         )
 
     def _switch(self, tier: int) -> None:

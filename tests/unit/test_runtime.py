@@ -156,3 +156,44 @@ def test_results_record_the_revision_of_the_tier_that_ran(tmp_path):
     expected = folder_revision(tmp_path / "tier1")
     assert expected.startswith("sha256:") and expected != folder_revision(tmp_path / "tier0")
     assert {r.model_revision for r in results} == {expected}
+
+
+class _CyclicModel:
+    """A model whose parts refer to each other, as torch modules' do: only the
+    cyclic garbage collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+class _CyclicAdapter(FakeAdapter):
+    def load(self, tier: TierSpec, model_path: str, device: str) -> None:
+        super().load(tier, model_path, device)
+        self.model: _CyclicModel | None = _CyclicModel()
+
+    def unload(self) -> None:
+        super().unload()
+        self.model = None
+
+
+def test_a_loaded_model_is_frozen_out_of_gc_scans_and_collected_once_unloaded(tmp_path):
+    import gc
+    import weakref
+
+    adapter = _CyclicAdapter()
+    spec = TaskSpec("t", "fake", "conversation", _tiers(tmp_path, 2))
+    rt = ModelRuntime(
+        spec, adapter, models_dir=tmp_path, device="cpu", simulator=MemorySimulator.parse(None)
+    )
+    try:
+        rt.start()
+        assert adapter.model is not None
+        first = weakref.ref(adapter.model)
+        assert gc.get_freeze_count() > 0
+        assert all(first() is not o for o in gc.get_objects())  # not in any scanned generation
+        rt._switch(1)  # an OOM step-down: unload, release, load the next tier
+        assert first() is None  # the unloaded model's cycle was collected, not kept frozen
+        assert adapter.model is not None and gc.get_freeze_count() > 0
+        rt.stop()
+    finally:
+        gc.unfreeze()
