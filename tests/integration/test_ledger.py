@@ -268,15 +268,20 @@ def test_a_resumed_start_replaces_the_start_a_transient_error_ended(db_url):
         assert list(got) == [2]
 
 
+def _one_batch(url: str, n: int) -> tuple[ledger.ClaimedBatch, list[int]]:
+    """n fresh items claimed as one batch (60 s lease): the batch and its ids."""
+    _seed(url, n)
+    with transaction(url) as s:
+        (batch,) = ledger.claim_batches(s, task="intent", limit=n, batch_size=n, lease_seconds=60)
+    return batch, list(batch.item_ids)
+
+
 def test_a_batch_started_by_chunk_makes_suspects_only_of_chunks_taken_up(db_url):
     """A large batch's start only reads its rows; each chunk starts (running,
     one delivery) as the worker takes it up. A worker that dies after taking
     up the first chunk leaves only that chunk's items suspect, the rest still
     queued; a split of that start takes nothing back and splits both."""
-    _seed(db_url, 8)
-    with transaction(db_url) as s:
-        (batch,) = ledger.claim_batches(s, task="intent", limit=8, batch_size=8, lease_seconds=60)
-    ids = list(batch.item_ids)
+    batch, ids = _one_batch(db_url, 8)
 
     def statuses() -> dict[int, tuple[str, int, str | None]]:
         with transaction(db_url) as s:
@@ -332,10 +337,7 @@ def test_a_batch_started_by_chunk_makes_suspects_only_of_chunks_taken_up(db_url)
 
 
 def test_a_chunk_start_skips_rows_finished_or_reclaimed_meanwhile(db_url):
-    _seed(db_url, 4)
-    with transaction(db_url) as s:
-        (batch,) = ledger.claim_batches(s, task="intent", limit=4, batch_size=4, lease_seconds=60)
-    ids = list(batch.item_ids)
+    batch, ids = _one_batch(db_url, 4)
     with transaction(db_url) as s:
         ledger.start_batch(
             s, batch_id=batch.batch_id, item_ids=ids, worker="w", lease_seconds=60, by_chunk=True
@@ -354,10 +356,7 @@ def test_a_start_by_chunk_renews_only_claim_leases_with_under_half_left(db_url):
     """The start of a large batch writes nothing in the usual case; rows whose
     claim lease has run down while the message waited get a fresh one, so they
     stay leased until the heartbeat's first beat."""
-    _seed(db_url, 4)
-    with transaction(db_url) as s:
-        (batch,) = ledger.claim_batches(s, task="intent", limit=4, batch_size=4, lease_seconds=60)
-    ids = list(batch.item_ids)
+    batch, ids = _one_batch(db_url, 4)
     with transaction(db_url) as s:
         s.execute(
             text("UPDATE work_items SET lease_until = now() + interval '5 s' WHERE id = :i"),
