@@ -31,7 +31,9 @@ SIZES = {
 
 def archive_results(session: Session, *, item_ids: Sequence[int], reason: str) -> int:
     """Move the results of these work items into result_history (with their model,
-    revision, tier and time). Returns how many results moved."""
+    revision, tier and time, and the source row's source and external_id: an
+    external_id is unique per source only; NULL source: a `fleet ingest` row).
+    Runs before the source row may be deleted. Returns how many results moved."""
     if not item_ids:
         return 0
     result = session.execute(
@@ -42,11 +44,13 @@ def archive_results(session: Session, *, item_ids: Sequence[int], reason: str) -
                 WHERE r.work_item_id = w.id AND w.id = ANY(CAST(:ids AS bigint[]))
                 RETURNING r.*, w.task, w.source_kind, w.source_id
             )
-            INSERT INTO result_history (work_item_id, task, source_kind, source_id, external_id,
-                                        label, confidence, scores, output, model_name,
-                                        model_revision, model_tier, classified_at, reason)
+            INSERT INTO result_history (work_item_id, task, source_kind, source_id, source,
+                                        external_id, label, confidence, scores, output,
+                                        model_name, model_revision, model_tier, classified_at,
+                                        reason)
             SELECT old.work_item_id, old.task, old.source_kind, old.source_id,
-                   COALESCE(c.external_id, a.external_id), old.label, old.confidence,
+                   COALESCE(c.source, a.source), COALESCE(c.external_id, a.external_id),
+                   old.label, old.confidence,
                    old.scores, old.output, old.model_name, old.model_revision, old.model_tier,
                    old.created_at, CAST(:reason AS varchar)
             FROM old

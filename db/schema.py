@@ -200,6 +200,11 @@ class ResultHistory(Base):
     task: Mapped[str] = mapped_column(String(64))
     source_kind: Mapped[str] = mapped_column(String(16))
     source_id: Mapped[int] = mapped_column(BigInteger)
+    # The source row's `source` when the result was replaced: an external_id names
+    # a row only together with it. NULL: a `fleet ingest` row (shown as "ingest"),
+    # or, for a result replaced before migration 0006 whose source row was already
+    # deleted, not known.
+    source: Mapped[str | None] = mapped_column(String(64))
     external_id: Mapped[str | None] = mapped_column(String(256))
     label: Mapped[str | None] = mapped_column(String(256))
     confidence: Mapped[float | None] = mapped_column(Float)

@@ -236,4 +236,12 @@ def train(
         click.echo(
             f"independent test accuracy {t['accuracy']:.3f}, macro-F1 {t['macro_f1']:.3f} (n={t['n']})"
         )
+    ambiguous = (metrics.get("distilled") or {}).get("ambiguous", 0)
+    if ambiguous:
+        click.echo(
+            f"{ambiguous} reviewed results were left out: their id is held by more than one "
+            'source; give those --confirmed lines a "source" (a [sources.<name>] name, or '
+            '"ingest" for `fleet ingest` rows) to train on them',
+            err=True,
+        )
     click.echo("serve it: add to the task config, at the top of the ladder:\n" + metrics["toml"])

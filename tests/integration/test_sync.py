@@ -151,7 +151,8 @@ def test_edit_grow_delete_and_history(db_url, app_db):
     with transaction(db_url) as s:
         hist = s.execute(
             text(
-                "SELECT external_id, task, label, model_revision, reason FROM result_history ORDER BY 1, 2"
+                "SELECT source, external_id, task, label, model_revision, reason "
+                "FROM result_history ORDER BY 2, 3"
             )
         ).all()
         gone_error = s.execute(
@@ -160,13 +161,14 @@ def test_edit_grow_delete_and_history(db_url, app_db):
         # Gone items are never discovered or claimed again.
         assert ledger.discover(s, task="intent", source_kind="conversation") == 0
         assert ledger.discover(s, task="topic", source_kind="conversation") == 3
+    # Each history row names the source of its row: an external_id alone is not unique.
     assert [tuple(h) for h in hist] == [
-        ("1", "intent", "chitchat", "rev-1", "content_changed"),
-        ("1", "sentiment", "neutral", "rev-1", "content_changed"),
-        ("2", "intent", "chitchat", "rev-1", "content_changed"),
-        ("2", "sentiment", "neutral", "rev-1", "content_changed"),
-        ("3", "intent", "chitchat", "rev-1", "gone"),
-        ("3", "sentiment", "neutral", "rev-1", "gone"),
+        ("app", "1", "intent", "chitchat", "rev-1", "content_changed"),
+        ("app", "1", "sentiment", "neutral", "rev-1", "content_changed"),
+        ("app", "2", "intent", "chitchat", "rev-1", "content_changed"),
+        ("app", "2", "sentiment", "neutral", "rev-1", "content_changed"),
+        ("app", "3", "intent", "chitchat", "rev-1", "gone"),
+        ("app", "3", "sentiment", "neutral", "rev-1", "gone"),
     ]
     assert "disappeared from source 'app'" in gone_error
 
@@ -382,7 +384,9 @@ def test_on_delete_delete_removes_rows_and_items(db_url, app_db):
     with transaction(db_url) as s:
         assert s.execute(text("SELECT count(*) FROM conversations")).scalar_one() == 1
         assert s.execute(text("SELECT count(*) FROM work_items")).scalar_one() == 1
-        assert s.execute(text("SELECT external_id, reason FROM result_history")).one() == (
+        # The work item and the source row are deleted; the history still names the source.
+        assert s.execute(text("SELECT source, external_id, reason FROM result_history")).one() == (
+            "app",
             "2",
             "gone",
         )
@@ -393,25 +397,31 @@ def test_rerun_puts_back_results_of_another_revision(db_url, app_db):
     for cid in (1, 2, 3):
         add_conversation(plain, cid, [("user", f"x{cid}")])
     _sync(db_url, app_url)
+    with transaction(db_url) as s:  # an ingested row with an id the source also holds
+        ingest_conversations(s, [{"external_id": "1", "messages": [], "language": "en"}])
     _classify(db_url, "intent", "chitchat", revision="old")
     with transaction(db_url) as s:
-        first = s.execute(text("SELECT min(id) FROM work_items")).scalar_one()
         s.execute(
-            text("UPDATE results SET model_revision = 'new' WHERE work_item_id = :i"), {"i": first}
+            text(
+                "UPDATE results SET model_revision = 'new' WHERE work_item_id = ("
+                "SELECT w.id FROM work_items w JOIN conversations c ON c.id = w.source_id "
+                "WHERE c.source = 'app' AND c.external_id = '3')"
+            )
         )
-        assert len(history.stale_items(s, task="intent", current=["new"])) == 2
+        assert len(history.stale_items(s, task="intent", current=["new"])) == 3
         assert history.stale_items(s, task="intent", current=["m"]) == []  # by model name
         future = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).isoformat()
         assert history.stale_items(s, task="intent", current=["new"], since=future) == []
         ids = history.stale_items(s, task="intent", current=["new"])
-        assert history.reset_items(s, item_ids=ids, reason="rerun") == 2
-        assert ledger.counts(s) == {"intent": {"done": 1, "pending": 2}}
-        assert (
-            s.execute(
-                text("SELECT count(*) FROM result_history WHERE reason = 'rerun'")
-            ).scalar_one()
-            == 2
-        )
+        assert history.reset_items(s, item_ids=ids, reason="rerun") == 3
+        assert ledger.counts(s) == {"intent": {"done": 1, "pending": 3}}
+        # A synced row's history names its source; an ingested row's has NULL.
+        assert s.execute(
+            text(
+                "SELECT source, external_id, reason FROM result_history "
+                "ORDER BY source NULLS LAST, external_id"
+            )
+        ).all() == [("app", "1", "rerun"), ("app", "2", "rerun"), (None, "1", "rerun")]
 
 
 def test_triggers_mark_changes_for_a_beat_tick(db_url, app_db):

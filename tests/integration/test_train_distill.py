@@ -219,6 +219,20 @@ def test_reviewed_id_two_sources_hold(
     d = json.loads(result.stdout)["distilled"]
     assert (d["kept"], d["ambiguous"], d["not_confirmed"]) == (16, 0, 32)
 
+    # Some lines ambiguous: it trains on the rest, and the text output says what was
+    # left out and what to add.
+    mixed = tmp_path / "legacy.jsonl"
+    mixed.write_text("".join(json.dumps(x) + "\n" for x in legacy))
+    result = CliRunner().invoke(
+        main,
+        ["train", "-t", "intent", "--from-task", "llm_classify", "--confirmed", str(mixed)]
+        + ["--base", str(tiny_base), "--out", str(tmp_path / "m2"), "--epochs", "1"],
+        env=_env(db_url, broker_url, tmp_path),
+    )
+    assert result.exit_code == 0, result.output
+    assert "16 reviewed results were left out" in result.output
+    assert 'give those --confirmed lines a "source"' in result.output
+
     # Only ambiguous lines: nothing to train on, and the reason says what to add.
     only_shared = tmp_path / "shared.jsonl"
     only_shared.write_text(
