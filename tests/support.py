@@ -312,3 +312,11 @@ class ServedProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=20)
+
+
+def sigint_as_at_a_terminal() -> None:
+    """preexec_fn for a child that a test stops with SIGINT (a Ctrl-C): restore
+    the default disposition. A test run started in the background (`cmd &` in
+    a shell without job control) has SIGINT ignored, the child inherits that,
+    and Python then installs no KeyboardInterrupt handler at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -22,7 +22,14 @@ import pytest
 from sqlalchemy import text
 
 from db.engine import transaction
-from tests.support import REPO, conversations, run_fleet, status_counts, write_jsonl
+from tests.support import (
+    REPO,
+    conversations,
+    run_fleet,
+    sigint_as_at_a_terminal,
+    status_counts,
+    write_jsonl,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -112,8 +119,7 @@ def _start(args: list[str], env: dict[str, str]) -> Watched:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own group: a Ctrl-C is sent to it as a terminal would
-        # Python keeps SIGINT ignored when it starts ignored (a test run in the background).
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=sigint_as_at_a_terminal,
     )
     return Watched(proc)
 

@@ -19,6 +19,7 @@ from tests.support import (
     conversations,
     fleet_env,
     run_fleet,
+    sigint_as_at_a_terminal,
     status_counts,
     tasks_toml,
     write_jsonl,
@@ -70,6 +71,7 @@ def test_a_stopped_run_closes_its_row_as_interrupted(
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=sigint_as_at_a_terminal,
     )
     try:
         _wait_for("run opened", lambda: _runs(db_url), 60)

@@ -27,7 +27,14 @@ from db.engine import transaction
 from db.schema import Run
 from fleet.observe.prometheus import FleetCollector
 from fleet.observe.status import collect, queue_keys
-from tests.support import REPO, conversations, fleet_env, run_fleet, write_jsonl
+from tests.support import (
+    REPO,
+    conversations,
+    fleet_env,
+    run_fleet,
+    sigint_as_at_a_terminal,
+    write_jsonl,
+)
 from workers import stats as worker_stats
 from workers.stats import Publisher, WorkerStats, redis_client
 
@@ -221,6 +228,7 @@ def test_watch_stops_cleanly_on_ctrl_c(env):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_as_at_a_terminal,
     )
     assert proc.stderr is not None
     assert "watching every task" in proc.stderr.readline()  # started, about to refresh
