@@ -32,11 +32,7 @@ from typing import Any
 
 import psycopg
 
-from bench.ceiling import conversations, write_config
-
-ADMIN = os.environ.get("TEST_ADMIN_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379") + "/13"
-REPO = Path(__file__).resolve().parent.parent
+from bench.ceiling import ADMIN, REDIS, REPO, conversations, write_config
 
 STAGES = ("start", "chunk start", "inputs", "model", "write")
 
