@@ -29,11 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,58 @@ def bare(convs: list[dict[str, object]], cost_s: float) -> float:
     return len(convs) / (time.perf_counter() - start)
 
 
+CPU_PARTS = ("workers", "driver", "postgres", "redis")
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One fleet run: items/s, and CPU microseconds per item spent by each part
+    (`CPU_PARTS`: all worker processes together, the `fleet run` driver, every
+    Postgres process, the Redis server; None where not readable here)."""
+
+    items_per_s: float
+    cpu_us: dict[str, float | None]
+
+
+def _proc_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system) a process has used, from /proc; None if unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _server_pids(name: str) -> list[int]:
+    """Pids of the local processes whose command is `name` (postgres, redis-server)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "comm").read_text().strip() == name:
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+def cpu_seconds(workers: list[int]) -> dict[str, float]:
+    """CPU seconds used so far by the worker processes (together), every local
+    Postgres process and the local Redis server. A server on another host (or
+    this machine without /proc) is left out. Backends that exit between two
+    readings take their time with them; the benchmark's connections stay open
+    for the run (a worker's pool, the driver's), so little is missed."""
+    out: dict[str, float] = {}
+    got = [_proc_cpu(p) for p in workers]
+    if all(g is not None for g in got):
+        out["workers"] = sum(g for g in got if g is not None)
+    for part, comm in (("postgres", "postgres"), ("redis", "redis-server")):
+        pids = _server_pids(comm)
+        if pids:
+            out[part] = sum(c for c in map(_proc_cpu, pids) if c is not None)
+    return out
+
+
 def fleet(
     root: Path,
     jsonl: Path,
@@ -111,8 +165,10 @@ def fleet(
     workers: int,
     tag: str,
     settings: dict[str, str] | None = None,
-) -> float:
-    """Items/s of the fleet whose code is at `root`, N workers."""
+) -> Measured:
+    """Items/s of the fleet whose code is at `root`, N workers, and the CPU
+    each part spent per item (`cpu_seconds`; the driver from this process's
+    reaped children)."""
     import redis
 
     name = f"fleet_ceiling_{os.getpid()}_{tag}"
@@ -150,14 +206,21 @@ def fleet(
             procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=root))
         wait_workers(env, workers, cwd=root)
         time.sleep(1)
+        before = cpu_seconds([w.pid for w in procs])
+        driver = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run([*fl, "run", "-t", "intent", "--json", "--timeout", "900"], **run)  # type: ignore[call-overload]
+        driven = resource.getrusage(resource.RUSAGE_CHILDREN)
+        after = cpu_seconds([w.pid for w in procs])
         with psycopg.connect(url) as c:
             row = c.execute(
                 "SELECT extract(epoch FROM (SELECT max(created_at) FROM results)"
                 " - (SELECT min(started_at) FROM runs)), (SELECT count(*) FROM results)"
             ).fetchone()
         assert row is not None and row[1] == items, row
-        return items / float(row[0])
+        spent = {k: (after[k] - before[k]) if k in before else None for k in after}
+        spent["driver"] = (driven.ru_utime + driven.ru_stime) - (driver.ru_utime + driver.ru_stime)
+        us = {k: None if v is None else round(v / items * 1e6, 1) for k, v in spent.items()}
+        return Measured(items / float(row[0]), us)
     finally:
         for w in procs:
             w.terminate()
@@ -165,6 +228,25 @@ def fleet(
             w.wait(timeout=60)
         with psycopg.connect(ADMIN, autocommit=True) as c:
             c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def median_cpu(runs: list[Measured]) -> dict[str, float | None]:
+    """Median CPU us per item of each part over rounds (None where not measured)."""
+    out: dict[str, float | None] = {}
+    for part in CPU_PARTS:
+        got = [v for m in runs if (v := m.cpu_us.get(part)) is not None]
+        out[part] = round(statistics.median(got), 1) if got else None
+    return out
+
+
+def cpu_line(cpu: dict[str, float | None]) -> str:
+    """`workers 31.2 us  driver 4.0 us ...`, and the rate the worker processes'
+    own CPU allows: a worker's Python runs one thread at a time (the GIL), so
+    with the model free and a core to spare for everything else one worker
+    cannot pass 1e6 / (its CPU us per item) items/s."""
+    parts = "  ".join(f"{p} {'n/a' if cpu[p] is None else f'{cpu[p]:.1f} us'}" for p in CPU_PARTS)
+    w = cpu.get("workers")
+    return parts + (f"  (worker-CPU bound {1e6 / w:,.0f} items/s)" if w else "")
 
 
 def main() -> None:
@@ -216,12 +298,12 @@ def main() -> None:
             one = bare(convs, cost_us / 1e6)
             print(f"\nmodel cost {cost_us:g} us/item: bare {one:,.0f} items/s (one process)")
             for n in counts:
-                rates: dict[str, list[float]] = {v: [] for v in roots}
+                runs: dict[str, list[Measured]] = {v: [] for v in roots}
                 for r in range(args.rounds):
                     # interleaved, the order flipped each round: both versions see the same load
                     order = list(roots) if r % 2 == 0 else list(roots)[::-1]
                     for version in order:
-                        rates[version].append(
+                        runs[version].append(
                             fleet(
                                 roots[version],
                                 jsonl,
@@ -233,9 +315,11 @@ def main() -> None:
                                 settings=dict(kv.split("=", 1) for kv in args.set),
                             )
                         )
+                rates = {v: [m.items_per_s for m in ms] for v, ms in runs.items()}
                 for version in roots:
                     rate = statistics.median(rates[version])
                     ratio = rate / (one * n)
+                    cpu = median_cpu(runs[version])
                     cases.append(
                         {
                             "version": version,
@@ -245,6 +329,7 @@ def main() -> None:
                             "rounds_items_per_s": [round(x, 1) for x in rates[version]],
                             "bare_items_per_s": round(one * n, 1),
                             "fleet_over_bare": round(ratio, 4),
+                            "cpu_us_per_item": cpu,
                         }
                     )
                     each = ", ".join(f"{x:,.0f}" for x in rates[version])
@@ -254,6 +339,7 @@ def main() -> None:
                         + (f"  (median of {each})" if args.rounds > 1 else ""),
                         flush=True,
                     )
+                    print(f"           CPU per item: {cpu_line(cpu)}", flush=True)
                 if "baseline" in rates:
                     cur = statistics.median(rates["current"])
                     base = statistics.median(rates["baseline"])

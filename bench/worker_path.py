@@ -11,6 +11,8 @@ worker freezes it after loading its model (`workers.device.freeze_heap`), once
 thawed (every object back in the collector's generations, as before that).
 
 Printed per variant (medians over rounds): items/s of the whole message, the
+CPU this process spent per item (all its threads: what caps one worker, whose
+Python runs one thread at a time, on a host with cores to spare), the
 time in each stage per item (wall time of the thread that runs it: the reader
 and writer threads overlap the model, so the stages add up to more than the
 whole), and the garbage collector's time per message by generation.
@@ -157,11 +159,11 @@ def run(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, list[dict[st
                     )
                 msg = BatchMessage("intent", claimed.batch_id, claimed.item_ids)
                 clock.take()
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 outcome = process(state, BatchAttempt(msg), hostname="bench@worker-path")
-                seconds = time.perf_counter() - start
+                seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
                 assert outcome.done == args.items, outcome
-                figures[variant].append({"seconds": seconds, **clock.take()})
+                figures[variant].append({"seconds": seconds, "cpu": cpu, **clock.take()})
                 print(
                     f"  round {r + 1} {variant:6} {args.items / seconds:8,.0f} items/s",
                     file=sys.stderr,
@@ -182,12 +184,17 @@ def report(args: argparse.Namespace, figures: dict[str, list[dict[str, float]]])
         f"items={n} per message, rounds={args.rounds}, model cost {args.cost_us:g} us/item, "
         f"cpus={os.cpu_count()}"
     )
-    print(f"{'':8} {'items/s':>9}  " + "  ".join(f"{s:>11}" for s in STAGES) + "   gc0/1/2 ms")
+    print(
+        f"{'':8} {'items/s':>9}  {'CPU':>8}  "
+        + "  ".join(f"{s:>11}" for s in STAGES)
+        + "   gc0/1/2 ms"
+    )
     for variant in figures:
         rate = n / med(variant, "seconds")
+        cpu = med(variant, "cpu") / n * 1e6
         stages = "  ".join(f"{med(variant, s) / n * 1e6:8.1f} us" for s in STAGES)
         gcs = "/".join(f"{med(variant, f'gc{g}') * 1e3:.0f}" for g in range(3))
-        print(f"{variant:8} {rate:9,.0f}  {stages}   {gcs}")
+        print(f"{variant:8} {rate:9,.0f}  {cpu:5.1f} us  {stages}   {gcs}")
     print(f"frozen/thawed {med('thawed', 'seconds') / med('frozen', 'seconds'):.2f}x")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,19 @@ from sqlalchemy import CursorResult, text
 from sqlalchemy.orm import Session
 
 from db.schema import Status
+
+
+def id_array(ids: Iterable[int]) -> str:
+    """A Postgres array literal (`{1,2,3}`) for a `CAST(:ids AS bigint[])` parameter.
+
+    Built with one str.join (C speed): psycopg dumps a Python list element by
+    element in Python, about 0.55 us of CPU per id against 0.10 us for this,
+    and the hot paths pass every item's id two or three times (claim, start,
+    finish; bench.ceiling prints the CPU per item). Every id goes through
+    int(), so the literal only ever holds integers; something that is not one
+    raises TypeError or ValueError.
+    """
+    return "{" + ",".join(map(str, map(int, ids))) + "}"
 
 
 def _rowcount(result: Any) -> int:
@@ -152,19 +165,22 @@ def claim_batches(
     """
     if limit <= 0:
         return []
+    # The locked ids come back as one array (one value to decode, not a row each).
     locked = session.execute(
         text(
             """
-            SELECT id FROM work_items
-            WHERE task = :task AND status = 'pending'
-            ORDER BY size_hint, id
-            LIMIT :limit
-            FOR UPDATE SKIP LOCKED
+            SELECT array_agg(id ORDER BY size_hint, id) FROM (
+                SELECT id, size_hint FROM work_items
+                WHERE task = :task AND status = 'pending'
+                ORDER BY size_hint, id
+                LIMIT :limit
+                FOR UPDATE SKIP LOCKED
+            ) locked
             """
         ),
         {"task": task, "limit": limit},
-    )
-    ids = list(locked.scalars())
+    ).scalar_one()
+    ids: list[int] = locked or []
     batches = [
         ClaimedBatch(str(uuid.uuid4()), tuple(sorted(ids[i : i + batch_size])))
         for i in range(0, len(ids), batch_size)
@@ -183,7 +199,7 @@ def claim_batches(
                 """
             ),
             [
-                {"batch": b.batch_id, "ids": list(b.item_ids), "lease": lease_seconds}
+                {"batch": b.batch_id, "ids": id_array(b.item_ids), "lease": lease_seconds}
                 for b in batches
             ],
         )
@@ -258,7 +274,7 @@ def start_batch(
             """
         ),
         {
-            "ids": list(item_ids),
+            "ids": id_array(item_ids),
             "batch": batch_id,
             "worker": worker,
             "lease": lease_seconds,
@@ -286,7 +302,7 @@ def start_chunk(
             RETURNING id
             """
         ),
-        {"ids": list(item_ids), "batch": batch_id, "worker": worker, "lease": lease_seconds},
+        {"ids": id_array(item_ids), "batch": batch_id, "worker": worker, "lease": lease_seconds},
     ).scalars()
     return set(rows)
 
@@ -405,8 +421,8 @@ def finish_batch(session: Session, *, batch_id: str, outcomes: Sequence[Outcome]
             """
         ),
         {
-            "ok": ok,
-            "bad": [o.item_id for o in bad],
+            "ok": id_array(ok),
+            "bad": id_array(o.item_id for o in bad),
             "errs": [o.error for o in bad],
             "batch": batch_id,
             "rows": _results_json(rows),

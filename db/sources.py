@@ -9,6 +9,7 @@ from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from db.ledger import id_array
 from db.schema import AudioFile, Conversation
 
 
@@ -59,6 +60,7 @@ def load_inputs(
         by_kind.setdefault(kind, []).append((item_id, source_id))
     for kind, pairs in by_kind.items():
         ids = [sid for _, sid in pairs]
+        literal = id_array(ids)
         # Core SQL with one array parameter, not ORM entities with an IN list:
         # a large batch's inputs load at bulk speed (bench/ceiling.py).
         if kind == "conversation":
@@ -69,7 +71,7 @@ def load_inputs(
                         "SELECT id, external_id, messages, language FROM conversations "
                         "WHERE id = ANY(CAST(:ids AS bigint[]))"
                     ),
-                    {"ids": ids},
+                    {"ids": literal},
                 )
             }
         else:
@@ -80,7 +82,7 @@ def load_inputs(
                         "SELECT id, external_id, uri, duration_s FROM audio_files "
                         "WHERE id = ANY(CAST(:ids AS bigint[]))"
                     ),
-                    {"ids": ids},
+                    {"ids": literal},
                 )
             }
         if text_from_task:
@@ -94,7 +96,7 @@ def load_inputs(
                           AND w.source_id = ANY(CAST(:ids AS bigint[]))
                         """
                     ),
-                    {"task": text_from_task, "kind": kind, "ids": ids},
+                    {"task": text_from_task, "kind": kind, "ids": literal},
                 ).all()
             )
             rows = {sid: (ext, {"text": texts.get(sid)}) for sid, (ext, _) in rows.items()}

@@ -38,7 +38,9 @@ def discover(url: str, spec: TaskSpec) -> int:
 
 
 def queue_depth(app: Celery, queue: str) -> int:
-    """Messages waiting in a queue (Redis list length)."""
+    """Messages waiting in a queue (Redis list length), over a new broker
+    connection. The drive loop asks on every feed pass and passes its own
+    Redis client to `feed` instead (producer.drive.Feeder)."""
     with app.connection_for_write() as conn:
         client = conn.default_channel.client
         return int(client.llen(queue))
