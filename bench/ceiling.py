@@ -109,8 +109,9 @@ CPU_PARTS = ("workers", "driver", "postgres", "redis")
 @dataclass(frozen=True)
 class Measured:
     """One fleet run: items/s, and CPU microseconds per item spent by each part
-    (`CPU_PARTS`: all worker processes together, the `fleet run` driver, every
-    Postgres process, the Redis server; None where not readable here)."""
+    (`CPU_PARTS`: all worker processes together, the `fleet run` driver less
+    the CPU of a run with nothing to do (start-up, imports), every Postgres
+    process, the Redis server; None where not readable here)."""
 
     items_per_s: float
     cpu_us: dict[str, float | None]
@@ -193,6 +194,12 @@ def fleet(
     procs: list[subprocess.Popen[bytes]] = []
     try:
         subprocess.run([*fl, "migrate"], **run)  # type: ignore[call-overload]
+        # The driver's fixed cost (Python start-up, imports, a run with nothing
+        # to do), taken off its CPU per item below.
+        idle = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run([*fl, "run", "-t", "intent", "--json", "--timeout", "60"], **run)  # type: ignore[call-overload]
+        idled = resource.getrusage(resource.RUSAGE_CHILDREN)
+        fixed = (idled.ru_utime + idled.ru_stime) - (idle.ru_utime + idle.ru_stime)
         subprocess.run([*fl, "ingest", "conversations", str(jsonl)], **run)  # type: ignore[call-overload]
         entry = celery_entry(root)
         for k in range(workers):
@@ -211,14 +218,16 @@ def fleet(
         subprocess.run([*fl, "run", "-t", "intent", "--json", "--timeout", "900"], **run)  # type: ignore[call-overload]
         driven = resource.getrusage(resource.RUSAGE_CHILDREN)
         after = cpu_seconds([w.pid for w in procs])
-        with psycopg.connect(url) as c:
+        with psycopg.connect(url) as c:  # timed from the start of the last run (not the idle one)
             row = c.execute(
                 "SELECT extract(epoch FROM (SELECT max(created_at) FROM results)"
-                " - (SELECT min(started_at) FROM runs)), (SELECT count(*) FROM results)"
+                " - (SELECT max(started_at) FROM runs)), (SELECT count(*) FROM results)"
             ).fetchone()
         assert row is not None and row[1] == items, row
         spent = {k: (after[k] - before[k]) if k in before else None for k in after}
-        spent["driver"] = (driven.ru_utime + driven.ru_stime) - (driver.ru_utime + driver.ru_stime)
+        spent["driver"] = max(
+            0.0, (driven.ru_utime + driven.ru_stime) - (driver.ru_utime + driver.ru_stime) - fixed
+        )
         us = {k: None if v is None else round(v / items * 1e6, 1) for k, v in spent.items()}
         return Measured(items / float(row[0]), us)
     finally:

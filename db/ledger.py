@@ -365,22 +365,38 @@ def finish_batch(session: Session, *, batch_id: str, outcomes: Sequence[Outcome]
     are data-modifying CTEs, the results joined to the rows the updates
     touched. The results travel as one JSON document (one call of the C
     encoder, unpacked by json_to_recordset), not as nine parameter arrays, so
-    a large batch's results are written at bulk speed (bench/producer.py).
+    a large batch's results are written at bulk speed (bench/producer.py);
+    the model columns (name, revision, tier, device), the same for most of a
+    batch, travel once per model and each row carries its model's number.
 
     Raises ValueError when a result's scores or output hold NaN or infinity.
     """
     ok = [o.item_id for o in outcomes if o.error is None]
     bad = [o for o in outcomes if o.error is not None]
-    rows = [
-        {
-            **o.result,
-            "work_item_id": o.item_id,
-            "confidence": _float(o.result["confidence"]),
-            "latency_ms": _float(o.result["latency_ms"]),
-        }
-        for o in outcomes
-        if o.result is not None
-    ]
+    # The model columns are the same for a whole chunk (a few tiers at most,
+    # after an out-of-memory step down): they travel once per model, and each
+    # row names its model by number, so the JSON holds what differs per item.
+    models: dict[tuple[Any, ...], int] = {}
+    rows = []
+    for o in outcomes:
+        r = o.result
+        if r is None:
+            continue
+        model = (r["model_name"], r.get("model_revision"), r["model_tier"], r["device"])
+        rows.append(
+            {
+                "work_item_id": o.item_id,
+                "label": r.get("label"),
+                "confidence": _float(r["confidence"]),
+                "scores": r.get("scores"),
+                "output": r.get("output"),
+                "latency_ms": _float(r["latency_ms"]),
+                "m": models.setdefault(model, len(models) + 1),
+            }
+        )
+    names, revisions, tiers, devices = (
+        (list(c) for c in zip(*models, strict=True)) if models else ([], [], [], [])
+    )
     done, failed = session.execute(
         text(
             """
@@ -401,12 +417,15 @@ def finish_batch(session: Session, *, batch_id: str, outcomes: Sequence[Outcome]
             ), written AS (
                 INSERT INTO results (work_item_id, label, confidence, scores, output,
                                      model_name, model_revision, model_tier, device, latency_ms)
-                SELECT work_item_id, label, confidence, scores, output,
-                       model_name, model_revision, model_tier, device, latency_ms
+                SELECT r.work_item_id, r.label, r.confidence, r.scores, r.output,
+                       m.model_name, m.model_revision, m.model_tier, m.device, r.latency_ms
                 FROM json_to_recordset(CAST(:rows AS json)) AS r(
                     work_item_id bigint, label varchar, confidence float8, scores jsonb,
-                    output jsonb, model_name varchar, model_revision varchar, model_tier int,
-                    device varchar, latency_ms float8)
+                    output jsonb, latency_ms float8, m int)
+                JOIN unnest(CAST(:names AS varchar[]), CAST(:revisions AS varchar[]),
+                            CAST(:tiers AS int[]), CAST(:devices AS varchar[]))
+                     WITH ORDINALITY AS m(model_name, model_revision, model_tier, device, k)
+                  ON m.k = r.m
                 WHERE r.work_item_id IN (SELECT id FROM done UNION ALL SELECT id FROM failed)
                 ON CONFLICT (work_item_id) DO UPDATE SET
                     label = EXCLUDED.label, confidence = EXCLUDED.confidence,
@@ -426,6 +445,10 @@ def finish_batch(session: Session, *, batch_id: str, outcomes: Sequence[Outcome]
             "errs": [o.error for o in bad],
             "batch": batch_id,
             "rows": _results_json(rows),
+            "names": names,
+            "revisions": revisions,
+            "tiers": tiers,
+            "devices": devices,
         },
     ).one()
     return FinishCounts(done=done, failed=failed, skipped=len(outcomes) - done - failed)

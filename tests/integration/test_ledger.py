@@ -114,6 +114,48 @@ def test_finish_batch_twice_keeps_one_result(db_url):
     assert err == "bad input"
 
 
+def test_finish_batch_keeps_each_rows_model_when_a_batch_spans_tiers(db_url):
+    """The model columns travel once per model (each row names its model by
+    number): rows of one batch run on two tiers (an out-of-memory step down
+    mid-batch), one without a revision, keep their own model."""
+    _seed(db_url, 5)
+    batch, _ = _run_one(db_url, None)
+    ids = batch.item_ids
+    big = {"model_name": "big", "model_revision": "sha256:aa", "model_tier": 0, "device": "cuda:0"}
+    small = {"model_name": "small", "model_tier": 1, "device": "cuda:0"}  # no revision key
+    outcomes = [
+        ledger.Outcome(
+            i,
+            {
+                **(big if k < 2 else small),
+                "label": f"l{k}",
+                "confidence": 0.5 + k / 10,
+                "scores": {f"l{k}": 1.0},
+                "output": {"k": k} if k == 4 else None,
+                "latency_ms": float(k),
+            },
+            "raw output kept" if k == 3 else None,
+        )
+        for k, i in enumerate(ids)
+    ]
+    with transaction(db_url) as s:
+        got = ledger.finish_batch(s, batch_id=batch.batch_id, outcomes=outcomes)
+        rows = s.execute(
+            text(
+                "SELECT work_item_id, label, confidence, scores, output, model_name, "
+                "model_revision, model_tier, device, latency_ms FROM results ORDER BY work_item_id"
+            )
+        ).all()
+    assert (got.done, got.failed) == (4, 1)
+    assert [tuple(r) for r in rows] == [
+        (ids[0], "l0", 0.5, {"l0": 1.0}, None, "big", "sha256:aa", 0, "cuda:0", 0.0),
+        (ids[1], "l1", 0.6, {"l1": 1.0}, None, "big", "sha256:aa", 0, "cuda:0", 1.0),
+        (ids[2], "l2", 0.7, {"l2": 1.0}, None, "small", None, 1, "cuda:0", 2.0),
+        (ids[3], "l3", 0.8, {"l3": 1.0}, None, "small", None, 1, "cuda:0", 3.0),
+        (ids[4], "l4", 0.9, {"l4": 1.0}, {"k": 4}, "small", None, 1, "cuda:0", 4.0),
+    ]
+
+
 def test_redelivered_batch_is_skipped_and_stale_batch_cannot_finish(db_url):
     _seed(db_url, 5)
     batch, _ = _run_one(db_url, None)
