@@ -113,9 +113,9 @@ def eval_cmd(
 
     try:
         labels = load_gold(gold)
+        report = evaluate(ctx.url(), task=task_name, gold=labels, source=source)
     except ValueError as e:
         fail(str(e), ExitCode.CONFIG)
-    report = evaluate(ctx.url(), task=task_name, gold=labels, source=source)
     if as_json:
         click.echo(json.dumps(report))
         return

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from fleet.reporting.queries import iter_results
+from fleet.reporting.queries import iter_results, task_sources
 from fleet.reporting.scoring import classification_report, percentile
 
 EXPORT_COLUMNS = (
@@ -184,17 +184,30 @@ def evaluate(
     scored: pass `source` (a `[sources.<name>]` name, or 'ingest') to score
     one source's items and leave the rest out, or name the source in the
     gold lines. other_source: lines naming a source other than `source`,
-    left out."""
+    left out.
+
+    Raises ValueError when `source` is given and none of the task's items
+    comes from it (a misspelt name would otherwise score nothing), naming the
+    sources its items do come from."""
     labels = GoldLabels.of(gold)
     wanted = labels.ids()
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     holders: dict[str, set[str]] = {}
+    seen = False
     for r in iter_results(url, task=task, source=source):
+        seen = True
         eid = str(r["external_id"])
         if eid not in wanted:  # only gold ids are kept: a task may hold millions
             continue
         rows[(str(r["source"]), eid)] = r
         holders.setdefault(eid, set()).add(str(r["source"]))
+    if source is not None and not seen:
+        held = task_sources(url, task=task)
+        raise ValueError(
+            f"no item of task {task!r} comes from source {source!r}; its items come from "
+            + (", ".join(repr(h) for h in held) if held else "no source yet (nothing discovered)")
+            + " ('ingest' is rows read by `fleet ingest`). Pass one of those to --source."
+        )
     scored: list[tuple[str, dict[str, Any]]] = []  # (gold label, stored row)
     missing = ambiguous = other_source = 0
     for eid, label in labels.any_source.items():

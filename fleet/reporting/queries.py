@@ -50,6 +50,23 @@ def iter_results(
             yield dict(row)
 
 
+def task_sources(url: str, *, task: str) -> list[str]:
+    """The sources a task's items come from, sorted: `[sources.<name>]` names,
+    and 'ingest' for rows `fleet ingest` read from files."""
+    sql = text(
+        """
+        SELECT DISTINCT COALESCE(c.source, a.source, 'ingest') AS source
+        FROM work_items w
+        LEFT JOIN conversations c ON w.source_kind = 'conversation' AND c.id = w.source_id
+        LEFT JOIN audio_files a ON w.source_kind = 'audio' AND a.id = w.source_id
+        WHERE w.task = :task
+        ORDER BY 1
+        """
+    )
+    with get_engine(url).connect() as conn:
+        return [str(s) for s in conn.execute(sql, {"task": task}).scalars()]
+
+
 def fetch_results(
     url: str, *, task: str, status: str = "all", limit: int | None = 50, source: str | None = None
 ) -> list[dict[str, Any]]:

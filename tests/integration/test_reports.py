@@ -188,6 +188,14 @@ def test_eval_of_an_id_two_sources_hold(db_url, broker_url, tmp_path):
     crm = json.loads(run("--source", "crm", "--json").stdout.splitlines()[-1])
     assert (crm["n"], crm["accuracy"], crm["not_in_task"]) == (1, 0.0, 2)  # crm said a
     assert "more than one source" not in run("--source", "ingest").stderr
+    # A source no item of the task comes from (a misspelt name) is an error
+    # naming the sources there are, not a report that scored nothing.
+    typo = CliRunner().invoke(
+        main, ["eval", "-t", "intent", "--gold", str(gold), "--source", "cmr"], env=env
+    )
+    assert typo.exit_code == 2
+    assert "no item of task 'intent' comes from source 'cmr'" in typo.output
+    assert "'crm', 'ingest'" in typo.output
 
     # A gold line may name its source (as an export's lines do).
     sourced = write_jsonl(
