@@ -202,7 +202,7 @@ def main() -> None:
     steps["ceiling"] = _step(
         "ceiling",
         [*py, "bench.ceiling", "--items", items, "--workers", "1,4", "--json-out", str(out)],
-        150,
+        180,
         env,
     )
     if out.exists():
