@@ -139,9 +139,11 @@ def test_audio_folder_transcribed_then_classified(audio_fleet):
             "300",
             "--json",
         ],
-        # One file per batch message, claimed shortest first: whisper-base does the short
-        # files, then the long one does not fit the cap and the worker steps down.
-        env={**env, "FLEET_BATCH_SIZE": "1"},
+        # One file per batch message (fixed-size messages: sizing by measured throughput
+        # may put a short file and the long one in one message), claimed shortest first:
+        # whisper-base does the short files, then the long one does not fit the cap and
+        # the worker steps down.
+        env={**env, "FLEET_BATCH_SIZE": "1", "FLEET_BATCH_SECONDS": "0"},
         cwd=REPO,
         capture_output=True,
         text=True,
