@@ -202,10 +202,10 @@ def evaluate(
         rows[(str(r["source"]), eid)] = r
         holders.setdefault(eid, set()).add(str(r["source"]))
     if source is not None and not seen:
-        held = task_sources(url, task=task)
+        known = task_sources(url, task=task)
         raise ValueError(
             f"no item of task {task!r} comes from source {source!r}; its items come from "
-            + (", ".join(repr(h) for h in held) if held else "no source yet (nothing discovered)")
+            + (", ".join(repr(k) for k in known) if known else "no source yet (nothing discovered)")
             + " ('ingest' is rows read by `fleet ingest`). Pass one of those to --source."
         )
     scored: list[tuple[str, dict[str, Any]]] = []  # (gold label, stored row)

@@ -42,8 +42,10 @@ def test_metrics_and_status_match_the_ledger_and_the_worker(fleet):
         ["ingest", "conversations", str(write_jsonl(fleet.tmp / "c.jsonl", conversations(N)))],
         fleet.env,
     )
-    # Leases outlast any queue wait here, so no batch is reclaimed and re-cut.
+    # Leases outlast any queue wait here, so no batch is reclaimed and re-cut; messages
+    # keep FLEET_BATCH_SIZE (not sized by throughput), so the run is N / 32 batches.
     fleet.env["FLEET_LEASE_SECONDS"] = "300"
+    fleet.env["FLEET_BATCH_SECONDS"] = "0"
     worker = fleet.worker(FLEET_SIMULATE_MEMORY="0:0")  # tier 0 always OOMs; tier 1 unlimited
     worker.wait_ready()
     [w] = _wait_for_stats(fleet.broker_url, 0)
