@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from db.ledger import _rowcount
+from db.ledger import _rowcount, id_array
 
 TABLES = {"conversation": "conversations", "audio": "audio_files"}
 SIZES = {
@@ -58,7 +58,7 @@ def archive_results(session: Session, *, item_ids: Sequence[int], reason: str) -
             LEFT JOIN audio_files a ON old.source_kind = 'audio' AND a.id = old.source_id
             """
         ),
-        {"ids": list(item_ids), "reason": reason},
+        {"ids": id_array(item_ids), "reason": reason},
     )
     return _rowcount(result)
 
@@ -73,7 +73,7 @@ def items_of_sources(session: Session, *, source_kind: str, source_ids: Sequence
                 "SELECT id FROM work_items WHERE source_kind = :kind "
                 "AND source_id = ANY(CAST(:ids AS bigint[]))"
             ),
-            {"kind": source_kind, "ids": list(source_ids)},
+            {"kind": source_kind, "ids": id_array(source_ids)},
         ).scalars()
     )
 
@@ -99,7 +99,7 @@ def reset_items(session: Session, *, item_ids: Sequence[int], reason: str) -> in
                       AND w.source_kind = :kind AND s.id = w.source_id
                     """
                 ),
-                {"ids": list(item_ids), "kind": kind},
+                {"ids": id_array(item_ids), "kind": kind},
             )
         )
     return total
@@ -120,7 +120,7 @@ def mark_gone(session: Session, *, item_ids: Sequence[int], why: str) -> int:
                 WHERE id = ANY(CAST(:ids AS bigint[]))
                 """
             ),
-            {"ids": list(item_ids), "why": why},
+            {"ids": id_array(item_ids), "why": why},
         )
     )
 

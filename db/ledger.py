@@ -142,7 +142,7 @@ def add_items(session: Session, *, task: str, source_kind: str, source_ids: Sequ
             ON CONFLICT ON CONSTRAINT uq_work_items_source_task DO NOTHING
             """
         ),
-        {"kind": source_kind, "task": task, "ids": list(source_ids)},
+        {"kind": source_kind, "task": task, "ids": id_array(source_ids)},
     )
     return _rowcount(result)
 
@@ -492,7 +492,7 @@ def split_batch(
             {
                 "new": new_id,
                 "old": batch_id,
-                "ids": list(part),
+                "ids": id_array(part),
                 "lease": lease_seconds,
                 "reset": reset_deliveries,
                 "uncount": 1 if start_counted else 0,
@@ -514,7 +514,7 @@ def mark_dead(session: Session, *, batch_id: str, item_ids: Sequence[int], reaso
               AND batch_id = CAST(:batch AS uuid) AND status = 'running'
             """
         ),
-        {"ids": list(item_ids), "batch": batch_id, "reason": reason},
+        {"ids": id_array(item_ids), "batch": batch_id, "reason": reason},
     )
     return _rowcount(result)
 

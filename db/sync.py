@@ -50,6 +50,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
 from db import history
+from db.ledger import id_array
 from fleet.config.taskconfig import SourceSpec
 
 KINDS = ("conversation", "audio")
@@ -383,16 +384,18 @@ def apply_gone(session: Session, spec: SourceSpec, report: SyncReport, *, seen_t
     if spec.on_delete == "delete":
         history.archive_results(session, item_ids=items, reason="gone")
         session.execute(
-            text("DELETE FROM work_items WHERE id = ANY(CAST(:ids AS bigint[]))"), {"ids": items}
+            text("DELETE FROM work_items WHERE id = ANY(CAST(:ids AS bigint[]))"),
+            {"ids": id_array(items)},
         )
         session.execute(
-            text(f"DELETE FROM {table} WHERE id = ANY(CAST(:ids AS bigint[]))"), {"ids": ids}
+            text(f"DELETE FROM {table} WHERE id = ANY(CAST(:ids AS bigint[]))"),
+            {"ids": id_array(ids)},
         )
         report.deleted += len(ids)
         return
     session.execute(
         text(f"UPDATE {table} SET gone_at = now() WHERE id = ANY(CAST(:ids AS bigint[]))"),
-        {"ids": ids},
+        {"ids": id_array(ids)},
     )
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     history.mark_gone(
