@@ -88,7 +88,7 @@ def feed(
     broker connection)."""
     size = batch_size or settings.batch_size
     room = min(depth or settings.max_inflight_batches, settings.max_inflight_batches)
-    room -= int(client.llen(spec.queue)) if client is not None else queue_depth(app, spec.queue)
+    room -= queue_depth(app, spec.queue, client=client)
     if room <= 0:
         return 0
     batches = claim_and_send(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import redis
 from celery import Celery
 
 from db import ledger
@@ -37,13 +38,14 @@ def discover(url: str, spec: TaskSpec) -> int:
         return ledger.discover(session, task=spec.name, source_kind=spec.source)
 
 
-def queue_depth(app: Celery, queue: str) -> int:
-    """Messages waiting in a queue (Redis list length), over a new broker
-    connection. The drive loop asks on every feed pass and passes its own
-    Redis client to `feed` instead (producer.drive.Feeder)."""
-    with app.connection_for_write() as conn:
-        client = conn.default_channel.client
+def queue_depth(app: Celery, queue: str, *, client: redis.Redis | None = None) -> int:
+    """Messages waiting in a queue (Redis list length), asked with `client`
+    (a Redis client of the broker) or else over a new broker connection. The
+    drive loop asks on every feed pass, with its own client (producer.drive.Feeder)."""
+    if client is not None:
         return int(client.llen(queue))
+    with app.connection_for_write() as conn:
+        return int(conn.default_channel.client.llen(queue))
 
 
 def enqueue(
