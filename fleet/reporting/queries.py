@@ -9,6 +9,14 @@ from sqlalchemy import text
 
 from db.engine import get_engine
 
+# A task's work items with their source rows, and the source's name ('ingest':
+# rows `fleet ingest` read, as in the fleet_latest_results view).
+_SOURCE = "COALESCE(c.source, a.source, 'ingest')"
+_ITEMS_AND_SOURCES = """
+        FROM work_items w
+        LEFT JOIN conversations c ON w.source_kind = 'conversation' AND c.id = w.source_id
+        LEFT JOIN audio_files a ON w.source_kind = 'audio' AND a.id = w.source_id"""
+
 
 def iter_results(
     url: str,
@@ -25,18 +33,16 @@ def iter_results(
     `[sources.<name>]` name, or 'ingest' for rows `fleet ingest` read from files
     (as in the fleet_latest_results view). `source` keeps only that source's items."""
     status_sql = "" if status == "all" else "AND w.status = :status"
-    source_sql = "" if source is None else "AND COALESCE(c.source, a.source, 'ingest') = :source"
+    source_sql = "" if source is None else f"AND {_SOURCE} = :source"
     limit_sql = "" if limit is None else "LIMIT :limit"
     sql = text(
         f"""
         SELECT w.id AS item_id, COALESCE(c.external_id, a.external_id) AS external_id,
-               COALESCE(c.source, a.source, 'ingest') AS source, w.source_kind, w.task, w.status, r.label, r.confidence, r.scores, r.output,
+               {_SOURCE} AS source, w.source_kind, w.task, w.status, r.label, r.confidence, r.scores, r.output,
                r.model_name, r.model_tier, r.device, r.latency_ms, w.last_error AS error,
                c.meta AS conversation_meta
-        FROM work_items w
+        {_ITEMS_AND_SOURCES}
         LEFT JOIN results r ON r.work_item_id = w.id
-        LEFT JOIN conversations c ON w.source_kind = 'conversation' AND c.id = w.source_id
-        LEFT JOIN audio_files a ON w.source_kind = 'audio' AND a.id = w.source_id
         WHERE w.task = :task {status_sql} {source_sql}
         ORDER BY w.id
         {limit_sql}
@@ -53,16 +59,7 @@ def iter_results(
 def task_sources(url: str, *, task: str) -> list[str]:
     """The sources a task's items come from, sorted: `[sources.<name>]` names,
     and 'ingest' for rows `fleet ingest` read from files."""
-    sql = text(
-        """
-        SELECT DISTINCT COALESCE(c.source, a.source, 'ingest') AS source
-        FROM work_items w
-        LEFT JOIN conversations c ON w.source_kind = 'conversation' AND c.id = w.source_id
-        LEFT JOIN audio_files a ON w.source_kind = 'audio' AND a.id = w.source_id
-        WHERE w.task = :task
-        ORDER BY 1
-        """
-    )
+    sql = text(f"SELECT DISTINCT {_SOURCE} {_ITEMS_AND_SOURCES} WHERE w.task = :task ORDER BY 1")
     with get_engine(url).connect() as conn:
         return [str(s) for s in conn.execute(sql, {"task": task}).scalars()]
 
