@@ -20,7 +20,10 @@ plans alike: the guard is wrapped as `(batch_id = :b AND status ...) IS
 TRUE`, which no index and no partial-index predicate matches, and the ids
 come from `ARRAY(SELECT unnest(:ids))`, an array the planner sizes at ten
 elements, so the primary-key probes also beat a sequential scan on a table of
-any size. tests/integration/test_ledger_plans.py pins the plans.
+any size. The statements that read or renew a whole batch (a start by
+chunk, the heartbeat) wrap their status test the same way, so they read the
+batch's rows through ix_work_items_batch, not every in-flight row through the
+lease index. tests/integration/test_ledger_plans.py pins the plans.
 """
 
 from __future__ import annotations
@@ -254,8 +257,9 @@ def start_batch(
             text(
                 """
                 UPDATE work_items SET lease_until = now() + make_interval(secs => :lease)
-                WHERE batch_id = CAST(:batch AS uuid) AND status = 'queued'
-                  AND lease_until < now() + make_interval(secs => :lease / 2.0)
+                WHERE batch_id = CAST(:batch AS uuid)  -- by the batch index
+                  AND (status = 'queued'
+                       AND lease_until < now() + make_interval(secs => :lease / 2.0)) IS TRUE
                 """
             ),
             {"batch": batch_id, "lease": lease_seconds},
@@ -264,7 +268,8 @@ def start_batch(
             text(
                 """
                 SELECT id, source_kind, source_id, deliveries FROM work_items
-                WHERE batch_id = CAST(:batch AS uuid) AND status IN ('queued', 'running')
+                WHERE batch_id = CAST(:batch AS uuid)  -- by the batch index
+                  AND (status IN ('queued', 'running')) IS TRUE
                 """
             ),
             {"batch": batch_id},
@@ -334,9 +339,9 @@ def extend_lease(
         text(
             """
             UPDATE work_items SET lease_until = now() + make_interval(secs => :lease)
-            WHERE batch_id = CAST(:batch AS uuid)
+            WHERE batch_id = CAST(:batch AS uuid)  -- by the batch index
               AND (status = 'queued' OR (status = 'running'
-                   AND (CAST(:worker AS text) IS NULL OR worker = :worker)))
+                   AND (CAST(:worker AS text) IS NULL OR worker = :worker))) IS TRUE
             """
         ),
         {"batch": batch_id, "lease": lease_seconds, "worker": worker},

@@ -45,15 +45,15 @@ def _seed(url: str, *, analyze_mid_run: bool) -> list[ledger.ClaimedBatch]:
 
 
 def _captured(url: str, call: Any) -> list[tuple[str, dict[str, Any]]]:
-    """The UPDATE statements `call(session)` sends (as the driver gets them, with
-    their parameters), run in a transaction that is rolled back."""
+    """The statements on work_items `call(session)` sends (as the driver gets
+    them, with their parameters), run in a transaction that is rolled back."""
     got: list[tuple[str, dict[str, Any]]] = []
     engine = get_engine(url)
 
     def record(
         conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: Any
     ) -> None:
-        if "UPDATE work_items" in statement and isinstance(params, dict):
+        if re.search(r"\b(UPDATE|FROM) work_items\b", statement) and isinstance(params, dict):
             got.append((statement, dict(params)))
 
     event.listen(engine, "before_cursor_execute", record)
@@ -66,7 +66,7 @@ def _captured(url: str, call: Any) -> list[tuple[str, dict[str, Any]]]:
             session.close()
     finally:
         event.remove(engine, "before_cursor_execute", record)
-    assert got, "the call sent no UPDATE of work_items"
+    assert got, "the call sent no statement on work_items"
     return got
 
 
@@ -91,22 +91,24 @@ def _plans(url: str, statement: str, params: dict[str, Any]) -> dict[str, str]:
     return {"custom": "\n".join(r[0] for r in custom), "generic": "\n".join(r[0] for r in generic)}
 
 
-def _scans_of_work_items(plan: str) -> list[str]:
-    return [
-        line.strip().removeprefix("->").strip()
-        for line in plan.splitlines()
-        if re.search(r"Scan .*on work_items\b", line)
-    ]
+def _ways_into_work_items(plan: str) -> set[str]:
+    """How a plan reaches work_items' rows: the indexes it scans ("Index Scan
+    using X on work_items", a bitmap built from "Bitmap Index Scan on X"), and
+    "sequential" for a Seq Scan."""
+    ways = set(re.findall(r"Index (?:Only )?Scan using (\w+) on work_items\b", plan))
+    ways |= set(re.findall(r"Bitmap Index Scan on (\w+)", plan))
+    if re.search(r"Seq Scan on work_items\b", plan):
+        ways.add("sequential")
+    return ways
 
 
-def _assert_by_primary_key(url: str, call: Any) -> None:
+def _assert_by_index(url: str, call: Any, index: str = "pk_work_items") -> None:
+    """Every statement on work_items that `call` sends reaches its rows through `index` only."""
     for statement, params in _captured(url, call):
         for kind, plan in _plans(url, statement, params).items():
-            scans = _scans_of_work_items(plan)
-            assert scans, plan
-            assert all(
-                s.startswith("Index Scan using pk_work_items on work_items") for s in scans
-            ), f"{kind} plan of\n{statement}\nscans work_items otherwise:\n{plan}"
+            assert _ways_into_work_items(plan) == {index}, (
+                f"{kind} plan of\n{statement}\nreads work_items otherwise:\n{plan}"
+            )
 
 
 def _outcomes(ids: list[int]) -> list[ledger.Outcome]:
@@ -127,7 +129,7 @@ def _outcomes(ids: list[int]) -> list[ledger.Outcome]:
 
 
 @pytest.mark.parametrize("analyze_mid_run", [False, True], ids=["settled-stats", "mid-run-stats"])
-def test_per_item_statements_find_rows_by_primary_key_with_many_in_flight(db_url, analyze_mid_run):
+def test_ledger_statements_find_rows_by_key_with_many_in_flight(db_url, analyze_mid_run):
     batches = _seed(db_url, analyze_mid_run=analyze_mid_run)
     big = batches[-1]
     with transaction(db_url) as s:
@@ -152,7 +154,7 @@ def test_per_item_statements_find_rows_by_primary_key_with_many_in_flight(db_url
             == IN_FLIGHT
         )
 
-    _assert_by_primary_key(
+    _assert_by_index(
         db_url,
         lambda s: ledger.start_chunk(
             s,
@@ -162,14 +164,14 @@ def test_per_item_statements_find_rows_by_primary_key_with_many_in_flight(db_url
             lease_seconds=600,
         ),
     )
-    _assert_by_primary_key(
+    _assert_by_index(
         db_url, lambda s: ledger.finish_batch(s, batch_id=big.batch_id, outcomes=_outcomes(chunk))
     )
-    _assert_by_primary_key(
+    _assert_by_index(
         db_url,
         lambda s: ledger.mark_dead(s, batch_id=big.batch_id, item_ids=chunk, reason="poison"),
     )
-    _assert_by_primary_key(
+    _assert_by_index(
         db_url,
         lambda s: ledger.split_batch(
             s,
@@ -179,9 +181,27 @@ def test_per_item_statements_find_rows_by_primary_key_with_many_in_flight(db_url
             reset_deliveries=False,
         ),
     )
+    # A whole batch (a start by chunk, the heartbeat): its rows, by the batch index.
+    _assert_by_index(
+        db_url,
+        lambda s: ledger.start_batch(
+            s,
+            batch_id=batches[1].batch_id,
+            item_ids=batches[1].item_ids,
+            worker="w",
+            lease_seconds=600,
+            by_chunk=True,
+        ),
+        "ix_work_items_batch",
+    )
+    _assert_by_index(
+        db_url,
+        lambda s: ledger.extend_lease(s, batch_id=big.batch_id, lease_seconds=600, worker="w"),
+        "ix_work_items_batch",
+    )
     small = batches[0]  # a message started whole, as one of at most 1,024 items is
     ids = small.item_ids[:1024]
-    _assert_by_primary_key(
+    _assert_by_index(
         db_url,
         lambda s: ledger.start_batch(
             s, batch_id=small.batch_id, item_ids=ids, worker="w", lease_seconds=600
