@@ -113,7 +113,7 @@ def _messages(value: Any) -> tuple[list[dict[str, Any]] | None, str | None]:
 def _drop_null_content(messages: list[dict[str, Any]], where: Sequence[Any]) -> list[str]:
     return [
         f"{w} has NULL content: skipped"
-        for m, w in zip(messages, where)
+        for m, w in zip(messages, where, strict=True)
         if m.get("content") is None
     ]
 
@@ -125,6 +125,9 @@ def build(rows: Sequence[dict[str, Any]], spec: SourceSpec) -> dict[str, Any]:
     refused: str | None = None
     stamps = [cursor_of(r) for r in rows]
     rec: dict[str, Any] = {"external_id": first["external_id"], "notes": notes}
+    if first["external_id"] is None or str(first["external_id"]) == "":
+        many = f" ({len(rows)} such rows)" if len(rows) > 1 else ""
+        return rec | {"refused": f"no external_id{many}", "updated_at": None}
     if any(s is None for s in stamps):
         notes.append(NULL_CURSOR)
     known = [s for s in stamps if s is not None]
