@@ -49,6 +49,7 @@ from producer import runs
 from producer.drive import discover_all, feed, open_items
 from producer.drive import drive as drive_run
 from producer.runs import Counts, RunReport, count
+from producer.sync import before_discovery
 
 log = logging.getLogger("fleet.nightly")
 
@@ -315,16 +316,23 @@ def start(
     except RunStillGoing as e:
         log.warning("%s", e)
         return {"still_going": e.run.run_id}
-    discovered = discover_all(url, specs, settings)
+    synced = before_discovery(settings, specs)
+    failed = {n: d["error"] for n, d in synced.items() if isinstance(d, dict) and d.get("error")}
+    discovered = discover_all(url, specs)
     with transaction(url) as session:
-        runs.merge(session, run_id, discovered=discovered)
+        runs.merge(session, run_id, discovered=discovered, sync_failed=failed)
     log.info(
         "nightly run %d opened over %s: %d new items",
         run_id,
         ", ".join(names),
         sum(discovered.values()),
     )
-    summary: dict[str, Any] = {"run_id": run_id, "discovered": discovered, "took_over": took_over}
+    summary: dict[str, Any] = {
+        "run_id": run_id,
+        "discovered": discovered,
+        "took_over": took_over,
+        "sync_failed": failed,
+    }
     summary.update(tick(url, app, {s.name: s for s in specs}, settings) or {})
     return summary
 

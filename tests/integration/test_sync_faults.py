@@ -297,3 +297,63 @@ def test_a_failed_beat_tick_keeps_its_marks(db_url, app_db):
     sql(plain, "CREATE VIEW app.feed AS " + QUERY)
     assert [r["new"] for r in beat_tick(settings, {"app": spec})] == [1]
     assert beat_tick(settings, {"app": spec}) == []
+
+
+def test_rejected_rows_are_in_status_metrics_and_the_report(db_url, broker_url, app_db, tmp_path):
+    """Rows the sync refused were visible only in that one pass' output; a row
+    that turned bad kept its old label with no flag."""
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from fleet.observe.prometheus import metric_families
+    from fleet.observe.status import collect
+    from fleet.reporting.html import write_report
+    from workers.stats import redis_client
+
+    app_url, plain = app_db
+    sql(plain, "CREATE TABLE app.inbox (id text, body json, lang text, updated_at timestamptz)")
+    sql(
+        plain,
+        """INSERT INTO app.inbox VALUES
+           ('ok', '[{"role": "user", "content": "fine"}]', 'en', now()),
+           ('turns-bad', '[{"role": "user", "content": "fine too"}]', 'en', now()),
+           (NULL, '[{"role": "user", "content": "no id"}]', 'en', now()),
+           ('nul', '[{"role": "user", "content": "a\\u0000b"}]', 'en', now()),
+           ('lang', '[{"role": "user", "content": "x"}]', 'english-as-spoken-here', now())""",
+    )
+    spec = SourceSpec(
+        name="inbox",
+        query="SELECT id AS external_id, body AS messages, lang AS language, updated_at "
+        "FROM app.inbox",
+    )
+    assert _sync(db_url, app_url, spec).new == 2
+    assert _classify(db_url, "intent", "chitchat") == 2
+    sql(
+        plain,
+        "UPDATE app.inbox SET lang = repeat('x', 40), updated_at = now() WHERE id = 'turns-bad'",
+    )
+    report = _sync(db_url, app_url, spec)
+    assert sorted(e for e, _ in report.bad) == ["", "lang", "nul", "turns-bad"]
+    # The row that turned bad keeps its label, and is named as refused.
+    assert _labels(db_url)["turns-bad"] == "chitchat"
+    assert _problems(db_url, "inbox")["turns-bad"][1] is True
+
+    st = collect(db_url, redis_client(broker_url), tasks=["intent"])
+    src = st.to_json()["sources"]["inbox"]
+    assert (src["rows_refused"], src["rows_with_note"], src["last_error"]) == (4, 0, None)
+    assert src["lag_seconds"] is not None and src["lag_seconds"] < 60
+
+    registry = CollectorRegistry()
+
+    class Once:
+        def collect(self):  # noqa: ANN202
+            return metric_families(st)
+
+    registry.register(Once())
+    scraped = generate_latest(registry).decode()
+    assert 'fleet_source_problem_rows{kind="refused",source="inbox"} 4.0' in scraped
+
+    out = tmp_path / "report.html"
+    write_report(db_url, out, since="2000-01-01")
+    page = out.read_text()
+    assert "<h2>Sources</h2>" in page and "is longer than 16 characters" in page
