@@ -302,8 +302,13 @@ def start(
     settings: Settings,
     *,
     holder: str,
+    sync: bool = True,
 ) -> dict[str, Any]:
     """Open a beat-driven nightly run, discover, send what backpressure allows.
+
+    `sync` False: the sources were just synced (a `fleet beat` sync tick that
+    found changes, continuous mode); a run still going then discovers the new
+    rows for its next tick to feed.
 
     Returns {"run_id", "discovered", "took_over", "sent_batches", "open_items"},
     or {"still_going": run id} when a run is still going (not raised)."""
@@ -314,9 +319,11 @@ def start(
                 session, names, mode=BEAT, holder=holder, stale_after=beat_stale_after(settings)
             )
     except RunStillGoing as e:
-        log.warning("%s", e)
-        return {"still_going": e.run.run_id}
-    synced = before_discovery(settings, specs)
+        if sync:
+            log.warning("%s", e)
+            return {"still_going": e.run.run_id}
+        return {"still_going": e.run.run_id, "discovered": discover_all(url, specs)}
+    synced = before_discovery(settings, specs) if sync else {}
     failed = {n: d["error"] for n, d in synced.items() if isinstance(d, dict) and d.get("error")}
     discovered = discover_all(url, specs)
     with transaction(url) as session:

@@ -357,3 +357,53 @@ def test_rejected_rows_are_in_status_metrics_and_the_report(db_url, broker_url, 
     write_report(db_url, out, since="2000-01-01")
     page = out.read_text()
     assert "<h2>Sources</h2>" in page and "is longer than 16 characters" in page
+
+
+def test_continuous_mode_keeps_the_label_and_feeds_the_edit_at_once(
+    db_url, broker_url, app_db, tmp_path
+):
+    """An edit under triggers + `fleet beat`: its label vanished at once and the
+    new one came only with the next nightly. Now the beat's sync task discovers
+    and feeds it, and the view serves the old label, stale, meanwhile."""
+    import redis
+
+    from fleet.config.taskconfig import load_tasks
+    from producer.schedule import SYNC_TASK, install
+    from workers.app import create_app
+
+    app_url, plain = app_db
+    config = tmp_path / "tasks.toml"
+    config.write_text(
+        '[tasks.intent]\nkind = "fake"\nsource = "conversation"\n'
+        '[[tasks.intent.ladder]]\nname = "fake"\npath = "fake"\n'
+        f"[sources.app]\nshape = \"messages\"\nquery = '''{QUERY}'''\n"
+        'trigger_tables = ["app.conversations", "app.messages"]\n'
+    )
+    settings = Settings(
+        database_url=db_url,
+        broker_url=broker_url,
+        source_database_url=app_url,
+        config_file=config,
+        sync_seconds=5,
+    )
+    add_conversation(plain, 1, [("user", "hello")])
+    _sync(db_url, app_url)
+    assert _classify(db_url, "intent", "chitchat") == 1
+    triggers.install(get_engine(app_url), "app", ("app.conversations", "app.messages"))
+    app = install(create_app(settings), settings, load_tasks(config))
+    sql(plain, "UPDATE app.messages SET body = 'my report is late', updated_at = now()")
+
+    ticked = app.tasks[SYNC_TASK]()  # what beat's worker runs, in this process
+    assert [r["changed"] for r in ticked] == [1]
+    with transaction(db_url) as s:
+        view = s.execute(text("SELECT label, stale FROM fleet_latest_results")).all()
+        status = s.execute(text("SELECT status FROM work_items")).scalar_one()
+    assert [tuple(v) for v in view] == [("chitchat", True)]  # still served, flagged
+    assert status == "queued"  # fed at once, not left for the nightly
+    assert redis.Redis.from_url(broker_url).llen("fleet.intent") == 1
+    with transaction(db_url) as s:  # the new result lands (as a worker would finish it)
+        s.execute(text("UPDATE work_items SET status = 'pending', batch_id = NULL"))
+    assert _classify(db_url, "intent", "professional") == 1
+    assert _labels(db_url) == {"1": "professional"}
+    with transaction(db_url) as s:
+        assert s.execute(text("SELECT stale FROM fleet_latest_results")).scalar_one() is False
