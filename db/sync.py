@@ -43,7 +43,6 @@ import datetime as dt
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, Engine, text
@@ -52,54 +51,16 @@ from sqlalchemy.orm import Session
 
 from db import history
 from db.ledger import id_array
+from db.syncgone import scan_deletes
 from db.syncmark import next_mark, read_horizon
+from db.syncreport import SyncError, SyncReport
 from db.syncrows import CURSOR, build, groups
 from fleet.config.taskconfig import SourceSpec
 
+__all__ = ["SyncError", "SyncReport", "read_records", "source_sql", "sync_source"]
+
 KINDS = ("conversation", "audio")
 ANALYZE_AFTER = 50_000  # rows written in one pass past which the fleet table is analyzed
-MASS_DELETE_ROWS = 10  # a pass marks more rows gone than this ...
-MASS_DELETE_SHARE = 0.10  # ... and more than this share of the source: withheld
-
-
-class SyncError(RuntimeError):
-    """A source cannot be read as declared (a missing column, a failing query)."""
-
-
-@dataclass
-class SyncReport:
-    source: str
-    full: bool
-    read: int = 0  # source rows read (messages shape: message rows)
-    records: int = 0  # conversations / audio files after folding
-    new: int = 0
-    changed: int = 0
-    unchanged: int = 0
-    gone: int = 0
-    deleted: int = 0
-    returned: int = 0  # gone rows that came back
-    restored: int = 0  # results of returned rows put back (same content)
-    items_reset: int = 0
-    withheld: int = 0  # rows a mass-delete guard kept (not marked gone)
-    reread: int = 0  # conversations the key scan found with a message count changed
-    bad: list[tuple[str, str]] = field(default_factory=list)  # refused: (external_id, reason)
-    notes: list[tuple[str, str]] = field(default_factory=list)  # stored with a note
-    warnings: list[str] = field(default_factory=list)
-    error: str | None = None  # the pass failed as a whole
-    watermark: dt.datetime | None = None
-    greatest_read: dt.datetime | None = None
-    seconds: float = 0.0
-    read_seconds: float = 0.0  # content pass
-    delete_scan_seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k not in ("bad", "notes", "greatest_read")}
-        d["watermark"] = self.watermark.isoformat() if self.watermark else None
-        d["bad"] = [{"external_id": e, "reason": r} for e, r in self.bad[:100]]
-        d["bad_count"] = len(self.bad)
-        d["notes"] = [{"external_id": e, "note": r} for e, r in self.notes[:100]]
-        d["notes_count"] = len(self.notes)
-        return d
 
 
 # -- reading --------------------------------------------------------------------
@@ -181,19 +142,6 @@ def read_records(
 
     for chunk in groups(parts()):
         yield [build(g, spec) for g in chunk]
-
-
-def keys_sql(spec: SourceSpec) -> str:
-    """Every external_id the source has now, with (shape "messages") its count of
-    distinct positions with content: the key scan compares it with the stored
-    conversation to find deleted messages."""
-    if spec.kind == "conversation" and spec.shape == "messages":
-        return (
-            "SELECT CAST(q.external_id AS text), "
-            "count(DISTINCT q.position) FILTER (WHERE q.content IS NOT NULL) "
-            f"FROM ({spec.select}) AS q GROUP BY 1"
-        )
-    return f"SELECT CAST(q.external_id AS text), 0 FROM ({spec.select}) AS q"
 
 
 # -- writing --------------------------------------------------------------------
@@ -391,102 +339,6 @@ def _apply(
                 apply_chunk(session, spec, [rec], report)
 
 
-def _mass_delete(spec: SourceSpec, n: int, live: int) -> bool:
-    """Whether marking `n` of a source's `live` rows gone is a mass delete."""
-    return n > spec.mass_delete_rows and n > spec.mass_delete_share * live
-
-
-def apply_gone(
-    session: Session,
-    spec: SourceSpec,
-    report: SyncReport,
-    *,
-    seen_table: str,
-    allow_mass_delete: bool = False,
-) -> None:
-    """Rows of this source that the key scan did not see: gone (or deleted), unless
-    there are too many of them (`_mass_delete`): then none, and a warning."""
-    table = history.TABLES[spec.kind]
-    ids = list(
-        session.execute(
-            text(
-                f"""
-                SELECT t.id FROM {table} t
-                WHERE t.source = :source AND t.gone_at IS NULL
-                  AND NOT EXISTS (SELECT 1 FROM {seen_table} k WHERE k.external_id = t.external_id)
-                """
-            ),
-            {"source": spec.name},
-        ).scalars()
-    )
-    session.execute(
-        text(
-            f"DELETE FROM sync_problems p WHERE p.source = :source AND p.external_id <> '' "
-            f"AND NOT EXISTS (SELECT 1 FROM {seen_table} k WHERE k.external_id = p.external_id)"
-        ),
-        {"source": spec.name},
-    )
-    if not ids:
-        return
-    live = session.execute(
-        text(f"SELECT count(*) FROM {table} WHERE source = :s AND gone_at IS NULL"),
-        {"s": spec.name},
-    ).scalar_one()
-    if _mass_delete(spec, len(ids), live) and not (allow_mass_delete or spec.allow_mass_delete):
-        report.withheld = len(ids)
-        report.warnings.append(
-            f"{len(ids):,} of {live:,} rows are no longer in source {spec.name!r}: not marked "
-            f"gone (more than {spec.mass_delete_rows} rows and {spec.mass_delete_share:.0%}); "
-            "their labels stay. If the rows were really deleted, run "
-            f"`fleet sync --source {spec.name} --allow-mass-delete`"
-        )
-        return
-    items = history.items_of_sources(session, source_kind=spec.kind, source_ids=ids)
-    if spec.on_delete == "delete":
-        history.archive_results(session, item_ids=items, reason="gone")
-        session.execute(
-            text("DELETE FROM work_items WHERE id = ANY(CAST(:ids AS bigint[]))"),
-            {"ids": id_array(items)},
-        )
-        session.execute(
-            text(f"DELETE FROM {table} WHERE id = ANY(CAST(:ids AS bigint[]))"),
-            {"ids": id_array(ids)},
-        )
-        report.deleted += len(ids)
-        return
-    session.execute(
-        text(f"UPDATE {table} SET gone_at = now() WHERE id = ANY(CAST(:ids AS bigint[]))"),
-        {"ids": id_array(ids)},
-    )
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    history.mark_gone(
-        session,
-        item_ids=items,
-        why=f"the row disappeared from source {spec.name!r} (fleet sync at {stamp})",
-    )
-    report.gone += len(ids)
-
-
-def _recounted(session: Session, spec: SourceSpec, *, seen_table: str) -> list[str]:
-    """Shape "messages": stored conversations whose count of messages differs from
-    the source's (a message deleted, or added with an old updated_at)."""
-    if not (spec.kind == "conversation" and spec.shape == "messages"):
-        return []
-    return list(
-        session.execute(
-            text(
-                f"""
-                SELECT t.external_id FROM conversations t JOIN {seen_table} k
-                  ON k.external_id = t.external_id
-                WHERE t.source = :source AND t.gone_at IS NULL
-                  AND jsonb_array_length(t.messages) <> k.messages
-                """
-            ),
-            {"source": spec.name},
-        ).scalars()
-    )
-
-
 # -- the pass ---------------------------------------------------------------------
 
 
@@ -524,42 +376,6 @@ def save_state(session: Session, report: SyncReport) -> None:
             "counts": json.dumps(report.as_dict()),
         },
     )
-
-
-def _scan_deletes(
-    fleet: Engine, source: Engine, spec: SourceSpec, report: SyncReport, *, allow: bool
-) -> list[str]:
-    """Copy the source's keys into a temporary table, then mark the rest gone.
-    Returns the external ids whose message count changed (to be read again).
-
-    COPY ... TO STDOUT on the source feeds COPY ... FROM STDIN on the fleet, block
-    by block: the keys never become Python objects, and memory holds one block."""
-    with fleet.connect() as conn, source.connect() as src:
-        conn.execute(
-            text(
-                "CREATE TEMPORARY TABLE fleet_sync_seen (external_id text, messages int) "
-                "ON COMMIT DROP"
-            )
-        )
-        into = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        out = src.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        with (
-            out.copy(f"COPY ({keys_sql(spec)}) TO STDOUT") as reader,
-            into.copy("COPY fleet_sync_seen (external_id, messages) FROM STDIN") as writer,
-        ):
-            for block in reader:
-                writer.write(block)
-        src.rollback()
-        # An index, so the anti-join stays cheap whatever the planner believes about
-        # a table this pass has just filled (stale statistics pick a nested loop).
-        conn.execute(text("CREATE INDEX ON fleet_sync_seen (external_id)"))
-        conn.execute(text("ANALYZE fleet_sync_seen"))
-        with Session(bind=conn) as session:
-            apply_gone(session, spec, report, seen_table="fleet_sync_seen", allow_mass_delete=allow)
-            recount = _recounted(session, spec, seen_table="fleet_sync_seen")
-            session.flush()
-        conn.commit()
-    return recount
 
 
 def sync_source(
@@ -611,7 +427,7 @@ def sync_source(
         scan = (spec.detect_deletes or full) if detect_deletes is None else detect_deletes
         if scan:
             t0 = time.perf_counter()
-            recount = _scan_deletes(fleet, source, spec, report, allow=allow_mass_delete)
+            recount = scan_deletes(fleet, source, spec, report, allow=allow_mass_delete)
             if recount:
                 report.reread = len(recount)
                 with source.connect() as src:

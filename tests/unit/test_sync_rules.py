@@ -10,7 +10,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from db.sync import _mass_delete
+from db.syncgone import mass_delete
 from db.syncmark import Horizon, next_mark
 from db.syncrows import CURSOR, build
 from fleet.config.taskconfig import ConfigError, SourceSpec, parse_every
@@ -116,7 +116,7 @@ def test_next_mark(previous, read, horizon, mark, note) -> None:  # noqa: ANN001
 )
 def test_mass_delete(n, live, rows, share, mass) -> None:  # noqa: ANN001
     spec = SourceSpec(name="s", query="SELECT 1", mass_delete_rows=rows, mass_delete_share=share)
-    assert _mass_delete(spec, n, live) is mass
+    assert mass_delete(spec, n, live) is mass
 
 
 def test_full_every() -> None:
