@@ -153,7 +153,12 @@ def build(rows: Sequence[dict[str, Any]], spec: SourceSpec) -> dict[str, Any]:
         rec["messages"] = messages
         rec["language"] = next((r.get("language") for r in rows if r.get("language")), None)
     else:
-        contents = {json.dumps(_content(r, spec), sort_keys=True, default=str) for r in rows}
+        # Repeats are rare: a single row is not serialized to be compared.
+        contents = (
+            {json.dumps(_content(r, spec), sort_keys=True, default=str) for r in rows}
+            if len(rows) > 1
+            else ()
+        )
         if len(contents) > 1:
             refused = (
                 f"the source returned {len(rows)} different rows with this external_id; "
