@@ -31,6 +31,7 @@ class SyncReport:
     notes: list[tuple[str, str]] = field(default_factory=list)  # stored with a note
     warnings: list[str] = field(default_factory=list)
     error: str | None = None  # the pass failed as a whole
+    unreachable: bool = False  # ... because a database could not be reached
     watermark: dt.datetime | None = None
     greatest_read: dt.datetime | None = None
     seconds: float = 0.0

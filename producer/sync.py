@@ -67,7 +67,7 @@ def sync_one(
     """One pass of one source. A source that fails as a whole (its query, its
     columns, its database) comes back as a report with `error` set, never raised:
     the sources after it still sync."""
-    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.exc import DBAPIError, OperationalError
 
     try:
         report = sync_source(
@@ -86,7 +86,8 @@ def sync_one(
                 str(e.orig).splitlines()[0] if e.orig else first
             )
         log.error("%s; fix the source (`fleet sync --source %s` to retry)", first, spec.name)
-        return SyncReport(spec.name, full=full, error=first)
+        unreachable = isinstance(e, OperationalError) or isinstance(e.__cause__, OperationalError)
+        return SyncReport(spec.name, full=full, error=first, unreachable=unreachable)
     log.info(
         "synced source=%s full=%s read=%d new=%d changed=%d unchanged=%d gone=%d refused=%d "
         "noted=%d withheld=%d in %.1fs",

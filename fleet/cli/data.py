@@ -213,7 +213,8 @@ def sync_cmd(
     result is kept in result_history); rows gone from the source are marked
     gone (unless too many at once: see --allow-mass-delete). Rows that cannot be
     taken as they are are listed and kept in sync_problems. A source that fails
-    is reported and the others still sync; the exit status is then 2.
+    is reported and the others still sync; the exit status is then 2 (3 when a
+    database could not be reached).
     Sources read FLEET_SOURCE_DATABASE_URL when set, else DATABASE_URL.
     """
     from fleet.config.taskconfig import ConfigError
@@ -251,7 +252,8 @@ def sync_cmd(
                 err=True,
             )
     if failed:
-        raise SystemExit(int(ExitCode.CONFIG))
+        unreachable = any(r.unreachable for r in failed)
+        raise SystemExit(int(ExitCode.SERVICE if unreachable else ExitCode.CONFIG))
 
 
 def _triggers(settings: Any, specs: Any, *, remove: bool) -> None:
