@@ -54,7 +54,7 @@ from db.ledger import id_array
 from db.syncgone import scan_deletes
 from db.syncmark import next_mark, read_horizon
 from db.syncreport import SyncError, SyncReport
-from db.syncrows import CURSOR, build, groups
+from db.syncrows import CURSOR, build, groups, printable
 from fleet.config.taskconfig import SourceSpec
 
 __all__ = ["SyncError", "SyncReport", "read_records", "source_sql", "sync_source"]
@@ -197,7 +197,7 @@ def save_problems(
                 "s": source,
                 "rows": json.dumps(
                     [
-                        {"external_id": e[:256], "reason": r, "refused": f}
+                        {"external_id": printable(e)[:256], "reason": printable(r), "refused": f}
                         for e, (r, f) in problems.items()
                     ],
                     ensure_ascii=False,

@@ -190,6 +190,8 @@ def storable(rec: dict[str, Any], spec: SourceSpec) -> str | None:
     ext = rec["external_id"]
     if ext is None or str(ext) == "":
         return "no external_id"
+    if printable(str(ext)) != str(ext):
+        return "external_id holds a NUL character or an unpaired surrogate"
     if len(str(ext)) > MAX_EXTERNAL_ID:
         return f"external_id is {len(str(ext)):,} characters; at most {MAX_EXTERNAL_ID} are stored"
     lang = rec.get("language")
@@ -200,3 +202,8 @@ def storable(rec: dict[str, Any], spec: SourceSpec) -> str | None:
     except (TypeError, ValueError) as e:
         return str(e)
     return None
+
+
+def printable(value: str) -> str:
+    """`value` as Postgres text can hold it: NUL and unpaired surrogates escaped."""
+    return value.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")

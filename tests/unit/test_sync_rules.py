@@ -64,6 +64,7 @@ HI = [{"role": "user", "content": "hi"}]
         ),
         ([_c(HI, language="x" * 17)], CONV, "longer than 16 characters", [], None),
         ([_c(HI, ext="x" * 257)], CONV, "at most 256 are stored", [], None),
+        ([_c(HI, ext="a\x00b")], CONV, "external_id holds a NUL", [], None),
     ],
 )
 def test_build(rows, spec, refused, notes, messages) -> None:  # noqa: ANN001
