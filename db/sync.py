@@ -13,25 +13,35 @@ a SQL query or a table on the fleet's database or a separate one
 
 One pass (`sync_source`):
 
+    horizon read on the source first: its clock and the start of its oldest
+            open transaction (db.syncmark)
     read    stream the rows with a server-side cursor, `chunk` rows at a time
-            (flat memory at any size); incremental passes read only rows with
-            updated_at >= watermark - overlap, a full pass reads them all
-    compare hash each row's content (blake2b of its canonical JSON) against the
+            (flat memory at any size), ordered by external_id; incremental
+            passes read only rows with updated_at >= mark - overlap (or NULL),
+            a full pass reads them all; updated_at is also read as timestamptz,
+            so a column without zone is taken in the source session's TimeZone
+    group   the rows of one external_id become one record, or a refusal, with
+            notes (db.syncrows.build: repeats, NULL messages or content, values
+            Postgres cannot store); refusals and notes go to sync_problems
+    compare hash each record's content (blake2b of its canonical JSON) against the
             stored hash of this source's row with the same external_id (ids are
             unique per source, not across sources: uq_<table>_source_external_id):
             an unchanged row costs one indexed lookup, no write
     write   new rows are inserted (discovery then gives them work items); a row
             whose hash changed is updated, and every work item of it goes back to
-            pending with its old result moved to result_history (db.history)
-    deletes with `detect_deletes` (default) every pass streams the source's keys
-            into a temporary table; a stored row the source no longer has is
-            marked gone, its items `gone` (on_delete = "delete": removed)
-    mark    the watermark (greatest updated_at read) is stored in sync_state
+            pending with its old result moved to result_history (db.history); a
+            gone row back with the hash it had gets its results back. A chunk the
+            database refuses is written again row by row: one row never stops it
+    deletes the key scan (db.syncgone): rows the source no longer has are marked
+            gone unless that is a mass delete; shape "messages": conversations
+            whose message count changed are read again
+    mark    next_mark (db.syncmark): the least of the greatest updated_at read,
+            the horizon's clock and its oldest open transaction, in sync_state
 
-Ties and late commits at the watermark: the next pass reads from the watermark
-minus `overlap_seconds` (default 60), so a row committed with an updated_at
-just below the last watermark is still seen; the rows read again in the overlap
-hash the same and cost nothing.
+`overlap_seconds` (default 60) is a margin for an application stamping rows
+with a clock skewed against the database's; rows read again hash the same and
+cost nothing. A pass that fails as a whole saves its reason in
+sync_state.last_error and raises SyncError; the mark stays where it was.
 
 This module imports nothing from fleet/ (but its config, fleet.config), producer/ or workers/.
 """
