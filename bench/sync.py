@@ -1,38 +1,42 @@
-"""`fleet sync` at scale: a first pass over N source rows, then 1% edited and synced again.
+"""`fleet sync` before and after, side by side in one run: a first pass over N
+source rows, then 1% edited and synced again, then a pass with nothing changed.
 
-    .venv/bin/python -m bench.sync [--rows 1000000] [--edit 0.01] [--chunk 5000]
+    .venv/bin/python -m bench.sync [--rows 20000] [--edit 0.01] [--chunk 5000]
+    .venv/bin/python -m bench.sync --rows 1000000              # the scale target
     .venv/bin/python -m bench.sync --rows 200000 --shape messages
 
-Against the local Postgres (TEST_ADMIN_DATABASE_URL, default 127.0.0.1), in one run:
-  setup   an application database of its own (app.conversations with jsonb
-          messages and an indexed updated_at; --shape messages: app.messages, one
-          row per message, three per conversation, folded by the fleet) and a
-          migrated fleet database
-  pass 1  `fleet sync` (the real CLI subprocess): every row is new
-          then the items of one task are discovered, as a nightly run would
+"before" is db/sync.py as of --baseline (a git revision, default the commit
+before the mark was held back by transaction and rows were grouped by key),
+loaded from git into this process; "after" is the working tree's. Each writes
+its own fleet database; both read the same application database, on the local
+Postgres (TEST_ADMIN_DATABASE_URL, default 127.0.0.1):
+
+  setup   app.conversations with jsonb messages and an indexed updated_at
+          (--shape messages: app.messages, three rows per conversation, folded)
+  pass 1  full: every row is new (before, then after); then the items of one
+          task are discovered, as a nightly run would
   edit    --edit of the conversations get a new message (updated_at = now())
-  pass 2  `fleet sync` again: incremental from the watermark
-Prints for each pass its rows/s, seconds (content pass and key scan apart, from
-`fleet sync --json`) and the peak resident memory of the process; and the
-second pass's cost relative to the first, which should be near the edited
-fraction (plus the key scan that finds deleted rows, which reads every key).
+  pass 2  incremental, before then after: the edited rows and the key scan
+  pass 3  incremental with nothing changed, after then before (the reverse
+          order, so neither always meets the warmer cache)
+
+Prints each pass' seconds (content pass and key scan apart) for both and the
+ratio after / before; the target is pass 2 within 1.5x.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
-import tempfile
-import threading
 import time
+import tomllib
 import uuid
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import psutil
 import psycopg
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,58 +110,65 @@ def _db(name: str) -> str:
     return ADMIN.rsplit("/", 1)[0] + "/" + name
 
 
-def run_sync(env: dict[str, str]) -> tuple[dict[str, Any], float, float]:
-    """(`fleet sync --json` report, seconds, peak RSS in MiB) of the CLI subprocess."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fleet.cli", "sync", "--json"],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    peak = 0.0
+BASELINE = "ed1c0fc"  # db/sync.py before this comparison's changes
 
-    def watch() -> None:
-        nonlocal peak
-        p = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            try:
-                peak = max(peak, p.memory_info().rss / 2**20)
-            except psutil.Error:
-                break
-            time.sleep(0.05)
 
-    t = threading.Thread(target=watch)
-    t.start()
-    out, err = proc.communicate()
-    t.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"fleet sync failed ({proc.returncode}): {err.decode()[-2000:]}")
-    return json.loads(out)[0], time.perf_counter() - start, peak
+def load_before(rev: str) -> ModuleType:
+    """db/sync.py at git revision `rev`, as a module of its own (it imports only
+    db.history, db.ledger and fleet.config, whose interfaces it still finds)."""
+    try:
+        src = subprocess.run(
+            ["git", "show", f"{rev}:db/sync.py"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(
+            f"cannot read db/sync.py at {rev} from git ({e}); run from a clone that has it, "
+            "or pass --baseline REV"
+        ) from None
+    module = ModuleType("bench_sync_before")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(src, f"{rev}:db/sync.py", "exec"), module.__dict__)
+    return module
+
+
+def timed(sync: Any, fleet: Any, source: Any, spec: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    report = sync(fleet, source, spec)
+    return report, time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--rows", type=int, default=1_000_000, help="Source conversations.")
+    ap.add_argument("--rows", type=int, default=20_000, help="Source conversations.")
     ap.add_argument("--edit", type=float, default=0.01, help="Fraction edited before pass 2.")
     ap.add_argument("--chunk", type=int, default=5000, help="Rows per cursor fetch.")
     ap.add_argument("--shape", choices=sorted(SOURCES), default="conversation")
-    ap.add_argument("--keep", action="store_true", help="Keep the two databases.")
+    ap.add_argument("--baseline", default=BASELINE, help="Git revision of 'before'.")
     args = ap.parse_args()
 
-    from db.engine import transaction
+    from db import sync as after_module
+    from db.engine import dispose_all, get_engine, transaction
     from db.ledger import analyze, discover
     from db.migrate import upgrade
+    from fleet.config.taskconfig import parse_sources
 
+    before_module = load_before(args.baseline)
+    impls = {"before": before_module.sync_source, "after": after_module.sync_source}
+    spec = parse_sources(tomllib.loads(SOURCES[args.shape].format(chunk=args.chunk)))["app"]
     tag = uuid.uuid4().hex[:8]
-    app_db, fleet_db = f"bench_app_{tag}", f"bench_fleet_{tag}"
+    app_db = f"bench_app_{tag}"
+    fleet_dbs = {name: f"bench_fleet_{name}_{tag}" for name in impls}
     with psycopg.connect(ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{app_db}"')
-        conn.execute(f'CREATE DATABASE "{fleet_db}"')
-    fleet_url = _db(fleet_db).replace("postgresql://", "postgresql+psycopg://")
+        for name in (app_db, *fleet_dbs.values()):
+            conn.execute(f'CREATE DATABASE "{name}"')
+    sa = {n: _db(d).replace("postgresql://", "postgresql+psycopg://") for n, d in fleet_dbs.items()}
+    rows: dict[str, dict[str, tuple[Any, float]]] = {}
     try:
         t0 = time.perf_counter()
         with psycopg.connect(_db(app_db), autocommit=True) as conn:
@@ -167,69 +178,47 @@ def main() -> None:
                 if statement.strip():
                     conn.execute(statement, {"n": args.rows})
             conn.execute(INDEXES)
-        upgrade(fleet_url)
+        for url in sa.values():
+            upgrade(url)
+        source = get_engine(_db(app_db).replace("postgresql://", "postgresql+psycopg://"))
         print(
-            f"setup: {args.rows:,} conversations ({args.shape} shape) in {time.perf_counter() - t0:.1f}s"
+            f"setup: {args.rows:,} conversations ({args.shape} shape) in "
+            f"{time.perf_counter() - t0:.1f}s; before = db/sync.py at {args.baseline}"
         )
-        with tempfile.TemporaryDirectory() as tmp:
-            config = Path(tmp) / "tasks.toml"
-            config.write_text(
-                '[tasks.intent]\nkind = "fake"\nsource = "conversation"\n'
-                '[[tasks.intent.ladder]]\nname = "fake"\npath = "fake"\n'
-                + SOURCES[args.shape].format(chunk=args.chunk)
-            )
-            env = {
-                k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "DATABASE_URL"))
-            }
-            env |= {
-                "DATABASE_URL": fleet_url,
-                "BROKER_URL": "redis://127.0.0.1:6379/14",
-                "FLEET_SOURCE_DATABASE_URL": _db(app_db),
-                "FLEET_CONFIG_FILE": str(config),
-                "FLEET_STATE_DIR": str(Path(tmp) / "state"),
-            }
-            first, s1, mem1 = run_sync(env)
-            t0 = time.perf_counter()
-            with transaction(fleet_url) as s:
-                items = discover(s, task="intent", source_kind="conversation")
-                # As `fleet enqueue` does after a bulk claim (ledger.analyze): the next
-                # night's sync meets a ledger with current planner statistics.
-                analyze(s)
-            print(
-                f"discover: {items:,} work items in {time.perf_counter() - t0:.1f}s (not part of sync)"
-            )
-            every = max(1, round(1 / args.edit))
-            with psycopg.connect(_db(app_db), autocommit=True) as conn:
-                edited = conn.execute(
-                    EDIT_JSONB if args.shape == "conversation" else EDIT_MESSAGES, {"every": every}
-                ).rowcount
-            second, s2, mem2 = run_sync(env)
+        rows["pass 1 (full)"] = {
+            n: timed(impls[n], get_engine(sa[n]), source, spec) for n in ("before", "after")
+        }
+        for url in sa.values():
+            with transaction(url) as s:
+                discover(s, task="intent", source_kind="conversation")
+                analyze(s)  # as `fleet enqueue` does after a bulk claim
+        every = max(1, round(1 / args.edit))
+        with psycopg.connect(_db(app_db), autocommit=True) as conn:
+            edited = conn.execute(
+                EDIT_JSONB if args.shape == "conversation" else EDIT_MESSAGES, {"every": every}
+            ).rowcount
+        print(f"edited: {edited:,} conversations ({edited / args.rows:.2%})")
+        rows["pass 2 (incremental, edited)"] = {
+            n: timed(impls[n], get_engine(sa[n]), source, spec) for n in ("before", "after")
+        }
+        third = {n: timed(impls[n], get_engine(sa[n]), source, spec) for n in ("after", "before")}
+        rows["pass 3 (incremental, unchanged)"] = {n: third[n] for n in ("before", "after")}
     finally:
-        if not args.keep:
-            from db.engine import dispose_all
+        dispose_all()
+        with psycopg.connect(ADMIN, autocommit=True) as conn:
+            for name in (app_db, *fleet_dbs.values()):
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-            dispose_all()
-            with psycopg.connect(ADMIN, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{app_db}" WITH (FORCE)')
-                conn.execute(f'DROP DATABASE IF EXISTS "{fleet_db}" WITH (FORCE)')
-
-    def line(name: str, r: dict[str, Any], secs: float, mem: float) -> None:
-        print(
-            f"{name}: read {r['read']:,} rows, {r['new']:,} new, {r['changed']:,} changed "
-            f"({r['items_reset']:,} items back to pending), {r['unchanged']:,} unchanged; "
-            f"content {r['read_seconds']:.1f}s + key scan {r['delete_scan_seconds']:.1f}s; "
-            f"process {secs:.1f}s, {r['read'] / max(r['read_seconds'], 1e-9):,.0f} rows/s read, "
-            f"peak RSS {mem:.0f} MiB"
-        )
-
-    line("pass 1 (full)", first, s1, mem1)
-    print(f"edited: {edited:,} conversations ({edited / args.rows:.2%})")
-    line("pass 2 (incremental)", second, s2, mem2)
-    print(
-        f"pass 2 / pass 1: content {second['read_seconds'] / first['read_seconds']:.3f}, "
-        f"content + key scan {second['seconds'] / first['seconds']:.3f}, "
-        f"whole process {s2 / s1:.3f} (edited fraction {edited / args.rows:.3f})"
-    )
+    for name, by in rows.items():
+        print(name)
+        for impl, (r, secs) in by.items():
+            print(
+                f"  {impl:6}: {secs:7.2f}s (content {r.read_seconds:.2f}s + key scan "
+                f"{r.delete_scan_seconds:.2f}s); read {r.read:,} rows, {r.new:,} new, "
+                f"{r.changed:,} changed, {r.unchanged:,} unchanged"
+            )
+        ratio = by["after"][1] / max(by["before"][1], 1e-9)
+        print(f"  after / before: {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -159,3 +159,50 @@ def stale_items(
             params,
         ).scalars()
     )
+
+
+def restore_gone(session: Session, *, item_ids: Sequence[int]) -> int:
+    """Gone items whose source row came back with the same content: the result each
+    had when it went (its latest result_history row of reason 'gone') is current
+    again and the item done; an item that had none goes back to pending. The
+    restored result keeps its model, revision and time; device reads 'restored'.
+    Returns how many results came back."""
+    if not item_ids:
+        return 0
+    restored = _rowcount(
+        session.execute(
+            text(
+                """
+                WITH last AS (
+                    SELECT DISTINCT ON (h.work_item_id) h.id
+                    FROM result_history h JOIN work_items w ON w.id = h.work_item_id
+                    WHERE h.work_item_id = ANY(CAST(:ids AS bigint[])) AND h.reason = 'gone'
+                      AND w.status = 'gone'
+                    ORDER BY h.work_item_id, h.id DESC
+                ), moved AS (
+                    DELETE FROM result_history h USING last WHERE h.id = last.id RETURNING h.*
+                )
+                INSERT INTO results (work_item_id, label, confidence, scores, output, model_name,
+                                     model_tier, device, latency_ms, created_at, model_revision)
+                SELECT work_item_id, label, confidence, scores, output, model_name, model_tier,
+                       'restored', 0, classified_at, model_revision
+                FROM moved
+                ON CONFLICT (work_item_id) DO NOTHING
+                """
+            ),
+            {"ids": id_array(item_ids)},
+        )
+    )
+    session.execute(
+        text(
+            """
+            UPDATE work_items w
+            SET status = CASE WHEN EXISTS (SELECT 1 FROM results r WHERE r.work_item_id = w.id)
+                              THEN 'done' ELSE 'pending' END,
+                last_error = NULL, batch_id = NULL, lease_until = NULL, updated_at = now()
+            WHERE w.id = ANY(CAST(:ids AS bigint[])) AND w.status = 'gone'
+            """
+        ),
+        {"ids": id_array(item_ids)},
+    )
+    return restored

@@ -231,6 +231,30 @@ class SyncState(Base):
     last_sync_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     last_full_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     counts: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+    # Why the last pass of this source failed as a whole (NULL: it succeeded).
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SyncProblem(Base):
+    """A source row the last pass that read it could not take as it is (db.syncrows):
+    refused (not stored; a stored copy keeps its old content) or stored with a note
+    (a NULL cursor, a message with NULL content skipped, an identical repeat
+    dropped). Deleted when a pass reads the row fixed; a full pass clears the rest."""
+
+    __tablename__ = "sync_problems"
+
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # '' for rows that have no external_id at all.
+    external_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    refused: Mapped[bool] = mapped_column()
+    first_seen: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    last_seen: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
 
 
 class Run(Base):

@@ -13,126 +13,100 @@ a SQL query or a table on the fleet's database or a separate one
 
 One pass (`sync_source`):
 
+    horizon read on the source first: its clock and the start of its oldest
+            open transaction (db.syncmark)
     read    stream the rows with a server-side cursor, `chunk` rows at a time
-            (flat memory at any size); incremental passes read only rows with
-            updated_at >= watermark - overlap, a full pass reads them all
-    compare hash each row's content (blake2b of its canonical JSON) against the
+            (flat memory at any size), ordered by external_id; incremental
+            passes read only rows with updated_at >= mark - overlap (or NULL),
+            a full pass reads them all; updated_at is also read as timestamptz,
+            so a column without zone is taken in the source session's TimeZone
+    group   the rows of one external_id become one record, or a refusal, with
+            notes (db.syncrows.build: repeats, NULL messages or content, values
+            Postgres cannot store); refusals and notes go to sync_problems
+    compare hash each record's content (blake2b of its canonical JSON) against the
             stored hash of this source's row with the same external_id (ids are
             unique per source, not across sources: uq_<table>_source_external_id):
             an unchanged row costs one indexed lookup, no write
     write   new rows are inserted (discovery then gives them work items); a row
             whose hash changed is updated, and every work item of it goes back to
-            pending with its old result moved to result_history (db.history)
-    deletes with `detect_deletes` (default) every pass streams the source's keys
-            into a temporary table; a stored row the source no longer has is
-            marked gone, its items `gone` (on_delete = "delete": removed)
-    mark    the watermark (greatest updated_at read) is stored in sync_state
+            pending with its old result moved to result_history (db.history); a
+            gone row back with the hash it had gets its results back. A chunk the
+            database refuses is written again row by row: one row never stops it
+    deletes the key scan (db.syncgone): rows the source no longer has are marked
+            gone unless that is a mass delete; shape "messages": conversations
+            whose message count changed are read again
+    mark    next_mark (db.syncmark): the least of the greatest updated_at read,
+            the horizon's clock and its oldest open transaction, in sync_state
 
-Ties and late commits at the watermark: the next pass reads from the watermark
-minus `overlap_seconds` (default 60), so a row committed with an updated_at
-just below the last watermark is still seen; the rows read again in the overlap
-hash the same and cost nothing.
+`overlap_seconds` (default 60) is a margin for an application stamping rows
+with a clock skewed against the database's; rows read again hash the same and
+cost nothing. A pass that fails as a whole saves its reason in
+sync_state.last_error and raises SyncError; the mark stays where it was.
 
 This module imports nothing from fleet/ (but its config, fleet.config), producer/ or workers/.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
-import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from db import history
 from db.ledger import id_array
+from db.syncgone import scan_deletes
+from db.syncmark import next_mark, read_horizon
+from db.syncreport import SyncError, SyncReport
+from db.syncrows import CURSOR, build, groups, printable
 from fleet.config.taskconfig import SourceSpec
 
+__all__ = ["SyncError", "SyncReport", "read_records", "source_sql", "sync_source"]
+
 KINDS = ("conversation", "audio")
-MAX_EXTERNAL_ID = 256  # conversations.external_id is String(256)
-MAX_LANGUAGE = 16
 ANALYZE_AFTER = 50_000  # rows written in one pass past which the fleet table is analyzed
-
-
-class SyncError(RuntimeError):
-    """A source cannot be read as declared (a missing column, a failing query)."""
-
-
-@dataclass
-class SyncReport:
-    source: str
-    full: bool
-    read: int = 0  # source rows read (messages shape: message rows)
-    records: int = 0  # conversations / audio files after folding
-    new: int = 0
-    changed: int = 0
-    unchanged: int = 0
-    gone: int = 0
-    deleted: int = 0
-    returned: int = 0  # gone rows that came back
-    items_reset: int = 0
-    bad: list[tuple[str, str]] = field(default_factory=list)  # (external_id or "", reason)
-    watermark: dt.datetime | None = None
-    seconds: float = 0.0
-    read_seconds: float = 0.0  # content pass
-    delete_scan_seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "bad"}
-        d["watermark"] = self.watermark.isoformat() if self.watermark else None
-        d["bad"] = [{"external_id": e, "reason": r} for e, r in self.bad[:100]]
-        d["bad_count"] = len(self.bad)
-        return d
 
 
 # -- reading --------------------------------------------------------------------
 
 
-def content_hash(record: dict[str, Any], kind: str) -> str:
-    """Hex blake2b (128 bits) of the content that classification reads (its
-    canonical JSON: sorted keys, no spaces). Raises ValueError, with the reason,
-    for content Postgres cannot store (a NUL character, an unpaired surrogate)."""
-    if kind == "conversation":
-        body: Any = [record["messages"], record.get("language")]
-    else:
-        body = [record["uri"], record.get("duration_s")]
-    raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    if "\\u0000" in raw or "\x00" in raw:
-        raise ValueError("content holds a NUL character (\\u0000), which Postgres cannot store")
-    try:
-        data = raw.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(
-            "content holds an unpaired UTF-16 surrogate, which is not valid Unicode"
-        ) from None
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
 def _incremental_where(spec: SourceSpec) -> str:
+    # NULL cursors are read on every pass: nothing else can tell when they change.
     if spec.shape == "messages" and spec.kind == "conversation":
         # A grown conversation is read whole: every message of a conversation that
         # has any message (or header) at or after the mark.
         return (
             f"q.external_id IN (SELECT x.external_id FROM ({spec.select}) AS x "
-            "WHERE x.updated_at >= :since)"
+            "WHERE x.updated_at >= :since OR x.updated_at IS NULL)"
         )
-    return "q.updated_at >= :since"
+    return "(q.updated_at >= :since OR q.updated_at IS NULL)"
 
 
-def source_sql(spec: SourceSpec, *, since: dt.datetime | None) -> str:
-    """The statement a pass streams: the source, filtered by the mark, in fold order."""
-    where = f"WHERE {_incremental_where(spec)}" if since is not None else ""
-    order = (
-        "ORDER BY q.external_id, q.position"
-        if spec.shape == "messages" and spec.kind == "conversation"
-        else ""
+def source_sql(spec: SourceSpec, *, since: dt.datetime | None, ids: bool = False) -> str:
+    """The statement a pass streams: the source, filtered by the mark (or by the
+    external ids in :ids), ordered by external_id so that repeats arrive together.
+
+    updated_at is also read as timestamptz (CURSOR): a `timestamp without time
+    zone` column is taken in the source session's TimeZone, the zone `now()`
+    wrote it in, and compared with the mark in that same zone."""
+    where = ""
+    if ids:
+        where = "WHERE CAST(q.external_id AS text) = ANY(CAST(:ids AS text[]))"
+    elif since is not None:
+        where = f"WHERE {_incremental_where(spec)}"
+    order = "q.external_id"
+    if spec.shape == "messages" and spec.kind == "conversation":
+        order += ", q.position"
+    return (
+        f"SELECT q.*, CAST(q.updated_at AS timestamptz) AS {CURSOR} "
+        f"FROM ({spec.select}) AS q {where} ORDER BY {order}"
     )
-    return f"SELECT * FROM ({spec.select}) AS q {where} {order}"
 
 
 def _require(columns: Sequence[str], spec: SourceSpec) -> None:
@@ -147,52 +121,9 @@ def _require(columns: Sequence[str], spec: SourceSpec) -> None:
     if missing:
         raise SyncError(
             f"source {spec.name!r}: its rows have no column {', '.join(missing)} "
-            f"(columns: {', '.join(columns)}); alias them in the query, e.g. "
-            f"`SELECT id::text AS external_id, ...`"
+            f"(columns: {', '.join(c for c in columns if c != CURSOR)}); alias them in the "
+            "query, e.g. `SELECT id::text AS external_id, ...`"
         )
-
-
-def _ts(value: Any) -> dt.datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, dt.datetime):
-        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-    if isinstance(value, dt.date):
-        return dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC)
-    raise SyncError(f"updated_at must be a timestamp, got {type(value).__name__} {value!r}")
-
-
-def _record(row: dict[str, Any], kind: str) -> dict[str, Any]:
-    if kind == "audio":
-        return {
-            "external_id": row["external_id"],
-            "uri": row["uri"],
-            "duration_s": row.get("duration_s"),
-            "updated_at": _ts(row["updated_at"]),
-        }
-    messages = row["messages"]
-    if isinstance(messages, str | bytes):
-        try:
-            messages = json.loads(messages)
-        except ValueError:
-            pass  # stored as given: the worker says what is wrong with it
-    return {
-        "external_id": row["external_id"],
-        "messages": messages,
-        "language": row.get("language"),
-        "updated_at": _ts(row["updated_at"]),
-    }
-
-
-def _fold(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Message rows of one conversation (in position order) -> one record."""
-    stamps = [t for t in (_ts(r["updated_at"]) for r in rows) if t is not None]
-    return {
-        "external_id": rows[0]["external_id"],
-        "messages": [{"role": r["role"], "content": r["content"]} for r in rows],
-        "language": next((r.get("language") for r in rows if r.get("language")), None),
-        "updated_at": max(stamps) if stamps else None,
-    }
 
 
 def read_records(
@@ -200,62 +131,37 @@ def read_records(
     spec: SourceSpec,
     *,
     since: dt.datetime | None,
+    ids: Sequence[str] | None = None,
     on_rows: Callable[[int], None] | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
-    """Chunks of records (conversations folded), streamed with a server-side
-    cursor: memory holds one chunk whatever the source's size."""
-    stmt = text(source_sql(spec, since=since))
-    params = {"since": since} if since is not None else {}
+    """Chunks of records (db.syncrows.build: one per external_id), streamed with a
+    server-side cursor: memory holds one chunk whatever the source's size."""
+    # The columns first (no rows): a missing one is named before the ordered read fails on it.
+    _require(list(conn.execute(text(f"SELECT * FROM ({spec.select}) AS q LIMIT 0")).keys()), spec)
+    stmt = text(source_sql(spec, since=since, ids=ids is not None))
+    params: dict[str, Any] = {"since": since} if since is not None else {}
+    if ids is not None:
+        params = {"ids": list(ids)}
     result = conn.execution_options(stream_results=True, yield_per=spec.chunk).execute(stmt, params)
-    columns = list(result.keys())
-    _require(columns, spec)
-    folding = spec.kind == "conversation" and spec.shape == "messages"
-    carry: list[dict[str, Any]] = []
-    for part in result.mappings().partitions(spec.chunk):
-        if on_rows:
-            on_rows(len(part))
-        if not folding:
-            yield [_record(dict(r), spec.kind) for r in part]
-            continue
-        out: list[dict[str, Any]] = []
-        for r in part:
-            row = dict(r)
-            if carry and row["external_id"] != carry[0]["external_id"]:
-                out.append(_fold(carry))
-                carry = []
-            carry.append(row)
-        if out:
-            yield out
-    if carry:
-        yield [_fold(carry)]
 
+    def parts() -> Iterator[list[dict[str, Any]]]:
+        for part in result.mappings().partitions(spec.chunk):
+            if on_rows:
+                on_rows(len(part))
+            yield [dict(r) for r in part]
 
-def keys_sql(spec: SourceSpec) -> str:
-    """Every external_id the source has now (duplicates allowed: the anti-join ignores them)."""
-    return f"SELECT CAST(q.external_id AS text) FROM ({spec.select}) AS q"
+    for chunk in groups(parts()):
+        yield [build(g, spec) for g in chunk]
 
 
 # -- writing --------------------------------------------------------------------
 
 
-def _check(rec: dict[str, Any]) -> str | None:
-    """Why a record cannot be stored at all (the item cannot even be created)."""
-    ext = rec["external_id"]
-    if ext is None or str(ext) == "":
-        return "no external_id"
-    if len(str(ext)) > MAX_EXTERNAL_ID:
-        return f"external_id is {len(str(ext)):,} characters; at most {MAX_EXTERNAL_ID} are stored"
-    lang = rec.get("language")
-    if isinstance(lang, str) and len(lang) > MAX_LANGUAGE:
-        return f"language {lang[:20]!r} is longer than {MAX_LANGUAGE} characters; use a code such as 'en'"
-    return None
-
-
-def _jsonable(rec: dict[str, Any], spec: SourceSpec, digest: str) -> dict[str, Any]:
+def _jsonable(rec: dict[str, Any], spec: SourceSpec) -> dict[str, Any]:
     row = {
         "external_id": str(rec["external_id"]),
         "source": spec.name,
-        "content_hash": digest,
+        "content_hash": rec["hash"],
         "source_updated_at": rec["updated_at"].isoformat() if rec["updated_at"] else None,
     }
     if spec.kind == "conversation":
@@ -281,28 +187,69 @@ _COLUMNS = {
 }
 
 
+def save_problems(
+    session: Session, source: str, problems: dict[str, tuple[str, bool]], clean: Sequence[str]
+) -> None:
+    """Record (or refresh) each row's problem, and forget those of rows read clean."""
+    if problems:
+        session.execute(
+            text(
+                """
+                INSERT INTO sync_problems (source, external_id, reason, refused)
+                SELECT :s, r.external_id, r.reason, r.refused
+                FROM json_to_recordset(CAST(:rows AS json))
+                     AS r(external_id varchar, reason text, refused boolean)
+                ON CONFLICT (source, external_id) DO UPDATE SET
+                    reason = EXCLUDED.reason, refused = EXCLUDED.refused, last_seen = now()
+                """
+            ),
+            {
+                "s": source,
+                "rows": json.dumps(
+                    [
+                        {"external_id": printable(e)[:256], "reason": printable(r), "refused": f}
+                        for e, (r, f) in problems.items()
+                    ],
+                    ensure_ascii=False,
+                ),
+            },
+        )
+    if clean:
+        session.execute(
+            text(
+                "DELETE FROM sync_problems WHERE source = :s "
+                "AND external_id = ANY(CAST(:ids AS text[]))"
+            ),
+            {"s": source, "ids": list(clean)},
+        )
+
+
 def apply_chunk(
     session: Session, spec: SourceSpec, records: Sequence[dict[str, Any]], report: SyncReport
 ) -> None:
-    """Compare one chunk with the stored rows and write only what changed."""
+    """Compare one chunk with the stored rows and write only what changed; record
+    each refused or noted row in sync_problems (db.syncrows decides which)."""
     table = history.TABLES[spec.kind]
-    good: dict[str, tuple[dict[str, Any], str]] = {}
+    good: dict[str, dict[str, Any]] = {}
+    problems: dict[str, tuple[str, bool]] = {}
+    clean: list[str] = []
     for rec in records:
-        problem = _check(rec)
-        if problem is None:
-            try:
-                digest = content_hash(rec, spec.kind)
-            except (TypeError, ValueError) as e:
-                problem = str(e)
-        if problem:
-            report.bad.append((str(rec["external_id"] or "")[:80], problem))
+        ext = "" if rec["external_id"] is None else str(rec["external_id"])
+        stamp = rec["updated_at"]
+        if stamp is not None and (report.greatest_read is None or stamp > report.greatest_read):
+            report.greatest_read = stamp
+        if rec["refused"]:
+            report.bad.append((ext[:80], rec["refused"]))
+            problems[ext] = (rec["refused"], True)
             continue
-        good[str(rec["external_id"])] = (rec, digest)  # a key twice in a chunk: last wins
-        if rec["updated_at"] is not None and (
-            report.watermark is None or rec["updated_at"] > report.watermark
-        ):
-            report.watermark = rec["updated_at"]
+        good[ext] = rec
+        if rec["notes"]:
+            report.notes.append((ext[:80], "; ".join(rec["notes"])))
+            problems[ext] = ("; ".join(rec["notes"]), False)
+        else:
+            clean.append(ext)
     report.records += len(records)
+    save_problems(session, spec.name, problems, clean)
     if not good:
         return
     # external_id is unique per source (uq_<table>_source_external_id): another
@@ -319,15 +266,19 @@ def apply_chunk(
     }
     new: list[dict[str, Any]] = []
     changed: list[dict[str, Any]] = []
-    for ext, (rec, digest) in good.items():
+    back: list[int] = []  # gone rows back with the content they had: results restored
+    for ext, rec in good.items():
         if ext not in stored:
-            new.append(_jsonable(rec, spec, digest))
+            new.append(_jsonable(rec, spec))
             continue
         sid, old_digest, gone = stored[ext]
-        if old_digest == digest and not gone:
-            report.unchanged += 1
+        if old_digest == rec["hash"]:
+            if gone:
+                back.append(sid)
+            else:
+                report.unchanged += 1
         else:
-            changed.append(_jsonable(rec, spec, digest) | {"id": sid})
+            changed.append(_jsonable(rec, spec) | {"id": sid})
             report.returned += int(gone)
     cols, types, sets = _COLUMNS[spec.kind]
     if new:
@@ -342,6 +293,14 @@ def apply_chunk(
             {"rows": json.dumps(new, ensure_ascii=False)},
         )
         report.new += max(getattr(got, "rowcount", len(new)), 0)
+    if back:
+        session.execute(
+            text(f"UPDATE {table} SET gone_at = NULL WHERE id = ANY(CAST(:ids AS bigint[]))"),
+            {"ids": id_array(back)},
+        )
+        report.returned += len(back)
+        items = history.items_of_sources(session, source_kind=spec.kind, source_ids=back)
+        report.restored += history.restore_gone(session, item_ids=items)
     if changed:
         ids = list(
             session.execute(
@@ -363,47 +322,31 @@ def apply_chunk(
         report.items_reset += history.reset_items(session, item_ids=items, reason="content_changed")
 
 
-def apply_gone(session: Session, spec: SourceSpec, report: SyncReport, *, seen_table: str) -> None:
-    """Rows of this source that the key scan did not see: gone (or deleted)."""
-    table = history.TABLES[spec.kind]
-    ids = list(
-        session.execute(
-            text(
-                f"""
-                SELECT t.id FROM {table} t
-                WHERE t.source = :source AND t.gone_at IS NULL
-                  AND NOT EXISTS (SELECT 1 FROM {seen_table} k WHERE k.external_id = t.external_id)
-                """
-            ),
-            {"source": spec.name},
-        ).scalars()
-    )
-    if not ids:
+def _apply(
+    fleet: Engine, spec: SourceSpec, records: list[dict[str, Any]], report: SyncReport
+) -> None:
+    """apply_chunk in its own transaction; a chunk the database refuses is applied
+    again row by row, so one row it cannot take never stops the source."""
+    saved = copy.deepcopy(report.__dict__)
+    try:
+        with Session(fleet) as session, session.begin():
+            apply_chunk(session, spec, records, report)
         return
-    items = history.items_of_sources(session, source_kind=spec.kind, source_ids=ids)
-    if spec.on_delete == "delete":
-        history.archive_results(session, item_ids=items, reason="gone")
-        session.execute(
-            text("DELETE FROM work_items WHERE id = ANY(CAST(:ids AS bigint[]))"),
-            {"ids": id_array(items)},
-        )
-        session.execute(
-            text(f"DELETE FROM {table} WHERE id = ANY(CAST(:ids AS bigint[]))"),
-            {"ids": id_array(ids)},
-        )
-        report.deleted += len(ids)
-        return
-    session.execute(
-        text(f"UPDATE {table} SET gone_at = now() WHERE id = ANY(CAST(:ids AS bigint[]))"),
-        {"ids": id_array(ids)},
-    )
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    history.mark_gone(
-        session,
-        item_ids=items,
-        why=f"the row disappeared from source {spec.name!r} (fleet sync at {stamp})",
-    )
-    report.gone += len(ids)
+    except DBAPIError:
+        if len(records) == 1:
+            raise
+        report.__dict__.update(saved)
+    for rec in records:
+        saved = copy.deepcopy(report.__dict__)
+        try:
+            with Session(fleet) as session, session.begin():
+                apply_chunk(session, spec, [rec], report)
+        except DBAPIError as e:
+            report.__dict__.update(saved)
+            first = str(e.orig).splitlines()[0] if e.orig else str(e)
+            rec = rec | {"refused": f"the fleet's database refused the row: {first}"}
+            with Session(fleet) as session, session.begin():
+                apply_chunk(session, spec, [rec], report)
 
 
 # -- the pass ---------------------------------------------------------------------
@@ -416,53 +359,33 @@ def load_watermark(session: Session, source: str) -> dt.datetime | None:
 
 
 def save_state(session: Session, report: SyncReport) -> None:
+    """The pass' mark and counts; a failed pass keeps the old mark and says why."""
     session.execute(
         text(
             """
-            INSERT INTO sync_state (source, watermark, last_sync_at, last_full_at, counts)
-            VALUES (:s, :wm, now(), CASE WHEN :full THEN now() END, CAST(:counts AS jsonb))
+            INSERT INTO sync_state (source, watermark, last_sync_at, last_full_at, counts,
+                                    last_error, last_error_at)
+            VALUES (:s, :wm, CASE WHEN CAST(:error AS text) IS NULL THEN now() END,
+                    CASE WHEN :full AND CAST(:error AS text) IS NULL THEN now() END,
+                    CAST(:counts AS jsonb), CAST(:error AS text),
+                    CASE WHEN CAST(:error AS text) IS NOT NULL THEN now() END)
             ON CONFLICT (source) DO UPDATE SET
                 watermark = GREATEST(sync_state.watermark, EXCLUDED.watermark),
-                last_sync_at = now(),
+                last_sync_at = COALESCE(EXCLUDED.last_sync_at, sync_state.last_sync_at),
                 last_full_at = COALESCE(EXCLUDED.last_full_at, sync_state.last_full_at),
-                counts = EXCLUDED.counts
+                counts = EXCLUDED.counts,
+                last_error = EXCLUDED.last_error,
+                last_error_at = COALESCE(EXCLUDED.last_error_at, sync_state.last_error_at)
             """
         ),
         {
             "s": report.source,
-            "wm": report.watermark,
+            "wm": report.watermark if report.error is None else None,
             "full": report.full,
+            "error": report.error,
             "counts": json.dumps(report.as_dict()),
         },
     )
-
-
-def _scan_deletes(fleet: Engine, source: Engine, spec: SourceSpec, report: SyncReport) -> None:
-    """Copy the source's keys into a temporary table, then mark the rest gone.
-
-    COPY ... TO STDOUT on the source feeds COPY ... FROM STDIN on the fleet, block
-    by block: the keys never become Python objects, and memory holds one block."""
-    with fleet.connect() as conn, source.connect() as src:
-        conn.execute(
-            text("CREATE TEMPORARY TABLE fleet_sync_seen (external_id text) ON COMMIT DROP")
-        )
-        into = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        out = src.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        with (
-            out.copy(f"COPY ({keys_sql(spec)}) TO STDOUT") as reader,
-            into.copy("COPY fleet_sync_seen (external_id) FROM STDIN") as writer,
-        ):
-            for block in reader:
-                writer.write(block)
-        src.rollback()
-        # An index, so the anti-join stays cheap whatever the planner believes about
-        # a table this pass has just filled (stale statistics pick a nested loop).
-        conn.execute(text("CREATE INDEX ON fleet_sync_seen (external_id)"))
-        conn.execute(text("ANALYZE fleet_sync_seen"))
-        with Session(bind=conn) as session:
-            apply_gone(session, spec, report, seen_table="fleet_sync_seen")
-            session.flush()
-        conn.commit()
 
 
 def sync_source(
@@ -472,6 +395,7 @@ def sync_source(
     *,
     full: bool = False,
     detect_deletes: bool | None = None,
+    allow_mass_delete: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> SyncReport:
     """One pass over a source (see the module docstring). `fleet` and `source`
@@ -479,11 +403,13 @@ def sync_source(
     half way leaves what it wrote consistent, and the watermark is saved only
     at the end, so the next pass reads those rows again (and finds them unchanged).
 
-    Raises SyncError when the source's columns do not match its declared shape.
+    Raises SyncError when the source's columns do not match its declared shape
+    or its query fails (the failure is saved in sync_state.last_error first).
     """
     started = time.perf_counter()
     with Session(fleet) as s:
         watermark = load_watermark(s, spec.name)
+        since_wall = s.execute(text("SELECT now()")).scalar_one()
     full = full or watermark is None
     since = (
         None
@@ -499,30 +425,45 @@ def sync_source(
 
     try:
         with source.connect() as src:
+            horizon = read_horizon(src)
             for records in read_records(src, spec, since=since, on_rows=counted):
-                with Session(fleet) as session, session.begin():
-                    apply_chunk(session, spec, records, report)
+                _apply(fleet, spec, records, report)
         report.read_seconds = time.perf_counter() - started
+        report.watermark, note = next_mark(watermark, report.greatest_read, horizon)
+        if note:
+            report.warnings.append(note)
         # A full pass always looks for deleted rows; an incremental one when the
         # source asks for it (or the caller, e.g. a trigger marked a DELETE).
         scan = (spec.detect_deletes or full) if detect_deletes is None else detect_deletes
         if scan:
             t0 = time.perf_counter()
-            _scan_deletes(fleet, source, spec, report)
+            recount = scan_deletes(fleet, source, spec, report, allow=allow_mass_delete)
+            if recount:
+                report.reread = len(recount)
+                with source.connect() as src:
+                    for records in read_records(src, spec, since=None, ids=recount):
+                        _apply(fleet, spec, records, report)
             report.delete_scan_seconds = time.perf_counter() - t0
-    except SyncError:
-        raise
     except Exception as e:
-        from sqlalchemy.exc import DBAPIError
-
-        if isinstance(e, DBAPIError):
+        if isinstance(e, SyncError):
+            report.error = str(e)
+        elif isinstance(e, DBAPIError):
             first = str(e.orig).splitlines()[0] if e.orig else str(e)
-            raise SyncError(f"source {spec.name!r}: the query failed: {first}") from e
-        raise
+            report.error = f"source {spec.name!r}: the query failed: {first}"
+        else:
+            raise
+        with Session(fleet) as session, session.begin():
+            save_state(session, report)
+        raise SyncError(report.error) from e
     with Session(fleet) as session, session.begin():
         if report.new + report.changed >= ANALYZE_AFTER:
             # Planner statistics for the next pass' lookups and resets (see ledger.analyze).
             session.execute(text(f"ANALYZE {history.TABLES[spec.kind]}"))
+        if full:  # every row was read: problems of rows not read are gone with them
+            session.execute(
+                text("DELETE FROM sync_problems WHERE source = :s AND last_seen < :t"),
+                {"s": spec.name, "t": since_wall},
+            )
         save_state(session, report)
     report.seconds = time.perf_counter() - started
     return report

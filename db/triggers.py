@@ -8,7 +8,9 @@
 that appends one row (source, operation) to `fleet_source_marks` in the source
 database. A `fleet beat` sync tick (FLEET_SYNC_SECONDS) takes the marks: no
 mark, no work (one indexed DELETE); a mark, an incremental sync of that source
-within seconds; a DELETE or TRUNCATE marked, the pass also scans the keys.
+within seconds; a DELETE or TRUNCATE marked, the pass also scans the keys. A
+mark is consumed only once the pass it asked for has succeeded (`peek_marks`,
+then `consume`): a tick whose pass fails leaves it for the next tick.
 
 Cost to the application: one small insert per writing statement (not per row),
 append-only so concurrent writers never wait on each other; the marks table is
@@ -23,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, text
+
+from db.ledger import id_array
 
 _SETUP = """
 CREATE TABLE IF NOT EXISTS fleet_source_triggers (
@@ -52,6 +56,7 @@ class Marks:
     installed: set[str] = field(default_factory=set)  # sources with triggers
     changed: set[str] = field(default_factory=set)  # sources with a mark taken now
     deletes: dict[str, bool] = field(default_factory=dict)  # a DELETE/TRUNCATE among them
+    ids: dict[str, list[int]] = field(default_factory=dict)  # the marks seen, per source
 
 
 def trigger_name(source: str) -> str:
@@ -140,3 +145,43 @@ def take_marks(engine: Engine, sources: Sequence[str]) -> Marks:
                 "TRUNCATE",
             )
     return marks
+
+
+def peek_marks(engine: Engine, sources: Sequence[str]) -> Marks:
+    """Which of `sources` have triggers and which are marked, leaving the marks in
+    place: `consume` them once the pass they asked for has succeeded."""
+    marks = Marks()
+    with engine.begin() as conn:
+        if not _has_setup(conn):
+            return marks
+        marks.installed = set(
+            conn.execute(
+                text(
+                    "SELECT DISTINCT source FROM fleet_source_triggers "
+                    "WHERE source = ANY(CAST(:s AS text[]))"
+                ),
+                {"s": list(sources)},
+            ).scalars()
+        )
+        for source, deletes, last in conn.execute(
+            text(
+                "SELECT source, bool_or(op IN ('DELETE', 'TRUNCATE')), array_agg(id) "
+                "FROM fleet_source_marks WHERE source = ANY(CAST(:s AS text[])) GROUP BY source"
+            ),
+            {"s": list(marks.installed)},
+        ):
+            marks.changed.add(source)
+            marks.deletes[source] = bool(deletes)
+            marks.ids[source] = list(last)
+    return marks
+
+
+def consume(engine: Engine, ids: Sequence[int]) -> int:
+    """Delete the marks a successful pass answered (by id: a mark committed during
+    the pass, whatever its id, stays for the next tick). Returns how many."""
+    with engine.begin() as conn:
+        got = conn.execute(
+            text("DELETE FROM fleet_source_marks WHERE id = ANY(CAST(:ids AS bigint[]))"),
+            {"ids": id_array(ids)},
+        )
+    return int(got.rowcount or 0)

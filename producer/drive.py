@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import redis
 from celery import Celery
@@ -69,6 +70,15 @@ def discover_all(
     if settings is not None:
         before_discovery(settings, specs)
     return {s.name: discover(url, s) for s in specs if not s.input_from}
+
+
+def sync_and_discover(
+    url: str, specs: Sequence[TaskSpec], settings: Settings | None
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """({source: what its sync did, or its error}, {task: new items}): with
+    `settings`, the declared sources synced first (before_discovery); else no sync."""
+    synced = before_discovery(settings, specs) if settings is not None else {}
+    return synced, discover_all(url, specs)
 
 
 def feed(
@@ -308,7 +318,9 @@ def drive(
             # check for the end once a poll interval: counting scans the ledger.
             try:
                 if not discovered:
-                    report.discovered = discover_all(url, specs, settings if sync else None)
+                    report.sync, report.discovered = sync_and_discover(
+                        url, specs, settings if sync else None
+                    )
                     discovered = True
                 if outage.failures and held is not None and not held():
                     log.error(

@@ -49,6 +49,7 @@ from producer import runs
 from producer.drive import discover_all, feed, open_items
 from producer.drive import drive as drive_run
 from producer.runs import Counts, RunReport, count
+from producer.sync import before_discovery
 
 log = logging.getLogger("fleet.nightly")
 
@@ -301,8 +302,13 @@ def start(
     settings: Settings,
     *,
     holder: str,
+    sync: bool = True,
 ) -> dict[str, Any]:
     """Open a beat-driven nightly run, discover, send what backpressure allows.
+
+    `sync` False: the sources were just synced (a `fleet beat` sync tick that
+    found changes, continuous mode); a run still going then discovers the new
+    rows for its next tick to feed.
 
     Returns {"run_id", "discovered", "took_over", "sent_batches", "open_items"},
     or {"still_going": run id} when a run is still going (not raised)."""
@@ -313,18 +319,27 @@ def start(
                 session, names, mode=BEAT, holder=holder, stale_after=beat_stale_after(settings)
             )
     except RunStillGoing as e:
-        log.warning("%s", e)
-        return {"still_going": e.run.run_id}
-    discovered = discover_all(url, specs, settings)
+        if sync:
+            log.warning("%s", e)
+            return {"still_going": e.run.run_id}
+        return {"still_going": e.run.run_id, "discovered": discover_all(url, specs)}
+    synced = before_discovery(settings, specs) if sync else {}
+    failed = {n: d["error"] for n, d in synced.items() if isinstance(d, dict) and d.get("error")}
+    discovered = discover_all(url, specs)
     with transaction(url) as session:
-        runs.merge(session, run_id, discovered=discovered)
+        runs.merge(session, run_id, discovered=discovered, sync_failed=failed)
     log.info(
         "nightly run %d opened over %s: %d new items",
         run_id,
         ", ".join(names),
         sum(discovered.values()),
     )
-    summary: dict[str, Any] = {"run_id": run_id, "discovered": discovered, "took_over": took_over}
+    summary: dict[str, Any] = {
+        "run_id": run_id,
+        "discovered": discovered,
+        "took_over": took_over,
+        "sync_failed": failed,
+    }
     summary.update(tick(url, app, {s.name: s for s in specs}, settings) or {})
     return summary
 

@@ -56,7 +56,7 @@ class RunReport:
     run; discovered: {task: new items}; reconciled: {"returned": n, "dead": n};
     took_over: ids of abandoned nightly runs closed before this one opened;
     taken_over: another driver took this run over during an outage (its row is
-    theirs to close)."""
+    theirs to close); sync: what syncing the declared sources first did."""
 
     run_id: int
     counts: Counts = field(default_factory=dict)
@@ -68,12 +68,24 @@ class RunReport:
     sent_batches: int = 0
     reconciled: dict[str, int] = field(default_factory=lambda: {"returned": 0, "dead": 0})
     took_over: list[int] = field(default_factory=list)
+    # {source: its db.sync report (as_dict), or {"error": why}} when the run synced first.
+    sync: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed_sources(self) -> dict[str, str]:
+        """{source: why its sync failed} (the run went on without it)."""
+        return {
+            name: str(d["error"])
+            for name, d in self.sync.items()
+            if isinstance(d, dict) and d.get("error")
+        }
 
     def summary(self, names: Sequence[str]) -> dict[str, Any]:
         """The counts the run's row closes with (JSON-ready)."""
         return {
             "tasks": self.counts or {n: {} for n in names},
             "discovered": self.discovered,
+            "sync_failed": self.failed_sources,
             "sent_batches": self.sent_batches,
             "reconciled": self.reconciled,
             "timed_out": self.timed_out,

@@ -10,7 +10,9 @@ to that queue:
                           close it when nothing is pending, queued or running
     fleet.reconcile       every beat_reconcile_seconds: expired leases back to pending
     fleet.sync            every sync_seconds (when set): sync the declared sources
-                          (with triggers installed, only those marked changed)
+                          (with triggers installed, only those marked changed); rows
+                          new, changed or back are discovered and fed at once (a beat
+                          run is opened, or the open one's next tick feeds them)
 
 Each task returns in seconds; the core is `producer.nightly`. GPU workers
 never see these tasks: each consumes only its own `fleet.<task>` queue.
@@ -120,17 +122,23 @@ def install(app: Celery, settings: Settings, tasks: dict[str, TaskSpec]) -> Cele
     def reconcile_task() -> dict[str, int]:
         return reconcile(url, max_attempts=settings.max_attempts)
 
-    def sync_task() -> list[dict[str, Any]]:
+    def sync_task(self: Any) -> list[dict[str, Any]]:
         from fleet.config.taskconfig import load_sources
         from producer.sync import beat_tick
 
-        return beat_tick(settings, load_sources(settings.config_file))
+        reports = beat_tick(settings, load_sources(settings.config_file))
+        if any(r.get("new") or r.get("changed") or r.get("returned") for r in reports):
+            # Continuous mode: what was synced is classified now, not at the next nightly.
+            specs = run_specs(tasks, settings.nightly_task_names() or None)
+            holder = self.request.hostname or nightly.holder_name()
+            nightly.start(url, app, specs, settings, holder=holder, sync=False)
+        return reports
 
     # Registered by call rather than as decorators: Celery's are untyped.
     app.task(name=NIGHTLY_TASK, bind=True, ignore_result=True)(nightly_task)
     app.task(name=TICK_TASK, ignore_result=True)(tick_task)
     app.task(name=RECONCILE_TASK, ignore_result=True)(reconcile_task)
-    app.task(name=SYNC_TASK, ignore_result=True)(sync_task)
+    app.task(name=SYNC_TASK, bind=True, ignore_result=True)(sync_task)
 
     app.conf.timezone = settings.timezone
     app.conf.beat_schedule = beat_schedule(settings)

@@ -19,7 +19,7 @@ from typing import Any
 
 from db import history, triggers
 from db.engine import get_engine, transaction
-from db.sync import SyncReport, sync_source
+from db.sync import SyncError, SyncReport, sync_source
 from fleet.config.settings import Settings
 from fleet.config.taskconfig import ConfigError, SourceSpec, TaskSpec
 
@@ -39,57 +39,116 @@ def pick(sources: dict[str, SourceSpec], names: Sequence[str]) -> list[SourceSpe
     return [sources[n] for n in names]
 
 
+def _due_full(settings: Settings, spec: SourceSpec) -> bool:
+    """Whether the source's `full_every` says its next pass is a full one."""
+    if spec.full_every_seconds is None:
+        return False
+    from sqlalchemy import text
+
+    with transaction(settings.db_url()) as session:
+        age = session.execute(
+            text(
+                "SELECT extract(epoch FROM now() - last_full_at) FROM sync_state WHERE source = :s"
+            ),
+            {"s": spec.name},
+        ).scalar_one_or_none()
+    return age is None or float(age) >= spec.full_every_seconds
+
+
+def sync_one(
+    settings: Settings,
+    spec: SourceSpec,
+    *,
+    full: bool = False,
+    detect_deletes: bool | None = None,
+    allow_mass_delete: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> SyncReport:
+    """One pass of one source. A source that fails as a whole (its query, its
+    columns, its database) comes back as a report with `error` set, never raised:
+    the sources after it still sync."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    try:
+        report = sync_source(
+            get_engine(settings.db_url()),
+            get_engine(settings.source_db_url()),
+            spec,
+            full=full,
+            detect_deletes=detect_deletes,
+            allow_mass_delete=allow_mass_delete,
+            progress=progress,
+        )
+    except (SyncError, DBAPIError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, DBAPIError):
+            first = f"source {spec.name!r} not synced: {type(e.orig or e).__name__}: " + (
+                str(e.orig).splitlines()[0] if e.orig else first
+            )
+        log.error("%s; fix the source (`fleet sync --source %s` to retry)", first, spec.name)
+        unreachable = isinstance(e, OperationalError) or isinstance(e.__cause__, OperationalError)
+        return SyncReport(spec.name, full=full, error=first, unreachable=unreachable)
+    log.info(
+        "synced source=%s full=%s read=%d new=%d changed=%d unchanged=%d gone=%d refused=%d "
+        "noted=%d withheld=%d in %.1fs",
+        spec.name,
+        report.full,
+        report.read,
+        report.new,
+        report.changed,
+        report.unchanged,
+        report.gone + report.deleted,
+        len(report.bad),
+        len(report.notes),
+        report.withheld,
+        report.seconds,
+    )
+    for warning in report.warnings:
+        log.warning("source %s: %s", spec.name, warning)
+    return report
+
+
 def sync_sources(
     settings: Settings,
     specs: Sequence[SourceSpec],
     *,
     full: bool = False,
+    allow_mass_delete: bool = False,
+    scheduled: bool = False,
     progress: Callable[[str, int], None] | None = None,
 ) -> list[SyncReport]:
-    """One pass of each source, in order. Raises db.sync.SyncError on a source
-    that cannot be read (the ones before it are synced and recorded)."""
-    fleet = get_engine(settings.db_url())
-    source = get_engine(settings.source_db_url())
+    """One pass of each source, in order; a failing source is a report with its
+    `error` (sync_one) and the rest go on. `scheduled` (nightly): a source whose
+    `full_every` has passed gets a full pass."""
     reports = []
     for spec in specs:
         step = (lambda n, _s=spec.name: progress(_s, n)) if progress else None
-        report = sync_source(fleet, source, spec, full=full, progress=step)
-        log.info(
-            "synced source=%s full=%s read=%d new=%d changed=%d unchanged=%d gone=%d bad=%d "
-            "in %.1fs",
-            spec.name,
-            report.full,
-            report.read,
-            report.new,
-            report.changed,
-            report.unchanged,
-            report.gone + report.deleted,
-            len(report.bad),
-            report.seconds,
+        whole = full or (scheduled and _due_full(settings, spec))
+        reports.append(
+            sync_one(settings, spec, full=whole, allow_mass_delete=allow_mass_delete, progress=step)
         )
-        reports.append(report)
     return reports
 
 
 def beat_tick(settings: Settings, sources: dict[str, SourceSpec]) -> list[dict[str, Any]]:
     """A `fleet beat` sync tick. With triggers installed on a source, a tick with
-    nothing marked costs one query and syncs nothing; a marked change is
-    consumed and the source synced (a delete marked: with the key scan)."""
+    nothing marked costs one query and syncs nothing; a marked source is synced
+    (a delete marked: with the key scan) and its marks are consumed only when
+    that pass succeeded: a failed pass leaves them for the next tick."""
     if not sources:
         return []
     engine = get_engine(settings.source_db_url())
-    marked = triggers.take_marks(engine, list(sources))
+    marked = triggers.peek_marks(engine, list(sources))
     out = []
     for spec in sources.values():
         if spec.name in marked.installed and spec.name not in marked.changed:
             continue
         deletes = marked.deletes.get(spec.name)
-        report = sync_source(
-            get_engine(settings.db_url()),
-            engine,
-            spec,
-            detect_deletes=deletes if spec.name in marked.installed else None,
+        report = sync_one(
+            settings, spec, detect_deletes=deletes if spec.name in marked.installed else None
         )
+        if report.error is None and spec.name in marked.changed:
+            triggers.consume(engine, marked.ids[spec.name])
         out.append(report.as_dict())
     return out
 
@@ -137,7 +196,6 @@ def before_discovery(settings: Settings, specs: Sequence[TaskSpec]) -> dict[str,
     (incremental) and, with FLEET_RERUN_STALE, put back results of old model
     revisions. A source that fails is logged and skipped: the rest of the run
     goes on with what the fleet already has."""
-    from db.sync import SyncError
     from fleet.config.taskconfig import load_sources
 
     out: dict[str, Any] = {}
@@ -146,22 +204,8 @@ def before_discovery(settings: Settings, specs: Sequence[TaskSpec]) -> dict[str,
     except ConfigError as e:
         log.error("sources not synced: %s", e)
         return {"error": str(e)}
-    for spec in sources.values():
-        try:
-            out[spec.name] = sync_sources(settings, [spec])[0].as_dict()
-        except SyncError as e:
-            log.error("%s; fix the source in the task config (`fleet sync` to retry)", e)
-            out[spec.name] = {"error": str(e)}
-        except Exception as e:  # e.g. the source database unreachable: the run goes on
-            first = str(e).splitlines()[0] if str(e) else ""
-            log.error(
-                "source %r not synced (%s: %s); check FLEET_SOURCE_DATABASE_URL, "
-                "`fleet sync` to retry",
-                spec.name,
-                type(e).__name__,
-                first,
-            )
-            out[spec.name] = {"error": f"{type(e).__name__}: {first}"}
+    for report in sync_sources(settings, list(sources.values()), scheduled=True):
+        out[report.source] = report.as_dict()
     if settings.rerun_stale:
         out["rerun"] = rerun_stale(settings.db_url(), settings, specs)
         log.info("rerun of stale results: %s", out["rerun"])

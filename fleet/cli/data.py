@@ -153,20 +153,42 @@ def _live(quiet: bool) -> Iterator[Callable[[str, int], None]]:
 
 
 def _line(r: Any) -> str:
+    if r.error:
+        return f"{r.source}: FAILED: {r.error}"
     kind = "full pass" if r.full else "incremental"
     gone = f", {r.gone} gone" if r.gone else ""
     deleted = f", {r.deleted} deleted" if r.deleted else ""
     back = f" ({r.items_reset} items back to pending)" if r.items_reset else ""
+    restored = f", {r.restored} results restored" if r.restored else ""
+    noted = f", {len(r.notes)} with a note" if r.notes else ""
     return (
         f"{r.source}: {kind}, read {r.read:,} rows -> {r.records:,} records: {r.new:,} new, "
-        f"{r.changed:,} changed{back}, {r.unchanged:,} unchanged{gone}{deleted}, "
-        f"{len(r.bad)} bad in {r.seconds:.1f}s"
+        f"{r.changed:,} changed{back}, {r.unchanged:,} unchanged{gone}{deleted}{restored}, "
+        f"{len(r.bad)} refused{noted} in {r.seconds:.1f}s"
     )
+
+
+def _details(r: Any) -> None:
+    for warning in r.warnings:
+        click.echo(f"  warning: {warning}", err=True)
+    for label, rows in (("refused", r.bad), ("note", r.notes)):
+        for ext, reason in rows[:10]:
+            click.echo(f"  {label}: {ext or '(no id)'}: {reason}", err=True)
+        if len(rows) > 10:
+            click.echo(f"  ... and {len(rows) - 10} more (--json lists 100)", err=True)
+    if r.bad or r.notes:
+        click.echo("  every one is kept in sync_problems: `fleet status` counts them", err=True)
 
 
 @click.command("sync")
 @click.option("--source", "-s", "names", multiple=True, help="Only this source (repeat).")
 @click.option("--full", is_flag=True, help="Read every row, not only those past the watermark.")
+@click.option(
+    "--allow-mass-delete",
+    is_flag=True,
+    help="Mark rows gone even when more than mass_delete_rows and mass_delete_share of a "
+    "source disappeared at once (withheld otherwise).",
+)
 @click.option(
     "--install-triggers",
     is_flag=True,
@@ -180,6 +202,7 @@ def sync_cmd(
     ctx: FleetContext,
     names: tuple[str, ...],
     full: bool,
+    allow_mass_delete: bool,
     install_triggers: bool,
     remove_triggers: bool,
     as_json: bool,
@@ -188,11 +211,12 @@ def sync_cmd(
 
     Edited or grown conversations go back to pending for every task (the old
     result is kept in result_history); rows gone from the source are marked
-    gone. Sources read FLEET_SOURCE_DATABASE_URL when set, else DATABASE_URL.
+    gone (unless too many at once: see --allow-mass-delete). Rows that cannot be
+    taken as they are are listed and kept in sync_problems. A source that fails
+    is reported and the others still sync; the exit status is then 2 (3 when a
+    database could not be reached).
+    Sources read FLEET_SOURCE_DATABASE_URL when set, else DATABASE_URL.
     """
-    from sqlalchemy.exc import OperationalError
-
-    from db.sync import SyncError
     from fleet.config.taskconfig import ConfigError
     from producer.sync import pick, sync_sources
 
@@ -210,26 +234,26 @@ def sync_cmd(
     if install_triggers or remove_triggers:
         _triggers(settings, specs, remove=remove_triggers)
         return
-    try:
-        with _live(as_json) as step:
-            reports = sync_sources(settings, specs, full=full, progress=step)
-    except SyncError as e:
-        fail(f"{e}. Fix the source in the task config and run `fleet sync` again.")
-    except OperationalError as e:
-        fail(
-            f"cannot reach the source database ({str(e.orig).splitlines()[0] if e.orig else e}); "
-            "check FLEET_SOURCE_DATABASE_URL",
-            ExitCode.SERVICE,
+    with _live(as_json) as step:
+        reports = sync_sources(
+            settings, specs, full=full, allow_mass_delete=allow_mass_delete, progress=step
         )
+    failed = [r for r in reports if r.error]
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in reports], indent=2))
-        return
-    for r in reports:
-        click.echo(_line(r))
-        for ext, reason in r.bad[:10]:
-            click.echo(f"  not synced: {ext or '(no id)'}: {reason}", err=True)
-        if len(r.bad) > 10:
-            click.echo(f"  ... and {len(r.bad) - 10} more (--json lists 100)", err=True)
+    else:
+        for r in reports:
+            click.echo(_line(r))
+            _details(r)
+        if failed:
+            click.echo(
+                f"{len(failed)} source(s) not synced: fix them in the task config or the "
+                "source database and run `fleet sync` again",
+                err=True,
+            )
+    if failed:
+        unreachable = any(r.unreachable for r in failed)
+        raise SystemExit(int(ExitCode.SERVICE if unreachable else ExitCode.CONFIG))
 
 
 def _triggers(settings: Any, specs: Any, *, remove: bool) -> None:

@@ -44,9 +44,12 @@ def finish_run(report: RunSummary, as_json: bool) -> None:
 
     `report` counts: {task: {status: items}}; seconds: the run's wall time.
     Returns when every item is done; exits TIMEOUT when the run timed out with
-    work unfinished, FAILED_ITEMS when items ended failed or dead.
+    work unfinished, CONFIG when a declared source could not be synced first
+    (`failed_sources`, when the report has it), FAILED_ITEMS when items ended
+    failed or dead.
     """
     bad = sum(c.get("failed", 0) + c.get("dead", 0) for c in report.counts.values())
+    sync_failed: dict[str, str] = getattr(report, "failed_sources", {})
     if as_json:
         click.echo(
             json.dumps(
@@ -55,6 +58,7 @@ def finish_run(report: RunSummary, as_json: bool) -> None:
                     "counts": report.counts,
                     "seconds": round(report.seconds, 2),
                     "timed_out": report.timed_out,
+                    "sync_failed": sync_failed,
                 }
             )
         )
@@ -70,6 +74,16 @@ def finish_run(report: RunSummary, as_json: bool) -> None:
                 err=True,
             )
         sys.exit(int(ExitCode.TIMEOUT))
+    if sync_failed:
+        if not as_json:
+            for name, why in sync_failed.items():
+                click.echo(f"source {name} not synced: {why}", err=True)
+            click.echo(
+                "the run used what the fleet already had of them; fix the source and "
+                "`fleet sync` (exit 2)",
+                err=True,
+            )
+        sys.exit(int(ExitCode.CONFIG))
     if bad:
         if not as_json:
             click.echo(

@@ -21,19 +21,36 @@ from fleet.config.exitcodes import ExitCode
 @json_option
 @pass_fleet
 def backlog(ctx: FleetContext, as_json: bool) -> None:
-    """Work items per task and status."""
+    """Work items per task and status; then, per synced source, rows it synced that
+    no task has an item for yet, its lag, and rows it could not take as they are."""
     from db import ledger
     from db.engine import transaction
+    from db.syncstate import read_sources
     from fleet.observe.display import counts_table
 
     with transaction(ctx.url()) as session:
         counts = ledger.counts(session)
+        sources = read_sources(session)
     if as_json:
         click.echo(json.dumps(counts))
-    elif not counts:
-        click.echo("no work items yet: `fleet ingest ...` then `fleet enqueue --task T`")
+        return
+    if not counts:
+        try:
+            declared = bool(ctx.sources())
+        except Exception:  # an unreadable config is `fleet sync`'s to report
+            declared = False
+        first = "`fleet sync`" if declared else "`fleet ingest ...`"
+        click.echo(f"no work items yet: {first} then `fleet enqueue --task T`")
     else:
         counts_table(counts)
+    for name, src in sources.items():
+        lag = "never synced" if src.lag_seconds is None else f"synced {src.lag_seconds:,.0f}s ago"
+        line = f"source {name}: {lag}, {src.undiscovered:,} rows not discovered yet"
+        if src.refused or src.noted:
+            line += f", {src.refused:,} refused and {src.noted:,} noted rows (sync_problems)"
+        if src.last_error:
+            line += f"; last sync FAILED: {src.last_error} (`fleet sync` to retry)"
+        click.echo(line)
 
 
 @click.command()

@@ -65,6 +65,13 @@ class SourceSpec:
     on_delete: str = "mark"  # mark (items gone) | delete (rows and items removed)
     # Tables `fleet sync --install-triggers` watches (default: `table`).
     trigger_tables: tuple[str, ...] = ()
+    # The mass-delete guard: a pass that would mark more than `mass_delete_rows`
+    # rows and more than `mass_delete_share` of the source gone marks none.
+    mass_delete_rows: int = 10
+    mass_delete_share: float = 0.10
+    allow_mass_delete: bool = False
+    # `fleet nightly` makes its pass a full one when the last is older (None: never).
+    full_every_seconds: float | None = None
 
     @property
     def select(self) -> str:
@@ -193,7 +200,28 @@ _SOURCE_KEYS = {
     "detect_deletes",
     "on_delete",
     "trigger_tables",
+    "mass_delete_rows",
+    "mass_delete_share",
+    "allow_mass_delete",
+    "full_every",
 }
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_every(where: str, value: Any) -> float | None:
+    """'7d', '12h', '30m', '90s' (or a number of seconds) -> seconds; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", str(value))
+    if not m or float(m.group(1)) <= 0:
+        raise ConfigError(
+            f'{where}: full_every must be a duration such as "7d" or "12h", got {value!r}'
+        )
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
 
@@ -269,7 +297,26 @@ def _source(name: str, raw: Any) -> SourceSpec:
         detect_deletes=detect,
         on_delete=on_delete,
         trigger_tables=tuple(triggers),
+        **_guards(where, raw),
     )
+
+
+def _guards(where: str, raw: dict[str, Any]) -> dict[str, Any]:
+    rows = raw.get("mass_delete_rows", 10)
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+        raise ConfigError(f"{where}: mass_delete_rows must be an integer >= 0, got {rows!r}")
+    share = raw.get("mass_delete_share", 0.10)
+    if not isinstance(share, int | float) or isinstance(share, bool) or not 0 <= share <= 1:
+        raise ConfigError(f"{where}: mass_delete_share must be a number from 0 to 1, got {share!r}")
+    allow = raw.get("allow_mass_delete", False)
+    if not isinstance(allow, bool):
+        raise ConfigError(f"{where}: allow_mass_delete must be true or false, got {allow!r}")
+    return {
+        "mass_delete_rows": rows,
+        "mass_delete_share": float(share),
+        "allow_mass_delete": allow,
+        "full_every_seconds": parse_every(where, raw.get("full_every")),
+    }
 
 
 def get_task(tasks: dict[str, TaskSpec], name: str) -> TaskSpec:

@@ -212,6 +212,41 @@ def _run_gauges(st: FleetStatus) -> list[Metric]:
     return [started, finished, unacked]
 
 
+def _source_gauges(st: FleetStatus) -> list[Metric]:
+    lag = GaugeMetricFamily(
+        "fleet_source_lag_seconds",
+        "Seconds since the source's last successful fleet sync.",
+        labels=["source"],
+    )
+    problems = GaugeMetricFamily(
+        "fleet_source_problem_rows",
+        "Source rows the sync refused or took with a note (sync_problems).",
+        labels=["source", "kind"],
+    )
+    waiting = GaugeMetricFamily(
+        "fleet_source_undiscovered_rows",
+        "Rows synced from the source that no task has a work item for yet.",
+        labels=["source"],
+    )
+    withheld = GaugeMetricFamily(
+        "fleet_source_withheld_deletes",
+        "Rows gone from the source that the mass-delete guard did not mark gone.",
+        labels=["source"],
+    )
+    failing = GaugeMetricFamily(
+        "fleet_source_failing", "1 if the source's last sync failed as a whole.", labels=["source"]
+    )
+    for name, src in st.sources.items():
+        if src.lag_seconds is not None:
+            lag.add_metric([name], src.lag_seconds)
+        problems.add_metric([name, "refused"], src.refused)
+        problems.add_metric([name, "noted"], src.noted)
+        waiting.add_metric([name], src.undiscovered)
+        withheld.add_metric([name], src.withheld)
+        failing.add_metric([name], 1 if src.last_error else 0)
+    return [lag, problems, waiting, withheld, failing]
+
+
 def metric_families(st: FleetStatus) -> list[Metric]:
     """Every `fleet_*` metric family for one status read."""
     up = GaugeMetricFamily(
@@ -225,6 +260,7 @@ def metric_families(st: FleetStatus) -> list[Metric]:
         up,
         *_task_gauges(st),
         *_run_gauges(st),
+        *_source_gauges(st),
         *_worker_counters(st.workers),
         *_worker_gauges(st),
     ]

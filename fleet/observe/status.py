@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from db import ledger
 from db.engine import transaction
 from db.schema import STATUSES
+from db.syncstate import SourceStatus, read_sources
 from workers.stats import WorkerStats, scan_workers
 
 ACTIVE = ("pending", "queued", "running")
@@ -111,6 +112,7 @@ class FleetStatus:
     unacked: int | None = None
     latest_run: RunInfo | None = None
     errors: dict[str, str] = field(default_factory=dict)  # source -> what went wrong
+    sources: dict[str, SourceStatus] = field(default_factory=dict)  # [sources.*] synced
 
     @property
     def done(self) -> bool:
@@ -130,6 +132,7 @@ class FleetStatus:
             "unacked_messages": self.unacked,
             "latest_run": self.latest_run.to_json() if self.latest_run else None,
             "errors": self.errors,
+            "sources": {name: src.to_json() for name, src in self.sources.items()},
         }
 
 
@@ -209,12 +212,13 @@ def latest_run(session: Session, *, task: str | None = None) -> RunInfo | None:
 
 def _read_ledger(
     url: str, only: str | None, window: float
-) -> tuple[dict[str, dict[str, int]], dict[str, float], RunInfo | None]:
+) -> tuple[dict[str, dict[str, int]], dict[str, float], RunInfo | None, dict[str, SourceStatus]]:
     with transaction(url) as session:
         counts = ledger.counts(session, task=only)
         rates = throughput(session, window=window)
         run = latest_run(session, task=only)
-    return counts, rates, run
+        sources = read_sources(session)
+    return counts, rates, run, sources
 
 
 # -- broker --------------------------------------------------------------------------
@@ -284,7 +288,7 @@ def collect(
     counts: dict[str, dict[str, int]] = {}
     rates: dict[str, float] = {}
     try:
-        counts, rates, st.latest_run = _read_ledger(db_url, only, window)
+        counts, rates, st.latest_run, st.sources = _read_ledger(db_url, only, window)
     except Exception as e:
         st.errors["database"] = _describe(e, secrets)
     try:

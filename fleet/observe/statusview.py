@@ -136,6 +136,29 @@ def run_line(st: FleetStatus) -> Text:
     return Text(f"latest run #{run.id} ({run.trigger}, {run.task}): started {started}, {took}")
 
 
+def sources_text(st: FleetStatus) -> Text:
+    """One line per synced source: its lag, and every row it could not take as it is."""
+    lines = []
+    for name, src in st.sources.items():
+        when = (
+            "never synced"
+            if src.lag_seconds is None
+            else f"synced {fmt_duration(src.lag_seconds)} ago"
+        )
+        parts = [f"source {name}: {when}"]
+        if src.undiscovered:
+            parts.append(f"{src.undiscovered:,} rows not discovered yet (`fleet run` / nightly)")
+        if src.refused or src.noted:
+            parts.append(f"{src.refused:,} rows refused, {src.noted:,} with a note (sync_problems)")
+        if src.withheld:
+            parts.append(f"{src.withheld:,} deletes withheld (`fleet sync --allow-mass-delete`)")
+        if src.last_error:
+            parts.append(f"last pass FAILED: {src.last_error}")
+        lines.append("; ".join(parts))
+    bad = any(s.refused or s.last_error or s.withheld for s in st.sources.values())
+    return Text("\n".join(lines), style="yellow" if bad else "")
+
+
 def errors_text(st: FleetStatus) -> Text:
     lines = [f"{source} unreadable: {msg}" for source, msg in st.errors.items()]
     return Text("\n".join(lines), style="bold red")
@@ -149,6 +172,8 @@ def header(services: str, st: FleetStatus) -> Text:
 def status_view(st: FleetStatus, services: str) -> Group:
     parts: list[RenderableType] = [header(services, st), tasks_table(st), workers_table(st)]
     parts.append(run_line(st))
+    if st.sources:
+        parts.append(sources_text(st))
     if st.errors:
         parts.append(errors_text(st))
     return Group(*parts)

@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from db.syncstate import SourceStatus, read_problems, read_sources
 from fleet.reporting.charts import time_step
 
 # Throughput bins: enough to show a trend, few enough that each holds several
@@ -97,6 +98,8 @@ class ReportData:
     generated_at: dt.datetime = field(default_factory=lambda: dt.datetime.now().astimezone())
     database: str = ""
     latency_p50_ms: float | None = None  # over every task
+    sources: dict[str, SourceStatus] = field(default_factory=dict)  # synced [sources.*]
+    problems: list[dict[str, Any]] = field(default_factory=list)  # newest sync_problems rows
 
     @property
     def total(self) -> TaskRow:
@@ -439,6 +442,8 @@ def collect(session: Session, window: Window) -> ReportData:
         failures=_read_failures(session, window),
         runs=_read_runs(session, window),
         latency_p50_ms=p50,
+        sources=read_sources(session),
+        problems=read_problems(session),
     )
 
 

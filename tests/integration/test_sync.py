@@ -216,6 +216,7 @@ def test_view_columns_are_the_contract(db_url):
         "model",
         "model_revision",
         "updated_at",
+        "stale",
     ]
 
 
@@ -338,11 +339,13 @@ def test_two_sources_with_the_same_ids_are_rows_of_their_own(db_url, app_db):
                 text("SELECT source, external_id FROM fleet_latest_results WHERE task = 'intent'")
             )
         )
+    # crm's edited row 2 keeps serving its previous label (stale) until reclassified.
     assert view == [
         ("app", "1"),
         ("app", "2"),
         ("app", "3"),
         ("crm", "1"),
+        ("crm", "2"),
         ("ingest", "1"),
     ]
     # Reports carry the source next to the id; eval leaves an id two sources

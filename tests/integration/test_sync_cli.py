@@ -103,3 +103,26 @@ def test_rerun_needs_a_known_revision(cli_env):
         main, ["rerun", "-t", "intent", "--model-not", "x", "--since", "yesterday"]
     )
     assert bad_date.exit_code == 2 and "is not a date or time" in bad_date.output
+
+
+def test_backlog_names_fleet_sync_and_counts_rows_not_discovered(cli_env):
+    plain, _ = cli_env
+    empty = CliRunner().invoke(main, ["backlog"])
+    assert empty.exit_code == 0 and "no work items yet: `fleet sync`" in empty.output
+    add_conversation(plain, 1, [("user", "hello")])
+    add_conversation(plain, 2, [("user", "bye")])
+    assert CliRunner().invoke(main, ["sync", "-s", "app"]).exit_code == 0
+    shown = CliRunner().invoke(main, ["backlog"])
+    assert "source app: synced" in shown.output and "2 rows not discovered yet" in shown.output
+    status = CliRunner().invoke(main, ["status", "--json"])
+    assert json.loads(status.output)["sources"]["app"]["rows_not_discovered"] == 2
+
+
+def test_a_failing_source_does_not_stop_the_others_and_exits_2(cli_env):
+    plain, _ = cli_env
+    add_conversation(plain, 1, [("user", "hello")])
+    result = CliRunner().invoke(main, ["sync", "--json"])
+    assert result.exit_code == 2
+    reports = {r["source"]: r for r in json.loads(result.stdout)}
+    assert reports["app"]["new"] == 1 and reports["app"]["error"] is None
+    assert "app.nope" in reports["broken"]["error"]
