@@ -130,6 +130,24 @@ def test_supervisor_does_not_restart_a_worker_with_truncated_weights(fleet, tiny
     assert proc.stdout.count("started intent@gpu") == 1, proc.stdout
 
 
+def test_local_workers_do_not_restart_a_worker_with_no_weights(fleet, tiny_models):
+    env, snapshot = _damaged_cache_env(fleet, tiny_models, "no-weights")
+    path = write_jsonl(fleet.tmp / "c.jsonl", conversations(10))
+    run_fleet(["ingest", "conversations", str(path)], env)
+    proc = run_fleet(
+        ["run", "--task", "intent", "--local-workers", "--timeout", "120"],
+        env,
+        check=False,
+        timeout=180,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert out.count("not restarting it") == 1, out
+    log = (fleet.tmp / "state" / "logs" / "intent-cpu.log").read_text()
+    assert snapshot in log and "fleet models pull" in log
+    assert status_counts(fleet.db_url, "intent") == {"pending": 10}
+
+
 def test_two_workers_for_one_task_on_one_host_have_distinct_names(fleet):
     path = write_jsonl(fleet.tmp / "c.jsonl", conversations(200))
     run_fleet(["ingest", "conversations", str(path)], fleet.env)
