@@ -127,21 +127,63 @@ def _cached_snapshot(repo: str, revision: str | None) -> Path:
         ) from e
 
 
+def check_weights(folder: Path, *, fix: str, require: bool) -> None:
+    """Raise ModelNotCached when `folder` cannot be loaded whole: a file link
+    whose target is missing (an interrupted download leaves links to absent
+    blobs), no `*.safetensors` weights while `require`, a shard its index
+    names that is absent, or a weights file whose header or size is wrong (a
+    truncated download). Reads only the safetensors headers (safetensors'
+    `safe_open`). The message names the file and ends with `fix`."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink() and not path.exists():
+            raise ModelNotCached(
+                f"{path} links to {os.readlink(path)}, which is missing (an interrupted "
+                f"download); {fix}"
+            )
+    weights = sorted(folder.glob("*.safetensors"))
+    if require and not weights:
+        raise ModelNotCached(f"{folder} has configuration but no weights (*.safetensors); {fix}")
+    for index in folder.glob("*.safetensors.index.json"):
+        import json
+
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise ModelNotCached(f"{index} is unreadable ({e}); {fix}") from e
+        for shard in sorted(shards):
+            if not (folder / shard).is_file():
+                raise ModelNotCached(f"{folder / shard}, named by {index.name}, is missing; {fix}")
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="numpy"):
+                pass
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelNotCached(
+                f"{path} ({path.stat().st_size} bytes) is truncated or damaged ({e}); {fix}"
+            ) from e
+
+
 def resolve_tier(tier: TierSpec, models_dir: Path, *, hash_folder: bool = True) -> ResolvedModel:
     """The folder and revision of a tier's model, from local files only.
 
     With `hash_folder` false a local folder's revision is left None (hashing
     reads every file: a worker hashes only the tier it loads).
-    Raises ModelNotCached for a hub id missing from the cache, and for a folder
-    without config.json (the message says what to run)."""
+    Raises ModelNotCached for a hub id missing from the cache, a cached
+    snapshot that is incomplete (no config.json, no weights, a dangling link,
+    truncated weights: see check_weights), and for a folder without
+    config.json or with damaged weights (the message says what to run)."""
     repo = hub_id(tier, models_dir)
     if repo is not None:
         path = _cached_snapshot(repo, tier_revision(tier))
+        fix = (
+            f"the cached snapshot of Hugging Face model {repo} is incomplete: run "
+            "`fleet models pull` again (with the same HF_HOME)"
+        )
         if not (path / "config.json").is_file():
-            raise ModelNotCached(
-                f"Hugging Face model {repo}: the cached snapshot {path} has no config.json; "
-                "run `fleet models pull` again"
-            )
+            raise ModelNotCached(f"{path} has no config.json; {fix}")
+        check_weights(path, fix=fix, require=True)
         return ResolvedModel(path, path.name, repo)
     p = Path(tier.path).expanduser()
     path = p if p.is_absolute() else models_dir / p
@@ -151,6 +193,11 @@ def resolve_tier(tier: TierSpec, models_dir: Path, *, hash_folder: bool = True) 
             "`fleet models pull` for a Hugging Face id (org/name), or point the ladder's "
             "path at a model folder"
         )
+    check_weights(
+        path,
+        fix="copy or prepare the model again (`fleet models prepare` for the bundled ones)",
+        require=False,
+    )
     return ResolvedModel(path, folder_revision(path) if hash_folder else None)
 
 

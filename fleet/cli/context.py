@@ -54,12 +54,17 @@ class FleetContext:
         answers and is migrated. Exits with SERVICE when it is not.
         """
         if not self._ready:
-            from fleet.ops.services import SchemaNotReady, check_schema, ensure_services
+            from fleet.ops.services import (
+                EmbeddedServerError,
+                SchemaNotReady,
+                check_schema,
+                ensure_services,
+            )
 
             try:
                 self.settings = ensure_services(self.settings)
                 check_schema(self.settings.db_url())
-            except SchemaNotReady as e:
+            except (SchemaNotReady, EmbeddedServerError) as e:
                 fail(str(e), ExitCode.SERVICE)
             except click.ClickException:
                 raise

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fleet.models.folders import make_readable
 from fleet.models.labeled import (
     Example,
     TrainingDataError,
@@ -372,6 +373,7 @@ def train_classifier(
         trainer.model.eval()
         trainer.model.save_pretrained(out_path, safe_serialization=True)
         tokenizer.save_pretrained(out_path)
+        make_readable(out_path)  # safetensors writes weights 0600
     return {
         "epochs_run": len(history),
         "best_epoch": best["epoch"] if best else None,

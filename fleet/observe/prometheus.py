@@ -5,9 +5,15 @@ read `fleet status` prints) and turns it into metric families: the backlog by
 task and status and each queue's length (what an autoscaler such as KEDA's
 Prometheus scaler needs), throughput and ETA, and each live worker's counters,
 batch-seconds histogram, model tier and GPU memory (published by the workers
-to Redis, see `workers.stats`). Nothing is cached between scrapes; an
-unreadable Postgres or Redis shows as `fleet_exporter_up{source=...} 0` rather
-than a failed scrape.
+to Redis, see `workers.stats`). An unreadable Postgres or Redis shows as
+`fleet_exporter_up{source=...} 0` rather than a failed scrape.
+
+A scrape stays within Prometheus' timeout while a migration or VACUUM FULL
+holds `work_items`: the ledger read is bounded (`status.read_ledger`: lock and
+statement timeouts), only one scrape reads the ledger at a time (another waits
+at most LEDGER_WAIT_S, then answers without reading, so backends cannot pile
+up), and a scrape whose read failed shows the last good ledger figures with
+`fleet_exporter_ledger_age_seconds` saying how old they are.
 """
 
 from __future__ import annotations
@@ -28,12 +34,23 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from fleet.observe.status import FleetStatus, collect
+from fleet.observe.status import (
+    STATEMENT_TIMEOUT_S,
+    FleetStatus,
+    LedgerRead,
+    collect,
+    read_ledger,
+)
 from workers.stats import BATCH_BUCKETS, OUTCOMES, WorkerStats, redis_client
 
 log = logging.getLogger("fleet.observe.prometheus")
 
 SOURCES = ("database", "broker")
+LEDGER_WAIT_S = STATEMENT_TIMEOUT_S  # how long a scrape waits for another's ledger read
+
+
+class LedgerBusy(RuntimeError):
+    """Another scrape is still reading the ledger."""
 
 
 class ListenError(RuntimeError):
@@ -172,7 +189,7 @@ def _task_gauges(st: FleetStatus) -> list[Metric]:
     )
     workers = GaugeMetricFamily("fleet_workers", "Live workers serving the task.", labels=["task"])
     for name, t in st.tasks.items():
-        if "database" not in st.errors:
+        if st.ledger_read_at is not None:  # this read's, or the last good one's
             for status, n in t.counts.items():
                 backlog.add_metric([name, status], n)
             remaining.add_metric([name], t.remaining)
@@ -256,8 +273,16 @@ def metric_families(st: FleetStatus) -> list[Metric]:
     )
     for source in SOURCES:
         up.add_metric([source], 0 if source in st.errors else 1)
+    age = GaugeMetricFamily(
+        "fleet_exporter_ledger_age_seconds",
+        "Seconds since the ledger figures shown were read: 0 when this scrape read them, "
+        "more while the database is unreadable and the last good figures are shown.",
+    )
+    if st.ledger_age is not None:
+        age.add_metric([], st.ledger_age)
     return [
         up,
+        age,
         *_task_gauges(st),
         *_run_gauges(st),
         *_source_gauges(st),
@@ -277,6 +302,20 @@ class FleetCollector(Collector):
         self.client = redis_client(broker_url)
         self.tasks = list(tasks)
         self.window = window
+        self._reading = threading.Lock()  # one ledger read at a time
+        self._last: LedgerRead | None = None  # the last good one
+
+    def _read_ledger(self, url: str, only: str | None, window: float) -> LedgerRead:
+        if not self._reading.acquire(timeout=LEDGER_WAIT_S):
+            raise LedgerBusy(
+                f"a ledger read of an earlier scrape has not finished in {LEDGER_WAIT_S:g} s"
+            )
+        try:
+            got = read_ledger(url, only, window)
+            self._last = got
+            return got
+        finally:
+            self._reading.release()
 
     def collect(self) -> Iterable[Metric]:
         started = time.perf_counter()
@@ -286,6 +325,8 @@ class FleetCollector(Collector):
             tasks=self.tasks,
             window=self.window,
             broker_url=self.broker_url,
+            ledger_reader=self._read_ledger,
+            last_ledger=self._last,
         )
         for source, error in st.errors.items():
             log.warning("scrape: %s unreadable: %s", source, error)

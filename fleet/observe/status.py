@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,12 @@ RATE_SAMPLE_CAP = 50_000
 PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS = (0, 3, 6, 9)
 UNACKED_KEY = "unacked"  # kombu's hash of delivered, not yet acknowledged messages
+# Bounds on one ledger read, so a table that a migration or VACUUM FULL holds
+# locked fails the read fast (the source shows as unreadable) instead of
+# hanging `fleet status` and piling up waiting backends behind the exporter.
+# Three statements at most: the read ends within about 3 x STATEMENT_TIMEOUT_S.
+LOCK_TIMEOUT_S = 1.0
+STATEMENT_TIMEOUT_S = 2.5
 
 
 @dataclass
@@ -113,6 +119,16 @@ class FleetStatus:
     latest_run: RunInfo | None = None
     errors: dict[str, str] = field(default_factory=dict)  # source -> what went wrong
     sources: dict[str, SourceStatus] = field(default_factory=dict)  # [sources.*] synced
+    # When the ledger figures shown were read (time.time()); older than taken_at
+    # when this read failed and an earlier read's values are shown. None: none.
+    ledger_read_at: float | None = None
+
+    @property
+    def ledger_age(self) -> float | None:
+        """Seconds between the ledger figures shown and this status (None: none shown)."""
+        if self.ledger_read_at is None:
+            return None
+        return max(0.0, self.taken_at - self.ledger_read_at)
 
     @property
     def done(self) -> bool:
@@ -133,6 +149,7 @@ class FleetStatus:
             "latest_run": self.latest_run.to_json() if self.latest_run else None,
             "errors": self.errors,
             "sources": {name: src.to_json() for name, src in self.sources.items()},
+            "ledger_age_seconds": _round(self.ledger_age),
         }
 
 
@@ -210,15 +227,41 @@ def latest_run(session: Session, *, task: str | None = None) -> RunInfo | None:
     return RunInfo(row.id, row.trigger, row.task, row.started_at, row.finished_at, row.counts)
 
 
-def _read_ledger(
-    url: str, only: str | None, window: float
-) -> tuple[dict[str, dict[str, int]], dict[str, float], RunInfo | None, dict[str, SourceStatus]]:
+@dataclass(frozen=True)
+class LedgerRead:
+    """The ledger's part of a status: counts by task and status, results per
+    second by task, the latest run, when they were read (time.time()) and the
+    declared sources' sync state."""
+
+    counts: dict[str, dict[str, int]]
+    rates: dict[str, float]
+    run: RunInfo | None
+    read_at: float
+    sources: dict[str, SourceStatus] = field(default_factory=dict)
+
+
+def read_ledger(url: str, only: str | None, window: float) -> LedgerRead:
+    """One ledger read, bounded: each statement waits at most LOCK_TIMEOUT_S for
+    a lock and runs at most STATEMENT_TIMEOUT_S (Postgres `lock_timeout`,
+    `statement_timeout`, set for this transaction only). Raises what the
+    database raises (sqlalchemy OperationalError on a timeout)."""
+    read_at = time.time()
     with transaction(url) as session:
+        session.execute(
+            text(
+                "SELECT set_config('lock_timeout', :lock, true), "
+                "set_config('statement_timeout', :statement, true)"
+            ),
+            {
+                "lock": f"{int(LOCK_TIMEOUT_S * 1000)}ms",
+                "statement": f"{int(STATEMENT_TIMEOUT_S * 1000)}ms",
+            },
+        )
         counts = ledger.counts(session, task=only)
         rates = throughput(session, window=window)
         run = latest_run(session, task=only)
         sources = read_sources(session)
-    return counts, rates, run, sources
+    return LedgerRead(counts, rates, run, read_at, sources)
 
 
 # -- broker --------------------------------------------------------------------------
@@ -280,17 +323,29 @@ def collect(
     only: str | None = None,
     window: float = RATE_WINDOW_S,
     broker_url: str | None = None,
+    ledger_reader: Callable[[str, str | None, float], LedgerRead] = read_ledger,
+    last_ledger: LedgerRead | None = None,
 ) -> FleetStatus:
     """Read the whole status. `tasks` are the configured task names (shown even
-    with no work items yet); `only` restricts everything to one task."""
+    with no work items yet); `only` restricts everything to one task.
+
+    `ledger_reader` reads the ledger (read_ledger: bounded by lock and
+    statement timeouts). When it fails, the source is in `errors` and
+    `last_ledger` (an earlier read of the same `only`), if given, supplies the
+    figures, with their age in `ledger_age`."""
     secrets = secrets_of([db_url, broker_url])
     st = FleetStatus(time.time(), window, {}, [])
-    counts: dict[str, dict[str, int]] = {}
-    rates: dict[str, float] = {}
+    got: LedgerRead | None = None
     try:
-        counts, rates, st.latest_run, st.sources = _read_ledger(db_url, only, window)
+        got = ledger_reader(db_url, only, window)
     except Exception as e:
         st.errors["database"] = _describe(e, secrets)
+        got = last_ledger
+    counts = got.counts if got else {}
+    rates = got.rates if got else {}
+    if got is not None:
+        st.latest_run, st.ledger_read_at = got.run, got.read_at
+        st.sources = got.sources
     try:
         st.workers = [w for w in scan_workers(client) if only is None or w.task == only]
     except (redis.RedisError, OSError) as e:
@@ -301,7 +356,7 @@ def collect(
         st.tasks[name] = TaskStatus(
             name,
             {s: int(c.get(s, 0)) for s in STATUSES},
-            items_per_second=None if "database" in st.errors else rates.get(name, 0.0),
+            items_per_second=None if got is None else rates.get(name, 0.0),
             workers=sum(1 for w in st.workers if w.task == name),
         )
     if "broker" not in st.errors:

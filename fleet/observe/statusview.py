@@ -21,7 +21,14 @@ from rich.text import Text
 from db.schema import STATUSES
 from fleet.config.exitcodes import ExitCode
 from fleet.config.settings import Settings, redact
-from fleet.observe.status import FleetStatus, TaskStatus, collect, configured_tasks
+from fleet.observe.status import (
+    FleetStatus,
+    LedgerRead,
+    TaskStatus,
+    collect,
+    configured_tasks,
+    read_ledger,
+)
 from workers.stats import redis_client
 
 
@@ -161,6 +168,9 @@ def sources_text(st: FleetStatus) -> Text:
 
 def errors_text(st: FleetStatus) -> Text:
     lines = [f"{source} unreadable: {msg}" for source, msg in st.errors.items()]
+    age = st.ledger_age
+    if "database" in st.errors and age is not None and age > 0:  # `fleet watch` keeps the last
+        lines.append(f"ledger figures shown are from {age:.0f} s ago")
     return Text("\n".join(lines), style="bold red")
 
 
@@ -256,9 +266,17 @@ def services_line(settings: Settings) -> str:
 
 
 def reader(settings: Settings, *, only: str | None) -> Callable[[], FleetStatus]:
-    """A function reading the status of the fleet these settings point at."""
+    """A function reading the status of the fleet these settings point at; while
+    the ledger cannot be read (a locked table: see status.read_ledger), each call
+    shows the last figures it read, with their age."""
     client = redis_client(settings.redis_url())
     tasks = configured_tasks(settings.config_file)
+    last: LedgerRead | None = None
+
+    def remember(url: str, only: str | None, window: float) -> LedgerRead:
+        nonlocal last
+        last = read_ledger(url, only, window)
+        return last
 
     def read() -> FleetStatus:
         return collect(
@@ -267,6 +285,8 @@ def reader(settings: Settings, *, only: str | None) -> Callable[[], FleetStatus]
             tasks=tasks,
             only=only,
             broker_url=settings.redis_url(),
+            ledger_reader=remember,
+            last_ledger=last,
         )
 
     return read

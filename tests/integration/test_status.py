@@ -389,3 +389,74 @@ def test_dashboard_names_only_metrics_the_exporter_exposes(db_url, broker_url, p
     variables = {v["name"]: v for v in doc["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
+
+
+def test_scrapes_and_status_answer_while_work_items_is_locked(db_url, env):
+    """A migration or VACUUM FULL holds work_items: scrapes answer within Prometheus'
+    10 s timeout with the last good figures and fleet_exporter_up{source="database"} 0,
+    no more than one backend waits on the lock, and `fleet status` answers too."""
+    import threading
+
+    import psycopg
+
+    _ingest(env, 30)
+    run_fleet(["enqueue", "-t", "intent", "--limit", "16"], env)
+    plain = db_url.replace("postgresql+psycopg://", "postgresql://")
+    exporter = Exporter(env)
+    locker = psycopg.connect(plain)
+    release = threading.Timer(40, locker.cancel)  # never hang the suite on the old behaviour
+    try:
+        before = exporter.scrape()
+        assert value(before, "fleet_exporter_up", source="database") == 1
+        locker.execute("LOCK TABLE work_items IN ACCESS EXCLUSIVE MODE")
+        release.start()
+        time.sleep(1.5)
+        results: list[tuple[float, dict[Any, float] | BaseException]] = []
+        waiting: list[int] = []
+
+        def scrape() -> None:
+            t0 = time.monotonic()
+            try:
+                got: dict[Any, float] | BaseException = exporter.scrape()
+            except BaseException as e:  # noqa: BLE001 - recorded and asserted below
+                got = e
+            results.append((time.monotonic() - t0, got))
+
+        threads = [threading.Thread(target=scrape) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        with psycopg.connect(plain, autocommit=True) as probe:
+            waiting.append(
+                probe.execute(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                ).fetchone()[0]
+            )
+        for t in threads:
+            t.join(60)
+        started = time.monotonic()
+        status = run_fleet(["status", "--json"], env, check=False, timeout=60)
+        status_seconds = time.monotonic() - started
+        assert locker.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    finally:
+        release.cancel()
+        locker.close()
+    assert all(not isinstance(got, BaseException) for _, got in results), results
+    assert max(seconds for seconds, _ in results) < 8, [s for s, _ in results]
+    assert waiting[0] <= 1, waiting
+    for _, got in results:
+        assert isinstance(got, dict)
+        assert value(got, "fleet_exporter_up", source="database") == 0
+        assert value(got, "fleet_exporter_up", source="broker") == 1
+        assert value(got, "fleet_backlog_items", task="intent", status="queued") == 16
+        assert value(got, "fleet_exporter_ledger_age_seconds") >= 1.5
+    assert status.returncode == 3, status.stderr
+    assert status_seconds < 10
+    doc = json.loads(status.stdout)
+    assert "lock timeout" in doc["errors"]["database"], doc["errors"]
+    after = exporter.scrape()
+    rc, err = exporter.stop()
+    assert rc == 0
+    assert value(after, "fleet_exporter_up", source="database") == 1
+    assert "database unreadable" in err

@@ -208,3 +208,66 @@ def test_small_forwards_give_the_same_text(adapter: TranscribeAdapter) -> None:
     finally:
         del adapter.tier.options["max_chunks_per_forward"]
     assert [r.output for r in together] == [r.output for r in apart]  # type: ignore[union-attr]
+
+
+def _speech(audio_root: Path, name: str, text: str) -> np.ndarray:
+    """espeak-ng saying `text`, at 16 kHz, with its leading and trailing silence trimmed."""
+    from workers.audio import decode_audio
+
+    wav = audio_root / f"{name}.wav"
+    subprocess.run(["espeak-ng", "-w", str(wav), text], check=True, timeout=60)
+    x, _ = decode_audio(wav, target_sr=16000)
+    loud = np.flatnonzero(np.abs(x) > 0.01)
+    return x[loud[0] : loud[-1] + 1]
+
+
+def test_a_word_by_the_window_cut_is_kept(adapter: TranscribeAdapter, audio_root: Path) -> None:
+    """A 150 ms pause and, later in the cut search range, a 40 ms dropout inside
+    "watermelon" (digital zeros: the quietest frame near 30 s). The cut goes into
+    the pause, so "watermelon" is transcribed once, whole."""
+    from workers.audio import chunk_audio
+
+    sr = 16000
+    lead = _speech(audio_root, "lead", "We should order more supplies for the office kitchen.")
+    ask = _speech(audio_root, "ask", "please buy a")
+    melon = _speech(audio_root, "melon", "watermelon")
+    rest = _speech(audio_root, "rest", "and some grapes for the party on Friday.")
+    melon = melon.copy()
+    mid = len(melon) // 2
+    melon[mid - int(0.02 * sr) : mid + int(0.02 * sr)] = 0.0  # a dropout inside the word
+    pause_at = int(28.35 * sr)
+    track = np.zeros(40 * sr, dtype=np.float32)
+    track[pause_at - len(lead) : pause_at] = lead
+    phrase = np.concatenate([ask, melon, rest])
+    start = pause_at + int(0.15 * sr)  # the 150 ms pause
+    track[start : start + len(phrase)] = phrase
+    dropout_at = (start + len(ask) + mid) / sr
+    assert 28.5 < dropout_at < 30.0, dropout_at  # in the 2 s search range, after the pause
+    track[int(33 * sr) : int(33 * sr) + len(lead)] = lead  # speech in the second window too
+    sf.write(audio_root / "cut.wav", track, sr, subtype="FLOAT")
+
+    prep = adapter.prepare(source(21, "cut.wav"))
+    (res,) = adapter.predict([prep])
+    assert isinstance(res, Prediction) and res.output is not None
+    said = res.output["transcript"].lower()
+    print(f"\n{said!r}")
+    assert said.count("watermelon") == 1, said
+    first = chunk_audio(track, sr=sr, cut_search_s=2.0)[0]
+    assert pause_at <= len(first) <= start, len(first) / sr  # cut in the pause
+    assert "cut_short_chunks" not in res.output
+
+
+def test_a_decode_stopped_by_the_token_limit_is_noted(adapter: TranscribeAdapter) -> None:
+    tier = adapter.tier
+    assert tier is not None
+    adapter.tier = TierSpec(
+        name=tier.name, path=tier.path, dtype=tier.dtype, options={"max_new_tokens": 4}
+    )
+    try:
+        (res,) = adapter.predict([adapter.prepare(source(22, "s0.wav"))])
+    finally:
+        adapter.tier = tier
+    assert isinstance(res, Prediction) and res.output is not None
+    assert res.output["cut_short_chunks"] == 1, res.output
+    assert "max_new_tokens" in res.output["cut_short_reason"]
+    assert 0 < len(res.output["transcript"].split()) < len(SENTENCES[0].split())

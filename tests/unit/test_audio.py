@@ -325,6 +325,34 @@ def test_chunk_cuts_at_silence() -> None:
     assert len(chunks) == 3
 
 
+def test_chunk_prefers_a_pause_to_a_later_dropout() -> None:
+    """A 40 ms dropout inside a word is quieter (digital zero) and later than a
+    150 ms pause that holds faint room noise: the cut goes into the pause."""
+    rng = np.random.default_rng(0)
+    x = tone(40.0)
+    x[int(28.6 * SR) : int(28.75 * SR)] = rng.normal(0, 1e-3, int(0.15 * SR))  # -60 dBFS
+    x[int(29.6 * SR) : int(29.64 * SR)] = 0.0
+    first = chunk_audio(x, cut_search_s=2.0)[0]
+    assert 28.6 * SR <= len(first) <= 28.75 * SR
+
+
+@pytest.mark.parametrize(
+    ("gaps", "expect"),
+    [
+        ([(28.2, 28.3), (29.0, 29.3)], (29.0, 29.3)),  # the longest pause wins
+        ([(28.2, 28.4), (29.0, 29.2)], (29.0, 29.2)),  # of two as long, the later
+        ([], (29.98, 30.0)),  # no pause: the quietest frame, here the last
+    ],
+)
+def test_chunk_cut_table(gaps: list[tuple[float, float]], expect: tuple[float, float]) -> None:
+    x = tone(40.0)
+    x[int(29.98 * SR) : int(30.0 * SR)] *= 0.5
+    for a, b in gaps:
+        x[int(a * SR) : int(b * SR)] = 0.0
+    first = chunk_audio(x, cut_search_s=2.0)[0]
+    assert expect[0] * SR <= len(first) <= expect[1] * SR
+
+
 def test_chunk_rejects_multichannel() -> None:
     with pytest.raises(ValueError):
         chunk_audio(np.zeros((10, 2), dtype=np.float32))

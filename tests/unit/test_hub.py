@@ -17,10 +17,22 @@ COMMIT_B = "b" * 40
 
 
 def _model(folder: Path, weights: bytes) -> Path:
+    """A model folder: config.json, a tokenizer file and a real safetensors file
+    holding `weights` as one uint8 tensor."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text('{"model_type": "bert"}')
-    (folder / "model.safetensors").write_bytes(weights)
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
+    save_file({"w": np.frombuffer(weights, dtype=np.uint8).copy()}, folder / "model.safetensors")
     return folder
+
+
+def _weights(folder: Path) -> bytes:
+    from safetensors.numpy import load_file
+
+    return load_file(folder / "model.safetensors")["w"].tobytes()
 
 
 @pytest.fixture
@@ -35,7 +47,7 @@ def test_hub_id_resolves_in_the_cache_with_its_commit(tmp_path, hf_home):
     snap = add_to_hub_cache(hf_home, "acme/tiny-intent", src, commit=COMMIT_A)
     got = resolve_tier(TierSpec(name="t", path="acme/tiny-intent"), tmp_path / "models")
     assert got.path == snap and got.revision == COMMIT_A and got.hub_id == "acme/tiny-intent"
-    assert (got.path / "model.safetensors").read_bytes() == b"weights-1"
+    assert _weights(got.path) == b"weights-1"
 
 
 def test_pinned_revision_and_a_newer_main(tmp_path, hf_home):
@@ -80,3 +92,42 @@ def test_a_worker_can_defer_hashing_a_local_folder(tmp_path):
     models = tmp_path / "models"
     _model(models / "m", b"w")
     assert resolve_tier(TierSpec(name="t", path="m"), models, hash_folder=False).revision is None
+
+
+def _no_weights(snapshot: Path) -> None:
+    (snapshot / "model.safetensors").unlink()
+
+
+def _truncated(snapshot: Path) -> None:
+    blob = (snapshot / "model.safetensors").resolve()
+    data = blob.read_bytes()
+    blob.write_bytes(data[: len(data) - 100])
+
+
+def _dangling(snapshot: Path) -> None:
+    (snapshot / "model.safetensors").resolve().unlink()  # the blob goes, the link stays
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (_no_weights, r"has configuration but no weights"),
+        (_truncated, r"model\.safetensors \(\d+ bytes\) is truncated or damaged"),
+        (_dangling, r"model\.safetensors links to \.\./\.\./blobs/[0-9a-f]+, which is missing"),
+    ],
+)
+def test_an_incomplete_snapshot_names_itself_and_fleet_models_pull(tmp_path, hf_home, damage, says):
+    src = _model(tmp_path / "src", bytes(range(200)))
+    snapshot = add_to_hub_cache(hf_home, "acme/m", src, commit=COMMIT_A)
+    damage(snapshot)
+    with pytest.raises(ModelNotCached, match=says) as err:
+        resolve_tier(TierSpec(name="t", path="acme/m"), tmp_path / "models")
+    assert str(snapshot) in str(err.value) and "`fleet models pull`" in str(err.value)
+
+
+def test_a_local_folder_with_truncated_weights_says_so(tmp_path):
+    models = tmp_path / "models"
+    folder = _model(models / "m", bytes(range(200)))
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:50])
+    with pytest.raises(ModelNotCached, match=r"m/model\.safetensors .* truncated or damaged"):
+        resolve_tier(TierSpec(name="t", path="m"), models)

@@ -35,3 +35,22 @@ def test_files_of_dead_processes_are_dropped_and_do_not_count(tmp_path):
     assert _other_live_users(users) is False
     assert not (users / str(dead.pid)).exists()
     assert _other_live_users(tmp_path / "missing") is False
+
+
+def test_an_unreadable_postmaster_pid_fails_at_once_naming_the_file_and_the_fix(tmp_path):
+    """`fleet status` on the embedded servers, with a postmaster.pid that cannot be
+    read: exit 3 naming the file and what to do, before any server starts."""
+    from click.testing import CliRunner
+
+    from fleet.cli import main
+
+    pidfile = tmp_path / "state" / "postgres" / "postmaster.pid"
+    pidfile.mkdir(parents=True)  # not a file: unreadable as one
+    res = CliRunner().invoke(
+        main,
+        ["status"],
+        env={"DATABASE_URL": None, "BROKER_URL": None, "FLEET_STATE_DIR": str(tmp_path / "state")},
+    )
+    assert res.exit_code == 3, res.output
+    assert f"cannot read {pidfile}" in res.output and "remove the file" in res.output
+    assert not (tmp_path / "state" / "postgres" / "PG_VERSION").exists()

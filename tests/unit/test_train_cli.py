@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import stat
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,9 @@ def _csv(path: Path, rows: list[tuple[str, str, float]]) -> Path:
 
 
 def test_train_from_csv_writes_a_servable_folder(tmp_path: Path, tiny_base: Path) -> None:
+    from fleet.models.folders import current_umask
+
+    umask = current_umask()
     rows = [(f"{p} {t}", lab, 0.9) for lab, p in PHRASES.items() for t in TOPICS]
     data = _csv(tmp_path / "intent.csv", rows)
     out = tmp_path / "trained"
@@ -70,6 +74,11 @@ def test_train_from_csv_writes_a_servable_folder(tmp_path: Path, tiny_base: Path
     from transformers import AutoConfig
 
     assert (out / "model.safetensors").is_file()
+    # Workers run as another user (k8s runAsUser, systemd User=): readable as the umask allows.
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
+        p.name: 0o666 & ~umask for p in out.iterdir()
+    }
     assert not list(out.glob("*.bin")) and not list(out.glob("checkpoint-*"))
     assert list(AutoConfig.from_pretrained(out).id2label.values()) == list(INTENT_LABELS)
     saved = json.loads((out / "training_metrics.json").read_text())

