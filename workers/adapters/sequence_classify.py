@@ -69,12 +69,7 @@ class SequenceClassifyAdapter:
         import torch
 
         windows: list[Windows] = [p.payload for p in batch]
-        flat = [ids for w in windows for ids in w.ids]
-        padded = self.tokenizer.pad({"input_ids": flat}, return_tensors="pt")
-        padded = {k: v.to(self.device) for k, v in padded.items()}
-        with torch.inference_mode():
-            logits = self.model(**padded).logits.float()
-        rows = torch.softmax(logits, dim=-1).cpu().tolist()
+        rows = self.window_probs(windows)
         id2label = self.model.config.id2label
         out: list[Prediction | InputError] = []
         at = 0
@@ -96,3 +91,16 @@ class SequenceClassifyAdapter:
                 )
             )
         return out
+
+    def window_probs(self, windows: list[Windows]) -> list[list[float]]:
+        """Label probabilities of every window (rows in item, then window order),
+        one padded forward pass."""
+        import torch
+
+        flat = [ids for w in windows for ids in w.ids]
+        padded = self.tokenizer.pad({"input_ids": flat}, return_tensors="pt")
+        padded = {k: v.to(self.device) for k, v in padded.items()}
+        with torch.inference_mode():
+            logits = self.model(**padded).logits.float()
+        rows: list[list[float]] = torch.softmax(logits, dim=-1).cpu().tolist()
+        return rows
