@@ -18,7 +18,8 @@ all-minilm-l6-v2 with the task's prototypes), at the tier's max_length (256):
             pools the same rows)
 For `llm_classify` (SmolLM2 label scoring as configured), the first --llm-items
 long items (spread over labels and positions) and as many short ones, with the
-prompt as the adapter builds it now.
+prompt as the whole transcript (middle cut when it must: `prompt = "transcript"`,
+the default) and fitted around the user's turns (`prompt = "user_turns"`).
 
 Prints, per task, reading and set: items, accuracy, macro-F1 (over the gold labels
 of that set), CPU seconds per item and per 1,000 tokens read (process CPU time,
@@ -151,8 +152,10 @@ def run_llm(models_dir: Path, sets: dict[str, list[dict[str, Any]]]) -> dict[str
     folder = prepare_smollm(models_dir)
     adapter = LLMClassifyAdapter(labels=spec.labels, **spec.options)
     adapter.load(spec.ladder[0], str(folder), "cpu")
-    out: dict[str, Any] = {}
-    for name, rows in sets.items():
+    out: dict[tuple[str, str], Any] = {}
+    for prompt, name in [(p, n) for p in ("transcript", "user_turns") for n in sets]:
+        adapter.prompt = prompt
+        rows = sets[name]
         preds: list[str | None] = []
         tokens = 0
         started = time.process_time()
@@ -167,7 +170,7 @@ def run_llm(models_dir: Path, sets: dict[str, list[dict[str, Any]]]) -> dict[str
             preds += [
                 None if isinstance(p, InputError) else p.label for p in adapter.predict(prepared)
             ]
-        out[name] = (preds, time.process_time() - started, tokens)
+        out[prompt, name] = (preds, time.process_time() - started, tokens)
     adapter.unload()
     return out
 
@@ -261,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             "long": llm_rows(long_rows, args.llm_items),
             "short": llm_rows(short_rows, args.llm_items),
         }
-        for s, (pred, cpu, tokens) in run_llm(models_dir, picked).items():
+        for (prompt, s), (pred, cpu, tokens) in run_llm(models_dir, picked).items():
             gold = [r["label"] for r in picked[s]]
-            print(line("llm_classify", "prompt", s, gold, pred, cpu, tokens), flush=True)
+            print(line("llm_classify", prompt, s, gold, pred, cpu, tokens), flush=True)
     if args.json:
         print(json.dumps(figures))
     return 0

@@ -244,3 +244,51 @@ def pool(
     )
     best = max(range(labels), key=probs.__getitem__)
     return Pooled(probs, max(range(len(rows)), key=lambda k: weights[k] * rows[k][best]))
+
+
+def fit_turns(
+    turns: Sequence[tuple[str, int]], room: int, *, assistant_cap: int
+) -> tuple[list[Segment], int]:
+    """Which tokens of each turn go into one prompt of `room` tokens, built around
+    the user's turns (for a causal LM that reads one prompt, not windows).
+
+    1. an assistant turn longer than `assistant_cap` keeps its first
+       `assistant_cap` tokens (0 drops assistant turns);
+    2. while over `room`: drop assistant turns, oldest first; then user turns,
+       oldest first, never the latest user turn (the latest are kept first);
+    3. the latest user turn alone longer than `room` keeps its last `room` tokens.
+
+    Returns (segments in conversation order, tokens left out). Empty turns are
+    left out at no cost. Raises ValueError when room < 1 or assistant_cap < 0.
+    """
+    if room < 1:
+        raise ValueError(f"room must be at least 1 token, got {room}")
+    if assistant_cap < 0:
+        raise ValueError(f"assistant_cap must be >= 0, got {assistant_cap}")
+    total = sum(max(n, 0) for _, n in turns)
+    keep: dict[int, Segment] = {}
+    for i, (role, n) in enumerate(turns):
+        if n <= 0:
+            continue
+        end = n if is_user(role) else min(n, assistant_cap)
+        if end > 0:
+            keep[i] = Segment(i, 0, end)
+    users = [i for i in keep if is_user(turns[i][0])]
+    latest = users[-1] if users else None
+
+    def used() -> int:
+        return sum(s.length for s in keep.values())
+
+    for i in [i for i in keep if i not in users]:
+        if used() <= room:
+            break
+        del keep[i]
+    for i in users[:-1]:
+        if used() <= room:
+            break
+        del keep[i]
+    if latest is not None and used() > room:
+        n = keep[latest].end
+        keep[latest] = Segment(latest, n - room, n)
+    segments = [keep[i] for i in sorted(keep)]
+    return segments, total - sum(s.length for s in segments)

@@ -35,7 +35,12 @@ def spans(plan: WindowPlan) -> list[list[tuple[int, int, int]]]:
             [[(0, 0, 2)], [(1, 0, 10)], [(1, 10, 12)], [(2, 0, 2)]],
         ),
         # empty turns take no place
-        ([("user", 0), ("assistant", 4), ("user", 0), ("user", 3)], 10, 2, [[(1, 0, 4), (3, 0, 3)]]),
+        (
+            [("user", 0), ("assistant", 4), ("user", 0), ("user", 3)],
+            10,
+            2,
+            [[(1, 0, 4), (3, 0, 3)]],
+        ),
         # no overlap asked
         ([("user", 20)], 10, 0, [[(0, 0, 10)], [(0, 10, 20)]]),
     ],
@@ -153,3 +158,51 @@ def test_pool_rejects_a_row_count_that_differs_and_unknown_rules() -> None:
 
 def test_segment_length() -> None:
     assert Segment(0, 3, 10).length == 7
+
+
+@pytest.mark.parametrize(
+    ("turns", "room", "cap", "expected", "dropped"),
+    [
+        # everything fits: only long assistant turns are cut
+        (
+            [("user", 5), ("assistant", 30), ("user", 5)],
+            100,
+            10,
+            [(0, 0, 5), (1, 0, 10), (2, 0, 5)],
+            20,
+        ),
+        # over: assistant turns go first, oldest first
+        (
+            [("user", 5), ("assistant", 10), ("user", 5), ("assistant", 10), ("user", 5)],
+            25,
+            10,
+            [(0, 0, 5), (2, 0, 5), (3, 0, 10), (4, 0, 5)],
+            10,
+        ),
+        # then the oldest user turns; the latest user turn is never dropped
+        (
+            [("user", 10), ("user", 10), ("assistant", 5), ("user", 10)],
+            20,
+            10,
+            [(1, 0, 10), (3, 0, 10)],
+            15,
+        ),
+        # the latest user turn alone too long: its tail
+        ([("user", 10), ("user", 50)], 20, 10, [(1, 30, 50)], 40),
+        # assistant_cap 0: user turns only; empty turns cost nothing
+        (
+            [("user", 4), ("assistant", 9), ("user", 0), ("user", 3)],
+            50,
+            0,
+            [(0, 0, 4), (3, 0, 3)],
+            9,
+        ),
+    ],
+)
+def test_fit_turns(turns, room, cap, expected, dropped) -> None:
+    from workers.windows import fit_turns
+
+    segments, left_out = fit_turns(turns, room, assistant_cap=cap)
+    assert [(s.turn, s.start, s.end) for s in segments] == expected
+    assert left_out == dropped
+    assert sum(s.length for s in segments) <= room
