@@ -7,7 +7,13 @@ from typing import Any
 
 from fleet.config.taskconfig import TierSpec
 from workers.adapters.base import InputError, Prediction, Prepared, Source
-from workers.adapters.windowed import Reading, Windows, encode_windows, reading_output
+from workers.adapters.windowed import (
+    Reading,
+    Windows,
+    check_trained_reading,
+    encode_windows,
+    reading_output,
+)
 from workers.windows import pool
 
 
@@ -49,6 +55,8 @@ class SequenceClassifyAdapter:
         limit = getattr(self.model.config, "max_position_embeddings", None) or tier.max_length
         self.max_length = min(tier.max_length, limit)
         self.reading = Reading.from_options(self.max_length, tier.options)
+        saved = getattr(self.model.config, "fleet_reading", None)
+        check_trained_reading(saved, self.reading, model=model_path)
         self.device = device
 
     def unload(self) -> None:

@@ -138,3 +138,42 @@ def reading_output(windows: Windows, pooled: Pooled, reading: Reading) -> dict[s
         out["unread"] = plan.unread()
         out["tokens_unread"] = plan.tokens_unread
     return out
+
+
+ROLE_PREFIXES = ("user", "assistant", "system", "human", "customer", "caller", "agent", "bot")
+
+
+def text_data(text: str) -> dict[str, Any]:
+    """A labeled example's text as the conversation the fleet would serve.
+
+    Text of `role: content` lines (how `fleet.models.labeled` stores a
+    conversation, and how the encoders read one) becomes its messages again, so
+    training windows follow the same turn boundaries as serving; a line without a
+    known role prefix continues the turn before it. Text that does not start
+    with a role is one bare text ({"text": ...}), as a transcript is served."""
+    lines = text.split("\n")
+    if not any(lines[0].startswith(f"{r}: ") for r in ROLE_PREFIXES):
+        return {"text": text}
+    messages: list[dict[str, str]] = []
+    for line in lines:
+        role = next((r for r in ROLE_PREFIXES if line.startswith(f"{r}: ")), None)
+        if role is None:
+            messages[-1]["content"] += "\n" + line
+        else:
+            messages.append({"role": role, "content": line[len(role) + 2 :]})
+    return {"messages": messages}
+
+
+def check_trained_reading(saved: dict[str, Any] | None, reading: Reading, *, model: str) -> None:
+    """Raise ValueError when a folder trained by `fleet train` (config.json key
+    `fleet_reading`) was trained on windows of another length than the tier reads:
+    what is trained and what is served must not differ. Folders without the key
+    (trained elsewhere) are not checked."""
+    if not saved or "max_length" not in saved:
+        return
+    if int(saved["max_length"]) != reading.max_length:
+        raise ValueError(
+            f"{model} was trained on windows of {saved['max_length']} tokens but this tier "
+            f"reads {reading.max_length}: set max_length = {saved['max_length']} on the tier "
+            "or retrain with `fleet train` (it takes the tier's max_length)"
+        )
