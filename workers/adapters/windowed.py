@@ -91,7 +91,8 @@ def encode_windows(
     The joined text is tokenized whole first: when it fits `max_length` it is the
     single window. Otherwise each turn is tokenized without special tokens, the
     turns are windowed by `build_windows` (window size = max_length minus the
-    tokenizer's special tokens) and each window's ids get the special tokens back.
+    tokenizer's special tokens) and each window's ids get the special tokens back
+    (`special_tokens`).
     """
     turns = turns_of(data, max_chars=max_chars)
     per_turn = [
@@ -102,8 +103,7 @@ def encode_windows(
     whole = tokenizer("\n".join(line for _, line in turns if line), verbose=False)["input_ids"]
     if len(whole) <= reading.max_length:
         return Windows([whole], build_windows(counts, size=max(sum(n for _, n in counts), 1)))
-    special = tokenizer.num_special_tokens_to_add(pair=False)
-    size = reading.max_length - special
+    size = reading.max_length - tokenizer.num_special_tokens_to_add(pair=False)
     if size < 2:
         raise ValueError(f"max_length {reading.max_length} leaves no room for text")
     plan = build_windows(
@@ -112,13 +112,23 @@ def encode_windows(
         overlap=min(reading.overlap, size // 2),
         max_windows=reading.max_windows,
     )
+    head, tail = special_tokens(tokenizer)
     ids = [
-        tokenizer.build_inputs_with_special_tokens(
-            [t for s in w.segments for t in per_turn[s.turn][s.start : s.end]]
-        )
+        head + [t for s in w.segments for t in per_turn[s.turn][s.start : s.end]] + tail
         for w in plan.windows
     ]
     return Windows(ids, plan)
+
+
+def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer puts before and after one text ([CLS] / [SEP] for BERT,
+    <s> / </s> for RoBERTa), read off the encoding of a one-word text."""
+    full = list(tokenizer("x")["input_ids"])
+    inner = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    for k in range(len(full) - len(inner) + 1):
+        if full[k : k + len(inner)] == inner:
+            return full[:k], full[k + len(inner) :]
+    raise ValueError("cannot find where this tokenizer puts its special tokens")
 
 
 def reading_output(windows: Windows, pooled: Pooled, reading: Reading) -> dict[str, Any]:

@@ -197,6 +197,25 @@ class ZeroShotAdapter:
                 return self._pooled(windows, self.window_probs(windows))
         return [self._prediction(row) for row in probs.cpu().tolist()]
 
+    def window_probs(self, windows: list[Windows]) -> list[list[float]]:
+        """Embedding method: label probabilities of every window (rows in item, then
+        window order), one padded forward pass."""
+        import torch
+
+        flat = [ids for w in windows for ids in w.ids]
+        enc = self.tokenizer.pad({"input_ids": flat}, return_tensors="pt")
+        with torch.inference_mode():
+            emb = self._embed({k: v.to(self.device) for k, v in enc.items()})
+            per_proto = emb @ self.label_emb.T  # (windows, prototypes)
+            sums = torch.zeros(
+                (per_proto.shape[0], len(self.names)), device=per_proto.device
+            ).index_add_(1, self.owners, per_proto)
+            counts = torch.bincount(self.owners, minlength=len(self.names)).to(sums.dtype)
+            cos = sums / counts  # mean cosine over each label's prototypes
+            probs = (cos / self.temperature).softmax(-1) if not self.multi_label else (cos + 1) / 2
+        rows: list[list[float]] = probs.cpu().tolist()
+        return rows
+
     def _pooled(
         self, windows: list[Windows], rows: list[list[float]]
     ) -> list[Prediction | InputError]:
