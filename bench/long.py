@@ -1,6 +1,7 @@
 """Long conversations: reading the head (the old way) vs reading every window.
 
-    .venv/bin/python -m bench.long [--models-dir DIR] [--llm-items 14] [--threads N] [--seed 0]
+    .venv/bin/python -m bench.long [--models-dir DIR] [--tasks intent,topic] [--llm-items 14]
+        [--threads N] [--seed 0]
 
 Sets (none of them is training data):
   long    bench.long_set: 210 conversations of 750-920 MiniLM tokens, each
@@ -109,22 +110,24 @@ def encoder_readings(adapter: Any, rows: list[dict[str, Any]]) -> dict[str, Any]
     return out
 
 
-def load_encoders(models_dir: Path) -> dict[str, Any]:
+def load_encoders(models_dir: Path, names: list[str]) -> dict[str, Any]:
     from fleet.config.taskconfig import load_tasks
     from fleet.models.prepare import INTENT, prepare_intent, prepare_minilm
     from workers.adapters.sequence_classify import SequenceClassifyAdapter
     from workers.adapters.zero_shot import ZeroShotAdapter
 
     tasks = load_tasks()
-    prepare_intent(models_dir)
-    prepare_minilm(models_dir)
-    intent = SequenceClassifyAdapter()
-    tier = tasks["intent"].ladder[0]
-    intent.load(tier, str(models_dir / INTENT), "cpu")
-    topic = ZeroShotAdapter(labels=tasks["topic"].labels, **tasks["topic"].options)
-    ttier = tasks["topic"].ladder[0]
-    topic.load(ttier, str(models_dir / ttier.path), "cpu")
-    return {"intent": intent, "topic": topic}
+    out: dict[str, Any] = {}
+    if "intent" in names:
+        prepare_intent(models_dir)
+        out["intent"] = SequenceClassifyAdapter()
+        out["intent"].load(tasks["intent"].ladder[0], str(models_dir / INTENT), "cpu")
+    if "topic" in names:
+        prepare_minilm(models_dir)
+        out["topic"] = ZeroShotAdapter(labels=tasks["topic"].labels, **tasks["topic"].options)
+        tier = tasks["topic"].ladder[0]
+        out["topic"].load(tier, str(models_dir / tier.path), "cpu")
+    return out
 
 
 def llm_rows(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
@@ -142,7 +145,7 @@ def llm_rows(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     return out
 
 
-def run_llm(models_dir: Path, sets: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def run_llm(models_dir: Path, sets: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str], Any]:
     from fleet.config.taskconfig import load_tasks
     from fleet.models.convert.smollm import prepare_smollm
     from workers.adapters.base import InputError, Source
@@ -200,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tasks", default="intent,topic", help="encoder tasks to measure")
     parser.add_argument(
         "--json", action="store_true", help="one JSON line with every figure at the end"
     )
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     figures: dict[str, Any] = {}
     choice_f1: dict[str, float] = {}
-    for task, adapter in load_encoders(models_dir).items():
+    for task, adapter in load_encoders(models_dir, args.tasks.split(",")).items():
         runs = {s: encoder_readings(adapter, sets[s]) for s in ("long", "short", "alone")}
         for reading in runs["long"]["labels"]:
             for s in ("long", "long choice", "long held-out", "short", "alone"):
@@ -257,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{task} short items labelled as head-reading by {reading}: {same}/{len(short['head'])}"
             )
         adapter.unload()
-    best = max(choice_f1, key=choice_f1.__getitem__)
-    print(f"pooling chosen on the long choice part (intent + topic macro-F1): {best}")
+    if choice_f1:
+        best = max(choice_f1, key=choice_f1.__getitem__)
+        print(f"pooling chosen on the long choice part ({args.tasks} macro-F1 summed): {best}")
     if args.llm_items:
         picked = {
             "long": llm_rows(long_rows, args.llm_items),
