@@ -42,6 +42,7 @@ from typing import Any
 
 from fleet.models.folders import make_readable
 from fleet.models.labeled import (
+    MAX_TEXT_CHARS,
     Example,
     TrainingDataError,
     check_labels,
@@ -51,6 +52,15 @@ from fleet.models.labeled import (
     split_examples,
 )
 from fleet.reporting.scoring import classification_report
+from workers.adapters.windowed import (
+    DEFAULT_MAX_WINDOWS,
+    DEFAULT_OVERLAP,
+    DEFAULT_POOLING,
+    Reading,
+    encode_windows,
+    text_data,
+)
+from workers.windows import pool
 
 __all__ = [
     "INTENT_LABELS",
@@ -98,12 +108,30 @@ class TrainConfig:
     epochs: int = 10
     lr: float = 1e-4
     batch_size: int = 16
-    max_length: int = 128
+    # How examples are read: the served tier's reading (workers.adapters.windowed).
+    # None: the served tier's max_length (`fleet train`), 256 where there is none.
+    max_length: int | None = None
+    pooling: str = DEFAULT_POOLING
+    max_windows: int | None = DEFAULT_MAX_WINDOWS
+    window_overlap: int = DEFAULT_OVERLAP
     patience: int = 2
     warmup: float = 0.1  # fraction of the steps
     weight_decay: float = 0.01
     class_weighting: str = "balanced"  # balanced | none
     seed: int = 0
+
+    def reading(self) -> Reading:
+        """The windowing and pooling examples are trained and scored with."""
+        return Reading(
+            self.max_length or SERVED_MAX_LENGTH,
+            self.pooling,
+            self.max_windows,
+            self.window_overlap,
+        )
+
+
+SERVED_MAX_LENGTH = 256  # the bundled tiers' max_length (fleet/data/tasks.toml)
+READING_KEY = "fleet_reading"  # the model folder's config.json key holding the reading
 
 
 def base_model_path() -> Path:
@@ -136,19 +164,27 @@ def ordered_labels(labels: Iterable[str]) -> list[str]:
 
 
 def _encode(
-    tokenizer: Any, examples: Sequence[Example], label2id: dict[str, int], max_len: int
+    tokenizer: Any, examples: Sequence[Example], label2id: dict[str, int], reading: Reading
 ) -> Any:
+    """One training row per window of each example, windowed as the served tier reads
+    (workers.adapters.windowed.encode_windows): a short example is one row, exactly
+    what serving reads; a long one gives each of its windows the example's label."""
     import torch
 
-    ids = tokenizer([ex.text for ex in examples], truncation=True, max_length=max_len)["input_ids"]
+    rows: list[dict[str, Any]] = []
+    for ex in examples:
+        windows = encode_windows(tokenizer, text_data(ex.text), reading, max_chars=MAX_TEXT_CHARS)
+        for ids in windows.ids:
+            rows.append(
+                {"input_ids": ids, "labels": label2id[ex.label], "sample_weight": ex.weight}
+            )
 
     class Encoded(torch.utils.data.Dataset):  # type: ignore[type-arg]
         def __len__(self) -> int:
-            return len(examples)
+            return len(rows)
 
         def __getitem__(self, i: int) -> dict[str, Any]:
-            ex = examples[i]
-            return {"input_ids": ids[i], "labels": label2id[ex.label], "sample_weight": ex.weight}
+            return rows[i]
 
     return Encoded()
 
@@ -345,8 +381,8 @@ def train_classifier(
         trainer = _trainer_class()(
             model=model,
             args=args,
-            train_dataset=_encode(tokenizer, train, label2id, config.max_length),
-            eval_dataset=_encode(tokenizer, valid, label2id, config.max_length),
+            train_dataset=_encode(tokenizer, train, label2id, config.reading()),
+            eval_dataset=_encode(tokenizer, valid, label2id, config.reading()),
             data_collator=_collator(tokenizer),
             compute_metrics=metrics,
             callbacks=callbacks,
@@ -371,6 +407,8 @@ def train_classifier(
         out_path = Path(out_dir)
         out_path.mkdir(parents=True, exist_ok=True)
         trainer.model.eval()
+        # The reading it was trained with: the adapter refuses a tier that reads otherwise.
+        setattr(trainer.model.config, READING_KEY, config.reading().as_dict())
         trainer.model.save_pretrained(out_path, safe_serialization=True)
         tokenizer.save_pretrained(out_path)
         make_readable(out_path)  # safetensors writes weights 0600
@@ -389,10 +427,13 @@ def predict(
     texts: Sequence[str],
     *,
     batch_size: int = 32,
-    max_length: int = 128,
+    max_length: int = SERVED_MAX_LENGTH,
+    reading: Reading | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
-    """Label names the classifier folder predicts for `texts` (CPU, no grad), one per text.
+    """Label names the classifier folder predicts for `texts` (CPU, no grad), one per
+    text, read as served: every window, pooled (`reading`, default: the one the folder
+    was trained with, else `max_length` with the default pooling).
 
     `progress(done, total)` is called after each batch."""
     import torch
@@ -401,18 +442,26 @@ def predict(
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
     model.eval()
+    if reading is None:
+        saved = getattr(model.config, READING_KEY, None)
+        reading = Reading.from_options(saved["max_length"], saved) if saved else Reading(max_length)
     id2label = model.config.id2label
     out: list[str] = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                list(texts[i : i + batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
+            windows = [
+                encode_windows(tokenizer, text_data(t), reading, max_chars=MAX_TEXT_CHARS)
+                for t in texts[i : i + batch_size]
+            ]
+            enc = tokenizer.pad(
+                {"input_ids": [ids for w in windows for ids in w.ids]}, return_tensors="pt"
             )
-            out.extend(id2label[int(j)] for j in model(**enc).logits.argmax(dim=-1).tolist())
+            rows = model(**enc).logits.float().softmax(-1).tolist()
+            at = 0
+            for w in windows:
+                pooled = pool(rows[at : at + len(w.ids)], w.plan, reading.pooling)
+                at += len(w.ids)
+                out.append(id2label[max(range(len(pooled.probs)), key=pooled.probs.__getitem__)])
             if progress is not None:
                 progress(len(out), len(texts))
     return out
@@ -422,16 +471,15 @@ def evaluate(
     model_dir: str | Path,
     examples: Sequence[Example],
     *,
-    max_length: int = 128,
+    reading: Reading | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of a saved classifier on `examples` (`fleet.reporting.scoring.classification_report`)."""
+    """Metrics of a saved classifier on `examples` read as served (`predict`)
+    (`fleet.reporting.scoring.classification_report`)."""
     from transformers import AutoConfig
 
     labels = list(AutoConfig.from_pretrained(model_dir, local_files_only=True).id2label.values())
-    predicted = predict(
-        model_dir, [ex.text for ex in examples], max_length=max_length, progress=progress
-    )
+    predicted = predict(model_dir, [ex.text for ex in examples], reading=reading, progress=progress)
     return classification_report([ex.label for ex in examples], predicted, labels)
 
 
@@ -439,15 +487,22 @@ def _scores(rep: dict[str, Any]) -> dict[str, Any]:
     return {k: rep[k] for k in ("n", "accuracy", "macro_f1", "per_label", "confusion")}
 
 
-def tier_toml(task: str, name: str, path: str | Path, *, max_length: int = 256) -> str:
-    """The TOML lines that put a trained folder at the top of `task`'s ladder."""
-    return (
+def tier_toml(task: str, name: str, path: str | Path, *, reading: Reading | None = None) -> str:
+    """The TOML lines that put a trained folder at the top of `task`'s ladder, reading
+    as it was trained (max_length, pooling, max_windows, window_overlap)."""
+    reading = reading or Reading(SERVED_MAX_LENGTH)
+    lines = (
         f"[[tasks.{task}.ladder]]\n"
         f"name = {json.dumps(name)}\n"
         f"path = {json.dumps(str(path))}\n"
-        f"max_length = {max_length}\n"
+        f"max_length = {reading.max_length}\n"
         "max_batch_tokens = 8192\n"
+        f"pooling = {json.dumps(reading.pooling)}\n"
+        f"window_overlap = {reading.overlap}\n"
     )
+    if reading.max_windows is not None:
+        lines += f"max_windows = {reading.max_windows}\n"
+    return lines
 
 
 def model_card(m: dict[str, Any]) -> str:
@@ -527,7 +582,7 @@ def train_task(
             if progress is not None:
                 progress({"stage": "eval", "set": name, "done": done, "total": total})
 
-        return evaluate(out_dir, exs, max_length=config.max_length, progress=step)
+        return evaluate(out_dir, exs, reading=config.reading(), progress=step)
 
     val = scored("validation", valid)
     test = scored("test", test_examples) if test_examples else None
@@ -557,7 +612,7 @@ def train_task(
         "validation_scores": _scores(val),
         "test_data": test_data,
         "test": _scores(test) if test else None,
-        "toml": tier_toml(task, f"{out_path.name}", out_path.resolve()),
+        "toml": tier_toml(task, f"{out_path.name}", out_path.resolve(), reading=config.reading()),
     }
     (out_path / METRICS_FILE).write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
     (out_path / CARD_FILE).write_text(model_card(m), encoding="utf-8")

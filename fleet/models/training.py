@@ -24,6 +24,7 @@ from typing import Any
 
 from fleet.config.taskconfig import TaskSpec, resolve_model_path
 from fleet.models.labeled import TrainingDataError
+from workers.adapters.windowed import Reading
 
 
 def task_labels(spec: TaskSpec, models_dir: Path) -> list[str] | None:
@@ -181,6 +182,13 @@ def training_progress(title: str) -> Iterator[Callable[[dict[str, Any]], None]]:
         yield update
 
 
+def served_reading(spec: TaskSpec, out: Path) -> Reading:
+    """How the tier that serves `out` reads: the ladder tier whose path names the
+    folder, else the task's first tier (where `fleet train` tells you to put it)."""
+    tier = next((t for t in spec.ladder if Path(t.path).name == out.name), spec.ladder[0])
+    return Reading.from_options(tier.max_length, tier.options)
+
+
 def run_training(
     spec: TaskSpec,
     *,
@@ -198,9 +206,15 @@ def run_training(
 ) -> dict[str, Any]:
     """Train `spec`'s classifier into `out` (written whole, then moved into place).
 
+    Train as you serve: a config without max_length takes the reading of the tier
+    the folder serves (`served_reading`: max_length, pooling, max_windows,
+    window_overlap), so examples are windowed as that tier reads conversations; the
+    reading is written into the folder's config.json and the printed TOML.
+
     Raises TrainingDataError for unusable data (see `fleet.models.labeled`) and
     ValueError for a task that is not `sequence_classify`.
     """
+    import dataclasses
     import shutil
 
     from fleet.models.finetune import train_task
@@ -209,6 +223,15 @@ def run_training(
     if spec.kind != "sequence_classify":
         raise ValueError(
             f"task {spec.name!r} is {spec.kind}; `fleet train` trains sequence_classify tasks"
+        )
+    if config.max_length is None:
+        served = served_reading(spec, out)
+        config = dataclasses.replace(
+            config,
+            max_length=served.max_length,
+            pooling=served.pooling,
+            max_windows=served.max_windows,
+            window_overlap=served.overlap,
         )
     labels = task_labels(spec, models_dir)
     eval_examples = load_labeled(eval_file) if eval_file else None
@@ -244,7 +267,7 @@ def run_training(
     # The card and metrics name the final folder, not the temporary one.
     from fleet.models.finetune import CARD_FILE, METRICS_FILE, model_card, tier_toml
 
-    metrics["toml"] = tier_toml(spec.name, out.name, out.resolve())
+    metrics["toml"] = tier_toml(spec.name, out.name, out.resolve(), reading=config.reading())
     (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (tmp / CARD_FILE).write_text(model_card(metrics), encoding="utf-8")
     if out.exists():
@@ -255,6 +278,7 @@ def run_training(
 
 __all__ = [
     "Chosen",
+    "served_reading",
     "TrainingDataError",
     "choose_examples",
     "run_training",

@@ -155,7 +155,15 @@ def test_tier_toml_parses_into_a_ladder(tmp_path: Path) -> None:
         '[tasks.intent]\nkind = "sequence_classify"\n' + tier_toml("intent", "m", tmp_path / "m")
     )
     assert doc["tasks"]["intent"]["ladder"] == [
-        {"name": "m", "path": str(tmp_path / "m"), "max_length": 256, "max_batch_tokens": 8192}
+        {
+            "name": "m",
+            "path": str(tmp_path / "m"),
+            "max_length": 256,
+            "max_batch_tokens": 8192,
+            "pooling": "recency",
+            "window_overlap": 32,
+            "max_windows": 16,
+        }
     ]
 
 

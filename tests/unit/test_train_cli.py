@@ -81,6 +81,10 @@ def test_train_from_csv_writes_a_servable_folder(tmp_path: Path, tiny_base: Path
     }
     assert not list(out.glob("*.bin")) and not list(out.glob("checkpoint-*"))
     assert list(AutoConfig.from_pretrained(out).id2label.values()) == list(INTENT_LABELS)
+    # trained as the bundled intent tier serves: 256-token windows, written into the folder
+    reading = json.loads((out / "config.json").read_text())["fleet_reading"]
+    assert reading["max_length"] == 256 and reading["pooling"] == "recency"
+    assert report["config"]["max_length"] == 256 and "max_length = 256" in report["toml"]
     saved = json.loads((out / "training_metrics.json").read_text())
     assert saved["data_sha256"] == report["data_sha256"] and saved["base_model"] == str(tiny_base)
     card = (out / "README.md").read_text()
@@ -96,7 +100,7 @@ def test_train_from_csv_writes_a_servable_folder(tmp_path: Path, tiny_base: Path
     from workers.adapters.sequence_classify import SequenceClassifyAdapter
 
     adapter = SequenceClassifyAdapter()
-    adapter.load(TierSpec(name="t", path=str(out)), str(out), "cpu")
+    adapter.load(TierSpec(name="t", path=str(out), max_length=256), str(out), "cpu")
     source = Source(1, "conversation", "c1", {"messages": [{"role": "user", "content": "hi"}]})
     [pred] = adapter.predict([adapter.prepare(source)])
     assert pred.label in INTENT_LABELS  # type: ignore[union-attr]
@@ -115,6 +119,62 @@ def test_human_output_shows_scores_and_the_toml_lines(tmp_path: Path, tiny_base:
     assert "[[tasks.intent.ladder]]" in result.output
     [folder] = (tmp_path / "models").glob("intent-trained-*")
     assert f'path = "{folder.resolve()}"' in result.output
+
+
+def test_train_as_you_serve(tmp_path: Path, tiny_base: Path) -> None:
+    """The served tier's reading (max_length, pooling) is what training windows with,
+    what config.json and the printed TOML say, and a tier reading otherwise is refused."""
+    config = tmp_path / "tasks.toml"
+    config.write_text(
+        '[tasks.intent]\nkind = "sequence_classify"\nlabels = { x = "one", y = "two" }\n'
+        '[[tasks.intent.ladder]]\npath = "mine"\nmax_length = 64\npooling = "max"\n'
+    )
+    long = " ".join(["filler words about nothing in particular"] * 40)
+    rows = [
+        (f"{w} {t} {long if k % 2 else ''}", lab, 1.0)
+        for k, t in enumerate(TOPICS)
+        for lab, w in (("x", "alpha"), ("y", "beta"))
+    ]
+    out = tmp_path / "models" / "mine"
+    result = CliRunner().invoke(
+        main,
+        ["train", "-t", "intent", "--data", str(_csv(tmp_path / "d.csv", rows))]
+        + ["--base", str(tiny_base), "--epochs", "1", "--out", str(out), "--json"],
+        env={**_env(tmp_path), "FLEET_CONFIG_FILE": str(config)},
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    reading = json.loads((out / "config.json").read_text())["fleet_reading"]
+    assert reading == {"max_length": 64, "pooling": "max", "max_windows": 16, "window_overlap": 32}
+    assert "max_length = 64" in report["toml"] and 'pooling = "max"' in report["toml"]
+
+    from fleet.config.taskconfig import TierSpec
+    from workers.adapters.sequence_classify import SequenceClassifyAdapter
+
+    with pytest.raises(ValueError, match="trained on windows of 64 tokens"):
+        SequenceClassifyAdapter().load(
+            TierSpec(name="t", path=str(out), max_length=256), str(out), "cpu"
+        )
+
+
+def test_long_examples_train_on_every_window(tiny_base: Path) -> None:
+    """A short example is one row with the ids serving reads; a long one a row per window."""
+    from transformers import AutoTokenizer
+
+    from fleet.models.finetune import Example, _encode
+    from workers.adapters.windowed import Reading
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    long = "user: " + "so much to say " * 200 + "\nassistant: ok\nuser: find the handbook"
+    data = _encode(
+        tok, [Example("user: hi there", "x"), Example(long, "y")], {"x": 0, "y": 1}, Reading(64)
+    )
+    rows = [data[i] for i in range(len(data))]
+    assert (
+        rows[0]["input_ids"] == tok("user: hi there", truncation=True, max_length=64)["input_ids"]
+    )
+    assert len(rows) > 10 and {r["labels"] for r in rows[1:]} == {1}
+    assert all(len(r["input_ids"]) <= 64 for r in rows)
 
 
 @pytest.mark.parametrize(

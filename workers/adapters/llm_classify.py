@@ -60,6 +60,7 @@ from workers.adapters.llm_json import (
     validate_answer,
 )
 from workers.adapters.text import conversation_messages
+from workers.windows import fit_turns
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -301,6 +302,9 @@ class LLMClassifyAdapter:
         shots: int = 0,
         verbalizers: str | None = None,
         secondary_threshold: float = 0.15,
+        prompt: str = "transcript",
+        assistant_tokens: int = 32,
+        prompt_tokens: int | None = None,
         **_: Any,
     ) -> None:
         if not labels:
@@ -312,6 +316,8 @@ class LLMClassifyAdapter:
             raise ValueError(f"llm_classify method must be 'score' or 'generate', got {method!r}")
         if shots < 0:
             raise ValueError(f"shots must be >= 0, got {shots}")
+        if prompt not in ("transcript", "user_turns"):
+            raise ValueError(f"prompt must be 'transcript' or 'user_turns', got {prompt!r}")
         self.labels = dict(labels)
         self.names = list(self.labels)
         self.max_chars = max_chars
@@ -323,6 +329,12 @@ class LLMClassifyAdapter:
         self.verbalizers_path = verbalizers
         self.secondary_threshold = float(secondary_threshold)
         self.system_prompt = build_system_prompt(self.labels)
+        # prompt "user_turns": the conversation fitted around the user's turns
+        # (workers.windows.fit_turns): assistant turns cut to `assistant_tokens`,
+        # at most `prompt_tokens` tokens (default: all the room), latest user turns kept first.
+        self.prompt = prompt
+        self.assistant_tokens = int(assistant_tokens)
+        self.prompt_tokens = prompt_tokens
         self._model: Any = None
         self._tokenizer: Any = None
         self._tier: TierSpec | None = None
@@ -496,8 +508,11 @@ class LLMClassifyAdapter:
         messages = conversation_messages(source.data, max_chars=self.max_chars)
         if self._tokenizer is None or self._tier is None:
             raise RuntimeError("LLMClassifyAdapter.prepare called before load")
-        body = self._body_ids(render_transcript(messages))
-        body, dropped = truncate_middle(body, self._room, self._marker_ids)
+        if self.prompt == "user_turns":
+            body, dropped = self._user_turns_body(messages)
+        else:
+            body = self._body_ids(render_transcript(messages))
+            body, dropped = truncate_middle(body, self._room, self._marker_ids)
         ids = self._prefix_ids + body + self._suffix_ids
         if self.method == "score":
             cost = (
@@ -516,6 +531,23 @@ class LLMClassifyAdapter:
             payload={"body": body, "input_ids": ids, "truncated_tokens": dropped},
             notes=notes,
         )
+
+    def _user_turns_body(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], int]:
+        """The transcript fitted around the user's turns (workers.windows.fit_turns):
+        (ids of the kept `role: content` lines joined by newlines, tokens left out)."""
+        lines = [m for m in messages if m["content"].strip()]
+        ids = [self._body_ids(f"{m['role']}: {m['content']}") for m in lines]
+        newline = self._body_ids("\n")
+        room = min(self._room, self.prompt_tokens or self._room) - len(newline) * len(lines)
+        segments, dropped = fit_turns(
+            [(m["role"], len(i)) for m, i in zip(lines, ids, strict=True)],
+            max(room, 1),
+            assistant_cap=self.assistant_tokens,
+        )
+        body: list[int] = []
+        for k, seg in enumerate(segments):
+            body += (newline if k else []) + ids[seg.turn][seg.start : seg.end]
+        return body, dropped
 
     def predict(self, batch: list[Prepared]) -> list[Prediction | InputError]:
         """Score the labels (or generate, with method "generate") for one sub-batch."""

@@ -7,7 +7,14 @@ from typing import Any
 
 from fleet.config.taskconfig import TierSpec
 from workers.adapters.base import InputError, Prediction, Prepared, Source
-from workers.adapters.text import conversation_text
+from workers.adapters.windowed import (
+    Reading,
+    Windows,
+    check_trained_reading,
+    encode_windows,
+    reading_output,
+)
+from workers.windows import pool
 
 
 def torch_dtype(name: str, device: str) -> Any:
@@ -34,6 +41,7 @@ class SequenceClassifyAdapter:
         self.model: Any = None
         self.tokenizer: Any = None
         self.max_length = 512
+        self.reading = Reading(self.max_length)
         self.device = "cpu"
 
     def load(self, tier: TierSpec, model_path: str, device: str) -> None:
@@ -46,6 +54,9 @@ class SequenceClassifyAdapter:
         self.model = model.to(device).eval()
         limit = getattr(self.model.config, "max_position_embeddings", None) or tier.max_length
         self.max_length = min(tier.max_length, limit)
+        self.reading = Reading.from_options(self.max_length, tier.options)
+        saved = getattr(self.model.config, "fleet_reading", None)
+        check_trained_reading(saved, self.reading, model=model_path)
         self.device = device
 
     def unload(self) -> None:
@@ -53,31 +64,51 @@ class SequenceClassifyAdapter:
         self.tokenizer = None
 
     def prepare(self, source: Source) -> Prepared:
-        text = conversation_text(source.data, max_chars=self.max_chars)
-        enc = self.tokenizer(text, truncation=True, max_length=self.max_length)
-        ids = enc["input_ids"]
-        notes = {"truncated": True} if len(ids) >= self.max_length else {}
-        return Prepared(source.item_id, len(ids), ids, notes)
+        """Every window of the conversation (workers.adapters.windowed); cost = its
+        windows' padded tokens. Notes `unread_tokens` when `max_windows` left some out."""
+        windows = encode_windows(
+            self.tokenizer, source.data, self.reading, max_chars=self.max_chars
+        )
+        notes = {"unread_tokens": windows.plan.tokens_unread} if windows.plan.skipped else {}
+        return Prepared(source.item_id, windows.cost, windows, notes)
 
     def predict(self, batch: list[Prepared]) -> list[Prediction | InputError]:
+        """All windows of the sub-batch in one forward pass, pooled per item."""
         import torch
 
-        padded = self.tokenizer.pad({"input_ids": [p.payload for p in batch]}, return_tensors="pt")
-        padded = {k: v.to(self.device) for k, v in padded.items()}
-        with torch.inference_mode():
-            logits = self.model(**padded).logits.float()
-        probs = torch.softmax(logits, dim=-1).cpu()
+        windows: list[Windows] = [p.payload for p in batch]
+        rows = self.window_probs(windows)
         id2label = self.model.config.id2label
-        k = min(self.top_k, probs.shape[-1])
-        top = torch.topk(probs, k, dim=-1)
         out: list[Prediction | InputError] = []
-        for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+        at = 0
+        for w in windows:
+            pooled = pool(rows[at : at + len(w.ids)], w.plan, self.reading.pooling)
+            at += len(w.ids)
+            probs = torch.tensor(pooled.probs)
+            top = torch.topk(probs, min(self.top_k, probs.shape[-1]))
+            values, indices = top.values.tolist(), top.indices.tolist()
             scores = {
                 str(id2label[i]): round(float(v), 6) for v, i in zip(values, indices, strict=True)
             }
             out.append(
                 Prediction(
-                    label=str(id2label[indices[0]]), confidence=float(values[0]), scores=scores
+                    label=str(id2label[indices[0]]),
+                    confidence=float(values[0]),
+                    scores=scores,
+                    output={"reading": reading_output(w, pooled, self.reading)},
                 )
             )
         return out
+
+    def window_probs(self, windows: list[Windows]) -> list[list[float]]:
+        """Label probabilities of every window (rows in item, then window order),
+        one padded forward pass."""
+        import torch
+
+        flat = [ids for w in windows for ids in w.ids]
+        padded = self.tokenizer.pad({"input_ids": flat}, return_tensors="pt")
+        padded = {k: v.to(self.device) for k, v in padded.items()}
+        with torch.inference_mode():
+            logits = self.model(**padded).logits.float()
+        rows: list[list[float]] = torch.softmax(logits, dim=-1).cpu().tolist()
+        return rows

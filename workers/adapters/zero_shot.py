@@ -30,6 +30,8 @@ from fleet.config.taskconfig import TierSpec
 from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.adapters.sequence_classify import torch_dtype
 from workers.adapters.text import conversation_text
+from workers.adapters.windowed import Reading, Windows, encode_windows, reading_output
+from workers.windows import pool
 
 HYPOTHESIS = "This conversation is about {}."
 
@@ -70,6 +72,7 @@ class ZeroShotAdapter:
         self.entail = self.contra = -1
         self.label_emb: Any = None
         self.max_length = 512
+        self.reading = Reading(self.max_length)
         self.device = "cpu"
 
     def load(self, tier: TierSpec, model_path: str, device: str) -> None:
@@ -115,6 +118,7 @@ class ZeroShotAdapter:
         self.model = model.to(device).eval()
         limit = getattr(config, "max_position_embeddings", None) or tier.max_length
         self.max_length = min(tier.max_length, limit)
+        self.reading = Reading.from_options(self.max_length, tier.options)
         if method == "embedding":
             texts, owners = label_prototypes(self.labels, self.prototypes_path)
             self.owners = torch.tensor(owners, device=device)
@@ -142,10 +146,12 @@ class ZeroShotAdapter:
         return torch.nn.functional.normalize(pooled, dim=-1)
 
     def prepare(self, source: Source) -> Prepared:
+        """nli: (head of the text, hypothesis) pairs, one per label; embedding: every
+        window of the conversation (workers.adapters.windowed), pooled in predict."""
         if self.llm is not None:
             return self.llm.prepare(source)
-        text = conversation_text(source.data, max_chars=self.max_chars)
         if self.method == "nli":
+            text = conversation_text(source.data, max_chars=self.max_chars)
             pairs = [
                 self.tokenizer(
                     text,
@@ -155,9 +161,15 @@ class ZeroShotAdapter:
                 )["input_ids"]
                 for desc in self.labels.values()
             ]
-            return Prepared(source.item_id, max(len(p) for p in pairs) * len(pairs), pairs)
-        ids = self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
-        return Prepared(source.item_id, len(ids), ids)
+            cost = max(len(p) for p in pairs) * len(pairs)
+            full = len(self.tokenizer(text, verbose=False)["input_ids"])
+            cut = {"unread_tokens": full - self.max_length} if full > self.max_length else {}
+            return Prepared(source.item_id, cost, pairs, cut)
+        windows = encode_windows(
+            self.tokenizer, source.data, self.reading, max_chars=self.max_chars
+        )
+        notes = {"unread_tokens": windows.plan.tokens_unread} if windows.plan.skipped else {}
+        return Prepared(source.item_id, windows.cost, windows, notes)
 
     def predict(self, batch: list[Prepared]) -> list[Prediction | InputError]:
         import torch
@@ -181,36 +193,54 @@ class ZeroShotAdapter:
                 else:
                     probs = logits[..., self.entail].softmax(-1)
             else:
-                enc = self.tokenizer.pad(
-                    {"input_ids": [p.payload for p in batch]}, return_tensors="pt"
-                )
-                emb = self._embed({k: v.to(self.device) for k, v in enc.items()})
-                per_proto = emb @ self.label_emb.T  # (items, prototypes)
-                sums = torch.zeros(
-                    (per_proto.shape[0], len(self.names)), device=per_proto.device
-                ).index_add_(1, self.owners, per_proto)
-                counts = torch.bincount(self.owners, minlength=len(self.names)).to(sums.dtype)
-                cos = sums / counts  # mean cosine over each label's prototypes
-                probs = (
-                    (cos / self.temperature).softmax(-1)
-                    if not self.multi_label
-                    else ((cos + 1) / 2)
-                )
+                windows: list[Windows] = [p.payload for p in batch]
+                return self._pooled(windows, self.window_probs(windows))
+        return [self._prediction(row) for row in probs.cpu().tolist()]
+
+    def window_probs(self, windows: list[Windows]) -> list[list[float]]:
+        """Embedding method: label probabilities of every window (rows in item, then
+        window order), one padded forward pass."""
+        import torch
+
+        flat = [ids for w in windows for ids in w.ids]
+        enc = self.tokenizer.pad({"input_ids": flat}, return_tensors="pt")
+        with torch.inference_mode():
+            emb = self._embed({k: v.to(self.device) for k, v in enc.items()})
+            per_proto = emb @ self.label_emb.T  # (windows, prototypes)
+            sums = torch.zeros(
+                (per_proto.shape[0], len(self.names)), device=per_proto.device
+            ).index_add_(1, self.owners, per_proto)
+            counts = torch.bincount(self.owners, minlength=len(self.names)).to(sums.dtype)
+            cos = sums / counts  # mean cosine over each label's prototypes
+            probs = (cos / self.temperature).softmax(-1) if not self.multi_label else (cos + 1) / 2
+        rows: list[list[float]] = probs.cpu().tolist()
+        return rows
+
+    def _pooled(
+        self, windows: list[Windows], rows: list[list[float]]
+    ) -> list[Prediction | InputError]:
+        """One prediction per item from its windows' label probabilities (rows in
+        window order), pooled by the tier's rule; the reading is recorded."""
         out: list[Prediction | InputError] = []
-        for row in probs.cpu().tolist():
-            scores = {n: round(float(s), 6) for n, s in zip(self.names, row, strict=True)}
-            best = max(scores, key=scores.__getitem__)
-            output: dict[str, Any] = {"method": self.method}
-            if self.multi_label:
-                output["labels"] = [
-                    n
-                    for n, s in sorted(scores.items(), key=lambda kv: -kv[1])
-                    if s >= self.threshold
-                ]
-            out.append(
-                Prediction(label=best, confidence=scores[best], scores=scores, output=output)
-            )
+        at = 0
+        for w in windows:
+            pooled = pool(rows[at : at + len(w.ids)], w.plan, self.reading.pooling)
+            at += len(w.ids)
+            reading = reading_output(w, pooled, self.reading)
+            out.append(self._prediction(list(pooled.probs), {"reading": reading}))
         return out
+
+    def _prediction(self, row: list[float], extra: dict[str, Any] | None = None) -> Prediction:
+        """The prediction of one probability row over the task's labels (`extra` goes
+        into its output)."""
+        scores = {n: round(float(s), 6) for n, s in zip(self.names, row, strict=True)}
+        best = max(scores, key=scores.__getitem__)
+        output: dict[str, Any] = {"method": self.method, **(extra or {})}
+        if self.multi_label:
+            output["labels"] = [
+                n for n, s in sorted(scores.items(), key=lambda kv: -kv[1]) if s >= self.threshold
+            ]
+        return Prediction(label=best, confidence=scores[best], scores=scores, output=output)
 
     def _from_llm(self, pred: Prediction | InputError) -> Prediction | InputError:
         if isinstance(pred, InputError) or pred.output is None:

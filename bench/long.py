@@ -1,0 +1,281 @@
+"""Long conversations: reading the head (the old way) vs reading every window.
+
+    .venv/bin/python -m bench.long [--models-dir DIR] [--tasks intent,topic] [--llm-items 14]
+        [--threads N] [--seed 0]
+
+Sets (none of them is training data):
+  long    bench.long_set: 210 conversations of 750-920 MiniLM tokens, each
+          decisive request of bench.long_turns in five positions; 140 items of
+          decisive requests 0-3 ("choice": the pooling rule is chosen on them) and
+          70 of requests 4-5 ("held-out": never used for a choice)
+  short   fleet/data/eval/intent_eval.jsonl (104 short conversations)
+  alone   the 42 decisive requests alone
+
+For `intent` (sequence_classify, intent-minilm) and `topic` (zero_shot embedding,
+all-minilm-l6-v2 with the task's prototypes), at the tier's max_length (256):
+  head      the joined text cut at max_length (how the fleet read before windows)
+  windows   every window (workers.adapters.windowed), pooled by each rule of
+            workers.windows (the window probabilities are computed once, each rule
+            pools the same rows)
+For `llm_classify` (SmolLM2 label scoring as configured), the first --llm-items
+long items (spread over labels and positions) and as many short ones, with the
+prompt as the whole transcript (middle cut when it must: `prompt = "transcript"`,
+the default) and fitted around the user's turns (`prompt = "user_turns"`).
+
+Prints, per task, reading and set: items, accuracy, macro-F1 (over the gold labels
+of that set), CPU seconds per item and per 1,000 tokens read (process CPU time,
+all threads, of prepare + forward pass; sub-batches of 16 items); then the share of
+short items whose label is identical under head and windows, and the pooling rule
+chosen on the choice part of `long`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.classify_quality import EVAL_FILE, metrics
+from bench.long_set import alone_set, build_long_set
+from workers.windows import POOLING_RULES, build_windows, pool
+
+BATCH = 16
+
+
+def f1_over_gold(gold: list[str], pred: list[str | None]) -> dict[str, Any]:
+    return metrics(gold, pred, sorted(set(gold)))
+
+
+def encoder_readings(adapter: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Labels of every reading (head, and windows pooled by each rule) and their cost."""
+    from workers.adapters.text import conversation_text
+    from workers.adapters.windowed import Windows, encode_windows
+
+    names = list(adapter.model.config.id2label.values()) if hasattr(adapter, "top_k") else None
+    names = names or adapter.names
+    out: dict[str, Any] = {"labels": {}, "cpu": {}, "tokens": {}}
+    one = build_windows([("user", 1)], size=1)
+    for reading in ("head", "windows"):
+        cpu = 0.0
+        tokens = 0
+        preds: dict[str, list[str]] = {}
+        for k in range(0, len(rows), BATCH):
+            chunk = rows[k : k + BATCH]
+            started = time.process_time()
+            if reading == "head":
+                payloads = [
+                    Windows(
+                        [
+                            adapter.tokenizer(
+                                conversation_text({"messages": r["messages"]}, max_chars=10**6),
+                                truncation=True,
+                                max_length=adapter.max_length,
+                            )["input_ids"]
+                        ],
+                        one,
+                    )
+                    for r in chunk
+                ]
+            else:
+                payloads = [
+                    encode_windows(
+                        adapter.tokenizer,
+                        {"messages": r["messages"]},
+                        adapter.reading,
+                        max_chars=10**6,
+                    )
+                    for r in chunk
+                ]
+            probs = adapter.window_probs(payloads)
+            cpu += time.process_time() - started
+            tokens += sum(len(ids) for w in payloads for ids in w.ids)
+            at = 0
+            for w in payloads:
+                rows_w = probs[at : at + len(w.ids)]
+                at += len(w.ids)
+                rules = ("head",) if reading == "head" else POOLING_RULES
+                for rule in rules:
+                    p = pool(rows_w, w.plan, "mean" if rule == "head" else rule)
+                    best = max(range(len(names)), key=p.probs.__getitem__)
+                    preds.setdefault(rule, []).append(str(names[best]))
+        for rule, labels in preds.items():
+            key = "head" if rule == "head" else f"windows-{rule}"
+            out["labels"][key] = labels
+            out["cpu"][key] = cpu
+            out["tokens"][key] = tokens
+    return out
+
+
+def load_encoders(models_dir: Path, names: list[str]) -> dict[str, Any]:
+    from fleet.config.taskconfig import load_tasks
+    from fleet.models.prepare import INTENT, prepare_intent, prepare_minilm
+    from workers.adapters.sequence_classify import SequenceClassifyAdapter
+    from workers.adapters.zero_shot import ZeroShotAdapter
+
+    tasks = load_tasks()
+    out: dict[str, Any] = {}
+    if "intent" in names:
+        prepare_intent(models_dir)
+        out["intent"] = SequenceClassifyAdapter()
+        out["intent"].load(tasks["intent"].ladder[0], str(models_dir / INTENT), "cpu")
+    if "topic" in names:
+        prepare_minilm(models_dir)
+        out["topic"] = ZeroShotAdapter(labels=tasks["topic"].labels, **tasks["topic"].options)
+        tier = tasks["topic"].ladder[0]
+        out["topic"].load(tier, str(models_dir / tier.path), "cpu")
+    return out
+
+
+def llm_rows(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """`n` rows spread over labels and positions (round robin over labels)."""
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_label.setdefault(r["label"], []).append(r)
+    for i, group in enumerate(by_label.values()):  # rotate positions between labels
+        group[:] = group[i % len(group) :] + group[: i % len(group)]
+    out: list[dict[str, Any]] = []
+    while len(out) < n and any(by_label.values()):
+        for group in by_label.values():
+            if group and len(out) < n:
+                out.append(group.pop(0))
+    return out
+
+
+def run_llm(models_dir: Path, sets: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str], Any]:
+    from fleet.config.taskconfig import load_tasks
+    from fleet.models.convert.smollm import prepare_smollm
+    from workers.adapters.base import InputError, Source
+    from workers.adapters.llm_classify import LLMClassifyAdapter
+
+    spec = load_tasks()["llm_classify"]
+    folder = prepare_smollm(models_dir)
+    adapter = LLMClassifyAdapter(labels=spec.labels, **spec.options)
+    adapter.load(spec.ladder[0], str(folder), "cpu")
+    out: dict[tuple[str, str], Any] = {}
+    for prompt, name in [(p, n) for p in ("transcript", "user_turns") for n in sets]:
+        adapter.prompt = prompt
+        rows = sets[name]
+        preds: list[str | None] = []
+        tokens = 0
+        started = time.process_time()
+        for k in range(0, len(rows), 8):
+            prepared = [
+                adapter.prepare(
+                    Source(i, "conversation", r["external_id"], {"messages": r["messages"]})
+                )
+                for i, r in enumerate(rows[k : k + 8])
+            ]
+            tokens += sum(p.cost for p in prepared)
+            preds += [
+                None if isinstance(p, InputError) else p.label for p in adapter.predict(prepared)
+            ]
+        out[prompt, name] = (preds, time.process_time() - started, tokens)
+    adapter.unload()
+    return out
+
+
+def line(
+    task: str,
+    reading: str,
+    set_name: str,
+    gold: list[str],
+    pred: list[Any],
+    cpu: float,
+    tokens: int,
+) -> str:
+    m = f1_over_gold(gold, pred)
+    n = len(gold)
+    return (
+        f"| {task} | {reading} | {set_name} | {n} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} | "
+        f"{cpu / n:.3f} | {tokens / n:.0f} | {1000 * cpu / max(tokens, 1):.3f} |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models-dir", default=os.environ.get("FLEET_MODELS_DIR"))
+    parser.add_argument(
+        "--llm-items", type=int, default=14, help="long and short items for the LLM (0: skip)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tasks", default="intent,topic", help="encoder tasks to measure")
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON line with every figure at the end"
+    )
+    args = parser.parse_args(argv)
+    if not args.models_dir:
+        parser.error("--models-dir (or FLEET_MODELS_DIR) is needed: where models are prepared")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models_dir = Path(args.models_dir)
+    long_rows = build_long_set(args.seed)
+    short_rows = [json.loads(x) for x in EVAL_FILE.read_text().splitlines() if x.strip()]
+    sets = {
+        "long": long_rows,
+        "long choice": [r for r in long_rows if not r["held_out"]],
+        "long held-out": [r for r in long_rows if r["held_out"]],
+        "short": short_rows,
+        "alone": alone_set(),
+    }
+    print(
+        f"{len(long_rows)} long, {len(short_rows)} short, {len(sets['alone'])} alone; torch threads {torch.get_num_threads()}"
+    )
+    print(
+        "| task | reading | set | items | accuracy | macro-F1 | CPU s/item | tokens/item | CPU s/1k tokens |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    figures: dict[str, Any] = {}
+    choice_f1: dict[str, float] = {}
+    for task, adapter in load_encoders(models_dir, args.tasks.split(",")).items():
+        runs = {s: encoder_readings(adapter, sets[s]) for s in ("long", "short", "alone")}
+        for reading in runs["long"]["labels"]:
+            for s in ("long", "long choice", "long held-out", "short", "alone"):
+                base = "long" if s.startswith("long") else s
+                rows = sets[s]
+                ids = {r["external_id"] for r in rows}
+                keep = [i for i, r in enumerate(sets[base]) if r["external_id"] in ids]
+                pred = [runs[base]["labels"][reading][i] for i in keep]
+                gold = [sets[base][i]["label"] for i in keep]
+                share = len(keep) / len(sets[base])
+                cpu, tokens = (
+                    runs[base]["cpu"][reading] * share,
+                    int(runs[base]["tokens"][reading] * share),
+                )
+                print(line(task, reading, s, gold, pred, cpu, tokens), flush=True)
+                figures[f"{task}/{reading}/{s}"] = f1_over_gold(gold, pred)["macro_f1"]
+                if s == "long choice" and reading != "head":
+                    choice_f1[reading] = (
+                        choice_f1.get(reading, 0.0) + figures[f"{task}/{reading}/{s}"]
+                    )
+        short = runs["short"]["labels"]
+        for reading in short:
+            same = sum(a == b for a, b in zip(short["head"], short[reading], strict=True))
+            print(
+                f"{task} short items labelled as head-reading by {reading}: {same}/{len(short['head'])}"
+            )
+        adapter.unload()
+    if choice_f1:
+        best = max(choice_f1, key=choice_f1.__getitem__)
+        print(f"pooling chosen on the long choice part ({args.tasks} macro-F1 summed): {best}")
+    if args.llm_items:
+        picked = {
+            "long": llm_rows(long_rows, args.llm_items),
+            "short": llm_rows(short_rows, args.llm_items),
+        }
+        for (prompt, s), (pred, cpu, tokens) in run_llm(models_dir, picked).items():
+            gold = [r["label"] for r in picked[s]]
+            print(line("llm_classify", prompt, s, gold, pred, cpu, tokens), flush=True)
+    if args.json:
+        print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

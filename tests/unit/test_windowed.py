@@ -1,0 +1,173 @@
+"""Window inputs with the real MiniLM tokenizer (workers.adapters.windowed), and the
+encoder adapters reading whole conversations (a random-weight BERT: the reading,
+not the answers, is under test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fleet.config.taskconfig import TierSpec
+from workers.adapters.base import Source
+from workers.adapters.text import conversation_text
+from workers.adapters.windowed import (
+    Reading,
+    check_trained_reading,
+    encode_windows,
+    text_data,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from fleet.models.prepare import minilm_path
+
+    return AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+
+
+def long_conversation(turns: int = 30, last: str = "please find the refund policy") -> dict:
+    messages = []
+    for i in range(turns):
+        messages.append({"role": "user", "content": f"small talk number {i} about the weather"})
+        messages.append({"role": "assistant", "content": f"reply {i}: yes, lovely weather today"})
+    messages.append({"role": "user", "content": last})
+    return {"messages": messages}
+
+
+SHORT = [
+    {"messages": [{"role": "user", "content": "hi"}]},
+    {
+        "messages": [
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "   "},
+            {"role": "user", "content": "find the vpn page in the wiki"},
+        ]
+    },
+    {"text": "a transcript of a short call"},
+]
+
+
+@pytest.mark.parametrize("data", SHORT)
+def test_a_short_conversation_is_one_window_with_the_old_ids(tokenizer, data) -> None:
+    reading = Reading(256)
+    w = encode_windows(tokenizer, data, reading, max_chars=10**6)
+    old = tokenizer(conversation_text(data, max_chars=10**6), truncation=True, max_length=256)
+    assert w.ids == [old["input_ids"]]
+    assert len(w.plan.windows) == 1 and not w.plan.skipped
+
+
+def test_a_long_conversation_is_read_whole_in_windows(tokenizer) -> None:
+    data = long_conversation()
+    w = encode_windows(tokenizer, data, Reading(64, max_windows=None), max_chars=10**6)
+    assert len(w.ids) > 5
+    assert all(len(ids) <= 64 for ids in w.ids)
+    # the last turn, which the head never reached, is in the last window
+    assert "refund policy" in tokenizer.decode(w.ids[-1])
+    read = " ".join(tokenizer.decode(ids, skip_special_tokens=True) for ids in w.ids)
+    for i in range(30):
+        assert f"small talk number {i} " in read
+    assert w.cost == max(len(ids) for ids in w.ids) * len(w.ids)
+
+
+def test_max_windows_caps_the_cost_and_says_what_was_not_read(tokenizer) -> None:
+    data = long_conversation(200)
+    w = encode_windows(tokenizer, data, Reading(64, max_windows=4), max_chars=10**6)
+    assert len(w.ids) == 4
+    assert w.plan.tokens_unread > 1000
+    assert w.plan.unread()[0]["first_turn"] > 0
+    assert "refund policy" in tokenizer.decode(w.ids[-1])
+
+
+def test_a_huge_single_message_is_split_with_overlap(tokenizer) -> None:
+    data = {"messages": [{"role": "user", "content": "word " * 5000}]}
+    w = encode_windows(tokenizer, data, Reading(128, max_windows=None, overlap=16), max_chars=10**6)
+    assert len(w.ids) == pytest.approx(5000 / (126 - 16), abs=2)
+
+
+@pytest.mark.parametrize(
+    ("text", "data"),
+    [
+        ("plain text", {"text": "plain text"}),
+        (
+            "user: hi\nassistant: hello\nthere\nuser: bye",
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "hello\nthere"},
+                    {"role": "user", "content": "bye"},
+                ]
+            },
+        ),
+    ],
+)
+def test_text_data_gives_back_the_served_conversation(text, data) -> None:
+    assert text_data(text) == data
+    assert conversation_text(text_data(text), max_chars=10**6) == text
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"pooling": "median"}, "pooling"), ({"max_windows": 0}, "max_windows")],
+)
+def test_bad_reading_options(options, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        Reading.from_options(256, options)
+
+
+def test_a_folder_trained_on_other_windows_is_refused() -> None:
+    check_trained_reading(None, Reading(256), model="m")
+    check_trained_reading({"max_length": 256}, Reading(256), model="m")
+    with pytest.raises(ValueError, match="trained on windows of 128 tokens"):
+        check_trained_reading({"max_length": 128}, Reading(256), model="m")
+
+
+def load(adapter, folder: Path, **options):
+    adapter.load(
+        TierSpec(name="t", path=str(folder), max_length=64, options=options), str(folder), "cpu"
+    )
+    return adapter
+
+
+def test_sequence_classify_reads_every_window_and_records_it(tiny_models: Path) -> None:
+    from workers.adapters.sequence_classify import SequenceClassifyAdapter
+
+    a = load(SequenceClassifyAdapter(), tiny_models / "tiny-small", max_windows=6)
+    items = [
+        Source(1, "conversation", "short", SHORT[1]),
+        Source(2, "conversation", "long", long_conversation()),
+        Source(3, "conversation", "longer", long_conversation(200)),
+    ]
+    prepared = [a.prepare(s) for s in items]
+    preds = a.predict(prepared)
+    short, long, longer = (p.output["reading"] for p in preds)
+    assert short == {"windows": 1, "tokens_read": len(prepared[0].payload.ids[0])}
+    assert long["windows"] == 6 and long["pooling"] == "recency"
+    assert 0 <= long["deciding_window"] < 6
+    assert "unread" in long and long["tokens_unread"] > 0
+    assert prepared[1].notes == {"unread_tokens": long["tokens_unread"]}
+    assert longer["tokens_unread"] > long["tokens_unread"]
+    # a long item costs what it reads
+    windows = prepared[1].payload.ids
+    assert prepared[1].cost == max(len(w) for w in windows) * 6 <= 6 * 64
+    # the short item's label is the one it gets alone, read the old way
+    alone = a.predict([a.prepare(items[0])])[0]
+    assert preds[0].label == alone.label
+
+
+def test_zero_shot_embedding_reads_every_window(tiny_models: Path) -> None:
+    from workers.adapters.zero_shot import ZeroShotAdapter
+
+    a = ZeroShotAdapter(labels={"a": "the weather", "b": "refund policy"})
+    load(a, tiny_models / "tiny-small", method="embedding", max_windows=None)
+    [short, long] = a.predict(
+        [
+            a.prepare(Source(i, "conversation", str(i), d))
+            for i, d in enumerate([SHORT[0], long_conversation()])
+        ]
+    )
+    assert short.output["reading"]["windows"] == 1
+    assert long.output["reading"]["windows"] > 5
+    assert "unread" not in long.output["reading"]

@@ -1,0 +1,208 @@
+"""The window builder and the pooling rules (workers.windows), as tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.windows import Segment, WindowPlan, build_windows, pool, window_weights
+
+
+def spans(plan: WindowPlan) -> list[list[tuple[int, int, int]]]:
+    return [[(s.turn, s.start, s.end) for s in w.segments] for w in plan.windows]
+
+
+@pytest.mark.parametrize(
+    ("turns", "size", "overlap", "expected"),
+    [
+        # fits: one window, every turn whole
+        ([("user", 3), ("assistant", 4)], 10, 2, [[(0, 0, 3), (1, 0, 4)]]),
+        # turn boundaries respected: the turn that does not fit starts the next window
+        (
+            [("user", 6), ("assistant", 6), ("user", 3)],
+            10,
+            2,
+            [[(0, 0, 6)], [(1, 0, 6), (2, 0, 3)]],
+        ),
+        # exactly full
+        ([("user", 5), ("user", 5)], 10, 2, [[(0, 0, 5), (1, 0, 5)]]),
+        # a single huge turn: pieces of `size`, each `size - overlap` after the last
+        ([("user", 25)], 10, 3, [[(0, 0, 10)], [(0, 7, 17)], [(0, 14, 24)], [(0, 21, 25)]]),
+        # a huge turn between short ones stands alone, the others keep their windows
+        (
+            [("user", 2), ("assistant", 12), ("user", 2)],
+            10,
+            0,
+            [[(0, 0, 2)], [(1, 0, 10)], [(1, 10, 12)], [(2, 0, 2)]],
+        ),
+        # empty turns take no place
+        (
+            [("user", 0), ("assistant", 4), ("user", 0), ("user", 3)],
+            10,
+            2,
+            [[(1, 0, 4), (3, 0, 3)]],
+        ),
+        # no overlap asked
+        ([("user", 20)], 10, 0, [[(0, 0, 10)], [(0, 10, 20)]]),
+    ],
+)
+def test_build_windows(turns, size, overlap, expected) -> None:
+    plan = build_windows(turns, size=size, overlap=overlap)
+    assert spans(plan) == expected
+    assert all(w.tokens <= size for w in plan.windows)
+
+
+def test_empty_turns_are_listed_and_roles_counted() -> None:
+    plan = build_windows([("user", 0), ("assistant", 4), ("USER", 3), ("system", 2)], size=20)
+    assert plan.empty_turns == (0,)
+    assert plan.windows[0].user_tokens == 3
+    assert plan.windows[0].turns == (1, 2, 3)
+
+
+def test_every_token_of_a_long_turn_is_read() -> None:
+    plan = build_windows([("user", 1000)], size=64, overlap=16)
+    seen = set()
+    for w in plan.windows:
+        for s in w.segments:
+            seen.update(range(s.start, s.end))
+    assert seen == set(range(1000))
+
+
+@pytest.mark.parametrize(
+    ("max_windows", "kept", "skipped"),
+    [
+        (None, [0, 1, 2, 3, 4], []),
+        (5, [0, 1, 2, 3, 4], []),
+        (3, [0, 3, 4], [1, 2]),  # the first window and the latest
+        (2, [0, 4], [1, 2, 3]),
+        (1, [4], [0, 1, 2, 3]),  # one window: the latest, where the request is
+    ],
+)
+def test_max_windows_keeps_first_and_latest(max_windows, kept, skipped) -> None:
+    turns = [("user", 10)] * 5
+    plan = build_windows(turns, size=10, max_windows=max_windows)
+    assert [w.segments[0].turn for w in plan.windows] == kept
+    assert [w.segments[0].turn for w in plan.skipped] == skipped
+    assert plan.tokens_unread == 10 * len(skipped)
+    assert [u["first_turn"] for u in plan.unread()] == skipped
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"size": 0}, "window size"),
+        ({"size": 10, "overlap": 10}, "overlap"),
+        ({"size": 10, "overlap": -1}, "overlap"),
+        ({"size": 10, "max_windows": 0}, "max_windows"),
+    ],
+)
+def test_bad_window_settings(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_windows([("user", 5)], **kwargs)
+
+
+def plan_of(*roles_tokens: tuple[str, int]) -> WindowPlan:
+    """One window per (role, tokens)."""
+    return build_windows(list(roles_tokens), size=max(n for _, n in roles_tokens))
+
+
+A, B = [0.9, 0.1], [0.2, 0.8]
+
+
+@pytest.mark.parametrize(
+    ("rule", "rows", "roles", "label", "deciding"),
+    [
+        # one window: unchanged whatever the rule
+        ("max", [A], [("user", 5)], 0, 0),
+        ("recency", [B], [("user", 5)], 1, 0),
+        # max: the most confident window wins
+        ("max", [A, [0.4, 0.6], [0.45, 0.55]], [("user", 5)] * 3, 0, 0),
+        # mean: the majority of windows
+        ("mean", [A, B, B], [("user", 5)] * 3, 1, 1),
+        # recency: the latest user window outweighs an earlier one
+        ("recency", [A, B], [("user", 5), ("user", 5)], 1, 1),
+        # recency: a trailing assistant-only window does not take the decision
+        ("recency", [B, A], [("user", 5), ("assistant", 5)], 1, 0),
+        # role: user windows outweigh assistant ones, wherever they are
+        ("role", [A, B, A], [("assistant", 5), ("user", 5), ("assistant", 5)], 1, 1),
+        ("mean", [A, B, A], [("assistant", 5), ("user", 5), ("assistant", 5)], 0, 0),
+    ],
+)
+def test_pooling_rules(rule, rows, roles, label, deciding) -> None:
+    pooled = pool(rows, plan_of(*roles), rule)
+    assert max(range(2), key=pooled.probs.__getitem__) == label
+    assert pooled.deciding == deciding
+    assert sum(pooled.probs) == pytest.approx(1.0)
+
+
+def test_one_window_is_passed_through_exactly() -> None:
+    row = [0.123456789, 0.876543211]
+    assert pool([row], plan_of(("user", 3)), "recency").probs == tuple(row)
+
+
+def test_recency_weights_decay_by_user_windows_after() -> None:
+    plan = plan_of(("user", 4), ("assistant", 4), ("user", 4))
+    assert window_weights(plan, "recency", decay=0.5, assistant_weight=0.1) == [
+        0.5,
+        pytest.approx(0.05),  # assistant_weight x one user window after it
+        1.0,
+    ]
+
+
+def test_pool_rejects_a_row_count_that_differs_and_unknown_rules() -> None:
+    plan = plan_of(("user", 3), ("user", 3))
+    with pytest.raises(ValueError, match="rows"):
+        pool([A], plan, "mean")
+    with pytest.raises(ValueError, match="pooling"):
+        pool([A, B], plan, "median")
+
+
+def test_segment_length() -> None:
+    assert Segment(0, 3, 10).length == 7
+
+
+@pytest.mark.parametrize(
+    ("turns", "room", "cap", "expected", "dropped"),
+    [
+        # everything fits: only long assistant turns are cut
+        (
+            [("user", 5), ("assistant", 30), ("user", 5)],
+            100,
+            10,
+            [(0, 0, 5), (1, 0, 10), (2, 0, 5)],
+            20,
+        ),
+        # over: assistant turns go first, oldest first
+        (
+            [("user", 5), ("assistant", 10), ("user", 5), ("assistant", 10), ("user", 5)],
+            25,
+            10,
+            [(0, 0, 5), (2, 0, 5), (3, 0, 10), (4, 0, 5)],
+            10,
+        ),
+        # then the oldest user turns; the latest user turn is never dropped
+        (
+            [("user", 10), ("user", 10), ("assistant", 5), ("user", 10)],
+            20,
+            10,
+            [(1, 0, 10), (3, 0, 10)],
+            15,
+        ),
+        # the latest user turn alone too long: its tail
+        ([("user", 10), ("user", 50)], 20, 10, [(1, 30, 50)], 40),
+        # assistant_cap 0: user turns only; empty turns cost nothing
+        (
+            [("user", 4), ("assistant", 9), ("user", 0), ("user", 3)],
+            50,
+            0,
+            [(0, 0, 4), (3, 0, 3)],
+            9,
+        ),
+    ],
+)
+def test_fit_turns(turns, room, cap, expected, dropped) -> None:
+    from workers.windows import fit_turns
+
+    segments, left_out = fit_turns(turns, room, assistant_cap=cap)
+    assert [(s.turn, s.start, s.end) for s in segments] == expected
+    assert left_out == dropped
+    assert sum(s.length for s in segments) <= room

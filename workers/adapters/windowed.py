@@ -1,0 +1,189 @@
+"""Encoder input for a whole conversation: token windows built with `workers.windows`.
+
+The one place that turns a conversation into window token ids, used by the
+encoder adapters (`sequence_classify`, `zero_shot`) at serving time and by
+`fleet train` when it builds its examples, so both read a conversation the same way.
+
+A conversation whose joined text ("role: content" lines) fits `max_length`
+tokens is one window holding exactly the ids the head-truncating reader built
+before: a short conversation gets the same input, hence the same label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from workers.adapters.text import conversation_messages, is_blank
+from workers.windows import POOLING_RULES, Pooled, WindowPlan, build_windows
+
+DEFAULT_POOLING = "recency"
+DEFAULT_MAX_WINDOWS = 16
+DEFAULT_OVERLAP = 32
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How an encoder tier reads a conversation (tier options `pooling`,
+    `max_windows`, `window_overlap`; `max_length` is the tier's)."""
+
+    max_length: int
+    pooling: str = DEFAULT_POOLING
+    max_windows: int | None = DEFAULT_MAX_WINDOWS
+    overlap: int = DEFAULT_OVERLAP
+
+    @classmethod
+    def from_options(cls, max_length: int, options: dict[str, Any]) -> Reading:
+        """Raises ValueError for an unknown pooling rule or a max_windows below 1."""
+        pooling = str(options.get("pooling", DEFAULT_POOLING))
+        if pooling not in POOLING_RULES:
+            raise ValueError(f"pooling must be one of {', '.join(POOLING_RULES)}, got {pooling!r}")
+        max_windows = options.get("max_windows", DEFAULT_MAX_WINDOWS)
+        if max_windows is not None and int(max_windows) < 1:
+            raise ValueError(f"max_windows must be at least 1, got {max_windows}")
+        overlap = int(options.get("window_overlap", DEFAULT_OVERLAP))
+        return cls(
+            max_length=max_length,
+            pooling=pooling,
+            max_windows=None if max_windows is None else int(max_windows),
+            overlap=overlap,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "max_length": self.max_length,
+            "pooling": self.pooling,
+            "max_windows": self.max_windows,
+            "window_overlap": self.overlap,
+        }
+
+
+@dataclass(frozen=True)
+class Windows:
+    """One item's window inputs: token ids per window (special tokens included) and the plan."""
+
+    ids: list[list[int]]
+    plan: WindowPlan
+
+    @property
+    def cost(self) -> int:
+        """What the batch budget counts: padded tokens of the item's windows."""
+        return max(len(w) for w in self.ids) * len(self.ids)
+
+
+def turns_of(data: dict[str, Any], *, max_chars: int) -> list[tuple[str, str]]:
+    """(role, line) per message: "role: content" lines, or the bare text of a
+    transcript. A blank message keeps its place with an empty line."""
+    messages = conversation_messages(data, max_chars=max_chars)
+    if len(messages) == 1 and "text" in data:
+        return [("user", messages[0]["content"])]
+    return [
+        (m["role"], "" if is_blank(m["content"]) else f"{m['role']}: {m['content']}")
+        for m in messages
+    ]
+
+
+def encode_windows(
+    tokenizer: Any, data: dict[str, Any], reading: Reading, *, max_chars: int
+) -> Windows:
+    """Validate a conversation (InputError) and build its window token ids.
+
+    The joined text is tokenized whole first: when it fits `max_length` it is the
+    single window. Otherwise each turn is tokenized without special tokens, the
+    turns are windowed by `build_windows` (window size = max_length minus the
+    tokenizer's special tokens) and each window's ids get the special tokens back
+    (`special_tokens`).
+    """
+    turns = turns_of(data, max_chars=max_chars)
+    per_turn = [
+        tokenizer(line, add_special_tokens=False, verbose=False)["input_ids"] if line else []
+        for _, line in turns
+    ]
+    counts = [(role, len(ids)) for (role, _), ids in zip(turns, per_turn, strict=True)]
+    whole = tokenizer("\n".join(line for _, line in turns if line), verbose=False)["input_ids"]
+    if len(whole) <= reading.max_length:
+        return Windows([whole], build_windows(counts, size=max(sum(n for _, n in counts), 1)))
+    size = reading.max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    if size < 2:
+        raise ValueError(f"max_length {reading.max_length} leaves no room for text")
+    plan = build_windows(
+        counts,
+        size=size,
+        overlap=min(reading.overlap, size // 2),
+        max_windows=reading.max_windows,
+    )
+    head, tail = special_tokens(tokenizer)
+    ids = [
+        head + [t for s in w.segments for t in per_turn[s.turn][s.start : s.end]] + tail
+        for w in plan.windows
+    ]
+    return Windows(ids, plan)
+
+
+def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer puts before and after one text ([CLS] / [SEP] for BERT,
+    <s> / </s> for RoBERTa), read off the encoding of a one-word text."""
+    full = list(tokenizer("x")["input_ids"])
+    inner = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    for k in range(len(full) - len(inner) + 1):
+        if full[k : k + len(inner)] == inner:
+            return full[:k], full[k + len(inner) :]
+    raise ValueError("cannot find where this tokenizer puts its special tokens")
+
+
+def reading_output(windows: Windows, pooled: Pooled, reading: Reading) -> dict[str, Any]:
+    """What the result records about the reading: windows read, the deciding
+    window (its turns), the pooling rule, and anything not read."""
+    plan = windows.plan
+    out: dict[str, Any] = {
+        "windows": len(plan.windows),
+        "tokens_read": sum(len(w) for w in windows.ids),
+    }
+    if len(plan.windows) > 1:
+        decided = plan.windows[pooled.deciding]
+        out["pooling"] = reading.pooling
+        out["deciding_window"] = pooled.deciding
+        out["deciding_turns"] = [decided.turns[0], decided.turns[-1]]
+    if plan.skipped:
+        out["unread"] = plan.unread()
+        out["tokens_unread"] = plan.tokens_unread
+    return out
+
+
+ROLE_PREFIXES = ("user", "assistant", "system", "human", "customer", "caller", "agent", "bot")
+
+
+def text_data(text: str) -> dict[str, Any]:
+    """A labeled example's text as the conversation the fleet would serve.
+
+    Text of `role: content` lines (how `fleet.models.labeled` stores a
+    conversation, and how the encoders read one) becomes its messages again, so
+    training windows follow the same turn boundaries as serving; a line without a
+    known role prefix continues the turn before it. Text that does not start
+    with a role is one bare text ({"text": ...}), as a transcript is served."""
+    lines = text.split("\n")
+    if not any(lines[0].startswith(f"{r}: ") for r in ROLE_PREFIXES):
+        return {"text": text}
+    messages: list[dict[str, str]] = []
+    for line in lines:
+        role = next((r for r in ROLE_PREFIXES if line.startswith(f"{r}: ")), None)
+        if role is None:
+            messages[-1]["content"] += "\n" + line
+        else:
+            messages.append({"role": role, "content": line[len(role) + 2 :]})
+    return {"messages": messages}
+
+
+def check_trained_reading(saved: dict[str, Any] | None, reading: Reading, *, model: str) -> None:
+    """Raise ValueError when a folder trained by `fleet train` (config.json key
+    `fleet_reading`) was trained on windows of another length than the tier reads:
+    what is trained and what is served must not differ. Folders without the key
+    (trained elsewhere) are not checked."""
+    if not saved or "max_length" not in saved:
+        return
+    if int(saved["max_length"]) != reading.max_length:
+        raise ValueError(
+            f"{model} was trained on windows of {saved['max_length']} tokens but this tier "
+            f"reads {reading.max_length}: set max_length = {saved['max_length']} on the tier "
+            "or retrain with `fleet train` (it takes the tier's max_length)"
+        )
