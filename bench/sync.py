@@ -174,7 +174,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             config = Path(tmp) / "tasks.toml"
             config.write_text(
-                '[tasks.intent]\nkind = "fake"\nsource = "conversation"\n'
+                'include_bundled = false\n[tasks.intent]\nkind = "fake"\nsource = "conversation"\n'
                 '[[tasks.intent.ladder]]\nname = "fake"\npath = "fake"\n'
                 + SOURCES[args.shape].format(chunk=args.chunk)
             )

@@ -48,6 +48,13 @@ def nightly(
     for name in names:
         ctx.task(name)  # a typo (also in FLEET_NIGHTLY_TASKS) fails here, with the list of tasks
     specs = run_specs(ctx.tasks(), names or None)
+    if not specs:
+        fail(
+            f"no tasks to run: the task config ({ctx.settings.config_file or 'bundled tasks.toml'}) "
+            "has none. Add [tasks.<name>] to FLEET_CONFIG_FILE, or drop its "
+            "`include_bundled = false`; `fleet tasks` lists what is configured.",
+            ExitCode.CONFIG,
+        )
     s = ctx.services()
     app = ctx.app()
     unwind_on_sigterm()
@@ -99,6 +106,8 @@ def beat(ctx: FleetContext, loglevel: str) -> None:
     except ScheduleError as e:
         fail(str(e), ExitCode.CONFIG)
     tasks = ctx.tasks()
+    if not tasks:
+        fail("no tasks configured: `fleet tasks` shows the task config in force", ExitCode.CONFIG)
     nightly_names = ctx.settings.nightly_task_names()
     for name in nightly_names:
         ctx.task(name)  # a typo in FLEET_NIGHTLY_TASKS fails before anything starts

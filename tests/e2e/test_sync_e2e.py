@@ -76,6 +76,7 @@ def app_fleet(db_url: str, broker_url: str, tmp_path: Path) -> Iterator[tuple[Fl
     add_to_hub_cache(hub, REPO_ID, model, commit=COMMIT)
     config = tmp_path / "tasks.toml"
     config.write_text(
+        "include_bundled = false\n"
         "[tasks.intent]\n"
         'kind = "sequence_classify"\n'
         'source = "conversation"\n'

@@ -21,7 +21,7 @@ def cli_env(db_url, broker_url, tmp_path, monkeypatch) -> Iterator[tuple[str, Pa
     name, app_url, plain = create_app_database()
     config = tmp_path / "tasks.toml"
     config.write_text(
-        '[tasks.intent]\nkind = "fake"\nsource = "conversation"\n'
+        'include_bundled = false\n[tasks.intent]\nkind = "fake"\nsource = "conversation"\n'
         '[[tasks.intent.ladder]]\nname = "fake"\npath = "fake"\n'
         f"[sources.app]\nshape = \"messages\"\nquery = '''{QUERY}'''\n"
         'trigger_tables = ["app.conversations", "app.messages"]\n'
