@@ -41,6 +41,7 @@ from celery import Celery
 from sqlalchemy import Connection, func, select
 from sqlalchemy.orm import Session
 
+from db import ledger
 from db.engine import get_engine, transaction
 from db.schema import Run
 from fleet.config.settings import Settings
@@ -360,7 +361,7 @@ def tick(
         now = session.scalar(select(func.now()))
         assert now is not None
         values: dict[str, Any] = {
-            "tasks": counts,
+            "ledger": counts,
             "sent_batches": int(run.counts.get("sent_batches", 0)) + sent,
             "last_tick": now.isoformat(),
         }
@@ -368,6 +369,9 @@ def tick(
         if remaining == 0:
             values["seconds"] = round((now - run.started_at).total_seconds(), 2)
             values["timed_out"] = False
+            values["tasks"] = ledger.counts_since_run(
+                session, run_id=run.id, tasks=[s.name for s in specs]
+            )
             runs.close(session, run.id, **values)
             log.info("nightly run %d finished: %s", run.id, counts)
         else:

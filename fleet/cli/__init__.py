@@ -52,6 +52,7 @@ for _command in (
     run.run,
     run.reconcile,
     run.retry,
+    run.park,
     reports.results,
     reports.export,
     reports.eval_cmd,

@@ -17,7 +17,7 @@ from fleet.config.exitcodes import ExitCode
 @task_option
 @click.option(
     "--status",
-    type=click.Choice(["done", "failed", "dead", "all"]),
+    type=click.Choice(["done", "failed", "dead", "parked", "all"]),
     default="all",
     show_default=True,
 )
@@ -43,7 +43,7 @@ def results(ctx: FleetContext, task_name: str, status: str, limit: int, as_json:
 )
 @click.option(
     "--status",
-    type=click.Choice(["done", "failed", "dead", "all"]),
+    type=click.Choice(["done", "failed", "dead", "parked", "all"]),
     default="all",
     show_default=True,
 )

@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-STATUSES = ("pending", "queued", "running", "done", "failed", "dead", "gone")
+STATUSES = ("pending", "queued", "running", "done", "failed", "dead", "parked", "gone")
 console = Console(stderr=True)
 out = Console()
 
@@ -87,7 +87,7 @@ def run_progress(
             for t, tid in ids.items():
                 c = counts.get(t, {})
                 total = sum(c.values())
-                finished = sum(c.get(s, 0) for s in ("done", "failed", "dead", "gone"))
+                finished = sum(c.get(s, 0) for s in ("done", "failed", "dead", "parked", "gone"))
                 status = " ".join(f"{s}={c[s]}" for s in STATUSES if c.get(s))
                 note = (workers or {}).get(t, "")
                 p.update(tid, total=total or None, completed=finished, status=status, worker=note)
