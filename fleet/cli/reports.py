@@ -195,7 +195,9 @@ def compare(
 
 
 @click.command()
-@click.option("--run", "run_id", type=click.IntRange(min=1), help="Report on this run (its id).")
+@click.option(
+    "--run", "run_id", type=click.IntRange(min=1), help="Report on this run (default: the latest)."
+)
 @click.option("--since", help="Window start: 2026-01-05, 2026-01-05T22:00, today, or 24h / 7d ago.")
 @click.option("--until", help="Window end (with --since; default now).")
 @click.option("--task", "-t", "task_names", multiple=True, help="Only this task; repeat.")
@@ -203,7 +205,8 @@ def compare(
     "--out",
     "-o",
     type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
+    default=Path("fleet-report.html"),
+    show_default=True,
     help="HTML file to write (one page, nothing external).",
 )
 @pass_fleet
@@ -215,7 +218,12 @@ def report(
     task_names: tuple[str, ...],
     out: Path,
 ) -> None:
-    """Write one self-contained HTML page: throughput, labels, tiers, failures, summary."""
+    """Write one self-contained HTML page: throughput, labels, tiers, failures, summary.
+
+    With no option, the latest run. A run's figures are what it did: items it
+    finished, and results it made that were replaced since (result_history).
+    A --since window's items/s divide by the busy time (idle pauses left out).
+    """
     from fleet.reporting.html import ReportError, fmt_duration, write_report
 
     try:
