@@ -145,6 +145,17 @@ def parse_tasks(doc: dict[str, Any]) -> dict[str, TaskSpec]:
             for k, v in raw.items()
             if k not in {"kind", "source", "ladder", "labels", "input_from", "then", "description"}
         }
+        top_k = extra.get("top_k")
+        if top_k is not None and (
+            kind != "sequence_classify"
+            or not isinstance(top_k, int)
+            or isinstance(top_k, bool)
+            or top_k < 1
+        ):
+            raise ConfigError(
+                f"task {name!r}: top_k (how many labels' probabilities `scores` keep; default "
+                f"every label up to 32) is an integer >= 1 for sequence_classify, got {top_k!r}"
+            )
         tasks[name] = TaskSpec(
             name=name,
             kind=kind,

@@ -25,10 +25,29 @@ def torch_dtype(name: str, device: str) -> Any:
         ) from None
 
 
+# A task's `scores` keep every label's probability up to this many labels; a
+# model with more keeps the most probable ones (set `top_k` on the task).
+ALL_SCORES_UP_TO = 32
+
+
+def scores_kept(n_labels: int, top_k: int | None) -> int:
+    """How many labels' probabilities a result's `scores` keep: `top_k` when the
+    task sets it, else every label up to ALL_SCORES_UP_TO labels; never more
+    than the model has."""
+    if top_k is not None:
+        return min(top_k, n_labels)
+    return min(n_labels, ALL_SCORES_UP_TO)
+
+
 class SequenceClassifyAdapter:
+    """Softmax over the classifier's labels. `scores` keep every label's
+    probability (`scores_kept`: all up to 32 labels, or the task's `top_k`);
+    when fewer than all are kept, the result's output says how many of how
+    many (`{"scores_kept": k, "labels": n}`)."""
+
     kind = "sequence_classify"
 
-    def __init__(self, *, max_chars: int = 1_000_000, top_k: int = 5) -> None:
+    def __init__(self, *, max_chars: int = 1_000_000, top_k: int | None = None) -> None:
         self.max_chars = max_chars
         self.top_k = top_k
         self.model: Any = None
@@ -68,8 +87,10 @@ class SequenceClassifyAdapter:
             logits = self.model(**padded).logits.float()
         probs = torch.softmax(logits, dim=-1).cpu()
         id2label = self.model.config.id2label
-        k = min(self.top_k, probs.shape[-1])
+        n = probs.shape[-1]
+        k = scores_kept(n, self.top_k)
         top = torch.topk(probs, k, dim=-1)
+        partial = {"scores_kept": k, "labels": n} if k < n else None
         out: list[Prediction | InputError] = []
         for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True):
             scores = {
@@ -77,7 +98,10 @@ class SequenceClassifyAdapter:
             }
             out.append(
                 Prediction(
-                    label=str(id2label[indices[0]]), confidence=float(values[0]), scores=scores
+                    label=str(id2label[indices[0]]),
+                    confidence=float(values[0]),
+                    scores=scores,
+                    output=dict(partial) if partial else None,
                 )
             )
         return out
