@@ -34,6 +34,19 @@ COMPOSE_ENVIRONMENT = {
     "FLEET_MODELS_DIR": "/models",
     "FLEET_AUDIO_ROOT": "/audio",
 }
+# Secrets in .env a worker does not need. Compose gives every container of
+# docker-compose.yml the whole .env (env_file: it carries the fleet settings);
+# `environment` wins over it, so a worker's blanks these: it gets only the two
+# URLs it works with. Every SecretStr setting but those URLs is here
+# (tests/unit/test_deploy_manifests.py checks), plus the raw passwords the URLs
+# are built from and the Hugging Face token (workers load with local files only).
+WORKER_BLANKED_SECRETS = (
+    "POSTGRES_PASSWORD",
+    "REDIS_PASSWORD",
+    "FLEET_FLOWER_PASSWORD",
+    "FLEET_SOURCE_DATABASE_URL",
+    "HF_TOKEN",
+)
 COMPOSE_WORKER_VOLUMES = ["models:/models:ro", "${AUDIO_DIR:-./audio}:/audio:ro"]
 COMPOSE_WORKER_DEPENDS_ON = {
     "postgres": {"condition": "service_healthy"},
@@ -149,7 +162,7 @@ def compose_worker(
     """One worker service. With a GPU it reserves exactly that host GPU; inside its
     container that GPU is the only one, index 0, hence `--gpu 0`. `config_file`:
     the user's task config, mounted read-only at CONFIG_MOUNT (FLEET_CONFIG_FILE)."""
-    environment = dict(COMPOSE_ENVIRONMENT)
+    environment = dict(COMPOSE_ENVIRONMENT) | {k: "" for k in WORKER_BLANKED_SECRETS}
     volumes = list(COMPOSE_WORKER_VOLUMES)
     if config_file is not None:
         environment["FLEET_CONFIG_FILE"] = CONFIG_MOUNT

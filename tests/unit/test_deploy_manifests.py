@@ -65,6 +65,7 @@ NON_FLEET_VARS = {
     "CUDA_VISIBLE_DEVICES": "pins a worker to its GPU",
     "HF_HUB_OFFLINE": "models load from local folders only",
     "TRANSFORMERS_OFFLINE": "models load from local folders only",
+    "HF_TOKEN": "Hugging Face token for `fleet models pull` (blanked for workers)",
     "DEBIAN_FRONTEND": "image build",
     "PIP_DISABLE_PIP_VERSION_CHECK": "image build",
     "PIP_NO_CACHE_DIR": "image build",
@@ -901,9 +902,30 @@ def test_deploy_compose_carries_the_task_config_and_the_source_database(tmp_path
         worker["environment"]["FLEET_CONFIG_FILE"] == deploy.CONFIG_MOUNT
         and mount in worker["volumes"]
     )
-    assert "FLEET_SOURCE_DATABASE_URL" not in worker["environment"]  # workers do not sync
+    assert worker["environment"]["FLEET_SOURCE_DATABASE_URL"] == ""  # workers do not sync
     for name in ("beat", "cli"):
         assert services[name]["environment"]["FLEET_SOURCE_DATABASE_URL"].startswith(
             "${FLEET_SOURCE_DATABASE_URL:?"
         )
         assert mount in services[name]["volumes"]
+
+
+def test_compose_workers_get_only_the_secrets_they_need():
+    from pydantic import SecretStr
+
+    secret_settings = {
+        (f.validation_alias.choices[0] if f.validation_alias else f"FLEET_{name.upper()}")
+        for name, f in Settings.model_fields.items()
+        if "SecretStr" in str(f.annotation) or f.annotation is SecretStr
+    }
+    needed = {"DATABASE_URL", "BROKER_URL"}
+    assert secret_settings - needed <= set(deploy.WORKER_BLANKED_SECRETS)
+    example = env_file(DEPLOY / "env.example")
+    for name, svc in {**compose()["services"], **_generated()["services"]}.items():
+        if not name.startswith("worker"):
+            continue
+        env = svc["environment"]
+        for key in (*deploy.WORKER_BLANKED_SECRETS, "POSTGRES_PASSWORD", "REDIS_PASSWORD"):
+            assert env[key] == "", (name, key)
+        assert {k for k in example if "PASSWORD" in k} <= {k for k, v in env.items() if v == ""}
+        assert set(needed) <= set(env) and all(env[k] for k in needed), name
