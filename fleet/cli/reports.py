@@ -113,7 +113,10 @@ def eval_cmd(
 
     try:
         labels = load_gold(gold)
-        report = evaluate(ctx.url(), task=task_name, gold=labels, source=source)
+        spec = ctx.task(task_name)
+        report = evaluate(
+            ctx.url(), task=task_name, gold=labels, source=source, model_labels=list(spec.labels)
+        )
     except ValueError as e:
         fail(str(e), ExitCode.CONFIG)
     if as_json:
@@ -121,10 +124,22 @@ def eval_cmd(
         return
     confusion_table(report["confusion"])
     lat = report["latency_ms"]
+    spread = (
+        f"p50 {lat['p50']:.1f} p95 {lat['p95']:.1f} over {lat['sub_batches']} sub-batches"
+        if lat["sub_batches"] > 1
+        else "(one sub-batch: no p50/p95, every item has its mean)"
+    )
     click.echo(
         f"accuracy {report['accuracy']:.3f}  macro-F1 {report['macro_f1']:.3f}  n={report['n']}  "
-        f"latency/item mean {lat['mean']:.1f} ms p50 {lat['p50']:.1f} p95 {lat['p95']:.1f}"
+        f"latency/item mean {lat['mean']:.1f} ms {spread}"
     )
+    if report["unknown_gold_labels"]:
+        unknown = ", ".join(f"{k} ({n})" for k, n in report["unknown_gold_labels"].items())
+        click.echo(
+            f"warning: gold labels the model does not have: {unknown}; those lines can only "
+            "count as errors (a typo in the gold file, or a model trained on other labels?)",
+            err=True,
+        )
     if report["not_in_task"] or report["not_done"]:
         click.echo(
             f"{report['not_in_task']} gold items have no work item; {report['not_done']} are not done",

@@ -154,6 +154,28 @@ def test_eval_against_gold(db_url, broker_url, tmp_path):
         main, ["eval", "-t", "intent", "--gold", str(bad)], env=_env(db_url, broker_url, tmp_path)
     )
     assert res.exit_code == 2 and "bad.jsonl:1" in res.output
+    assert "this line has no label" in res.output and '{"external_id": "x"}' in res.output
+    assert report["latency_ms"]["sub_batches"] == 1 and report["unknown_gold_labels"] == {}
+
+
+def test_eval_warns_on_gold_labels_the_model_lacks_and_about_one_sub_batch(
+    db_url, broker_url, tmp_path
+):
+    _finish(db_url, LABELS, {"c000005": "bad"})
+    gold = write_jsonl(
+        tmp_path / "gold.jsonl",
+        [
+            {"external_id": "c000000", "label": "a"},
+            {"external_id": "c000001", "label": "professionnal"},  # a typo
+            {"external_id": "c000002", "label": "professionnal"},
+        ],
+    )
+    res = CliRunner().invoke(
+        main, ["eval", "-t", "intent", "--gold", str(gold)], env=_env(db_url, broker_url, tmp_path)
+    )
+    assert res.exit_code == 0, res.output
+    assert "gold labels the model does not have: professionnal (2)" in res.stderr
+    assert "one sub-batch: no p50/p95" in res.stdout and "p95 " not in res.stdout
 
 
 def test_eval_of_an_id_two_sources_hold(db_url, broker_url, tmp_path):
