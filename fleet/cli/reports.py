@@ -194,16 +194,41 @@ def compare(
     output: Path,
     as_json: bool,
 ) -> None:
-    """Shadow run: two models on the same items; the disagreement rate and where they differ."""
+    """Shadow run: two models on the same items; the disagreement rate and where they differ.
+
+    Both models run here, in this process, one after the other (not on the
+    workers): on a CPU that takes minutes for a few hundred items. Each model's
+    time is printed (and under "seconds" with --json).
+    """
+    from transformers.utils import logging as hf_logging
+
     from fleet.reporting.compare import compare as do_compare
 
     spec = ctx.task(task_name)
-    report = do_compare(ctx.services(), spec, models[0], models[1], limit=limit, out_path=output)
+    hf_logging.disable_progress_bar()  # no weight-loading bars: one line per model instead
+    if not as_json:
+        click.echo(
+            f"comparing on up to {limit} items of {task_name}: both models run in this "
+            "process, one after the other (not on the workers)",
+            err=True,
+        )
+    report = do_compare(
+        ctx.services(),
+        spec,
+        models[0],
+        models[1],
+        limit=limit,
+        out_path=output,
+        echo=None if as_json else (lambda line: click.echo(line, err=True)),
+    )
     if as_json:
         click.echo(json.dumps(report))
         return
+    took = report["seconds"]
     click.echo(
-        f"{report['n']} items: disagreement {report['disagreement_rate']:.1%}; side by side in {report['file']}"
+        f"{report['n']} items: disagreement {report['disagreement_rate']:.1%}; side by side in "
+        f"{report['file']} (in this process on {report['device']}: A {took['a']:.1f}s, "
+        f"B {took['b']:.1f}s)"
     )
     for d in report["top_disagreements"]:
         click.echo(f"  A={d['a']}  B={d['b']}  x{d['count']}")

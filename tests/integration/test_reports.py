@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 
 from click.testing import CliRunner
 from sqlalchemy import text
@@ -295,3 +296,16 @@ def test_compare_two_models_side_by_side(db_url, broker_url, tiny_models, tmp_pa
         env=env,
     )
     assert json.loads(same.stdout.splitlines()[-1])["disagreement_rate"] == 0.0
+    assert set(report["seconds"]) == {"a", "b"} and all(v > 0 for v in report["seconds"].values())
+    text = CliRunner().invoke(
+        main,
+        ["compare", "-t", "intent", "--models", "tiny-big", "tiny-small", "--limit", "5"]
+        + ["-o", str(out)],
+        env=env,
+    )
+    assert text.exit_code == 0, text.output
+    assert "both models run in this process" in text.stderr
+    assert "model A (tiny-big): loading and running 5 items on cpu" in text.stderr
+    assert re.search(r"model B: 5 items in \d+\.\ds", text.stderr)
+    assert re.search(r"in this process on cpu: A \d+\.\ds, B \d+\.\ds\)", text.stdout)
+    assert "Loading weights" not in text.output  # no model-loading bars
