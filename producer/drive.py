@@ -259,6 +259,16 @@ class ServedWatch:
         return missing
 
 
+def _discover(
+    url: str, specs: Sequence[TaskSpec], settings: Settings, report: RunReport, *, sync: bool
+) -> None:
+    """A run's first step: with `sync`, the declared sources (report.synced), then
+    discovery of every task's new items (report.discovered)."""
+    if sync:
+        report.synced = before_discovery(settings, specs)
+    report.discovered = discover_all(url, specs)
+
+
 def gated(specs: Sequence[TaskSpec], gate: Callable[[str], bool] | None) -> list[TaskSpec]:
     """The tasks to feed on this pass: all of them, or those the gate lets through."""
     return list(specs) if gate is None else [s for s in specs if gate(s.name)]
@@ -308,7 +318,7 @@ def drive(
             # check for the end once a poll interval: counting scans the ledger.
             try:
                 if not discovered:
-                    report.discovered = discover_all(url, specs, settings if sync else None)
+                    _discover(url, specs, settings, report, sync=sync)
                     discovered = True
                 if outage.failures and held is not None and not held():
                     log.error(

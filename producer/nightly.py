@@ -50,6 +50,7 @@ from producer import runs
 from producer.drive import discover_all, feed, open_items
 from producer.drive import drive as drive_run
 from producer.runs import Counts, RunReport, count
+from producer.sync import before_discovery
 
 log = logging.getLogger("fleet.nightly")
 
@@ -316,9 +317,10 @@ def start(
     except RunStillGoing as e:
         log.warning("%s", e)
         return {"still_going": e.run.run_id}
-    discovered = discover_all(url, specs, settings)
+    synced = before_discovery(settings, specs)
+    discovered = discover_all(url, specs)
     with transaction(url) as session:
-        runs.merge(session, run_id, discovered=discovered)
+        runs.merge(session, run_id, discovered=discovered, synced=synced)
     log.info(
         "nightly run %d opened over %s: %d new items",
         run_id,

@@ -70,6 +70,9 @@ class RunReport:
     interrupted: bool = False
     taken_over: bool = False
     discovered: dict[str, int] = field(default_factory=dict)
+    # What syncing the declared sources did first (nightly): {source: SyncReport.as_dict()
+    # or {"error": ...}}, "rerun": {task: items} with FLEET_RERUN_STALE.
+    synced: dict[str, Any] = field(default_factory=dict)
     sent_batches: int = 0
     reconciled: dict[str, int] = field(default_factory=lambda: {"returned": 0, "dead": 0})
     took_over: list[int] = field(default_factory=list)
@@ -80,6 +83,7 @@ class RunReport:
             "tasks": self.work or {n: {} for n in names},
             "ledger": self.counts or {n: {} for n in names},
             "discovered": self.discovered,
+            "synced": self.synced,
             "sent_batches": self.sent_batches,
             "reconciled": self.reconciled,
             "timed_out": self.timed_out,

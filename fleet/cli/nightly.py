@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -83,7 +84,34 @@ def nightly(
         click.echo(
             f"closed abandoned nightly run(s) {report.took_over} (their driver was gone)", err=True
         )
+    if not as_json:
+        for line in sync_lines(report.synced):
+            click.echo(line)
     finish_run(report, as_json)
+
+
+def sync_lines(synced: dict[str, Any]) -> list[str]:
+    """What a nightly run's sync did, one line per source (and the rerun of
+    stale results); a line saying none is declared when there is nothing."""
+    if "error" in synced and len(synced) == 1:
+        return [f"sync: sources not read: {synced['error']}"]
+    lines = []
+    for name, r in synced.items():
+        if name == "rerun":
+            back = ", ".join(f"{t}: {n}" for t, n in r.items()) or "none"
+            lines.append(f"rerun of results from old model revisions: {back}")
+        elif "error" in r:
+            lines.append(f"sync {name}: FAILED ({r['error']}); `fleet sync` to retry")
+        else:
+            bad = (
+                f", {r['bad_count']} bad (`fleet sync --json` lists them)" if r["bad_count"] else ""
+            )
+            lines.append(
+                f"sync {name}: {r['new']:,} new, {r['changed']:,} changed, "
+                f"{r['unchanged']:,} unchanged, {r['gone'] + r['deleted']:,} gone{bad} "
+                f"in {r['seconds']:.1f}s"
+            )
+    return lines or ["sync: no [sources.<name>] declared; nothing synced"]
 
 
 @click.command()

@@ -67,6 +67,7 @@ def test_a_nightly_run_with_nothing_to_do_exits_0_despite_old_failures(env, db_u
     text_run = run_fleet(["nightly", "--timeout", "60"], env, check=False)
     assert text_run.returncode == 0, text_run.stderr
     assert "1 older failed or dead item(s)" in text_run.stderr and "fleet park" in text_run.stderr
+    assert "sync: no [sources.<name>] declared; nothing synced" in text_run.stdout
 
 
 def test_park_acknowledges_and_retry_puts_back(env, db_url):
