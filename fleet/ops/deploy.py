@@ -34,19 +34,39 @@ COMPOSE_ENVIRONMENT = {
     "FLEET_MODELS_DIR": "/models",
     "FLEET_AUDIO_ROOT": "/audio",
 }
-# Secrets in .env a worker does not need. Compose gives every container of
+# The secrets .env may hold. Compose gives every fleet container of
 # docker-compose.yml the whole .env (env_file: it carries the fleet settings);
-# `environment` wins over it, so a worker's blanks these: it gets only the two
-# URLs it works with. Every SecretStr setting but those URLs is here
-# (tests/unit/test_deploy_manifests.py checks), plus the raw passwords the URLs
-# are built from and the Hugging Face token (workers load with local files only).
-WORKER_BLANKED_SECRETS = (
+# `environment` wins over it, so each service blanks the secrets it does not
+# need (COMPOSE_BLANKED). Every SecretStr setting but the two URLs is here
+# (tests/unit/test_deploy_manifests.py checks), with the raw passwords the URLs
+# are built from and the Hugging Face token.
+ENV_SECRETS = (
     "POSTGRES_PASSWORD",
     "REDIS_PASSWORD",
     "FLEET_FLOWER_PASSWORD",
     "FLEET_SOURCE_DATABASE_URL",
     "HF_TOKEN",
 )
+# What each compose service keeps of ENV_SECRETS (DATABASE_URL and BROKER_URL,
+# built from the passwords, reach every one); `cli` runs any command and keeps all.
+COMPOSE_SECRETS_NEEDED: dict[str, tuple[str, ...]] = {
+    "worker": (),  # workers load models with local files only
+    "migrate": (),
+    "models": ("HF_TOKEN",),
+    "flower": ("FLEET_FLOWER_PASSWORD",),
+    "beat": ("FLEET_SOURCE_DATABASE_URL",),  # beat syncs the [sources.*]
+    "metrics": (),
+    "cli": ENV_SECRETS,
+}
+
+
+def blanked_secrets(service: str) -> tuple[str, ...]:
+    """The .env secrets compose service `service` (a worker: "worker") does not need."""
+    keep = COMPOSE_SECRETS_NEEDED[service]
+    return tuple(k for k in ENV_SECRETS if k not in keep)
+
+
+WORKER_BLANKED_SECRETS = blanked_secrets("worker")
 COMPOSE_WORKER_VOLUMES = ["models:/models:ro", "${AUDIO_DIR:-./audio}:/audio:ro"]
 COMPOSE_WORKER_DEPENDS_ON = {
     "postgres": {"condition": "service_healthy"},

@@ -910,7 +910,7 @@ def test_deploy_compose_carries_the_task_config_and_the_source_database(tmp_path
         assert mount in services[name]["volumes"]
 
 
-def test_compose_workers_get_only_the_secrets_they_need():
+def test_compose_services_get_only_the_secrets_they_need():
     from pydantic import SecretStr
 
     secret_settings = {
@@ -918,14 +918,20 @@ def test_compose_workers_get_only_the_secrets_they_need():
         for name, f in Settings.model_fields.items()
         if "SecretStr" in str(f.annotation) or f.annotation is SecretStr
     }
-    needed = {"DATABASE_URL", "BROKER_URL"}
-    assert secret_settings - needed <= set(deploy.WORKER_BLANKED_SECRETS)
+    urls = {"DATABASE_URL", "BROKER_URL"}
+    assert secret_settings - urls <= set(deploy.ENV_SECRETS)
     example = env_file(DEPLOY / "env.example")
-    for name, svc in {**compose()["services"], **_generated()["services"]}.items():
-        if not name.startswith("worker"):
-            continue
+    assert {k for k in example if "PASSWORD" in k} <= set(deploy.ENV_SECRETS)
+    services = {**fleet_services(compose()), **_generated()["services"]}
+    assert set(deploy.COMPOSE_SECRETS_NEEDED) == {
+        "worker" if n.startswith("worker") else n for n in services
+    }
+    for name, svc in services.items():
+        kind = "worker" if name.startswith("worker") else name
         env = svc["environment"]
-        for key in (*deploy.WORKER_BLANKED_SECRETS, "POSTGRES_PASSWORD", "REDIS_PASSWORD"):
-            assert env[key] == "", (name, key)
-        assert {k for k in example if "PASSWORD" in k} <= {k for k, v in env.items() if v == ""}
-        assert set(needed) <= set(env) and all(env[k] for k in needed), name
+        for key in deploy.blanked_secrets(kind):
+            assert env.get(key) == "", (name, key)
+        for key in deploy.COMPOSE_SECRETS_NEEDED[kind]:
+            assert env.get(key) != "", (name, key)
+        assert all(env[k] for k in urls), name
+    assert deploy.WORKER_BLANKED_SECRETS == deploy.ENV_SECRETS
