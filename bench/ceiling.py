@@ -73,6 +73,7 @@ def write_config(tmp: Path, cost_s: float) -> Path:
     (model / "config.json").write_text("{}")  # the fake model loads nothing
     path = tmp / f"tasks-{cost_s}.toml"
     path.write_text(
+        "include_bundled = false\n"
         "[tasks.intent]\n"
         'kind = "fake"\n'
         'source = "conversation"\n'

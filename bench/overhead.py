@@ -138,7 +138,7 @@ def fleet(
     url = ADMIN.rsplit("/", 1)[0] + "/" + name
     redis.Redis.from_url(REDIS).flushdb()
     (tmp / "tasks.toml").write_text(
-        f'[tasks.intent]\nkind = "sequence_classify"\nsource = "conversation"\n'
+        f'include_bundled = false\n[tasks.intent]\nkind = "sequence_classify"\nsource = "conversation"\n'
         f'[[tasks.intent.ladder]]\nname = "minilm"\npath = "{model}"\nmax_length = 256\n'
         f'max_batch_tokens = {batch_tokens}\ndtype = "{dtype}"\n'
     )

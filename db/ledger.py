@@ -8,6 +8,7 @@ so a late, duplicated or redelivered message can never undo newer work.
                chunk of a large batch as the worker takes it up) -> done | failed
     queued/running with an expired lease -> pending (reconcile) | dead
     running, delivered again after a worker died -> split in halves | dead
+    failed | dead -> parked (park: acknowledged, never run again) -> pending (retry)
 
 Statements that change a known list of items (start, chunk start, finish,
 split, dead) find their rows by primary key, whatever the statistics say.
@@ -586,8 +587,10 @@ def reconcile(session: Session, *, max_attempts: int, task: str | None = None) -
 
 
 def retry(session: Session, *, statuses: Sequence[str], task: str | None = None) -> int:
-    """Put failed/dead items back to pending with fresh attempt counts."""
-    allowed = {Status.FAILED.value, Status.DEAD.value}
+    """Put failed, dead or parked items back to pending with fresh attempt counts.
+
+    Raises ValueError for another status."""
+    allowed = {Status.FAILED.value, Status.DEAD.value, Status.PARKED.value}
     if not set(statuses) <= allowed:
         raise ValueError(f"retry takes statuses from {sorted(allowed)}, got {list(statuses)}")
     task_sql = "AND task = :task" if task else ""
@@ -603,6 +606,63 @@ def retry(session: Session, *, statuses: Sequence[str], task: str | None = None)
         {"statuses": list(statuses), "task": task},
     )
     return _rowcount(result)
+
+
+def park(
+    session: Session,
+    *,
+    statuses: Sequence[str],
+    task: str | None = None,
+    item_ids: Sequence[int] = (),
+) -> int:
+    """Acknowledge failed/dead items that will never succeed: status -> parked.
+
+    Their last_error stays (the reason is still shown), and updated_at is left
+    as it was: parking is not work, so the run that failed the item still
+    reports it. `item_ids` (empty: every one) narrows to those work items.
+    Returns the items parked; raises ValueError for a status other than
+    failed or dead."""
+    allowed = {Status.FAILED.value, Status.DEAD.value}
+    if not statuses or not set(statuses) <= allowed:
+        raise ValueError(f"park takes statuses from {sorted(allowed)}, got {list(statuses)}")
+    task_sql = "AND task = :task" if task else ""
+    ids_sql = "AND id = ANY(CAST(:ids AS bigint[]))" if item_ids else ""
+    result = session.execute(
+        text(
+            f"""
+            UPDATE work_items
+            SET status = 'parked', batch_id = NULL, lease_until = NULL
+            WHERE status = ANY(CAST(:statuses AS text[])) {task_sql} {ids_sql}
+            """
+        ),
+        {"statuses": list(statuses), "task": task, "ids": id_array(item_ids)},
+    )
+    return _rowcount(result)
+
+
+def counts_since_run(
+    session: Session, *, run_id: int, tasks: Sequence[str]
+) -> dict[str, dict[str, int]]:
+    """A run's own work: {task: {status: n}} of the items of `tasks` whose state
+    changed (work_items.updated_at) since the run's started_at.
+
+    Items another run or command touched meanwhile count too; items that failed
+    before the run and were not taken up again do not."""
+    out: dict[str, dict[str, int]] = {t: {} for t in tasks}
+    for t, status, n in session.execute(
+        text(
+            """
+            SELECT w.task, w.status, count(*)
+            FROM work_items w, runs r
+            WHERE r.id = :run AND w.updated_at >= r.started_at
+              AND w.task = ANY(CAST(:tasks AS text[]))
+            GROUP BY 1, 2 ORDER BY 1, 2
+            """
+        ),
+        {"run": run_id, "tasks": list(tasks)},
+    ):
+        out.setdefault(t, {})[status] = n
+    return out
 
 
 def analyze(session: Session) -> None:

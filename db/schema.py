@@ -43,6 +43,10 @@ class Status(enum.StrEnum):
     DEAD = "dead"
     # The source row disappeared from its sync source (db.sync): not failed, not run again.
     GONE = "gone"
+    # A failed or dead item someone acknowledged will never succeed (`fleet park`): its
+    # last_error stays, it is not run again and no longer counts as failed work to act
+    # on; `fleet retry --status parked` puts it back. Migration 0008.
+    PARKED = "parked"
 
 
 class SourceKind(enum.StrEnum):

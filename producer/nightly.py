@@ -41,6 +41,7 @@ from celery import Celery
 from sqlalchemy import Connection, func, select
 from sqlalchemy.orm import Session
 
+from db import ledger
 from db.engine import get_engine, transaction
 from db.schema import Run
 from fleet.config.settings import Settings
@@ -327,7 +328,7 @@ def start(
     failed = {n: d["error"] for n, d in synced.items() if isinstance(d, dict) and d.get("error")}
     discovered = discover_all(url, specs)
     with transaction(url) as session:
-        runs.merge(session, run_id, discovered=discovered, sync_failed=failed)
+        runs.merge(session, run_id, discovered=discovered, synced=synced, sync_failed=failed)
     log.info(
         "nightly run %d opened over %s: %d new items",
         run_id,
@@ -375,7 +376,7 @@ def tick(
         now = session.scalar(select(func.now()))
         assert now is not None
         values: dict[str, Any] = {
-            "tasks": counts,
+            "ledger": counts,
             "sent_batches": int(run.counts.get("sent_batches", 0)) + sent,
             "last_tick": now.isoformat(),
         }
@@ -383,6 +384,9 @@ def tick(
         if remaining == 0:
             values["seconds"] = round((now - run.started_at).total_seconds(), 2)
             values["timed_out"] = False
+            values["tasks"] = ledger.counts_since_run(
+                session, run_id=run.id, tasks=[s.name for s in specs]
+            )
             runs.close(session, run.id, **values)
             log.info("nightly run %d finished: %s", run.id, counts)
         else:

@@ -8,8 +8,10 @@ beat-driven nightly run, `fleet demo`), and the report a driver returns.
     close_with_retries   close through a Postgres outage (the record is worth a wait)
     recorded             a block whose end (any end: Ctrl-C, SIGTERM, an error) closes the row
 
-The row's counts end as `RunReport.summary`: tasks ({task: {status: n}}),
-task_names, discovered, sent_batches, reconciled, timed_out, interrupted, seconds.
+The row's counts end as `RunReport.summary`: tasks (the run's own work,
+{task: {status: n}} of the items whose state changed during it), ledger (every
+item of its tasks at the end, older ones included), task_names, discovered,
+sent_batches, reconciled, timed_out, interrupted, seconds.
 """
 
 from __future__ import annotations
@@ -52,14 +54,18 @@ class RunReport:
     """What a driven run did; `fleet run --json` and `fleet nightly --json` print
     run_id, counts, seconds and timed_out.
 
-    counts: {task: {status: items}} at the last count; seconds: wall time of the
-    run; discovered: {task: new items}; reconciled: {"returned": n, "dead": n};
+    counts: {task: {status: items}} of the ledger at the last count (older
+    items included: the drive loop waits for every open one); work: the run's
+    own work, the same shape over the items whose state changed during the run
+    (`work_of`), filled in when the run ends; seconds: wall time of the run;
+    discovered: {task: new items}; reconciled: {"returned": n, "dead": n};
     took_over: ids of abandoned nightly runs closed before this one opened;
     taken_over: another driver took this run over during an outage (its row is
     theirs to close); sync: what syncing the declared sources first did."""
 
     run_id: int
     counts: Counts = field(default_factory=dict)
+    work: Counts = field(default_factory=dict)
     seconds: float = 0.0
     timed_out: bool = False
     interrupted: bool = False
@@ -68,7 +74,8 @@ class RunReport:
     sent_batches: int = 0
     reconciled: dict[str, int] = field(default_factory=lambda: {"returned": 0, "dead": 0})
     took_over: list[int] = field(default_factory=list)
-    # {source: its db.sync report (as_dict), or {"error": why}} when the run synced first.
+    # What syncing the declared sources did first: {source: its db.sync report (as_dict),
+    # or {"error": why}}, "rerun": {task: items} with FLEET_RERUN_STALE.
     sync: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -83,8 +90,10 @@ class RunReport:
     def summary(self, names: Sequence[str]) -> dict[str, Any]:
         """The counts the run's row closes with (JSON-ready)."""
         return {
-            "tasks": self.counts or {n: {} for n in names},
+            "tasks": self.work or {n: {} for n in names},
+            "ledger": self.counts or {n: {} for n in names},
             "discovered": self.discovered,
+            "synced": self.sync,
             "sync_failed": self.failed_sources,
             "sent_batches": self.sent_batches,
             "reconciled": self.reconciled,
@@ -160,6 +169,7 @@ def recorded(
         if not report.taken_over:
             if report.interrupted:
                 _recount(url, report, names)
+            _count_work(url, report, names)
             close_with_retries(url, report.run_id, report.summary(names))
 
 
@@ -176,3 +186,18 @@ def _recount(url: str, report: RunReport, names: Sequence[str]) -> None:
         report.counts = count(url, names)
     except Exception as exc:  # the close below retries and says what failed
         log.warning("run %d: could not count its items at the end: %s", report.run_id, exc)
+
+
+def work_of(url: str, run_id: int, names: Sequence[str]) -> Counts:
+    """The run's own work ({task: {status: n}}, db.ledger.counts_since_run)."""
+    with transaction(url) as session:
+        return ledger.counts_since_run(session, run_id=run_id, tasks=names)
+
+
+def _count_work(url: str, report: RunReport, names: Sequence[str]) -> None:
+    """Fill report.work at the run's end (best effort: a database that is down
+    leaves it empty, and the exit status then reads the ledger's counts)."""
+    try:
+        report.work = work_of(url, report.run_id, names)
+    except Exception as exc:
+        log.warning("run %d: could not count its own work at the end: %s", report.run_id, exc)

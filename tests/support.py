@@ -85,7 +85,12 @@ def build_tiny_classifier(
 def tasks_toml(
     path: Path, tiers: Sequence[dict[str, Any]], *, task: str = "intent", extra: str = ""
 ) -> Path:
-    lines = [f"[tasks.{task}]", 'kind = "sequence_classify"', 'source = "conversation"']
+    lines = [
+        "include_bundled = false",
+        f"[tasks.{task}]",
+        'kind = "sequence_classify"',
+        'source = "conversation"',
+    ]
     for t in tiers:
         lines.append(f"[[tasks.{task}.ladder]]")
         for k, v in t.items():

@@ -1,7 +1,7 @@
 """The `fleet` command: a thin front door over producer/, workers/ and db/.
 
-One module per family of commands (run, nightly, workers, data, models,
-observe, reports, deploy, demo); the context, `fail` and the exit codes in
+One module per family of commands (run, nightly, workers, data, tasks,
+models, observe, reports, deploy, demo); the context, `fail` and the exit codes in
 `context`, the shared options and the run summary in `output`. Nothing outside
 this package imports it. Exit codes: `fleet.config.exitcodes.ExitCode`.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from fleet.cli import data, demo, deploy, models, nightly, observe, reports, run, workers
+from fleet.cli import data, demo, deploy, models, nightly, observe, reports, run, tasks, workers
 from fleet.cli.context import FleetContext, fail
 from fleet.config.exitcodes import ExitCode
 from fleet.config.settings import Settings
@@ -42,6 +42,7 @@ def main(click_ctx: click.Context) -> None:
 
 for _command in (
     data.settings_cmd,
+    tasks.tasks_cmd,
     data.migrate,
     data.ingest,
     data.sync_cmd,
@@ -51,6 +52,7 @@ for _command in (
     run.run,
     run.reconcile,
     run.retry,
+    run.park,
     reports.results,
     reports.export,
     reports.eval_cmd,

@@ -33,6 +33,8 @@ def settings_cmd(ctx: FleetContext, as_json: bool) -> None:
         value = getattr(s, name)
         if name in ("database_url", "broker_url"):
             value = redact(value.get_secret_value()) if value is not None else "(embedded)"
+        elif name == "source_database_url":  # a URL: show it with only its password hidden
+            value = redact(value.get_secret_value()) if value is not None else None
         out[name] = str(value) if value is not None else None
     out["models_dir (resolved)"] = str(s.resolved_models_dir)
     out["audio_root (resolved)"] = str(s.resolved_audio_root)

@@ -30,7 +30,13 @@ def deploy_compose(
     from fleet.ops.deploy import compose_command
 
     try:
-        text, plan = compose_command(ctx.tasks(), gpus, task_options)
+        text, plan = compose_command(
+            ctx.tasks(),
+            gpus,
+            task_options,
+            config_file=ctx.settings.config_file,
+            source_database=ctx.settings.source_database_url is not None,
+        )
     except ValueError as e:  # fleet.ops.deploy.DeployError is one
         fail(str(e), ExitCode.CONFIG)
     if out is None:
@@ -52,8 +58,23 @@ def deploy_compose(
 )
 @pass_fleet
 def deploy_k8s(ctx: FleetContext, task_name: str, max_replicas: int, list_length: int) -> None:
-    """A task's worker Deployment (one GPU per pod) and its KEDA ScaledObject, as YAML."""
+    """A task's worker Deployment (one GPU per pod) and its KEDA ScaledObject, as YAML.
+
+    KEDA watches the Redis database of BROKER_URL; with FLEET_CONFIG_FILE the
+    task config travels in a ConfigMap (fleet-tasks) the workers mount.
+    """
     from fleet.ops.deploy import k8s_command
 
     spec = ctx.task(task_name)
-    click.echo(k8s_command(spec, max_replicas=max_replicas, list_length=list_length), nl=False)
+    broker = ctx.settings.broker_url
+    try:
+        text = k8s_command(
+            spec,
+            max_replicas=max_replicas,
+            list_length=list_length,
+            broker_url=broker.get_secret_value() if broker is not None else None,
+            config_file=ctx.settings.config_file,
+        )
+    except ValueError as e:  # fleet.ops.deploy.DeployError is one
+        fail(str(e), ExitCode.CONFIG)
+    click.echo(text, nl=False)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option, task_option
 from fleet.config.exitcodes import ExitCode
+
+if TYPE_CHECKING:
+    from fleet.config.taskconfig import TaskSpec
 
 
 @click.group()
@@ -88,6 +91,16 @@ _file = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 @click.command()
 @task_option
+@click.option(
+    "--kind",
+    type=click.Choice(["sequence_classify"]),
+    help="Create this task when the config has none of that name (with --data).",
+)
+@click.option(
+    "--write-config",
+    is_flag=True,
+    help="Append the task entry (or ladder tier) to FLEET_CONFIG_FILE instead of only printing it.",
+)
 @click.option("--data", type=_file, help="Labeled CSV/JSONL/JSON: text,label[,weight|confidence].")
 @click.option("--from-task", help="Train on this task's stored results (e.g. llm_classify).")
 @click.option(
@@ -119,7 +132,9 @@ _file = click.Path(exists=True, dir_okay=False, path_type=Path)
     help="Share of each label held out for validation when there is no --eval.",
 )
 @click.option(
-    "--out", type=click.Path(file_okay=False, path_type=Path), help="Model folder to write."
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Model folder to write (default: FLEET_STATE_DIR/trained/<task>-trained-<time>).",
 )
 @click.option(
     "--epochs", type=click.IntRange(min=1), help="Most epochs (early stopping may end sooner)."
@@ -145,6 +160,8 @@ _file = click.Path(exists=True, dir_okay=False, path_type=Path)
 def train(
     ctx: FleetContext,
     task_name: str,
+    kind: str | None,
+    write_config: bool,
     data: Path | None,
     from_task: str | None,
     min_confidence: float,
@@ -166,13 +183,24 @@ def train(
     """Fine-tune an encoder for a sequence_classify task from a labeled file, stored results or the bundled set.
 
     Writes a model folder (safetensors, tokenizer, training_metrics.json, a model
-    card) and prints the TOML lines that serve it.
+    card), under FLEET_STATE_DIR/trained unless --out says where, and prints the
+    TOML lines that serve it (--write-config appends them to FLEET_CONFIG_FILE).
+    A task the config lacks is created with --kind sequence_classify and --data:
+    its labels are the data's, and the whole task entry is printed.
     """
+    from fleet.config.taskconfig import ConfigError
     from fleet.models.finetune import TrainConfig
     from fleet.models.labeled import TrainingDataError
+    from fleet.models.taskentry import append_entry, default_out, new_task, task_entry
     from fleet.models.training import Chosen, choose_examples, run_training
 
-    spec = ctx.task(task_name)
+    config_file = ctx.settings.config_file
+    found = _task_to_train(
+        ctx, task_name, kind, has_data=bool(data or from_task), write_config=write_config
+    )
+    creating = found is None
+    if found is not None:
+        spec = found
     if from_task:
         ctx.task(from_task)
     try:
@@ -185,7 +213,10 @@ def train(
             db_url=ctx.url,
             models_dir=ctx.settings.resolved_models_dir,
         )
-        out = out or chosen.out
+        out = out or default_out(ctx.settings.state_dir, chosen.out.name)
+        if creating:
+            assert kind is not None
+            spec = new_task(task_name, kind, out)
         overrides: dict[str, Any] = {
             k: v
             for k, v in {
@@ -222,9 +253,60 @@ def train(
             "weights and a tokenizer (hub ids load from the local cache only)",
             ExitCode.CONFIG,
         )
+    entry = (
+        task_entry(task_name, spec.kind, metrics["labels"], metrics["toml"])
+        if creating
+        else metrics["toml"]
+    )
+    if write_config:
+        assert config_file is not None
+        try:
+            append_entry(config_file, entry, task_name)
+        except ConfigError as e:
+            fail(f"{out} is trained, but {e}", ExitCode.CONFIG)
     if as_json:
-        click.echo(json.dumps({**metrics, "folder": str(out)}))
+        click.echo(
+            json.dumps(
+                {**metrics, "folder": str(out), "entry": entry, "new_task": creating}
+                | ({"written_to": str(config_file)} if write_config else {})
+            )
+        )
         return
+    _say_trained(out, metrics)
+    if write_config:
+        click.echo(f"task entry appended to {config_file}:\n{entry}")
+    elif creating:
+        click.echo(f"serve it: add the new task to FLEET_CONFIG_FILE (or --write-config):\n{entry}")
+    else:
+        click.echo("serve it: add to the task config, at the top of the ladder:\n" + entry)
+
+
+def _task_to_train(
+    ctx: FleetContext, name: str, kind: str | None, *, has_data: bool, write_config: bool
+) -> TaskSpec | None:
+    """The configured task `fleet train` trains for, or None for one it creates
+    (--kind and data given). Exits CONFIG on a missing task, kind or config file."""
+    if write_config and ctx.settings.config_file is None:
+        fail(
+            "--write-config needs FLEET_CONFIG_FILE: point it at a task config of your own "
+            "(it extends the bundled tasks); without it the entry is only printed",
+            ExitCode.CONFIG,
+        )
+    if name not in ctx.tasks():
+        if kind is None or not has_data:
+            fail(
+                f"task {name!r} is not configured: give --kind sequence_classify and "
+                "--data FILE to create it (`fleet tasks` lists the configured ones)",
+                ExitCode.CONFIG,
+            )
+        return None
+    spec = ctx.task(name)
+    if kind is not None and kind != spec.kind:
+        fail(f"task {name!r} is {spec.kind}, not {kind}", ExitCode.CONFIG)
+    return spec
+
+
+def _say_trained(out: Path, metrics: dict[str, Any]) -> None:
     val = metrics["validation_scores"]
     click.echo(
         f"{out}: {metrics['n_train']} examples, {metrics['epochs_run']} epochs (best "
@@ -244,4 +326,3 @@ def train(
             '"ingest" for `fleet ingest` rows) to train on them',
             err=True,
         )
-    click.echo("serve it: add to the task config, at the top of the ladder:\n" + metrics["toml"])

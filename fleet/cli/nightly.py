@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -48,6 +49,13 @@ def nightly(
     for name in names:
         ctx.task(name)  # a typo (also in FLEET_NIGHTLY_TASKS) fails here, with the list of tasks
     specs = run_specs(ctx.tasks(), names or None)
+    if not specs:
+        fail(
+            f"no tasks to run: the task config ({ctx.settings.config_file or 'bundled tasks.toml'}) "
+            "has none. Add [tasks.<name>] to FLEET_CONFIG_FILE, or drop its "
+            "`include_bundled = false`; `fleet tasks` lists what is configured.",
+            ExitCode.CONFIG,
+        )
     s = ctx.services()
     app = ctx.app()
     unwind_on_sigterm()
@@ -76,7 +84,34 @@ def nightly(
         click.echo(
             f"closed abandoned nightly run(s) {report.took_over} (their driver was gone)", err=True
         )
+    if not as_json:
+        for line in sync_lines(report.sync):
+            click.echo(line)
     finish_run(report, as_json)
+
+
+def sync_lines(synced: dict[str, Any]) -> list[str]:
+    """What a nightly run's sync did, one line per source (and the rerun of
+    stale results); a line saying none is declared when there is nothing."""
+    if "error" in synced and len(synced) == 1:
+        return [f"sync: sources not read: {synced['error']}"]
+    lines = []
+    for name, r in synced.items():
+        if name == "rerun":
+            back = ", ".join(f"{t}: {n}" for t, n in r.items()) or "none"
+            lines.append(f"rerun of results from old model revisions: {back}")
+        elif "error" in r:
+            lines.append(f"sync {name}: FAILED ({r['error']}); `fleet sync` to retry")
+        else:
+            bad = (
+                f", {r['bad_count']} bad (`fleet sync --json` lists them)" if r["bad_count"] else ""
+            )
+            lines.append(
+                f"sync {name}: {r['new']:,} new, {r['changed']:,} changed, "
+                f"{r['unchanged']:,} unchanged, {r['gone'] + r['deleted']:,} gone{bad} "
+                f"in {r['seconds']:.1f}s"
+            )
+    return lines or ["sync: no [sources.<name>] declared; nothing synced"]
 
 
 @click.command()
@@ -99,6 +134,8 @@ def beat(ctx: FleetContext, loglevel: str) -> None:
     except ScheduleError as e:
         fail(str(e), ExitCode.CONFIG)
     tasks = ctx.tasks()
+    if not tasks:
+        fail("no tasks configured: `fleet tasks` shows the task config in force", ExitCode.CONFIG)
     nightly_names = ctx.settings.nightly_task_names()
     for name in nightly_names:
         ctx.task(name)  # a typo in FLEET_NIGHTLY_TASKS fails before anything starts

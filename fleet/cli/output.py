@@ -33,29 +33,42 @@ class RunSummary(Protocol):
     def counts(self) -> dict[str, dict[str, int]]: ...
 
     @property
+    def work(self) -> dict[str, dict[str, int]]: ...
+
+    @property
     def seconds(self) -> float: ...
 
     @property
     def timed_out(self) -> bool: ...
 
 
+def _bad(counts: dict[str, dict[str, int]]) -> int:
+    return sum(c.get("failed", 0) + c.get("dead", 0) for c in counts.values())
+
+
 def finish_run(report: RunSummary, as_json: bool) -> None:
     """Print a finished run (`fleet run`, `fleet nightly`) and exit with its code.
 
-    `report` counts: {task: {status: items}}; seconds: the run's wall time.
-    Returns when every item is done; exits TIMEOUT when the run timed out with
-    work unfinished, CONFIG when a declared source could not be synced first
-    (`failed_sources`, when the report has it), FAILED_ITEMS when items ended
-    failed or dead.
+    `report.work`: the run's own work, {task: {status: items}} of the items
+    whose state changed during it (falls back to `report.counts`, the ledger,
+    when it could not be counted); seconds: the run's wall time. The exit
+    status reflects this run only: returns when its items are done; exits
+    TIMEOUT when it timed out with work unfinished, CONFIG when a declared
+    source could not be synced first (`failed_sources`, when the report has
+    it), FAILED_ITEMS when items ended failed or dead in this run. Failed or
+    dead items from earlier runs are mentioned, not counted.
     """
-    bad = sum(c.get("failed", 0) + c.get("dead", 0) for c in report.counts.values())
+    work = report.work or report.counts
+    bad = _bad(work)
+    older = max(_bad(report.counts) - bad, 0) if report.work else 0
     sync_failed: dict[str, str] = getattr(report, "failed_sources", {})
     if as_json:
         click.echo(
             json.dumps(
                 {
                     "run_id": report.run_id,
-                    "counts": report.counts,
+                    "counts": work,
+                    "ledger": report.counts,
                     "seconds": round(report.seconds, 2),
                     "timed_out": report.timed_out,
                     "sync_failed": sync_failed,
@@ -65,8 +78,15 @@ def finish_run(report: RunSummary, as_json: bool) -> None:
     else:
         from fleet.observe.display import counts_table
 
-        counts_table(report.counts)
+        counts_table(work)
         click.echo(f"run {report.run_id} took {report.seconds:.1f}s")
+        if older:
+            click.echo(
+                f"{older} older failed or dead item(s) from earlier runs were not taken up "
+                "(`fleet results --status failed`); `fleet retry` puts them back, "
+                "`fleet park` acknowledges those that will never succeed",
+                err=True,
+            )
     if report.timed_out:
         if not as_json:
             click.echo(
@@ -87,7 +107,7 @@ def finish_run(report: RunSummary, as_json: bool) -> None:
     if bad:
         if not as_json:
             click.echo(
-                f"{bad} item(s) failed or dead: see `fleet results --status failed`; "
+                f"{bad} item(s) failed or dead in this run: see `fleet results --status failed`; "
                 "`fleet retry --status failed` puts them back",
                 err=True,
             )

@@ -17,7 +17,7 @@ from fleet.config.exitcodes import ExitCode
 @task_option
 @click.option(
     "--status",
-    type=click.Choice(["done", "failed", "dead", "all"]),
+    type=click.Choice(["done", "failed", "dead", "parked", "all"]),
     default="all",
     show_default=True,
 )
@@ -43,7 +43,7 @@ def results(ctx: FleetContext, task_name: str, status: str, limit: int, as_json:
 )
 @click.option(
     "--status",
-    type=click.Choice(["done", "failed", "dead", "all"]),
+    type=click.Choice(["done", "failed", "dead", "parked", "all"]),
     default="all",
     show_default=True,
 )
@@ -113,7 +113,10 @@ def eval_cmd(
 
     try:
         labels = load_gold(gold)
-        report = evaluate(ctx.url(), task=task_name, gold=labels, source=source)
+        spec = ctx.task(task_name)
+        report = evaluate(
+            ctx.url(), task=task_name, gold=labels, source=source, model_labels=list(spec.labels)
+        )
     except ValueError as e:
         fail(str(e), ExitCode.CONFIG)
     if as_json:
@@ -121,10 +124,22 @@ def eval_cmd(
         return
     confusion_table(report["confusion"])
     lat = report["latency_ms"]
+    spread = (
+        f"p50 {lat['p50']:.1f} p95 {lat['p95']:.1f} over {lat['sub_batches']} sub-batches"
+        if lat["sub_batches"] > 1
+        else "(one sub-batch: no p50/p95, every item has its mean)"
+    )
     click.echo(
         f"accuracy {report['accuracy']:.3f}  macro-F1 {report['macro_f1']:.3f}  n={report['n']}  "
-        f"latency/item mean {lat['mean']:.1f} ms p50 {lat['p50']:.1f} p95 {lat['p95']:.1f}"
+        f"latency/item mean {lat['mean']:.1f} ms {spread}"
     )
+    if report["unknown_gold_labels"]:
+        unknown = ", ".join(f"{k} ({n})" for k, n in report["unknown_gold_labels"].items())
+        click.echo(
+            f"warning: gold labels the model does not have: {unknown}; those lines can only "
+            "count as errors (a typo in the gold file, or a model trained on other labels?)",
+            err=True,
+        )
     if report["not_in_task"] or report["not_done"]:
         click.echo(
             f"{report['not_in_task']} gold items have no work item; {report['not_done']} are not done",
@@ -179,23 +194,50 @@ def compare(
     output: Path,
     as_json: bool,
 ) -> None:
-    """Shadow run: two models on the same items; the disagreement rate and where they differ."""
+    """Shadow run: two models on the same items; the disagreement rate and where they differ.
+
+    Both models run here, in this process, one after the other (not on the
+    workers): on a CPU that takes minutes for a few hundred items. Each model's
+    time is printed (and under "seconds" with --json).
+    """
+    from transformers.utils import logging as hf_logging
+
     from fleet.reporting.compare import compare as do_compare
 
     spec = ctx.task(task_name)
-    report = do_compare(ctx.services(), spec, models[0], models[1], limit=limit, out_path=output)
+    hf_logging.disable_progress_bar()  # no weight-loading bars: one line per model instead
+    if not as_json:
+        click.echo(
+            f"comparing on up to {limit} items of {task_name}: both models run in this "
+            "process, one after the other (not on the workers)",
+            err=True,
+        )
+    report = do_compare(
+        ctx.services(),
+        spec,
+        models[0],
+        models[1],
+        limit=limit,
+        out_path=output,
+        echo=None if as_json else (lambda line: click.echo(line, err=True)),
+    )
     if as_json:
         click.echo(json.dumps(report))
         return
+    took = report["seconds"]
     click.echo(
-        f"{report['n']} items: disagreement {report['disagreement_rate']:.1%}; side by side in {report['file']}"
+        f"{report['n']} items: disagreement {report['disagreement_rate']:.1%}; side by side in "
+        f"{report['file']} (in this process on {report['device']}: A {took['a']:.1f}s, "
+        f"B {took['b']:.1f}s)"
     )
     for d in report["top_disagreements"]:
         click.echo(f"  A={d['a']}  B={d['b']}  x{d['count']}")
 
 
 @click.command()
-@click.option("--run", "run_id", type=click.IntRange(min=1), help="Report on this run (its id).")
+@click.option(
+    "--run", "run_id", type=click.IntRange(min=1), help="Report on this run (default: the latest)."
+)
 @click.option("--since", help="Window start: 2026-01-05, 2026-01-05T22:00, today, or 24h / 7d ago.")
 @click.option("--until", help="Window end (with --since; default now).")
 @click.option("--task", "-t", "task_names", multiple=True, help="Only this task; repeat.")
@@ -203,7 +245,8 @@ def compare(
     "--out",
     "-o",
     type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
+    default=Path("fleet-report.html"),
+    show_default=True,
     help="HTML file to write (one page, nothing external).",
 )
 @pass_fleet
@@ -215,7 +258,12 @@ def report(
     task_names: tuple[str, ...],
     out: Path,
 ) -> None:
-    """Write one self-contained HTML page: throughput, labels, tiers, failures, summary."""
+    """Write one self-contained HTML page: throughput, labels, tiers, failures, summary.
+
+    With no option, the latest run. A run's figures are what it did: items it
+    finished, and results it made that were replaced since (result_history).
+    A --since window's items/s divide by the busy time (idle pauses left out).
+    """
     from fleet.reporting.html import ReportError, fmt_duration, write_report
 
     try:

@@ -1,4 +1,4 @@
-"""`fleet backlog`, `enqueue`, `run`, `reconcile` and `retry`: the ledger's work, fed and driven."""
+"""`fleet backlog`, `enqueue`, `run`, `reconcile`, `retry` and `park`: the ledger's work, fed and driven."""
 
 from __future__ import annotations
 
@@ -183,18 +183,55 @@ def reconcile(ctx: FleetContext, task_name: str | None, as_json: bool) -> None:
 @click.option(
     "--status",
     "statuses",
-    type=click.Choice(["failed", "dead"]),
+    type=click.Choice(["failed", "dead", "parked"]),
     multiple=True,
     required=True,
-    help="Which items to put back; repeat for both.",
+    help="Which items to put back; repeat for several.",
 )
 @click.option("--task", "-t", "task_name", help="Only this task.")
 @pass_fleet
 def retry(ctx: FleetContext, statuses: tuple[str, ...], task_name: str | None) -> None:
-    """Put failed or dead items back to pending, with fresh attempt counts."""
+    """Put failed, dead or parked items back to pending, with fresh attempt counts."""
     from db import ledger
     from db.engine import transaction
 
     with transaction(ctx.url()) as session:
         n = ledger.retry(session, statuses=statuses, task=task_name)
     click.echo(f"{n} item(s) back to pending: `fleet run --task T` (or `fleet enqueue`) sends them")
+
+
+@click.command()
+@click.option(
+    "--status",
+    "statuses",
+    type=click.Choice(["failed", "dead"]),
+    multiple=True,
+    required=True,
+    help="Which items to park; repeat for both.",
+)
+@click.option("--task", "-t", "task_name", help="Only this task.")
+@click.option(
+    "--item",
+    "item_ids",
+    type=click.IntRange(min=1),
+    multiple=True,
+    help="Only this work item id (`fleet results --status failed --json` shows them); repeat.",
+)
+@pass_fleet
+def park(
+    ctx: FleetContext, statuses: tuple[str, ...], task_name: str | None, item_ids: tuple[int, ...]
+) -> None:
+    """Acknowledge failed or dead items that will never succeed (status parked).
+
+    A parked item keeps its reason, is not run again and is not failed work to
+    act on (status, metrics and run summaries show it as parked). `fleet retry
+    --status parked` puts parked items back.
+    """
+    from db import ledger
+    from db.engine import transaction
+
+    if task_name is not None:
+        ctx.task(task_name)
+    with transaction(ctx.url()) as session:
+        n = ledger.park(session, statuses=statuses, task=task_name, item_ids=item_ids)
+    click.echo(f"{n} item(s) parked: `fleet retry --status parked` puts them back")

@@ -14,8 +14,8 @@ from enum import IntEnum
 class ExitCode(IntEnum):
     """The `fleet` command's (and a worker process's) exit status.
 
-    OK: done. FAILED_ITEMS: the work finished with failed or dead items (`run`,
-    `nightly`). CONFIG: bad usage or configuration; for a worker, a model it
+    OK: done. FAILED_ITEMS: the work finished with items that failed or died in
+    this run (`run`, `nightly`; older failed items do not count). CONFIG: bad usage or configuration; for a worker, a model it
     cannot load or a bad task config, which a restart cannot fix. SERVICE:
     Postgres or Redis unreachable, or the schema not migrated. TIMEOUT: `run`
     or `watch --until-done` gave up with work unfinished.

@@ -1,5 +1,11 @@
-"""Tasks and their model ladders, from a TOML file (the bundled
-fleet/data/tasks.toml unless FLEET_CONFIG_FILE points elsewhere).
+"""Tasks and their model ladders, from a TOML file: the bundled
+fleet/data/tasks.toml, extended by the user's FLEET_CONFIG_FILE.
+
+A user's file adds to the bundled tasks and label sets: a label set of the
+same name replaces the bundled one, a task of the same name is updated key by
+key (`[[tasks.intent.ladder]]` alone swaps intent's models), a file with only
+`[sources.*]` keeps every bundled task. `include_bundled = false` at the top of the file makes it
+the whole config instead (`merge_documents`).
 
 A task is a named job over one kind of source (`intent` over conversations,
 `transcribe` over audio files) run by one model kind, with a ladder of model
@@ -146,6 +152,17 @@ def parse_tasks(doc: dict[str, Any]) -> dict[str, TaskSpec]:
             for k, v in raw.items()
             if k not in {"kind", "source", "ladder", "labels", "input_from", "then", "description"}
         }
+        top_k = extra.get("top_k")
+        if top_k is not None and (
+            kind != "sequence_classify"
+            or not isinstance(top_k, int)
+            or isinstance(top_k, bool)
+            or top_k < 1
+        ):
+            raise ConfigError(
+                f"task {name!r}: top_k (how many labels' probabilities `scores` keep; default "
+                f"every label up to 32) is an integer >= 1 for sequence_classify, got {top_k!r}"
+            )
         tasks[name] = TaskSpec(
             name=name,
             kind=kind,
@@ -164,19 +181,85 @@ def parse_tasks(doc: dict[str, Any]) -> dict[str, TaskSpec]:
     return tasks
 
 
-def load_document(path: Path | None = None) -> dict[str, Any]:
-    """The task config file as a TOML document (the bundled one when `path` is None)."""
-    if path is None:
-        text = resources.files("fleet").joinpath("data/tasks.toml").read_text("utf-8")
-    else:
-        try:
-            text = Path(path).read_text("utf-8")
-        except OSError as e:
-            raise ConfigError(f"cannot read task config {path}: {e.strerror}") from e
+# The top-level keys a task config may hold.
+TOP_KEYS = ("include_bundled", "labels", "tasks", "sources")
+
+
+def bundled_document() -> dict[str, Any]:
+    """The bundled fleet/data/tasks.toml as a TOML document."""
+    text = resources.files("fleet").joinpath("data/tasks.toml").read_text("utf-8")
+    return tomllib.loads(text)
+
+
+def read_document(path: Path) -> dict[str, Any]:
+    """One task config file as a TOML document, as written (no merging).
+
+    Raises ConfigError when the file is unreadable, not TOML or has a top-level
+    key other than TOP_KEYS (a typo such as `[source.app]` would otherwise be ignored)."""
     try:
-        return tomllib.loads(text)
+        text = Path(path).read_text("utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read task config {path}: {e.strerror}") from e
+    try:
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"task config {path or 'tasks.toml'} is not valid TOML: {e}") from e
+        raise ConfigError(f"task config {path} is not valid TOML: {e}") from e
+    unknown = sorted(set(doc) - set(TOP_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"task config {path}: unknown top-level key(s) {', '.join(unknown)}; "
+            f"known: {', '.join(TOP_KEYS)}"
+        )
+    return doc
+
+
+def merge_documents(bundled: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    """The config in force: the user's document over the bundled one.
+
+    Label sets and tasks are merged by name: a label set of the same name
+    replaces the bundled one; a task of the same name is updated key by key (a
+    `ladder` given replaces the bundled ladder, the kind and labels stay).
+    Sources come from the user's file only. With `include_bundled = false` the user's document is the whole config.
+    Raises ConfigError when include_bundled is not a boolean or a section is not a table.
+    """
+    include = user.get("include_bundled", True)
+    if not isinstance(include, bool):
+        raise ConfigError(f"include_bundled must be true or false, got {include!r}")
+    merged = {k: v for k, v in user.items() if k != "include_bundled"}
+    if not include:
+        return merged
+    for section in ("labels", "tasks"):
+        mine = user.get(section, {})
+        if not isinstance(mine, dict):
+            raise ConfigError(f"`{section}` must be a table of [{section}.<name>] tables")
+        merged[section] = {**bundled.get(section, {}), **mine}
+    for name, task in user.get("tasks", {}).items():
+        base = bundled.get("tasks", {}).get(name)
+        if isinstance(base, dict) and isinstance(task, dict):
+            merged["tasks"][name] = {
+                **base,
+                **task,
+            }  # key by key: a ladder given replaces the ladder
+    return merged
+
+
+def load_document(path: Path | None = None) -> dict[str, Any]:
+    """The task config in force as a TOML document: the bundled one, extended
+    by the file at `path` when given (`merge_documents`). Raises ConfigError."""
+    if path is None:
+        return bundled_document()
+    return merge_documents(bundled_document(), read_document(path))
+
+
+def task_origins(path: Path | None = None) -> dict[str, str]:
+    """Where each task in force is defined: {task: "bundled" | the file's path}."""
+    bundled = set(bundled_document().get("tasks", {}))
+    user = set(read_document(path).get("tasks", {})) if path is not None else set()
+    return {
+        name: (str(path) if name in user else "bundled")
+        for name in load_document(path).get("tasks", {})
+        if name in user or name in bundled
+    }
 
 
 def load_tasks(path: Path | None = None) -> dict[str, TaskSpec]:

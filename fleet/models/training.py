@@ -126,9 +126,51 @@ def choose_examples(
     )
 
 
+def training_lines(
+    title: str, echo: Callable[[str], None], *, every: float = 10.0
+) -> Callable[[dict[str, Any]], None]:
+    """Progress as plain lines for logs (output that is not a terminal): a line
+    at the first step, then at most every `every` seconds, at each epoch's
+    validation and when an evaluation set is done."""
+    import time
+
+    last = {"at": -1e9}
+
+    def update(event: dict[str, Any]) -> None:
+        stage = event.get("stage")
+        now = time.monotonic()
+        if stage == "train":
+            final = event["step"] >= event["total_steps"]
+            if now - last["at"] >= every or final:
+                last["at"] = now
+                echo(
+                    f"train {title}: step {event['step']}/{event['total_steps']} epoch "
+                    f"{event['epoch']}/{event['epochs']} loss {event['loss']:.3f}"
+                )
+        elif stage == "epoch" and "eval_macro_f1" in event:
+            echo(
+                f"train {title}: epoch {event['epoch']} validation macro-F1 "
+                f"{event['eval_macro_f1']:.3f}"
+            )
+        elif stage == "eval" and event["total"] and event["done"] >= event["total"]:
+            echo(f"train {title}: evaluated {event['set']} ({event['total']} examples)")
+
+    return update
+
+
 @contextmanager
 def training_progress(title: str) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """A live training bar (steps, epoch, loss, last validation macro-F1) and an evaluation bar."""
+    """A live training bar (steps, epoch, loss, last validation macro-F1) and an
+    evaluation bar; on output that is not a terminal (a log), `training_lines`."""
+    from fleet.observe.display import console
+
+    if not console.is_terminal:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        yield training_lines(title, lambda line: console.print(line, highlight=False, markup=False))
+        return
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -138,8 +180,6 @@ def training_progress(title: str) -> Iterator[Callable[[dict[str, Any]], None]]:
         TimeRemainingColumn,
     )
     from transformers.utils import logging as hf_logging
-
-    from fleet.observe.display import console
 
     # One display: transformers' own bars (weights loading, shard writing) and load reports off.
     hf_logging.set_verbosity_error()
@@ -283,5 +323,6 @@ __all__ = [
     "choose_examples",
     "run_training",
     "task_labels",
+    "training_lines",
     "training_progress",
 ]

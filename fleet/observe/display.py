@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -19,7 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-STATUSES = ("pending", "queued", "running", "done", "failed", "dead", "gone")
+STATUSES = ("pending", "queued", "running", "done", "failed", "dead", "parked", "gone")
 console = Console(stderr=True)
 out = Console()
 
@@ -87,7 +88,7 @@ def run_progress(
             for t, tid in ids.items():
                 c = counts.get(t, {})
                 total = sum(c.values())
-                finished = sum(c.get(s, 0) for s in ("done", "failed", "dead", "gone"))
+                finished = sum(c.get(s, 0) for s in ("done", "failed", "dead", "parked", "gone"))
                 status = " ".join(f"{s}={c[s]}" for s in STATUSES if c.get(s))
                 note = (workers or {}).get(t, "")
                 p.update(tid, total=total or None, completed=finished, status=status, worker=note)
@@ -95,38 +96,65 @@ def run_progress(
         yield update
 
 
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(value: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that orders the digit runs of `value` as numbers: c2 < c10 < d1."""
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part.casefold())
+        for part in _DIGITS.split(value)
+        if part
+    )
+
+
+def _whole(table: Table, name: str, values: Sequence[str], **options: Any) -> None:
+    """A column whose values never wrap (names, labels, ids): as wide as its longest value."""
+    width = max([len(name), *(len(v) for v in values)])
+    table.add_column(name, no_wrap=True, min_width=width, **options)
+
+
 def counts_table(counts: dict[str, dict[str, int]]) -> None:
+    """Items per task and status: only the statuses some task has (so a table
+    fits 80 columns), task names whole."""
+    shown = [s for s in STATUSES if any(c.get(s) for c in counts.values())]
     table = Table(title="work items")
-    table.add_column("task")
-    for s in STATUSES:
-        table.add_column(s, justify="right")
-    table.add_column("total", justify="right")
+    _whole(table, "task", list(counts))
+    for s in shown:
+        _whole(table, s, [str(c.get(s, 0)) for c in counts.values()], justify="right")
+    table.add_column("total", justify="right", no_wrap=True)
     for task, c in sorted(counts.items()):
-        table.add_row(task, *[str(c.get(s, 0)) for s in STATUSES], str(sum(c.values())))
+        table.add_row(task, *[str(c.get(s, 0)) for s in shown], str(sum(c.values())))
     out.print(table)
 
 
 def results_table(rows: list[dict[str, Any]], *, title: str, gold: bool = False) -> None:
-    table = Table(title=title)
-    for col in ("external_id", "status", "label", "confidence", "model", "tier", "detail"):
-        table.add_column(
-            col,
-            overflow="fold",
-            max_width=60 if col == "detail" else None,
-            no_wrap=col in ("external_id", "model"),
-        )
-    for r in rows:
-        conf = r.get("confidence")
-        detail = r.get("error") or r.get("detail") or ""
-        table.add_row(
+    """One line per item, ordered by source then external id (naturally: c2
+    before c10). Ids, sources, statuses, labels and model names never wrap; the
+    detail column takes what width is left and wraps between words."""
+    rows = sorted(
+        rows, key=lambda r: (str(r.get("source") or ""), natural_key(str(r["external_id"])))
+    )
+    cells = [
+        (
             str(r["external_id"]),
-            r["status"],
+            str(r.get("source") or ""),
+            str(r["status"]),
             str(r.get("label") or ""),
-            f"{conf:.2f}" if isinstance(conf, float) else "",
+            f"{r['confidence']:.2f}" if isinstance(r.get("confidence"), float) else "",
             str(r.get("model_name") or ""),
             "" if r.get("model_tier") is None else str(r["model_tier"]),
-            str(detail),
+            str(r.get("error") or r.get("detail") or ""),
         )
+        for r in rows
+    ]
+    table = Table(title=title)
+    names = ("external_id", "source", "status", "label", "confidence", "model", "tier")
+    for i, col in enumerate(names):
+        _whole(table, col, [c[i] for c in cells])
+    table.add_column("detail", overflow="fold", max_width=60)
+    for c in cells:
+        table.add_row(*c)
     out.print(table)
 
 

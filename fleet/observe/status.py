@@ -29,7 +29,8 @@ from db.syncstate import SourceStatus, read_sources
 from workers.stats import WorkerStats, scan_workers
 
 ACTIVE = ("pending", "queued", "running")
-FINISHED = ("done", "failed", "dead", "gone")  # gone: the source row went away (fleet sync)
+# gone: the source row went away (fleet sync); parked: acknowledged failures (fleet park)
+FINISHED = ("done", "failed", "dead", "parked", "gone")
 RATE_WINDOW_S = 60.0
 # Throughput reads at most this many of the newest results (a primary-key scan),
 # so its cost stays bounded however fast the fleet goes: past the cap the window

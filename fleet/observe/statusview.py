@@ -230,6 +230,15 @@ def watch(
     """Refresh the view every `interval` seconds. Returns True when it stopped
     because nothing was left to do (`until_done`), False on timeout. Ctrl-C
     (KeyboardInterrupt) is the caller's to treat as a normal exit."""
+    if not console.is_terminal:
+        return _watch_lines(
+            read,
+            services=services,
+            interval=interval,
+            until_done=until_done,
+            timeout=timeout,
+            console=console,
+        )
     bars = Bars()
     started = time.monotonic()
     try:
@@ -250,6 +259,60 @@ def watch(
     finally:
         if not console.is_terminal:  # a file or pipe gets the final view; end its line
             console.line()
+
+
+def progress_line(st: FleetStatus) -> str:
+    """One line of a fleet's progress for a log: per task with items,
+    finished/total, items/s and live workers; then what could not be read. Pure."""
+    parts = []
+    for name, t in st.tasks.items():
+        if not t.total and not t.workers:
+            continue
+        rate = "" if t.items_per_second is None else f", {t.items_per_second:.1f}/s"
+        parts.append(f"{name} {t.finished}/{t.total} finished{rate}, {t.workers} worker(s)")
+    line = "; ".join(parts) or "no work items"
+    if st.errors:
+        line += f"; unreadable: {', '.join(sorted(st.errors))}"
+    return line
+
+
+def _watch_lines(
+    read: Callable[[], FleetStatus],
+    *,
+    services: str,
+    interval: float,
+    until_done: bool,
+    timeout: float | None,
+    console: Console,
+) -> bool:
+    """`watch` on output that is not a terminal (a log, a pipe): a timestamped
+    progress line whenever it changes (at least once a minute), and the full
+    view once at the end. Same return as `watch`."""
+    started = time.monotonic()
+    last, said_at = "", -1e9
+    st: FleetStatus | None = None
+    try:
+        while True:
+            st = read()
+            line = progress_line(st)
+            if line != last or time.monotonic() - said_at >= 60:
+                stamp = time.strftime("%H:%M:%S")
+                console.print(f"{stamp} {line}", highlight=False, markup=False, soft_wrap=True)
+                last, said_at = line, time.monotonic()
+            if until_done and st.done:
+                return True
+            if timeout is not None and time.monotonic() - started >= timeout:
+                return False
+            time.sleep(interval)
+    finally:
+        if st is not None:
+            bars = Bars()
+            bars.update(st)
+            parts: list[RenderableType] = [header(services, st), bars.progress, tasks_table(st)]
+            parts += [workers_table(st), run_line(st)]
+            if st.errors:
+                parts.append(errors_text(st))
+            console.print(Group(*parts))
 
 
 # -- the commands' bodies (fleet/cli/observe.py keeps only thin wrappers) ---------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -33,6 +34,39 @@ COMPOSE_ENVIRONMENT = {
     "FLEET_MODELS_DIR": "/models",
     "FLEET_AUDIO_ROOT": "/audio",
 }
+# The secrets .env may hold. Compose gives every fleet container of
+# docker-compose.yml the whole .env (env_file: it carries the fleet settings);
+# `environment` wins over it, so each service blanks the secrets it does not
+# need (COMPOSE_BLANKED). Every SecretStr setting but the two URLs is here
+# (tests/unit/test_deploy_manifests.py checks), with the raw passwords the URLs
+# are built from and the Hugging Face token.
+ENV_SECRETS = (
+    "POSTGRES_PASSWORD",
+    "REDIS_PASSWORD",
+    "FLEET_FLOWER_PASSWORD",
+    "FLEET_SOURCE_DATABASE_URL",
+    "HF_TOKEN",
+)
+# What each compose service keeps of ENV_SECRETS (DATABASE_URL and BROKER_URL,
+# built from the passwords, reach every one); `cli` runs any command and keeps all.
+COMPOSE_SECRETS_NEEDED: dict[str, tuple[str, ...]] = {
+    "worker": (),  # workers load models with local files only
+    "migrate": (),
+    "models": ("HF_TOKEN",),
+    "flower": ("FLEET_FLOWER_PASSWORD",),
+    "beat": ("FLEET_SOURCE_DATABASE_URL",),  # beat syncs the [sources.*]
+    "metrics": (),
+    "cli": ENV_SECRETS,
+}
+
+
+def blanked_secrets(service: str) -> tuple[str, ...]:
+    """The .env secrets compose service `service` (a worker: "worker") does not need."""
+    keep = COMPOSE_SECRETS_NEEDED[service]
+    return tuple(k for k in ENV_SECRETS if k not in keep)
+
+
+WORKER_BLANKED_SECRETS = blanked_secrets("worker")
 COMPOSE_WORKER_VOLUMES = ["models:/models:ro", "${AUDIO_DIR:-./audio}:/audio:ro"]
 COMPOSE_WORKER_DEPENDS_ON = {
     "postgres": {"condition": "service_healthy"},
@@ -45,8 +79,30 @@ COMPOSE_WORKER_DEPENDS_ON = {
 STOP_GRACE = "10m"
 
 
+# Where a generated worker finds the user's task config (FLEET_CONFIG_FILE).
+CONFIG_MOUNT = "/etc/fleet/tasks.toml"
+
+
 class DeployError(ValueError):
     pass
+
+
+def redis_database(broker_url: str | None) -> int:
+    """The Redis database index of a broker URL (`redis://h:6379/7` -> 7); 0 when
+    the URL names none or is not given. Raises DeployError for a path that is
+    not a number (KEDA would watch the wrong database)."""
+    if not broker_url:
+        return 0
+    from urllib.parse import urlsplit
+
+    path = urlsplit(broker_url).path.strip("/")
+    if not path:
+        return 0
+    if not path.isdigit():
+        raise DeployError(
+            f"BROKER_URL names Redis database {path!r}: give a number, e.g. redis://host:6379/0"
+        )
+    return int(path)
 
 
 @dataclass(frozen=True)
@@ -120,15 +176,23 @@ def _csv(values: Sequence[int]) -> str:
 # -- compose ---------------------------------------------------------------------
 
 
-def compose_worker(task: str, gpu: int | None) -> dict[str, Any]:
+def compose_worker(
+    task: str, gpu: int | None, *, config_file: Path | None = None
+) -> dict[str, Any]:
     """One worker service. With a GPU it reserves exactly that host GPU; inside its
-    container that GPU is the only one, index 0, hence `--gpu 0`."""
+    container that GPU is the only one, index 0, hence `--gpu 0`. `config_file`:
+    the user's task config, mounted read-only at CONFIG_MOUNT (FLEET_CONFIG_FILE)."""
+    environment = dict(COMPOSE_ENVIRONMENT) | {k: "" for k in WORKER_BLANKED_SECRETS}
+    volumes = list(COMPOSE_WORKER_VOLUMES)
+    if config_file is not None:
+        environment["FLEET_CONFIG_FILE"] = CONFIG_MOUNT
+        volumes.append(f"{config_file.resolve()}:{CONFIG_MOUNT}:ro")
     service: dict[str, Any] = {
         "image": IMAGE,
         "build": dict(COMPOSE_BUILD),
         "env_file": ".env",
-        "environment": dict(COMPOSE_ENVIRONMENT),
-        "volumes": list(COMPOSE_WORKER_VOLUMES),
+        "environment": environment,
+        "volumes": volumes,
         "depends_on": {k: dict(v) for k, v in COMPOSE_WORKER_DEPENDS_ON.items()},
         "restart": "unless-stopped",
         "stop_grace_period": STOP_GRACE,
@@ -148,12 +212,33 @@ def compose_worker(task: str, gpu: int | None) -> dict[str, Any]:
     return service
 
 
-def compose_override(assignments: Sequence[Assignment]) -> dict[str, Any]:
-    return {
-        "services": {
-            f"worker-{a.task}-gpu{a.gpu}": compose_worker(a.task, a.gpu) for a in assignments
-        }
+def compose_override(
+    assignments: Sequence[Assignment],
+    *,
+    config_file: Path | None = None,
+    source_database: bool = False,
+) -> dict[str, Any]:
+    """The override: one worker per assignment; with the user's task config or a
+    source database, beat (which syncs the sources) and cli get them too. The
+    source URL is never written into the file: it is read from .env."""
+    services: dict[str, Any] = {
+        f"worker-{a.task}-gpu{a.gpu}": compose_worker(a.task, a.gpu, config_file=config_file)
+        for a in assignments
     }
+    extra: dict[str, Any] = {}
+    if config_file is not None:
+        extra["environment"] = {"FLEET_CONFIG_FILE": CONFIG_MOUNT}
+        extra["volumes"] = [f"{config_file.resolve()}:{CONFIG_MOUNT}:ro"]
+    if source_database:
+        extra.setdefault("environment", {})["FLEET_SOURCE_DATABASE_URL"] = (
+            "${FLEET_SOURCE_DATABASE_URL:?set FLEET_SOURCE_DATABASE_URL in .env}"
+        )
+    if extra:
+        for name in ("beat", "cli"):
+            services[name] = {
+                k: (dict(v) if isinstance(v, dict) else list(v)) for k, v in extra.items()
+            }
+    return {"services": services}
 
 
 def compose_header(argv: Sequence[str], assignments: Sequence[Assignment]) -> str:
@@ -174,10 +259,17 @@ def compose_header(argv: Sequence[str], assignments: Sequence[Assignment]) -> st
 
 
 def k8s_worker(
-    spec: TaskSpec, *, max_replicas: int = 4, list_length: int = 4
+    spec: TaskSpec,
+    *,
+    max_replicas: int = 4,
+    list_length: int = 4,
+    redis_db: int = 0,
+    config_text: str | None = None,
 ) -> list[dict[str, Any]]:
     """A task's worker Deployment (one GPU per pod, one pod per GPU) and its KEDA
-    ScaledObject on the Redis list of the task's queue."""
+    ScaledObject on the Redis list of the task's queue, in database `redis_db`
+    (the broker's). With `config_text` (the user's task config) also the
+    ConfigMap fleet-tasks holding it, mounted at CONFIG_MOUNT (FLEET_CONFIG_FILE)."""
     if max_replicas < 1 or list_length < 1:
         raise DeployError("--max-replicas and --list-length must be at least 1")
     name = f"fleet-worker-{spec.name.replace('_', '-')}"
@@ -197,6 +289,13 @@ def k8s_worker(
         },
         {"name": "state", "emptyDir": {}},
     ]
+    env: list[dict[str, Any]] = [_secret_env("DATABASE_URL"), _secret_env("BROKER_URL")]
+    if config_text is not None:
+        mounts.append(
+            {"name": "tasks", "mountPath": CONFIG_MOUNT, "subPath": "tasks.toml", "readOnly": True}
+        )
+        volumes.append({"name": "tasks", "configMap": {"name": "fleet-tasks"}})
+        env.append({"name": "FLEET_CONFIG_FILE", "value": CONFIG_MOUNT})
     if spec.source == "audio" and spec.input_from is None:
         mounts.append({"name": "audio", "mountPath": "/audio", "readOnly": True})
         volumes.append(
@@ -212,7 +311,7 @@ def k8s_worker(
         # The device plugin gives the pod one GPU, which it sees as index 0.
         "args": ["worker", "--task", spec.name, "--gpu", "0"],
         "envFrom": [{"configMapRef": {"name": "fleet-config"}}],
-        "env": [_secret_env("DATABASE_URL"), _secret_env("BROKER_URL")],
+        "env": env,
         "resources": {
             "requests": {"cpu": "2", "memory": "8Gi"},
             "limits": {"memory": "16Gi", "nvidia.com/gpu": 1},
@@ -271,14 +370,22 @@ def k8s_worker(
                         "listName": spec.queue,
                         "listLength": str(list_length),
                         "activationListLength": "0",
-                        "databaseIndex": "0",
+                        "databaseIndex": str(redis_db),
                     },
                     "authenticationRef": {"name": "fleet-redis"},
                 }
             ],
         },
     }
-    return [deployment, scaled]
+    if config_text is None:
+        return [deployment, scaled]
+    tasks_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "fleet-tasks", "labels": {"app.kubernetes.io/name": "gpu-fleet"}},
+        "data": {"tasks.toml": config_text},
+    }
+    return [tasks_map, deployment, scaled]
 
 
 def _task(spec: TaskSpec) -> dict[str, str]:
@@ -341,9 +448,17 @@ def host_gpus(spec: str) -> list[int]:
 
 
 def compose_command(
-    tasks: dict[str, TaskSpec], gpus_spec: str, task_options: Sequence[str]
+    tasks: dict[str, TaskSpec],
+    gpus_spec: str,
+    task_options: Sequence[str],
+    *,
+    config_file: Path | None = None,
+    source_database: bool = False,
 ) -> tuple[str, list[Assignment]]:
-    """YAML text of the compose override and the plan it holds."""
+    """YAML text of the compose override and the plan it holds. `config_file`
+    and `source_database`: the generator's own FLEET_CONFIG_FILE and whether
+    FLEET_SOURCE_DATABASE_URL is set (see compose_override). Raises DeployError
+    for a task the config in force does not define."""
     gpus = host_gpus(gpus_spec)
     assignments = assign_gpus(gpus, task_options)
     for name in dict.fromkeys(a.task for a in assignments):
@@ -352,11 +467,24 @@ def compose_command(
                 f"unknown task {name!r}; configured tasks: {', '.join(sorted(tasks)) or 'none'}"
             )
     argv = [f"--gpus {_csv(gpus)}", *(f"--task {t}" for t in task_options)]
-    text = dump_yaml([compose_override(assignments)], compose_header(argv, assignments))
+    override = compose_override(
+        assignments, config_file=config_file, source_database=source_database
+    )
+    text = dump_yaml([override], compose_header(argv, assignments))
     return text, assignments
 
 
-def k8s_command(spec: TaskSpec, *, max_replicas: int = 4, list_length: int = 4) -> str:
+def k8s_command(
+    spec: TaskSpec,
+    *,
+    max_replicas: int = 4,
+    list_length: int = 4,
+    broker_url: str | None = None,
+    config_file: Path | None = None,
+) -> str:
+    """YAML of `fleet deploy k8s`: KEDA watches the Redis database of `broker_url`
+    (the generator's BROKER_URL; 0 without one), and the user's task config
+    `config_file` travels in a ConfigMap. Raises DeployError for a bad broker URL."""
     options = "".join(
         f" --{flag} {value}"
         for flag, value, default in (
@@ -365,5 +493,12 @@ def k8s_command(spec: TaskSpec, *, max_replicas: int = 4, list_length: int = 4) 
         )
         if value != default
     )
-    docs = k8s_worker(spec, max_replicas=max_replicas, list_length=list_length)
+    config_text = config_file.read_text("utf-8") if config_file is not None else None
+    docs = k8s_worker(
+        spec,
+        max_replicas=max_replicas,
+        list_length=list_length,
+        redis_db=redis_database(broker_url),
+        config_text=config_text,
+    )
     return dump_yaml(docs, k8s_header(spec, options))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -68,12 +69,39 @@ def _run_model(
 
 
 def compare(
-    settings: Settings, spec: TaskSpec, model_a: str, model_b: str, *, limit: int, out_path: Path
+    settings: Settings,
+    spec: TaskSpec,
+    model_a: str,
+    model_b: str,
+    *,
+    limit: int,
+    out_path: Path,
+    echo: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
+    """Run both models on the first `limit` items of the task's source, in this
+    process, and write the answers side by side to `out_path` (JSONL).
+
+    Returns {n, disagreement_rate, top_disagreements, examples, file, seconds:
+    {"a", "b"} (each model's load and run, wall seconds), device}. `echo` gets a
+    line as each model starts and ends (long on a CPU: minutes for hundreds of
+    items)."""
+    import time
+
+    from workers.device import pick_device
+
+    say = echo or (lambda line: None)
     url = settings.db_url()
     sources = _sources(url, spec, limit)
-    a = _run_model(settings, spec, model_a, sources)
-    b = _run_model(settings, spec, model_b, sources)
+    device = pick_device()
+    seconds: dict[str, float] = {}
+    answers: dict[str, dict[int, ItemResult]] = {}
+    for key, model in (("a", model_a), ("b", model_b)):
+        say(f"model {key.upper()} ({model}): loading and running {len(sources)} items on {device}")
+        started = time.monotonic()
+        answers[key] = _run_model(settings, spec, model, sources)
+        seconds[key] = round(time.monotonic() - started, 2)
+        say(f"model {key.upper()}: {len(sources)} items in {seconds[key]:.1f}s")
+    a, b = answers["a"], answers["b"]
     pairs: Counter[tuple[str | None, str | None]] = Counter()
     examples: list[dict[str, Any]] = []
     disagree = 0
@@ -114,4 +142,6 @@ def compare(
         ][:10],
         "examples": examples,
         "file": str(out_path),
+        "seconds": seconds,
+        "device": device,
     }

@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -164,15 +165,29 @@ def load_gold(path: Path) -> GoldLabels:
                 continue
             try:
                 obj = json.loads(line)
-                label = obj.get("label", obj.get("gold", obj.get("intent")))
-                eid = str(obj["external_id"])
-                if label is None:
-                    raise KeyError("label")
-                source = obj.get("source")
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            except json.JSONDecodeError as e:
                 raise ValueError(
-                    f"{path}:{lineno}: expected {{'external_id', 'label'}}: {e}"
+                    f"{path}:{lineno}: not a JSON object ({e.msg}); each line is "
+                    '{"external_id": "...", "label": "..."}'
                 ) from None
+            if not isinstance(obj, dict):
+                raise ValueError(
+                    f"{path}:{lineno}: expected a JSON object such as "
+                    f'{{"external_id": "c1", "label": "social"}}, got {line.strip()[:80]}'
+                )
+            label = obj.get("label", obj.get("gold", obj.get("intent")))
+            if obj.get("external_id") is None:
+                raise ValueError(
+                    f"{path}:{lineno}: this line has no external_id (the id of the item it "
+                    f"labels): {line.strip()[:80]}"
+                )
+            if label is None or (isinstance(label, str) and not label.strip()):
+                raise ValueError(
+                    f'{path}:{lineno}: this line has no label (give "label", "gold" or '
+                    f'"intent"): {line.strip()[:80]}'
+                )
+            eid = str(obj["external_id"])
+            source = obj.get("source")
             if source is not None and (not isinstance(source, str) or not source.strip()):
                 raise ValueError(
                     f"{path}:{lineno}: 'source' must be a source's name ('ingest' for "
@@ -199,8 +214,13 @@ def evaluate(
     task: str,
     gold: Mapping[str, str] | GoldLabels,
     source: str | None = None,
+    model_labels: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Score a task's stored results against gold labels (GoldLabels, or {external_id: label}).
+
+    unknown_gold_labels ({label: lines}): gold labels the model cannot give,
+    judged against `model_labels` (the task's label set) and the labels in the
+    stored results' scores; such lines can only count as errors.
 
     Returns classification_report's dict plus latency_ms {mean, p50, p95},
     not_in_task (gold lines with no item), not_done, ambiguous and
@@ -252,12 +272,25 @@ def evaluate(
             missing += 1
     truth = [g for g, _ in scored]
     report = classification_report(truth, [r["label"] for _, r in scored], sorted(set(truth)))
+    # A result's latency_ms is its sub-batch's time per item: the items of one
+    # forward pass share it. Percentiles are over items; `sub_batches` says how
+    # many distinct values they come from (one: p50 = p95 = that mean, and the
+    # command says so instead of showing them).
     latencies = [r["latency_ms"] for _, r in scored if r["latency_ms"] is not None]
     report["latency_ms"] = {
         "mean": sum(latencies) / len(latencies) if latencies else 0.0,
         "p50": percentile(latencies, 0.5),
         "p95": percentile(latencies, 0.95),
+        "sub_batches": len(set(latencies)),
     }
+    can_give = set(model_labels)
+    for _, r in scored:
+        can_give.update(r.get("scores") or {})
+        if r.get("label") is not None:
+            can_give.add(str(r["label"]))
+    report["unknown_gold_labels"] = dict(
+        sorted(Counter(g for g in truth if can_give and g not in can_give).items())
+    )
     report["not_in_task"] = missing
     report["ambiguous"] = ambiguous
     report["other_source"] = other_source

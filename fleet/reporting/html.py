@@ -20,7 +20,14 @@ from typing import Any
 
 from fleet.reporting import charts
 from fleet.reporting.charts import STATUS_COLOURS, Bar, Segment, Series
-from fleet.reporting.rundata import ReportData, ReportError, TaskRow, fmt_when, read_report
+from fleet.reporting.rundata import (
+    IDLE_GAP_SECONDS,
+    ReportData,
+    ReportError,
+    TaskRow,
+    fmt_when,
+    read_report,
+)
 
 __all__ = ["ReportError", "fmt_duration", "render", "write_report"]
 
@@ -253,7 +260,13 @@ def _facts(data: ReportData) -> str:
         ("tasks", ", ".join(r.task for r in data.rows)),
     ]
     if w.run_id is None:
-        facts.append(("duration", "first to last finish in the window"))
+        facts.append(
+            (
+                "duration",
+                "busy time: first to last finish in the window, less pauses of over "
+                f"{IDLE_GAP_SECONDS / 60:g} minutes with nothing finished",
+            )
+        )
     return "".join(f'<tr data-k="{k}"><th>{k}</th><td>{escape(v)}</td></tr>' for k, v in facts)
 
 

@@ -1,10 +1,18 @@
 """What `fleet report` shows, read from the ledger for a run or a time window.
 
-An item counts in the window when it reached done, failed or dead
-(`work_items.updated_at`) inside it; a `--run` window is the `runs` row's
-started_at..finished_at (now, while it has none). Every query here is one
+A window's work is every outcome that happened inside it: an item that reached
+done, failed, dead or parked (`work_items.updated_at`; a parked item counts
+as failed, and parking leaves updated_at alone), plus every result made inside
+it that was replaced since (`result_history.classified_at`: the content
+changed, a rerun, the source row went away), so a run's figures do not shrink
+after the fact. A `--run` window is the `runs` row's started_at..finished_at
+(now, while it has none); no option: the latest run. Every query here is one
 grouped statement over that window, so a report over millions of items reads
 counts, never rows.
+
+Throughput over a date window divides by the busy time: first to last finish
+less every gap longer than IDLE_GAP_SECONDS with nothing finished (the hours
+between two nightly runs are not the fleet's speed).
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from fleet.reporting.charts import time_step
 # Throughput bins: enough to show a trend, few enough that each holds several
 # batches (a bin of one batch or none draws batch cadence, not throughput).
 MIN_BINS, MAX_BINS, ITEMS_PER_BIN = 12, 60, 40
+# A pause this long with nothing finished is idle time, not work (see busy_s).
+IDLE_GAP_SECONDS = 300.0
 
 
 class ReportError(ValueError):
@@ -100,6 +110,7 @@ class ReportData:
     latency_p50_ms: float | None = None  # over every task
     sources: dict[str, SourceStatus] = field(default_factory=dict)  # synced [sources.*]
     problems: list[dict[str, Any]] = field(default_factory=list)  # newest sync_problems rows
+    busy_s: float | None = None  # first to last finish less idle gaps (date windows)
 
     @property
     def total(self) -> TaskRow:
@@ -114,9 +125,12 @@ class ReportData:
 
     @property
     def duration_s(self) -> float:
-        """The run's length; for a date window, first to last finish."""
+        """The run's length; for a date window, the busy time (first to last
+        finish less gaps over IDLE_GAP_SECONDS), seconds."""
         if self.window.run_id is not None:
             return (self.window.end - self.window.start).total_seconds()
+        if self.busy_s is not None:
+            return self.busy_s
         t = self.total
         return (t.last - t.first).total_seconds() if t.first and t.last else 0.0
 
@@ -209,8 +223,14 @@ def resolve_window(
     now: dt.datetime | None = None,
 ) -> Window:
     now = now or dt.datetime.now().astimezone()
-    if (run_id is None) == (since is None):
+    if run_id is not None and since is not None:
         raise ReportError("give either --run ID or --since DATE (with an optional --until DATE)")
+    if run_id is None and since is None:
+        if until is not None:
+            raise ReportError("--until goes with --since DATE")
+        run_id = session.execute(text("SELECT max(id) FROM runs")).scalar_one()
+        if run_id is None:
+            raise ReportError(f"no option given and {_runs_hint(session)}")
     if run_id is not None:
         if until is not None:
             raise ReportError("--until goes with --since; a --run report covers that run")
@@ -248,13 +268,24 @@ def resolve_window(
 
 
 def _finished_cte(window: Window) -> str:
+    """`fin`: one row per outcome in the window (task, status, updated_at,
+    last_error, label, model_tier, model_name, latency_ms): finished work items
+    with their result, and replaced results from result_history (done)."""
     task_sql = "AND w.task = ANY(CAST(:tasks AS text[]))" if window.tasks else ""
+    history_sql = "AND h.task = ANY(CAST(:tasks AS text[]))" if window.tasks else ""
     return f"""
         WITH fin AS (
-            SELECT w.id, w.task, w.status, w.updated_at, w.last_error
+            SELECT w.task, CASE w.status WHEN 'parked' THEN 'failed' ELSE w.status END AS status,
+                   w.updated_at, w.last_error, r.label, r.model_tier, r.model_name, r.latency_ms
             FROM work_items w
-            WHERE w.status IN ('done', 'failed', 'dead')
+            LEFT JOIN results r ON r.work_item_id = w.id
+            WHERE w.status IN ('done', 'failed', 'dead', 'parked')
               AND w.updated_at >= :start AND w.updated_at <= :end {task_sql}
+            UNION ALL
+            SELECT h.task, 'done', h.classified_at, NULL, h.label, h.model_tier, h.model_name,
+                   NULL
+            FROM result_history h
+            WHERE h.classified_at >= :start AND h.classified_at <= :end {history_sql}
         )
     """
 
@@ -307,9 +338,8 @@ def _read_rows(session: Session, window: Window) -> tuple[list[TaskRow], float |
     for task, p50 in session.execute(
         text(
             _finished_cte(window)
-            + "SELECT fin.task, percentile_cont(0.5) WITHIN GROUP (ORDER BY r.latency_ms) "
-            "FROM fin JOIN results r ON r.work_item_id = fin.id "
-            "WHERE fin.status = 'done' GROUP BY GROUPING SETS ((fin.task), ())"
+            + "SELECT task, percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) "
+            "FROM fin WHERE status = 'done' GROUP BY GROUPING SETS ((task), ())"
         ),
         _params(window),
     ):
@@ -357,9 +387,8 @@ def _read_labels(session: Session, window: Window) -> dict[str, list[tuple[str |
     out: dict[str, list[tuple[str | None, int]]] = {}
     for task, label, n in session.execute(
         text(
-            _finished_cte(window) + "SELECT fin.task, r.label, count(*) FROM fin "
-            "JOIN results r ON r.work_item_id = fin.id WHERE fin.status = 'done' "
-            "GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2"
+            _finished_cte(window) + "SELECT task, label, count(*) FROM fin "
+            "WHERE status = 'done' GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2"
         ),
         _params(window),
     ):
@@ -372,8 +401,8 @@ def _read_tiers(session: Session, window: Window) -> list[TierUse]:
     for task, tier, model, status, n in session.execute(
         text(
             _finished_cte(window)
-            + "SELECT fin.task, r.model_tier, r.model_name, fin.status, count(*) FROM fin "
-            "JOIN results r ON r.work_item_id = fin.id GROUP BY 1, 2, 3, 4"
+            + "SELECT task, model_tier, model_name, status, count(*) FROM fin "
+            "WHERE model_name IS NOT NULL GROUP BY 1, 2, 3, 4"
         ),
         _params(window),
     ):
@@ -403,6 +432,21 @@ def _read_failures(session: Session, window: Window) -> list[FailureGroup]:
         for (task, reason), g in groups.items()
     ]
     return sorted(out, key=lambda f: (-(f.failed + f.dead), f.task, f.reason))
+
+
+def _read_busy(session: Session, window: Window) -> float:
+    """Seconds from the first to the last finish in the window, less every gap
+    longer than IDLE_GAP_SECONDS between two consecutive finishes."""
+    busy = session.execute(
+        text(
+            _finished_cte(window)
+            + "SELECT coalesce(sum(gap) FILTER (WHERE gap <= :idle), 0) FROM ("
+            "SELECT extract(epoch FROM updated_at - lag(updated_at) OVER (ORDER BY updated_at)) "
+            "AS gap FROM fin) g"
+        ),
+        _params(window, idle=IDLE_GAP_SECONDS),
+    ).scalar_one()
+    return float(busy)
 
 
 def _read_runs(session: Session, window: Window) -> list[RunRef]:
@@ -444,6 +488,7 @@ def collect(session: Session, window: Window) -> ReportData:
         latency_p50_ms=p50,
         sources=read_sources(session),
         problems=read_problems(session),
+        busy_s=_read_busy(session, window) if window.run_id is None else None,
     )
 
 

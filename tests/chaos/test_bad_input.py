@@ -28,7 +28,12 @@ SPOKEN = {
 
 
 def _config(path, whisper_dir):
-    lines = ["[tasks.intent]", 'kind = "sequence_classify"', 'source = "conversation"']
+    lines = [
+        "include_bundled = false",
+        "[tasks.intent]",
+        'kind = "sequence_classify"',
+        'source = "conversation"',
+    ]
     for tier in TINY_LADDER:
         lines.append("[[tasks.intent.ladder]]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in tier.items()]

@@ -42,6 +42,7 @@ def _fake_config(tmp: Path) -> Path:
     (model / "config.json").write_text("{}")  # the fake model loads nothing
     path = tmp / "tasks.toml"
     path.write_text(
+        "include_bundled = false\n"
         "[tasks.intent]\n"
         'kind = "fake"\n'
         'source = "conversation"\n'

@@ -75,6 +75,7 @@ def audio_fleet(db_url, broker_url, tiny_models, whisper_dir, whisper_base_dir, 
     _seven_bit_wav(batch / "seven.wav", batch / "meeting.wav")
     config = tmp_path / "tasks.toml"
     config.write_text(f"""
+include_bundled = false
 [tasks.transcribe]
 kind = "transcribe"
 source = "audio"

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 def _fake_env(fleet, **settings: str) -> dict[str, str]:
     config = fleet.tmp / "fake.toml"
     config.write_text(
-        '[tasks.intent]\nkind = "fake"\nsource = "conversation"\n'
+        'include_bundled = false\n[tasks.intent]\nkind = "fake"\nsource = "conversation"\n'
         '[[tasks.intent.ladder]]\nname = "fake"\npath = "tiny-big"\n'
         "max_length = 128\nmax_batch_tokens = 1000000\n"
     )

@@ -52,7 +52,8 @@ def _config(tmp: Path, *, slow: float = 0.0) -> Path:
 
     path = tmp / "local.toml"
     path.write_text(
-        task("intent", "tiny-big", 'then = ["review"]\n')
+        "include_bundled = false\n"
+        + task("intent", "tiny-big", 'then = ["review"]\n')
         + task("review", "tiny-small")
         + task("topic", "tiny-small")
     )

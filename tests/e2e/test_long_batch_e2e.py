@@ -20,6 +20,7 @@ BATCH = 8  # 8 s a batch
 def _slow_env(fleet, **settings: str) -> dict[str, str]:
     config = fleet.tmp / "slow.toml"
     config.write_text(
+        "include_bundled = false\n"
         "[tasks.intent]\n"
         'kind = "fake"\n'
         'source = "conversation"\n'

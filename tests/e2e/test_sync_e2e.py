@@ -76,6 +76,7 @@ def app_fleet(db_url: str, broker_url: str, tmp_path: Path) -> Iterator[tuple[Fl
     add_to_hub_cache(hub, REPO_ID, model, commit=COMMIT)
     config = tmp_path / "tasks.toml"
     config.write_text(
+        "include_bundled = false\n"
         "[tasks.intent]\n"
         'kind = "sequence_classify"\n'
         'source = "conversation"\n'
@@ -201,7 +202,11 @@ def test_nightly_syncs_an_app_database_and_classifies_with_a_hub_model(app_fleet
     add_conversation(app_plain, 7, [("user", CANDIDATES[0])])
 
     second = run_fleet(["nightly", "--task", "intent", "--timeout", "240", "--json"], fleet.env)
-    assert json.loads(second.stdout)["counts"]["intent"] == {"done": 6, "gone": 1}, second.stdout
+    night = json.loads(second.stdout)
+    # The run's own work: the edited and the new conversation classified, one gone;
+    # the ledger holds the four untouched ones too.
+    assert night["counts"]["intent"] == {"done": 2, "gone": 1}, second.stdout
+    assert night["ledger"]["intent"] == {"done": 6, "gone": 1}, second.stdout
     after = _labels(fleet.db_url)
     assert set(after) == {"1", "2", "4", "5", "6", "7"}
     assert after["1"][0] == predicted[pick] != before["1"][0]

@@ -357,7 +357,7 @@ def test_report_errors_say_what_to_do(db_url, broker_url, tmp_path):
     assert res.exit_code == 2 and f"run {run_id} (manual) finished no items" in res.output
 
     for args, words in [
-        ((), "give either --run ID or --since DATE"),
+        ((), f"run {run_id} (manual) finished no items"),  # no option: the latest run
         (("--run", "1", "--since", "1h"), "give either --run ID or --since DATE"),
         (("--since", "last tuesday"), "cannot read --since 'last tuesday'"),
         (("--since", "1h", "--until", "2h"), "must be after --since"),

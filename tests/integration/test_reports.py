@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 
 from click.testing import CliRunner
 from sqlalchemy import text
@@ -154,6 +155,28 @@ def test_eval_against_gold(db_url, broker_url, tmp_path):
         main, ["eval", "-t", "intent", "--gold", str(bad)], env=_env(db_url, broker_url, tmp_path)
     )
     assert res.exit_code == 2 and "bad.jsonl:1" in res.output
+    assert "this line has no label" in res.output and '{"external_id": "x"}' in res.output
+    assert report["latency_ms"]["sub_batches"] == 1 and report["unknown_gold_labels"] == {}
+
+
+def test_eval_warns_on_gold_labels_the_model_lacks_and_about_one_sub_batch(
+    db_url, broker_url, tmp_path
+):
+    _finish(db_url, LABELS, {"c000005": "bad"})
+    gold = write_jsonl(
+        tmp_path / "gold.jsonl",
+        [
+            {"external_id": "c000000", "label": "a"},
+            {"external_id": "c000001", "label": "professionnal"},  # a typo
+            {"external_id": "c000002", "label": "professionnal"},
+        ],
+    )
+    res = CliRunner().invoke(
+        main, ["eval", "-t", "intent", "--gold", str(gold)], env=_env(db_url, broker_url, tmp_path)
+    )
+    assert res.exit_code == 0, res.output
+    assert "gold labels the model does not have: professionnal (2)" in res.stderr
+    assert "one sub-batch: no p50/p95" in res.stdout and "p95 " not in res.stdout
 
 
 def test_eval_of_an_id_two_sources_hold(db_url, broker_url, tmp_path):
@@ -273,6 +296,19 @@ def test_compare_two_models_side_by_side(db_url, broker_url, tiny_models, tmp_pa
         env=env,
     )
     assert json.loads(same.stdout.splitlines()[-1])["disagreement_rate"] == 0.0
+    assert set(report["seconds"]) == {"a", "b"} and all(v > 0 for v in report["seconds"].values())
+    text = CliRunner().invoke(
+        main,
+        ["compare", "-t", "intent", "--models", "tiny-big", "tiny-small", "--limit", "5"]
+        + ["-o", str(out)],
+        env=env,
+    )
+    assert text.exit_code == 0, text.output
+    assert "both models run in this process" in text.stderr
+    assert "model A (tiny-big): loading and running 5 items on cpu" in text.stderr
+    assert re.search(r"model B: 5 items in \d+\.\ds", text.stderr)
+    assert re.search(r"in this process on cpu: A \d+\.\ds, B \d+\.\ds\)", text.stdout)
+    assert "Loading weights" not in text.output  # no model-loading bars
 
 
 FORMULA_IDS = [

@@ -217,6 +217,11 @@ def test_watch_until_done(db_url, env):
     assert proc.returncode == 4 and time.monotonic() - started >= 2
     assert "timed out with work unfinished" in proc.stderr
     assert "0/10" in proc.stdout  # the bar of the intent task
+    # Not a terminal: timestamped progress lines as it goes, before the final view.
+    lines = [ln for ln in proc.stdout.splitlines() if "intent 0/10 finished" in ln]
+    assert lines and re.fullmatch(
+        r"\d\d:\d\d:\d\d intent 0/10 finished, 0\.0/s, 0 worker\(s\)", lines[0]
+    )
     _no_secrets(proc.stdout, proc.stderr)
 
 

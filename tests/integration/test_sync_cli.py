@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import text
 
+from db.engine import transaction
 from fleet.cli import main
 from tests.appdb import QUERY, add_conversation, create_app_database, sql
 from tests.support import drop_database
@@ -21,7 +24,7 @@ def cli_env(db_url, broker_url, tmp_path, monkeypatch) -> Iterator[tuple[str, Pa
     name, app_url, plain = create_app_database()
     config = tmp_path / "tasks.toml"
     config.write_text(
-        '[tasks.intent]\nkind = "fake"\nsource = "conversation"\n'
+        'include_bundled = false\n[tasks.intent]\nkind = "fake"\nsource = "conversation"\n'
         '[[tasks.intent.ladder]]\nname = "fake"\npath = "fake"\n'
         f"[sources.app]\nshape = \"messages\"\nquery = '''{QUERY}'''\n"
         'trigger_tables = ["app.conversations", "app.messages"]\n'
@@ -126,3 +129,17 @@ def test_a_failing_source_does_not_stop_the_others_and_exits_2(cli_env):
     reports = {r["source"]: r for r in json.loads(result.stdout)}
     assert reports["app"]["new"] == 1 and reports["app"]["error"] is None
     assert "app.nope" in reports["broken"]["error"]
+
+
+def test_nightly_says_what_its_sync_did(cli_env, db_url):
+    plain, _ = cli_env
+    add_conversation(plain, 1, [("user", "hello"), ("assistant", "hi")])
+    add_conversation(plain, 2, [("user", "my report is late")])
+    result = CliRunner().invoke(main, ["nightly", "--timeout", "3"])
+    assert result.exit_code == 4, result.output  # no worker: the items wait; the sync ran
+    assert re.search(r"sync app: 2 new, 0 changed, 0 unchanged, 0 gone in \d+\.\ds", result.output)
+    assert "sync broken: FAILED" in result.output and "`fleet sync` to retry" in result.output
+    with transaction(db_url) as s:
+        counts = s.execute(text("SELECT counts FROM runs ORDER BY id DESC LIMIT 1")).scalar_one()
+    assert counts["synced"]["app"]["new"] == 2 and "error" in counts["synced"]["broken"]
+    assert counts["discovered"] == {"intent": 2}

@@ -65,6 +65,7 @@ NON_FLEET_VARS = {
     "CUDA_VISIBLE_DEVICES": "pins a worker to its GPU",
     "HF_HUB_OFFLINE": "models load from local folders only",
     "TRANSFORMERS_OFFLINE": "models load from local folders only",
+    "HF_TOKEN": "Hugging Face token for `fleet models pull` (blanked for workers)",
     "DEBIAN_FRONTEND": "image build",
     "PIP_DISABLE_PIP_VERSION_CHECK": "image build",
     "PIP_NO_CACHE_DIR": "image build",
@@ -833,3 +834,104 @@ def test_dockerfile_cuda_runtime_base_non_root_and_every_package():
     for pkg in packages:
         assert re.search(rf"^COPY {pkg} {pkg}$", text, re.M), f"the image lacks {pkg}/"
         assert f"!{pkg}/" in ignore, f"Dockerfile.dockerignore keeps {pkg}/ out of the context"
+
+
+@pytest.mark.parametrize(
+    ("url", "db"),
+    [
+        (None, 0),
+        ("redis://:pw@redis:6379", 0),
+        ("redis://:pw@redis:6379/", 0),
+        ("redis://:pw@redis:6379/7", 7),
+        ("rediss://redis.example:6380/12", 12),
+    ],
+)
+def test_redis_database_of_the_broker_url(url, db):
+    assert deploy.redis_database(url) == db
+
+
+def test_redis_database_must_be_a_number():
+    with pytest.raises(deploy.DeployError, match="give a number"):
+        deploy.redis_database("redis://redis:6379/queue")
+
+
+def test_deploy_k8s_takes_the_brokers_database_and_the_users_task_config(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    config = tmp_path / "mine.toml"
+    config.write_text(
+        '[tasks.triage]\nkind = "sequence_classify"\nlabels = "sentiment"\n'
+        '[[tasks.triage.ladder]]\npath = "triage-minilm"\n'
+    )
+    monkeypatch.setenv("FLEET_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("BROKER_URL", "redis://:pw@redis.gpu-fleet.svc:6379/7")
+    monkeypatch.setenv("FLEET_CONFIG_FILE", str(config))
+    result = CliRunner().invoke(main, ["deploy", "k8s", "--task", "triage"])
+    assert result.exit_code == 0, result.output
+    tasks_map, deployment, scaled = yaml.safe_load_all(result.output)
+    assert scaled["spec"]["triggers"][0]["metadata"]["databaseIndex"] == "7"
+    assert (
+        tasks_map["kind"] == "ConfigMap" and tasks_map["data"]["tasks.toml"] == config.read_text()
+    )
+    (c,) = pod_spec(deployment)["containers"]
+    assert {"name": "FLEET_CONFIG_FILE", "value": deploy.CONFIG_MOUNT} in c["env"]
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "tasks")
+    assert mount["mountPath"] == deploy.CONFIG_MOUNT and mount["readOnly"] is True
+    assert {"name": "tasks", "configMap": {"name": "fleet-tasks"}} in pod_spec(deployment)[
+        "volumes"
+    ]
+    unknown = CliRunner().invoke(main, ["deploy", "k8s", "--task", "nope"])
+    assert unknown.exit_code == 2 and "unknown task 'nope'" in unknown.output
+
+
+def test_deploy_compose_carries_the_task_config_and_the_source_database(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    config = tmp_path / "mine.toml"
+    config.write_text('[sources.app]\ntable = "app.conversations"\n')
+    monkeypatch.setenv("FLEET_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("FLEET_CONFIG_FILE", str(config))
+    monkeypatch.setenv("FLEET_SOURCE_DATABASE_URL", "postgresql://reader:s3cret@app-db/app")
+    result = CliRunner().invoke(main, ["deploy", "compose", "--gpus", "0", "--task", "intent"])
+    assert result.exit_code == 0, result.output
+    assert "s3cret" not in result.output  # the URL is read from .env, never written here
+    services = yaml.safe_load(result.output)["services"]
+    worker = services["worker-intent-gpu0"]
+    mount = f"{config.resolve()}:{deploy.CONFIG_MOUNT}:ro"
+    assert (
+        worker["environment"]["FLEET_CONFIG_FILE"] == deploy.CONFIG_MOUNT
+        and mount in worker["volumes"]
+    )
+    assert worker["environment"]["FLEET_SOURCE_DATABASE_URL"] == ""  # workers do not sync
+    for name in ("beat", "cli"):
+        assert services[name]["environment"]["FLEET_SOURCE_DATABASE_URL"].startswith(
+            "${FLEET_SOURCE_DATABASE_URL:?"
+        )
+        assert mount in services[name]["volumes"]
+
+
+def test_compose_services_get_only_the_secrets_they_need():
+    from pydantic import SecretStr
+
+    secret_settings = {
+        (f.validation_alias.choices[0] if f.validation_alias else f"FLEET_{name.upper()}")
+        for name, f in Settings.model_fields.items()
+        if "SecretStr" in str(f.annotation) or f.annotation is SecretStr
+    }
+    urls = {"DATABASE_URL", "BROKER_URL"}
+    assert secret_settings - urls <= set(deploy.ENV_SECRETS)
+    example = env_file(DEPLOY / "env.example")
+    assert {k for k in example if "PASSWORD" in k} <= set(deploy.ENV_SECRETS)
+    services = {**fleet_services(compose()), **_generated()["services"]}
+    assert set(deploy.COMPOSE_SECRETS_NEEDED) == {
+        "worker" if n.startswith("worker") else n for n in services
+    }
+    for name, svc in services.items():
+        kind = "worker" if name.startswith("worker") else name
+        env = svc["environment"]
+        for key in deploy.blanked_secrets(kind):
+            assert env.get(key) == "", (name, key)
+        for key in deploy.COMPOSE_SECRETS_NEEDED[kind]:
+            assert env.get(key) != "", (name, key)
+        assert all(env[k] for k in urls), name
+    assert deploy.WORKER_BLANKED_SECRETS == deploy.ENV_SECRETS

@@ -65,3 +65,22 @@ def test_every_field_documents_itself():
 def test_paths_are_paths(monkeypatch, tmp_path):
     monkeypatch.setenv("FLEET_MODELS_DIR", str(tmp_path / "m"))
     assert Settings().resolved_models_dir == Path(tmp_path / "m")
+
+
+def test_fleet_settings_masks_only_a_password_in_the_source_url(monkeypatch, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from fleet.cli import main
+
+    monkeypatch.setenv("FLEET_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("FLEET_SOURCE_DATABASE_URL", "postgresql://reader@app-db:5432/app")
+    shown = json.loads(CliRunner().invoke(main, ["settings", "--json"]).output)
+    assert shown["source_database_url"] == "postgresql+psycopg://reader@app-db:5432/app"
+    monkeypatch.setenv("FLEET_SOURCE_DATABASE_URL", "postgresql://reader:s3cret@app-db/app")
+    result = CliRunner().invoke(main, ["settings", "--json"])
+    assert json.loads(result.output)["source_database_url"] == (
+        "postgresql+psycopg://reader:***@app-db/app"
+    )
+    assert "s3cret" not in result.output

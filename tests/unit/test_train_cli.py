@@ -117,7 +117,9 @@ def test_human_output_shows_scores_and_the_toml_lines(tmp_path: Path, tiny_base:
     assert result.exit_code == 0, result.output
     assert "validation accuracy" in result.output
     assert "[[tasks.intent.ladder]]" in result.output
-    [folder] = (tmp_path / "models").glob("intent-trained-*")
+    [folder] = (tmp_path / "state" / "trained").glob("intent-trained-*")  # not FLEET_MODELS_DIR
+    assert not (tmp_path / "models").exists()
+    assert "train intent: step 1/" in result.output  # progress lines: the output is no terminal
     assert f'path = "{folder.resolve()}"' in result.output
 
 
@@ -216,3 +218,67 @@ def test_a_missing_base_model_says_what_to_give(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2  # a configuration error
     assert "cannot load the base model" in result.output
+
+
+SEVERITY = {
+    "urgent": "the server is down and customers cannot pay for",
+    "routine": "when you get a chance could you look at",
+}
+
+
+def test_train_creates_a_new_task_and_writes_its_entry(tmp_path: Path, tiny_base: Path) -> None:
+    rows = [(f"{p} {t}", lab, 1.0) for lab, p in SEVERITY.items() for t in TOPICS]
+    config = tmp_path / "mine.toml"
+    config.write_text('[sources.app]\ntable = "app.conversations"\n')
+    env = {**_env(tmp_path), "FLEET_CONFIG_FILE": str(config)}
+    result = CliRunner().invoke(
+        main,
+        ["train", "--task", "triage", "--kind", "sequence_classify"]
+        + ["--data", str(_csv(tmp_path / "d.csv", rows)), "--base", str(tiny_base)]
+        + ["--epochs", "1", "--write-config"],
+        env=env,
+    )
+    assert result.exit_code == 0, result.output
+    [folder] = (tmp_path / "state" / "trained").glob("triage-trained-*")
+    assert (folder / "model.safetensors").is_file()
+    assert f"task entry appended to {config}" in result.output and "[tasks.triage]" in result.output
+
+    from fleet.config.taskconfig import load_tasks
+
+    tasks = load_tasks(config)
+    assert "intent" in tasks  # the bundled tasks stay
+    triage = tasks["triage"]
+    assert triage.kind == "sequence_classify" and list(triage.labels) == ["routine", "urgent"]
+    assert [t.path for t in triage.ladder] == [str(folder.resolve())]
+    listed = CliRunner().invoke(main, ["tasks", "--json"], env=env)
+    assert any(
+        t["name"] == "triage" and t["ladder"][0]["present"]
+        for t in json.loads(listed.output)["tasks"]
+    )
+
+    again = CliRunner().invoke(
+        main,
+        ["train", "--task", "triage", "--data", str(tmp_path / "d.csv"), "--base", str(tiny_base)]
+        + ["--epochs", "1", "--write-config"],
+        env=env,
+    )
+    assert again.exit_code == 2 and "already defines task 'triage'" in again.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "triage", "--data", "d.csv"], "give --kind sequence_classify"),
+        (["--task", "triage", "--kind", "sequence_classify"], "give --kind sequence_classify"),
+        (
+            ["--task", "intent", "--data", "d.csv", "--write-config"],
+            "--write-config needs FLEET_CONFIG_FILE",
+        ),
+    ],
+)
+def test_train_says_what_a_new_task_needs(tmp_path: Path, monkeypatch, args, message) -> None:
+    monkeypatch.chdir(tmp_path)
+    _csv(tmp_path / "d.csv", [("a", "x", 1.0), ("b", "y", 1.0)])
+    result = CliRunner().invoke(main, ["train", *args], env=_env(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert message in result.output

@@ -15,7 +15,7 @@ def make_adapter(spec: TaskSpec, *, max_chars: int, audio_root: Path) -> Adapter
     if spec.kind == "sequence_classify":
         from workers.adapters.sequence_classify import SequenceClassifyAdapter
 
-        return SequenceClassifyAdapter(max_chars=max_chars)
+        return SequenceClassifyAdapter(max_chars=max_chars, top_k=spec.options.get("top_k"))
     if spec.kind == "transcribe":
         from workers.adapters.transcribe import TranscribeAdapter
 

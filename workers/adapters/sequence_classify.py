@@ -32,10 +32,29 @@ def torch_dtype(name: str, device: str) -> Any:
         ) from None
 
 
+# A task's `scores` keep every label's probability up to this many labels; a
+# model with more keeps the most probable ones (set `top_k` on the task).
+ALL_SCORES_UP_TO = 32
+
+
+def scores_kept(n_labels: int, top_k: int | None) -> int:
+    """How many labels' probabilities a result's `scores` keep: `top_k` when the
+    task sets it, else every label up to ALL_SCORES_UP_TO labels; never more
+    than the model has."""
+    if top_k is not None:
+        return min(top_k, n_labels)
+    return min(n_labels, ALL_SCORES_UP_TO)
+
+
 class SequenceClassifyAdapter:
+    """Softmax over the classifier's labels. `scores` keep every label's
+    probability (`scores_kept`: all up to 32 labels, or the task's `top_k`);
+    when fewer than all are kept, the result's output says how many of how
+    many (`{"scores_kept": k, "labels": n}`)."""
+
     kind = "sequence_classify"
 
-    def __init__(self, *, max_chars: int = 1_000_000, top_k: int = 5) -> None:
+    def __init__(self, *, max_chars: int = 1_000_000, top_k: int | None = None) -> None:
         self.max_chars = max_chars
         self.top_k = top_k
         self.model: Any = None
@@ -85,7 +104,9 @@ class SequenceClassifyAdapter:
             pooled = pool(rows[at : at + len(w.ids)], w.plan, self.reading.pooling)
             at += len(w.ids)
             probs = torch.tensor(pooled.probs)
-            top = torch.topk(probs, min(self.top_k, probs.shape[-1]))
+            n = probs.shape[-1]
+            k = scores_kept(n, self.top_k)
+            top = torch.topk(probs, k)
             values, indices = top.values.tolist(), top.indices.tolist()
             scores = {
                 str(id2label[i]): round(float(v), 6) for v, i in zip(values, indices, strict=True)
@@ -95,7 +116,10 @@ class SequenceClassifyAdapter:
                     label=str(id2label[indices[0]]),
                     confidence=float(values[0]),
                     scores=scores,
-                    output={"reading": reading_output(w, pooled, self.reading)},
+                    output={
+                        "reading": reading_output(w, pooled, self.reading),
+                        **({"scores_kept": k, "labels": n} if k < n else {}),
+                    },
                 )
             )
         return out
