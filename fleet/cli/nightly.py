@@ -100,7 +100,7 @@ def sync_lines(synced: dict[str, Any]) -> list[str]:
         if name == "rerun":
             back = ", ".join(f"{t}: {n}" for t, n in r.items()) or "none"
             lines.append(f"rerun of results from old model revisions: {back}")
-        elif "error" in r:
+        elif r.get("error"):
             lines.append(f"sync {name}: FAILED ({r['error']}); `fleet sync` to retry")
         else:
             bad = (
