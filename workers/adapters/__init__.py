@@ -17,9 +17,9 @@ def make_adapter(spec: TaskSpec, *, max_chars: int, audio_root: Path) -> Adapter
 
         return SequenceClassifyAdapter(max_chars=max_chars)
     if spec.kind == "transcribe":
-        from workers.adapters.transcribe import TranscribeAdapter
+        from workers.adapters.speech import SpeechAdapter  # Whisper and CTC tiers
 
-        return TranscribeAdapter(audio_root=audio_root)
+        return SpeechAdapter(audio_root=audio_root)
     if spec.kind == "llm_classify":
         from workers.adapters.llm_classify import LLMClassifyAdapter
 
