@@ -15,7 +15,7 @@ def make_adapter(spec: TaskSpec, *, max_chars: int, audio_root: Path) -> Adapter
     if spec.kind == "sequence_classify":
         from workers.adapters.sequence_classify import SequenceClassifyAdapter
 
-        return SequenceClassifyAdapter(max_chars=max_chars)
+        return SequenceClassifyAdapter(max_chars=max_chars, labels=spec.labels)
     if spec.kind == "transcribe":
         from workers.adapters.speech import SpeechAdapter  # Whisper and CTC tiers
 

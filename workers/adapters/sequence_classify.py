@@ -3,11 +3,14 @@ context, worthiness and sentiment: any AutoModelForSequenceClassification folder
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from fleet.config.taskconfig import TierSpec
 from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.adapters.text import conversation_text
+from workers.labelmap import check_labels, model_labels
 
 
 def torch_dtype(name: str, device: str) -> Any:
@@ -28,13 +31,31 @@ def torch_dtype(name: str, device: str) -> Any:
 class SequenceClassifyAdapter:
     kind = "sequence_classify"
 
-    def __init__(self, *, max_chars: int = 1_000_000, top_k: int = 5) -> None:
+    def __init__(
+        self, *, max_chars: int = 1_000_000, top_k: int = 5, labels: Iterable[str] = ()
+    ) -> None:
         self.max_chars = max_chars
         self.top_k = top_k
+        self.labels = tuple(labels)  # the task's label set; empty: any model's labels
+        self.id2label: dict[int, str] = {}
         self.model: Any = None
         self.tokenizer: Any = None
         self.max_length = 512
         self.device = "cpu"
+
+    def check(self, tier: TierSpec, model_path: str) -> None:
+        """Raise LabelMapError (a ValueError) unless the tier's labels, from its
+        config.json or a label map shipped beside it, are the task's. Reads
+        config files only."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path, local_files_only=True)
+        self._labels(tier, model_path, config.id2label)
+
+    def _labels(self, tier: TierSpec, model_path: str, config_id2label: Any) -> dict[int, str]:
+        id2label, where = model_labels(Path(model_path), config_id2label)
+        check_labels(id2label, self.labels, where=f"tier {tier.name} ({model_path}, {where})")
+        return id2label
 
     def load(self, tier: TierSpec, model_path: str, device: str) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -43,6 +64,7 @@ class SequenceClassifyAdapter:
         model = AutoModelForSequenceClassification.from_pretrained(
             model_path, local_files_only=True, dtype=torch_dtype(tier.dtype, device)
         )
+        self.id2label = self._labels(tier, model_path, model.config.id2label)
         self.model = model.to(device).eval()
         limit = getattr(self.model.config, "max_position_embeddings", None) or tier.max_length
         self.max_length = min(tier.max_length, limit)
@@ -67,7 +89,7 @@ class SequenceClassifyAdapter:
         with torch.inference_mode():
             logits = self.model(**padded).logits.float()
         probs = torch.softmax(logits, dim=-1).cpu()
-        id2label = self.model.config.id2label
+        id2label = self.id2label
         k = min(self.top_k, probs.shape[-1])
         top = torch.topk(probs, k, dim=-1)
         out: list[Prediction | InputError] = []
