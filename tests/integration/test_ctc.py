@@ -231,3 +231,27 @@ def test_model_that_cannot_be_windowed_is_refused(tmp_path: Path, audio_root: Pa
     folder = build_ctc_model(tmp_path / "adapted", add_adapter=True, output_hidden_size=32)
     with pytest.raises(ValueError, match="cannot be windowed"):
         load(folder, audio_root)
+
+
+def test_a_silent_window_splits_the_runs(models: dict[str, Path], audio_root: Path) -> None:
+    """20 s of sound, 40 s of silence, 20 s of sound in 20 s windows: the window
+    inside the silence is gated, its frames are not decoded, the two runs either
+    side are decoded apart and every other frame is kept once."""
+    track = np.concatenate([babble(20.0, 8), np.zeros(40 * SR, np.float32), babble(20.0, 9)])
+    sf.write(audio_root / "gap.wav", track, SR, subtype="FLOAT")
+    adapter = load(models["base"], audio_root, window_s=20.0, overlap_s=4.0)
+    prep = adapter.prepare(source(0, "gap.wav"))
+    windows = prep.payload.windows
+    assert [(w.start // SR, w.end // SR) for w in windows] == [
+        (0, 20),
+        (16, 36),
+        (32, 52),
+        (48, 68),
+        (64, 80),
+    ]
+    (res,) = adapter.predict([prep])
+    assert isinstance(res, Prediction) and res.output is not None
+    assert res.output["skipped_chunks"] == {"quiet": 1}
+    gap = windows[2].keep_to - windows[2].keep_from
+    total = conv_frames(len(track), (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2))
+    assert res.output["frames"] == total - gap

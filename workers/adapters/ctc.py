@@ -13,7 +13,8 @@ UniSpeech): any folder transformers loads with AutoModelForCTC and AutoProcessor
               merged at the seams -> greedy CTC decoding (or the processor's
               language-model decoder when pyctcdecode and an LM are installed)
               per run of consecutive ungated windows -> a run whose decode has
-              fewer than `min_text_chars` letters is no text ("near_empty")
+              fewer than `min_text_chars` letters is no text ("near_empty";
+              "empty" when nothing at all), counted per window in skipped_chunks
 
 A CTC model has no P(nospeech): it writes a stray letter or two for noise
 that passes the voice gate. An item whose runs all end gated or near-empty is
@@ -319,13 +320,13 @@ class CTCAdapter:
                 run.append((w, f))
                 continue
             if run:  # a gated window (or the end) closes the run
-                kept = kept_parts([w for w, _ in run], [v for _, v in run])
+                kept = kept_parts([win for win, _ in run], [v for _, v in run])
                 merged += sum(len(v) for v in kept)
                 if self.decoder == "ctc_greedy" and blank is not None:
                     blank_frames += sum(int((v == blank).sum()) for v in kept)
                 text = self._text(kept)
                 if near_empty(text, min_chars=int(self._option("min_text_chars", MIN_TEXT_CHARS))):
-                    skipped["near_empty" if text else "empty"] += 1
+                    skipped["near_empty" if text else "empty"] += len(run)  # windows
                 else:
                     texts.append(text)
                 run = []
