@@ -19,8 +19,8 @@ from typing import Any
 VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ETAONIHSRDLUMWCFGYPBVK'XJQZ"]
 
 # Shapes: `base` is facebook/wav2vec2-base(-960h) (94M parameters, near Whisper
-# base's 74M); `small` a half-width, half-depth encoder (near tiny.en's 38M); `test`
-# a tiny one for unit tests.
+# base's 73M); `small` a half-width, half-depth encoder (14M, below tiny.en's 38M);
+# `test` a tiny one for unit tests.
 SHAPES: dict[str, dict[str, Any]] = {
     "base": {},
     "small": {
