@@ -26,6 +26,8 @@ from workers.adapters.ctc import CTCAdapter, CTCAudio
 from workers.adapters.speech import SpeechAdapter
 from workers.ctc_windows import conv_frames, kept_parts
 
+pytestmark = pytest.mark.slow
+
 SR = 16000
 
 
