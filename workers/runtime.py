@@ -127,11 +127,16 @@ class ModelRuntime:
         """Load the first tier that fits (or `start_at`).
 
         Raises ModelMissing, before anything loads, when any tier of the ladder
-        has no model folder: a worker must not take batches it cannot run, nor
-        find out at its first out-of-memory step-down that the smaller model is absent.
+        has no model folder, and the adapter's ValueError when one holds a model
+        it cannot serve (the optional `Adapter.check`): a worker must not take
+        batches it cannot run, nor find out at its first out-of-memory step-down
+        that the smaller model is absent or unfit.
         """
+        check = getattr(self.adapter, "check", None)  # config files only, no weights
         for tier in range(len(self.spec.ladder)):
-            self._path(tier)
+            path = self._path(tier)
+            if check is not None:
+                check(self.spec.ladder[tier], str(path))
         if self.start_at is not None:
             first = min(self.start_at, len(self.spec.ladder) - 1)
         else:

@@ -15,11 +15,13 @@ def make_adapter(spec: TaskSpec, *, max_chars: int, audio_root: Path) -> Adapter
     if spec.kind == "sequence_classify":
         from workers.adapters.sequence_classify import SequenceClassifyAdapter
 
-        return SequenceClassifyAdapter(max_chars=max_chars, top_k=spec.options.get("top_k"))
+        return SequenceClassifyAdapter(
+            max_chars=max_chars, top_k=spec.options.get("top_k"), labels=spec.labels
+        )
     if spec.kind == "transcribe":
-        from workers.adapters.transcribe import TranscribeAdapter
+        from workers.adapters.speech import SpeechAdapter  # Whisper and CTC tiers
 
-        return TranscribeAdapter(audio_root=audio_root)
+        return SpeechAdapter(audio_root=audio_root)
     if spec.kind == "llm_classify":
         from workers.adapters.llm_classify import LLMClassifyAdapter
 

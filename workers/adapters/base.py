@@ -67,6 +67,11 @@ class Adapter(Protocol):
 
     def unload(self) -> None: ...
 
+    # Optional: `check(tier, model_path) -> None` raises ValueError when a tier's
+    # folder holds a model this adapter cannot serve (wrong model type, labels that
+    # are not the task's), reading config files only. The runtime calls it for every
+    # tier before the first one loads, so the worker refuses to start (exit 2).
+
     def prepare(self, source: Source) -> Prepared:
         """Validate and encode one source; raise InputError with a clear reason."""
         ...

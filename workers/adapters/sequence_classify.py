@@ -3,6 +3,8 @@ context, worthiness and sentiment: any AutoModelForSequenceClassification folder
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from fleet.config.taskconfig import TierSpec
@@ -14,6 +16,7 @@ from workers.adapters.windowed import (
     encode_windows,
     reading_output,
 )
+from workers.labelmap import check_labels, model_labels
 from workers.windows import pool
 
 
@@ -54,14 +57,32 @@ class SequenceClassifyAdapter:
 
     kind = "sequence_classify"
 
-    def __init__(self, *, max_chars: int = 1_000_000, top_k: int | None = None) -> None:
+    def __init__(
+        self, *, max_chars: int = 1_000_000, top_k: int | None = None, labels: Iterable[str] = ()
+    ) -> None:
         self.max_chars = max_chars
         self.top_k = top_k
+        self.labels = tuple(labels)  # the task's label set; empty: any model's labels
+        self.id2label: dict[int, str] = {}
         self.model: Any = None
         self.tokenizer: Any = None
         self.max_length = 512
         self.reading = Reading(self.max_length)
         self.device = "cpu"
+
+    def check(self, tier: TierSpec, model_path: str) -> None:
+        """Raise LabelMapError (a ValueError) unless the tier's labels, from its
+        config.json or a label map shipped beside it, are the task's. Reads
+        config files only."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path, local_files_only=True)
+        self._labels(tier, model_path, config.id2label)
+
+    def _labels(self, tier: TierSpec, model_path: str, config_id2label: Any) -> dict[int, str]:
+        id2label, where = model_labels(Path(model_path), config_id2label)
+        check_labels(id2label, self.labels, where=f"tier {tier.name} ({model_path}, {where})")
+        return id2label
 
     def load(self, tier: TierSpec, model_path: str, device: str) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -70,6 +91,7 @@ class SequenceClassifyAdapter:
         model = AutoModelForSequenceClassification.from_pretrained(
             model_path, local_files_only=True, dtype=torch_dtype(tier.dtype, device)
         )
+        self.id2label = self._labels(tier, model_path, model.config.id2label)
         self.model = model.to(device).eval()
         limit = getattr(self.model.config, "max_position_embeddings", None) or tier.max_length
         self.max_length = min(tier.max_length, limit)
@@ -97,7 +119,7 @@ class SequenceClassifyAdapter:
 
         windows: list[Windows] = [p.payload for p in batch]
         rows = self.window_probs(windows)
-        id2label = self.model.config.id2label
+        id2label = self.id2label
         out: list[Prediction | InputError] = []
         at = 0
         for w in windows:
