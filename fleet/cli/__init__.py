@@ -10,7 +10,18 @@ from __future__ import annotations
 
 import click
 
-from fleet.cli import data, demo, deploy, models, nightly, observe, reports, run, workers
+from fleet.cli import (
+    data,
+    demo,
+    deploy,
+    models,
+    nightly,
+    observe,
+    reports,
+    review,
+    run,
+    workers,
+)
 from fleet.cli.context import FleetContext, fail
 from fleet.config.exitcodes import ExitCode
 from fleet.config.settings import Settings
@@ -68,5 +79,6 @@ for _command in (
     nightly.nightly,
     nightly.beat,
     deploy.deploy,
+    review.review,
 ):
     main.add_command(_command)
