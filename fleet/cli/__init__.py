@@ -80,5 +80,7 @@ for _command in (
     nightly.beat,
     deploy.deploy,
     review.review,
+    review.promote,
+    review.rollback,
 ):
     main.add_command(_command)

@@ -12,6 +12,7 @@ import click
 from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option, task_option
 from fleet.config.exitcodes import ExitCode
+from fleet.config.taskconfig import TaskSpec
 
 
 @click.group()
@@ -168,3 +169,110 @@ def release_cmd(ctx: FleetContext, task_name: str, export_id: str | None) -> Non
     with transaction(ctx.url()) as session:
         n = rq.release(session, task=task_name, export_id=export_id)
     click.echo(f"released {n} items of {task_name}")
+
+
+def _effective_task(ctx: FleetContext, name: str) -> TaskSpec:
+    """The task with the ladder workers serve: the config's, or the one promoted."""
+    from db.engine import transaction
+    from db.ladders import all_overrides
+    from fleet.config.taskconfig import with_ladders
+
+    ctx.task(name)
+    with transaction(ctx.url()) as session:
+        return with_ladders(ctx.tasks(), all_overrides(session))[name]
+
+
+@click.command("promote")
+@task_option
+@click.option("--model", required=True, help="Candidate: a model folder or a cached hub id.")
+@click.option(
+    "--gold",
+    "gold_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Gold files scored besides the confirmed labels (fleet eval --gold format).",
+)
+@click.option("--f1-margin", default=0.02, show_default=True, help="Macro-F1 may drop this much.")
+@click.option(
+    "--max-share-shift", default=0.15, show_default=True, help="Largest change of a label's share."
+)
+@click.option("--max-ece", default=0.15, show_default=True, help="Largest calibration error.")
+@click.option("--min-gold", default=20, show_default=True, help="Fewest gold items to decide on.")
+@click.option("--sample", default=50, show_default=True, help="Stored items per label (shadow).")
+@json_option
+@pass_fleet
+def promote(
+    ctx: FleetContext,
+    task_name: str,
+    model: str,
+    gold_files: tuple[Path, ...],
+    f1_margin: float,
+    max_share_shift: float,
+    max_ece: float,
+    min_gold: int,
+    sample: int,
+    as_json: bool,
+) -> None:
+    """Serve a new model for a task if it passes the gates (macro-F1 on confirmed labels
+    and gold files, label share shift, calibration); its items are then run again,
+    their old labels served until the new ones land. A failed gate changes nothing."""
+    from fleet.review.gates import GateLimits
+    from fleet.review.promote import apply, check_candidate
+
+    spec = _effective_task(ctx, task_name)
+    limits = GateLimits(f1_margin, max_share_shift, max_ece, min_gold)
+    try:
+        check = check_candidate(
+            ctx.settings,
+            spec,
+            model,
+            gold_files=list(gold_files),
+            limits=limits,
+            sample_per_label=sample,
+        )
+    except (OSError, ValueError) as e:
+        fail(f"cannot score candidate {model!r}: {e}", ExitCode.CONFIG)
+    result = {**check.as_dict()}
+    if check.passed:
+        oid, moved = apply(ctx.url(), spec, check)
+        result.update(promotion=oid, items_back=moved)
+    if as_json:
+        click.echo(json.dumps(result, default=str))
+    else:
+        for g in check.gates:
+            click.echo(f"  {'pass' if g.passed else 'FAIL'}  {g.name:12} {g.detail}")
+        if check.passed:
+            click.echo(
+                f"promoted {model} for {task_name} (promotion {result['promotion']}): "
+                f"{result['items_back']} items will be relabelled, old labels served until then; "
+                "restart the task's workers to load it (`fleet rollback` undoes it)"
+            )
+    if not check.passed:
+        failed = ", ".join(g.name for g in check.gates if not g.passed)
+        click.echo(f"refused: gate(s) {failed} failed; nothing changed", err=True)
+        sys.exit(int(ExitCode.FAILED_ITEMS))
+
+
+@click.command("rollback")
+@task_option
+@json_option
+@pass_fleet
+def rollback(ctx: FleetContext, task_name: str, as_json: bool) -> None:
+    """Undo the task's newest promotion: its previous results restored from
+    result_history in one transaction (no model runs) and the previous ladder served."""
+    from db.engine import transaction
+    from db.ladders import rollback as do_rollback
+
+    ctx.task(task_name)
+    with transaction(ctx.url()) as session:
+        done = do_rollback(session, task=task_name)
+    if done is None:
+        fail(f"task {task_name!r} has no promotion to roll back", ExitCode.CONFIG)
+    oid, restored = done
+    if as_json:
+        click.echo(json.dumps({"promotion": oid, "restored": restored}))
+        return
+    click.echo(
+        f"rolled back promotion {oid} of {task_name}: {restored} results restored; "
+        "restart the task's workers to serve the previous ladder"
+    )

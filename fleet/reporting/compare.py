@@ -115,3 +115,7 @@ def compare(
         "examples": examples,
         "file": str(out_path),
     }
+
+
+# fleet.review.promote scores a candidate and the serving model the same way.
+run_model = _run_model

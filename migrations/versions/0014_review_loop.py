@@ -44,15 +44,20 @@ FROM work_items w
 JOIN results r ON r.work_item_id = w.id
 LEFT JOIN conversations c ON w.source_kind = 'conversation' AND c.id = w.source_id
 LEFT JOIN audio_files a ON w.source_kind = 'audio' AND a.id = w.source_id{join}
-WHERE w.status = 'done'
+WHERE {where}
 """
+# After `fleet promote` an item is pending again with its old result kept: the old
+# label is served until the new model's result replaces it.
+NEW_WHERE = "w.status IN ('done', 'pending', 'queued', 'running')"
 CONFIRMED_JOIN = """
 LEFT JOIN confirmed_labels cl
        ON cl.source_kind = w.source_kind AND cl.source_id = w.source_id AND cl.task = w.task"""
 NEW_VIEW = "CREATE VIEW fleet_latest_results AS" + _VIEW_BODY.format(
-    extra=",\n       cl.label AS confirmed_label", join=CONFIRMED_JOIN
+    extra=",\n       cl.label AS confirmed_label", join=CONFIRMED_JOIN, where=NEW_WHERE
 )
-OLD_VIEW = "CREATE VIEW fleet_latest_results AS" + _VIEW_BODY.format(extra="", join="")
+OLD_VIEW = "CREATE VIEW fleet_latest_results AS" + _VIEW_BODY.format(
+    extra="", join="", where="w.status = 'done'"
+)
 
 
 def upgrade() -> None:
