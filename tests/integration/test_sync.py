@@ -216,6 +216,7 @@ def test_view_columns_are_the_contract(db_url):
         "model",
         "model_revision",
         "updated_at",
+        "confirmed_label",
     ]
 
 
