@@ -328,3 +328,37 @@ def test_disagreement_and_diverse(env, tmp_path):
     assert len(picked) == 4
     topics = {t["data"]["text"].rsplit(" ", 1)[-1] for t in picked}
     assert len(topics) >= 3  # one cluster per topic, not four near-duplicates
+
+
+def test_train_confirmed_adds_reviewed_labels_at_weight_one(env, tmp_path):
+    from fleet.models.labeled import Example
+    from fleet.models.training import choose_examples
+
+    seed_results(env, 3)
+    f = tmp_path / "r.jsonl"
+    f.write_text(
+        json.dumps({"external_id": "c0001", "task": "intent", "label": "praise"})
+        + "\n"
+        + json.dumps({"external_id": "c0002", "task": "intent", "label": "bug"})
+        + "\n"
+    )
+    fleet("review", "import", str(f))
+    data = tmp_path / "d.jsonl"  # one example repeats a reviewed text with another label
+    data.write_text(
+        json.dumps({"text": "user: ticket 1 about bug", "label": "billing"})
+        + "\n"
+        + json.dumps({"text": "something else", "label": "question"})
+        + "\n"
+        + json.dumps({"text": "more", "label": "billing"})
+        + "\n"
+    )
+    kwargs = dict(data=data, from_task=None, min_confidence=0.0, confirmed=None)
+    chosen = choose_examples(
+        "intent", **kwargs, db_url=lambda: env, models_dir=tmp_path, with_confirmed=True
+    )
+    assert Example("user: ticket 1 about bug", "praise", 1.0) in chosen.examples
+    assert Example("user: ticket 2 about praise", "bug", 1.0) in chosen.examples
+    assert not any(e.label == "billing" and "ticket 1" in e.text for e in chosen.examples)
+    assert len(chosen.examples) == 4 and chosen.extra["confirmed"]["examples"] == 2
+    plain = choose_examples("intent", **kwargs, db_url=lambda: env, models_dir=tmp_path)
+    assert len(plain.examples) == 3
