@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from fleet.reporting.charts import time_step
+from fleet.reporting.review import read_agreement
 
 # Throughput bins: enough to show a trend, few enough that each holds several
 # batches (a bin of one batch or none draws batch cadence, not throughput).
@@ -97,6 +98,8 @@ class ReportData:
     generated_at: dt.datetime = field(default_factory=lambda: dt.datetime.now().astimezone())
     database: str = ""
     latency_p50_ms: float | None = None  # over every task
+    # task -> reviewer's label -> {"reviewed", "agreed"} (fleet.reporting.review)
+    review: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
     @property
     def total(self) -> TaskRow:
@@ -439,6 +442,7 @@ def collect(session: Session, window: Window) -> ReportData:
         failures=_read_failures(session, window),
         runs=_read_runs(session, window),
         latency_p50_ms=p50,
+        review=read_agreement(session, [r.task for r in rows]),
     )
 
 

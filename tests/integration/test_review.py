@@ -223,6 +223,18 @@ def test_export_schema_holds_and_round_trip(env, tmp_path):
         holds = c.execute(text("SELECT COUNT(*) FROM review_holds")).scalar_one()
     assert stored == chosen  # 100 % of ids and labels
     assert holds == 20  # the imported items' holds ended; the second export's remain
+    # the report shows model-vs-reviewer agreement per label
+    from fleet.reporting.html import write_report
+
+    page = tmp_path / "report.html"
+    data = write_report(env, page, since="1h")
+    per = data.review["intent"]
+    assert sum(c["reviewed"] for c in per.values()) == 20
+    for label, c in per.items():
+        mine = [t for t in tasks if chosen[t["data"]["fleet_external_id"]] == label]
+        same = [t for t in mine if t["predictions"][0]["result"][0]["value"]["choices"][0] == label]
+        assert (c["reviewed"], c["agreed"]) == (len(mine), len(same))
+    assert "<h2>Reviews</h2>" in page.read_text() and 'class="summary review"' in page.read_text()
     # eval scores the stored answers against the confirmed labels, without a file
     ev = json.loads(fleet("eval", "-t", "intent", "--json").output)
     agreed = sum(
