@@ -93,8 +93,8 @@ def promote(
 
 def rollback(session: Session, *, task: str) -> tuple[int, int] | None:
     """Undo the task's newest promotion in the caller's one transaction: every result
-    copied at that promotion goes back into `results` (the result there now, from
-    either model, goes to result_history as `rollback:<id>`), those items are done
+    copied at that promotion goes back into `results`, updated in place (the result
+    there now, from either model, goes to result_history as `rollback:<id>`), those items are done
     again, and the override is marked rolled back. No model runs. Returns
     (override id, results restored), or None when no promotion is in force."""
     found = current_override(session, task=task)
@@ -113,26 +113,39 @@ def rollback(session: Session, *, task: str) -> tuple[int, int] | None:
         ),
         {"reason": reason},
     )
+    # Temporary tables are never analyzed by autovacuum: without this the planner
+    # guesses their size and may join a million rows by nested loop.
+    session.execute(text("ANALYZE restore"))
     session.execute(
         text(
             """
-            WITH old AS (
-                DELETE FROM results r USING restore x WHERE r.work_item_id = x.work_item_id
-                RETURNING r.*
-            )
             INSERT INTO result_history (work_item_id, task, source_kind, source_id, source,
                                         external_id, label, confidence, scores, output,
                                         model_name, model_revision, model_tier, classified_at,
                                         reason)
-            SELECT old.work_item_id, x.task, x.source_kind, x.source_id, x.source, x.external_id,
-                   old.label, old.confidence, old.scores, old.output, old.model_name,
-                   old.model_revision, old.model_tier, old.created_at, :reason
-            FROM old JOIN restore x ON x.work_item_id = old.work_item_id
+            SELECT r.work_item_id, x.task, x.source_kind, x.source_id, x.source, x.external_id,
+                   r.label, r.confidence, r.scores, r.output, r.model_name, r.model_revision,
+                   r.model_tier, r.created_at, :reason
+            FROM results r JOIN restore x ON x.work_item_id = r.work_item_id
             """
         ),
         {"reason": f"rollback:{oid}"},
     )
+    # One UPDATE in place (not DELETE + INSERT): each row is written once.
     restored = _rowcount(
+        session.execute(
+            text(
+                """
+                UPDATE results r SET label = x.label, confidence = x.confidence,
+                    scores = x.scores, output = x.output, model_name = x.model_name,
+                    model_revision = x.model_revision, model_tier = x.model_tier,
+                    device = 'restored', latency_ms = 0, created_at = x.classified_at
+                FROM restore x WHERE r.work_item_id = x.work_item_id
+                """
+            )
+        )
+    )
+    restored += _rowcount(
         session.execute(
             text(
                 """
@@ -140,17 +153,20 @@ def rollback(session: Session, *, task: str) -> tuple[int, int] | None:
                                      model_revision, model_tier, device, latency_ms, created_at)
                 SELECT work_item_id, label, confidence, scores, output, model_name,
                        model_revision, model_tier, 'restored', 0, classified_at
-                FROM restore
+                FROM restore x
+                WHERE NOT EXISTS (SELECT 1 FROM results r WHERE r.work_item_id = x.work_item_id)
                 """
             )
         )
     )
+    # Items the new model already finished are done: only the others are written.
     session.execute(
         text(
             """
             UPDATE work_items w SET status = 'done', batch_id = NULL, lease_until = NULL,
                 worker = NULL, last_error = NULL, updated_at = now()
-            FROM restore x WHERE w.id = x.work_item_id
+            FROM restore x
+            WHERE w.id = x.work_item_id AND (w.status <> 'done' OR w.batch_id IS NOT NULL)
             """
         )
     )
