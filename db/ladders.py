@@ -166,7 +166,7 @@ def rollback(session: Session, *, task: str) -> tuple[int, int] | None:
             UPDATE work_items w SET status = 'done', batch_id = NULL, lease_until = NULL,
                 worker = NULL, last_error = NULL, updated_at = now()
             FROM restore x
-            WHERE w.id = x.work_item_id AND (w.status <> 'done' OR w.batch_id IS NOT NULL)
+            WHERE w.id = x.work_item_id AND w.status <> 'done'
             """
         )
     )
