@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from db.ledger import _rowcount
+from fleet.config.taskconfig import TaskSpec, with_ladders
 
 
 def current_override(session: Session, *, task: str) -> tuple[int, list[dict[str, Any]]] | None:
@@ -40,6 +41,12 @@ def all_overrides(session: Session) -> dict[str, list[dict[str, Any]]]:
         )
     )
     return {str(r[0]): list(r[1]) for r in rows}
+
+
+def effective_tasks(session: Session, tasks: dict[str, TaskSpec]) -> dict[str, TaskSpec]:
+    """`tasks` with the promoted ladders in force: what workers serve and what
+    `fleet rerun` counts as current."""
+    return with_ladders(tasks, all_overrides(session))
 
 
 def promote(

@@ -56,11 +56,10 @@ def _promoted(settings: Settings, tasks: dict[str, TaskSpec]) -> dict[str, TaskS
     """The one place a worker's ladders are resolved: the task config's, overridden by
     the ladders `fleet promote` recorded in the database (db.ladders)."""
     from db.engine import transaction
-    from db.ladders import all_overrides
-    from fleet.config.taskconfig import with_ladders
+    from db.ladders import effective_tasks
 
     with transaction(settings.db_url()) as session:
-        return with_ladders(tasks, all_overrides(session))
+        return effective_tasks(session, tasks)
 
 
 def start_runtime(settings: Settings, task_name: str, *, hostname: str, app: Celery) -> WorkerState:

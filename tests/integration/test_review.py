@@ -374,3 +374,33 @@ def test_train_confirmed_adds_reviewed_labels_at_weight_one(env, tmp_path):
     assert len(chosen.examples) == 4 and chosen.extra["confirmed"]["examples"] == 2
     plain = choose_examples("intent", **kwargs, db_url=lambda: env, models_dir=tmp_path)
     assert len(plain.examples) == 3
+
+
+def test_rerun_counts_the_promoted_ladder_as_current(env, tmp_path):
+    """After `fleet promote`, the promoted model's results are current for `fleet rerun`
+    and FLEET_RERUN_STALE (else every night would put them back)."""
+    from db.ladders import promote
+    from fleet.config.settings import Settings
+    from dataclasses import replace
+
+    from fleet.config.taskconfig import TierSpec, load_tasks
+    from producer.sync import current_revisions
+    from workers.hub import resolve_tier
+
+    for name in ("old-model", "new-model"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"name": name}))
+    settings = Settings()
+    spec = load_tasks(settings.config_file)["intent"]
+    spec = replace(spec, ladder=(TierSpec(name="old", path=str(tmp_path / "old-model")),))
+    with transaction(env) as s:
+        promote(
+            s,
+            task="intent",
+            ladder=[{"name": "new", "path": str(tmp_path / "new-model")}],
+            gates={},
+        )
+    new_rev = resolve_tier(
+        TierSpec(name="n", path=str(tmp_path / "new-model")), settings.resolved_models_dir
+    ).revision
+    assert current_revisions(spec, settings) == [new_rev]
