@@ -379,10 +379,10 @@ def test_train_confirmed_adds_reviewed_labels_at_weight_one(env, tmp_path):
 def test_rerun_counts_the_promoted_ladder_as_current(env, tmp_path):
     """After `fleet promote`, the promoted model's results are current for `fleet rerun`
     and FLEET_RERUN_STALE (else every night would put them back)."""
-    from db.ladders import promote
-    from fleet.config.settings import Settings
     from dataclasses import replace
 
+    from db.ladders import promote
+    from fleet.config.settings import Settings
     from fleet.config.taskconfig import TierSpec, load_tasks
     from producer.sync import current_revisions
     from workers.hub import resolve_tier
