@@ -6,6 +6,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
+import db.reviewtables  # noqa: F401  (the review loop's tables on the same metadata)
 from db.schema import Base
 
 config = context.config

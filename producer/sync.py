@@ -154,8 +154,13 @@ def beat_tick(settings: Settings, sources: dict[str, SourceSpec]) -> list[dict[s
 
 
 def current_revisions(spec: TaskSpec, settings: Settings) -> list[str]:
-    """The revisions (and tier names) of a task's ladder as it resolves now."""
+    """The revisions (and tier names) of a task's ladder as it resolves now: the
+    ladder `fleet promote` recorded, if any, else the task config's."""
+    from db.ladders import effective_tasks
     from workers.hub import ModelNotCached, resolve_tier
+
+    with transaction(settings.db_url()) as session:
+        spec = effective_tasks(session, {spec.name: spec})[spec.name]
 
     out: list[str] = []
     for tier in spec.ladder:

@@ -52,6 +52,16 @@ class WorkerState:
 _state: WorkerState | None = None
 
 
+def _promoted(settings: Settings, tasks: dict[str, TaskSpec]) -> dict[str, TaskSpec]:
+    """The one place a worker's ladders are resolved: the task config's, overridden by
+    the ladders `fleet promote` recorded in the database (db.ladders)."""
+    from db.engine import transaction
+    from db.ladders import effective_tasks
+
+    with transaction(settings.db_url()) as session:
+        return effective_tasks(session, tasks)
+
+
 def start_runtime(settings: Settings, task_name: str, *, hostname: str, app: Celery) -> WorkerState:
     """Load `task_name`'s model (and start live stats when a broker is set).
 
@@ -64,7 +74,7 @@ def start_runtime(settings: Settings, task_name: str, *, hostname: str, app: Cel
     from workers.simulate import MemorySimulator
 
     setup_logging(settings.log_level, json_lines=settings.log_json)
-    tasks = load_tasks(settings.config_file)
+    tasks = _promoted(settings, load_tasks(settings.config_file))
     spec = get_task(tasks, task_name)
     adapter = make_adapter(
         spec, max_chars=settings.max_text_chars, audio_root=settings.resolved_audio_root

@@ -10,7 +10,19 @@ from __future__ import annotations
 
 import click
 
-from fleet.cli import data, demo, deploy, models, nightly, observe, reports, run, tasks, workers
+from fleet.cli import (
+    data,
+    demo,
+    deploy,
+    models,
+    nightly,
+    observe,
+    reports,
+    review,
+    run,
+    tasks,
+    workers,
+)
 from fleet.cli.context import FleetContext, fail
 from fleet.config.exitcodes import ExitCode
 from fleet.config.settings import Settings
@@ -70,5 +82,8 @@ for _command in (
     nightly.nightly,
     nightly.beat,
     deploy.deploy,
+    review.review,
+    review.promote,
+    review.rollback,
 ):
     main.add_command(_command)

@@ -112,8 +112,12 @@ _file = click.Path(exists=True, dir_okay=False, path_type=Path)
 )
 @click.option(
     "--confirmed",
-    type=_file,
-    help='With --from-task: only items a reviewer confirmed ({"external_id","label"} lines).',
+    is_flag=False,
+    flag_value="-",
+    default=None,
+    metavar="[FILE]",
+    help="Alone: add the task's confirmed labels (`fleet review import`) as weight-1.0 "
+    'examples. With FILE and --from-task: only items a reviewer confirmed ({"external_id","label"} lines).',
 )
 @click.option(
     "--base", help="Encoder to start from: a local folder or a cached hub id (default: MiniLM)."
@@ -165,7 +169,7 @@ def train(
     data: Path | None,
     from_task: str | None,
     min_confidence: float,
-    confirmed: Path | None,
+    confirmed: str | None,
     base: str | None,
     eval_file: Path | None,
     test_file: Path | None,
@@ -203,15 +207,19 @@ def train(
         spec = found
     if from_task:
         ctx.task(from_task)
+    confirmed_file = None if confirmed in (None, "-") else Path(str(confirmed))
+    if confirmed_file is not None and not confirmed_file.is_file():
+        fail(f"--confirmed {confirmed_file}: no such file", ExitCode.CONFIG)
     try:
         chosen: Chosen = choose_examples(
             task_name,
             data=data,
             from_task=from_task,
             min_confidence=min_confidence,
-            confirmed=confirmed,
+            confirmed=confirmed_file,
             db_url=ctx.url,
             models_dir=ctx.settings.resolved_models_dir,
+            with_confirmed=confirmed == "-",
         )
         out = out or default_out(ctx.settings.state_dir, chosen.out.name)
         if creating:

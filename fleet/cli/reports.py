@@ -94,8 +94,8 @@ def export(
 @click.option(
     "--gold",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    required=True,
-    help='JSONL of {"external_id", "label"[, "source"]}.',
+    help='JSONL of {"external_id", "label"[, "source"]} (default: the confirmed labels '
+    "`fleet review import` stored).",
 )
 @click.option(
     "--source",
@@ -105,14 +105,25 @@ def export(
 @json_option
 @pass_fleet
 def eval_cmd(
-    ctx: FleetContext, task_name: str, gold: Path, source: str | None, as_json: bool
+    ctx: FleetContext, task_name: str, gold: Path | None, source: str | None, as_json: bool
 ) -> None:
     """Score a task's stored results against gold labels: accuracy, macro-F1, confusion, latency."""
     from fleet.observe.display import confusion_table
     from fleet.reporting.export import evaluate, load_gold
 
     try:
-        labels = load_gold(gold)
+        if gold is None:
+            from fleet.review.gold import confirmed_gold
+
+            labels = confirmed_gold(ctx.url(), task=task_name)
+            if not labels:
+                fail(
+                    f"task {task_name!r} has no confirmed labels: import reviews with "
+                    "`fleet review import FILE`, or give --gold FILE",
+                    ExitCode.CONFIG,
+                )
+        else:
+            labels = load_gold(gold)
         spec = ctx.task(task_name)
         report = evaluate(
             ctx.url(), task=task_name, gold=labels, source=source, model_labels=list(spec.labels)

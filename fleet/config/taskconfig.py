@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,37 @@ def _tier(task: str, i: int, raw: dict[str, Any]) -> TierSpec:
     fields = {k: v for k, v in raw.items() if k in known}
     fields.setdefault("name", Path(str(raw["path"])).name)
     return TierSpec(**fields, options=options)
+
+
+def with_ladders(
+    tasks: dict[str, TaskSpec], ladders: dict[str, list[dict[str, Any]]]
+) -> dict[str, TaskSpec]:
+    """`tasks` with each named task's ladder replaced by `ladders[task]` (tier tables
+    as in [[tasks.T.ladder]]): the ladders `fleet promote` recorded in the database
+    override the file's. Raises ConfigError for an empty ladder or a tier without 'path'."""
+    out = dict(tasks)
+    for name, raw in ladders.items():
+        if name in out:
+            if not raw:
+                raise ConfigError(f"task {name!r}: the promoted ladder is empty")
+            ladder = tuple(_tier(name, i, dict(t)) for i, t in enumerate(raw))
+            out[name] = replace(out[name], ladder=ladder)
+    return out
+
+
+def tier_table(tier: TierSpec) -> dict[str, Any]:
+    """A tier as its [[tasks.T.ladder]] table (options inline), the inverse of parsing."""
+    table: dict[str, Any] = {
+        "name": tier.name,
+        "path": tier.path,
+        "dtype": tier.dtype,
+        "max_length": tier.max_length,
+        "max_batch_tokens": tier.max_batch_tokens,
+        "min_batch_tokens": tier.min_batch_tokens,
+    }
+    if tier.footprint_mb is not None:
+        table["footprint_mb"] = tier.footprint_mb
+    return {**table, **tier.options}
 
 
 # Queues fleet.control (beat's control worker) and fleet.default (Celery's default).

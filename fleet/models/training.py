@@ -65,6 +65,53 @@ def choose_examples(
     confirmed: Path | None,
     db_url: Callable[[], str],
     models_dir: Path,
+    with_confirmed: bool = False,
+) -> Chosen:
+    """`_choose_examples`, plus (with_confirmed) the task's confirmed labels from the
+    database as weight-1.0 examples (fleet.models.confirmed): the reviewer's label
+    wins over an example of the same text. Raises TrainingDataError when asked for
+    confirmed labels and the task has none."""
+    chosen = _choose_examples(
+        task,
+        data=data,
+        from_task=from_task,
+        min_confidence=min_confidence,
+        confirmed=confirmed,
+        db_url=db_url,
+        models_dir=models_dir,
+    )
+    if not with_confirmed:
+        return chosen
+    from fleet.models.confirmed import confirmed_examples, merge
+
+    found = confirmed_examples(db_url(), task=task)
+    if not found.examples:
+        raise TrainingDataError(
+            f"task {task!r} has no confirmed labels over conversations: import reviews with "
+            "`fleet review import FILE` first"
+        )
+    extra = {
+        **chosen.extra,
+        "confirmed": {"examples": len(found.examples), "unreadable": found.unreadable},
+    }
+    return Chosen(
+        merge(chosen.examples, found.examples),
+        f"{chosen.data_name} + {len(found.examples)} confirmed labels",
+        chosen.out,
+        test_file=chosen.test_file,
+        extra=extra,
+    )
+
+
+def _choose_examples(
+    task: str,
+    *,
+    data: Path | None,
+    from_task: str | None,
+    min_confidence: float,
+    confirmed: Path | None,
+    db_url: Callable[[], str],
+    models_dir: Path,
 ) -> Chosen:
     """The training set of `fleet train`: `data`, else `from_task`'s stored results, else
     the task's bundled set (then also its independent eval file and its own folder).

@@ -145,3 +145,7 @@ def compare(
         "seconds": seconds,
         "device": device,
     }
+
+
+# fleet.review.promote scores a candidate and the serving model the same way.
+run_model = _run_model

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from db.syncstate import SourceStatus, read_problems, read_sources
 from fleet.reporting.charts import time_step
+from fleet.reporting.review import read_agreement
 
 # Throughput bins: enough to show a trend, few enough that each holds several
 # batches (a bin of one batch or none draws batch cadence, not throughput).
@@ -111,6 +112,8 @@ class ReportData:
     sources: dict[str, SourceStatus] = field(default_factory=dict)  # synced [sources.*]
     problems: list[dict[str, Any]] = field(default_factory=list)  # newest sync_problems rows
     busy_s: float | None = None  # first to last finish less idle gaps (date windows)
+    # task -> reviewer's label -> {"reviewed", "agreed"} (fleet.reporting.review)
+    review: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
     @property
     def total(self) -> TaskRow:
@@ -489,6 +492,7 @@ def collect(session: Session, window: Window) -> ReportData:
         sources=read_sources(session),
         problems=read_problems(session),
         busy_s=_read_busy(session, window) if window.run_id is None else None,
+        review=read_agreement(session, [r.task for r in rows]),
     )
 
 

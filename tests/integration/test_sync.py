@@ -217,6 +217,7 @@ def test_view_columns_are_the_contract(db_url):
         "model_revision",
         "updated_at",
         "stale",
+        "confirmed_label",
     ]
 
 

@@ -1,0 +1,1 @@
+"""The review loop: queues for people, their confirmed labels, gated and reversible model changes."""
