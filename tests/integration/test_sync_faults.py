@@ -374,7 +374,7 @@ def test_continuous_mode_keeps_the_label_and_feeds_the_edit_at_once(
     app_url, plain = app_db
     config = tmp_path / "tasks.toml"
     config.write_text(
-        '[tasks.intent]\nkind = "fake"\nsource = "conversation"\n'
+        'include_bundled = false\n[tasks.intent]\nkind = "fake"\nsource = "conversation"\n'
         '[[tasks.intent.ladder]]\nname = "fake"\npath = "fake"\n'
         f"[sources.app]\nshape = \"messages\"\nquery = '''{QUERY}'''\n"
         'trigger_tables = ["app.conversations", "app.messages"]\n'
