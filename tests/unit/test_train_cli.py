@@ -70,6 +70,11 @@ def test_train_from_csv_writes_a_servable_folder(tmp_path: Path, tiny_base: Path
     from transformers import AutoConfig
 
     assert (out / "model.safetensors").is_file()
+    # The temperature is fitted on the held-out split and stored beside the weights.
+    stored = json.loads((out / "calibration.json").read_text())
+    assert stored["temperature"] == report["calibration"]["temperature"] > 0
+    assert stored["n"] == report["n_test"] and stored["nll_after"] <= stored["nll_before"]
+    assert report["calibration"]["test"]["n"] == len(rows)
     assert not list(out.glob("*.bin")) and not list(out.glob("checkpoint-*"))
     assert list(AutoConfig.from_pretrained(out).id2label.values()) == list(INTENT_LABELS)
     saved = json.loads((out / "training_metrics.json").read_text())
@@ -91,6 +96,7 @@ def test_train_from_csv_writes_a_servable_folder(tmp_path: Path, tiny_base: Path
     source = Source(1, "conversation", "c1", {"messages": [{"role": "user", "content": "hi"}]})
     [pred] = adapter.predict([adapter.prepare(source)])
     assert pred.label in INTENT_LABELS  # type: ignore[union-attr]
+    assert pred.output["calibrated"] is True  # type: ignore[union-attr]
 
 
 def test_human_output_shows_scores_and_the_toml_lines(tmp_path: Path, tiny_base: Path) -> None:
@@ -103,6 +109,7 @@ def test_human_output_shows_scores_and_the_toml_lines(tmp_path: Path, tiny_base:
     )
     assert result.exit_code == 0, result.output
     assert "validation accuracy" in result.output
+    assert "calibration: temperature" in result.output
     assert "[[tasks.intent.ladder]]" in result.output
     [folder] = (tmp_path / "models").glob("intent-trained-*")
     assert f'path = "{folder.resolve()}"' in result.output

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import logging
+
 from fleet.config.taskconfig import TierSpec
+from workers import calibration
 from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.adapters.text import conversation_text
+
+log = logging.getLogger(__name__)
 
 
 def torch_dtype(name: str, device: str) -> Any:
@@ -35,6 +40,7 @@ class SequenceClassifyAdapter:
         self.tokenizer: Any = None
         self.max_length = 512
         self.device = "cpu"
+        self.calibration: calibration.Calibration | None = None
 
     def load(self, tier: TierSpec, model_path: str, device: str) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -47,6 +53,9 @@ class SequenceClassifyAdapter:
         limit = getattr(self.model.config, "max_position_embeddings", None) or tier.max_length
         self.max_length = min(tier.max_length, limit)
         self.device = device
+        self.calibration = calibration.read_calibration(model_path)
+        if self.calibration is None:
+            log.warning("%s: %s", model_path, calibration.UNCALIBRATED)
 
     def unload(self) -> None:
         self.model = None
@@ -66,6 +75,7 @@ class SequenceClassifyAdapter:
         padded = {k: v.to(self.device) for k, v in padded.items()}
         with torch.inference_mode():
             logits = self.model(**padded).logits.float()
+        logits = calibration.scale_logits(logits, self.calibration)
         probs = torch.softmax(logits, dim=-1).cpu()
         id2label = self.model.config.id2label
         k = min(self.top_k, probs.shape[-1])
@@ -77,7 +87,10 @@ class SequenceClassifyAdapter:
             }
             out.append(
                 Prediction(
-                    label=str(id2label[indices[0]]), confidence=float(values[0]), scores=scores
+                    label=str(id2label[indices[0]]),
+                    confidence=float(values[0]),
+                    scores=scores,
+                    output=calibration.calibration_output(self.calibration),
                 )
             )
         return out
