@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from fleet.cli import data, demo, deploy, models, nightly, observe, reports, run, workers
+from fleet.cli import calibrate, data, demo, deploy, models, nightly, observe, reports, run, workers
 from fleet.cli.context import FleetContext, fail
 from fleet.config.exitcodes import ExitCode
 from fleet.config.settings import Settings
@@ -60,6 +60,7 @@ for _command in (
     workers.workers,
     models.models,
     models.train,
+    calibrate.calibrate,
     demo.demo,
     observe.status,
     observe.watch,

@@ -125,6 +125,16 @@ def eval_cmd(
         f"accuracy {report['accuracy']:.3f}  macro-F1 {report['macro_f1']:.3f}  n={report['n']}  "
         f"latency/item mean {lat['mean']:.1f} ms p50 {lat['p50']:.1f} p95 {lat['p95']:.1f}"
     )
+    click.echo(
+        f"ECE {report['ece']:.3f} (10 bins)  mean confidence {report['mean_confidence']:.3f}"
+    )
+    if report["uncalibrated"]:
+        click.echo(
+            f"{report['uncalibrated']} results came from a model folder without calibration.json: "
+            "their confidences are the raw softmax (retrain with `fleet train`, which fits a "
+            "temperature)",
+            err=True,
+        )
     if report["not_in_task"] or report["not_done"]:
         click.echo(
             f"{report['not_in_task']} gold items have no work item; {report['not_done']} are not done",

@@ -103,3 +103,85 @@ def calibrate_folder(
         t_gold = [index[ex.label] for ex in test]
         scores["test"] = calibration_scores(t_logits, t_gold, cal.temperature)
     return cal, scores
+
+
+def adapter_log_scores(
+    spec: Any,
+    models_dir: Path,
+    texts: Sequence[str],
+    *,
+    options: dict[str, Any] | None = None,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[list[float]], list[str]]:
+    """Log of each label's score as the task's adapter answers in this process (CPU), one
+    row per text in label order, and the label names. `options` override the task's.
+
+    For a zero-shot task run with `temperature = 1` these are its cosine similarities up
+    to a per-row constant: logits a temperature can be fitted to. Raises ValueError when
+    no ladder folder exists or an item fails (its reason)."""
+    import dataclasses
+    import math
+
+    from fleet.config.taskconfig import resolve_model_path
+    from workers.adapters import make_adapter
+    from workers.adapters.base import InputError, Prediction, Source
+
+    tier = next(
+        (t for t in spec.ladder if resolve_model_path(t, models_dir).exists()), None
+    )
+    if tier is None:
+        raise ValueError(f"no model folder of task {spec.name!r} exists under {models_dir}")
+    run_spec = dataclasses.replace(spec, options={**spec.options, **(options or {})})
+    adapter = make_adapter(run_spec, max_chars=1_000_000, audio_root=models_dir)
+    adapter.load(tier, str(resolve_model_path(tier, models_dir)), "cpu")
+    names = list(spec.labels)
+    rows: list[list[float]] = []
+    try:
+        for i in range(0, len(texts), batch_size):
+            batch = [
+                adapter.prepare(Source(i + k, spec.source, str(i + k), {"text": t}))
+                for k, t in enumerate(texts[i : i + batch_size])
+            ]
+            for pred in adapter.predict(batch):
+                if isinstance(pred, InputError) or not isinstance(pred, Prediction):
+                    raise ValueError(f"item failed: {pred}")
+                scores = pred.scores or {}
+                rows.append([math.log(max(scores.get(n, 0.0), 1e-12)) for n in names])
+            if progress is not None:
+                progress(len(rows), len(texts))
+    finally:
+        adapter.unload()
+    return rows, names
+
+
+def fit_task_temperature(
+    spec: Any, models_dir: Path, examples: Sequence[Example], *, fitted_on: str
+) -> tuple[Calibration, dict[str, Any]]:
+    """Fit a zero-shot task's similarity temperature on labeled `examples` (never an
+    evaluation set): the adapter runs at temperature 1, the fit divides its cosines.
+
+    Returns the Calibration and `calibration_scores` on `examples` (before = the
+    task's configured temperature, after = the fitted one). Raises ValueError for a
+    task that is not zero_shot or labels outside the task's."""
+    if spec.kind != "zero_shot":
+        raise ValueError(f"task {spec.name!r} is {spec.kind}; this fits zero_shot temperatures")
+    names = list(spec.labels)
+    stray = sorted({ex.label for ex in examples} - set(names))
+    if stray:
+        raise ValueError(f"labels the task lacks: {', '.join(stray)}")
+    logits, _ = adapter_log_scores(
+        spec, models_dir, [ex.text for ex in examples], options={"temperature": 1.0}
+    )
+    gold = [names.index(ex.label) for ex in examples]
+    cal = calibrate(logits, gold, fitted_on=fitted_on)
+    configured = float(spec.options.get("temperature", 0.05))
+    before = calibration_scores(logits, gold, configured)
+    after = calibration_scores(logits, gold, cal.temperature)
+    return cal, {
+        "n": len(gold),
+        "accuracy": after["accuracy"],
+        "configured_temperature": configured,
+        "ece_before": before["ece_after"],
+        "ece_after": after["ece_after"],
+    }
