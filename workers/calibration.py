@@ -75,9 +75,9 @@ def mean_nll(logits: Sequence[Sequence[float]], gold: Sequence[int], temperature
         raise ValueError(f"{len(logits)} rows of logits but {len(gold)} gold labels")
     if not logits:
         raise ValueError("no items to score")
-    return -sum(log_softmax(row, temperature)[g] for row, g in zip(logits, gold, strict=True)) / len(
-        logits
-    )
+    return -sum(
+        log_softmax(row, temperature)[g] for row, g in zip(logits, gold, strict=True)
+    ) / len(logits)
 
 
 def fit_temperature(logits: Sequence[Sequence[float]], gold: Sequence[int]) -> float:

@@ -216,6 +216,13 @@ def compare(
     required=True,
     help="HTML file to write (one page, nothing external).",
 )
+@click.option(
+    "--gold",
+    "gold_specs",
+    multiple=True,
+    metavar="TASK=FILE",
+    help="Gold labels of a task (the `fleet eval` format): draws its reliability diagram; repeat.",
+)
 @pass_fleet
 def report(
     ctx: FleetContext,
@@ -224,15 +231,23 @@ def report(
     until: str | None,
     task_names: tuple[str, ...],
     out: Path,
+    gold_specs: tuple[str, ...],
 ) -> None:
-    """Write one self-contained HTML page: throughput, labels, tiers, failures, summary."""
+    """Write one self-contained HTML page: throughput, labels, calibration, tiers, failures."""
     from fleet.reporting.html import ReportError, fmt_duration, write_report
 
+    gold: dict[str, Path] = {}
+    for spec in gold_specs:
+        task, sep, file = spec.partition("=")
+        if not sep or not task or not Path(file).is_file():
+            fail(f"--gold takes TASK=FILE with an existing file, got {spec!r}", ExitCode.CONFIG)
+        ctx.task(task)
+        gold[task] = Path(file)
     try:
         data = write_report(
-            ctx.url(), out, run_id=run_id, since=since, until=until, tasks=task_names
+            ctx.url(), out, run_id=run_id, since=since, until=until, tasks=task_names, gold=gold
         )
-    except ReportError as e:
+    except (ReportError, ValueError) as e:
         fail(str(e), ExitCode.CONFIG)
     t = data.total
     click.echo(

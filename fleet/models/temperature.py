@@ -56,7 +56,9 @@ def calibration_scores(
     logits: Sequence[Sequence[float]], gold: Sequence[int], temperature: float
 ) -> dict[str, float]:
     """ECE (10 bins) of softmax(logits) and of softmax(logits / temperature), with accuracy."""
-    correct = [max(range(len(r)), key=r.__getitem__) == g for r, g in zip(logits, gold, strict=True)]
+    correct = [
+        max(range(len(r)), key=r.__getitem__) == g for r, g in zip(logits, gold, strict=True)
+    ]
     raw = [max(softmax(r)) for r in logits]
     scaled = [max(softmax(r, temperature)) for r in logits]
     n = len(gold)
@@ -127,9 +129,7 @@ def adapter_log_scores(
     from workers.adapters import make_adapter
     from workers.adapters.base import InputError, Prediction, Source
 
-    tier = next(
-        (t for t in spec.ladder if resolve_model_path(t, models_dir).exists()), None
-    )
+    tier = next((t for t in spec.ladder if resolve_model_path(t, models_dir).exists()), None)
     if tier is None:
         raise ValueError(f"no model folder of task {spec.name!r} exists under {models_dir}")
     run_spec = dataclasses.replace(spec, options={**spec.options, **(options or {})})

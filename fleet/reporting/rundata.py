@@ -97,6 +97,9 @@ class ReportData:
     generated_at: dt.datetime = field(default_factory=lambda: dt.datetime.now().astimezone())
     database: str = ""
     latency_p50_ms: float | None = None  # over every task
+    # task -> `fleet.reporting.export.evaluate` against the gold labels given for it
+    # (ece, reliability bins, accuracy, n); empty without --gold.
+    calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def total(self) -> TaskRow:

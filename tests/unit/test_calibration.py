@@ -95,7 +95,9 @@ def test_adapter_applies_the_stored_temperature(tmp_path: Path) -> None:
     from workers.adapters.sequence_classify import SequenceClassifyAdapter
 
     folder = build_tiny_classifier(tmp_path / "tiny", labels=["a", "b", "c"], seed=3)
-    source = Source(1, "conversation", "c1", {"messages": [{"role": "user", "content": "hi there"}]})
+    source = Source(
+        1, "conversation", "c1", {"messages": [{"role": "user", "content": "hi there"}]}
+    )
 
     def run() -> tuple[Prediction, list[float]]:
         adapter = SequenceClassifyAdapter()

@@ -88,15 +88,15 @@ def test_train_from_csv_writes_a_servable_folder(tmp_path: Path, tiny_base: Path
 
     # The folder serves: the sequence_classify adapter loads it and labels a conversation.
     from fleet.config.taskconfig import TierSpec
-    from workers.adapters.base import Source
+    from workers.adapters.base import Prediction, Source
     from workers.adapters.sequence_classify import SequenceClassifyAdapter
 
     adapter = SequenceClassifyAdapter()
     adapter.load(TierSpec(name="t", path=str(out)), str(out), "cpu")
     source = Source(1, "conversation", "c1", {"messages": [{"role": "user", "content": "hi"}]})
     [pred] = adapter.predict([adapter.prepare(source)])
-    assert pred.label in INTENT_LABELS  # type: ignore[union-attr]
-    assert pred.output["calibrated"] is True  # type: ignore[union-attr]
+    assert isinstance(pred, Prediction) and pred.label in INTENT_LABELS
+    assert pred.output is not None and pred.output["calibrated"] is True
 
 
 def test_human_output_shows_scores_and_the_toml_lines(tmp_path: Path, tiny_base: Path) -> None:

@@ -3,9 +3,8 @@ context, worthiness and sentiment: any AutoModelForSequenceClassification folder
 
 from __future__ import annotations
 
-from typing import Any
-
 import logging
+from typing import Any
 
 from fleet.config.taskconfig import TierSpec
 from workers import calibration
