@@ -216,6 +216,10 @@ def test_view_columns_are_the_contract(db_url):
         "model",
         "model_revision",
         "updated_at",
+        "decided_by",
+        "escalated",
+        "first_label",
+        "escalation_note",
     ]
 
 
