@@ -71,9 +71,7 @@ def discover_all(
     if settings is not None:
         before_discovery(settings, specs)
     stronger = {s.escalate_to for s in specs if s.escalate_to}
-    return {
-        s.name: discover(url, s) for s in specs if not s.input_from and s.name not in stronger
-    }
+    return {s.name: discover(url, s) for s in specs if not s.input_from and s.name not in stronger}
 
 
 def feed(

@@ -545,7 +545,9 @@ def _create_follow_ups(
     return _add_and_claim(session, st, targets)
 
 
-def _add_and_claim(session: Any, st: WorkerState, targets: list[tuple[str, list[int]]]) -> FollowUps:
+def _add_and_claim(
+    session: Any, st: WorkerState, targets: list[tuple[str, list[int]]]
+) -> FollowUps:
     kind = st.task.source
     out: FollowUps = {}
     for task, source_ids in targets:

@@ -85,7 +85,9 @@ def _start(fleet, env: dict[str, str], task: str):
 
 def test_escalated_not_escalated_and_a_failing_stronger_tier(fleet):
     env = _env(fleet)
-    run_fleet(["ingest", "conversations", str(write_jsonl(fleet.tmp / "c.jsonl", conversations(N)))], env)
+    run_fleet(
+        ["ingest", "conversations", str(write_jsonl(fleet.tmp / "c.jsonl", conversations(N)))], env
+    )
     workers = [_start(fleet, env, "cheap"), _start(fleet, env, "oracle")]
     for w in workers:
         w.wait_ready()
@@ -124,7 +126,9 @@ def test_a_worker_killed_mid_cascade_loses_and_doubles_nothing(fleet):
     batches; every unsure item still has exactly one stronger item and one result each."""
     env = _env(fleet, cheap_seconds=0.15, oracle_seconds=0.3)
     env["FLEET_LEASE_SECONDS"] = "5"
-    run_fleet(["ingest", "conversations", str(write_jsonl(fleet.tmp / "c.jsonl", conversations(N)))], env)
+    run_fleet(
+        ["ingest", "conversations", str(write_jsonl(fleet.tmp / "c.jsonl", conversations(N)))], env
+    )
     cheap, oracle = _start(fleet, env, "cheap"), _start(fleet, env, "oracle")
     cheap.wait_ready()
     oracle.wait_ready()
@@ -134,7 +138,18 @@ def test_a_worker_killed_mid_cascade_loses_and_doubles_nothing(fleet):
     from tests.support import REPO
 
     driver = subprocess.Popen(
-        [sys.executable, "-m", "fleet.cli", "run", "-t", "cheap", "-t", "oracle", "--timeout", "240"],
+        [
+            sys.executable,
+            "-m",
+            "fleet.cli",
+            "run",
+            "-t",
+            "cheap",
+            "-t",
+            "oracle",
+            "--timeout",
+            "240",
+        ],
         env=env,
         cwd=REPO,
         stdout=subprocess.DEVNULL,
