@@ -29,7 +29,7 @@ def _store(url: str) -> None:
         ledger.start_batch(
             s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60
         )
-        ext = dict(
+        ext: dict[int, str] = dict(
             s.execute(
                 text(
                     "SELECT w.id, c.external_id FROM work_items w JOIN conversations c ON c.id = w.source_id"
