@@ -66,10 +66,13 @@ def discover_all(
 
     With `settings`, the declared sources are synced first (FLEET_RERUN_STALE
     included, producer.sync.before_discovery). Follow-up tasks (input_from)
-    are left out: the task they follow creates their items."""
+    are left out: the task they follow creates their items; so is the stronger
+    task of a cascade run with its cheap task (`escalate_to`): it gets only the
+    items the cheap task escalates."""
     if settings is not None:
         before_discovery(settings, specs)
-    return {s.name: discover(url, s) for s in specs if not s.input_from}
+    stronger = {s.escalate_to for s in specs if s.escalate_to}
+    return {s.name: discover(url, s) for s in specs if not s.input_from and s.name not in stronger}
 
 
 def sync_and_discover(

@@ -36,6 +36,8 @@ from typing import Any
 from db import ledger
 from db.engine import transaction
 from db.sources import load_inputs
+from fleet.config.taskconfig import TaskSpec
+from workers import cascade
 from workers import stats as worker_stats
 from workers.adapters.base import Source
 from workers.heartbeat import BatchHeartbeat, alive_elsewhere
@@ -457,7 +459,17 @@ def _write(
     transaction. An item whose source row is gone fails with that reason."""
     loaded = {src.item_id for src in sources}
     device = st.runtime.device
-    outcomes = [ledger.Outcome(r.item_id, _result_row(r, device), r.error) for r in results]
+    escalated = {
+        r.item_id
+        for r in results
+        if r.error is None
+        and r.prediction is not None
+        and cascade.should_escalate(st.task, r.prediction.label, r.prediction.confidence)
+    }
+    outcomes = [
+        ledger.Outcome(r.item_id, _result_row(r, device, st.task, r.item_id in escalated), r.error)
+        for r in results
+    ]
     outcomes += [
         ledger.Outcome(i.item_id, None, "the source row was deleted before the item ran")
         for i in part
@@ -465,17 +477,21 @@ def _write(
     ]
     with transaction(st.settings.db_url()) as session:
         got = ledger.finish_batch(session, batch_id=msg.batch_id, outcomes=outcomes)
-        made = _create_follow_ups(session, st, part, results)
+        made = _create_follow_ups(session, st, part, results, escalated)
     return got, made
 
 
-def _result_row(r: ItemResult, device: str) -> dict[str, Any] | None:
+def _result_row(
+    r: ItemResult, device: str, task: TaskSpec, escalated: bool = False
+) -> dict[str, Any] | None:
     if r.prediction is None:
         return None
     p = r.prediction
     output = dict(p.output or {})
     if r.notes:
         output.setdefault("notes", r.notes)
+    if escalated:
+        output.update(cascade.escalation_output(task))
     return {
         "label": p.label,
         "confidence": p.confidence,
@@ -502,12 +518,21 @@ def _crash_if_asked(st: WorkerState, sources: list[Source]) -> None:
 
 
 def _create_follow_ups(
-    session: Any, st: WorkerState, started: list[ledger.StartedItem], results: list[ItemResult]
+    session: Any,
+    st: WorkerState,
+    started: list[ledger.StartedItem],
+    results: list[ItemResult],
+    escalated: set[int] | frozenset[int] = frozenset(),
 ) -> FollowUps:
-    """Items for the tasks that follow this one (transcribe -> audio_intent), claimed
-    here and sent once the batch is written, so they never wait for a producer pass."""
+    """Items for the tasks that follow this one (transcribe -> audio_intent) and for the
+    stronger task of a cascade (the `escalated` item ids), claimed here and sent once the
+    batch is written, so they never wait for a producer pass."""
+    targets: list[tuple[str, list[int]]] = []
+    if escalated and st.task.escalate_to:
+        ids = [i.source_id for i in started if i.item_id in escalated]
+        targets.append((st.task.escalate_to, ids))
     if not st.task.then:
-        return {}
+        return _add_and_claim(session, st, targets)
     # A transcript with no speech in it has nothing to classify: no follow-up item.
     ok = {
         r.item_id
@@ -516,9 +541,16 @@ def _create_follow_ups(
         and not (r.prediction and (r.prediction.output or {}).get("no_speech") is True)
     }
     source_ids = [i.source_id for i in started if i.item_id in ok]
+    targets += [(task, source_ids) for task in st.task.then]
+    return _add_and_claim(session, st, targets)
+
+
+def _add_and_claim(
+    session: Any, st: WorkerState, targets: list[tuple[str, list[int]]]
+) -> FollowUps:
     kind = st.task.source
     out: FollowUps = {}
-    for task in st.task.then:
+    for task, source_ids in targets:
         created = ledger.add_items(session, task=task, source_kind=kind, source_ids=source_ids)
         if created:
             out[task] = ledger.claim_batches(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import click
 
 from fleet.cli import (
+    calibrate,
     data,
     demo,
     deploy,
@@ -74,6 +75,7 @@ for _command in (
     workers.workers,
     models.models,
     models.train,
+    calibrate.calibrate,
     demo.demo,
     observe.status,
     observe.watch,

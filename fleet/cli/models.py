@@ -326,6 +326,16 @@ def _say_trained(out: Path, metrics: dict[str, Any]) -> None:
         click.echo(
             f"independent test accuracy {t['accuracy']:.3f}, macro-F1 {t['macro_f1']:.3f} (n={t['n']})"
         )
+    cal = metrics.get("calibration")
+    if cal:
+        line = (
+            f"calibration: temperature {cal['temperature']:.3f} fitted on the held-out split "
+            f"(calibration.json); ECE validation {cal['validation']['ece_before']:.3f} -> "
+            f"{cal['validation']['ece_after']:.3f}"
+        )
+        if cal.get("test"):
+            line += f", test {cal['test']['ece_before']:.3f} -> {cal['test']['ece_after']:.3f}"
+        click.echo(line)
     ambiguous = (metrics.get("distilled") or {}).get("ambiguous", 0)
     if ambiguous:
         click.echo(

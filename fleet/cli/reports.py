@@ -144,11 +144,21 @@ def eval_cmd(
         f"accuracy {report['accuracy']:.3f}  macro-F1 {report['macro_f1']:.3f}  n={report['n']}  "
         f"latency/item mean {lat['mean']:.1f} ms {spread}"
     )
+    click.echo(
+        f"ECE {report['ece']:.3f} (10 bins)  mean confidence {report['mean_confidence']:.3f}"
+    )
     if report["unknown_gold_labels"]:
         unknown = ", ".join(f"{k} ({n})" for k, n in report["unknown_gold_labels"].items())
         click.echo(
             f"warning: gold labels the model does not have: {unknown}; those lines can only "
             "count as errors (a typo in the gold file, or a model trained on other labels?)",
+            err=True,
+        )
+    if report["uncalibrated"]:
+        click.echo(
+            f"{report['uncalibrated']} results came from a model folder without calibration.json: "
+            "their confidences are the raw softmax (retrain with `fleet train`, which fits a "
+            "temperature)",
             err=True,
         )
     if report["not_in_task"] or report["not_done"]:
@@ -260,6 +270,13 @@ def compare(
     show_default=True,
     help="HTML file to write (one page, nothing external).",
 )
+@click.option(
+    "--gold",
+    "gold_specs",
+    multiple=True,
+    metavar="TASK=FILE",
+    help="Gold labels of a task (the `fleet eval` format): draws its reliability diagram; repeat.",
+)
 @pass_fleet
 def report(
     ctx: FleetContext,
@@ -268,8 +285,9 @@ def report(
     until: str | None,
     task_names: tuple[str, ...],
     out: Path,
+    gold_specs: tuple[str, ...],
 ) -> None:
-    """Write one self-contained HTML page: throughput, labels, tiers, failures, summary.
+    """Write one self-contained HTML page: throughput, labels, calibration, tiers, failures.
 
     With no option, the latest run. A run's figures are what it did: items it
     finished, and results it made that were replaced since (result_history).
@@ -277,11 +295,18 @@ def report(
     """
     from fleet.reporting.html import ReportError, fmt_duration, write_report
 
+    gold: dict[str, Path] = {}
+    for spec in gold_specs:
+        task, sep, file = spec.partition("=")
+        if not sep or not task or not Path(file).is_file():
+            fail(f"--gold takes TASK=FILE with an existing file, got {spec!r}", ExitCode.CONFIG)
+        ctx.task(task)
+        gold[task] = Path(file)
     try:
         data = write_report(
-            ctx.url(), out, run_id=run_id, since=since, until=until, tasks=task_names
+            ctx.url(), out, run_id=run_id, since=since, until=until, tasks=task_names, gold=gold
         )
-    except ReportError as e:
+    except (ReportError, ValueError) as e:
         fail(str(e), ExitCode.CONFIG)
     t = data.total
     click.echo(

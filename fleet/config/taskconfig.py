@@ -96,6 +96,11 @@ class TaskSpec:
     then: tuple[str, ...] = ()  # tasks to create for each item this task finishes
     description: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    # A cascade: results under `escalate_below` (calibrated confidence, 0-1) also get an
+    # item on the stronger task `escalate_to`, whose answer becomes the final label
+    # (the fleet_latest_results view; workers.cascade).
+    escalate_to: str | None = None
+    escalate_below: float = 0.0
 
     @property
     def queue(self) -> str:
@@ -181,7 +186,18 @@ def parse_tasks(doc: dict[str, Any]) -> dict[str, TaskSpec]:
         extra = {
             k: v
             for k, v in raw.items()
-            if k not in {"kind", "source", "ladder", "labels", "input_from", "then", "description"}
+            if k
+            not in {
+                "kind",
+                "source",
+                "ladder",
+                "labels",
+                "input_from",
+                "then",
+                "description",
+                "escalate_to",
+                "escalate_below",
+            }
         }
         top_k = extra.get("top_k")
         if top_k is not None and (
@@ -194,6 +210,12 @@ def parse_tasks(doc: dict[str, Any]) -> dict[str, TaskSpec]:
                 f"task {name!r}: top_k (how many labels' probabilities `scores` keep; default "
                 f"every label up to 32) is an integer >= 1 for sequence_classify, got {top_k!r}"
             )
+        escalate_below = raw.get("escalate_below", 0.0)
+        if not isinstance(escalate_below, int | float) or not 0 <= escalate_below <= 1:
+            raise ConfigError(
+                f"task {name!r}: escalate_below must be a confidence between 0 and 1, got "
+                f"{escalate_below!r} (pick one with `fleet calibrate --target-escalation`)"
+            )
         tasks[name] = TaskSpec(
             name=name,
             kind=kind,
@@ -204,12 +226,37 @@ def parse_tasks(doc: dict[str, Any]) -> dict[str, TaskSpec]:
             then=tuple(raw.get("then", ())),
             description=raw.get("description", ""),
             options=extra,
+            escalate_to=raw.get("escalate_to"),
+            escalate_below=float(escalate_below),
         )
     for spec in tasks.values():
         for other in (*spec.then, *([spec.input_from] if spec.input_from else [])):
             if other not in tasks:
                 raise ConfigError(f"task {spec.name!r} refers to unknown task {other!r}")
+        _check_escalation(spec, tasks)
     return tasks
+
+
+def _check_escalation(spec: TaskSpec, tasks: dict[str, TaskSpec]) -> None:
+    """An escalation target must exist, read the same source and answer with labels."""
+    target = spec.escalate_to
+    if target is None:
+        return
+    if target not in tasks:
+        raise ConfigError(f"task {spec.name!r}: escalate_to names unknown task {target!r}")
+    strong = tasks[target]
+    if target == spec.name or strong.escalate_to is not None:
+        raise ConfigError(
+            f"task {spec.name!r}: escalate_to {target!r} must be another task that does not "
+            "escalate itself (one step: cheap tier, then strong tier)"
+        )
+    if strong.source != spec.source or strong.input_from != spec.input_from:
+        raise ConfigError(
+            f"task {spec.name!r}: escalate_to {target!r} reads {strong.source} "
+            f"(input_from {strong.input_from}); both tiers must read the same items"
+        )
+    if strong.kind == "transcribe":
+        raise ConfigError(f"task {spec.name!r}: escalate_to {target!r} gives no label")
 
 
 # The top-level keys a task config may hold.

@@ -505,6 +505,26 @@ def tier_toml(task: str, name: str, path: str | Path, *, reading: Reading | None
     return lines
 
 
+def calibration_lines(cal: dict[str, Any] | None) -> str:
+    """The model card's calibration paragraph: the fitted temperature and ECE before/after."""
+    if not cal:
+        return "\nNo calibration.json: confidences are the raw softmax.\n"
+
+    def ece(name: str, s: dict[str, Any] | None) -> str:
+        if not s:
+            return ""
+        return f"| {name} | {s['n']} | {s['ece_before']:.3f} | {s['ece_after']:.3f} |\n"
+
+    return (
+        f"\nCalibration: temperature {cal['temperature']:.3f} (`calibration.json`, "
+        f"temperature scaling fitted on the {cal['fitted_on']}; NLL {cal['nll_before']:.3f} "
+        f"-> {cal['nll_after']:.3f}).\n\n"
+        "| set | n | ECE raw | ECE calibrated |\n| --- | --- | --- | --- |\n"
+        + ece("validation (fitted on it)", cal.get("validation"))
+        + ece("independent test", cal.get("test"))
+    )
+
+
 def model_card(m: dict[str, Any]) -> str:
     """The model card (README.md) of a trained folder, from its training metrics."""
 
@@ -527,6 +547,7 @@ def model_card(m: dict[str, Any]) -> str:
         "| set | n | accuracy | macro-F1 |\n| --- | --- | --- | --- |\n"
         + row("validation (picked the epoch)", m["validation_scores"])
         + row(f"independent test ({m.get('test_data')})", m.get("test"))
+        + calibration_lines(m.get("calibration"))
         + "\nServe it from a task's ladder:\n\n```toml\n"
         + m["toml"]
         + "```\n"
@@ -586,6 +607,11 @@ def train_task(
 
     val = scored("validation", valid)
     test = scored("test", test_examples) if test_examples else None
+    from fleet.models.temperature import calibrate_folder
+
+    cal, cal_scores = calibrate_folder(
+        out_dir, valid, fitted_on=validation, test=test_examples, max_length=config.max_length
+    )
     base_name = (
         str(base)
         if base is not None
@@ -612,6 +638,7 @@ def train_task(
         "validation_scores": _scores(val),
         "test_data": test_data,
         "test": _scores(test) if test else None,
+        "calibration": {**asdict(cal), **cal_scores},
         "toml": tier_toml(task, f"{out_path.name}", out_path.resolve(), reading=config.reading()),
     }
     (out_path / METRICS_FILE).write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")

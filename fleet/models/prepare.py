@@ -121,6 +121,9 @@ def train_bundled(
     line = f"{bundled.folder}: split accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}"
     if metrics.get("test"):
         line += f"; independent set accuracy {metrics['test']['accuracy']:.3f} (n={metrics['test']['n']})"
+    cal = metrics.get("calibration")
+    if cal:
+        line += f"; temperature {cal['temperature']:.3f} (calibration.json)"
     echo(line)
     return metrics
 

@@ -316,3 +316,60 @@ def bar_chart(
         fills = {s.name: s.colour for b in bars for s in b.segments}
         body += _legend([(n, fills[n]) for n in names], width - 4, 12)
     return _svg(width, height, title, body)
+
+
+def reliability_diagram(bins: Sequence[dict[str, float]], *, title: str, ece: float) -> str:
+    """A reliability diagram (Guo et al. 2017, fig. 1): per equal-width confidence bin, a
+    bar as high as the share correct, over the diagonal a calibrated model would follow.
+
+    `bins`: `fleet.reporting.scoring.reliability_bins` output (lo, hi, n, confidence,
+    accuracy). Empty bins draw no bar; each bar's hover gives its counts.
+    """
+    width, height = 360.0, 300.0
+    left, right, top, bottom = 48.0, 16.0, 30.0, 46.0
+    pw, ph = width - left - right, height - top - bottom
+
+    def px(v: float) -> float:
+        return left + v * pw
+
+    def py(v: float) -> float:
+        return top + (1 - v) * ph
+
+    body = [_text(left, 18, f"{title} \u00b7 ECE {ece:.3f}", font_weight="700")]
+    for k in range(6):
+        v = k / 5
+        body.append(
+            f'<line x1="{px(0):.1f}" x2="{px(1):.1f}" y1="{py(v):.1f}" y2="{py(v):.1f}" '
+            f'stroke="{GRID}"/>'
+        )
+        body.append(_text(left - 6, py(v) + 4, f"{v:.1f}", anchor="end", fill=MUTED))
+        body.append(_text(px(v), top + ph + 16, f"{v:.1f}", anchor="middle", fill=MUTED))
+    for b in bins:
+        if not b["n"]:
+            continue
+        x0, x1 = px(b["lo"]) + 1, px(b["hi"]) - 1
+        body.append(
+            f'<rect x="{x0:.1f}" y="{py(b["accuracy"]):.1f}" width="{x1 - x0:.1f}" '
+            f'height="{py(0) - py(b["accuracy"]):.1f}" fill="{PALETTE[0]}" fill-opacity="0.8">'
+            f"<title>confidence {b['lo']:.1f}-{b['hi']:.1f}: {int(b['n'])} items, "
+            f"mean confidence {b['confidence']:.3f}, accuracy {b['accuracy']:.3f}</title></rect>"
+        )
+    body.append(
+        f'<line x1="{px(0):.1f}" y1="{py(0):.1f}" x2="{px(1):.1f}" y2="{py(1):.1f}" '
+        f'stroke="{PALETTE[1]}" stroke-dasharray="5 4" stroke-width="1.5"/>'
+    )
+    body.append(
+        f'<line x1="{px(0):.1f}" x2="{px(1):.1f}" y1="{py(0):.1f}" y2="{py(0):.1f}" stroke="{AXIS}"/>'
+    )
+    body.append(_text(left + pw / 2, height - 8, "confidence", anchor="middle", fill=MUTED))
+    body.append(
+        _text(
+            14,
+            top + ph / 2,
+            "accuracy",
+            anchor="middle",
+            fill=MUTED,
+            transform=f"rotate(-90 14 {top + ph / 2:.1f})",
+        )
+    )
+    return _svg(width, height, f"{title}: reliability diagram", body)

@@ -12,7 +12,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from fleet.reporting.queries import iter_results, task_sources
-from fleet.reporting.scoring import classification_report, percentile
+from fleet.reporting.scoring import (
+    classification_report,
+    expected_calibration_error,
+    percentile,
+    reliability_bins,
+)
 
 EXPORT_COLUMNS = (
     "external_id",
@@ -208,6 +213,32 @@ def load_gold(path: Path) -> GoldLabels:
     return gold
 
 
+def calibration_summary(gold: list[str], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """ECE (10 bins) and the reliability bins of stored results against their gold labels,
+    and how many came from a model without calibration (`output.calibrated` false).
+
+    Rows without a confidence (failed, or a kind that gives none) are left out of the
+    ECE and counted in `no_confidence`."""
+    conf: list[float] = []
+    correct: list[bool] = []
+    uncalibrated = no_confidence = 0
+    for g, r in zip(gold, rows, strict=True):
+        if r.get("confidence") is None or r.get("label") is None:
+            no_confidence += 1
+            continue
+        conf.append(float(r["confidence"]))
+        correct.append(r["label"] == g)
+        if (r.get("output") or {}).get("calibrated") is False:
+            uncalibrated += 1
+    return {
+        "ece": expected_calibration_error(conf, correct),
+        "reliability": reliability_bins(conf, correct),
+        "mean_confidence": sum(conf) / len(conf) if conf else 0.0,
+        "uncalibrated": uncalibrated,
+        "no_confidence": no_confidence,
+    }
+
+
 def evaluate(
     url: str,
     *,
@@ -291,6 +322,7 @@ def evaluate(
     report["unknown_gold_labels"] = dict(
         sorted(Counter(g for g in truth if can_give and g not in can_give).items())
     )
+    report.update(calibration_summary(truth, [r for _, r in scored]))
     report["not_in_task"] = missing
     report["ambiguous"] = ambiguous
     report["other_source"] = other_source

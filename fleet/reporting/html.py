@@ -277,6 +277,10 @@ def _json_data(data: ReportData) -> str:
         "run_id": w.run_id,
         "trigger": data.trigger_text,
         "window": {"start": w.start.isoformat(), "end": w.end.isoformat()},
+        "calibration": {
+            t: {k: rep[k] for k in ("n", "accuracy", "ece", "reliability", "uncalibrated")}
+            for t, rep in data.calibration.items()
+        },
         "tasks": {
             r.task: {
                 "items": r.items,
@@ -418,6 +422,11 @@ duration above.</p>
 <section><h2>Labels</h2>
 <p class="note">What each task said about the items it finished (top {TOP_LABELS}).</p>
 {labels_html}</section>
+<section><h2>Calibration</h2>
+<p class="note">Reliability diagrams: stored results with a gold label, in 10 confidence bins;
+a bar's height is the share right, the dashed diagonal where a calibrated model's bars end.
+ECE: the bins' gaps weighted by their items.</p>
+{_calibration_html(data)}</section>
 <section><h2>Model tiers</h2>
 <p class="note">Which tier of each task's ladder made the results (tier 0 is the largest
 model; a worker steps down on out-of-memory).</p>
@@ -438,8 +447,36 @@ file names and numbers, are folded; hover a bar for an example).</p>
 """
 
 
-def write_report(url: str, out: Path, **options: Any) -> ReportData:
+def _calibration_html(data: ReportData) -> str:
+    if not data.calibration:
+        return (
+            '<p class="note">No gold labels given: pass <code>--gold TASK=FILE</code> '
+            "(the <code>fleet eval</code> format) to draw a reliability diagram per task.</p>"
+        )
+    panels = []
+    for task, rep in data.calibration.items():
+        svg = charts.reliability_diagram(rep["reliability"], title=task, ece=rep["ece"])
+        note = f"{rep['n']:,} gold items, accuracy {rep['accuracy']:.3f}"
+        if rep.get("uncalibrated"):
+            note += f", {rep['uncalibrated']:,} from a model without calibration.json"
+        panels.append(
+            f'<figure data-task="{escape(task)}"><figcaption>{escape(task)} '
+            f'<span class="muted">\u00b7 {escape(note)}</span></figcaption>{svg}</figure>'
+        )
+    return f'<div class="grid">{"".join(panels)}</div>'
+
+
+def write_report(
+    url: str, out: Path, *, gold: dict[str, Path] | None = None, **options: Any
+) -> ReportData:
+    """Read the window's data, score `gold` ({task: gold file}) for the reliability
+    diagrams, and write the page to `out`. Raises ReportError (no such window) and
+    ValueError (a bad gold file)."""
+    from fleet.reporting.export import evaluate, load_gold
+
     data = read_report(url, **options)
+    for task, path in (gold or {}).items():
+        data.calibration[task] = evaluate(url, task=task, gold=load_gold(path))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(data), encoding="utf-8")
     return data

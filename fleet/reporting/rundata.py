@@ -114,6 +114,9 @@ class ReportData:
     busy_s: float | None = None  # first to last finish less idle gaps (date windows)
     # task -> reviewer's label -> {"reviewed", "agreed"} (fleet.reporting.review)
     review: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    # task -> `fleet.reporting.export.evaluate` against the gold labels given for it
+    # (ece, reliability bins, accuracy, n); empty without --gold.
+    calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def total(self) -> TaskRow:

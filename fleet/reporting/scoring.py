@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,3 +56,53 @@ def percentile(values: Sequence[float], q: float) -> float:
     k = (len(ordered) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def reliability_bins(
+    confidences: Sequence[float], correct: Sequence[bool], bins: int = 10
+) -> list[dict[str, float]]:
+    """Equal-width confidence bins over [0, 1] (the reliability diagram's bars).
+
+    One dict per bin, lowest first: `lo`, `hi` (bin edges), `n` (items whose
+    top confidence falls in (lo, hi]; 0 goes in the first bin), `confidence`
+    (their mean confidence) and `accuracy` (share correct); both 0.0 for an
+    empty bin. Raises ValueError for lists of different lengths or bins < 1.
+    """
+    if len(confidences) != len(correct):
+        raise ValueError(f"{len(confidences)} confidences but {len(correct)} outcomes")
+    if bins < 1:
+        raise ValueError("bins must be at least 1")
+    sums = [[0, 0.0, 0.0] for _ in range(bins)]
+    for c, ok in zip(confidences, correct, strict=True):
+        k = min(bins - 1, max(0, math.ceil(c * bins) - 1))
+        sums[k][0] += 1
+        sums[k][1] += c
+        sums[k][2] += 1.0 if ok else 0.0
+    return [
+        {
+            "lo": k / bins,
+            "hi": (k + 1) / bins,
+            "n": n,
+            "confidence": conf / n if n else 0.0,
+            "accuracy": acc / n if n else 0.0,
+        }
+        for k, (n, conf, acc) in enumerate(sums)
+    ]
+
+
+def expected_calibration_error(
+    confidences: Sequence[float], correct: Sequence[bool], bins: int = 10
+) -> float:
+    """Expected calibration error (Naeini et al. 2015; as in Guo et al. 2017):
+    sum over equal-width confidence bins of (bin size / n) x |accuracy - mean confidence|.
+
+    `confidences`: the top-label confidence of each item in [0, 1]; `correct`:
+    whether that label was right. 0.0 for no items.
+    """
+    n = len(confidences)
+    if not n:
+        return 0.0
+    return sum(
+        b["n"] / n * abs(b["accuracy"] - b["confidence"])
+        for b in reliability_bins(confidences, correct, bins)
+    )

@@ -308,6 +308,36 @@ def test_report_numbers_match_the_ledger(db_url, broker_url, tmp_path):
     assert not re.search(r"<(link|img|iframe|object|embed)\b|\bsrc=|@import|url\(", html)
     assert html.count("<svg") >= 5  # throughput, two label panels, tiers, failures
 
+    assert "pass <code>--gold TASK=FILE</code>" in html and data["calibration"] == {}
+
+    # --gold draws a reliability diagram: every result at confidence 0.8, half of the
+    # gold labels agree, so the 0.7-0.8 bin holds them all at accuracy 0.5.
+    with transaction(db_url) as s:
+        done = s.execute(
+            text(
+                "SELECT c.external_id, r.label FROM work_items w JOIN results r ON "
+                "r.work_item_id = w.id JOIN conversations c ON c.id = w.source_id "
+                "WHERE w.task = 'intent' AND r.label IS NOT NULL ORDER BY c.external_id LIMIT 4"
+            )
+        ).all()
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text(
+        "".join(
+            json.dumps({"external_id": e, "label": lab if k % 2 else "not-" + lab}) + "\n"
+            for k, (e, lab) in enumerate(done)
+        )
+    )
+    cal = tmp_path / "cal.html"
+    res = _report(env, "--run", str(run_id), "--gold", f"intent={gold}", "--out", str(cal))
+    assert res.exit_code == 0, res.output
+    page = cal.read_text()
+    rep = _page_data(page)["calibration"]["intent"]
+    assert rep["n"] == 4 and rep["accuracy"] == 0.5 and rep["ece"] == pytest.approx(0.3)
+    assert [b["n"] for b in rep["reliability"]] == [0] * 7 + [4, 0, 0]
+    assert "intent: reliability diagram" in page and "ECE 0.300" in page
+    bad = _report(env, "--run", str(run_id), "--gold", "intent", "--out", str(cal))
+    assert bad.exit_code == 2 and "TASK=FILE" in bad.output
+
     # --task narrows the page to one task
     one = tmp_path / "intent.html"
     res = _report(env, "--run", str(run_id), "--task", "intent", "--out", str(one))

@@ -7,6 +7,7 @@ import io
 import json
 import re
 
+import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
 
@@ -149,6 +150,13 @@ def test_eval_against_gold(db_url, broker_url, tmp_path):
     assert report["confusion"]["a"]["b"] == 1 and report["confusion"]["b"]["(none)"] == 1
     assert report["not_in_task"] == 1 and report["not_done"] == 1
     assert report["latency_ms"]["p50"] > 0
+    # Four scored rows carry a confidence (0.9 each), three right: ECE |0.75 - 0.9|.
+    assert report["ece"] == pytest.approx(0.15) and report["no_confidence"] == 1
+    assert report["reliability"][8]["n"] == 4 and report["uncalibrated"] == 0
+    human = CliRunner().invoke(
+        main, ["eval", "-t", "intent", "--gold", str(gold)], env=_env(db_url, broker_url, tmp_path)
+    )
+    assert "ECE 0.150 (10 bins)" in human.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"external_id": "x"}\n')
     res = CliRunner().invoke(

@@ -218,6 +218,10 @@ def test_view_columns_are_the_contract(db_url):
         "updated_at",
         "stale",
         "confirmed_label",
+        "decided_by",
+        "escalated",
+        "first_label",
+        "escalation_note",
     ]
 
 

@@ -79,6 +79,11 @@ def test_train_from_csv_writes_a_servable_folder(tmp_path: Path, tiny_base: Path
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
         p.name: 0o666 & ~umask for p in out.iterdir()
     }
+    # The temperature is fitted on the held-out split and stored beside the weights.
+    stored = json.loads((out / "calibration.json").read_text())
+    assert stored["temperature"] == report["calibration"]["temperature"] > 0
+    assert stored["n"] == report["n_test"] and stored["nll_after"] <= stored["nll_before"]
+    assert report["calibration"]["test"]["n"] == len(rows)
     assert not list(out.glob("*.bin")) and not list(out.glob("checkpoint-*"))
     assert list(AutoConfig.from_pretrained(out).id2label.values()) == list(INTENT_LABELS)
     # trained as the bundled intent tier serves: 256-token windows, written into the folder
@@ -96,14 +101,15 @@ def test_train_from_csv_writes_a_servable_folder(tmp_path: Path, tiny_base: Path
 
     # The folder serves: the sequence_classify adapter loads it and labels a conversation.
     from fleet.config.taskconfig import TierSpec
-    from workers.adapters.base import Source
+    from workers.adapters.base import Prediction, Source
     from workers.adapters.sequence_classify import SequenceClassifyAdapter
 
     adapter = SequenceClassifyAdapter()
     adapter.load(TierSpec(name="t", path=str(out), max_length=256), str(out), "cpu")
     source = Source(1, "conversation", "c1", {"messages": [{"role": "user", "content": "hi"}]})
     [pred] = adapter.predict([adapter.prepare(source)])
-    assert pred.label in INTENT_LABELS  # type: ignore[union-attr]
+    assert isinstance(pred, Prediction) and pred.label in INTENT_LABELS
+    assert pred.output is not None and pred.output["calibrated"] is True
 
 
 def test_human_output_shows_scores_and_the_toml_lines(tmp_path: Path, tiny_base: Path) -> None:
@@ -116,6 +122,7 @@ def test_human_output_shows_scores_and_the_toml_lines(tmp_path: Path, tiny_base:
     )
     assert result.exit_code == 0, result.output
     assert "validation accuracy" in result.output
+    assert "calibration: temperature" in result.output
     assert "[[tasks.intent.ladder]]" in result.output
     [folder] = (tmp_path / "state" / "trained").glob("intent-trained-*")  # not FLEET_MODELS_DIR
     assert not (tmp_path / "models").exists()

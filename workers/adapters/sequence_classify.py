@@ -3,11 +3,13 @@ context, worthiness and sentiment: any AutoModelForSequenceClassification folder
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from fleet.config.taskconfig import TierSpec
+from workers import calibration
 from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.adapters.windowed import (
     Reading,
@@ -18,6 +20,8 @@ from workers.adapters.windowed import (
 )
 from workers.labelmap import check_labels, model_labels
 from workers.windows import pool
+
+log = logging.getLogger(__name__)
 
 
 def torch_dtype(name: str, device: str) -> Any:
@@ -69,6 +73,7 @@ class SequenceClassifyAdapter:
         self.max_length = 512
         self.reading = Reading(self.max_length)
         self.device = "cpu"
+        self.calibration: calibration.Calibration | None = None
 
     def check(self, tier: TierSpec, model_path: str) -> None:
         """Raise LabelMapError (a ValueError) unless the tier's labels, from its
@@ -99,6 +104,9 @@ class SequenceClassifyAdapter:
         saved = getattr(self.model.config, "fleet_reading", None)
         check_trained_reading(saved, self.reading, model=model_path)
         self.device = device
+        self.calibration = calibration.read_calibration(model_path)
+        if self.calibration is None:
+            log.warning("%s: %s", model_path, calibration.UNCALIBRATED)
 
     def unload(self) -> None:
         self.model = None
@@ -141,6 +149,7 @@ class SequenceClassifyAdapter:
                     output={
                         "reading": reading_output(w, pooled, self.reading),
                         **({"scores_kept": k, "labels": n} if k < n else {}),
+                        **(calibration.calibration_output(self.calibration) or {}),
                     },
                 )
             )
@@ -148,7 +157,8 @@ class SequenceClassifyAdapter:
 
     def window_probs(self, windows: list[Windows]) -> list[list[float]]:
         """Label probabilities of every window (rows in item, then window order),
-        one padded forward pass."""
+        one padded forward pass; the model folder's temperature applied
+        (workers.calibration) when it has one."""
         import torch
 
         flat = [ids for w in windows for ids in w.ids]
@@ -156,5 +166,6 @@ class SequenceClassifyAdapter:
         padded = {k: v.to(self.device) for k, v in padded.items()}
         with torch.inference_mode():
             logits = self.model(**padded).logits.float()
+        logits = calibration.scale_logits(logits, self.calibration)
         rows: list[list[float]] = torch.softmax(logits, dim=-1).cpu().tolist()
         return rows

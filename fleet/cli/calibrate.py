@@ -1,0 +1,145 @@
+"""`fleet calibrate`: fit the temperature a task's confidences need, from labeled data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from fleet.cli.context import FleetContext, fail, pass_fleet
+from fleet.cli.output import json_option, task_option
+from fleet.config.exitcodes import ExitCode
+
+
+@click.command()
+@task_option
+@click.option(
+    "--data",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Labeled examples to fit a temperature on (the `fleet train` formats).",
+)
+@click.option(
+    "--gold",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Gold labels (the `fleet eval` format) of items the task has run on: pick a cascade "
+    "threshold from their stored confidences (with --target-escalation).",
+)
+@click.option(
+    "--target-escalation",
+    type=click.FloatRange(0, 1),
+    help="Share of items to send to the task's escalate_to task, e.g. 0.2.",
+)
+@json_option
+@pass_fleet
+def calibrate(
+    ctx: FleetContext,
+    task_name: str,
+    data: Path | None,
+    gold: Path | None,
+    target_escalation: float | None,
+    as_json: bool,
+) -> None:
+    """Fit a task's temperature, or pick its cascade threshold.
+
+    --data FILE: temperature scaling (Guo et al. 2017) on labeled examples.
+    sequence_classify: rewrites calibration.json in the folder of the task's first
+    ladder tier. zero_shot: prints the fitted similarity temperature and the task
+    option line that serves it (`temperature = ...`).
+
+    --gold FILE --target-escalation SHARE: the `escalate_below` threshold under which
+    SHARE of the task's stored results (those the gold file names) fall, with the
+    share of the task's errors those escalations would catch.
+    """
+    if (data is None) == (gold is None) or (gold is not None) != (target_escalation is not None):
+        fail(
+            "give --data FILE (fit a temperature) or --gold FILE with --target-escalation "
+            "SHARE (pick a cascade threshold)",
+            ExitCode.CONFIG,
+        )
+    if gold is not None and target_escalation is not None:
+        _threshold(ctx, task_name, gold, target_escalation, as_json)
+        return
+    assert data is not None
+    from fleet.config.taskconfig import resolve_model_path
+    from fleet.models.labeled import TrainingDataError, load_labeled
+    from fleet.models.temperature import calibrate_folder, fit_task_temperature
+
+    spec = ctx.task(task_name)
+    models_dir = ctx.settings.resolved_models_dir
+    try:
+        examples = load_labeled(data)
+        if spec.kind == "zero_shot":
+            cal, scores = fit_task_temperature(spec, models_dir, examples, fitted_on=data.name)
+            where = f"[tasks.{spec.name}] temperature = {cal.temperature:.4f}"
+        elif spec.kind == "sequence_classify":
+            folder = resolve_model_path(spec.ladder[0], models_dir)
+            cal, both = calibrate_folder(folder, examples, fitted_on=data.name)
+            scores = {**both["validation"], "configured_temperature": 1.0}
+            where = f"{folder}/calibration.json"
+        else:
+            fail(
+                f"task {spec.name!r} is {spec.kind}: temperatures are fitted for "
+                "sequence_classify and zero_shot tasks (llm_classify calibrates its label "
+                "scores against a content-free input)",
+                ExitCode.CONFIG,
+            )
+    except (TrainingDataError, ValueError, OSError) as e:
+        fail(str(e), ExitCode.CONFIG)
+    if as_json:
+        click.echo(json.dumps({"temperature": cal.temperature, "where": where, **scores}))
+        return
+    click.echo(
+        f"{spec.name}: temperature {cal.temperature:.4f} (was {scores['configured_temperature']})"
+        f" fitted on {data.name} (n={scores['n']}, accuracy {scores['accuracy']:.3f}); "
+        f"ECE {scores['ece_before']:.3f} -> {scores['ece_after']:.3f}"
+    )
+    click.echo(f"serve it: {where}")
+
+
+def _threshold(ctx: FleetContext, task_name: str, gold: Path, share: float, as_json: bool) -> None:
+    from fleet.reporting.export import load_gold
+    from fleet.reporting.queries import iter_results
+    from workers.cascade import threshold_for_share
+
+    spec = ctx.task(task_name)
+    try:
+        labels = load_gold(gold)
+    except ValueError as e:
+        fail(str(e), ExitCode.CONFIG)
+    rows: list[tuple[str, str | None, float]] = []
+    for r in iter_results(ctx.url(), task=task_name, status="done"):
+        want = labels.label_for(str(r["source"]), str(r["external_id"]), shared=False)
+        if want is not None and r["confidence"] is not None:
+            rows.append((want, r["label"], float(r["confidence"])))
+    try:
+        threshold = threshold_for_share([c for _, _, c in rows], share)
+    except ValueError as e:
+        fail(f"{e}: no done result of {task_name!r} has a gold label in {gold}", ExitCode.CONFIG)
+    sent = [(g, lab) for g, lab, c in rows if c < threshold]
+    errors = sum(1 for g, lab, _ in rows if g != lab)
+    caught = sum(1 for g, lab in sent if g != lab)
+    report = {
+        "task": task_name,
+        "escalate_below": round(threshold, 6),
+        "n": len(rows),
+        "escalated": len(sent),
+        "share": len(sent) / len(rows),
+        "accuracy": 1 - errors / len(rows),
+        "errors": errors,
+        "errors_caught": caught,
+        "errors_caught_share": caught / errors if errors else None,
+    }
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    caught_text = f"{caught} of {errors} errors ({caught / errors:.0%})" if errors else "no errors"
+    click.echo(
+        f"{task_name}: escalate_below = {threshold:.4f} sends {len(sent)} of {len(rows)} "
+        f"({len(sent) / len(rows):.1%}); among them {caught_text} of the task's answers"
+    )
+    target = spec.escalate_to or "<stronger task>"
+    click.echo(
+        f'serve it: [tasks.{task_name}] escalate_to = "{target}"\n'
+        f"          escalate_below = {threshold:.4f}"
+    )

@@ -1,0 +1,187 @@
+"""Fitting a trained classifier folder's temperature and measuring its calibration.
+
+`fleet train` calls `calibrate_folder` after training: the folder's logits on
+the held-out split fit one temperature (`workers.calibration.fit_temperature`,
+Guo et al. 2017), written to `calibration.json` beside the weights, which the
+workers apply when they load the folder. `calibration_scores` gives the
+expected calibration error (10 equal-width bins) before and after, for the
+metrics and the model card.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fleet.models.labeled import Example
+from fleet.reporting.scoring import expected_calibration_error
+from workers.calibration import Calibration, calibrate, softmax, write_calibration
+
+
+def folder_logits(
+    model_dir: str | Path,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_length: int = 128,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[list[float]], list[str]]:
+    """Raw logits (one row of C floats per text, no temperature) of a classifier folder,
+    and its label names in id order. CPU, no grad; `progress(done, total)` per batch."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
+    model.eval()
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    rows: list[list[float]] = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(
+                list(texts[i : i + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            rows.extend(model(**enc).logits.float().tolist())
+            if progress is not None:
+                progress(len(rows), len(texts))
+    return rows, names
+
+
+def calibration_scores(
+    logits: Sequence[Sequence[float]], gold: Sequence[int], temperature: float
+) -> dict[str, float]:
+    """ECE (10 bins) of softmax(logits) and of softmax(logits / temperature), with accuracy."""
+    correct = [
+        max(range(len(r)), key=r.__getitem__) == g for r, g in zip(logits, gold, strict=True)
+    ]
+    raw = [max(softmax(r)) for r in logits]
+    scaled = [max(softmax(r, temperature)) for r in logits]
+    n = len(gold)
+    return {
+        "n": n,
+        "accuracy": round(sum(correct) / n, 6) if n else 0.0,
+        "ece_before": round(expected_calibration_error(raw, correct), 6),
+        "ece_after": round(expected_calibration_error(scaled, correct), 6),
+        "mean_confidence_before": round(sum(raw) / n, 6) if n else 0.0,
+        "mean_confidence_after": round(sum(scaled) / n, 6) if n else 0.0,
+    }
+
+
+def calibrate_folder(
+    model_dir: str | Path,
+    held_out: Sequence[Example],
+    *,
+    fitted_on: str,
+    test: Sequence[Example] | None = None,
+    max_length: int = 128,
+) -> tuple[Calibration, dict[str, Any]]:
+    """Fit the folder's temperature on `held_out`, write calibration.json, and score it.
+
+    Returns the Calibration and `{"validation": scores, "test": scores | None}`
+    (`calibration_scores`; the validation side is where T was fitted, so its
+    ECE after is optimistic; `test` is text the fit never saw). Raises
+    ValueError for an empty `held_out` or labels the folder lacks.
+    """
+    texts = [ex.text for ex in held_out]
+    logits, names = folder_logits(model_dir, texts, max_length=max_length)
+    index = {n: i for i, n in enumerate(names)}
+    missing = sorted({ex.label for ex in held_out} - set(index))
+    if missing:
+        raise ValueError(f"held-out labels the model lacks: {', '.join(missing)}")
+    gold = [index[ex.label] for ex in held_out]
+    cal = calibrate(logits, gold, fitted_on=fitted_on)
+    write_calibration(model_dir, cal)
+    scores: dict[str, Any] = {
+        "validation": calibration_scores(logits, gold, cal.temperature),
+        "test": None,
+    }
+    if test:
+        t_logits, _ = folder_logits(model_dir, [ex.text for ex in test], max_length=max_length)
+        t_gold = [index[ex.label] for ex in test]
+        scores["test"] = calibration_scores(t_logits, t_gold, cal.temperature)
+    return cal, scores
+
+
+def adapter_log_scores(
+    spec: Any,
+    models_dir: Path,
+    texts: Sequence[str],
+    *,
+    options: dict[str, Any] | None = None,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[list[float]], list[str]]:
+    """Log of each label's score as the task's adapter answers in this process (CPU), one
+    row per text in label order, and the label names. `options` override the task's.
+
+    For a zero-shot task run with `temperature = 1` these are its cosine similarities up
+    to a per-row constant: logits a temperature can be fitted to. Raises ValueError when
+    no ladder folder exists or an item fails (its reason)."""
+    import dataclasses
+    import math
+
+    from fleet.config.taskconfig import resolve_model_path
+    from workers.adapters import make_adapter
+    from workers.adapters.base import InputError, Prediction, Source
+
+    tier = next((t for t in spec.ladder if resolve_model_path(t, models_dir).exists()), None)
+    if tier is None:
+        raise ValueError(f"no model folder of task {spec.name!r} exists under {models_dir}")
+    run_spec = dataclasses.replace(spec, options={**spec.options, **(options or {})})
+    adapter = make_adapter(run_spec, max_chars=1_000_000, audio_root=models_dir)
+    adapter.load(tier, str(resolve_model_path(tier, models_dir)), "cpu")
+    names = list(spec.labels)
+    rows: list[list[float]] = []
+    try:
+        for i in range(0, len(texts), batch_size):
+            batch = [
+                adapter.prepare(Source(i + k, spec.source, str(i + k), {"text": t}))
+                for k, t in enumerate(texts[i : i + batch_size])
+            ]
+            for pred in adapter.predict(batch):
+                if isinstance(pred, InputError) or not isinstance(pred, Prediction):
+                    raise ValueError(f"item failed: {pred}")
+                scores = pred.scores or {}
+                rows.append([math.log(max(scores.get(n, 0.0), 1e-12)) for n in names])
+            if progress is not None:
+                progress(len(rows), len(texts))
+    finally:
+        adapter.unload()
+    return rows, names
+
+
+def fit_task_temperature(
+    spec: Any, models_dir: Path, examples: Sequence[Example], *, fitted_on: str
+) -> tuple[Calibration, dict[str, Any]]:
+    """Fit a zero-shot task's similarity temperature on labeled `examples` (never an
+    evaluation set): the adapter runs at temperature 1, the fit divides its cosines.
+
+    Returns the Calibration and `calibration_scores` on `examples` (before = the
+    task's configured temperature, after = the fitted one). Raises ValueError for a
+    task that is not zero_shot or labels outside the task's."""
+    if spec.kind != "zero_shot":
+        raise ValueError(f"task {spec.name!r} is {spec.kind}; this fits zero_shot temperatures")
+    names = list(spec.labels)
+    stray = sorted({ex.label for ex in examples} - set(names))
+    if stray:
+        raise ValueError(f"labels the task lacks: {', '.join(stray)}")
+    logits, _ = adapter_log_scores(
+        spec, models_dir, [ex.text for ex in examples], options={"temperature": 1.0}
+    )
+    gold = [names.index(ex.label) for ex in examples]
+    cal = calibrate(logits, gold, fitted_on=fitted_on)
+    configured = float(spec.options.get("temperature", 0.05))
+    before = calibration_scores(logits, gold, configured)
+    after = calibration_scores(logits, gold, cal.temperature)
+    return cal, {
+        "n": len(gold),
+        "accuracy": after["accuracy"],
+        "configured_temperature": configured,
+        "ece_before": before["ece_after"],
+        "ece_after": after["ece_after"],
+    }
