@@ -17,7 +17,7 @@ from typing import Any
 from workers.adapters.text import conversation_messages, is_blank
 from workers.windows import POOLING_RULES, Pooled, WindowPlan, build_windows
 
-DEFAULT_POOLING = "max"  # chosen with bench.long (docs/benchmarks.md)
+DEFAULT_POOLING = "recency"
 DEFAULT_MAX_WINDOWS = 16
 DEFAULT_OVERLAP = 32
 
