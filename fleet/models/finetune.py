@@ -610,7 +610,11 @@ def train_task(
     from fleet.models.temperature import calibrate_folder
 
     cal, cal_scores = calibrate_folder(
-        out_dir, valid, fitted_on=validation, test=test_examples, max_length=config.max_length
+        out_dir,
+        valid,
+        fitted_on=validation,
+        test=test_examples,
+        max_length=config.reading().max_length,
     )
     base_name = (
         str(base)
