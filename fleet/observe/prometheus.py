@@ -22,7 +22,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client.core import (
@@ -264,6 +264,39 @@ def _source_gauges(st: FleetStatus) -> list[Metric]:
     return [lag, problems, waiting, withheld, failing]
 
 
+def _cascade_gauges(st: FleetStatus) -> list[Metric]:
+    escalated = GaugeMetricFamily(
+        "fleet_cascade_escalated_items",
+        "Items the cheap task of a cascade sent to its stronger task (escalate_below).",
+        labels=["task", "escalate_to"],
+    )
+    share = GaugeMetricFamily(
+        "fleet_cascade_escalation_share",
+        "Escalated items / items the cheap task answered (0-1).",
+        labels=["task", "escalate_to"],
+    )
+    state = GaugeMetricFamily(
+        "fleet_cascade_strong_items",
+        "Escalated items by their state on the stronger task (answered, waiting, failed).",
+        labels=["task", "escalate_to", "state"],
+    )
+    cost = GaugeMetricFamily(
+        "fleet_cascade_strong_model_seconds",
+        "The stronger tier's model time over the items it answered (sum of per-item latency).",
+        labels=["task", "escalate_to"],
+    )
+    for name, c in st.cascades.items():
+        key = [name, c.strong]
+        escalated.add_metric(key, c.escalated)
+        if c.share is not None:
+            share.add_metric(key, c.share)
+        for label, n in (("answered", c.answered), ("waiting", c.waiting), ("failed", c.failed)):
+            state.add_metric([*key, label], n)
+        if c.strong_model_seconds is not None:
+            cost.add_metric(key, c.strong_model_seconds)
+    return [escalated, share, state, cost]
+
+
 def metric_families(st: FleetStatus) -> list[Metric]:
     """Every `fleet_*` metric family for one status read."""
     up = GaugeMetricFamily(
@@ -286,6 +319,7 @@ def metric_families(st: FleetStatus) -> list[Metric]:
         *_task_gauges(st),
         *_run_gauges(st),
         *_source_gauges(st),
+        *_cascade_gauges(st),
         *_worker_counters(st.workers),
         *_worker_gauges(st),
     ]
@@ -295,9 +329,16 @@ class FleetCollector(Collector):
     """Reads the fleet on every scrape."""
 
     def __init__(
-        self, db_url: str, broker_url: str, *, tasks: Sequence[str], window: float
+        self,
+        db_url: str,
+        broker_url: str,
+        *,
+        tasks: Sequence[str],
+        window: float,
+        cascades: Mapping[str, str] | None = None,
     ) -> None:
         self.db_url = db_url
+        self.cascades = dict(cascades or {})
         self.broker_url = broker_url
         self.client = redis_client(broker_url)
         self.tasks = list(tasks)
@@ -327,6 +368,7 @@ class FleetCollector(Collector):
             broker_url=self.broker_url,
             ledger_reader=self._read_ledger,
             last_ledger=self._last,
+            cascades=self.cascades,
         )
         for source, error in st.errors.items():
             log.warning("scrape: %s unreadable: %s", source, error)
@@ -347,12 +389,15 @@ def serve(
     tasks: Sequence[str],
     window: float,
     ready: Callable[[str], Any] | None = None,
+    cascades: Mapping[str, str] | None = None,
 ) -> None:
-    """Serve /metrics until SIGTERM or Ctrl-C."""
+    """Serve /metrics until SIGTERM or Ctrl-C. `cascades`: {cheap task: stronger task}."""
     from prometheus_client import start_http_server
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(db_url, broker_url, tasks=tasks, window=window))
+    registry.register(
+        FleetCollector(db_url, broker_url, tasks=tasks, window=window, cascades=cascades)
+    )
     try:
         server, thread = start_http_server(port, addr=address, registry=registry)
     except OSError as e:
@@ -381,6 +426,7 @@ def run_exporter(
     settings: Any, *, address: str | None, port: int | None, echo: Callable[[str], Any]
 ) -> int:
     """`fleet metrics`: serve until stopped. Returns the exit code."""
+    from fleet.observe.cascade import configured_cascades
     from fleet.observe.status import RATE_WINDOW_S, configured_tasks
 
     address = address or settings.metrics_address
@@ -394,6 +440,7 @@ def run_exporter(
             tasks=configured_tasks(settings.config_file),
             window=RATE_WINDOW_S,
             ready=echo,
+            cascades=configured_cascades(settings.config_file),
         )
     except ListenError as e:
         echo(str(e))

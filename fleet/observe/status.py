@@ -11,8 +11,9 @@ answering scrapes while a service restarts.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,10 @@ from db import ledger
 from db.engine import transaction
 from db.schema import STATUSES
 from db.syncstate import SourceStatus, read_sources
+from fleet.observe.cascade import CascadeStatus, cascade_statuses, read_model_seconds
 from workers.stats import WorkerStats, scan_workers
+
+log = logging.getLogger(__name__)
 
 ACTIVE = ("pending", "queued", "running")
 # gone: the source row went away (fleet sync); parked: acknowledged failures (fleet park)
@@ -123,6 +127,7 @@ class FleetStatus:
     # When the ledger figures shown were read (time.time()); older than taken_at
     # when this read failed and an earlier read's values are shown. None: none.
     ledger_read_at: float | None = None
+    cascades: dict[str, CascadeStatus] = field(default_factory=dict)  # cheap task -> its cascade
 
     @property
     def ledger_age(self) -> float | None:
@@ -151,6 +156,7 @@ class FleetStatus:
             "errors": self.errors,
             "sources": {name: src.to_json() for name, src in self.sources.items()},
             "ledger_age_seconds": _round(self.ledger_age),
+            "cascades": {name: c.to_json() for name, c in self.cascades.items()},
         }
 
 
@@ -241,6 +247,21 @@ class LedgerRead:
     sources: dict[str, SourceStatus] = field(default_factory=dict)
 
 
+def bound_reads(session: Session) -> None:
+    """Bound every statement of this transaction: a lock waited on at most
+    LOCK_TIMEOUT_S, a statement run at most STATEMENT_TIMEOUT_S."""
+    session.execute(
+        text(
+            "SELECT set_config('lock_timeout', :lock, true), "
+            "set_config('statement_timeout', :statement, true)"
+        ),
+        {
+            "lock": f"{int(LOCK_TIMEOUT_S * 1000)}ms",
+            "statement": f"{int(STATEMENT_TIMEOUT_S * 1000)}ms",
+        },
+    )
+
+
 def read_ledger(url: str, only: str | None, window: float) -> LedgerRead:
     """One ledger read, bounded: each statement waits at most LOCK_TIMEOUT_S for
     a lock and runs at most STATEMENT_TIMEOUT_S (Postgres `lock_timeout`,
@@ -248,16 +269,7 @@ def read_ledger(url: str, only: str | None, window: float) -> LedgerRead:
     database raises (sqlalchemy OperationalError on a timeout)."""
     read_at = time.time()
     with transaction(url) as session:
-        session.execute(
-            text(
-                "SELECT set_config('lock_timeout', :lock, true), "
-                "set_config('statement_timeout', :statement, true)"
-            ),
-            {
-                "lock": f"{int(LOCK_TIMEOUT_S * 1000)}ms",
-                "statement": f"{int(STATEMENT_TIMEOUT_S * 1000)}ms",
-            },
-        )
+        bound_reads(session)
         counts = ledger.counts(session, task=only)
         rates = throughput(session, window=window)
         run = latest_run(session, task=only)
@@ -326,6 +338,7 @@ def collect(
     broker_url: str | None = None,
     ledger_reader: Callable[[str, str | None, float], LedgerRead] = read_ledger,
     last_ledger: LedgerRead | None = None,
+    cascades: Mapping[str, str] | None = None,
 ) -> FleetStatus:
     """Read the whole status. `tasks` are the configured task names (shown even
     with no work items yet); `only` restricts everything to one task.
@@ -333,7 +346,9 @@ def collect(
     `ledger_reader` reads the ledger (read_ledger: bounded by lock and
     statement timeouts). When it fails, the source is in `errors` and
     `last_ledger` (an earlier read of the same `only`), if given, supplies the
-    figures, with their age in `ledger_age`."""
+    figures, with their age in `ledger_age`. `cascades` ({cheap task: stronger
+    task}, fleet.observe.cascade.configured_cascades) adds each cascade's share
+    and cost (`cascades`); its model time is None when it could not be read."""
     secrets = secrets_of([db_url, broker_url])
     st = FleetStatus(time.time(), window, {}, [])
     got: LedgerRead | None = None
@@ -360,6 +375,9 @@ def collect(
             items_per_second=None if got is None else rates.get(name, 0.0),
             workers=sum(1 for w in st.workers if w.task == name),
         )
+    if cascades and got is not None:
+        pairs = {t: s for t, s in cascades.items() if only is None or only in (t, s)}
+        st.cascades = cascade_statuses(pairs, counts, _model_seconds(db_url, pairs.values()))
     if "broker" not in st.errors:
         try:
             lengths, st.unacked = queue_lengths(client, st.tasks)
@@ -368,6 +386,17 @@ def collect(
         except (redis.RedisError, OSError) as e:
             st.errors["broker"] = _describe(e, secrets)
     return st
+
+
+def _model_seconds(url: str, tasks: Iterable[str]) -> dict[str, float] | None:
+    """The tasks' model seconds (fleet.observe.cascade), bounded; None when unreadable."""
+    try:
+        with transaction(url) as session:
+            bound_reads(session)
+            return read_model_seconds(session, tasks)
+    except Exception as e:  # a cascade's cost is shown as unknown; the rest of status stands
+        log.warning("cascade model time unreadable: %s", str(e).splitlines()[0] if str(e) else e)
+        return None
 
 
 def configured_tasks(config_file: Path | None) -> list[str]:

@@ -21,6 +21,7 @@ from rich.text import Text
 from db.schema import STATUSES
 from fleet.config.exitcodes import ExitCode
 from fleet.config.settings import Settings, redact
+from fleet.observe.cascade import configured_cascades
 from fleet.observe.status import (
     FleetStatus,
     LedgerRead,
@@ -184,6 +185,8 @@ def status_view(st: FleetStatus, services: str) -> Group:
     parts.append(run_line(st))
     if st.sources:
         parts.append(sources_text(st))
+    if st.cascades:
+        parts.append(Text("\n".join(c.line() for c in st.cascades.values())))
     if st.errors:
         parts.append(errors_text(st))
     return Group(*parts)
@@ -334,6 +337,7 @@ def reader(settings: Settings, *, only: str | None) -> Callable[[], FleetStatus]
     shows the last figures it read, with their age."""
     client = redis_client(settings.redis_url())
     tasks = configured_tasks(settings.config_file)
+    cascades = configured_cascades(settings.config_file)
     last: LedgerRead | None = None
 
     def remember(url: str, only: str | None, window: float) -> LedgerRead:
@@ -350,6 +354,7 @@ def reader(settings: Settings, *, only: str | None) -> Callable[[], FleetStatus]
             broker_url=settings.redis_url(),
             ledger_reader=remember,
             last_ledger=last,
+            cascades=cascades,
         )
 
     return read

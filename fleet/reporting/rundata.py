@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from db.syncstate import SourceStatus, read_problems, read_sources
+from fleet.observe.cascade import CascadeStatus, read_cascades
 from fleet.reporting.charts import time_step
 from fleet.reporting.review import read_agreement
 
@@ -114,6 +115,8 @@ class ReportData:
     busy_s: float | None = None  # first to last finish less idle gaps (date windows)
     # task -> reviewer's label -> {"reviewed", "agreed"} (fleet.reporting.review)
     review: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    # cheap task -> its cascade's share and cost, all time (fleet.observe.cascade)
+    cascades: dict[str, CascadeStatus] = field(default_factory=dict)
     # task -> `fleet.reporting.export.evaluate` against the gold labels given for it
     # (ece, reliability bins, accuracy, n); empty without --gold.
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -496,6 +499,7 @@ def collect(session: Session, window: Window) -> ReportData:
         problems=read_problems(session),
         busy_s=_read_busy(session, window) if window.run_id is None else None,
         review=read_agreement(session, [r.task for r in rows]),
+        cascades=read_cascades(session, [r.task for r in rows]),
     )
 
 

@@ -32,6 +32,7 @@ def _env(fleet, *, cheap_seconds: float = 0.0, oracle_seconds: float = 0.0) -> d
     )
     config = fleet.tmp / "cascade.toml"
     config.write_text(
+        "include_bundled = false\n"
         "[tasks.cheap]\n"
         'kind = "fake"\n'
         'source = "conversation"\n'
@@ -119,6 +120,47 @@ def test_escalated_not_escalated_and_a_failing_stronger_tier(fleet):
             assert (row["label"], row["decided_by"], row["escalated"]) == ("gold", "oracle", True)
             assert row["confidence"] == 1.0 and row["model"] == "oracle"
             assert row["escalation_note"] is None
+    _check_share_and_cost(fleet, env, escalated=len(low), failed=len(low & NO_GOLD))
+
+
+def _check_share_and_cost(fleet, env: dict[str, str], *, escalated: int, failed: int) -> None:
+    """`fleet status`, metrics and the report show the cascade's share and cost."""
+    from fleet.observe.prometheus import FleetCollector
+
+    status = json.loads(run_fleet(["status", "--json"], env).stdout)["cascades"]
+    c = status["cheap"]
+    assert (c["escalate_to"], c["decided"], c["escalated"]) == ("oracle", N, escalated)
+    assert c["share"] == round(escalated / N, 4)
+    assert (c["answered"], c["waiting"], c["failed"]) == (escalated - failed, 0, failed)
+    assert c["strong_model_seconds"] is not None and c["strong_model_seconds"] >= 0
+    text_out = run_fleet(["status"], env).stdout
+    assert f"cascade cheap -> oracle: {escalated} of {N} escalated" in text_out
+
+    collector = FleetCollector(
+        fleet.db_url,
+        fleet.broker_url,
+        tasks=["cheap", "oracle"],
+        window=60.0,
+        cascades={"cheap": "oracle"},
+    )
+    metrics = {
+        (m.name, tuple(sorted(s.labels.items()))): s.value
+        for m in collector.collect()
+        for s in m.samples
+    }
+    key = (("escalate_to", "oracle"), ("task", "cheap"))
+    assert metrics[("fleet_cascade_escalated_items", key)] == escalated
+    assert metrics[("fleet_cascade_escalation_share", key)] == escalated / N
+    failed_key = (("escalate_to", "oracle"), ("state", "failed"), ("task", "cheap"))
+    assert metrics[("fleet_cascade_strong_items", failed_key)] == failed
+
+    page = fleet.tmp / "report.html"
+    run_fleet(["report", "--since", "2000-01-01", "-o", str(page)], env)
+    html = page.read_text()
+    assert (
+        "<h2>Cascades</h2>" in html
+        and '<tr data-task="cheap"><td>cheap</td><td>oracle</td>' in html
+    )
 
 
 def test_a_worker_killed_mid_cascade_loses_and_doubles_nothing(fleet):
