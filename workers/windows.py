@@ -27,14 +27,23 @@ Pooling rules (the tier option `pooling`):
             text weighs `assistant_weight`
   role      a mean weighted by each window's share of user tokens (assistant-only
             windows weigh `assistant_weight`)
+  salient   multiple-instance reading ("a conversation is about X when one of its
+            windows is", Dietterich et al. 1997; the max-instance rule of
+            multiple-instance learning): with the tier's `background_labels`
+            (small talk, greetings), the window whose best label outside the
+            background is the most probable decides, when that probability is at
+            least `salient_threshold` (0.5), and its row is the item's; else
+            (nothing but background anywhere) the recency rule. Without
+            background labels it is `max`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-POOLING_RULES = ("max", "mean", "recency", "role")
+POOLING_RULES = ("max", "mean", "recency", "role", "salient")
+SALIENT_THRESHOLD = 0.5
 USER_ROLES = frozenset({"user", "human", "customer", "caller"})
 
 
@@ -220,17 +229,31 @@ def pool(
     *,
     decay: float = 0.5,
     assistant_weight: float = 0.1,
+    background: Collection[int] = (),
+    threshold: float = SALIENT_THRESHOLD,
 ) -> Pooled:
     """Pool per-window probabilities (windows x labels) into one row.
 
     One window: its row unchanged (a short conversation gets exactly the
-    prediction it would get read whole). Raises ValueError when the row count
-    differs from the plan's windows or the rule is unknown."""
+    prediction it would get read whole). `background`: label indices the
+    `salient` rule looks past (see the module's rules). Raises ValueError when
+    the row count differs from the plan's windows or the rule is unknown."""
     if len(rows) != len(plan.windows) or not rows:
         raise ValueError(f"{len(rows)} probability rows for {len(plan.windows)} windows")
     if len(rows) == 1:
         return Pooled(tuple(float(x) for x in rows[0]), 0)
     labels = len(rows[0])
+    if rule == "salient":
+        if not background:
+            rule = "max"
+        else:
+            focus = [j for j in range(labels) if j not in background]
+            k, j = max(
+                ((k, j) for k in range(len(rows)) for j in focus), key=lambda kj: rows[kj[0]][kj[1]]
+            )
+            if rows[k][j] >= threshold:
+                return Pooled(tuple(float(x) for x in rows[k]), k)
+            rule = "recency"
     if rule == "max":
         peak = [max(r[j] for r in rows) for j in range(labels)]
         total = sum(peak) or 1.0

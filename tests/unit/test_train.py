@@ -160,7 +160,7 @@ def test_tier_toml_parses_into_a_ladder(tmp_path: Path) -> None:
             "path": str(tmp_path / "m"),
             "max_length": 256,
             "max_batch_tokens": 8192,
-            "pooling": "recency",
+            "pooling": "salient",
             "window_overlap": 32,
             "max_windows": 16,
         }

@@ -144,7 +144,7 @@ def test_sequence_classify_reads_every_window_and_records_it(tiny_models: Path) 
     preds = a.predict(prepared)
     short, long, longer = (p.output["reading"] for p in preds)
     assert short == {"windows": 1, "tokens_read": len(prepared[0].payload.ids[0])}
-    assert long["windows"] == 6 and long["pooling"] == "recency"
+    assert long["windows"] == 6 and long["pooling"] == "salient"
     assert 0 <= long["deciding_window"] < 6
     assert "unread" in long and long["tokens_unread"] > 0
     assert prepared[1].notes == {"unread_tokens": long["tokens_unread"]}

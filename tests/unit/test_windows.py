@@ -134,6 +134,36 @@ def test_pooling_rules(rule, rows, roles, label, deciding) -> None:
     assert sum(pooled.probs) == pytest.approx(1.0)
 
 
+S, R, T = [0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.4, 0.3, 0.3]  # label 0: the background
+
+
+@pytest.mark.parametrize(
+    ("rows", "roles", "label", "deciding", "probs_from"),
+    [
+        # small talk first, the request last: the request's window decides, row and all
+        ([S, S, R], [("user", 5)] * 3, 1, 2, 2),
+        # the request first, small talk after it (an old thread): still the request
+        ([R, S, S], [("user", 5)] * 3, 1, 0, 0),
+        # the strongest non-background window wins over a weaker one
+        ([[0.2, 0.3, 0.5], S, R], [("user", 5)] * 3, 1, 2, 2),
+        # nothing but background over the threshold: the recency rule (label 0)
+        ([S, T, S], [("user", 5)] * 3, 0, None, None),
+    ],
+)
+def test_salient_pooling_looks_past_background(rows, roles, label, deciding, probs_from) -> None:
+    pooled = pool(rows, plan_of(*roles), "salient", background=(0,))
+    assert max(range(3), key=pooled.probs.__getitem__) == label
+    if deciding is not None:
+        assert pooled.deciding == deciding and pooled.probs == tuple(rows[probs_from])
+    assert pooled == pool(rows, plan_of(*roles), "salient", background=(0,), threshold=0.5)
+
+
+def test_salient_without_background_is_max() -> None:
+    rows = [A, [0.4, 0.6], [0.45, 0.55]]
+    plan = plan_of(*[("user", 5)] * 3)
+    assert pool(rows, plan, "salient") == pool(rows, plan, "max")
+
+
 def test_one_window_is_passed_through_exactly() -> None:
     row = [0.123456789, 0.876543211]
     assert pool([row], plan_of(("user", 3)), "recency").probs == tuple(row)

@@ -14,6 +14,7 @@ from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.adapters.windowed import (
     Reading,
     Windows,
+    background_indices,
     check_trained_reading,
     encode_windows,
     reading_output,
@@ -72,6 +73,7 @@ class SequenceClassifyAdapter:
         self.tokenizer: Any = None
         self.max_length = 512
         self.reading = Reading(self.max_length)
+        self.background: tuple[int, ...] = ()  # label indices `salient` pooling looks past
         self.device = "cpu"
         self.calibration: calibration.Calibration | None = None
 
@@ -101,6 +103,9 @@ class SequenceClassifyAdapter:
         limit = getattr(self.model.config, "max_position_embeddings", None) or tier.max_length
         self.max_length = min(tier.max_length, limit)
         self.reading = Reading.from_options(self.max_length, tier.options)
+        self.background = background_indices(
+            [self.id2label[i] for i in sorted(self.id2label)], tier.options
+        )
         saved = getattr(self.model.config, "fleet_reading", None)
         check_trained_reading(saved, self.reading, model=model_path)
         self.device = device
@@ -131,7 +136,9 @@ class SequenceClassifyAdapter:
         out: list[Prediction | InputError] = []
         at = 0
         for w in windows:
-            pooled = pool(rows[at : at + len(w.ids)], w.plan, self.reading.pooling)
+            pooled = pool(
+                rows[at : at + len(w.ids)], w.plan, self.reading.pooling, background=self.background
+            )
             at += len(w.ids)
             probs = torch.tensor(pooled.probs)
             n = probs.shape[-1]

@@ -11,13 +11,14 @@ before: a short conversation gets the same input, hence the same label.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from workers.adapters.text import conversation_messages, is_blank
 from workers.windows import POOLING_RULES, Pooled, WindowPlan, build_windows
 
-DEFAULT_POOLING = "recency"
+DEFAULT_POOLING = "salient"
 DEFAULT_MAX_WINDOWS = 16
 DEFAULT_OVERLAP = 32
 
@@ -172,6 +173,21 @@ def text_data(text: str) -> dict[str, Any]:
         else:
             messages.append({"role": role, "content": line[len(role) + 2 :]})
     return {"messages": messages}
+
+
+def background_indices(names: Sequence[str], options: dict[str, Any]) -> tuple[int, ...]:
+    """Indices (in `names`' order) of the tier's `background_labels` (small talk,
+    greetings: what the `salient` pooling rule looks past). Raises ValueError,
+    naming the labels the model has, for a name it does not have."""
+    wanted = options.get("background_labels", ())
+    if isinstance(wanted, str):
+        wanted = (wanted,)
+    missing = [w for w in wanted if w not in names]
+    if missing:
+        raise ValueError(
+            f"background_labels {missing} are not labels of this model; it has: {', '.join(names)}"
+        )
+    return tuple(i for i, n in enumerate(names) if n in set(wanted))
 
 
 def check_trained_reading(saved: dict[str, Any] | None, reading: Reading, *, model: str) -> None:

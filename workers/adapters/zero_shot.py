@@ -30,7 +30,13 @@ from fleet.config.taskconfig import TierSpec
 from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.adapters.sequence_classify import torch_dtype
 from workers.adapters.text import conversation_text
-from workers.adapters.windowed import Reading, Windows, encode_windows, reading_output
+from workers.adapters.windowed import (
+    Reading,
+    Windows,
+    background_indices,
+    encode_windows,
+    reading_output,
+)
 from workers.windows import pool
 
 HYPOTHESIS = "This conversation is about {}."
@@ -73,6 +79,7 @@ class ZeroShotAdapter:
         self.label_emb: Any = None
         self.max_length = 512
         self.reading = Reading(self.max_length)
+        self.background: tuple[int, ...] = ()  # label indices `salient` pooling looks past
         self.device = "cpu"
 
     def load(self, tier: TierSpec, model_path: str, device: str) -> None:
@@ -119,6 +126,7 @@ class ZeroShotAdapter:
         limit = getattr(config, "max_position_embeddings", None) or tier.max_length
         self.max_length = min(tier.max_length, limit)
         self.reading = Reading.from_options(self.max_length, tier.options)
+        self.background = background_indices(self.names, tier.options)
         if method == "embedding":
             texts, owners = label_prototypes(self.labels, self.prototypes_path)
             self.owners = torch.tensor(owners, device=device)
@@ -224,7 +232,9 @@ class ZeroShotAdapter:
         out: list[Prediction | InputError] = []
         at = 0
         for w in windows:
-            pooled = pool(rows[at : at + len(w.ids)], w.plan, self.reading.pooling)
+            pooled = pool(
+                rows[at : at + len(w.ids)], w.plan, self.reading.pooling, background=self.background
+            )
             at += len(w.ids)
             reading = reading_output(w, pooled, self.reading)
             out.append(self._prediction(list(pooled.probs), {"reading": reading}))
