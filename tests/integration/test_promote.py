@@ -22,6 +22,7 @@ from sqlalchemy import text
 
 from db.engine import get_engine, transaction
 from fleet.cli import main
+from fleet.models.labeled import load_labeled
 from fleet.models.prepare import data_file, minilm_path
 from tests.support import WorkerProcess, fleet_env
 
@@ -76,9 +77,9 @@ def head_model(
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("promote-models")
-    rows = [json.loads(x) for x in data_file("intent.jsonl").read_text().splitlines() if x.strip()]
-    names = sorted({r["label"] for r in rows})
-    texts, labels = [r["text"] for r in rows], [r["label"] for r in rows]
+    rows = load_labeled(data_file("intent.jsonl"))  # lines of text or of messages
+    names = sorted({r.label for r in rows})
+    texts, labels = [r.text for r in rows], [r.label for r in rows]
     rng = random.Random(0)
     noisy = [rng.choice(names) if rng.random() < 0.3 else lab for lab in labels]
     half = list(range(0, len(rows), 4))  # the serving model sees a quarter of the set
