@@ -40,6 +40,7 @@ from fleet.config.taskconfig import TierSpec
 from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.audio import MIN_VOICE_S, decode_audio, resolve_audio_path, voice_gate
 from workers.ctc_windows import Window, ctc_collapse, kept_parts, near_empty, plan_windows
+from workers.device import is_oom  # out-of-memory belongs to the runtime (it shrinks the batch)
 
 log = logging.getLogger("fleet.ctc")
 
@@ -59,13 +60,6 @@ class CTCAudio:
     windows: tuple[Window, ...]
     mean: float = 0.0
     std: float = 1.0
-
-
-def is_oom(exc: BaseException) -> bool:
-    """Out-of-memory errors belong to the runtime (it shrinks the batch)."""
-    from workers.device import is_oom as device_oom
-
-    return device_oom(exc)
 
 
 class CTCAdapter:
