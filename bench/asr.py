@@ -166,7 +166,7 @@ def run_set(adapter: Any, s: SpeechSet, mode: str) -> Run:
 
 
 def _load(tier: str, models_dir: Path) -> Any:
-    from fleet.config.taskconfig import TierSpec
+    from config.taskconfig import TierSpec
     from fleet.models.prepare import prepare_models
     from workers.adapters.transcribe import TranscribeAdapter
 
@@ -280,7 +280,7 @@ def main() -> None:
 
     import torch
 
-    from fleet.config.settings import Settings
+    from config.settings import Settings
 
     if args.threads:
         torch.set_num_threads(args.threads)

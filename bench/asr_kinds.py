@@ -61,7 +61,7 @@ def audio_files(root: Path) -> list[tuple[str, str]]:
 def load(name: str, models_dir: Path, ctc_dir: Path, root: Path, device: str) -> Any:
     """A SpeechAdapter with `name` loaded: a bundled Whisper tier (prepared when
     missing) or a random-weight CTC model (built once into `ctc_dir`)."""
-    from fleet.config.taskconfig import TierSpec
+    from config.taskconfig import TierSpec
     from fleet.models.prepare import prepare_models
     from workers.adapters.speech import SpeechAdapter
 
@@ -168,7 +168,7 @@ def main() -> None:
 
     import torch
 
-    from fleet.config.settings import Settings
+    from config.settings import Settings
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -56,7 +56,7 @@ def tier_answers(
 ) -> list[tuple[str, float]]:
     """(label, confidence) per row from `task`'s adapter (first ladder tier that exists),
     or from the oracle (`fake` with `gold_file`) when task is "oracle"."""
-    from fleet.config.taskconfig import TierSpec, load_tasks, resolve_model_path
+    from config.taskconfig import TierSpec, load_tasks, resolve_model_path
     from workers.adapters import make_adapter
 
     if task == "oracle":
@@ -84,7 +84,7 @@ def cascade_row(
     strong_cost: float,
 ) -> dict[str, Any]:
     """The cascade's outcome at `threshold`, decided by `workers.cascade.should_escalate`."""
-    from fleet.config.taskconfig import TaskSpec, TierSpec
+    from config.taskconfig import TaskSpec, TierSpec
     from workers.cascade import should_escalate
 
     spec = TaskSpec(
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
-    from fleet.config.settings import Settings
+    from config.settings import Settings
     from workers.cascade import threshold_for_share
 
     hf_logging.set_verbosity_error()

@@ -89,7 +89,7 @@ def write_config(tmp: Path, cost_s: float) -> Path:
 
 def bare(convs: list[dict[str, object]], cost_s: float) -> float:
     """Items/s of the fake adapter alone (prepare + predict), one process."""
-    from fleet.config.taskconfig import TierSpec
+    from config.taskconfig import TierSpec
     from workers.adapters.base import Source
     from workers.adapters.fake import FakeAdapter
     from workers.policy import plan_batches

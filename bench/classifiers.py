@@ -39,7 +39,7 @@ def _row(name: str, m: dict[str, Any], seconds: float) -> str:
 def main() -> int:
     from transformers.utils import logging as hf_logging
 
-    from fleet.config.taskconfig import load_tasks
+    from config.taskconfig import load_tasks
     from fleet.models.finetune import TrainConfig
     from fleet.models.labeled import load_labeled
     from fleet.models.prepare import BUNDLED, INTENT, data_file, train_bundled

@@ -151,7 +151,7 @@ def run_adapter(adapter: Any, rows: list[dict[str, Any]], batch: int) -> tuple[l
 
 def build(method: str, labels: dict[str, str], models_dir: Path) -> Any:
     """The loaded adapter of one method (models prepared into models_dir if missing)."""
-    from fleet.config.taskconfig import TierSpec
+    from config.taskconfig import TierSpec
 
     def smollm() -> Path:
         from fleet.models.convert.smollm import prepare_smollm
@@ -195,7 +195,7 @@ def build(method: str, labels: dict[str, str], models_dir: Path) -> Any:
         )
         return a
 
-    from fleet.config.taskconfig import load_tasks
+    from config.taskconfig import load_tasks
 
     tasks = load_tasks()
     llm_opts = dict(tasks["llm_classify"].options)  # as the fleet runs it
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--models-dir (or FLEET_MODELS_DIR) is needed: where models are prepared")
     import torch
 
-    from fleet.config.taskconfig import load_tasks
+    from config.taskconfig import load_tasks
 
     if args.threads:
         torch.set_num_threads(args.threads)

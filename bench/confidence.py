@@ -46,7 +46,7 @@ TOPIC_TEMPERATURE_BEFORE = 0.05  # the zero-shot default before a temperature wa
 def score_task(task: str, file: Path, models_dir: Path) -> dict[str, Any]:
     """n, accuracy, ece_before, ece_after, temperature (and the per-item rows) of one task
     on one labeled file."""
-    from fleet.config.taskconfig import load_tasks
+    from config.taskconfig import load_tasks
     from fleet.models.labeled import load_labeled
     from fleet.models.temperature import adapter_log_scores, calibration_scores, folder_logits
     from workers.calibration import read_calibration, softmax
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sets", default=",".join(SETS))
     ap.add_argument("--json", action="store_true", help="one JSON line per task and set")
     args = ap.parse_args(argv)
-    from fleet.config.settings import Settings
+    from config.settings import Settings
 
     models_dir = args.models_dir or Settings().resolved_models_dir
     from transformers.utils import logging as hf_logging

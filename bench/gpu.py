@@ -90,8 +90,8 @@ def whisper_small(gpu: int | None, files: int) -> dict[str, Any]:
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     from bench.whisper_rtf import make_clips
-    from fleet.config.settings import Settings
-    from fleet.config.taskconfig import TaskSpec, TierSpec
+    from config.settings import Settings
+    from config.taskconfig import TaskSpec, TierSpec
     from fleet.models.convert.whisper_ct2 import prepare_whisper_base
     from workers.adapters.base import Source
     from workers.adapters.transcribe import TranscribeAdapter

@@ -116,7 +116,7 @@ def encoder_readings(adapter: Any, rows: list[dict[str, Any]]) -> dict[str, Any]
 
 
 def load_encoders(models_dir: Path, names: list[str]) -> dict[str, Any]:
-    from fleet.config.taskconfig import load_tasks
+    from config.taskconfig import load_tasks
     from fleet.models.prepare import INTENT, prepare_intent, prepare_minilm
     from workers.adapters.sequence_classify import SequenceClassifyAdapter
     from workers.adapters.zero_shot import ZeroShotAdapter
@@ -151,7 +151,7 @@ def llm_rows(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
 
 
 def run_llm(models_dir: Path, sets: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str], Any]:
-    from fleet.config.taskconfig import load_tasks
+    from config.taskconfig import load_tasks
     from fleet.models.convert.smollm import prepare_smollm
     from workers.adapters.base import InputError, Source
     from workers.adapters.llm_classify import LLMClassifyAdapter

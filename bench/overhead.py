@@ -76,7 +76,7 @@ def build_model(folder: Path, shape: str = "minilm") -> Path:
 def bare(
     model: Path, items: list[str], batch_tokens: int, device: str = "cpu", dtype: str = "auto"
 ) -> float:
-    from fleet.config.taskconfig import TierSpec
+    from config.taskconfig import TierSpec
     from workers.adapters.base import Source
     from workers.adapters.sequence_classify import SequenceClassifyAdapter
     from workers.policy import plan_batches

@@ -115,7 +115,7 @@ BASELINE = "ed1c0fc"  # db/sync.py before this comparison's changes
 
 def load_before(rev: str) -> ModuleType:
     """db/sync.py at git revision `rev`, as a module of its own (it imports only
-    db.history, db.ledger and fleet.config, whose interfaces it still finds)."""
+    db.history, db.ledger and config, whose interfaces it still finds)."""
     try:
         src = subprocess.run(
             ["git", "show", f"{rev}:db/sync.py"],
@@ -156,7 +156,7 @@ def main() -> None:
     from db.engine import dispose_all, get_engine, transaction
     from db.ledger import analyze, discover
     from db.migrate import upgrade
-    from fleet.config.taskconfig import parse_sources
+    from config.taskconfig import parse_sources
 
     before_module = load_before(args.baseline)
     impls = {"before": before_module.sync_source, "after": after_module.sync_source}

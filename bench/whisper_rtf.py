@@ -134,8 +134,8 @@ def main() -> None:
 
     import torch
 
-    from fleet.config.settings import Settings
-    from fleet.config.taskconfig import get_task, load_tasks
+    from config.settings import Settings
+    from config.taskconfig import get_task, load_tasks
     from fleet.models.convert.whisper_ct2 import prepare_whisper, prepare_whisper_base
     from workers.adapters.base import Source
     from workers.adapters.transcribe import TranscribeAdapter

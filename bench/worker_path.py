@@ -101,7 +101,7 @@ def run(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, list[dict[st
     from db import ledger
     from db.engine import transaction
     from db.sources import ingest_conversations
-    from fleet.config.settings import Settings
+    from config.settings import Settings
     from workers import batch
     from workers.app import create_app
     from workers.batch import BatchAttempt, process

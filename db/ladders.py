@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from db.ledger import _rowcount
-from fleet.config.taskconfig import TaskSpec, with_ladders
+from config.taskconfig import TaskSpec, with_ladders
 
 
 def current_override(session: Session, *, task: str) -> tuple[int, list[dict[str, Any]]] | None:

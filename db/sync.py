@@ -1,6 +1,6 @@
 """Keeping the fleet's copy of a source in step with the user's own tables.
 
-A source (`[sources.<name>]` in the task config, parsed by fleet.config.taskconfig) is
+A source (`[sources.<name>]` in the task config, parsed by config.taskconfig) is
 a SQL query or a table on the fleet's database or a separate one
 (FLEET_SOURCE_DATABASE_URL). Its columns map to the fleet's shape:
 
@@ -43,7 +43,7 @@ with a clock skewed against the database's; rows read again hash the same and
 cost nothing. A pass that fails as a whole saves its reason in
 sync_state.last_error and raises SyncError; the mark stays where it was.
 
-This module imports nothing from fleet/ (but its config, fleet.config), producer/ or workers/.
+This module imports nothing from fleet/ (only config/), producer/ or workers/.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ from db.syncgone import scan_deletes
 from db.syncmark import next_mark, read_horizon
 from db.syncreport import SyncError, SyncReport
 from db.syncrows import CURSOR, build, groups, printable
-from fleet.config.taskconfig import SourceSpec
+from config.taskconfig import SourceSpec
 
 __all__ = ["SyncError", "SyncReport", "read_records", "source_sql", "sync_source"]
 

@@ -18,7 +18,7 @@ stored rows of that source against it:
                 whose count differs (a message deleted, which touches no
                 updated_at) is read again by the same pass
 
-This module imports nothing from the fleet but its config (fleet.config).
+This module imports nothing from the project but config/.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from db import history
 from db.ledger import id_array
 from db.syncreport import SyncReport
-from fleet.config.taskconfig import SourceSpec
+from config.taskconfig import SourceSpec
 
 
 def keys_sql(spec: SourceSpec) -> str:

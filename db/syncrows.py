@@ -22,7 +22,7 @@ decisions, in the order they are taken:
     unstorable      no external_id, one longer than 256 characters, a language
                     longer than 16, a NUL character or a lone surrogate: refused
 
-This module imports nothing from the fleet but the config (fleet.config).
+This module imports nothing from the project but config/.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from fleet.config.taskconfig import SourceSpec
+from config.taskconfig import SourceSpec
 
 MAX_EXTERNAL_ID = 256  # conversations.external_id is String(256)
 MAX_LANGUAGE = 16

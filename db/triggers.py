@@ -79,7 +79,7 @@ def install(engine: Engine, source: str, tables: Sequence[str]) -> list[str]:
             conn.exec_driver_sql(
                 f"CREATE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table} "
                 # Trigger arguments are literals; source names are [A-Za-z0-9_.-] only
-                # (fleet.config.taskconfig), table names plain identifiers.
+                # (config.taskconfig), table names plain identifiers.
                 f"FOR EACH STATEMENT EXECUTE FUNCTION fleet_mark_source('{source}')"
             )
             conn.execute(

@@ -16,7 +16,7 @@ target_metadata = Base.metadata
 def _url() -> str:
     url = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
     if not url:
-        from fleet.config.settings import Settings
+        from config.settings import Settings
 
         url = Settings().db_url()
     return str(url)

@@ -28,8 +28,8 @@ from typing import Any
 import redis
 from celery import Celery
 
-from fleet.config.settings import Settings
-from fleet.config.taskconfig import TaskSpec
+from config.settings import Settings
+from config.taskconfig import TaskSpec
 from producer.enqueue import claim_and_send, discover, queue_depth
 from producer.outage import Outage
 from producer.reconciler import reconcile

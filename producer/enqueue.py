@@ -15,7 +15,7 @@ from celery import Celery
 
 from db import ledger
 from db.engine import transaction
-from fleet.config.taskconfig import TaskSpec
+from config.taskconfig import TaskSpec
 from workers.messages import BatchMessage, send_batches
 
 CLAIM_CHUNK = 20_000  # items per claim transaction: bounded memory for any backlog

@@ -44,8 +44,8 @@ from sqlalchemy.orm import Session
 from db import ledger
 from db.engine import get_engine, transaction
 from db.schema import Run
-from fleet.config.settings import Settings
-from fleet.config.taskconfig import TaskSpec
+from config.settings import Settings
+from config.taskconfig import TaskSpec
 from producer import runs
 from producer.drive import discover_all, feed, open_items
 from producer.drive import drive as drive_run

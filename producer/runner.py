@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 from celery import Celery
 
 from db.engine import transaction
-from fleet.config.settings import Settings
-from fleet.config.taskconfig import TaskSpec
+from config.settings import Settings
+from config.taskconfig import TaskSpec
 from producer import runs
 from producer.drive import drive
 from producer.runs import Counts, RunReport

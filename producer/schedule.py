@@ -27,8 +27,8 @@ from typing import Any
 from celery import Celery
 from celery.schedules import ParseException, crontab
 
-from fleet.config.settings import Settings
-from fleet.config.taskconfig import TaskSpec
+from config.settings import Settings
+from config.taskconfig import TaskSpec
 from workers.control import CONTROL_QUEUE
 
 NIGHTLY_TASK = "fleet.nightly"
@@ -123,7 +123,7 @@ def install(app: Celery, settings: Settings, tasks: dict[str, TaskSpec]) -> Cele
         return reconcile(url, max_attempts=settings.max_attempts)
 
     def sync_task(self: Any) -> list[dict[str, Any]]:
-        from fleet.config.taskconfig import load_sources
+        from config.taskconfig import load_sources
         from producer.sync import beat_tick
 
         reports = beat_tick(settings, load_sources(settings.config_file))

@@ -20,8 +20,8 @@ from typing import Any
 from db import history, triggers
 from db.engine import get_engine, transaction
 from db.sync import SyncError, SyncReport, sync_source
-from fleet.config.settings import Settings
-from fleet.config.taskconfig import ConfigError, SourceSpec, TaskSpec
+from config.settings import Settings
+from config.taskconfig import ConfigError, SourceSpec, TaskSpec
 
 log = logging.getLogger("fleet.sync")
 
@@ -201,7 +201,7 @@ def before_discovery(settings: Settings, specs: Sequence[TaskSpec]) -> dict[str,
     (incremental) and, with FLEET_RERUN_STALE, put back results of old model
     revisions. A source that fails is logged and skipped: the rest of the run
     goes on with what the fleet already has."""
-    from fleet.config.taskconfig import load_sources
+    from config.taskconfig import load_sources
 
     out: dict[str, Any] = {}
     try:

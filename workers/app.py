@@ -22,7 +22,7 @@ from typing import Any
 
 from celery import Celery
 
-from fleet.config.settings import Settings
+from config.settings import Settings
 from workers import control  # noqa: F401  # registers the fleet_info inspect command
 
 

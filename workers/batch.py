@@ -36,7 +36,7 @@ from typing import Any
 from db import ledger
 from db.engine import transaction
 from db.sources import load_inputs
-from fleet.config.taskconfig import TaskSpec
+from config.taskconfig import TaskSpec
 from workers import cascade
 from workers import stats as worker_stats
 from workers.adapters.base import Source

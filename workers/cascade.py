@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fleet.config.taskconfig import TaskSpec
+from config.taskconfig import TaskSpec
 
 
 def should_escalate(spec: TaskSpec, label: str | None, confidence: float | None) -> bool:

@@ -17,7 +17,7 @@ from typing import NoReturn
 
 from celery import Celery
 
-from fleet.config.exitcodes import ExitCode
+from config.exitcodes import ExitCode
 from workers.control import CONTROL_QUEUE
 
 log = logging.getLogger("fleet.worker")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet.config.taskconfig import TaskSpec
+from config.taskconfig import TaskSpec
 from workers import device as dev
 from workers.adapters.base import Adapter, InputError, Prediction, Prepared, Source
 from workers.hub import ModelNotCached, ResolvedModel, folder_revision, resolve_tier

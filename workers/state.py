@@ -17,8 +17,8 @@ from typing import Any
 
 from celery import Celery
 
-from fleet.config.settings import Settings
-from fleet.config.taskconfig import TaskSpec, get_task, load_tasks
+from config.settings import Settings
+from config.taskconfig import TaskSpec, get_task, load_tasks
 from workers import stats as worker_stats
 from workers.adapters import make_adapter
 from workers.runtime import MemoryNotReleased, ModelRuntime
@@ -69,7 +69,7 @@ def start_runtime(settings: Settings, task_name: str, *, hostname: str, app: Cel
     is not on disk) or whatever loading the model raises.
     """
     global _state
-    from fleet.config.logs import setup_logging
+    from config.logs import setup_logging
     from workers import device as dev
     from workers.simulate import MemorySimulator
 

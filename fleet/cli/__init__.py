@@ -3,7 +3,7 @@
 One module per family of commands (run, nightly, workers, data, tasks,
 models, observe, reports, deploy, demo); the context, `fail` and the exit codes in
 `context`, the shared options and the run summary in `output`. Nothing outside
-this package imports it. Exit codes: `fleet.config.exitcodes.ExitCode`.
+this package imports it. Exit codes: `config.exitcodes.ExitCode`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from fleet.cli import (
     workers,
 )
 from fleet.cli.context import FleetContext, fail
-from fleet.config.exitcodes import ExitCode
-from fleet.config.settings import Settings
+from config.exitcodes import ExitCode
+from config.settings import Settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,7 +40,7 @@ def main(click_ctx: click.Context) -> None:
     """
     from pydantic import ValidationError
 
-    from fleet.config.logs import setup_logging
+    from config.logs import setup_logging
 
     try:
         settings = Settings()

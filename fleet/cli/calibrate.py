@@ -9,7 +9,7 @@ import click
 
 from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option, task_option
-from fleet.config.exitcodes import ExitCode
+from config.exitcodes import ExitCode
 
 
 @click.command()
@@ -61,7 +61,7 @@ def calibrate(
         _threshold(ctx, task_name, gold, target_escalation, as_json)
         return
     assert data is not None
-    from fleet.config.taskconfig import resolve_model_path
+    from config.taskconfig import resolve_model_path
     from fleet.models.labeled import TrainingDataError, load_labeled
     from fleet.models.temperature import calibrate_folder, fit_task_temperature
 

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, NoReturn
 
 import click
 
-from fleet.config.exitcodes import ExitCode
-from fleet.config.settings import Settings, redact
+from config.exitcodes import ExitCode
+from config.settings import Settings, redact
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from fleet.config.taskconfig import SourceSpec, TaskSpec
+    from config.taskconfig import SourceSpec, TaskSpec
 
 
 class FleetError(click.ClickException):
@@ -98,7 +98,7 @@ class FleetContext:
 
     def tasks(self) -> dict[str, TaskSpec]:
         """Every task of the task config, by name. Exits with CONFIG on a bad config."""
-        from fleet.config.taskconfig import ConfigError, load_tasks
+        from config.taskconfig import ConfigError, load_tasks
 
         try:
             return load_tasks(self.settings.config_file)
@@ -107,7 +107,7 @@ class FleetContext:
 
     def task(self, name: str) -> TaskSpec:
         """One task of the task config. Exits with CONFIG, listing the tasks, on an unknown name."""
-        from fleet.config.taskconfig import ConfigError, get_task
+        from config.taskconfig import ConfigError, get_task
 
         try:
             return get_task(self.tasks(), name)
@@ -116,7 +116,7 @@ class FleetContext:
 
     def sources(self) -> dict[str, SourceSpec]:
         """The [sources.*] of the task config, by name. Exits with CONFIG on a bad config."""
-        from fleet.config.taskconfig import ConfigError, load_sources
+        from config.taskconfig import ConfigError, load_sources
 
         try:
             return load_sources(self.settings.config_file)

@@ -18,8 +18,8 @@ import click
 
 from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option
-from fleet.config.exitcodes import ExitCode
-from fleet.config.settings import redact
+from config.exitcodes import ExitCode
+from config.settings import redact
 
 
 @click.command("settings")
@@ -219,7 +219,7 @@ def sync_cmd(
     database could not be reached).
     Sources read FLEET_SOURCE_DATABASE_URL when set, else DATABASE_URL.
     """
-    from fleet.config.taskconfig import ConfigError
+    from config.taskconfig import ConfigError
     from producer.sync import pick, sync_sources
 
     sources = ctx.sources()

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from fleet.cli.context import FleetContext, pass_fleet
-from fleet.config.exitcodes import ExitCode
+from config.exitcodes import ExitCode
 
 
 def _warn(message: str) -> None:

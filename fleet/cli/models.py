@@ -11,10 +11,10 @@ import click
 
 from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option, task_option
-from fleet.config.exitcodes import ExitCode
+from config.exitcodes import ExitCode
 
 if TYPE_CHECKING:
-    from fleet.config.taskconfig import TaskSpec
+    from config.taskconfig import TaskSpec
 
 
 @click.group()
@@ -192,7 +192,7 @@ def train(
     A task the config lacks is created with --kind sequence_classify and --data:
     its labels are the data's, and the whole task entry is printed.
     """
-    from fleet.config.taskconfig import ConfigError
+    from config.taskconfig import ConfigError
     from fleet.models.finetune import TrainConfig
     from fleet.models.labeled import TrainingDataError
     from fleet.models.taskentry import append_entry, default_out, new_task, task_entry

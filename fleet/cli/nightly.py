@@ -16,7 +16,7 @@ import click
 
 from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import finish_run, json_option, local_workers_option, unwind_on_sigterm
-from fleet.config.exitcodes import ExitCode
+from config.exitcodes import ExitCode
 
 
 @click.command()
@@ -124,7 +124,7 @@ def beat(ctx: FleetContext, loglevel: str) -> None:
     FLEET_BEAT_FEED_SECONDS, the reconciler every FLEET_BEAT_RECONCILE_SECONDS.
     """
     from db.engine import dispose_all
-    from fleet.config.logs import setup_logging
+    from config.logs import setup_logging
     from fleet.ops.workercommand import control_worker_args
     from producer.schedule import ScheduleError, beat_schedule, install
     from workers.control import CONTROL_QUEUE

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import click
 
-from fleet.config.exitcodes import ExitCode
+from config.exitcodes import ExitCode
 
 task_option = click.option(
     "--task", "-t", "task_name", required=True, help="Task name from the task config (e.g. intent)."

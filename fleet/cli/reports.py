@@ -10,7 +10,7 @@ import click
 
 from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option, task_option
-from fleet.config.exitcodes import ExitCode
+from config.exitcodes import ExitCode
 
 
 @click.command()

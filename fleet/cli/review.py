@@ -11,8 +11,8 @@ import click
 
 from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option, task_option
-from fleet.config.exitcodes import ExitCode
-from fleet.config.taskconfig import TaskSpec
+from config.exitcodes import ExitCode
+from config.taskconfig import TaskSpec
 
 
 @click.group()
@@ -175,7 +175,7 @@ def _effective_task(ctx: FleetContext, name: str) -> TaskSpec:
     """The task with the ladder workers serve: the config's, or the one promoted."""
     from db.engine import transaction
     from db.ladders import all_overrides
-    from fleet.config.taskconfig import with_ladders
+    from config.taskconfig import with_ladders
 
     ctx.task(name)
     with transaction(ctx.url()) as session:

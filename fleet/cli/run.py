@@ -14,7 +14,7 @@ from fleet.cli.output import (
     task_option,
     unwind_on_sigterm,
 )
-from fleet.config.exitcodes import ExitCode
+from config.exitcodes import ExitCode
 
 
 @click.command()

@@ -12,7 +12,7 @@ import click
 
 from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option
-from fleet.config.exitcodes import ExitCode
+from config.exitcodes import ExitCode
 
 
 def describe_config(ctx: FleetContext) -> dict[str, Any]:
@@ -21,7 +21,7 @@ def describe_config(ctx: FleetContext) -> dict[str, Any]:
     Each task: name, kind, source, origin ("bundled" or the file), queue, labels
     (list), input_from, then, ladder (name, path, resolved path, present on
     disk). Each source: name, kind, shape, table or query, on_delete."""
-    from fleet.config.taskconfig import ConfigError, resolve_model_path, task_origins
+    from config.taskconfig import ConfigError, resolve_model_path, task_origins
 
     try:
         origins = task_origins(ctx.settings.config_file)

@@ -97,7 +97,7 @@ def train_bundled(
     Labels (and their id order) are the task's `[labels.*]` set in the bundled
     tasks.toml. Writes the folder whole, then moves it into place.
     """
-    from fleet.config.taskconfig import load_tasks
+    from config.taskconfig import load_tasks
     from fleet.models.finetune import TrainConfig
     from fleet.models.labeled import load_labeled
     from fleet.models.training import run_training

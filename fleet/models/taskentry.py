@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from fleet.config.taskconfig import ConfigError, TaskSpec, TierSpec, load_tasks, read_document
+from config.taskconfig import ConfigError, TaskSpec, TierSpec, load_tasks, read_document
 
 
 def default_out(state_dir: Path, name: str) -> Path:

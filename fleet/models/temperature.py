@@ -125,7 +125,7 @@ def adapter_log_scores(
     import dataclasses
     import math
 
-    from fleet.config.taskconfig import resolve_model_path
+    from config.taskconfig import resolve_model_path
     from workers.adapters import make_adapter
     from workers.adapters.base import InputError, Prediction, Source
 

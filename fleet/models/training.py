@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet.config.taskconfig import TaskSpec, resolve_model_path
+from config.taskconfig import TaskSpec, resolve_model_path
 from fleet.models.labeled import TrainingDataError
 from workers.adapters.windowed import Reading
 

@@ -95,7 +95,7 @@ class CascadeStatus:
 
 def configured_cascades(config_file: Path | None) -> dict[str, str]:
     """{cheap task: stronger task} of the task config; {} when it cannot be read."""
-    from fleet.config.taskconfig import ConfigError, load_tasks
+    from config.taskconfig import ConfigError, load_tasks
 
     try:
         specs = load_tasks(config_file)

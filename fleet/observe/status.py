@@ -402,7 +402,7 @@ def _model_seconds(url: str, tasks: Iterable[str]) -> dict[str, float] | None:
 def configured_tasks(config_file: Path | None) -> list[str]:
     """Task names from the task config, or none when it cannot be read (the
     ledger and the workers still name every task that has work)."""
-    from fleet.config.taskconfig import ConfigError, load_tasks
+    from config.taskconfig import ConfigError, load_tasks
 
     try:
         return sorted(load_tasks(config_file))

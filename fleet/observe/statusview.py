@@ -19,8 +19,8 @@ from rich.table import Table
 from rich.text import Text
 
 from db.schema import STATUSES
-from fleet.config.exitcodes import ExitCode
-from fleet.config.settings import Settings, redact
+from config.exitcodes import ExitCode
+from config.settings import Settings, redact
 from fleet.observe.cascade import configured_cascades
 from fleet.observe.status import (
     FleetStatus,

@@ -18,7 +18,7 @@ from typing import Any
 
 from celery import signals
 
-from fleet.config.settings import Settings
+from config.settings import Settings
 from fleet.ops.services import ensure_services
 from workers.app import create_app
 from workers.lifecycle import start_worker, stop_worker

@@ -22,8 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fleet.config.settings import Settings
-from fleet.config.taskconfig import TaskSpec
+from config.settings import Settings
+from config.taskconfig import TaskSpec
 from fleet.observe.display import out, results_table
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from fleet.config.taskconfig import TaskSpec
+from config.taskconfig import TaskSpec
 
 IMAGE = "gpu-fleet:latest"
 K8S_IMAGE = "gpu-fleet"  # kustomization.yaml sets the registry and tag

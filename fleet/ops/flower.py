@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fleet.config.settings import Settings, redact
+from config.settings import Settings, redact
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from fleet.config.exitcodes import ExitCode
-from fleet.config.settings import Settings
-from fleet.config.taskconfig import TaskSpec, resolve_model_path
+from config.exitcodes import ExitCode
+from config.settings import Settings
+from config.taskconfig import TaskSpec, resolve_model_path
 from fleet.ops.workercommand import worker_argv, worker_env, worker_name
 from workers.policy import backoff
 

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import SecretStr
 from sqlalchemy import text
 
-from fleet.config.settings import Settings, normalize_database_url
+from config.settings import Settings, normalize_database_url
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleet.config.exitcodes import ExitCode
-from fleet.config.settings import Settings
+from config.exitcodes import ExitCode
+from config.settings import Settings
 from workers.policy import backoff
 
 STABLE_AFTER_S = 60.0

@@ -11,7 +11,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from fleet.config.settings import Settings
+from config.settings import Settings
 
 
 def worker_name(task: str, *, gpu: int | None, unique: str | None = None) -> str:

@@ -16,8 +16,8 @@ from typing import Any
 
 from db.engine import transaction
 from db.sources import first_source_ids, load_inputs
-from fleet.config.settings import Settings
-from fleet.config.taskconfig import TaskSpec, TierSpec
+from config.settings import Settings
+from config.taskconfig import TaskSpec, TierSpec
 from workers.adapters import make_adapter
 from workers.adapters.base import Source
 from workers.runtime import ItemResult, ModelRuntime

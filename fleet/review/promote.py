@@ -26,8 +26,8 @@ from db import ladders
 from db import review as rq
 from db.engine import transaction
 from db.sources import load_inputs
-from fleet.config.settings import Settings
-from fleet.config.taskconfig import TaskSpec, TierSpec, tier_table
+from config.settings import Settings
+from config.taskconfig import TaskSpec, TierSpec, tier_table
 from fleet.reporting.compare import run_model
 from fleet.reporting.export import GoldLabels, load_gold
 from fleet.reporting.scoring import classification_report

@@ -25,7 +25,7 @@ from typing import Any
 
 from db import review as rq
 from db.engine import transaction
-from fleet.config.taskconfig import TaskSpec
+from config.taskconfig import TaskSpec
 from fleet.review import labelstudio as ls
 from fleet.review import strategies as st
 from fleet.review.texts import item_texts

@@ -8,7 +8,7 @@ from typing import Any
 
 from db.engine import transaction
 from db.sources import load_inputs
-from fleet.config.taskconfig import TaskSpec
+from config.taskconfig import TaskSpec
 from workers.adapters.base import InputError
 from workers.adapters.text import conversation_text
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 HOLDER = """
 import json, sys, time
 from pathlib import Path
-from fleet.config.settings import Settings
+from config.settings import Settings
 from fleet.ops.services import ensure_services
 s = ensure_services(Settings())
 print(json.dumps({"db": s.db_url(), "broker": s.redis_url()}), flush=True)

@@ -41,7 +41,7 @@ def _bert(folder: Path, *, hidden: int, layers: int, heads: int) -> Path:
 
 
 def test_real_oom_downshifts(tmp_path):
-    from fleet.config.taskconfig import TaskSpec, TierSpec
+    from config.taskconfig import TaskSpec, TierSpec
     from workers.adapters.base import Source
     from workers.adapters.sequence_classify import SequenceClassifyAdapter
     from workers.runtime import ModelRuntime

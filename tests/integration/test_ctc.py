@@ -20,7 +20,7 @@ import pytest
 import soundfile as sf
 
 from bench.ctc_model import build_ctc_model
-from fleet.config.taskconfig import TierSpec
+from config.taskconfig import TierSpec
 from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.adapters.ctc import CTCAdapter, CTCAudio
 from workers.adapters.speech import SpeechAdapter

@@ -41,8 +41,8 @@ def test_a_run_over_many_tasks_fits_its_runs_row(db_url, broker_url, tmp_path):
 
     from db.engine import transaction
     from db.schema import Run
-    from fleet.config.settings import Settings
-    from fleet.config.taskconfig import TaskSpec, TierSpec
+    from config.settings import Settings
+    from config.taskconfig import TaskSpec, TierSpec
     from producer.runner import run_until_done
     from workers.app import create_app
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.config.taskconfig import TierSpec
+from config.taskconfig import TierSpec
 from workers.adapters.base import Prediction, Source
 
 pytestmark = [

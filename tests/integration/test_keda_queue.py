@@ -9,7 +9,7 @@ from pathlib import Path
 import redis
 import yaml
 
-from fleet.config.settings import Settings
+from config.settings import Settings
 from producer.enqueue import queue_depth
 from workers.app import create_app
 from workers.messages import BatchMessage, send_batch

@@ -187,7 +187,7 @@ def test_finish_batch_replaces_the_result_of_an_earlier_attempt(db_url):
 
 
 def test_send_batches_pipelines_every_message_in_order(broker_url, fresh_pools):
-    from fleet.config.settings import Settings
+    from config.settings import Settings
     from workers.app import create_app
 
     app = create_app(Settings(database_url="postgresql://unused/x", broker_url=broker_url))
@@ -218,8 +218,8 @@ def test_send_batches_pipelines_every_message_in_order(broker_url, fresh_pools):
 def test_enqueue_sends_every_batch_and_refreshes_statistics_after_a_large_claim(
     db_url, broker_url, monkeypatch, fresh_pools
 ):
-    from fleet.config.settings import Settings
-    from fleet.config.taskconfig import get_task, load_tasks
+    from config.settings import Settings
+    from config.taskconfig import get_task, load_tasks
     from producer import enqueue as producer_enqueue
     from workers.app import create_app
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.config.taskconfig import TierSpec
+from config.taskconfig import TierSpec
 from workers.adapters.base import InputError, Prediction, Prepared, Source
 
 pytestmark = [

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from fleet.config.settings import Settings
+from config.settings import Settings
 from tests.support import (
     REPO,
     WorkerProcess,
@@ -167,7 +167,7 @@ def test_when_an_open_run_counts_as_abandoned(mode, holder_alive, idle_s, abando
 
 
 def test_a_nightly_run_covers_every_task_and_their_follow_ups():
-    from fleet.config.taskconfig import load_tasks
+    from config.taskconfig import load_tasks
     from producer.drive import run_specs
     from producer.runs import task_label
 

@@ -382,8 +382,8 @@ def test_rerun_counts_the_promoted_ladder_as_current(env, tmp_path):
     from dataclasses import replace
 
     from db.ladders import promote
-    from fleet.config.settings import Settings
-    from fleet.config.taskconfig import TierSpec, load_tasks
+    from config.settings import Settings
+    from config.taskconfig import TierSpec, load_tasks
     from producer.sync import current_revisions
     from workers.hub import resolve_tier
 

@@ -20,7 +20,7 @@ import pytest
 import soundfile as sf
 
 from bench.asr import corpus_wer, normaliser
-from fleet.config.taskconfig import TierSpec
+from config.taskconfig import TierSpec
 from fleet.models.convert.whisper_ct2 import MARKER
 from workers.adapters.base import InputError, Prediction, Source
 from workers.adapters.transcribe import TranscribeAdapter

@@ -16,7 +16,7 @@ from db import history, ledger, triggers
 from db.engine import get_engine, transaction
 from db.sources import ingest_conversations
 from db.sync import SyncError, sync_source
-from fleet.config.taskconfig import SourceSpec
+from config.taskconfig import SourceSpec
 from fleet.reporting.export import evaluate, export
 from tests.appdb import QUERY, add_conversation, create_app_database, sql
 from tests.support import drop_database
@@ -492,7 +492,7 @@ def test_audio_source(db_url):
 def test_beat_tick_syncs_marked_sources_only(db_url, app_db, monkeypatch):
     """producer.sync.beat_tick: with triggers, nothing marked -> nothing synced;
     a write marks the source and the next tick syncs it (a delete with the key scan)."""
-    from fleet.config.settings import Settings
+    from config.settings import Settings
     from producer.sync import beat_tick
 
     app_url, plain = app_db

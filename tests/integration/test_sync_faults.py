@@ -12,8 +12,8 @@ from sqlalchemy import text
 
 from db import triggers
 from db.engine import get_engine, transaction
-from fleet.config.settings import Settings
-from fleet.config.taskconfig import SourceSpec
+from config.settings import Settings
+from config.taskconfig import SourceSpec
 from producer.sync import beat_tick, sync_sources
 from tests.appdb import QUERY, add_conversation, create_app_database, sql
 from tests.integration.test_sync import _classify, _messages, _status, _sync
@@ -367,7 +367,7 @@ def test_continuous_mode_keeps_the_label_and_feeds_the_edit_at_once(
     and feeds it, and the view serves the old label, stale, meanwhile."""
     import redis
 
-    from fleet.config.taskconfig import load_tasks
+    from config.taskconfig import load_tasks
     from producer.schedule import SYNC_TASK, install
     from workers.app import create_app
 

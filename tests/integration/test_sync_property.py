@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from db.engine import get_engine, transaction
 from db.sync import sync_source
-from fleet.config.taskconfig import SourceSpec
+from config.taskconfig import SourceSpec
 from tests.appdb import QUERY, create_app_database
 from tests.support import drop_database
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from fleet.config.taskconfig import TierSpec
+from config.taskconfig import TierSpec
 from fleet.models.convert.whisper_ct2 import MARKER, prepare_whisper, read_ct2_model
 from tests.support import wer
 from workers.adapters.base import InputError, Prediction, Prepared, Source

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.config.taskconfig import TierSpec
+from config.taskconfig import TierSpec
 from fleet.models.prepare import minilm_path
 from workers.adapters.base import Prediction, Source
 from workers.adapters.zero_shot import ZeroShotAdapter

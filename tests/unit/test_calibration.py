@@ -89,7 +89,7 @@ def test_adapter_applies_the_stored_temperature(tmp_path: Path) -> None:
     unchanged, and the result says it is calibrated; without the file it says it is not."""
     import torch
 
-    from fleet.config.taskconfig import TierSpec
+    from config.taskconfig import TierSpec
     from tests.support import build_tiny_classifier
     from workers.adapters.base import Prediction, Source
     from workers.adapters.sequence_classify import SequenceClassifyAdapter

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.config.taskconfig import ConfigError, parse_tasks
+from config.taskconfig import ConfigError, parse_tasks
 from workers.cascade import escalation_output, should_escalate, threshold_for_share
 
 

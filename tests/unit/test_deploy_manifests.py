@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from fleet.cli import main
-from fleet.config.settings import Settings
-from fleet.config.taskconfig import load_tasks
+from config.settings import Settings
+from config.taskconfig import load_tasks
 from fleet.ops import deploy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -230,7 +230,7 @@ def test_every_fleet_variable_named_anywhere_is_a_setting():
     }
     assert named, "no FLEET_ variable found: the scan is broken"
     unknown = sorted((v, f) for v, f in named if v not in SETTING_VARS)
-    assert not unknown, f"not a field of fleet.config.settings.Settings: {unknown}"
+    assert not unknown, f"not a field of config.settings.Settings: {unknown}"
 
 
 def _defined_vars() -> list[tuple[str, str]]:

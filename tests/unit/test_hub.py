@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.config.taskconfig import TierSpec
+from config.taskconfig import TierSpec
 from tests.hubcache import add_to_hub_cache
 from workers.hub import ModelNotCached, folder_revision, hub_id, resolve_tier
 

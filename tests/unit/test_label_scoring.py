@@ -206,7 +206,7 @@ LABELS = {"work": "jobs and colleagues", "friends": "friends and family", "feel"
 
 
 def _adapter(folder: Path, **options: Any) -> Any:
-    from fleet.config.taskconfig import TierSpec
+    from config.taskconfig import TierSpec
     from workers.adapters.llm_classify import LLMClassifyAdapter
 
     a = LLMClassifyAdapter(labels=LABELS, **options)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.config.settings import Settings
-from fleet.config.taskconfig import TaskSpec, TierSpec
+from config.settings import Settings
+from config.taskconfig import TaskSpec, TierSpec
 from fleet.ops.localworkers import has_work, next_turn, plan_workers, upstream, wanted
 
 

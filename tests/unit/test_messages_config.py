@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.config.taskconfig import ConfigError, load_tasks, parse_tasks
+from config.taskconfig import ConfigError, load_tasks, parse_tasks
 from workers.messages import BatchMessage
 
 

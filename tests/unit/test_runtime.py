@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.config.taskconfig import TaskSpec, TierSpec
+from config.taskconfig import TaskSpec, TierSpec
 from workers.adapters.base import InputError, Prepared, Source
 from workers.adapters.fake import FakeAdapter
 from workers.runtime import ModelMissing, ModelRuntime

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.config.taskconfig import ConfigError, TierSpec, parse_tasks
+from config.taskconfig import ConfigError, TierSpec, parse_tasks
 from tests.support import build_tiny_classifier
 from workers.adapters import make_adapter
 from workers.adapters.base import Prediction, Source

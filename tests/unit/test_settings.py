@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from fleet.config.settings import Settings, normalize_database_url, redact
+from config.settings import Settings, normalize_database_url, redact
 
 
 def test_defaults_are_embedded(monkeypatch):

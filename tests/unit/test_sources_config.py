@@ -1,4 +1,4 @@
-"""`[sources.<name>]` tables of the task config: parsed into SourceSpec (fleet.config.taskconfig),
+"""`[sources.<name>]` tables of the task config: parsed into SourceSpec (config.taskconfig),
 every mistake a ConfigError that names the source and what is allowed."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import tomllib
 import pytest
 
 from db.sync import source_sql
-from fleet.config.taskconfig import ConfigError, parse_sources
+from config.taskconfig import ConfigError, parse_sources
 
 EXAMPLE = """
 [sources.app]

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from db.syncgone import mass_delete
 from db.syncmark import Horizon, next_mark
 from db.syncrows import CURSOR, build
-from fleet.config.taskconfig import ConfigError, SourceSpec, parse_every
+from config.taskconfig import ConfigError, SourceSpec, parse_every
 
 T0 = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
 MSG = SourceSpec(name="m", shape="messages", query="SELECT 1")

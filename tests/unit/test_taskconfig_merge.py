@@ -1,5 +1,5 @@
 """A user's FLEET_CONFIG_FILE extends the bundled tasks and label sets
-(fleet.config.taskconfig.merge_documents); `fleet tasks` shows what is in force;
+(config.taskconfig.merge_documents); `fleet tasks` shows what is in force;
 a nightly run with no tasks is a configuration error."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from fleet.cli import main
-from fleet.config.taskconfig import ConfigError, load_tasks, merge_documents
+from config.taskconfig import ConfigError, load_tasks, merge_documents
 
 BUNDLED = {
     "labels": {"intent": {"a": "A"}, "mood": {"x": "X"}},

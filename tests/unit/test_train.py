@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.config.taskconfig import load_tasks
+from config.taskconfig import load_tasks
 from fleet.models.finetune import INTENT_LABELS, METRICS_FILE, ordered_labels, tier_toml
 from fleet.models.labeled import (
     Example,

@@ -100,7 +100,7 @@ def test_train_from_csv_writes_a_servable_folder(tmp_path: Path, tiny_base: Path
     )
 
     # The folder serves: the sequence_classify adapter loads it and labels a conversation.
-    from fleet.config.taskconfig import TierSpec
+    from config.taskconfig import TierSpec
     from workers.adapters.base import Prediction, Source
     from workers.adapters.sequence_classify import SequenceClassifyAdapter
 
@@ -157,7 +157,7 @@ def test_train_as_you_serve(tmp_path: Path, tiny_base: Path) -> None:
     assert reading == {"max_length": 64, "pooling": "max", "max_windows": 16, "window_overlap": 32}
     assert "max_length = 64" in report["toml"] and 'pooling = "max"' in report["toml"]
 
-    from fleet.config.taskconfig import TierSpec
+    from config.taskconfig import TierSpec
     from workers.adapters.sequence_classify import SequenceClassifyAdapter
 
     with pytest.raises(ValueError, match="trained on windows of 64 tokens"):
@@ -250,7 +250,7 @@ def test_train_creates_a_new_task_and_writes_its_entry(tmp_path: Path, tiny_base
     assert (folder / "model.safetensors").is_file()
     assert f"task entry appended to {config}" in result.output and "[tasks.triage]" in result.output
 
-    from fleet.config.taskconfig import load_tasks
+    from config.taskconfig import load_tasks
 
     tasks = load_tasks(config)
     assert "intent" in tasks  # the bundled tasks stay

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.config.taskconfig import TierSpec
+from config.taskconfig import TierSpec
 from workers.adapters.base import Source
 from workers.adapters.text import conversation_text
 from workers.adapters.windowed import (

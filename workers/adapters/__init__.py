@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fleet.config.taskconfig import TaskSpec
+    from config.taskconfig import TaskSpec
     from workers.adapters.base import Adapter
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from fleet.config.taskconfig import TierSpec
+from config.taskconfig import TierSpec
 
 
 class InputError(Exception):

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from fleet.config.taskconfig import TierSpec
+from config.taskconfig import TierSpec
 from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.audio import MIN_VOICE_S, decode_audio, resolve_audio_path, voice_gate
 from workers.ctc_windows import Window, ctc_collapse, kept_parts, near_empty, plan_windows

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleet.config.taskconfig import TierSpec
+from config.taskconfig import TierSpec
 from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.adapters.text import conversation_text
 

@@ -39,7 +39,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fleet.config.taskconfig import TierSpec
+from config.taskconfig import TierSpec
 from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.adapters.label_scoring import (
     CONTENT_FREE_INPUTS,

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fleet.config.taskconfig import TierSpec
+from config.taskconfig import TierSpec
 from workers import calibration
 from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.adapters.windowed import (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fleet.config.taskconfig import TierSpec
+from config.taskconfig import TierSpec
 from workers.adapters.base import Adapter, InputError, Prediction, Prepared, Source
 from workers.adapters.ctc import CTCAdapter
 from workers.adapters.transcribe import TranscribeAdapter

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from fleet.config.taskconfig import TierSpec
+from config.taskconfig import TierSpec
 from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.audio import MIN_VOICE_S, chunk_audio, decode_audio, resolve_audio_path, voice_gate
 

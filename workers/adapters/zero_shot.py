@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fleet.config.taskconfig import TierSpec
+from config.taskconfig import TierSpec
 from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.adapters.sequence_classify import torch_dtype
 from workers.adapters.text import conversation_text
