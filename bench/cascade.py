@@ -10,7 +10,7 @@ labels, accuracy 1.0), else a task of the task config run through its adapter
 (e.g. `--strong llm_classify`; on a GPU machine, a real instruct LLM's tier).
 Costs are per item, in whatever unit --cheap-cost and --strong-cost are given.
 
-Sets: the intent evaluation sets of fleet/data/eval/ (README there). The
+Sets: the intent evaluation sets of config/data/eval/ (README there). The
 threshold is the one `fleet calibrate --target-escalation` picks
 (`workers.cascade.threshold_for_share`): a quantile of the cheap tier's
 confidences, which needs no labels. It is picked twice: on the set itself (as

@@ -6,7 +6,7 @@
 Trains each bundled classifier the way `fleet models prepare` does (MiniLM, the
 shipped training file, an 80/20 stratified split with seed 0, early stopping on
 the split) into --models-dir, and prints per task: the split's accuracy and
-macro-F1, the same on the independent evaluation file (fleet/data/eval/, written
+macro-F1, the same on the independent evaluation file (config/data/eval/, written
 apart from the training file), epochs and training seconds. The sum of the
 seconds is what `fleet models prepare` spends training on this machine.
 
@@ -68,12 +68,19 @@ def main() -> int:
         rows.append(_row(f"{b.task} ({b.data})", m, took))
         print(rows[-1], flush=True)
     if args.intent_baseline:
-        old = subprocess.run(
-            ["git", "show", f"{args.intent_baseline}:fleet/data/intent.jsonl"],
-            cwd=REPO,
-            check=True,
-            capture_output=True,
-        ).stdout
+        # The set lives in config/data; commits before that move kept it in fleet/data.
+        shown = [
+            subprocess.run(
+                ["git", "show", f"{args.intent_baseline}:{folder}/intent.jsonl"],
+                cwd=REPO,
+                capture_output=True,
+            )
+            for folder in ("config/data", "fleet/data")
+        ]
+        found = next((s for s in shown if s.returncode == 0), None)
+        if found is None:
+            raise SystemExit(shown[-1].stderr.decode(errors="replace"))
+        old = found.stdout
         data = models_dir / f"intent-{args.intent_baseline}.jsonl"
         data.write_bytes(old)
         started = time.perf_counter()

@@ -3,9 +3,9 @@
     .venv/bin/python -m bench.classify_quality [--methods m1,m2,...] [--batch 8]
         [--models-dir DIR] [--limit N] [--threads 1]
 
-Data: fleet/data/eval/intent_eval.jsonl (104 conversations, 13 per intent label,
+Data: config/data/eval/intent_eval.jsonl (104 conversations, 13 per intent label,
 written apart from any training file). Labels and descriptions: [labels.intent] of
-fleet/data/tasks.toml. Each method runs in this process over the same items, in
+config/data/tasks.toml. Each method runs in this process over the same items, in
 sub-batches of --batch in file order, after its model is loaded (load time is not
 counted). Prints per method: accuracy, macro-F1, items/s (wall) and a confusion
 matrix (rows gold, columns predicted); the last lines print speed ratios measured in
@@ -15,18 +15,18 @@ Methods:
   llm-generate   SmolLM2-135M-Instruct writes the JSON answer, category constrained
                  (the `llm_classify` method before label scoring)
   llm-score      SmolLM2 label scoring as tasks.toml configures `llm_classify` (short
-                 label phrases from fleet/data/intent_prototypes.json), calibrated
+                 label phrases from config/data/intent_prototypes.json), calibrated
                  (Zhao et al. 2021)
   llm-score-raw  the same scores without calibration (read from the same run)
   llm-score-desc label scoring of the one-line descriptions of tasks.toml instead
   llm-fewshot    label scoring with 8 fixed examples (one per label) from the
-                 training file fleet/data/intent.jsonl in the prompt
+                 training file config/data/intent.jsonl in the prompt
   gemma-score    Gemma 3 270M (base) label scoring as `llm_classify` is configured
   gemma-score-raw  the same, uncalibrated
   zs-description MiniLM embedding similarity to the one-line label descriptions
                  (`topic` before prototypes)
   zs-prototypes  MiniLM similarity to several descriptions and example texts per
-                 label (fleet/data/intent_prototypes.json; `topic` as configured)
+                 label (config/data/intent_prototypes.json; `topic` as configured)
   zs-llm         the zero-shot adapter with its LLM method (SmolLM2 label scoring)
 """
 

@@ -3,9 +3,9 @@
     .venv/bin/python -m bench.confidence [--models-dir DIR] [--tasks intent,sentiment,...]
         [--sets first,personas] [--json]
 
-For each task and each evaluation set under fleet/data/eval/ (`first`: the
+For each task and each evaluation set under config/data/eval/ (`first`: the
 `*_eval.jsonl` sets; `personas`: the `*_personas.jsonl` sets written later by a
-planned persona/topic/length grid; fleet/data/eval/README.md), prints n,
+planned persona/topic/length grid; config/data/eval/README.md), prints n,
 accuracy, and the expected calibration error (10 equal-width bins) of the
 confidence before and after calibration:
 
@@ -14,7 +14,7 @@ confidence before and after calibration:
   held-out split of the training file);
 - topic (zero-shot MiniLM similarity, scored on the intent sets): the temperature
   the task used before fitting (0.05) against the one tasks.toml serves now
-  (fitted by `fleet calibrate --task topic --data fleet/data/intent.jsonl`);
+  (fitted by `fleet calibrate --task topic --data config/data/intent.jsonl`);
 - llm_classify (SmolLM2 label scoring, intent sets): its label distribution
   after contextual calibration (Zhao et al. 2021) as served; no temperature.
 

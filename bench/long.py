@@ -8,7 +8,7 @@ Sets (none of them is training data):
           decisive request of bench.long_turns in five positions; 140 items of
           decisive requests 0-3 ("choice": the pooling rule is chosen on them) and
           70 of requests 4-5 ("held-out": never used for a choice)
-  short   fleet/data/eval/intent_eval.jsonl (104 short conversations)
+  short   config/data/eval/intent_eval.jsonl (104 short conversations)
   alone   the 42 decisive requests alone
 
 For `intent` (sequence_classify, intent-minilm) and `topic` (zero_shot embedding,

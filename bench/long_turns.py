@@ -1,6 +1,6 @@
 """The hand-written turns that `bench.long_set` composes into long conversations.
 
-Written for this evaluation only, apart from every training file under fleet/data
+Written for this evaluation only, apart from every training file under config/data
 (which holds short, clean one-sentence requests): here the voices are a terse
 lowercase texter, a wordy formal writer, a non-native speaker and a rambler, and
 the requests carry the detail of real chats. Planned before writing:

@@ -2,9 +2,9 @@
 
     .venv/bin/python -m bench.review [--rounds 3] [--per-round 50] [--seeds 5] [--start 16]
 
-Pool: the bundled intent training set (fleet/data/intent.jsonl, 973 texts, 8
+Pool: the bundled intent training set (config/data/intent.jsonl, 973 texts, 8
 labels), its labels standing in for a reviewer's answers. Evaluation: the
-independent intent evaluation set (fleet/data/eval/intent_eval.jsonl, 104
+independent intent evaluation set (config/data/eval/intent_eval.jsonl, 104
 conversations written separately, in other voices), never picked from or tuned on.
 
 The model is a logistic-regression head (scikit-learn, multinomial, C=10) on

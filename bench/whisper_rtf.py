@@ -3,7 +3,7 @@ file at a time, as audio seconds per wall second (the real-time factor's inverse
 
     .venv/bin/python -m bench.whisper_rtf [--files 16] [--rounds 2] [--models-dir DIR]
 
-Speech: espeak-ng speaks the sentences of fleet/data/sample_speech.txt, alone
+Speech: espeak-ng speaks the sentences of config/data/sample_speech.txt, alone
 and strung together, into files of about 3 s to 90 s (half of them longer than
 Whisper's 30 s window, so they are cut into chunks), with four voices and three
 speeds. Model: the first tier of the bundled transcribe task (Whisper base;

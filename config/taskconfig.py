@@ -1,5 +1,5 @@
 """Tasks and their model ladders, from a TOML file: the bundled
-fleet/data/tasks.toml, extended by the user's FLEET_CONFIG_FILE.
+config/data/tasks.toml, extended by the user's FLEET_CONFIG_FILE.
 
 A user's file adds to the bundled tasks and label sets: a label set of the
 same name replaces the bundled one, a task of the same name is updated key by
@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
-from importlib import resources
+from config.data import data_path
 from pathlib import Path
 from typing import Any
 
@@ -264,8 +264,8 @@ TOP_KEYS = ("include_bundled", "labels", "tasks", "sources")
 
 
 def bundled_document() -> dict[str, Any]:
-    """The bundled fleet/data/tasks.toml as a TOML document."""
-    text = resources.files("fleet").joinpath("data/tasks.toml").read_text("utf-8")
+    """The bundled config/data/tasks.toml as a TOML document."""
+    text = data_path("tasks.toml").read_text("utf-8")
     return tomllib.loads(text)
 
 

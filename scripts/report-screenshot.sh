@@ -27,9 +27,9 @@ export FLEET_MODELS_DIR=${FLEET_MODELS_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}
 
 "$PY" - "$WORK/backlog.jsonl" <<'EOF'
 import json, sys
-from importlib import resources
+from config.data import data_path
 
-data = resources.files("fleet").joinpath("data")
+data = data_path(".")
 with open(sys.argv[1], "w") as out:
     out.write(data.joinpath("sample_conversations.jsonl").read_text())
     for i, line in enumerate(data.joinpath("intent.jsonl").read_text().splitlines()):

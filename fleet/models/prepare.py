@@ -11,9 +11,10 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from config.data import data_path
 
 INTENT = "intent-minilm"
 WORTHINESS = "worthiness-minilm"
@@ -30,8 +31,8 @@ OPTIONAL = (GEMMA,)
 
 @dataclass(frozen=True)
 class BundledClassifier:
-    """A classifier the fleet trains from data it ships: `fleet/data/<data>`, scored on
-    `fleet/data/<eval>` (written separately from the training file)."""
+    """A classifier the fleet trains from data it ships: `config/data/<data>`, scored on
+    `config/data/<eval>` (written separately from the training file)."""
 
     task: str
     folder: str
@@ -60,8 +61,8 @@ def minilm_path() -> Path:
 
 
 def data_file(name: str) -> Path:
-    """A file under the package's fleet/data folder."""
-    return Path(str(resources.files("fleet").joinpath(f"data/{name}")))
+    """A bundled data file (config/data)."""
+    return data_path(name)
 
 
 def bundled_for_task(task: str) -> BundledClassifier | None:

@@ -18,10 +18,10 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from config.data import data_path
 from config.settings import Settings
 from config.taskconfig import TaskSpec
 from fleet.observe.display import out, results_table
@@ -49,7 +49,7 @@ class DemoContext(Protocol):
 
 
 def _data(name: str) -> Path:
-    return Path(str(resources.files("fleet").joinpath(f"data/{name}")))
+    return data_path(name)
 
 
 def _speak_samples(audio_root: Path) -> tuple[Path, dict[str, tuple[str, str]]] | None:

@@ -40,7 +40,7 @@ def kinds_fleet(db_url, broker_url, bundled_models_dir, trained_intent, smollm_d
     prepare_minilm(bundled_models_dir)
     samples = [
         json.loads(line)
-        for line in (REPO / "fleet/data/sample_conversations.jsonl").read_text().splitlines()
+        for line in (REPO / "config/data/sample_conversations.jsonl").read_text().splitlines()
         if line.strip()
     ]
     per_label: dict[str, int] = {}

@@ -184,7 +184,7 @@ def check_fleet_argv(argv: list[str], where: str) -> dict[str, Any]:
     params = dict(ctx.params)
     task = params.get("task_name")
     if task is not None:
-        assert task in TASKS, f"{where}: --task {task} is not a task in fleet/data/tasks.toml"
+        assert task in TASKS, f"{where}: --task {task} is not a task in config/data/tasks.toml"
     return params
 
 

@@ -23,7 +23,7 @@ from fleet.models.labeled import (
 from fleet.models.prepare import BUNDLED, data_file
 from fleet.reporting.scoring import classification_report as compute_metrics
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "fleet" / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "config" / "data"
 INTENT_DATA = DATA_DIR / "intent.jsonl"
 
 

