@@ -203,9 +203,9 @@ def fleet(
 
 def celery_entry(root: Path | None = None) -> str:
     """The `celery -A` app of the code at `root` (this tree when None): a
-    --baseline from before `fleet.ops.celeryapp` had its app in `workers.app`."""
+    --baseline from before `fleet.ops.celeryapp` had its app in `wire.app`."""
     base = root or Path(__file__).resolve().parents[1]
-    return "fleet.ops.celeryapp" if (base / "fleet/ops/celeryapp.py").is_file() else "workers.app"
+    return "fleet.ops.celeryapp" if (base / "fleet/ops/celeryapp.py").is_file() else "wire.app"
 
 
 def wait_workers(

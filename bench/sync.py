@@ -152,11 +152,11 @@ def main() -> None:
     ap.add_argument("--baseline", default=BASELINE, help="Git revision of 'before'.")
     args = ap.parse_args()
 
+    from config.taskconfig import parse_sources
     from db import sync as after_module
     from db.engine import dispose_all, get_engine, transaction
     from db.ledger import analyze, discover
     from db.migrate import upgrade
-    from config.taskconfig import parse_sources
 
     before_module = load_before(args.baseline)
     impls = {"before": before_module.sync_source, "after": after_module.sync_source}

@@ -98,14 +98,14 @@ def main() -> None:
 def run(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, list[dict[str, float]]]:
     import subprocess
 
+    from config.settings import Settings
     from db import ledger
     from db.engine import transaction
     from db.sources import ingest_conversations
-    from config.settings import Settings
+    from wire.app import create_app
+    from wire.messages import BatchMessage
     from workers import batch
-    from workers.app import create_app
     from workers.batch import BatchAttempt, process
-    from workers.messages import BatchMessage
     from workers.state import start_runtime
 
     config = write_config(tmp, args.cost_us / 1e6)

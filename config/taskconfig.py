@@ -20,9 +20,10 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
-from config.data import data_path
 from pathlib import Path
 from typing import Any
+
+from config.data import data_path
 
 # "fake" is the shipped fake model (workers.adapters.fake) for tests and benchmarks.
 KINDS = ("sequence_classify", "zero_shot", "llm_classify", "transcribe", "fake")

@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from db.ledger import _rowcount
 from config.taskconfig import TaskSpec, with_ladders
+from db.ledger import _rowcount
 
 
 def current_override(session: Session, *, task: str) -> tuple[int, list[dict[str, Any]]] | None:

@@ -187,7 +187,7 @@ class Result(Base):
         DateTime(timezone=True), server_default=func.now()
     )
     # The exact weights: a Hugging Face snapshot commit, or "sha256:<hex>" of a local
-    # folder's files (workers.hub.model_revision). `fleet rerun` compares it.
+    # folder's files (wire.hub.model_revision). `fleet rerun` compares it.
     model_revision: Mapped[str | None] = mapped_column(String(128))
 
 

@@ -59,13 +59,13 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from config.taskconfig import SourceSpec
 from db import history
 from db.ledger import id_array
 from db.syncgone import scan_deletes
 from db.syncmark import next_mark, read_horizon
 from db.syncreport import SyncError, SyncReport
 from db.syncrows import CURSOR, build, groups, printable
-from config.taskconfig import SourceSpec
 
 __all__ = ["SyncError", "SyncReport", "read_records", "source_sql", "sync_source"]
 

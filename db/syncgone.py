@@ -28,10 +28,10 @@ import datetime as dt
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
+from config.taskconfig import SourceSpec
 from db import history
 from db.ledger import id_array
 from db.syncreport import SyncReport
-from config.taskconfig import SourceSpec
 
 
 def keys_sql(spec: SourceSpec) -> str:

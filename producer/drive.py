@@ -36,8 +36,8 @@ from producer.reconciler import reconcile
 from producer.runs import Counts, RunReport, count
 from producer.sizing import batch_size_for
 from producer.sync import before_discovery
-from workers.messages import wait_finished
-from workers.stats import redis_client, scan_workers
+from wire.messages import wait_finished
+from wire.stats import redis_client, scan_workers
 
 log = logging.getLogger("fleet.run")
 
@@ -122,7 +122,7 @@ class Feeder:
     once measured, keeps about three messages per live worker queued (one
     running, the next ones waiting) instead of FLEET_MAX_INFLIGHT_BATCHES,
     which stays the cap. `wait` blocks until a worker signals a finished batch
-    (workers.messages.wait_finished) or the timeout passes, so the driver
+    (wire.messages.wait_finished) or the timeout passes, so the driver
     refills a queue the moment it has room rather than on a timer. `close`
     releases its Redis client.
     """
@@ -212,7 +212,7 @@ class ServedWatch:
     waiting items have no live worker, and how to start one.
 
     Live workers are read from their stats heartbeats in Redis
-    (`fleet:worker:<name>`, see workers.stats): a worker appears once its model
+    (`fleet:worker:<name>`, see wire.stats): a worker appears once its model
     is loaded and disappears a minute after it dies. The run keeps waiting: a
     worker started later picks the work up. `grace` and `repeat` are seconds.
     """

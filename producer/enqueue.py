@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import redis
 from celery import Celery
 
+from config.taskconfig import TaskSpec
 from db import ledger
 from db.engine import transaction
-from config.taskconfig import TaskSpec
-from workers.messages import BatchMessage, send_batches
+from wire.messages import BatchMessage, send_batches
 
 CLAIM_CHUNK = 20_000  # items per claim transaction: bounded memory for any backlog
 # An enqueue that claims at least this many items refreshes the planner's

@@ -41,11 +41,11 @@ from celery import Celery
 from sqlalchemy import Connection, func, select
 from sqlalchemy.orm import Session
 
+from config.settings import Settings
+from config.taskconfig import TaskSpec
 from db import ledger
 from db.engine import get_engine, transaction
 from db.schema import Run
-from config.settings import Settings
-from config.taskconfig import TaskSpec
 from producer import runs
 from producer.drive import discover_all, feed, open_items
 from producer.drive import drive as drive_run

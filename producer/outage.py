@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from workers.policy import backoff, transient_service
+from wire.retry import backoff, transient_service
 
 log = logging.getLogger("fleet.run")
 

@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 
 from celery import Celery
 
-from db.engine import transaction
 from config.settings import Settings
 from config.taskconfig import TaskSpec
+from db.engine import transaction
 from producer import runs
 from producer.drive import drive
 from producer.runs import Counts, RunReport

@@ -29,7 +29,7 @@ from celery.schedules import ParseException, crontab
 
 from config.settings import Settings
 from config.taskconfig import TaskSpec
-from workers.control import CONTROL_QUEUE
+from wire.keys import CONTROL_QUEUE
 
 NIGHTLY_TASK = "fleet.nightly"
 TICK_TASK = "fleet.nightly_tick"

@@ -6,7 +6,7 @@ count that suits a CPU encoder (tens of items a second), a GPU running the
 same encoder thousands of times faster spends most of its time on that fixed
 part. So `fleet run` aims each message at `FLEET_BATCH_SECONDS` of worker time,
 from the throughput the task's workers report (`recent_items_per_s` in their
-stats, workers/stats.py):
+stats, wire/stats.py):
 
     size = clamp(rate x batch_seconds,  FLEET_BATCH_SIZE .. FLEET_MAX_BATCH_SIZE,
                  at most rate x lease / 4)

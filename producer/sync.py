@@ -17,11 +17,11 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from config.settings import Settings
+from config.taskconfig import ConfigError, SourceSpec, TaskSpec
 from db import history, triggers
 from db.engine import get_engine, transaction
 from db.sync import SyncError, SyncReport, sync_source
-from config.settings import Settings
-from config.taskconfig import ConfigError, SourceSpec, TaskSpec
 
 log = logging.getLogger("fleet.sync")
 
@@ -157,7 +157,7 @@ def current_revisions(spec: TaskSpec, settings: Settings) -> list[str]:
     """The revisions (and tier names) of a task's ladder as it resolves now: the
     ladder `fleet promote` recorded, if any, else the task config's."""
     from db.ladders import effective_tasks
-    from workers.hub import ModelNotCached, resolve_tier
+    from wire.hub import ModelNotCached, resolve_tier
 
     with transaction(settings.db_url()) as session:
         spec = effective_tasks(session, {spec.name: spec})[spec.name]

@@ -33,15 +33,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from config.taskconfig import TaskSpec
 from db import ledger
 from db.engine import transaction
 from db.sources import load_inputs
-from config.taskconfig import TaskSpec
+from wire import stats as worker_stats
+from wire.messages import BatchMessage, send_batch, signal_finished
 from workers import cascade
-from workers import stats as worker_stats
 from workers.adapters.base import Source
 from workers.heartbeat import BatchHeartbeat, alive_elsewhere
-from workers.messages import BatchMessage, send_batch, signal_finished
 from workers.policy import PoisonAction, poison_plan
 from workers.runtime import BatchStats, ItemResult, MemoryNotReleased
 from workers.state import WorkerState, restart_on

@@ -116,7 +116,7 @@ def memory_reader(device: str) -> Callable[[], tuple[int, int, int]]:
 
 def memory_report(device: str) -> dict[str, float]:
     """MiB free, total, allocated, reserved and peak allocated on a CUDA device
-    (`fleet_info`); empty on CPU."""
+    (`fleet_info`, workers.state.describe); empty on CPU."""
     if not device.startswith("cuda"):
         return {}
     import torch

@@ -32,15 +32,14 @@ import redis
 
 from db import ledger
 from db.engine import transaction
+from wire import keys
 
 log = logging.getLogger("fleet.worker")
 
-KEY_PREFIX = "fleet:batch:"
-
 
 def batch_key(batch_id: str) -> str:
-    """The Redis key of a running batch's holder mark."""
-    return KEY_PREFIX + batch_id
+    """The Redis key of a running batch's holder mark (wire.keys.batch_holder)."""
+    return keys.batch_holder(batch_id)
 
 
 def interval_for(*, lease_seconds: int, visibility_timeout: int) -> float:

@@ -18,7 +18,8 @@ from typing import NoReturn
 from celery import Celery
 
 from config.exitcodes import ExitCode
-from workers.control import CONTROL_QUEUE
+from wire import control
+from wire.keys import CONTROL_QUEUE, DEFAULT_QUEUE, QUEUE_PREFIX
 
 log = logging.getLogger("fleet.worker")
 
@@ -38,7 +39,9 @@ def queue_task(queues: Iterable[str]) -> str | None:
     if names == [CONTROL_QUEUE]:
         return None
     tasks = [
-        q.removeprefix("fleet.") for q in names if q.startswith("fleet.") and q != "fleet.default"
+        q.removeprefix(QUEUE_PREFIX)
+        for q in names
+        if q.startswith(QUEUE_PREFIX) and q != DEFAULT_QUEUE
     ]
     if len(tasks) != 1:
         raise SystemExit(
@@ -60,11 +63,12 @@ def start_worker(app: Celery, queues: Iterable[str], *, hostname: str) -> None:
     if task is None:
         return
     from workers.device import set_threads
-    from workers.state import start_runtime
+    from workers.state import describe, start_runtime
 
     settings = app.fleet_settings  # type: ignore[attr-defined]
     set_threads(settings.torch_threads)
     follow_parent(settings.parent_pid)
+    control.describe_with(describe)  # `fleet_info` reports the model once it is loaded
     try:
         start_runtime(settings, task, hostname=hostname, app=app)
     except Exception as exc:

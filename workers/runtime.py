@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from config.taskconfig import TaskSpec
+from wire.hub import ModelNotCached, ResolvedModel, folder_revision, resolve_tier
 from workers import device as dev
 from workers.adapters.base import Adapter, InputError, Prediction, Prepared, Source
-from workers.hub import ModelNotCached, ResolvedModel, folder_revision, resolve_tier
 from workers.policy import (
     Budget,
     OomAction,
@@ -65,7 +65,7 @@ class ItemResult:
     model_name: str
     latency_ms: float
     notes: dict[str, Any] = field(default_factory=dict)
-    model_revision: str | None = None  # snapshot commit or sha256 of the folder (workers.hub)
+    model_revision: str | None = None  # snapshot commit or sha256 of the folder (wire.hub)
 
 
 @dataclass

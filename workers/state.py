@@ -19,7 +19,7 @@ from celery import Celery
 
 from config.settings import Settings
 from config.taskconfig import TaskSpec, get_task, load_tasks
-from workers import stats as worker_stats
+from wire import stats as worker_stats
 from workers.adapters import make_adapter
 from workers.runtime import MemoryNotReleased, ModelRuntime
 
@@ -117,6 +117,29 @@ def current() -> WorkerState:
     if _state is None:
         raise RuntimeError("the worker runtime is not started (no model loaded)")
     return _state
+
+
+def describe() -> dict[str, Any] | None:
+    """What this worker holds now, for `fleet_info` (wire.control): task, queue,
+    kind, device, tier, model, ladder, batch budget and, under "memory", the
+    device's memory (workers.device.memory_report). None before the model loads."""
+    if _state is None:
+        return None
+    from workers.device import memory_report
+
+    st, rt = _state, _state.runtime
+    return {
+        "task": st.task.name,
+        "queue": st.task.queue,
+        "kind": st.task.kind,
+        "device": rt.device,
+        "tier": rt.tier,
+        "model": rt.model_name if rt.tier >= 0 else None,
+        "ladder": [t.name for t in st.task.ladder],
+        "budget_tokens": rt.budget.tokens,
+        "clean_batches": rt.clean_batches,
+        "memory": memory_report(rt.device),
+    }
 
 
 def _hint_file(settings: Settings, task: str) -> Path:

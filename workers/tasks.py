@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery, Task
 from celery.exceptions import Retry
 
-from workers.messages import TASK_NAME, BatchMessage
-from workers.policy import retry_decision, transient_service
+from wire.messages import TASK_NAME, BatchMessage
+from wire.retry import retry_decision, transient_service
 
 if TYPE_CHECKING:
     from workers.batch import BatchAttempt

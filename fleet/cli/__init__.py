@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import click
 
+from config.exitcodes import ExitCode
+from config.settings import Settings
 from fleet.cli import (
     calibrate,
     data,
@@ -25,8 +27,6 @@ from fleet.cli import (
     workers,
 )
 from fleet.cli.context import FleetContext, fail
-from config.exitcodes import ExitCode
-from config.settings import Settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

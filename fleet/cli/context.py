@@ -90,7 +90,7 @@ class FleetContext:
         left connected).
         """
         if self._app is None:
-            from workers.app import create_app
+            from wire.app import create_app
 
             self._app = create_app(self.services())
             atexit.register(self._app.pool.force_close_all)

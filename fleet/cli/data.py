@@ -16,10 +16,10 @@ from typing import Any
 
 import click
 
-from fleet.cli.context import FleetContext, fail, pass_fleet
-from fleet.cli.output import json_option
 from config.exitcodes import ExitCode
 from config.settings import redact
+from fleet.cli.context import FleetContext, fail, pass_fleet
+from fleet.cli.output import json_option
 
 
 @click.command("settings")

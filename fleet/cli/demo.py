@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from fleet.cli.context import FleetContext, pass_fleet
 from config.exitcodes import ExitCode
+from fleet.cli.context import FleetContext, pass_fleet
 
 
 def _warn(message: str) -> None:

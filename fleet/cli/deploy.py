@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
+from config.exitcodes import ExitCode
 from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import task_option
-from config.exitcodes import ExitCode
 
 
 @click.group()

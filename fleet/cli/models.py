@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from config.exitcodes import ExitCode
 from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option, task_option
-from config.exitcodes import ExitCode
 
 if TYPE_CHECKING:
     from config.taskconfig import TaskSpec
@@ -50,7 +50,7 @@ def models_pull(ctx: FleetContext, task_names: tuple[str, ...]) -> None:
     files only; no code is ever run from a model repository). Workers then load
     from the cache (HF_HOME) with local files only.
     """
-    from workers.hub import ModelNotCached, hub_cache, hub_id, pull, tier_revision
+    from wire.hub import ModelNotCached, hub_cache, hub_id, pull, tier_revision
 
     tasks = ctx.tasks()
     chosen = [ctx.task(n) for n in task_names] if task_names else list(tasks.values())

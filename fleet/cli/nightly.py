@@ -14,9 +14,9 @@ from typing import Any
 
 import click
 
+from config.exitcodes import ExitCode
 from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import finish_run, json_option, local_workers_option, unwind_on_sigterm
-from config.exitcodes import ExitCode
 
 
 @click.command()
@@ -123,11 +123,11 @@ def beat(ctx: FleetContext, loglevel: str) -> None:
     Nightly on FLEET_NIGHTLY_CRONTAB (FLEET_TIMEZONE), a feed tick every
     FLEET_BEAT_FEED_SECONDS, the reconciler every FLEET_BEAT_RECONCILE_SECONDS.
     """
-    from db.engine import dispose_all
     from config.logs import setup_logging
+    from db.engine import dispose_all
     from fleet.ops.workercommand import control_worker_args
     from producer.schedule import ScheduleError, beat_schedule, install
-    from workers.control import CONTROL_QUEUE
+    from wire.keys import CONTROL_QUEUE
 
     try:
         beat_schedule(ctx.settings)  # a bad crontab or time zone fails before anything starts

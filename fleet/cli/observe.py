@@ -6,9 +6,9 @@ import sys
 
 import click
 
+from config.exitcodes import ExitCode
 from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option
-from config.exitcodes import ExitCode
 
 
 def _warn(message: str) -> None:

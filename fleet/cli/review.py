@@ -9,10 +9,10 @@ from pathlib import Path
 
 import click
 
-from fleet.cli.context import FleetContext, fail, pass_fleet
-from fleet.cli.output import json_option, task_option
 from config.exitcodes import ExitCode
 from config.taskconfig import TaskSpec
+from fleet.cli.context import FleetContext, fail, pass_fleet
+from fleet.cli.output import json_option, task_option
 
 
 @click.group()
@@ -173,9 +173,9 @@ def release_cmd(ctx: FleetContext, task_name: str, export_id: str | None) -> Non
 
 def _effective_task(ctx: FleetContext, name: str) -> TaskSpec:
     """The task with the ladder workers serve: the config's, or the one promoted."""
+    from config.taskconfig import with_ladders
     from db.engine import transaction
     from db.ladders import all_overrides
-    from config.taskconfig import with_ladders
 
     ctx.task(name)
     with transaction(ctx.url()) as session:

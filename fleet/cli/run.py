@@ -6,6 +6,7 @@ import json
 
 import click
 
+from config.exitcodes import ExitCode
 from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import (
     finish_run,
@@ -14,7 +15,6 @@ from fleet.cli.output import (
     task_option,
     unwind_on_sigterm,
 )
-from config.exitcodes import ExitCode
 
 
 @click.command()

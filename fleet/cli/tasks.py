@@ -10,9 +10,9 @@ from typing import Any
 
 import click
 
+from config.exitcodes import ExitCode
 from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option
-from config.exitcodes import ExitCode
 
 
 def describe_config(ctx: FleetContext) -> dict[str, Any]:

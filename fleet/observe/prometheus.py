@@ -5,7 +5,7 @@ read `fleet status` prints) and turns it into metric families: the backlog by
 task and status and each queue's length (what an autoscaler such as KEDA's
 Prometheus scaler needs), throughput and ETA, and each live worker's counters,
 batch-seconds histogram, model tier and GPU memory (published by the workers
-to Redis, see `workers.stats`). An unreadable Postgres or Redis shows as
+to Redis, see `wire.stats`). An unreadable Postgres or Redis shows as
 `fleet_exporter_up{source=...} 0` rather than a failed scrape.
 
 A scrape stays within Prometheus' timeout while a migration or VACUUM FULL
@@ -41,7 +41,8 @@ from fleet.observe.status import (
     collect,
     read_ledger,
 )
-from workers.stats import BATCH_BUCKETS, OUTCOMES, WorkerStats, redis_client
+from wire import keys
+from wire.stats import BATCH_BUCKETS, OUTCOMES, WorkerStats, redis_client
 
 log = logging.getLogger("fleet.observe.prometheus")
 
@@ -194,7 +195,7 @@ def _task_gauges(st: FleetStatus) -> list[Metric]:
                 backlog.add_metric([name, status], n)
             remaining.add_metric([name], t.remaining)
         if t.queue_length is not None:
-            queue.add_metric([name, f"fleet.{name}"], t.queue_length)
+            queue.add_metric([name, keys.task_queue(name)], t.queue_length)
         if t.items_per_second is not None:
             rate.add_metric([name], t.items_per_second)
         if t.eta_seconds is not None:

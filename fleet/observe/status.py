@@ -1,6 +1,6 @@
 """The fleet's state in one read: the ledger (backlog by status, recent
 throughput, the latest run), the broker (queue lengths, unacknowledged
-messages) and the live workers' stats (`workers.stats`).
+messages) and the live workers' stats (`wire.stats`).
 
 `fleet status`, `fleet watch` and `fleet metrics` all call `collect`, so they
 can never disagree. A source that cannot be read (Postgres or Redis down) is
@@ -28,7 +28,8 @@ from db.engine import transaction
 from db.schema import STATUSES
 from db.syncstate import SourceStatus, read_sources
 from fleet.observe.cascade import CascadeStatus, cascade_statuses, read_model_seconds
-from workers.stats import WorkerStats, scan_workers
+from wire import keys
+from wire.stats import WorkerStats, scan_workers
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ def read_ledger(url: str, only: str | None, window: float) -> LedgerRead:
 
 def queue_keys(task: str) -> list[str]:
     """The Redis lists holding a task's waiting messages, one per priority level."""
-    queue = f"fleet.{task}"
+    queue = keys.task_queue(task)
     return [queue if p == 0 else f"{queue}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS]
 
 

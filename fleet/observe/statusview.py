@@ -18,9 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
-from db.schema import STATUSES
 from config.exitcodes import ExitCode
 from config.settings import Settings, redact
+from db.schema import STATUSES
 from fleet.observe.cascade import configured_cascades
 from fleet.observe.status import (
     FleetStatus,
@@ -30,7 +30,7 @@ from fleet.observe.status import (
     configured_tasks,
     read_ledger,
 )
-from workers.stats import redis_client
+from wire.stats import redis_client
 
 
 def fmt_duration(seconds: float | None) -> str:

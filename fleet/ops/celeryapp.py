@@ -3,13 +3,13 @@
 Importing this module is starting a worker process: it reads Settings, attaches
 the embedded Postgres and Redis when DATABASE_URL / BROKER_URL are unset (the
 same servers the `fleet` command uses, migrated), builds the app
-(workers.app.create_app), registers the batch task and connects the worker
+(wire.app.create_app), registers the batch task and connects the worker
 signals: the task's model loads at worker_init, before the first message is
 taken (workers.lifecycle), and unloads at shutdown. `celery -A
 fleet.ops.celeryapp inspect fleet_info` uses the same app.
 
 The producer, Flower and `fleet beat` build their own app with
-`workers.app.create_app(settings)` and import nothing from here.
+`wire.app.create_app(settings)` and import nothing from here.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from celery import signals
 
 from config.settings import Settings
 from fleet.ops.services import ensure_services
-from workers.app import create_app
+from wire.app import create_app
 from workers.lifecycle import start_worker, stop_worker
 from workers.tasks import register_tasks
 

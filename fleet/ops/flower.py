@@ -96,7 +96,7 @@ def run_flower(
         FlowerConfigError: unusable credentials, or the address/port cannot be listened on.
     """
     from fleet.ops.services import ensure_services
-    from workers.app import create_app
+    from wire.app import create_app
 
     s = settings
     address = address or s.flower_address

@@ -44,7 +44,7 @@ from config.exitcodes import ExitCode
 from config.settings import Settings
 from config.taskconfig import TaskSpec, resolve_model_path
 from fleet.ops.workercommand import worker_argv, worker_env, worker_name
-from workers.policy import backoff
+from wire.retry import backoff
 
 # What a worker holds besides 1.3 x its weights: the interpreter with torch and
 # transformers (~450 MiB), activations and allocator slack. In the bundled nightly on
@@ -418,7 +418,7 @@ class LocalWorkers:
         if not force and now - self._last_scan < every:
             return
         self._last_scan = now
-        from workers.stats import redis_client, scan_workers
+        from wire.stats import redis_client, scan_workers
 
         try:
             client = redis_client(self.settings.redis_url())

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from config.exitcodes import ExitCode
 from config.settings import Settings
-from workers.policy import backoff
+from wire.retry import backoff
 
 STABLE_AFTER_S = 60.0
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from config.settings import Settings
+from wire import keys
 
 
 def worker_name(task: str, *, gpu: int | None, unique: str | None = None) -> str:
@@ -59,7 +60,7 @@ def worker_argv(
         "-A",
         "fleet.ops.celeryapp",
         "worker",
-        *solo_worker_options(f"fleet.{task}", name=name, loglevel=loglevel),
+        *solo_worker_options(keys.task_queue(task), name=name, loglevel=loglevel),
     ]
 
 

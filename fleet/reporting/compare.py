@@ -14,10 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from db.engine import transaction
-from db.sources import first_source_ids, load_inputs
 from config.settings import Settings
 from config.taskconfig import TaskSpec, TierSpec
+from db.engine import transaction
+from db.sources import first_source_ids, load_inputs
 from workers.adapters import make_adapter
 from workers.adapters.base import Source
 from workers.runtime import ItemResult, ModelRuntime

@@ -22,12 +22,12 @@ from typing import Any
 
 from sqlalchemy import text
 
+from config.settings import Settings
+from config.taskconfig import TaskSpec, TierSpec, tier_table
 from db import ladders
 from db import review as rq
 from db.engine import transaction
 from db.sources import load_inputs
-from config.settings import Settings
-from config.taskconfig import TaskSpec, TierSpec, tier_table
 from fleet.reporting.compare import run_model
 from fleet.reporting.export import GoldLabels, load_gold
 from fleet.reporting.scoring import classification_report

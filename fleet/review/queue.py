@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from config.taskconfig import TaskSpec
 from db import review as rq
 from db.engine import transaction
-from config.taskconfig import TaskSpec
 from fleet.review import labelstudio as ls
 from fleet.review import strategies as st
 from fleet.review.texts import item_texts

@@ -6,9 +6,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from config.taskconfig import TaskSpec
 from db.engine import transaction
 from db.sources import load_inputs
-from config.taskconfig import TaskSpec
 from workers.adapters.base import InputError
 from workers.adapters.text import conversation_text
 

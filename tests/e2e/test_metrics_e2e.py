@@ -20,7 +20,7 @@ from sqlalchemy import text
 from db.engine import transaction
 from tests.integration.test_status import Exporter, dashboard_metrics, value
 from tests.support import REPO, conversations, run_fleet, status_counts, write_jsonl
-from workers.stats import redis_client, scan_workers
+from wire.stats import redis_client, scan_workers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from db.engine import transaction
 from config.taskconfig import load_tasks
+from db.engine import transaction
 from tests.appdb import QUERY, add_conversation, create_app_database, sql
 from tests.e2e.conftest import Fleet
 from tests.hubcache import add_to_hub_cache

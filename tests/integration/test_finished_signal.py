@@ -7,7 +7,9 @@ import time
 
 import redis
 
-from workers.messages import FINISHED_KEEP, FINISHED_KEY, signal_finished, wait_finished
+from wire.keys import FINISHED as FINISHED_KEY
+from wire.keys import FINISHED_KEEP
+from wire.messages import signal_finished, wait_finished
 
 
 def test_a_signal_wakes_the_waiting_driver_at_once(broker_url):
@@ -39,12 +41,12 @@ def test_a_run_over_many_tasks_fits_its_runs_row(db_url, broker_url, tmp_path):
     records "N tasks" there and the full list in its counts."""
     from sqlalchemy import select
 
-    from db.engine import transaction
-    from db.schema import Run
     from config.settings import Settings
     from config.taskconfig import TaskSpec, TierSpec
+    from db.engine import transaction
+    from db.schema import Run
     from producer.runner import run_until_done
-    from workers.app import create_app
+    from wire.app import create_app
 
     settings = Settings(database_url=db_url, broker_url=broker_url, state_dir=tmp_path / "state")
     tier = (TierSpec(name="m", path="m"),)

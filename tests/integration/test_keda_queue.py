@@ -11,8 +11,8 @@ import yaml
 
 from config.settings import Settings
 from producer.enqueue import queue_depth
-from workers.app import create_app
-from workers.messages import BatchMessage, send_batch
+from wire.app import create_app
+from wire.messages import BatchMessage, send_batch
 
 K8S_WORKERS = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "workers"
 

@@ -17,7 +17,7 @@ from db import ledger
 from db.engine import transaction
 from db.sources import ingest_conversations
 from tests.support import conversations
-from workers.messages import BatchMessage, send_batches
+from wire.messages import BatchMessage, send_batches
 
 
 @pytest.fixture
@@ -188,7 +188,7 @@ def test_finish_batch_replaces_the_result_of_an_earlier_attempt(db_url):
 
 def test_send_batches_pipelines_every_message_in_order(broker_url, fresh_pools):
     from config.settings import Settings
-    from workers.app import create_app
+    from wire.app import create_app
 
     app = create_app(Settings(database_url="postgresql://unused/x", broker_url=broker_url))
     msgs = [
@@ -221,7 +221,7 @@ def test_enqueue_sends_every_batch_and_refreshes_statistics_after_a_large_claim(
     from config.settings import Settings
     from config.taskconfig import get_task, load_tasks
     from producer import enqueue as producer_enqueue
-    from workers.app import create_app
+    from wire.app import create_app
 
     with transaction(db_url) as s:
         ingest_conversations(s, conversations(300))

@@ -381,11 +381,11 @@ def test_rerun_counts_the_promoted_ladder_as_current(env, tmp_path):
     and FLEET_RERUN_STALE (else every night would put them back)."""
     from dataclasses import replace
 
-    from db.ladders import promote
     from config.settings import Settings
     from config.taskconfig import TierSpec, load_tasks
+    from db.ladders import promote
     from producer.sync import current_revisions
-    from workers.hub import resolve_tier
+    from wire.hub import resolve_tier
 
     for name in ("old-model", "new-model"):
         (tmp_path / name).mkdir()

@@ -35,8 +35,8 @@ from tests.support import (
     sigint_as_at_a_terminal,
     write_jsonl,
 )
-from workers import stats as worker_stats
-from workers.stats import Publisher, WorkerStats, redis_client
+from wire import stats as worker_stats
+from wire.stats import Publisher, WorkerStats, redis_client
 
 DB_PASSWORD = "Db-pa55word-9f3k"
 BROKER_PASSWORD = "Br0ker-pa55word-x7q"

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from config.taskconfig import SourceSpec
 from db import history, ledger, triggers
 from db.engine import get_engine, transaction
 from db.sources import ingest_conversations
 from db.sync import SyncError, sync_source
-from config.taskconfig import SourceSpec
 from fleet.reporting.export import evaluate, export
 from tests.appdb import QUERY, add_conversation, create_app_database, sql
 from tests.support import drop_database

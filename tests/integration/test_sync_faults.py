@@ -10,10 +10,10 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
-from db import triggers
-from db.engine import get_engine, transaction
 from config.settings import Settings
 from config.taskconfig import SourceSpec
+from db import triggers
+from db.engine import get_engine, transaction
 from producer.sync import beat_tick, sync_sources
 from tests.appdb import QUERY, add_conversation, create_app_database, sql
 from tests.integration.test_sync import _classify, _messages, _status, _sync
@@ -308,7 +308,7 @@ def test_rejected_rows_are_in_status_metrics_and_the_report(db_url, broker_url, 
     from fleet.observe.prometheus import metric_families
     from fleet.observe.status import collect
     from fleet.reporting.html import write_report
-    from workers.stats import redis_client
+    from wire.stats import redis_client
 
     app_url, plain = app_db
     sql(plain, "CREATE TABLE app.inbox (id text, body json, lang text, updated_at timestamptz)")
@@ -369,7 +369,7 @@ def test_continuous_mode_keeps_the_label_and_feeds_the_edit_at_once(
 
     from config.taskconfig import load_tasks
     from producer.schedule import SYNC_TASK, install
-    from workers.app import create_app
+    from wire.app import create_app
 
     app_url, plain = app_db
     config = tmp_path / "tasks.toml"

@@ -13,9 +13,9 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
+from config.taskconfig import SourceSpec
 from db.engine import get_engine, transaction
 from db.sync import sync_source
-from config.taskconfig import SourceSpec
 from tests.appdb import QUERY, create_app_database
 from tests.support import drop_database
 

@@ -26,9 +26,9 @@ import click
 import pytest
 import yaml
 
-from fleet.cli import main
 from config.settings import Settings
 from config.taskconfig import load_tasks
+from fleet.cli import main
 from fleet.ops import deploy
 
 ROOT = Path(__file__).resolve().parents[2]

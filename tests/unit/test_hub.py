@@ -1,4 +1,4 @@
-"""workers.hub: ladder tiers named by Hugging Face id, resolved from a cache built
+"""wire.hub: ladder tiers named by Hugging Face id, resolved from a cache built
 locally in the hub's layout (no network)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from config.taskconfig import TierSpec
 from tests.hubcache import add_to_hub_cache
-from workers.hub import ModelNotCached, folder_revision, hub_id, resolve_tier
+from wire.hub import ModelNotCached, folder_revision, hub_id, resolve_tier
 
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from config.taskconfig import ConfigError, load_tasks, parse_tasks
-from workers.messages import BatchMessage
+from wire.messages import BatchMessage
 
 
 def test_message_round_trip():

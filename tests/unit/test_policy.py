@@ -8,13 +8,11 @@ from workers.policy import (
     Budget,
     OomAction,
     PoisonAction,
-    backoff,
     next_budget,
     on_oom,
     padded_cost,
     plan_batches,
     poison_plan,
-    retry_decision,
     start_tier,
     step_up,
 )
@@ -166,28 +164,6 @@ def test_poison_isolation_terminates_and_spares_the_innocent(poison, allowed):
     assert deaths <= len(poison) * (allowed + 1)
 
 
-@pytest.mark.parametrize(("attempt", "expected"), [(0, 1.0), (1, 2.0), (3, 8.0), (10, 60.0)])
-def test_backoff_without_jitter(attempt, expected):
-    assert backoff(attempt, base=1.0, cap=60.0, jitter=False) == expected
-
-
-def test_backoff_jitter_stays_in_range():
-    rng = random.Random(0)
-    values = [backoff(4, base=1.0, cap=60.0, rng=rng) for _ in range(200)]
-    assert all(0 <= v <= 16 for v in values)
-    assert len({round(v, 3) for v in values}) > 100  # actually spread
-
-
-@pytest.mark.parametrize(
-    ("transient", "attempt", "retry"),
-    [(True, 0, True), (True, 7, True), (True, 8, False), (False, 0, False)],
-)
-def test_retry_decision(transient, attempt, retry):
-    d = retry_decision(transient=transient, attempt=attempt, max_retries=8, rng=random.Random(1))
-    assert d.retry is retry
-    assert (d.countdown > 0) is retry or d.countdown == 0
-
-
 @pytest.mark.parametrize(
     ("lease", "visibility", "interval"),
     [(900, 3600, 225.0), (6, 3600, 1.5), (60, 5, 1.25), (5, 5, 1.25), (2, 2, 1.0)],
@@ -196,42 +172,3 @@ def test_heartbeat_interval_fits_four_beats_in_the_shorter_deadline(lease, visib
     from workers.heartbeat import interval_for
 
     assert interval_for(lease_seconds=lease, visibility_timeout=visibility) == interval
-
-
-def _raised_from(outer: Exception, cause: BaseException) -> Exception:
-    try:
-        raise outer from cause
-    except Exception as e:
-        return e
-
-
-def _transient_cases() -> list[tuple[BaseException, str | None]]:
-    import kombu.exceptions
-    import redis.exceptions
-    import sqlalchemy.exc
-
-    lost_redis = redis.exceptions.ConnectionError("Connection closed by server.")
-    return [
-        (lost_redis, "Redis"),
-        (redis.exceptions.TimeoutError("timed out"), "Redis"),
-        (kombu.exceptions.OperationalError("no route"), "Redis"),
-        (sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("down")), "Postgres"),
-        (ConnectionResetError(104, "reset"), "Postgres or Redis"),
-        # Redis went away mid-pipeline: kombu raises BatchPublishError from the cause.
-        (
-            _raised_from(
-                kombu.exceptions.KombuError("Redis publish batch failed; delivery is uncertain"),
-                lost_redis,
-            ),
-            "Redis",
-        ),
-        (ValueError("a bug"), None),
-        (_raised_from(RuntimeError("wrapped"), ValueError("a bug")), None),
-    ]
-
-
-def test_transient_service_names_the_lost_service():
-    from workers.policy import transient_service
-
-    for exc, service in _transient_cases():
-        assert transient_service(exc) == service, exc

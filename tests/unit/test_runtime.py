@@ -147,7 +147,7 @@ def test_input_error_message_kept():
 
 
 def test_results_record_the_revision_of_the_tier_that_ran(tmp_path):
-    from workers.hub import folder_revision
+    from wire.hub import folder_revision
 
     rt, _ = _runtime(tmp_path, 2, "0:0")  # tier 0 cannot run anything: every item steps down
     (tmp_path / "tier1" / "config.json").write_text('{"hidden_size": 32}')  # other weights

@@ -7,8 +7,8 @@ import tomllib
 
 import pytest
 
-from db.sync import source_sql
 from config.taskconfig import ConfigError, parse_sources
+from db.sync import source_sql
 
 EXAMPLE = """
 [sources.app]

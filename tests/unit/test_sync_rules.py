@@ -10,10 +10,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from config.taskconfig import ConfigError, SourceSpec, parse_every
 from db.syncgone import mass_delete
 from db.syncmark import Horizon, next_mark
 from db.syncrows import CURSOR, build
-from config.taskconfig import ConfigError, SourceSpec, parse_every
 
 T0 = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
 MSG = SourceSpec(name="m", shape="messages", query="SELECT 1")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fleet.cli import main
 from config.taskconfig import ConfigError, load_tasks, merge_documents
+from fleet.cli import main
 
 BUNDLED = {
     "labels": {"intent": {"a": "A"}, "mood": {"x": "X"}},

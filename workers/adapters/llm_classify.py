@@ -151,8 +151,9 @@ def load_examples(path: str | None, labels: Mapping[str, str], k: int) -> list[t
     """
     if not path or k <= 0:
         return []
-    from config.data import data_path
     from pathlib import Path
+
+    from config.data import data_path
 
     file = Path(path)
     if not file.is_absolute() and not file.is_file():
@@ -243,8 +244,9 @@ def load_verbalizers(path: str | None, labels: Mapping[str, str]) -> dict[str, l
 
 def data_file(path: str, what: str) -> Any:
     """An absolute path, or one under the package's config/data folder."""
-    from config.data import data_path
     from pathlib import Path
+
+    from config.data import data_path
 
     file = Path(path)
     if not file.is_absolute() and not file.is_file():

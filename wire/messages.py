@@ -7,6 +7,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
+from wire import keys
+
 # The batch task's name: workers register it under this name (workers.tasks), the
 # producer sends to it by name, without importing any worker code.
 TASK_NAME = "fleet.run_batch"
@@ -75,7 +77,7 @@ def send_batch(app: Any, msg: BatchMessage, *, producer: Any = None) -> None:
     app.send_task(
         TASK_NAME,
         kwargs=msg.encode(),
-        queue=f"fleet.{msg.task}",
+        queue=keys.task_queue(msg.task),
         producer=producer,
         argsrepr="()",
         kwargsrepr=msg.summary(),
@@ -111,9 +113,6 @@ def send_batches(
 # finishes instead of on the next poll tick. A lost signal costs only a wait of
 # at most one poll interval.
 
-FINISHED_KEY = "fleet:finished"
-FINISHED_KEEP = 1000  # the list never grows past this, whoever reads it
-
 
 def signal_finished(client: Any, task: str) -> None:
     """Tell a waiting driver that a batch of `task` finished (one round trip).
@@ -121,8 +120,8 @@ def signal_finished(client: Any, task: str) -> None:
     Raises the client's errors (redis.RedisError); callers treat them as harmless.
     """
     pipe = client.pipeline(transaction=False)
-    pipe.lpush(FINISHED_KEY, task)
-    pipe.ltrim(FINISHED_KEY, 0, FINISHED_KEEP - 1)
+    pipe.lpush(keys.FINISHED, task)
+    pipe.ltrim(keys.FINISHED, 0, keys.FINISHED_KEEP - 1)
     pipe.execute()
 
 
@@ -131,13 +130,13 @@ def wait_finished(client: Any, timeout: float) -> list[str]:
     names signalled (all of them that are waiting, so a burst wakes the driver once).
 
     Raises the client's errors (redis.RedisError)."""
-    got = client.blpop([FINISHED_KEY], timeout=max(timeout, 0.01))
+    got = client.blpop([keys.FINISHED], timeout=max(timeout, 0.01))
     if got is None:
         return []
     names = [got[1].decode() if isinstance(got[1], bytes) else str(got[1])]
     pipe = client.pipeline(transaction=True)
-    pipe.lrange(FINISHED_KEY, 0, -1)
-    pipe.delete(FINISHED_KEY)
+    pipe.lrange(keys.FINISHED, 0, -1)
+    pipe.delete(keys.FINISHED)
     rest, _ = pipe.execute()
     names += [r.decode() if isinstance(r, bytes) else str(r) for r in rest]
     return names

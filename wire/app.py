@@ -23,7 +23,10 @@ from typing import Any
 from celery import Celery
 
 from config.settings import Settings
-from workers import control  # noqa: F401  # registers the fleet_info inspect command
+from wire import (
+    control,  # noqa: F401  # registers the fleet_info inspect command
+    keys,
+)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -53,7 +56,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
-        "task_default_queue": "fleet.default",
+        "task_default_queue": keys.DEFAULT_QUEUE,
         "task_create_missing_queues": True,
     }
 
@@ -67,5 +70,6 @@ def create_app(settings: Settings) -> Celery:
     """
     app = Celery("fleet", set_as_current=False)
     app.conf.update(celery_config(settings))
-    app.fleet_settings = settings  # type: ignore[attr-defined]  # not in conf: `inspect conf` would show secrets
+    # Not in conf: `inspect conf` would show the secrets.
+    app.fleet_settings = settings
     return app

@@ -24,9 +24,10 @@ from typing import Any
 
 import redis
 
+from wire import keys
+
 log = logging.getLogger("fleet.stats")
 
-KEY_PREFIX = "fleet:worker:"
 TTL_SECONDS = 60
 HEARTBEAT_SECONDS = 10.0
 # Upper bounds (seconds) of the batch-seconds histogram; a final +Inf bucket follows.
@@ -44,7 +45,8 @@ def redis_client(url: str) -> redis.Redis:
 
 
 def worker_key(hostname: str) -> str:
-    return KEY_PREFIX + hostname
+    """The Redis key of a worker's published stats (wire.keys.worker)."""
+    return keys.worker(hostname)
 
 
 def gpu_slot() -> str:
@@ -130,11 +132,11 @@ def decode(raw: bytes | str) -> WorkerStats:
 
 def scan_workers(client: redis.Redis) -> list[WorkerStats]:
     """Every live worker's stats (keys not yet expired), sorted by task and name."""
-    keys = sorted(client.scan_iter(match=KEY_PREFIX + "*", count=500))
-    if not keys:
+    found = sorted(client.scan_iter(match=keys.WORKER_PREFIX + "*", count=500))
+    if not found:
         return []
     out = []
-    for key, raw in zip(keys, client.mget(keys), strict=True):
+    for key, raw in zip(found, client.mget(found), strict=True):
         if raw is None:  # expired between SCAN and MGET
             continue
         try:
