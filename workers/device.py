@@ -10,6 +10,8 @@ import gc
 from collections.abc import Callable
 from pathlib import Path
 
+from config.taskconfig import TierSpec
+
 
 def pick_device() -> str:
     import torch
@@ -83,7 +85,27 @@ def weights_mb(folder: Path) -> float | None:
     return sum(f.stat().st_size for f in files) / 2**20
 
 
+# What a loaded model takes beyond its weights: activations and allocator slack.
+FOOTPRINT_FACTOR = 1.3
+
+
+def footprint_mb(tier: TierSpec, folder: Path) -> float | None:
+    """Estimated MiB of device memory a tier takes once loaded: its `footprint_mb`
+    when the task config sets one, else FOOTPRINT_FACTOR x its weights on disk
+    (*.safetensors, *.bin under `folder`), else None (no weights found).
+
+    The worker picks its starting tier with it (workers.runtime) and a run's
+    local workers plan with it (fleet.ops.workerplan), so both agree."""
+    if tier.footprint_mb is not None:
+        return float(tier.footprint_mb)
+    weights = weights_mb(folder)
+    return weights * FOOTPRINT_FACTOR if weights else None
+
+
 def is_oom(exc: BaseException) -> bool:
+    """Whether `exc` is an out-of-memory error (torch's, MemoryError, or a RuntimeError
+    saying so): the runtime's to handle by shrinking the batch or the model, never an
+    item's error. Adapters re-raise it instead of failing items."""
     import torch
 
     if isinstance(exc, torch.OutOfMemoryError | MemoryError):

@@ -140,13 +140,9 @@ class ModelRuntime:
         if self.start_at is not None:
             first = min(self.start_at, len(self.spec.ladder) - 1)
         else:
-            footprints = []
-            for spec in self.spec.ladder:
-                size = spec.footprint_mb
-                if size is None:
-                    weights = dev.weights_mb(self._path(self.spec.ladder.index(spec)))
-                    size = weights * 1.3 if weights else None  # activations and allocator slack
-                footprints.append(size)
+            footprints = [
+                dev.footprint_mb(spec, self._path(i)) for i, spec in enumerate(self.spec.ladder)
+            ]
             first = start_tier(footprints, dev.free_mb(self.device))
         self._load(first)
 

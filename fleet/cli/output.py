@@ -120,9 +120,6 @@ def unwind_on_sigterm() -> None:
     The process exits 128+15 through SystemExit, so `finally` blocks run: the
     runs row is closed as interrupted and local workers are stopped.
     """
-    import signal
+    from fleet.ops.pool import unwind_on_sigterm as install
 
-    def _term_as_exit(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, _term_as_exit)
+    install()

@@ -52,7 +52,8 @@ def workers(
     ctx: FleetContext, task_name: str, gpus: str, loglevel: str, log_dir: Path | None
 ) -> None:
     """Start and supervise one pinned worker per GPU; restart any that dies, with backoff."""
-    from fleet.ops.supervisor import parse_gpus, supervise, visible_gpus
+    from fleet.ops.gpus import parse_gpus, visible_gpus
+    from fleet.ops.supervisor import supervise
 
     ctx.task(task_name)
     try:

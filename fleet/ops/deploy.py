@@ -436,7 +436,7 @@ def dump_yaml(docs: Sequence[dict[str, Any]], header: str = "") -> str:
 
 def host_gpus(spec: str) -> list[int]:
     """'0,1,3' -> those indexes; 'all' -> every GPU nvidia-smi shows on this machine."""
-    from fleet.ops.supervisor import parse_gpus, visible_gpus
+    from fleet.ops.gpus import parse_gpus, visible_gpus
 
     available = visible_gpus() if spec.strip() == "all" else 0
     if spec.strip() == "all" and available == 0:

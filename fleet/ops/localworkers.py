@@ -23,9 +23,9 @@ at once. Nothing is lost either way: a killed batch's items stay leased in the
 ledger and go back to pending when the lease expires. Logs go to
 FLEET_STATE_DIR/logs/<task>-<gpuN|cpu>.log.
 
-The memory estimate of a task is its first tier's `footprint_mb`, or 1.3 x its
-weights on disk (as workers/runtime.py estimates it), plus what a worker
-process holds before any model (Python, torch, a CUDA context).
+The plan (parallel or sequential, GPUs, threads) is fleet.ops.workerplan's; the
+process record, its start and the restart rule are fleet.ops.pool's, shared
+with `fleet workers`.
 """
 
 from __future__ import annotations
@@ -37,27 +37,17 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
-from config.exitcodes import ExitCode
 from config.settings import Settings
-from config.taskconfig import TaskSpec, resolve_model_path
+from config.taskconfig import TaskSpec
+from fleet.ops.pool import WorkerProcess, log_file, term_as_exit
 from fleet.ops.workercommand import worker_argv, worker_env, worker_name
-from wire.retry import backoff
+from fleet.ops.workerplan import Counts, Plan, has_work, next_turn, open_items, plan_for, upstream
 
-# What a worker holds besides 1.3 x its weights: the interpreter with torch and
-# transformers (~450 MiB), activations and allocator slack. In the bundled nightly on
-# the CPU the Whisper base worker's proportional set size (libtorch's pages shared
-# between workers counted once) was 1.2 GiB, 0.8 GiB above 1.3 x its weights; on a
-# GPU, a CUDA context.
-PROCESS_MB = 700.0
-MEMORY_SHARE = 0.85  # of the free memory, as workers.policy.start_tier leaves headroom
-STABLE_AFTER_S = 60.0  # a worker up this long has its restart backoff reset
 SCAN_EVERY_S = 1.0  # how often the workers' heartbeats are read (ready? served elsewhere?)
 FRESH_S = 25.0  # a heartbeat older than this is a worker that is gone (they beat every 10 s)
 
-Counts = dict[str, dict[str, int]]
 Echo = Callable[[str], None]
 T = TypeVar("T")
 
@@ -67,186 +57,15 @@ class LocalWorkersFailed(RuntimeError):
     could not start (exit 2: a missing model or a bad task config)."""
 
 
-# -- the plan (pure) -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Which local workers a run starts and how.
-
-    mode: "parallel" or "sequential"; gpus: the GPU of each worker of a task
-    ((None,) on a CPU-only machine); threads: torch threads per worker;
-    need_mb: estimated MiB per task on one device (model and process);
-    budget_mb: MiB the workers may take per device (None: unknown); why: one
-    line for people.
-    """
-
-    mode: str
-    gpus: tuple[int | None, ...]
-    threads: int
-    need_mb: dict[str, float]
-    budget_mb: float | None
-    why: str
-
-
-def plan_workers(
-    need_mb: Mapping[str, float],
-    *,
-    gpus: int,
-    cores: int,
-    budget_mb: float | None,
-    mode: str = "auto",
-) -> Plan:
-    """Decide parallel or sequential, the GPUs and the torch threads per worker.
-
-    need_mb: task -> estimated MiB of one worker (model + process); gpus: visible
-    GPUs (0: CPU only); cores: CPU cores this process may use; budget_mb: MiB
-    the workers may take on one device (None: unknown, taken as enough); mode:
-    "auto", "parallel" or "sequential" (forced). Parallel needs the sum of every
-    task's need to fit the budget, since a device holds one worker per task.
-    """
-    total = sum(need_mb.values())
-    if mode == "auto":
-        fits = budget_mb is None or total <= budget_mb
-        mode = "parallel" if fits else "sequential"
-        if budget_mb is None:
-            why = "free memory unknown: every task at once"
-        elif fits:
-            why = f"~{total:,.0f} MiB for every task's worker at once fits {budget_mb:,.0f} MiB"
-        else:
-            why = (
-                f"~{total:,.0f} MiB for every task's worker at once does not fit {budget_mb:,.0f} MiB: "
-                "one task at a time"
-            )
-    else:
-        why = f"FLEET_LOCAL_WORKERS_MODE={mode}"
-    at_once = len(need_mb) if mode == "parallel" else 1
-    per_device = max(at_once, 1) * max(gpus, 1)
-    return Plan(
-        mode=mode,
-        gpus=tuple(range(gpus)) if gpus else (None,),
-        threads=max(1, cores // per_device),
-        need_mb=dict(need_mb),
-        budget_mb=budget_mb,
-        why=why,
-    )
-
-
-def open_items(counts: Counts, task: str) -> int:
-    c = counts.get(task, {})
-    return c.get("pending", 0) + c.get("queued", 0) + c.get("running", 0)
-
-
-def upstream(specs: Sequence[TaskSpec]) -> dict[str, set[str]]:
-    """task -> the tasks of this run it follows, directly or not (transcribe for audio_intent)."""
-    direct = {s.name: {u.name for u in specs if s.name in u.then} for s in specs}
-    out: dict[str, set[str]] = {}
-    for name in direct:
-        seen: set[str] = set()
-        todo = list(direct[name])
-        while todo:
-            u = todo.pop()
-            if u not in seen:
-                seen.add(u)
-                todo += direct.get(u, set())
-        out[name] = seen
-    return out
-
-
-def has_work(counts: Counts, task: str, ups: Mapping[str, set[str]]) -> bool:
-    """A task needs its worker: items open, or a task it follows still has items open."""
-    return open_items(counts, task) > 0 or any(open_items(counts, u) for u in ups.get(task, ()))
-
-
-def next_turn(order: Sequence[str], counts: Counts, *, skip: set[str]) -> str | None:
-    """Sequential mode: the first task in run order (follow-ups after the task they
-    follow) with open items, leaving out `skip` (broken or served elsewhere)."""
-    return next((t for t in order if t not in skip and open_items(counts, t) > 0), None)
-
-
-# -- measuring this machine ------------------------------------------------------------------
-
-
-def footprint_mb(spec: TaskSpec, models_dir: Path) -> float:
-    """MiB the task's first tier takes: footprint_mb, else 1.3 x its weights on disk
-    (workers/runtime.py's estimate), else 0 (no weights: a fake model or a missing one)."""
-    from workers.device import weights_mb
-
-    tier = spec.ladder[0]
-    if tier.footprint_mb is not None:
-        return float(tier.footprint_mb)
-    path = resolve_model_path(tier, models_dir)
-    weights = weights_mb(path) if path.is_dir() else None
-    return weights * 1.3 if weights else 0.0
-
-
-def mem_available_mb() -> float | None:
-    """MemAvailable from /proc/meminfo, in MiB (None where there is none)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def gpu_free_mb() -> float | None:
-    """The least free memory of the visible GPUs (nvidia-smi), in MiB."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        ).stdout
-        free = [float(x) for x in out.split() if x.strip()]
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        return None
-    return min(free) if free else None
-
-
-def plan_for(specs: Sequence[TaskSpec], settings: Settings) -> Plan:
-    """The plan for these tasks on this machine, under the settings."""
-    from fleet.ops.supervisor import visible_gpus
-
-    gpus = visible_gpus()
-    need = {s.name: footprint_mb(s, settings.resolved_models_dir) + PROCESS_MB for s in specs}
-    budget: float | None = settings.local_workers_memory_mb
-    if budget is None:
-        free = gpu_free_mb() if gpus else mem_available_mb()
-        budget = free * MEMORY_SHARE if free is not None else None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return plan_workers(
-        need, gpus=gpus, cores=cores or 1, budget_mb=budget, mode=settings.local_workers_mode
-    )
-
-
 # -- the processes ------------------------------------------------------------------------------
 
 
 @dataclass
-class Worker:
-    """One local worker process (restarted in place when it dies)."""
+class Worker(WorkerProcess):
+    """One local worker process (fleet.ops.pool's record), and what the run wants of it."""
 
-    task: str
-    gpu: int | None
-    log: Path
-    name: str = ""
-    proc: subprocess.Popen[bytes] | None = None
-    out: IO[bytes] | None = None
-    started: float = 0.0
-    restarts: int = 0
-    next_start: float = 0.0
-    ready: bool = False
+    ready: bool = False  # its heartbeat says its model is loaded
     wanted: bool = False  # should be running now
-
-    @property
-    def slot(self) -> str:
-        return f"gpu{self.gpu}" if self.gpu is not None else "cpu"
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
 
 @dataclass
@@ -281,10 +100,7 @@ class LocalWorkers:
         self.order = [s.name for s in self.specs]
         self.ups = upstream(self.specs)
         for name in self.order:
-            self.workers[name] = [
-                Worker(name, g, logs / f"{name}-{f'gpu{g}' if g is not None else 'cpu'}.log")
-                for g in self.plan.gpus
-            ]
+            self.workers[name] = [Worker(name, g, log_file(logs, name, g)) for g in self.plan.gpus]
             self.notes[name] = "waiting" if self.plan.mode == "sequential" else ""
 
     # -- the hooks the drive loop calls ------------------------------------------------
@@ -352,41 +168,35 @@ class LocalWorkers:
             w.wanted = True
 
     def _start(self, w: Worker) -> None:
-        w.log.parent.mkdir(parents=True, exist_ok=True)
-        if w.out is not None:
-            w.out.close()
-        w.out = w.log.open("ab")
         w.name = worker_name(w.task, gpu=w.gpu)
         self._names.add(w.name.removesuffix("%h"))
         env = worker_env(self.settings, gpu=w.gpu)
         env["FLEET_TORCH_THREADS"] = env["OMP_NUM_THREADS"] = str(self.plan.threads)
         env["FLEET_PARENT_PID"] = str(os.getpid())  # it stops itself if `fleet` is killed
         env.update(self.extra_env.get(w.task, {}))
-        w.proc = subprocess.Popen(
+        # detached: its own process group, so Ctrl-C reaches only `fleet`
+        pid = w.start(
             worker_argv(w.task, gpu=w.gpu, loglevel=self.loglevel, hostname=w.name),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=w.out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: Ctrl-C reaches only `fleet`
+            env,
+            detach=True,
         )
-        w.started, w.ready = time.monotonic(), False
+        w.ready = False
         self._note(w.task, "worker starting")
         self.echo(
-            f"{w.task}: starting a worker on {w.slot} (pid {w.proc.pid}, loading its model); "
-            f"log {w.log}"
+            f"{w.task}: starting a worker on {w.slot} (pid {pid}, loading its model); log {w.log}"
         )
 
     def _reap(self, now: float) -> None:
         for ws in self.workers.values():
             for w in ws:
-                if w.proc is None or w.proc.poll() is None:
+                code = w.exited()
+                if code is None:
                     continue
-                code = w.proc.returncode
-                w.proc, w.ready = None, False
+                w.ready = False
                 if not w.wanted:
                     continue
-                if code == ExitCode.CONFIG:
+                delay = w.after_exit(code, now, base=self.settings.restart_backoff)
+                if delay is None:  # exit 2: a configuration error
                     w.wanted = False
                     self.broken.add(w.task)
                     self._note(w.task, "worker failed (configuration)")
@@ -397,13 +207,6 @@ class LocalWorkers:
                     if self.current == w.task:
                         self.current = None
                     continue
-                if now - w.started > STABLE_AFTER_S:
-                    w.restarts = 0
-                delay = backoff(
-                    w.restarts, base=self.settings.restart_backoff, cap=60.0, jitter=False
-                )
-                w.restarts += 1
-                w.next_start = now + delay
                 self._note(w.task, f"worker restarting (exit {code})")
                 self.echo(
                     f"{w.task}: its worker on {w.slot} exited with {code}; restarting in "
@@ -486,7 +289,7 @@ class LocalWorkers:
     def _stop(self, workers: Sequence[Worker]) -> None:
         """Warm shutdown, SIGKILL after the grace period; a Ctrl-C meanwhile kills at once."""
         for w in workers:
-            _signal_group(w, signal.SIGTERM)
+            w.signal(signal.SIGTERM, group=True)
         deadline = time.monotonic() + self.settings.local_workers_stop_grace
         try:
             for w in workers:
@@ -500,20 +303,18 @@ class LocalWorkers:
                         f"{self.settings.local_workers_stop_grace:g}s; killing it (its batch "
                         "goes back to pending when the lease expires)"
                     )
-                    _signal_group(w, signal.SIGKILL)
+                    w.signal(signal.SIGKILL, group=True)
                     w.proc.wait()
         except BaseException:
             for w in workers:  # a second Ctrl-C: no waiting, no orphans
-                _signal_group(w, signal.SIGKILL)
+                w.signal(signal.SIGKILL, group=True)
                 if w.proc is not None:
                     w.proc.wait()
             raise
         finally:
             for w in workers:
                 w.proc, w.ready = None, False
-                if w.out is not None:
-                    w.out.close()
-                    w.out = None
+                w.close_log()
 
     def close(self) -> None:
         """Stop every worker (warm shutdown, then kill after the grace period)."""
@@ -531,14 +332,12 @@ class LocalWorkers:
             self._stop(running)
         for ws in self.workers.values():
             for w in ws:
-                if w.out is not None:
-                    w.out.close()
-                    w.out = None
+                w.close_log()
 
     def __enter__(self) -> LocalWorkers:
         # SIGTERM (systemd, Kubernetes, kill) unwinds like Ctrl-C, so the workers are stopped.
         try:
-            self._old_term = signal.signal(signal.SIGTERM, _term_as_exit)
+            self._old_term = signal.signal(signal.SIGTERM, term_as_exit)
         except ValueError:  # not the main thread: the caller owns signals
             self._old_term = None
         return self
@@ -549,19 +348,6 @@ class LocalWorkers:
         finally:
             if self._old_term is not None:
                 signal.signal(signal.SIGTERM, self._old_term)
-
-
-def _term_as_exit(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _signal_group(w: Worker, sig: int) -> None:
-    if w.proc is None or w.proc.poll() is not None:
-        return
-    try:
-        os.killpg(w.proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 @contextmanager

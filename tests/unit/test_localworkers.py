@@ -7,7 +7,8 @@ import pytest
 
 from config.settings import Settings
 from config.taskconfig import TaskSpec, TierSpec
-from fleet.ops.localworkers import has_work, next_turn, plan_workers, upstream, wanted
+from fleet.ops.localworkers import wanted
+from fleet.ops.workerplan import has_work, next_turn, plan_workers, upstream
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ import numpy as np
 from config.taskconfig import TierSpec
 from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.audio import MIN_VOICE_S, chunk_audio, decode_audio, resolve_audio_path, voice_gate
+from workers.device import is_oom  # out-of-memory belongs to the runtime (it shrinks the batch)
 
 SAMPLE_RATE = 16000
 WINDOW_S = 30.0
@@ -150,20 +151,6 @@ class _LogprobTracker:
             float(s / c) if c > 0 else None
             for s, c in zip(self.sums.tolist(), self.counts.tolist(), strict=True)
         ]
-
-
-def _is_oom(exc: BaseException) -> bool:
-    """Out-of-memory errors belong to the runtime (it shrinks the batch)."""
-    if isinstance(exc, MemoryError):
-        return True
-    try:
-        import torch
-
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 # text, language, drop reason, P(nospeech), decode cut short at the token limit
@@ -358,7 +345,7 @@ class TranscribeAdapter:
             try:
                 decoded = self._generate([c for _, c in group])
             except Exception as exc:
-                if _is_oom(exc):
+                if is_oom(exc):
                     raise
                 items = sorted({i for i, _ in group})
                 if len(items) == 1:
