@@ -1,15 +1,17 @@
 """The drive loop: discover, feed the queues under backpressure, reconcile on a
 timer, count and report progress until every item is finished. `fleet run`
 (producer.runner), `fleet nightly` (producer.nightly) and `fleet demo` drive
-their runs with `drive`; a beat-driven nightly run feeds and counts with the
-same `feed` and `count` on each tick.
+their runs with `drive`; a beat-driven nightly run (producer.beat) runs one
+`feed_pass` per tick. Every one of them feeds through a `Feeder`, so messages
+are sized by the workers' measured throughput whoever drives the run.
 
 One pass of `drive`:
 
     first pass only   discovery (after `fleet sync` of the declared sources, for nightly)
     after an outage   `held()`: does this process still drive the run? (nightly's lock)
     every reconcile_interval   expired leases back to pending, dead past max attempts
-    every wake        feed each task the gate lets through (batch sizes from worker stats)
+    every wake        feed_pass: feed each task the gate lets through (Feeder: batch
+                      sizes and queue depths from worker stats)
     every poll        count, say which tasks no live worker serves, progress(counts),
                       stop when nothing is pending, queued or running
     then              wait for a finished-batch signal, at most until the next count
@@ -84,37 +86,6 @@ def sync_and_discover(
     return synced, discover_all(url, specs)
 
 
-def feed(
-    url: str,
-    app: Celery,
-    spec: TaskSpec,
-    settings: Settings,
-    *,
-    batch_size: int | None = None,
-    depth: int | None = None,
-    client: redis.Redis | None = None,
-) -> int:
-    """Claim and send batches of `batch_size` items (default FLEET_BATCH_SIZE)
-    until the queue holds `depth` messages (default, and at most,
-    FLEET_MAX_INFLIGHT_BATCHES); returns the batches sent. `client`: a Redis
-    client of the broker to read the queue's length with (default: a new
-    broker connection)."""
-    size = batch_size or settings.batch_size
-    room = min(depth or settings.max_inflight_batches, settings.max_inflight_batches)
-    room -= queue_depth(app, spec.queue, client=client)
-    if room <= 0:
-        return 0
-    batches = claim_and_send(
-        url,
-        app,
-        spec,
-        limit=room * size,
-        batch_size=size,
-        lease_seconds=settings.lease_seconds,
-    )
-    return len(batches)
-
-
 class Feeder:
     """Feeds queues on demand, in batches sized by cost (producer/sizing.py).
 
@@ -181,15 +152,34 @@ class Feeder:
             self._refresh()
         except Exception as e:  # Redis blip: keep the last sizes
             log.debug("worker stats not readable for batch sizing: %s", e)
-        return feed(
+        return self._send(
             url,
             app,
             spec,
-            self.settings,
             batch_size=self.batch_size(spec.name),
             depth=self._depths.get(spec.name, 4 if self.settings.batch_seconds > 0 else None),
-            client=self._redis(),
         )
+
+    def _send(
+        self, url: str, app: Celery, spec: TaskSpec, *, batch_size: int, depth: int | None
+    ) -> int:
+        """Claim and send batches of `batch_size` items until the queue holds `depth`
+        messages (default, and at most, FLEET_MAX_INFLIGHT_BATCHES); returns the
+        batches sent. The queue's length is read on this feeder's Redis client."""
+        settings = self.settings
+        room = min(depth or settings.max_inflight_batches, settings.max_inflight_batches)
+        room -= queue_depth(app, spec.queue, client=self._redis())
+        if room <= 0:
+            return 0
+        batches = claim_and_send(
+            url,
+            app,
+            spec,
+            limit=room * batch_size,
+            batch_size=batch_size,
+            lease_seconds=settings.lease_seconds,
+        )
+        return len(batches)
 
     def wait(self, timeout: float) -> None:
         """Sleep until a batch finishes somewhere, or `timeout` seconds."""
@@ -277,6 +267,19 @@ def gated(specs: Sequence[TaskSpec], gate: Callable[[str], bool] | None) -> list
     return list(specs) if gate is None else [s for s in specs if gate(s.name)]
 
 
+def feed_pass(
+    feeder: Feeder,
+    url: str,
+    app: Celery,
+    specs: Sequence[TaskSpec],
+    gate: Callable[[str], bool] | None = None,
+) -> int:
+    """One feed pass: every task of `specs` the gate lets through, fed by `feeder`
+    (sized messages, backpressure); returns the batches sent. The pass of the
+    drive loop (`fleet run`, `fleet nightly`) and of beat's tick (producer.beat)."""
+    return sum(feeder.feed(url, app, spec) for spec in gated(specs, gate))
+
+
 def drive(
     url: str,
     app: Celery,
@@ -337,8 +340,7 @@ def drive(
                     for k, n in got.items():
                         report.reconciled[k] = report.reconciled.get(k, 0) + n
                     last_reconcile = time.monotonic()
-                for spec in gated(specs, gate):
-                    report.sent_batches += feeder.feed(url, app, spec)
+                report.sent_batches += feed_pass(feeder, url, app, specs, gate)
                 due = time.monotonic() - counted_at >= poll
                 if due:
                     counts = count(url, names)

@@ -14,7 +14,7 @@ to that queue:
                           new, changed or back are discovered and fed at once (a beat
                           run is opened, or the open one's next tick feeds them)
 
-Each task returns in seconds; the core is `producer.nightly`. GPU workers
+Each task returns in seconds; the core is `producer.beat`. GPU workers
 never see these tasks: each consumes only its own `fleet.<task>` queue.
 """
 
@@ -105,19 +105,20 @@ def install(app: Celery, settings: Settings, tasks: dict[str, TaskSpec]) -> Cele
     """Register the control tasks and the beat schedule on `app`.
 
     `settings` must have its services resolved (both URLs set)."""
-    from producer import nightly
+    from producer import beat
     from producer.drive import run_specs
     from producer.reconciler import reconcile
+    from producer.runlock import holder_name
 
     url = settings.db_url()
 
     def nightly_task(self: Any) -> dict[str, Any]:
         specs = run_specs(tasks, settings.nightly_task_names() or None)
-        holder = self.request.hostname or nightly.holder_name()
-        return nightly.start(url, app, specs, settings, holder=holder)
+        holder = self.request.hostname or holder_name()
+        return beat.start(url, app, specs, settings, holder=holder)
 
     def tick_task() -> dict[str, Any] | None:
-        return nightly.tick(url, app, tasks, settings)
+        return beat.tick(url, app, tasks, settings)
 
     def reconcile_task() -> dict[str, int]:
         return reconcile(url, max_attempts=settings.max_attempts)
@@ -130,8 +131,8 @@ def install(app: Celery, settings: Settings, tasks: dict[str, TaskSpec]) -> Cele
         if any(r.get("new") or r.get("changed") or r.get("returned") for r in reports):
             # Continuous mode: what was synced is classified now, not at the next nightly.
             specs = run_specs(tasks, settings.nightly_task_names() or None)
-            holder = self.request.hostname or nightly.holder_name()
-            nightly.start(url, app, specs, settings, holder=holder, sync=False)
+            holder = self.request.hostname or holder_name()
+            beat.start(url, app, specs, settings, holder=holder, sync=False)
         return reports
 
     # Registered by call rather than as decorators: Celery's are untyped.

@@ -1,6 +1,6 @@
 """The data commands: `fleet settings`, `migrate`, `ingest conversations|audio`,
 `sync` (the declared [sources.*]) and `rerun` (items whose result came from
-another model version). Thin: the work is in fleet.ops.ingest, producer.sync,
+another model version). Thin: the work is in producer.ingest, producer.sync,
 db.sync, db.triggers and db.migrate.
 """
 
@@ -79,7 +79,7 @@ def ingest() -> None:
 def ingest_conversations_cmd(ctx: FleetContext, path: Path, as_json: bool) -> None:
     """Ingest a JSONL file: one {"external_id", "messages": [{role, content}], ...} per line."""
     from fleet.observe.display import byte_progress
-    from fleet.ops.ingest import ingest_conversations_file
+    from producer.ingest import ingest_conversations_file
 
     url = ctx.url()
     with (
@@ -96,7 +96,7 @@ def ingest_conversations_cmd(ctx: FleetContext, path: Path, as_json: bool) -> No
 @pass_fleet
 def ingest_audio_cmd(ctx: FleetContext, folder: Path, as_json: bool) -> None:
     """Register the audio files (wav, flac, ogg, mp3) under FOLDER, inside the audio root."""
-    from fleet.ops.ingest import ingest_audio_dir
+    from producer.ingest import ingest_audio_dir
 
     s = ctx.services()
     try:

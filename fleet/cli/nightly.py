@@ -42,7 +42,8 @@ def nightly(
     """
     from fleet.ops.localworkers import LocalWorkersFailed, drive_with_local_workers, wanted
     from producer.drive import run_specs
-    from producer.nightly import RunStillGoing, drive
+    from producer.nightly import drive
+    from producer.runlock import RunStillGoing
 
     local = wanted(local_workers, ctx.settings)  # before services() fills in the URLs
     names = list(task_names) or ctx.settings.nightly_task_names()

@@ -120,9 +120,9 @@ def run_demo(
         prepare_models,
     )
     from fleet.observe.display import byte_progress, run_progress
-    from fleet.ops.ingest import ingest_audio_dir, ingest_conversations_file
     from fleet.ops.localworkers import local_workers, say
     from fleet.reporting.queries import fetch_results
+    from producer.ingest import ingest_audio_dir, ingest_conversations_file
     from producer.runner import run_until_done
 
     t0 = time.monotonic()

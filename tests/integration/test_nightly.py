@@ -158,7 +158,7 @@ def test_beat_schedule_comes_from_the_settings():
     ],
 )
 def test_when_an_open_run_counts_as_abandoned(mode, holder_alive, idle_s, abandoned):
-    from producer.nightly import OpenRun, is_abandoned
+    from producer.runlock import OpenRun, is_abandoned
 
     now = datetime(2026, 1, 2, 3, 0, tzinfo=UTC)
     run = OpenRun(7, now - timedelta(hours=5), mode, "h:1", now - timedelta(seconds=idle_s))

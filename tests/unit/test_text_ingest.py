@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.ops.ingest import parse_conversation_line
+from producer.ingest import parse_conversation_line
 from workers.adapters.base import InputError
 from workers.adapters.text import conversation_messages, conversation_text
 
