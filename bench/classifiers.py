@@ -39,10 +39,12 @@ def _row(name: str, m: dict[str, Any], seconds: float) -> str:
 def main() -> int:
     from transformers.utils import logging as hf_logging
 
+    from config.data import data_path
     from config.taskconfig import load_tasks
+    from fleet.models.catalogue import BUNDLED, INTENT
     from fleet.models.finetune import TrainConfig
     from fleet.models.labeled import load_labeled
-    from fleet.models.prepare import BUNDLED, INTENT, data_file, train_bundled
+    from fleet.models.prepare import train_bundled
     from fleet.models.training import run_training
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -92,7 +94,7 @@ def main() -> int:
             out=models_dir / f"intent-minilm-{args.intent_baseline}",
             base=None,
             eval_file=None,
-            test_file=data_file(BUNDLED[INTENT].eval),
+            test_file=data_path(BUNDLED[INTENT].eval),
             config=TrainConfig(),
             test_fraction=0.2,
             quiet=True,

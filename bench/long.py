@@ -117,7 +117,8 @@ def encoder_readings(adapter: Any, rows: list[dict[str, Any]]) -> dict[str, Any]
 
 def load_encoders(models_dir: Path, names: list[str]) -> dict[str, Any]:
     from config.taskconfig import load_tasks
-    from fleet.models.prepare import INTENT, prepare_intent, prepare_minilm
+    from fleet.models.catalogue import INTENT
+    from fleet.models.prepare import prepare_intent, prepare_minilm
     from workers.adapters.sequence_classify import SequenceClassifyAdapter
     from workers.adapters.zero_shot import ZeroShotAdapter
 

@@ -56,7 +56,7 @@ def build_model(folder: Path, shape: str = "minilm") -> Path:
         BertForSequenceClassification,
     )
 
-    from fleet.models.prepare import minilm_path
+    from fleet.models.catalogue import minilm_path
 
     labels = [f"label{i}" for i in range(8)]
     names = {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}

@@ -60,12 +60,12 @@ def main() -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
 
-    from fleet.models.prepare import data_file
+    from config.data import data_path
     from fleet.review import strategies as st
     from fleet.review.embed import Embedder, minilm_folder
 
-    pool_texts, pool_labels = _load(data_file("intent.jsonl"), conversation=False)
-    eval_texts, eval_labels = _load(data_file("eval/intent_eval.jsonl"), conversation=True)
+    pool_texts, pool_labels = _load(data_path("intent.jsonl"), conversation=False)
+    eval_texts, eval_labels = _load(data_path("eval/intent_eval.jsonl"), conversation=True)
     names = sorted(set(pool_labels))
     t0 = time.perf_counter()
     embedder = Embedder(minilm_folder(None))

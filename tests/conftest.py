@@ -106,8 +106,9 @@ def smollm_dir(bundled_models_dir: Path) -> Path:
 def trained_intent(bundled_models_dir: Path) -> tuple[Path, dict, list]:
     """The intent classifier fine-tuned once per session from the bundled MiniLM
     on the shipped training set: (folder, held-out metrics, progress events)."""
+    from config.data import data_path
+    from fleet.models.catalogue import BUNDLED, INTENT
     from fleet.models.finetune import METRICS_FILE, train_intent
-    from fleet.models.prepare import BUNDLED, INTENT, data_file
 
     out = bundled_models_dir / INTENT
     events: list[dict] = []
@@ -116,10 +117,10 @@ def trained_intent(bundled_models_dir: Path) -> tuple[Path, dict, list]:
 
         return out, json.loads((out / METRICS_FILE).read_text()), events
     metrics = train_intent(
-        data_file("intent.jsonl"),
+        data_path("intent.jsonl"),
         out,
         seed=0,
         progress=events.append,
-        test_path=data_file(BUNDLED[INTENT].eval),
+        test_path=data_path(BUNDLED[INTENT].eval),
     )
     return out, metrics, events

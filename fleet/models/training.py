@@ -122,8 +122,9 @@ def _choose_examples(
     no stored results to learn from, or a task without a bundled set and no
     data; ValueError for a bad line in `confirmed`.
     """
+    from config.data import data_path
+    from fleet.models.catalogue import bundled_for_task
     from fleet.models.labeled import load_labeled
-    from fleet.models.prepare import bundled_for_task, data_file
 
     if data and from_task:
         raise TrainingDataError("give --data or --from-task, not both")
@@ -164,9 +165,9 @@ def _choose_examples(
     bundled = bundled_for_task(task)
     if bundled is None:
         raise TrainingDataError(f"task {task!r} has no bundled training set: give --data FILE")
-    test = data_file(bundled.eval)
+    test = data_path(bundled.eval)
     return Chosen(
-        load_labeled(data_file(bundled.data)),
+        load_labeled(data_path(bundled.data)),
         bundled.data,
         models_dir / bundled.folder,
         test_file=test if test.is_file() else None,

@@ -109,13 +109,15 @@ def run_demo(
     Raises:
         LocalWorkersFailed: only the work of tasks whose worker cannot start is left.
     """
-    from fleet.models.prepare import (
+    from fleet.models.catalogue import (
         MINILM,
         SENTIMENT,
         SMOLLM,
         WHISPER,
         WHISPER_BASE,
         WORTHINESS,
+    )
+    from fleet.models.prepare import (
         prepare_intent,
         prepare_models,
     )

@@ -16,7 +16,7 @@ from typing import Any
 
 def minilm_folder(models_dir: Path | None) -> Path:
     """The MiniLM folder to load (FileNotFoundError naming what to install when none)."""
-    from fleet.models.prepare import MINILM, minilm_path
+    from fleet.models.catalogue import MINILM, minilm_path
 
     if models_dir is not None and (models_dir / MINILM / "config.json").is_file():
         return models_dir / MINILM

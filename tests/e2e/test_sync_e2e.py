@@ -46,8 +46,8 @@ def _varied_classifier(folder: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
+    from fleet.models.catalogue import minilm_path
     from fleet.models.finetune import INTENT_LABELS
-    from fleet.models.prepare import minilm_path
 
     torch.manual_seed(3)
     tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)

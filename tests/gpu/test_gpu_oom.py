@@ -23,7 +23,7 @@ pytestmark = [
 def _bert(folder: Path, *, hidden: int, layers: int, heads: int) -> Path:
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from fleet.models.prepare import minilm_path
+    from fleet.models.catalogue import minilm_path
 
     tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
     cfg = BertConfig(

@@ -20,10 +20,11 @@ import torch
 from click.testing import CliRunner
 from sqlalchemy import text
 
+from config.data import data_path
 from db.engine import get_engine, transaction
 from fleet.cli import main
+from fleet.models.catalogue import minilm_path
 from fleet.models.labeled import load_labeled
-from fleet.models.prepare import data_file, minilm_path
 from tests.support import WorkerProcess, fleet_env
 
 pytestmark = pytest.mark.slow
@@ -77,7 +78,7 @@ def head_model(
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("promote-models")
-    rows = load_labeled(data_file("intent.jsonl"))  # lines of text or of messages
+    rows = load_labeled(data_path("intent.jsonl"))  # lines of text or of messages
     names = sorted({r.label for r in rows})
     texts, labels = [r.text for r in rows], [r.label for r in rows]
     rng = random.Random(0)
@@ -142,7 +143,7 @@ def snapshot(url: str) -> list[tuple]:
 
 def test_shuffled_refused_good_promoted_and_rolled_back(env, models):
     url, wenv, tmp = env
-    evalset = data_file("eval/intent_eval.jsonl")
+    evalset = data_path("eval/intent_eval.jsonl")
     fleet("ingest", "conversations", str(evalset))
     run_worker(url, wenv, tmp / "w1.log")
     before = snapshot(url)

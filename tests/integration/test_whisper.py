@@ -212,7 +212,7 @@ def test_small_forwards_give_the_same_text(adapter: TranscribeAdapter) -> None:
 
 def _speech(audio_root: Path, name: str, text: str) -> np.ndarray:
     """espeak-ng saying `text`, at 16 kHz, with its leading and trailing silence trimmed."""
-    from workers.audio import decode_audio
+    from workers.adapters.audio import decode_audio
 
     wav = audio_root / f"{name}.wav"
     subprocess.run(["espeak-ng", "-w", str(wav), text], check=True, timeout=60)
@@ -225,7 +225,7 @@ def test_a_word_by_the_window_cut_is_kept(adapter: TranscribeAdapter, audio_root
     """A 150 ms pause and, later in the cut search range, a 40 ms dropout inside
     "watermelon" (digital zeros: the quietest frame near 30 s). The cut goes into
     the pause, so "watermelon" is transcribed once, whole."""
-    from workers.audio import chunk_audio
+    from workers.adapters.voice import chunk_audio
 
     sr = 16000
     lead = _speech(audio_root, "lead", "We should order more supplies for the office kitchen.")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from config.taskconfig import TierSpec
-from fleet.models.prepare import minilm_path
+from fleet.models.catalogue import minilm_path
 from workers.adapters.base import Prediction, Source
 from workers.adapters.zero_shot import ZeroShotAdapter
 

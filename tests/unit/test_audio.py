@@ -1,4 +1,4 @@
-"""workers.audio: path safety, decoding checks, resampling and chunking.
+"""workers.adapters.audio and .voice: path safety, decoding checks, resampling and chunking.
 
 Pure tests (no model, no torch): every bad-file case must become an InputError
 with a message that says what is wrong, never a crash or a silent half-result.
@@ -14,16 +14,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from workers.adapters.audio import decode_audio, mix_to_mono, resolve_audio_path
 from workers.adapters.base import InputError
-from workers.audio import (
-    chunk_audio,
-    decode_audio,
-    is_steady_tone,
-    mix_to_mono,
-    resolve_audio_path,
-    voice_gate,
-    voiced_seconds,
-)
+from workers.adapters.voice import chunk_audio, is_steady_tone, voice_gate, voiced_seconds
 
 SR = 16000
 

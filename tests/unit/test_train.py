@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from config.data import data_path
 from config.taskconfig import load_tasks
+from fleet.models.catalogue import BUNDLED
 from fleet.models.finetune import INTENT_LABELS, METRICS_FILE, ordered_labels, tier_toml
 from fleet.models.labeled import (
     Example,
@@ -20,7 +22,6 @@ from fleet.models.labeled import (
     load_labeled,
     split_examples,
 )
-from fleet.models.prepare import BUNDLED, data_file
 from fleet.reporting.scoring import classification_report as compute_metrics
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "config" / "data"
@@ -184,7 +185,7 @@ def test_bundled_sets_match_their_tasks_and_stay_apart_from_their_eval(folder: s
     spec = load_tasks(None)[b.task]
     assert spec.kind == "sequence_classify"
     assert spec.ladder[0].path == b.folder
-    train, held = load_labeled(data_file(b.data)), load_labeled(data_file(b.eval))
+    train, held = load_labeled(data_path(b.data)), load_labeled(data_path(b.eval))
     assert check_labels(train, list(spec.labels)) == list(spec.labels)
     assert {ex.label for ex in held} == set(spec.labels)
     assert len(held) >= 60

@@ -23,7 +23,7 @@ from workers.adapters.windowed import (
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from fleet.models.prepare import minilm_path
+    from fleet.models.catalogue import minilm_path
 
     return AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
 

