@@ -12,7 +12,7 @@ from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option, task_option
 
 
-@click.command()
+@click.command("calibrate")
 @task_option
 @click.option(
     "--data",
@@ -32,7 +32,7 @@ from fleet.cli.output import json_option, task_option
 )
 @json_option
 @pass_fleet
-def calibrate(
+def calibrate_cmd(
     ctx: FleetContext,
     task_name: str,
     data: Path | None,

@@ -48,11 +48,11 @@ def settings_cmd(ctx: FleetContext, as_json: bool) -> None:
             click.echo(f"{'':24} {click.style(desc, dim=True)}")
 
 
-@click.command()
+@click.command("migrate")
 @click.option("--revision", default="head", show_default=True, help="Target revision.")
 @click.option("--down", is_flag=True, help="Downgrade to --revision (default base) instead.")
 @pass_fleet
-def migrate(ctx: FleetContext, revision: str, down: bool) -> None:
+def migrate_cmd(ctx: FleetContext, revision: str, down: bool) -> None:
     """Bring the database schema to the code's version (Alembic)."""
     from db.migrate import downgrade, upgrade
     from fleet.ops.services import ensure_services
@@ -67,12 +67,12 @@ def migrate(ctx: FleetContext, revision: str, down: bool) -> None:
     )
 
 
-@click.group()
-def ingest() -> None:
+@click.group("ingest")
+def ingest_cmd() -> None:
     """Put conversations or audio files into Postgres (idempotent on external_id)."""
 
 
-@ingest.command("conversations")
+@ingest_cmd.command("conversations")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @json_option
 @pass_fleet
@@ -90,7 +90,7 @@ def ingest_conversations_cmd(ctx: FleetContext, path: Path, as_json: bool) -> No
     _print_ingest(report, as_json)
 
 
-@ingest.command("audio")
+@ingest_cmd.command("audio")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @json_option
 @pass_fleet

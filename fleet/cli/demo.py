@@ -15,7 +15,7 @@ def _warn(message: str) -> None:
     click.echo(message, err=True)
 
 
-@click.command()
+@click.command("demo")
 @click.option(
     "--conversations",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -23,7 +23,7 @@ def _warn(message: str) -> None:
 )
 @click.option("--timeout", type=float, default=900, show_default=True)
 @pass_fleet
-def demo(ctx: FleetContext, conversations: Path | None, timeout: float) -> None:
+def demo_cmd(ctx: FleetContext, conversations: Path | None, timeout: float) -> None:
     """Run the whole job once: prepare models, ingest samples, start a worker, classify, show results."""
     from fleet.ops.demo import run_demo
     from fleet.ops.localworkers import LocalWorkersFailed

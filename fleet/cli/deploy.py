@@ -11,19 +11,19 @@ from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import task_option
 
 
-@click.group()
-def deploy() -> None:
+@click.group("deploy")
+def deploy_cmd() -> None:
     """Generate deployment manifests from the task config (see deploy/README.md)."""
 
 
-@deploy.command("compose")
+@deploy_cmd.command("compose")
 @click.option("--gpus", required=True, help="This host's GPU indexes, e.g. 0,1,2,3 (or 'all').")
 @click.option(
     "--task", "-t", "task_options", multiple=True, help="Task, or TASK=0,1 to pin GPUs; repeat."
 )
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), help="File to write.")
 @pass_fleet
-def deploy_compose(
+def deploy_compose_cmd(
     ctx: FleetContext, gpus: str, task_options: tuple[str, ...], out: Path | None
 ) -> None:
     """One worker service per GPU (docker-compose.override.yml); default task: intent."""
@@ -46,7 +46,7 @@ def deploy_compose(
     click.echo(f"wrote {out}: {len(plan)} worker(s); start them with `docker compose up -d`")
 
 
-@deploy.command("k8s")
+@deploy_cmd.command("k8s")
 @task_option
 @click.option("--max-replicas", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option(
@@ -57,13 +57,13 @@ def deploy_compose(
     help="KEDA target: batches waiting per worker.",
 )
 @pass_fleet
-def deploy_k8s(ctx: FleetContext, task_name: str, max_replicas: int, list_length: int) -> None:
+def deploy_k8s_cmd(ctx: FleetContext, task_name: str, max_replicas: int, list_length: int) -> None:
     """A task's worker Deployment (one GPU per pod) and its KEDA ScaledObject, as YAML.
 
     KEDA watches the Redis database of BROKER_URL; with FLEET_CONFIG_FILE the
     task config travels in a ConfigMap (fleet-tasks) the workers mount.
     """
-    from fleet.ops.deploy import k8s_command
+    from fleet.ops.k8s import k8s_command
 
     spec = ctx.task(task_name)
     broker = ctx.settings.broker_url

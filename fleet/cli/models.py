@@ -17,12 +17,12 @@ if TYPE_CHECKING:
     from config.taskconfig import TaskSpec
 
 
-@click.group()
-def models() -> None:
+@click.group("models")
+def models_cmd() -> None:
     """Prepare the bundled models (convert, train) into FLEET_MODELS_DIR."""
 
 
-@models.command("prepare")
+@models_cmd.command("prepare")
 @click.option(
     "--only",
     multiple=True,
@@ -30,7 +30,7 @@ def models() -> None:
 )
 @click.option("--force", is_flag=True, help="Rebuild even if present.")
 @pass_fleet
-def models_prepare(ctx: FleetContext, only: tuple[str, ...], force: bool) -> None:
+def models_prepare_cmd(ctx: FleetContext, only: tuple[str, ...], force: bool) -> None:
     """Build every bundled model folder once (seconds to a few minutes on CPU)."""
     from fleet.models.prepare import prepare_models
 
@@ -40,10 +40,10 @@ def models_prepare(ctx: FleetContext, only: tuple[str, ...], force: bool) -> Non
         click.echo(f"{name:24} {path}  ({seconds:.1f}s)")
 
 
-@models.command("pull")
+@models_cmd.command("pull")
 @click.option("--task", "-t", "task_names", multiple=True, help="Only these tasks' ladders.")
 @pass_fleet
-def models_pull(ctx: FleetContext, task_names: tuple[str, ...]) -> None:
+def models_pull_cmd(ctx: FleetContext, task_names: tuple[str, ...]) -> None:
     """Download every ladder model named by Hugging Face id into the HF cache.
 
     Run it where the hub is reachable (safetensors, configuration and tokenizer
@@ -89,7 +89,7 @@ def models_pull(ctx: FleetContext, task_names: tuple[str, ...]) -> None:
 _file = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
-@click.command()
+@click.command("train")
 @task_option
 @click.option(
     "--kind",
@@ -161,7 +161,7 @@ _file = click.Path(exists=True, dir_okay=False, path_type=Path)
 )
 @json_option
 @pass_fleet
-def train(
+def train_cmd(
     ctx: FleetContext,
     task_name: str,
     kind: str | None,

@@ -19,7 +19,7 @@ from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import finish_run, json_option, local_workers_option, unwind_on_sigterm
 
 
-@click.command()
+@click.command("nightly")
 @click.option(
     "--task", "-t", "task_names", multiple=True, help="Only these tasks (default: every one)."
 )
@@ -27,7 +27,7 @@ from fleet.cli.output import finish_run, json_option, local_workers_option, unwi
 @local_workers_option
 @json_option
 @pass_fleet
-def nightly(
+def nightly_cmd(
     ctx: FleetContext,
     task_names: tuple[str, ...],
     timeout: float | None,
@@ -115,10 +115,10 @@ def sync_lines(synced: dict[str, Any]) -> list[str]:
     return lines or ["sync: no [sources.<name>] declared; nothing synced"]
 
 
-@click.command()
+@click.command("beat")
 @click.option("--loglevel", default="INFO", show_default=True)
 @pass_fleet
-def beat(ctx: FleetContext, loglevel: str) -> None:
+def beat_cmd(ctx: FleetContext, loglevel: str) -> None:
     """Run the schedule: Celery beat plus a control worker on fleet.control (no model).
 
     Nightly on FLEET_NIGHTLY_CRONTAB (FLEET_TIMEZONE), a feed tick every

@@ -16,11 +16,11 @@ def _warn(message: str) -> None:
     click.echo(message, err=True)
 
 
-@click.command()
+@click.command("status")
 @click.option("--task", "-t", "task_name", help="Only this task.")
 @json_option
 @pass_fleet
-def status(ctx: FleetContext, task_name: str | None, as_json: bool) -> None:
+def status_cmd(ctx: FleetContext, task_name: str | None, as_json: bool) -> None:
     """Per task: items by status, items/s, ETA, queue length; live workers; the latest run."""
     from fleet.observe.statusview import show_status
 
@@ -29,7 +29,7 @@ def status(ctx: FleetContext, task_name: str | None, as_json: bool) -> None:
     sys.exit(show_status(ctx.services(), only=task_name, as_json=as_json))
 
 
-@click.command()
+@click.command("watch")
 @click.option("--task", "-t", "task_name", help="Only this task.")
 @click.option(
     "--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True, help="Seconds."
@@ -37,7 +37,7 @@ def status(ctx: FleetContext, task_name: str | None, as_json: bool) -> None:
 @click.option("--until-done", is_flag=True, help="Exit 0 once nothing is pending/queued/running.")
 @click.option("--timeout", type=click.FloatRange(min=0), help="Stop after this many seconds.")
 @pass_fleet
-def watch(
+def watch_cmd(
     ctx: FleetContext,
     task_name: str | None,
     interval: float,
@@ -55,13 +55,13 @@ def watch(
     )
 
 
-@click.command()
+@click.command("metrics")
 @click.option("--address", help="Listen address (default FLEET_METRICS_ADDRESS).")
 @click.option(
     "--port", type=click.IntRange(0, 65535), help="Port (default FLEET_METRICS_PORT; 0: any free)."
 )
 @pass_fleet
-def metrics(ctx: FleetContext, address: str | None, port: int | None) -> None:
+def metrics_cmd(ctx: FleetContext, address: str | None, port: int | None) -> None:
     """Serve Prometheus metrics: backlog, queue lengths, items/s, per-worker stats."""
     from fleet.observe.prometheus import run_exporter
 
@@ -69,12 +69,12 @@ def metrics(ctx: FleetContext, address: str | None, port: int | None) -> None:
     sys.exit(run_exporter(s, address=address, port=port, echo=_warn))
 
 
-@click.command()
+@click.command("flower")
 @click.option("--address", help="Listen address (default FLEET_FLOWER_ADDRESS).")
 @click.option("--port", type=click.IntRange(1, 65535), help="Port (default FLEET_FLOWER_PORT).")
 @click.option("--no-auth", is_flag=True, help="Serve without a password (warns).")
 @pass_fleet
-def flower(ctx: FleetContext, address: str | None, port: int | None, no_auth: bool) -> None:
+def flower_cmd(ctx: FleetContext, address: str | None, port: int | None, no_auth: bool) -> None:
     """Watch the fleet in Flower on its broker, behind basic auth (FLEET_FLOWER_*)."""
     from fleet.ops.flower import FlowerConfigError, run_flower
 

@@ -13,7 +13,7 @@ from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option, task_option
 
 
-@click.command()
+@click.command("results")
 @task_option
 @click.option(
     "--status",
@@ -24,7 +24,7 @@ from fleet.cli.output import json_option, task_option
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @json_option
 @pass_fleet
-def results(ctx: FleetContext, task_name: str, status: str, limit: int, as_json: bool) -> None:
+def results_cmd(ctx: FleetContext, task_name: str, status: str, limit: int, as_json: bool) -> None:
     """Show a task's results (label, confidence, model, tier) or errors."""
     from fleet.observe.display import results_table
     from fleet.reporting.queries import fetch_results
@@ -36,7 +36,7 @@ def results(ctx: FleetContext, task_name: str, status: str, limit: int, as_json:
         results_table(rows, title=f"{task_name}: {status}")
 
 
-@click.command()
+@click.command("export")
 @task_option
 @click.option(
     "--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True
@@ -60,7 +60,7 @@ def results(ctx: FleetContext, task_name: str, status: str, limit: int, as_json:
     help="Folder for --individual.",
 )
 @pass_fleet
-def export(
+def export_cmd(
     ctx: FleetContext,
     task_name: str,
     fmt: str,
@@ -181,7 +181,7 @@ def eval_cmd(
         )
 
 
-@click.command()
+@click.command("compare")
 @task_option
 @click.option(
     "--models",
@@ -207,7 +207,7 @@ def eval_cmd(
 )
 @json_option
 @pass_fleet
-def compare(
+def compare_cmd(
     ctx: FleetContext,
     task_name: str,
     models: tuple[str, str],
@@ -255,7 +255,7 @@ def compare(
         click.echo(f"  A={d['a']}  B={d['b']}  x{d['count']}")
 
 
-@click.command()
+@click.command("report")
 @click.option(
     "--run", "run_id", type=click.IntRange(min=1), help="Report on this run (default: the latest)."
 )
@@ -278,7 +278,7 @@ def compare(
     help="Gold labels of a task (the `fleet eval` format): draws its reliability diagram; repeat.",
 )
 @pass_fleet
-def report(
+def report_cmd(
     ctx: FleetContext,
     run_id: int | None,
     since: str | None,

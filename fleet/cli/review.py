@@ -15,8 +15,8 @@ from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option, task_option
 
 
-@click.group()
-def review() -> None:
+@click.group("review")
+def review_cmd() -> None:
     """Hand items to people for review (Label Studio) and store what they confirm."""
 
 
@@ -26,7 +26,7 @@ def _labels(ctx: FleetContext, task: str) -> list[str] | None:
     return task_labels(ctx.task(task), ctx.settings.resolved_models_dir)
 
 
-@review.command("export")
+@review_cmd.command("export")
 @task_option
 @click.option(
     "--budget", "-n", type=click.IntRange(min=1), required=True, help="Items to hand out."
@@ -115,7 +115,7 @@ def export_cmd(
         )
 
 
-@review.command("import")
+@review_cmd.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--task", "-t", "task_name", help="Task for lines that name none.")
 @json_option
@@ -156,7 +156,7 @@ def import_cmd(ctx: FleetContext, file: Path, task_name: str | None, as_json: bo
         sys.exit(int(ExitCode.FAILED_ITEMS))
 
 
-@review.command("release")
+@review_cmd.command("release")
 @task_option
 @click.option("--export", "export_id", help="Only this export's items (its id).")
 @pass_fleet
@@ -201,7 +201,7 @@ def _effective_task(ctx: FleetContext, name: str) -> TaskSpec:
 @click.option("--sample", default=50, show_default=True, help="Stored items per label (shadow).")
 @json_option
 @pass_fleet
-def promote(
+def promote_cmd(
     ctx: FleetContext,
     task_name: str,
     model: str,
@@ -257,7 +257,7 @@ def promote(
 @task_option
 @json_option
 @pass_fleet
-def rollback(ctx: FleetContext, task_name: str, as_json: bool) -> None:
+def rollback_cmd(ctx: FleetContext, task_name: str, as_json: bool) -> None:
     """Undo the task's newest promotion: its previous results restored from
     result_history in one transaction (no model runs) and the previous ladder served."""
     from db.engine import transaction

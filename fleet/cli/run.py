@@ -17,10 +17,10 @@ from fleet.cli.output import (
 )
 
 
-@click.command()
+@click.command("backlog")
 @json_option
 @pass_fleet
-def backlog(ctx: FleetContext, as_json: bool) -> None:
+def backlog_cmd(ctx: FleetContext, as_json: bool) -> None:
     """Work items per task and status; then, per synced source, rows it synced that
     no task has an item for yet, its lag, and rows it could not take as they are."""
     from db import ledger
@@ -53,7 +53,7 @@ def backlog(ctx: FleetContext, as_json: bool) -> None:
         click.echo(line)
 
 
-@click.command()
+@click.command("enqueue")
 @task_option
 @click.option("--limit", type=click.IntRange(min=1), help="Most items to claim and send.")
 @click.option(
@@ -62,7 +62,7 @@ def backlog(ctx: FleetContext, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Say what would be sent; claim nothing.")
 @json_option
 @pass_fleet
-def enqueue(
+def enqueue_cmd(
     ctx: FleetContext,
     task_name: str,
     limit: int | None,
@@ -101,7 +101,7 @@ def enqueue(
         )
 
 
-@click.command()
+@click.command("run")
 @click.option(
     "--task", "-t", "task_names", multiple=True, required=True, help="Task(s) to run; repeat."
 )
@@ -118,7 +118,7 @@ def enqueue(
 @local_workers_option
 @json_option
 @pass_fleet
-def run(
+def run_cmd(
     ctx: FleetContext,
     task_names: tuple[str, ...],
     with_follow_ups: bool,
@@ -164,11 +164,11 @@ def run(
     finish_run(report, as_json)
 
 
-@click.command()
+@click.command("reconcile")
 @click.option("--task", "-t", "task_name", help="Only this task.")
 @json_option
 @pass_fleet
-def reconcile(ctx: FleetContext, task_name: str | None, as_json: bool) -> None:
+def reconcile_cmd(ctx: FleetContext, task_name: str | None, as_json: bool) -> None:
     """Return expired leases to pending; mark items past the attempt limit dead."""
     from producer.reconciler import reconcile as do_reconcile
 
@@ -179,7 +179,7 @@ def reconcile(ctx: FleetContext, task_name: str | None, as_json: bool) -> None:
     )
 
 
-@click.command()
+@click.command("retry")
 @click.option(
     "--status",
     "statuses",
@@ -190,7 +190,7 @@ def reconcile(ctx: FleetContext, task_name: str | None, as_json: bool) -> None:
 )
 @click.option("--task", "-t", "task_name", help="Only this task.")
 @pass_fleet
-def retry(ctx: FleetContext, statuses: tuple[str, ...], task_name: str | None) -> None:
+def retry_cmd(ctx: FleetContext, statuses: tuple[str, ...], task_name: str | None) -> None:
     """Put failed, dead or parked items back to pending, with fresh attempt counts."""
     from db import ledger
     from db.engine import transaction
@@ -200,7 +200,7 @@ def retry(ctx: FleetContext, statuses: tuple[str, ...], task_name: str | None) -
     click.echo(f"{n} item(s) back to pending: `fleet run --task T` (or `fleet enqueue`) sends them")
 
 
-@click.command()
+@click.command("park")
 @click.option(
     "--status",
     "statuses",
@@ -218,7 +218,7 @@ def retry(ctx: FleetContext, statuses: tuple[str, ...], task_name: str | None) -
     help="Only this work item id (`fleet results --status failed --json` shows them); repeat.",
 )
 @pass_fleet
-def park(
+def park_cmd(
     ctx: FleetContext, statuses: tuple[str, ...], task_name: str | None, item_ids: tuple[int, ...]
 ) -> None:
     """Acknowledge failed or dead items that will never succeed (status parked).

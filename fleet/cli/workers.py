@@ -13,7 +13,7 @@ from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import task_option
 
 
-@click.command()
+@click.command("worker")
 @task_option
 @click.option(
     "--gpu",
@@ -22,7 +22,7 @@ from fleet.cli.output import task_option
 )
 @click.option("--loglevel", default="INFO", show_default=True)
 @pass_fleet
-def worker(ctx: FleetContext, task_name: str, gpu: int | None, loglevel: str) -> None:
+def worker_cmd(ctx: FleetContext, task_name: str, gpu: int | None, loglevel: str) -> None:
     """Start one solo-pool Celery worker for a task, holding its model resident."""
     from fleet.ops.workercommand import worker_argv, worker_env, worker_name
 
@@ -33,7 +33,7 @@ def worker(ctx: FleetContext, task_name: str, gpu: int | None, loglevel: str) ->
     os.execvpe(argv[0], argv, worker_env(ctx.settings, gpu=gpu))
 
 
-@click.command()
+@click.command("workers")
 @task_option
 @click.option(
     "--gpus",
@@ -48,7 +48,7 @@ def worker(ctx: FleetContext, task_name: str, gpu: int | None, loglevel: str) ->
     help="Write each worker's log to DIR/<task>-gpuN.log instead of this terminal.",
 )
 @pass_fleet
-def workers(
+def workers_cmd(
     ctx: FleetContext, task_name: str, gpus: str, loglevel: str, log_dir: Path | None
 ) -> None:
     """Start and supervise one pinned worker per GPU; restart any that dies, with backoff."""

@@ -22,14 +22,8 @@ from fleet.observe.cascade import cascade_table
 from fleet.reporting import charts
 from fleet.reporting.charts import STATUS_COLOURS, Bar, Segment, Series
 from fleet.reporting.review import agreement_table
-from fleet.reporting.rundata import (
-    IDLE_GAP_SECONDS,
-    ReportData,
-    ReportError,
-    TaskRow,
-    fmt_when,
-    read_report,
-)
+from fleet.reporting.rundata import IDLE_GAP_SECONDS, ReportData, TaskRow, read_report
+from fleet.reporting.window import ReportError, fmt_when
 
 __all__ = ["ReportError", "fmt_duration", "render", "write_report"]
 

@@ -29,7 +29,7 @@ import yaml
 from config.settings import Settings
 from config.taskconfig import load_tasks
 from fleet.cli import main
-from fleet.ops import deploy
+from fleet.ops import deploy, k8s
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -651,7 +651,7 @@ def test_k8s_workers_one_per_task_with_one_gpu_each():
 def test_k8s_worker_files_are_the_generator_output():
     for name, spec in TASKS.items():
         path = K8S / "workers" / f"{name}.yaml"
-        assert path.read_text() == deploy.k8s_command(spec), (
+        assert path.read_text() == k8s.k8s_command(spec), (
             f"{path} differs from `fleet deploy k8s --task {name}`: regenerate it"
         )
 

@@ -8,7 +8,8 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from fleet.reporting import charts
-from fleet.reporting.rundata import ReportError, parse_when, reason_key
+from fleet.reporting.rundata import reason_key
+from fleet.reporting.window import ReportError, parse_when
 
 UTC = dt.UTC
 
