@@ -308,7 +308,9 @@ def test_fleet_beat_drives_a_nightly_run_through_the_control_queue(nightly_env):
     c = run["counts"]
     assert run["trigger"] == "nightly" and c["task_names"] == ["intent"]
     assert c["tasks"] == {"intent": {"done": N}} and c["discovered"] == {"intent": N}
-    assert c["timed_out"] is False and c["sent_batches"] >= N // 16
+    # Sized by the worker's measured throughput, as under `fleet nightly`: from
+    # FLEET_BATCH_SIZE (16) up, so at most ceil(N / 16) messages (test_beat_feed pins sizes).
+    assert c["timed_out"] is False and 1 <= c["sent_batches"] <= -(-N // 16)
     assert status_counts(e.db_url, "intent") == {"done": N}
     # The beat schedule sent ticks and reconciler passes to the control worker.
     assert "fleet.nightly_tick" in log and "fleet.reconcile" in log
