@@ -1,5 +1,4 @@
-"""fleet.ops.pool: the one reap rule both supervisors apply to a worker that exits,
-and fleet.ops.gpus' reading of `--gpus`."""
+"""fleet.ops.pool: the one reap rule both supervisors apply to a worker that exits."""
 
 from __future__ import annotations
 
@@ -7,10 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from config.exitcodes import ExitCode
-from fleet.ops.gpus import parse_gpus
 from fleet.ops.pool import RESTART_CAP_S, STABLE_AFTER_S, WorkerProcess, log_file
 
 
@@ -47,17 +43,3 @@ def test_start_and_exited_report_the_code_once(tmp_path: Path):
     w.close_log()
     assert code == 3 and w.exited() is None and not w.alive()
     assert (tmp_path / "logs" / "intent-cpu.log").read_text().strip() == "up"
-
-
-@pytest.mark.parametrize(
-    ("spec", "available", "expected"),
-    [("all", 2, [0, 1]), ("0,3", 0, [0, 3]), (" 1 ", 4, [1])],
-)
-def test_parse_gpus(spec, available, expected):
-    assert parse_gpus(spec, available=available) == expected
-
-
-@pytest.mark.parametrize("spec", ["all", "0,0", "-1", "x", ""])
-def test_parse_gpus_refuses(spec):
-    with pytest.raises(ValueError, match="--gpus"):
-        parse_gpus(spec, available=0)
