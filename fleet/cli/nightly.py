@@ -16,7 +16,8 @@ import click
 
 from config.exitcodes import ExitCode
 from fleet.cli.context import FleetContext, fail, pass_fleet
-from fleet.cli.output import finish_run, json_option, local_workers_option, unwind_on_sigterm
+from fleet.cli.output import finish_run, json_option, local_workers_option
+from fleet.ops.pool import unwind_on_sigterm
 
 
 @click.command("nightly")

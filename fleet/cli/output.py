@@ -112,14 +112,3 @@ def finish_run(report: RunSummary, as_json: bool) -> None:
                 err=True,
             )
         sys.exit(int(ExitCode.FAILED_ITEMS))
-
-
-def unwind_on_sigterm() -> None:
-    """Make SIGTERM (systemd, Kubernetes, `kill`) unwind like Ctrl-C.
-
-    The process exits 128+15 through SystemExit, so `finally` blocks run: the
-    runs row is closed as interrupted and local workers are stopped.
-    """
-    from fleet.ops.pool import unwind_on_sigterm as install
-
-    install()

@@ -13,8 +13,8 @@ from fleet.cli.output import (
     json_option,
     local_workers_option,
     task_option,
-    unwind_on_sigterm,
 )
+from fleet.ops.pool import unwind_on_sigterm
 
 
 @click.command("backlog")

@@ -137,6 +137,8 @@ def term_as_exit(signum: int, _frame: object) -> NoReturn:
 
 
 def unwind_on_sigterm() -> object:
-    """Install `term_as_exit` for SIGTERM (systemd, Kubernetes, `kill`); returns the
-    previous handler. Raises ValueError outside the main thread."""
+    """Make SIGTERM (systemd, Kubernetes, `kill`) unwind like Ctrl-C: `fleet run`
+    and `fleet nightly` then exit 128+15 through SystemExit, so the runs row is
+    closed as interrupted and local workers are stopped. Returns the previous
+    handler. Raises ValueError outside the main thread."""
     return signal.signal(signal.SIGTERM, term_as_exit)

@@ -60,6 +60,7 @@ ONE_HOME = {
     r"^def visible_gpus\(": "fleet/ops/gpus.py",
     r"^def gpu_free_mb\(": "fleet/ops/gpus.py",
     r"raise SystemExit\(128 \+ signum\)": "fleet/ops/pool.py",
+    r"^def unwind_on_sigterm\(": "fleet/ops/pool.py",
     r"^FOOTPRINT_FACTOR = |\* 1\.3\b": "workers/device.py",
     r"^(\w+_)?KEY_PREFIX = ": None,  # gone: wire.keys names each prefix for what it is
     r"^def feed\(": None,  # gone: every driver feeds through producer.drive.Feeder
