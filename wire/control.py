@@ -23,6 +23,7 @@ from typing import Any
 from celery.worker.control import inspect_command
 
 from wire.keys import CONTROL_QUEUE
+from wire.stats import gpu_slot
 
 INSPECT_COMMAND = "fleet_info"
 
@@ -53,12 +54,12 @@ def _rss_mb() -> float | None:
 
 def worker_info(hostname: str, queues: list[str]) -> dict[str, Any]:
     """What this worker process serves and holds (JSON-serializable)."""
-    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip() or None
+    slot = gpu_slot()
     info: dict[str, Any] = {
         "hostname": hostname,
         "pid": os.getpid(),
         "queues": queues,
-        "gpu": gpu,
+        "gpu": None if slot == "cpu" else slot,
         "role": "control" if queues == [CONTROL_QUEUE] else "starting",
         "task": None,
         "model": None,

@@ -143,7 +143,7 @@ def describe() -> dict[str, Any] | None:
 
 
 def _hint_file(settings: Settings, task: str) -> Path:
-    slot = os.environ.get("CUDA_VISIBLE_DEVICES") or "cpu"
+    slot = worker_stats.gpu_slot()
     return settings.state_dir / "tier-hints" / f"{task}-gpu{slot}.tier"
 
 

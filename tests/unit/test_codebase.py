@@ -58,6 +58,7 @@ ONE_HOME = {
     r"^def data_path\(": "config/data/__init__.py",
     r"^STABLE_AFTER_S = ": "fleet/ops/pool.py",
     r"^def visible_gpus\(": "fleet/ops/gpus.py",
+    r"environ.get\(\"CUDA_VISIBLE_DEVICES\"": "wire/stats.py",  # gpu_slot: the pinned GPU
     r"^def gpu_free_mb\(": "fleet/ops/gpus.py",
     r"raise SystemExit\(128 \+ signum\)": "fleet/ops/pool.py",
     r"^def unwind_on_sigterm\(": "fleet/ops/pool.py",
