@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,17 +29,16 @@ from sqlalchemy.orm import Session
 from db.syncstate import SourceStatus, read_problems, read_sources
 from fleet.observe.cascade import CascadeStatus, read_cascades
 from fleet.reporting.charts import time_step
+from fleet.reporting.labelsets import LabelRates, read_label_rates
+from fleet.reporting.reasons import reason_key
 from fleet.reporting.review import read_agreement
+from fleet.reporting.when import ReportError, fmt_when, parse_when
 
 # Throughput bins: enough to show a trend, few enough that each holds several
 # batches (a bin of one batch or none draws batch cadence, not throughput).
 MIN_BINS, MAX_BINS, ITEMS_PER_BIN = 12, 60, 40
 # A pause this long with nothing finished is idle time, not work (see busy_s).
 IDLE_GAP_SECONDS = 300.0
-
-
-class ReportError(ValueError):
-    """Bad options or nothing to report; the message says what to do instead."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +118,8 @@ class ReportData:
     # task -> `fleet.reporting.export.evaluate` against the gold labels given for it
     # (ece, reliability bins, accuracy, n); empty without --gold.
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # multi-label task -> items and per-label counts per throughput bin (labelsets)
+    label_rates: dict[str, LabelRates] = field(default_factory=dict)
 
     @property
     def total(self) -> TaskRow:
@@ -163,37 +163,6 @@ class ReportData:
 
 
 # -- reading options ------------------------------------------------------------
-
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)\s*$", re.IGNORECASE)
-_AGE_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_when(value: str, *, now: dt.datetime, option: str = "--since") -> dt.datetime:
-    """An ISO date or time (naive: local time), today/yesterday, or an age (90m, 24h, 7d)."""
-    v = value.strip()
-    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    if v.lower() == "today":
-        return midnight
-    if v.lower() == "yesterday":
-        return midnight - dt.timedelta(days=1)
-    if v.lower() == "now":
-        return now
-    m = _AGE.match(v)
-    if m:
-        return now - dt.timedelta(seconds=float(m.group(1)) * _AGE_UNITS[m.group(2).lower()])
-    try:
-        when = dt.datetime.fromisoformat(v)
-    except ValueError:
-        raise ReportError(
-            f"cannot read {option} {value!r}: give an ISO date or time (2026-01-05, "
-            "2026-01-05T22:00, optionally with +01:00), today, yesterday, or an age "
-            "such as 90m, 24h, 7d"
-        ) from None
-    return when if when.tzinfo is not None else when.astimezone()
-
-
-def fmt_when(t: dt.datetime) -> str:
-    return t.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _runs_hint(session: Session) -> str:
@@ -301,30 +270,6 @@ def _finished_cte(window: Window) -> str:
 
 def _params(window: Window, **extra: Any) -> dict[str, Any]:
     return {"start": window.start, "end": window.end, "tasks": list(window.tasks), **extra}
-
-
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-_FILE = re.compile(
-    r"(?<![\w/])(?:[\w.-]+/)*[\w.-]+\.(?:wav|flac|ogg|mp3|m4a|opus|json|jsonl|txt)\b", re.I
-)
-_PATH = re.compile(r"(?<![\w])(?:/[\w.@+-]+){2,}/?")
-_UUID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I)
-_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?!\w)")
-
-
-def reason_key(error: str | None) -> str:
-    """A failure reason without what differs between items (quoted values, file
-    names, paths, ids, numbers), so errors of one kind group together."""
-    if not error or not error.strip():
-        return "(no reason recorded)"
-    line = error.strip().splitlines()[0]
-    line = _QUOTED.sub("\u2026", line)
-    line = _UUID.sub("<id>", line)
-    line = _PATH.sub("<path>", line)
-    line = _FILE.sub("<file>", line)
-    line = _NUMBER.sub("N", line)
-    line = re.sub(r"\s+", " ", line).strip()
-    return line if len(line) <= 160 else line[:159] + "\u2026"
 
 
 def _read_rows(session: Session, window: Window) -> tuple[list[TaskRow], float | None]:
@@ -500,6 +445,7 @@ def collect(session: Session, window: Window) -> ReportData:
         busy_s=_read_busy(session, window) if window.run_id is None else None,
         review=read_agreement(session, [r.task for r in rows]),
         cascades=read_cascades(session, [r.task for r in rows]),
+        label_rates=read_label_rates(session, window, start, width, bins),
     )
 
 
