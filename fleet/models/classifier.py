@@ -93,7 +93,8 @@ def train_classifier(
 
     `multi_label`: examples carry label sets (`Example.labels`); the head is
     trained with binary cross-entropy (`fleet.models.trainer`), epochs are picked
-    on the macro-F1 of sigmoid >= 0.5 (`accuracy` is then the subset accuracy),
+    on the validation macro-F1 with each label at its F1-best threshold
+    (`multilabel.fit_thresholds`; `accuracy` is then the subset accuracy),
     and config.json says `problem_type = "multi_label_classification"`.
 
     Saves model (safetensors) and tokenizer to `out_dir` and returns
@@ -161,10 +162,16 @@ def train_classifier(
 
     def metrics(pred: Any) -> dict[str, float]:
         if multi_label:
-            logits = pred.predictions.tolist()
+            # Picked as served: each label at its F1-best threshold on this split (the
+            # thresholds fitted after training), so an early epoch whose sigmoids all sit
+            # under 0.5 but already rank well is not scored 0.
+            probs = multilabel.probabilities(pred.predictions.tolist(), 1.0)
+            gold = [[int(y >= 0.5) for y in row] for row in pred.label_ids.tolist()]
+            fitted = multilabel.fit_thresholds(probs, gold, labels)
+            cuts = {n: f["threshold"] for n, f in fitted.items()}
             rep = multilabel_report(
-                [[labels[j] for j, y in enumerate(row) if y >= 0.5] for row in pred.label_ids],
-                [[labels[j] for j, z in enumerate(row) if z >= 0.0] for row in logits],
+                [[labels[j] for j, y in enumerate(row) if y] for row in gold],
+                multilabel.predicted_sets(probs, labels, cuts),
                 labels,
             )
             return {"accuracy": rep["subset_accuracy"], "macro_f1": rep["macro_f1"]}

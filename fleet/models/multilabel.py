@@ -190,17 +190,10 @@ def fit_thresholds(
     {label: {"threshold", "f1", "f1_at_default", "positives", "fitted"}}."""
     out: dict[str, dict[str, Any]] = {}
     for j, name in enumerate(names):
-        col = [(float(row[j]), int(g[j])) for row, g in zip(probs, gold, strict=True)]
+        col = sorted(
+            ((float(row[j]), int(g[j])) for row, g in zip(probs, gold, strict=True)), reverse=True
+        )
         positives = sum(y for _, y in col)
-
-        def f1_at(
-            cut: float, col: list[tuple[float, int]] = col, positives: int = positives
-        ) -> float:
-            tp = sum(1 for p, y in col if y and p >= cut)
-            kept = sum(1 for p, _ in col if p >= cut)
-            return 2 * tp / (kept + positives) if kept + positives else 0.0
-
-        default = f1_at(DEFAULT_THRESHOLD)
         if not positives:
             out[name] = {
                 "threshold": DEFAULT_THRESHOLD,
@@ -210,14 +203,31 @@ def fit_thresholds(
                 "fitted": False,
             }
             continue
-        values = sorted({p for p, _ in col})
-        best_k = max(range(len(values)), key=lambda k: (f1_at(values[k]), -abs(values[k] - 0.5)))
-        cut = values[best_k]
-        threshold = (cut + values[best_k - 1]) / 2 if best_k > 0 else cut / 2
+        # sweep the distinct values from the top: at cut v, kept = items with p >= v
+        best: tuple[float, float, float] | None = None  # (f1, -|v - 0.5|, v)
+        cuts: list[float] = []
+        kept = tp = 0
+        k = 0
+        while k < len(col):
+            v = col[k][0]
+            while k < len(col) and col[k][0] == v:
+                kept += 1
+                tp += col[k][1]
+                k += 1
+            cuts.append(v)
+            key = (2 * tp / (kept + positives), -abs(v - 0.5), v)
+            if best is None or key[:2] > best[:2]:
+                best = key
+        assert best is not None
+        f1, _, cut = best
+        lower = [c for c in cuts if c < cut]
+        threshold = (cut + lower[0]) / 2 if lower else cut / 2
+        tp_default = sum(1 for p, y in col if y and p >= DEFAULT_THRESHOLD)
+        kept_default = sum(1 for p, _ in col if p >= DEFAULT_THRESHOLD)
         out[name] = {
             "threshold": round(threshold, 6),
-            "f1": round(f1_at(threshold), 6),
-            "f1_at_default": round(default, 6),
+            "f1": round(f1, 6),
+            "f1_at_default": round(2 * tp_default / (kept_default + positives), 6),
             "positives": positives,
             "fitted": True,
         }
