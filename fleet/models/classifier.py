@@ -166,11 +166,11 @@ def train_classifier(
             # thresholds fitted after training), so an early epoch whose sigmoids all sit
             # under 0.5 but already rank well is not scored 0.
             probs = multilabel.probabilities(pred.predictions.tolist(), 1.0)
-            gold = [[int(y >= 0.5) for y in row] for row in pred.label_ids.tolist()]
-            fitted = multilabel.fit_thresholds(probs, gold, labels)
+            truth = [[int(y >= 0.5) for y in row] for row in pred.label_ids.tolist()]
+            fitted = multilabel.fit_thresholds(probs, truth, labels)
             cuts = {n: f["threshold"] for n, f in fitted.items()}
             rep = multilabel_report(
-                [[labels[j] for j, y in enumerate(row) if y] for row in gold],
+                [[labels[j] for j, y in enumerate(row) if y] for row in truth],
                 multilabel.predicted_sets(probs, labels, cuts),
                 labels,
             )
