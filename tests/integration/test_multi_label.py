@@ -24,7 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from sqlalchemy import text
 
+from db.engine import get_engine
 from fleet.cli import main
 from fleet.reporting.scoring import multilabel_report
 from tests.support import (
@@ -189,6 +191,18 @@ def test_label_sets_with_per_label_thresholds(env) -> None:
     assert empty["output"]["no_label"].startswith("no label at or above its threshold")
     assert sum(1 for s in sets.values() if s) >= 6, sets  # the others do get labels
 
+    # the view applications read: the set in `label`, the list in output.labels
+    with get_engine(env["env"]["DATABASE_URL"]).connect() as c:
+        viewed = c.execute(
+            text(
+                "SELECT external_id, label, output -> 'labels' FROM fleet_latest_results "
+                "WHERE task = 'emotion'"
+            )
+        ).all()
+    assert {r[0]: (r[1], sorted(r[2])) for r in viewed} == {
+        k: (";".join(v) or None, v) for k, v in sets.items()
+    }
+
     # `fleet results` shows the sets, and says "(none)" with the reason for the empty one
     listed = json.loads(fleet("results", "-t", "emotion", "--json").stdout)
     assert {r["external_id"]: r["label"] for r in listed} == {
@@ -215,8 +229,8 @@ def test_label_sets_with_per_label_thresholds(env) -> None:
         assert rep[key] == pytest.approx(want[key]), key
     for n in NAMES:
         assert rep["per_label"][n] == pytest.approx(want["per_label"][n]), n
-    text = fleet("eval", "-t", "emotion", "--gold", str(gold_file)).stdout
-    assert re.search(r"micro-F1 \d\.\d{3}\s+macro-F1", text) and "Hamming loss" in text
+    shown = fleet("eval", "-t", "emotion", "--gold", str(gold_file)).stdout
+    assert re.search(r"micro-F1 \d\.\d{3}\s+macro-F1", shown) and "Hamming loss" in shown
 
     # the HTML report: per-label rates over time, counted from the same sets
     page = tmp / "report.html"

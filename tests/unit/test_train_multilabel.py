@@ -228,3 +228,31 @@ def test_fit_thresholds_maximises_each_labels_f1() -> None:
 def test_positive_weights_balance_rare_labels() -> None:
     exs = [Example.multi("x", ["a"])] + [Example.multi("y", ["b"])] * 3
     assert multilabel.positive_weights(exs, ["a", "b", "c"]) == [3.0, 1 / 3, 1.0]
+
+
+def test_calibrate_refits_a_multi_label_folders_temperature_and_thresholds(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    data = tmp_path / "emotion.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "labels": labs}) + "\n" for t, labs in _rows()))
+    env = {**_env(tmp_path), "FLEET_CONFIG_FILE": str(_config(tmp_path))}
+    folder = tmp_path / "m" / "emotion-minilm"  # the task's first tier
+    trained = CliRunner().invoke(
+        main,
+        ["train", "--task", "emotion", "--multi-label", "--data", str(data), "--base"]
+        + [str(tiny_base), "--out", str(folder), "--epochs", "1", "--json"],
+        env=env,
+    )
+    assert trained.exit_code == 0, trained.output
+    (folder / "thresholds.json").unlink()
+    result = CliRunner().invoke(
+        main, ["calibrate", "--task", "emotion", "--data", str(data), "--json"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    assert set(got["thresholds"]) == set(NAMES) and got["scores"]["n"] == len(_rows())
+    stored = json.loads((folder / "thresholds.json").read_text())
+    assert stored["thresholds"] == got["thresholds"] and stored["fitted_on"] == "emotion.jsonl"
+    assert (
+        json.loads((folder / "calibration.json").read_text())["temperature"] == got["temperature"]
+    )
