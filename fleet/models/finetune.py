@@ -141,7 +141,6 @@ def train_task(
     Examples with label sets (`load_labeled(..., multi_label=True)`) train a
     multi-label model (`train_label_sets`).
     """
-    config = config or TrainConfig()
     if any(ex.labels is not None for ex in examples):
         return train_label_sets(
             task,
@@ -157,6 +156,7 @@ def train_task(
             test_fraction=test_fraction,
             progress=progress,
         )
+    config = config or TrainConfig()
     names = check_labels(examples, labels)
     for what, extra in (("the --eval set", eval_examples), ("the --test set", test_examples)):
         stray = sorted({ex.label for ex in extra or ()} - set(names))
@@ -252,8 +252,9 @@ def train_label_sets(
     Raises TrainingDataError (before any model is loaded) for unusable label sets
     or an eval/test set naming labels outside them. Returns what
     `training_metrics.json` holds, with `multi_label: true`, `thresholds` and
-    micro/macro-F1, subset accuracy and Hamming loss per scored set."""
-    config = config or TrainConfig()
+    micro/macro-F1, subset accuracy and Hamming loss per scored set. Without a
+    `config`, no positive weights (`TrainConfig(class_weighting="none")`)."""
+    config = config or TrainConfig(class_weighting="none")
     names = multilabel.check_label_sets(examples, labels)
     for what, extra in (("the --eval set", eval_examples), ("the --test set", test_examples)):
         if extra and any(ex.labels is None for ex in extra):
