@@ -25,6 +25,7 @@ from workers.adapters.windowed import (
     DEFAULT_POOLING,
     Reading,
 )
+from workers.multilabel import PROBLEM_TYPE
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def train_classifier(
     # A base encoder has no classifier head yet and transformers' load report says so: expected.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    extra: dict[str, Any] = {"problem_type": multilabel.PROBLEM_TYPE} if multi_label else {}
+    extra: dict[str, Any] = {"problem_type": PROBLEM_TYPE} if multi_label else {}
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             base_path,

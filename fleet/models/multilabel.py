@@ -32,11 +32,8 @@ from workers.adapters.windowed import Reading, encode_windows, text_data
 from workers.calibration import Calibration, calibrate_binary, write_calibration
 from workers.multilabel import (
     DEFAULT_THRESHOLD,
-    PROBLEM_TYPE,
     THRESHOLDS_FILE,
     kept_labels,
-    read_thresholds,
-    resolve_thresholds,
 )
 from workers.windows import pool_independent
 
@@ -329,27 +326,6 @@ def calibrate_and_fit(
         "validation": val_rep,
         "test": test_rep,
     }
-
-
-def evaluate_folder(
-    model_dir: str | Path, examples: Sequence[Example], *, reading: Reading
-) -> dict[str, Any]:
-    """`multilabel_report` of a saved multi-label folder on `examples`, read as served:
-    its calibration.json temperature and its thresholds.json (0.5 where none)."""
-    from workers.calibration import read_calibration
-
-    logits, names = folder_logits(model_dir, [ex.text for ex in examples], reading)
-    cal = read_calibration(model_dir)
-    thresholds, _ = resolve_thresholds(names, read_thresholds(model_dir, names), None)
-    probs = probabilities(logits, cal.temperature if cal else 1.0)
-    return multilabel_report(
-        [list(ex.labels or ()) for ex in examples], predicted_sets(probs, names, thresholds), names
-    )
-
-
-def mark_multi_label(model: Any) -> None:
-    """Set transformers' `problem_type` on a model's config: the serving side reads it."""
-    model.config.problem_type = PROBLEM_TYPE
 
 
 def scores_summary(rep: dict[str, Any]) -> dict[str, Any]:
