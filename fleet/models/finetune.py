@@ -27,6 +27,14 @@ Why the pieces look the way they do:
 * All weights are trained (not only the head): the sentence-embedding
   checkpoint was never trained through BERT's pooler, so a frozen encoder
   with a fresh head plateaus well below a few epochs of full fine-tuning.
+* Examples with label sets (`--multi-label`) train a sigmoid per label
+  (`train_label_sets`; `fleet.models.multilabel` fits the thresholds).
+
+Where the pieces live: `fleet.models.classifier` (TrainConfig, one Trainer
+run), `fleet.models.trainer` (rows, collator, loss, progress),
+`fleet.models.folderpredict` (a folder's labels and scores, as served),
+`fleet.models.modelcard` (TOML lines and the card); this module decides what
+is trained and scored, and writes the metrics.
 """
 
 from __future__ import annotations

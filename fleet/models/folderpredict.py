@@ -78,4 +78,5 @@ def evaluate(
 
 
 def scores_summary(rep: dict[str, Any]) -> dict[str, Any]:
+    """What training_metrics.json keeps of a classification_report."""
     return {k: rep[k] for k in ("n", "accuracy", "macro_f1", "per_label", "confusion")}
