@@ -130,9 +130,7 @@ def test_binary_fit_recovers_a_planted_temperature(t_true: float) -> None:
 
     rng = random.Random(1)
     logits = [[rng.gauss(0, 4) for _ in range(3)] for _ in range(3000)]
-    targets = [
-        [int(rng.random() < 1 / (1 + math.exp(-z / t_true))) for z in row] for row in logits
-    ]
+    targets = [[int(rng.random() < 1 / (1 + math.exp(-z / t_true))) for z in row] for row in logits]
     cal = calibration.calibrate_binary(logits, targets, fitted_on="planted")
     assert cal.temperature == pytest.approx(t_true, rel=0.1)
     assert cal.nll_after <= cal.nll_before and cal.method == calibration.SIGMOID_METHOD
