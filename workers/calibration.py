@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,11 +98,17 @@ def fit_temperature(logits: Sequence[Sequence[float]], gold: Sequence[int]) -> f
         raise ValueError("every row of logits needs the same number (>= 2) of classes")
     if any(not 0 <= g < width for g in gold):
         raise ValueError(f"gold class ids must lie in 0..{width - 1}")
+    return _golden_temperature(lambda t: mean_nll(logits, gold, t))
+
+
+def _golden_temperature(nll: Callable[[float], float]) -> float:
+    """The T in [1e-3, 1e3] minimising `nll(T)`, by golden-section search over log T
+    (the NLLs here are convex in 1/T, so the minimum is the global one)."""
     lo, hi = math.log(_T_MIN), math.log(_T_MAX)
     ratio = (math.sqrt(5) - 1) / 2
 
     def loss(log_t: float) -> float:
-        return mean_nll(logits, gold, math.exp(log_t))
+        return nll(math.exp(log_t))
 
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
     fa, fb = loss(a), loss(b)
@@ -116,6 +122,57 @@ def fit_temperature(logits: Sequence[Sequence[float]], gold: Sequence[int]) -> f
             b = lo + ratio * (hi - lo)
             fb = loss(b)
     return math.exp((lo + hi) / 2)
+
+
+def log_sigmoid(x: float) -> float:
+    """log(1 / (1 + e^-x)), stable for large |x|."""
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def mean_binary_nll(
+    logits: Sequence[Sequence[float]], targets: Sequence[Sequence[int]], temperature: float
+) -> float:
+    """Mean binary negative log-likelihood (nats per label decision) of a multi-label
+    model: every (item, label) pair is one yes/no under sigmoid(logit / T).
+    `targets`: one row of 0/1 per item, as wide as its logits."""
+    if len(logits) != len(targets):
+        raise ValueError(f"{len(logits)} rows of logits but {len(targets)} rows of targets")
+    total, n = 0.0, 0
+    for row, want in zip(logits, targets, strict=True):
+        if len(row) != len(want):
+            raise ValueError("every row of targets needs one 0/1 per label")
+        for z, y in zip(row, want, strict=True):
+            total -= log_sigmoid(z / temperature) if y else log_sigmoid(-z / temperature)
+            n += 1
+    if not n:
+        raise ValueError("no items to score")
+    return total / n
+
+
+SIGMOID_METHOD = (
+    "temperature scaling of a multi-label model's sigmoids (Guo et al. 2017 with the "
+    "binary NLL of every label decision), minimised on a held-out set"
+)
+
+
+def calibrate_binary(
+    logits: Sequence[Sequence[float]], targets: Sequence[Sequence[int]], *, fitted_on: str = ""
+) -> Calibration:
+    """One temperature for a multi-label model: T minimising `mean_binary_nll` of the
+    held-out label decisions (the labels' decisions never change at T: only their
+    probabilities, hence which side of a fitted threshold they fall). Raises
+    ValueError for no items or rows of different widths."""
+    if not logits:
+        raise ValueError("temperature scaling needs at least one held-out item")
+    t = _golden_temperature(lambda temp: mean_binary_nll(logits, targets, temp))
+    return Calibration(
+        temperature=round(t, 6),
+        method=SIGMOID_METHOD,
+        fitted_on=fitted_on,
+        n=len(logits),
+        nll_before=round(mean_binary_nll(logits, targets, 1.0), 6),
+        nll_after=round(mean_binary_nll(logits, targets, t), 6),
+    )
 
 
 def calibrate(

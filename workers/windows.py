@@ -35,6 +35,10 @@ Pooling rules (the tier option `pooling`):
             least `salient_threshold` (0.5), and its row is the item's; else
             (nothing but background anywhere) the recency rule. Without
             background labels it is `max`.
+
+A multi-label model's windows are pooled by `pool_independent`: each label is
+its own yes/no, so `max` and `salient` keep per label the highest window
+probability (not renormalised) and the weighted rules average per label.
 """
 
 from __future__ import annotations
@@ -258,6 +262,42 @@ def pool(
         peak = [max(r[j] for r in rows) for j in range(labels)]
         total = sum(peak) or 1.0
         probs = tuple(p / total for p in peak)
+        best = max(range(labels), key=probs.__getitem__)
+        return Pooled(probs, max(range(len(rows)), key=lambda k: rows[k][best]))
+    weights = window_weights(plan, rule, decay=decay, assistant_weight=assistant_weight)
+    total = sum(weights) or 1.0
+    probs = tuple(
+        sum(w * r[j] for w, r in zip(weights, rows, strict=True)) / total for j in range(labels)
+    )
+    best = max(range(labels), key=probs.__getitem__)
+    return Pooled(probs, max(range(len(rows)), key=lambda k: weights[k] * rows[k][best]))
+
+
+def pool_independent(
+    rows: Sequence[Sequence[float]],
+    plan: WindowPlan,
+    rule: str,
+    *,
+    decay: float = 0.5,
+    assistant_weight: float = 0.1,
+) -> Pooled:
+    """Pool per-window probabilities of independent labels (a multi-label model's
+    sigmoids: each label is its own yes/no, rows need not sum to 1) into one row.
+
+    `max` and `salient`: per label, the highest probability over windows (a
+    conversation is worried when one of its windows is; multiple-instance
+    reading per label), never renormalised; `mean`, `recency` and `role`: the
+    weighted mean of each label's probabilities (`window_weights`). One window:
+    its row unchanged. The deciding window is the one giving the item's most
+    probable label its value. Raises ValueError when the row count differs from
+    the plan's windows or the rule is unknown."""
+    if len(rows) != len(plan.windows) or not rows:
+        raise ValueError(f"{len(rows)} probability rows for {len(plan.windows)} windows")
+    if len(rows) == 1:
+        return Pooled(tuple(float(x) for x in rows[0]), 0)
+    labels = len(rows[0])
+    if rule in ("max", "salient"):
+        probs = tuple(float(max(r[j] for r in rows)) for j in range(labels))
         best = max(range(labels), key=probs.__getitem__)
         return Pooled(probs, max(range(len(rows)), key=lambda k: rows[k][best]))
     weights = window_weights(plan, rule, decay=decay, assistant_weight=assistant_weight)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -44,7 +45,8 @@ def calibrate_cmd(
 
     --data FILE: temperature scaling (Guo et al. 2017) on labeled examples.
     sequence_classify: rewrites calibration.json in the folder of the task's first
-    ladder tier. zero_shot: prints the fitted similarity temperature and the task
+    ladder tier (a multi-label folder: its sigmoid temperature and its per-label
+    thresholds.json, from a file of label sets). zero_shot: prints the fitted similarity temperature and the task
     option line that serves it (`temperature = ...`).
 
     --gold FILE --target-escalation SHARE: the `escalate_below` threshold under which
@@ -68,12 +70,15 @@ def calibrate_cmd(
     spec = ctx.task(task_name)
     models_dir = ctx.settings.resolved_models_dir
     try:
+        folder = resolve_model_path(spec.ladder[0], models_dir)
+        if spec.kind == "sequence_classify" and _multi_label_folder(folder):
+            _refit_label_sets(spec, folder, data, as_json)
+            return
         examples = load_labeled(data)
         if spec.kind == "zero_shot":
             cal, scores = fit_task_temperature(spec, models_dir, examples, fitted_on=data.name)
             where = f"[tasks.{spec.name}] temperature = {cal.temperature:.4f}"
         elif spec.kind == "sequence_classify":
-            folder = resolve_model_path(spec.ladder[0], models_dir)
             cal, both = calibrate_folder(folder, examples, fitted_on=data.name)
             scores = {**both["validation"], "configured_temperature": 1.0}
             where = f"{folder}/calibration.json"
@@ -95,6 +100,44 @@ def calibrate_cmd(
         f"ECE {scores['ece_before']:.3f} -> {scores['ece_after']:.3f}"
     )
     click.echo(f"serve it: {where}")
+
+
+def _multi_label_folder(folder: Path) -> bool:
+    from workers.multilabel import is_multi_label
+
+    config = folder / "config.json"
+    return config.is_file() and is_multi_label(json.loads(config.read_text(encoding="utf-8")))
+
+
+def _refit_label_sets(spec: Any, folder: Path, data: Path, as_json: bool) -> None:
+    """A multi-label folder: its temperature and per-label thresholds refitted on `data`
+    (label sets), read as its first tier serves (fleet.models.multilabel.calibrate_and_fit)."""
+    from fleet.models.labeled import load_labeled
+    from fleet.models.multilabel import calibrate_and_fit
+    from workers.adapters.windowed import Reading
+
+    tier = spec.ladder[0]
+    got = calibrate_and_fit(
+        folder,
+        load_labeled(data, multi_label=True),
+        reading=Reading.from_options(tier.max_length, tier.options),
+        fitted_on=data.name,
+    )
+    cal, val = got["calibration"], got["validation"]
+    cuts = {n: f["threshold"] for n, f in got["thresholds"].items()}
+    if as_json:
+        click.echo(json.dumps({**cal, "thresholds": cuts, "where": str(folder), "scores": val}))
+        return
+    click.echo(
+        f"{spec.name}: temperature {cal['temperature']:.4f} and thresholds "
+        + ", ".join(f"{n} {t:.3f}" for n, t in cuts.items())
+        + f" fitted on {data.name} (n={val['n']}, micro-F1 {val['micro_f1']:.3f}, macro-F1 "
+        f"{val['macro_f1']:.3f}); ECE over label decisions {cal['validation']['ece_before']:.3f}"
+        f" -> {cal['validation']['ece_after']:.3f}"
+    )
+    click.echo(
+        f"serve it: {folder}/calibration.json and thresholds.json (workers read them at start)"
+    )
 
 
 def _threshold(ctx: FleetContext, task_name: str, gold: Path, share: float, as_json: bool) -> None:

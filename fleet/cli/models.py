@@ -102,6 +102,12 @@ _file = click.Path(exists=True, dir_okay=False, path_type=Path)
     help="Append the task entry (or ladder tier) to FLEET_CONFIG_FILE instead of only printing it.",
 )
 @click.option("--data", type=_file, help="Labeled CSV/JSONL/JSON: text,label[,weight|confidence].")
+@click.option(
+    "--multi-label",
+    is_flag=True,
+    help="Several labels per example (CSV text,labels with ';'-separated labels, or JSONL "
+    '"labels": [...]): a sigmoid per label, thresholds fitted on the held-out split.',
+)
 @click.option("--from-task", help="Train on this task's stored results (e.g. llm_classify).")
 @click.option(
     "--min-confidence",
@@ -152,9 +158,9 @@ _file = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option(
     "--class-weights",
     type=click.Choice(["balanced", "none"]),
-    default="balanced",
-    show_default=True,
-    help="Weigh rare labels up (n / (k * count)).",
+    default=None,
+    help="Weigh rare labels up: n / (k * count) per class [default: balanced]; with "
+    "--multi-label, negatives / positives per label (capped at 10) [default: none].",
 )
 @click.option(
     "--seed", default=0, show_default=True, help="Seeds the split, the head and the batches."
@@ -167,6 +173,7 @@ def train_cmd(
     kind: str | None,
     write_config: bool,
     data: Path | None,
+    multi_label: bool,
     from_task: str | None,
     min_confidence: float,
     confirmed: str | None,
@@ -180,7 +187,7 @@ def train_cmd(
     batch_size: int | None,
     patience: int | None,
     max_length: int | None,
-    class_weights: str,
+    class_weights: str | None,
     seed: int,
     as_json: bool,
 ) -> None:
@@ -191,6 +198,11 @@ def train_cmd(
     TOML lines that serve it (--write-config appends them to FLEET_CONFIG_FILE).
     A task the config lacks is created with --kind sequence_classify and --data:
     its labels are the data's, and the whole task entry is printed.
+
+    --multi-label trains a model that gives each item a set of labels (possibly
+    empty): binary cross-entropy per label; calibration.json (one temperature for
+    the sigmoids) and thresholds.json (per label, the F1-best threshold on the
+    held-out split) are written beside the weights.
     """
     from config.taskconfig import ConfigError
     from fleet.models.finetune import TrainConfig
@@ -220,6 +232,7 @@ def train_cmd(
             db_url=ctx.url,
             models_dir=ctx.settings.resolved_models_dir,
             with_confirmed=confirmed == "-",
+            multi_label=multi_label,
         )
         out = out or default_out(ctx.settings.state_dir, chosen.out.name)
         if creating:
@@ -236,7 +249,8 @@ def train_cmd(
             }.items()
             if v is not None
         }
-        config = TrainConfig(seed=seed, class_weighting=class_weights, **overrides)
+        weighting = class_weights or ("none" if multi_label else "balanced")
+        config = TrainConfig(seed=seed, class_weighting=weighting, **overrides)
         metrics = run_training(
             spec,
             models_dir=ctx.settings.resolved_models_dir,
@@ -250,6 +264,7 @@ def train_cmd(
             test_fraction=test_fraction,
             quiet=as_json,
             extra=chosen.extra,
+            multi_label=multi_label,
         )
     except (TrainingDataError, ValueError) as e:
         fail(f"{e}", ExitCode.CONFIG)
@@ -315,6 +330,9 @@ def _task_to_train(
 
 
 def _say_trained(out: Path, metrics: dict[str, Any]) -> None:
+    if metrics.get("multi_label"):
+        _say_trained_sets(out, metrics)
+        return
     val = metrics["validation_scores"]
     click.echo(
         f"{out}: {metrics['n_train']} examples, {metrics['epochs_run']} epochs (best "
@@ -343,4 +361,41 @@ def _say_trained(out: Path, metrics: dict[str, Any]) -> None:
             'source; give those --confirmed lines a "source" (a [sources.<name>] name, or '
             '"ingest" for `fleet ingest` rows) to train on them',
             err=True,
+        )
+
+
+def _say_trained_sets(out: Path, metrics: dict[str, Any]) -> None:
+    """What `fleet train --multi-label` prints: F1 figures, thresholds, calibration."""
+
+    def line(name: str, s: dict[str, Any]) -> str:
+        return (
+            f"{name} micro-F1 {s['micro_f1']:.3f}, macro-F1 {s['macro_f1']:.3f}, subset "
+            f"accuracy {s['subset_accuracy']:.3f}, Hamming loss {s['hamming_loss']:.3f} (n={s['n']})"
+        )
+
+    click.echo(
+        f"{out}: {metrics['n_train']} examples, {metrics['epochs_run']} epochs (best "
+        f"{metrics['best_epoch']}); " + line("validation", metrics["validation_scores"])
+    )
+    if metrics.get("test"):
+        click.echo(line("independent test", metrics["test"]))
+    fitted = metrics.get("thresholds") or {}
+    click.echo(
+        "thresholds (thresholds.json, per-label F1 on the held-out split): "
+        + ", ".join(
+            f"{name} {f['threshold']:.3f}" + ("" if f["fitted"] else " (no held-out positive: 0.5)")
+            for name, f in fitted.items()
+        )
+    )
+    cal = metrics.get("calibration")
+    if cal:
+        click.echo(
+            f"calibration: temperature {cal['temperature']:.3f} on the sigmoids "
+            f"(calibration.json); ECE over label decisions, validation "
+            f"{cal['validation']['ece_before']:.3f} -> {cal['validation']['ece_after']:.3f}"
+            + (
+                f", test {cal['test']['ece_before']:.3f} -> {cal['test']['ece_after']:.3f}"
+                if cal.get("test")
+                else ""
+            )
         )

@@ -94,8 +94,8 @@ def export_cmd(
 @click.option(
     "--gold",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help='JSONL of {"external_id", "label"[, "source"]} (default: the confirmed labels '
-    "`fleet review import` stored).",
+    help='JSONL of {"external_id", "label"[, "source"]}, or "labels": [...] for a multi-label '
+    "task (default: the confirmed labels `fleet review import` stored).",
 )
 @click.option(
     "--source",
@@ -107,7 +107,11 @@ def export_cmd(
 def eval_cmd(
     ctx: FleetContext, task_name: str, gold: Path | None, source: str | None, as_json: bool
 ) -> None:
-    """Score a task's stored results against gold labels: accuracy, macro-F1, confusion, latency."""
+    """Score a task's stored results against gold labels: accuracy, macro-F1, confusion, latency.
+
+    A multi-label task (gold lines with "labels": [...], or results with label sets):
+    micro- and macro-F1, per-label precision/recall/F1, subset accuracy, Hamming loss.
+    """
     from fleet.observe.display import confusion_table
     from fleet.reporting.export import evaluate, load_gold
 
@@ -133,19 +137,34 @@ def eval_cmd(
     if as_json:
         click.echo(json.dumps(report))
         return
-    confusion_table(report["confusion"])
+    if report.get("multi_label"):
+        from fleet.observe.display import per_label_table
+
+        per_label_table(report["per_label"])
+        click.echo(
+            f"micro-F1 {report['micro_f1']:.3f}  macro-F1 {report['macro_f1']:.3f}  subset "
+            f"accuracy {report['subset_accuracy']:.3f}  Hamming loss {report['hamming_loss']:.3f}  "
+            f"n={report['n']}  (empty sets given: {report['empty_predicted']}, no answer: "
+            f"{report['no_prediction']})"
+        )
+    else:
+        confusion_table(report["confusion"])
     lat = report["latency_ms"]
     spread = (
         f"p50 {lat['p50']:.1f} p95 {lat['p95']:.1f} over {lat['sub_batches']} sub-batches"
         if lat["sub_batches"] > 1
         else "(one sub-batch: no p50/p95, every item has its mean)"
     )
-    click.echo(
-        f"accuracy {report['accuracy']:.3f}  macro-F1 {report['macro_f1']:.3f}  n={report['n']}  "
-        f"latency/item mean {lat['mean']:.1f} ms {spread}"
+    head = (
+        ""
+        if report.get("multi_label")
+        else f"accuracy {report['accuracy']:.3f}  macro-F1 {report['macro_f1']:.3f}  n={report['n']}  "
     )
+    click.echo(f"{head}latency/item mean {lat['mean']:.1f} ms {spread}")
     click.echo(
-        f"ECE {report['ece']:.3f} (10 bins)  mean confidence {report['mean_confidence']:.3f}"
+        f"ECE {report['ece']:.3f} (10 bins"
+        + (", a set right when it is the gold set" if report.get("multi_label") else "")
+        + f")  mean confidence {report['mean_confidence']:.3f}"
     )
     if report["unknown_gold_labels"]:
         unknown = ", ".join(f"{k} ({n})" for k, n in report["unknown_gold_labels"].items())

@@ -11,6 +11,13 @@ without conversion:
   its label;
 * a JSON document: a list of such objects (or `{"conversations": [...]}`).
 
+Multi-label data (`fleet train --multi-label`, `load_labeled(..., multi_label=True)`)
+gives each example a list of labels, possibly empty (the text has none of them):
+a CSV `labels` column with `;`-separated names (`text,labels` / `"worried;hopeful"`),
+or a JSON `"labels": ["worried", "hopeful"]` (a `;`-separated string is read
+the same way). A `labels` column in a single-label file is refused, naming
+`--multi-label`.
+
 A conversation becomes text exactly as the serving adapter makes it
 (`workers.adapters.text.conversation_text`), so the model trains on what it
 will be shown. Every problem is reported with the file and line, and the
@@ -37,6 +44,8 @@ from workers.adapters.text import conversation_text
 
 TEXT_KEYS = ("text", "message")
 LABEL_KEYS = ("label", "category")
+LABEL_SET_KEYS = ("labels",)
+LABEL_SEPARATOR = ";"  # the `label` column of a multi-label result joins its labels with it
 WEIGHT_KEYS = ("weight", "confidence")
 # Conversation fields (as `fleet ingest conversations` reads them) allowed in JSON rows.
 CONVERSATION_KEYS = ("messages", "external_id", "language", "meta")
@@ -49,11 +58,22 @@ class TrainingDataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One labeled text. `weight` scales its loss (1.0 = an ordinary example)."""
+    """One labeled text. `weight` scales its loss (1.0 = an ordinary example).
+
+    Multi-label: `labels` is the example's label set (sorted, possibly empty) and
+    `label` the same names joined with ";" ("" for none), so hashes and logs read it
+    as one value; single-label examples have `labels` None."""
 
     text: str
     label: str
     weight: float = 1.0
+    labels: tuple[str, ...] | None = None
+
+    @classmethod
+    def multi(cls, text: str, labels: Iterable[str], weight: float = 1.0) -> Example:
+        """A multi-label example of `labels` (duplicates dropped, sorted)."""
+        names = tuple(sorted(set(labels)))
+        return cls(text, LABEL_SEPARATOR.join(names), weight, names)
 
 
 def _pick(row: dict[str, Any], keys: Sequence[str], where: str) -> Any:
@@ -75,12 +95,43 @@ def _weight(value: Any, where: str) -> float:
     return w
 
 
-def example_from_row(row: dict[str, Any], where: str) -> Example:
-    """One Example from a parsed CSV row or JSON object.
+def label_set(value: Any, where: str) -> tuple[str, ...]:
+    """A multi-label row's labels: a JSON list of names, or one string of names
+    separated by ";" ("" or [] for none); sorted, duplicates dropped. Raises
+    TrainingDataError for anything else or an empty name in a list."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(LABEL_SEPARATOR)]
+        return tuple(sorted({p for p in parts if p}))
+    if isinstance(value, list):
+        if not all(isinstance(v, str) and v.strip() for v in value):
+            raise TrainingDataError(f"{where}: 'labels' must be a list of non-empty label names")
+        names = [v.strip() for v in value]
+        if any(LABEL_SEPARATOR in n for n in names):
+            raise TrainingDataError(
+                f"{where}: a label name cannot hold {LABEL_SEPARATOR!r} (it joins a label set)"
+            )
+        return tuple(sorted(set(names)))
+    raise TrainingDataError(
+        f"{where}: 'labels' must be a list of names or one ';'-separated string, "
+        f"got {type(value).__name__}"
+    )
+
+
+def example_from_row(row: dict[str, Any], where: str, *, multi_label: bool = False) -> Example:
+    """One Example from a parsed CSV row or JSON object (`multi_label`: with a label set).
 
     Raises TrainingDataError naming `where` (file:line) for unknown columns,
     a missing or empty text, a missing label or a bad weight.
     """
+    if multi_label:
+        return _multi_example(row, where)
+    if "labels" in row:
+        raise TrainingDataError(
+            f"{where}: a 'labels' column is a label set: train it with `fleet train "
+            "--multi-label`, or give one 'label' per example"
+        )
     allowed = {*TEXT_KEYS, *LABEL_KEYS, *WEIGHT_KEYS, *CONVERSATION_KEYS}
     unknown = sorted(k for k in row if k not in allowed)
     if unknown:
@@ -94,6 +145,12 @@ def example_from_row(row: dict[str, Any], where: str) -> Example:
         label = row["meta"].get("label")
     if not isinstance(label, str) or not label.strip():
         raise TrainingDataError(f"{where}: no label (a non-empty 'label' or 'category')")
+    return Example(
+        _example_text(row, where), label.strip(), _weight(_pick(row, WEIGHT_KEYS, where), where)
+    )
+
+
+def _example_text(row: dict[str, Any], where: str) -> str:
     text = _pick(row, TEXT_KEYS, where)
     if "messages" in row:
         if text is not None:
@@ -104,7 +161,30 @@ def example_from_row(row: dict[str, Any], where: str) -> Example:
             raise TrainingDataError(f"{where}: {e}") from None
     if not isinstance(text, str) or not text.strip():
         raise TrainingDataError(f"{where}: empty text; every example needs some text to learn from")
-    return Example(text.strip(), label.strip(), _weight(_pick(row, WEIGHT_KEYS, where), where))
+    return text.strip()
+
+
+def _multi_example(row: dict[str, Any], where: str) -> Example:
+    allowed = {*TEXT_KEYS, *LABEL_SET_KEYS, *LABEL_KEYS, *WEIGHT_KEYS, *CONVERSATION_KEYS}
+    unknown = sorted(k for k in row if k not in allowed)
+    if unknown:
+        raise TrainingDataError(
+            f"{where}: unknown column(s) {', '.join(map(repr, unknown))}; expected text (or "
+            "message), labels (a list, or names separated by ';'), optionally weight (or "
+            "confidence), or a conversation's messages"
+        )
+    given = [k for k in (*LABEL_SET_KEYS, *LABEL_KEYS) if k in row]
+    if not given:
+        raise TrainingDataError(
+            f"{where}: no 'labels' (a list of label names, [] or '' when none applies)"
+        )
+    if len(given) > 1:
+        raise TrainingDataError(f"{where}: both {given[0]!r} and {given[1]!r} given; keep one")
+    return Example.multi(
+        _example_text(row, where),
+        label_set(row[given[0]], where),
+        _weight(_pick(row, WEIGHT_KEYS, where), where),
+    )
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
@@ -151,8 +231,9 @@ def _json_rows(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
         yield row, where
 
 
-def load_labeled(path: str | Path) -> list[Example]:
-    """Examples from a CSV, JSONL or JSON file (see the module docstring).
+def load_labeled(path: str | Path, *, multi_label: bool = False) -> list[Example]:
+    """Examples from a CSV, JSONL or JSON file (see the module docstring); with
+    `multi_label`, each with its label set (`Example.labels`).
 
     Raises TrainingDataError for an unreadable file, an unknown extension, a
     bad row (with its line) or a file without examples.
@@ -168,7 +249,7 @@ def load_labeled(path: str | Path) -> list[Example]:
     else:
         raise TrainingDataError(f"{p}: unknown file type {suffix!r}; use .csv, .jsonl or .json")
     try:
-        examples = [example_from_row(row, where) for row, where in rows]
+        examples = [example_from_row(row, where, multi_label=multi_label) for row, where in rows]
     except UnicodeDecodeError as e:
         raise TrainingDataError(f"{p}: not UTF-8 text ({e.reason})") from None
     if not examples:

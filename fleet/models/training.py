@@ -66,11 +66,29 @@ def choose_examples(
     db_url: Callable[[], str],
     models_dir: Path,
     with_confirmed: bool = False,
+    multi_label: bool = False,
 ) -> Chosen:
     """`_choose_examples`, plus (with_confirmed) the task's confirmed labels from the
     database as weight-1.0 examples (fleet.models.confirmed): the reviewer's label
     wins over an example of the same text. Raises TrainingDataError when asked for
-    confirmed labels and the task has none."""
+    confirmed labels and the task has none.
+
+    `multi_label`: the examples are label sets (`--data FILE` only: stored results,
+    confirmed labels and the bundled sets hold one label per item, so they are
+    refused with that reason)."""
+    if multi_label:
+        if from_task or with_confirmed or confirmed or min_confidence or data is None:
+            raise TrainingDataError(
+                "--multi-label trains on a file of label sets: give --data FILE (CSV "
+                "text,labels with ';'-separated labels, or JSONL \"labels\": [...]); stored "
+                "results, confirmed labels and the bundled sets hold one label per item"
+            )
+        from fleet.models.labeled import load_labeled
+
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return Chosen(
+            load_labeled(data, multi_label=True), data.name, models_dir / f"{task}-trained-{stamp}"
+        )
     chosen = _choose_examples(
         task,
         data=data,
@@ -291,6 +309,7 @@ def run_training(
     test_fraction: float,
     quiet: bool = False,
     extra: dict[str, Any] | None = None,
+    multi_label: bool = False,
 ) -> dict[str, Any]:
     """Train `spec`'s classifier into `out` (written whole, then moved into place).
 
@@ -298,6 +317,9 @@ def run_training(
     the folder serves (`served_reading`: max_length, pooling, max_windows,
     window_overlap), so examples are windowed as that tier reads conversations; the
     reading is written into the folder's config.json and the printed TOML.
+
+    `multi_label`: `examples` hold label sets, and so must `eval_file` and
+    `test_file` (read with `load_labeled(..., multi_label=True)`).
 
     Raises TrainingDataError for unusable data (see `fleet.models.labeled`) and
     ValueError for a task that is not `sequence_classify`.
@@ -322,8 +344,8 @@ def run_training(
             window_overlap=served.overlap,
         )
     labels = task_labels(spec, models_dir)
-    eval_examples = load_labeled(eval_file) if eval_file else None
-    test_examples = load_labeled(test_file) if test_file else None
+    eval_examples = load_labeled(eval_file, multi_label=multi_label) if eval_file else None
+    test_examples = load_labeled(test_file, multi_label=multi_label) if test_file else None
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -140,11 +140,11 @@ def results_table(rows: list[dict[str, Any]], *, title: str, gold: bool = False)
             str(r["external_id"]),
             str(r.get("source") or ""),
             str(r["status"]),
-            str(r.get("label") or ""),
+            _label_cell(r),
             f"{r['confidence']:.2f}" if isinstance(r.get("confidence"), float) else "",
             str(r.get("model_name") or ""),
             "" if r.get("model_tier") is None else str(r["model_tier"]),
-            str(r.get("error") or r.get("detail") or ""),
+            str(r.get("error") or r.get("detail") or (r.get("output") or {}).get("no_label") or ""),
         )
         for r in rows
     ]
@@ -158,6 +158,15 @@ def results_table(rows: list[dict[str, Any]], *, title: str, gold: bool = False)
     out.print(table)
 
 
+def _label_cell(r: dict[str, Any]) -> str:
+    """A result's label; a multi-label result's set (labels joined with ";"), or
+    "(none)" when it kept no label (the detail column says how close it came)."""
+    out = r.get("output") or {}
+    if r.get("label") is None and isinstance(out, dict) and out.get("multi_label"):
+        return "(none)"
+    return str(r.get("label") or "")
+
+
 def confusion_table(confusion: dict[str, dict[str, int]]) -> None:
     labels = list(confusion)
     table = Table(title="confusion (rows: gold, columns: predicted)")
@@ -166,4 +175,22 @@ def confusion_table(confusion: dict[str, dict[str, int]]) -> None:
         table.add_column(lab[:10], justify="right")
     for g in labels:
         table.add_row(g, *[str(confusion[g].get(p, 0)) for p in labels])
+    out.print(table)
+
+
+def per_label_table(per_label: dict[str, dict[str, float]]) -> None:
+    """A multi-label evaluation's per-label precision, recall, F1, gold support and
+    how often the label was given."""
+    table = Table(title="per label")
+    for col in ("label", "precision", "recall", "F1", "support", "given"):
+        table.add_column(col, justify="left" if col == "label" else "right")
+    for name, m in per_label.items():
+        table.add_row(
+            name,
+            f"{m['precision']:.3f}",
+            f"{m['recall']:.3f}",
+            f"{m['f1']:.3f}",
+            str(int(m["support"])),
+            str(int(m.get("predicted", 0))),
+        )
     out.print(table)

@@ -15,9 +15,11 @@ from fleet.reporting.queries import iter_results, task_sources
 from fleet.reporting.scoring import (
     classification_report,
     expected_calibration_error,
+    multilabel_report,
     percentile,
     reliability_bins,
 )
+from workers.multilabel import join_labels, split_labels
 
 EXPORT_COLUMNS = (
     "external_id",
@@ -117,6 +119,9 @@ class GoldLabels:
 
     any_source: dict[str, str] = field(default_factory=dict)
     per_source: dict[tuple[str, str], str] = field(default_factory=dict)
+    # True when a line gave a label list ("labels": [...]): its label is the set
+    # joined with ";" in sorted order, as a multi-label result's `label` column.
+    multi_label: bool = False
 
     @classmethod
     def of(cls, labels: Mapping[str, str] | GoldLabels) -> GoldLabels:
@@ -155,6 +160,10 @@ class GoldLabels:
 def load_gold(path: Path) -> GoldLabels:
     """JSONL of {"external_id", "label"} (or "gold"/"intent"), optionally "source".
 
+    A multi-label task's lines give `"labels": [...]` (possibly empty: no label
+    applies) instead; the set is kept joined with ";" in sorted order and the
+    result's `multi_label` is set.
+
     "source" says whose item a line is about: a `[sources.<name>]` name, or
     'ingest' for `fleet ingest` rows (an export's lines carry it); without it
     (or null) a line applies to the one source holding the id. Raises
@@ -162,6 +171,7 @@ def load_gold(path: Path) -> GoldLabels:
     non-empty string, or an id given both with and without a source.
     """
     gold = GoldLabels()
+    multi = False
     where_any: dict[str, int] = {}
     where_sourced: dict[str, int] = {}
     with path.open(encoding="utf-8") as f:
@@ -181,12 +191,25 @@ def load_gold(path: Path) -> GoldLabels:
                     f'{{"external_id": "c1", "label": "social"}}, got {line.strip()[:80]}'
                 )
             label = obj.get("label", obj.get("gold", obj.get("intent")))
+            if "labels" in obj:
+                names = obj["labels"]
+                if not isinstance(names, list) or not all(
+                    isinstance(n, str) and n.strip() for n in names
+                ):
+                    raise ValueError(
+                        f"{path}:{lineno}: 'labels' must be a list of label names ([] when "
+                        f"none applies): {line.strip()[:80]}"
+                    )
+                label = join_labels([n.strip() for n in names]) or ""
+                multi = True
             if obj.get("external_id") is None:
                 raise ValueError(
                     f"{path}:{lineno}: this line has no external_id (the id of the item it "
                     f"labels): {line.strip()[:80]}"
                 )
-            if label is None or (isinstance(label, str) and not label.strip()):
+            if "labels" not in obj and (
+                label is None or (isinstance(label, str) and not label.strip())
+            ):
                 raise ValueError(
                     f'{path}:{lineno}: this line has no label (give "label", "gold" or '
                     f'"intent"): {line.strip()[:80]}'
@@ -210,24 +233,31 @@ def load_gold(path: Path) -> GoldLabels:
                     f"{where_sourced[eid]}) and without one (line {where_any[eid]}); give "
                     "every line of it a 'source'"
                 )
-    return gold
+    return GoldLabels(gold.any_source, gold.per_source, multi_label=multi)
 
 
-def calibration_summary(gold: list[str], rows: list[dict[str, Any]]) -> dict[str, Any]:
+def calibration_summary(
+    gold: list[str], rows: list[dict[str, Any]], *, multi_label: bool = False
+) -> dict[str, Any]:
     """ECE (10 bins) and the reliability bins of stored results against their gold labels,
     and how many came from a model without calibration (`output.calibrated` false).
 
     Rows without a confidence (failed, or a kind that gives none) are left out of the
-    ECE and counted in `no_confidence`."""
+    ECE and counted in `no_confidence`. `multi_label`: a result is right when its
+    label set is the gold set (an empty set, label NULL, included), its confidence
+    being the probability of that set (workers.multilabel)."""
     conf: list[float] = []
     correct: list[bool] = []
     uncalibrated = no_confidence = 0
     for g, r in zip(gold, rows, strict=True):
-        if r.get("confidence") is None or r.get("label") is None:
+        if r.get("confidence") is None or (r.get("label") is None and not multi_label):
             no_confidence += 1
             continue
         conf.append(float(r["confidence"]))
-        correct.append(r["label"] == g)
+        if multi_label:
+            correct.append(split_labels(r.get("label")) == split_labels(g))
+        else:
+            correct.append(r["label"] == g)
         if (r.get("output") or {}).get("calibrated") is False:
             uncalibrated += 1
     return {
@@ -237,6 +267,31 @@ def calibration_summary(gold: list[str], rows: list[dict[str, Any]]) -> dict[str
         "uncalibrated": uncalibrated,
         "no_confidence": no_confidence,
     }
+
+
+def label_set_report(
+    gold: Sequence[str], rows: Sequence[dict[str, Any]], model_labels: Sequence[str] = ()
+) -> dict[str, Any]:
+    """`multilabel_report` of stored results against gold label sets (joined with ";",
+    as `load_gold` keeps them): a result's set is its `output.labels`, else its
+    `label` split on ";"; a result not done (or without an answer) is a missing
+    prediction. Per-label figures run over the task's labels, the labels in the
+    results' scores and the gold's."""
+    predicted: list[list[str] | None] = []
+    names = set(model_labels)
+    for r in rows:
+        names.update(r.get("scores") or {})
+        out = r.get("output") or {}
+        if r.get("status") != "done":
+            predicted.append(None)
+        elif isinstance(out.get("labels"), list):
+            predicted.append([str(n) for n in out["labels"]])
+        else:
+            predicted.append(split_labels(r.get("label")))
+    sets = [split_labels(g) for g in gold]
+    for s in sets:
+        names.update(s)
+    return multilabel_report(sets, predicted, sorted(names))
 
 
 def evaluate(
@@ -302,7 +357,11 @@ def evaluate(
         else:
             missing += 1
     truth = [g for g, _ in scored]
-    report = classification_report(truth, [r["label"] for _, r in scored], sorted(set(truth)))
+    multi = labels.multi_label or any((r.get("output") or {}).get("multi_label") for _, r in scored)
+    if multi:
+        report = label_set_report(truth, [r for _, r in scored], model_labels)
+    else:
+        report = classification_report(truth, [r["label"] for _, r in scored], sorted(set(truth)))
     # A result's latency_ms is its sub-batch's time per item: the items of one
     # forward pass share it. Percentiles are over items; `sub_batches` says how
     # many distinct values they come from (one: p50 = p95 = that mean, and the
@@ -319,10 +378,11 @@ def evaluate(
         can_give.update(r.get("scores") or {})
         if r.get("label") is not None:
             can_give.add(str(r["label"]))
+    given = [n for g in truth for n in split_labels(g)] if multi else truth
     report["unknown_gold_labels"] = dict(
-        sorted(Counter(g for g in truth if can_give and g not in can_give).items())
+        sorted(Counter(g for g in given if can_give and g not in can_give).items())
     )
-    report.update(calibration_summary(truth, [r for _, r in scored]))
+    report.update(calibration_summary(truth, [r for _, r in scored], multi_label=multi))
     report["not_in_task"] = missing
     report["ambiguous"] = ambiguous
     report["other_source"] = other_source

@@ -21,6 +21,7 @@ from typing import Any
 from fleet.observe.cascade import cascade_table
 from fleet.reporting import charts
 from fleet.reporting.charts import STATUS_COLOURS, Bar, Segment, Series
+from fleet.reporting.labelsets import label_rates_html
 from fleet.reporting.review import agreement_table
 from fleet.reporting.rundata import IDLE_GAP_SECONDS, ReportData, TaskRow, read_report
 from fleet.reporting.window import ReportError, fmt_when
@@ -306,6 +307,7 @@ def _json_data(data: ReportData) -> str:
             "counts": data.throughput,
         },
         "labels": {t: {str(lbl): n for lbl, n in c} for t, c in data.labels.items()},
+        "label_rates": {t: r.to_json() for t, r in data.label_rates.items()},
         "tiers": [t.__dict__ for t in data.tiers],
         "failures": [f.__dict__ for f in data.failures],
         "runs": [r.id for r in data.runs],
@@ -429,7 +431,7 @@ duration above.</p>
 <section><h2>Labels</h2>
 <p class="note">What each task said about the items it finished (top {TOP_LABELS}).</p>
 {labels_html}</section>
-<section><h2>Calibration</h2>
+{label_rates_html(data)}<section><h2>Calibration</h2>
 <p class="note">Reliability diagrams: stored results with a gold label, in 10 confidence bins;
 a bar's height is the share right, the dashed diagonal where a calibrated model's bars end.
 ECE: the bins' gaps weighted by their items.</p>

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +29,8 @@ from sqlalchemy.orm import Session
 from db.syncstate import SourceStatus, read_problems, read_sources
 from fleet.observe.cascade import CascadeStatus, read_cascades
 from fleet.reporting.charts import time_step
+from fleet.reporting.labelsets import LabelRates, read_label_rates
+from fleet.reporting.reasons import reason_key
 from fleet.reporting.review import read_agreement
 from fleet.reporting.window import ReportError, Window, fmt_when, resolve_window, since_hint
 
@@ -106,6 +107,8 @@ class ReportData:
     # task -> `fleet.reporting.export.evaluate` against the gold labels given for it
     # (ece, reliability bins, accuracy, n); empty without --gold.
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # multi-label task -> items and per-label counts per throughput bin (labelsets)
+    label_rates: dict[str, LabelRates] = field(default_factory=dict)
 
     @property
     def total(self) -> TaskRow:
@@ -176,30 +179,6 @@ def _finished_cte(window: Window) -> str:
 
 def _params(window: Window, **extra: Any) -> dict[str, Any]:
     return {"start": window.start, "end": window.end, "tasks": list(window.tasks), **extra}
-
-
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-_FILE = re.compile(
-    r"(?<![\w/])(?:[\w.-]+/)*[\w.-]+\.(?:wav|flac|ogg|mp3|m4a|opus|json|jsonl|txt)\b", re.I
-)
-_PATH = re.compile(r"(?<![\w])(?:/[\w.@+-]+){2,}/?")
-_UUID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I)
-_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?!\w)")
-
-
-def reason_key(error: str | None) -> str:
-    """A failure reason without what differs between items (quoted values, file
-    names, paths, ids, numbers), so errors of one kind group together."""
-    if not error or not error.strip():
-        return "(no reason recorded)"
-    line = error.strip().splitlines()[0]
-    line = _QUOTED.sub("\u2026", line)
-    line = _UUID.sub("<id>", line)
-    line = _PATH.sub("<path>", line)
-    line = _FILE.sub("<file>", line)
-    line = _NUMBER.sub("N", line)
-    line = re.sub(r"\s+", " ", line).strip()
-    return line if len(line) <= 160 else line[:159] + "\u2026"
 
 
 def _read_rows(session: Session, window: Window) -> tuple[list[TaskRow], float | None]:
@@ -375,6 +354,7 @@ def collect(session: Session, window: Window) -> ReportData:
         busy_s=_read_busy(session, window) if window.run_id is None else None,
         review=read_agreement(session, [r.task for r in rows]),
         cascades=read_cascades(session, [r.task for r in rows]),
+        label_rates=read_label_rates(session, window, start, width, bins),
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 
@@ -106,3 +106,81 @@ def expected_calibration_error(
         b["n"] / n * abs(b["accuracy"] - b["confidence"])
         for b in reliability_bins(confidences, correct, bins)
     )
+
+
+def multilabel_report(
+    gold: Sequence[Collection[str]],
+    predicted: Sequence[Collection[str] | None],
+    labels: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Multi-label scores: micro and macro F1, per-label precision/recall/F1/support,
+    subset accuracy and Hamming loss (as scikit-learn's `f1_score(average="micro" |
+    "macro")`, `accuracy_score` and `hamming_loss` on indicator matrices).
+
+    `gold` and `predicted`: one label set per item. A missing prediction (None: the
+    item failed or has no result) counts as the empty set in the per-label counts
+    and the Hamming loss, and as wrong in the subset accuracy (`no_prediction`
+    counts them). Per label: precision = tp / (tp + fp), recall = tp / (tp + fn),
+    0 when the denominator is 0 (a label never predicted has precision 0, as in
+    `classification_report`). Micro sums tp, fp and fn over labels first; macro
+    averages the per-label F1 over `labels` (default: every label seen). Hamming
+    loss = wrong (item, label) decisions / (items x labels). `accuracy` repeats the
+    subset accuracy, so code reading single-label reports finds it. Raises
+    ValueError for lists of different lengths."""
+    if len(gold) != len(predicted):
+        raise ValueError(f"{len(gold)} gold label sets but {len(predicted)} predictions")
+    golds = [set(g) for g in gold]
+    preds = [set(p) if p is not None else None for p in predicted]
+    seen = set().union(*golds, *(p for p in preds if p is not None))
+    names = list(labels) if labels is not None else sorted(seen)
+    names += sorted(seen - set(names))
+    counts = {lab: [0, 0, 0] for lab in names}  # tp, fp, fn
+    exact = wrong = 0
+    for g, p in zip(golds, preds, strict=True):
+        got = p or set()
+        for lab in g & got:
+            counts[lab][0] += 1
+        for lab in got - g:
+            counts[lab][1] += 1
+        for lab in g - got:
+            counts[lab][2] += 1
+        wrong += len(g ^ got)
+        exact += p is not None and g == p
+
+    def prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return precision, recall, f1
+
+    per_label: dict[str, dict[str, float]] = {}
+    for lab in names:
+        tp, fp, fn = counts[lab]
+        precision, recall, f1 = prf(tp, fp, fn)
+        per_label[lab] = {
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": tp + fn,
+            "predicted": tp + fp,
+        }
+    micro = prf(*(sum(c[i] for c in counts.values()) for i in range(3)))
+    macro_over = list(labels) if labels is not None else names
+    n = len(golds)
+    subset = exact / n if n else 0.0
+    return {
+        "multi_label": True,
+        "n": n,
+        "micro_precision": micro[0],
+        "micro_recall": micro[1],
+        "micro_f1": micro[2],
+        "macro_f1": sum(per_label[lab]["f1"] for lab in macro_over) / len(macro_over)
+        if macro_over
+        else 0.0,
+        "subset_accuracy": subset,
+        "accuracy": subset,
+        "hamming_loss": wrong / (n * len(names)) if n and names else 0.0,
+        "per_label": per_label,
+        "no_prediction": sum(1 for p in preds if p is None),
+        "empty_predicted": sum(1 for p in preds if p is not None and not p),
+    }

@@ -121,3 +121,19 @@ def test_adapter_applies_the_stored_temperature(tmp_path: Path) -> None:
     assert scaled.label == raw.label
     assert scaled.confidence == pytest.approx(max(want), abs=1e-5)
     assert scaled.scores == pytest.approx(dict(zip("abc", want, strict=True)), abs=1e-5)
+
+
+@pytest.mark.parametrize("t_true", [0.5, 2.5])
+def test_binary_fit_recovers_a_planted_temperature(t_true: float) -> None:
+    """Multi-label: labels drawn from sigmoid(z / T) give back T from their binary NLL."""
+    import math
+
+    rng = random.Random(1)
+    logits = [[rng.gauss(0, 4) for _ in range(3)] for _ in range(3000)]
+    targets = [[int(rng.random() < 1 / (1 + math.exp(-z / t_true))) for z in row] for row in logits]
+    cal = calibration.calibrate_binary(logits, targets, fitted_on="planted")
+    assert cal.temperature == pytest.approx(t_true, rel=0.1)
+    assert cal.nll_after <= cal.nll_before and cal.method == calibration.SIGMOID_METHOD
+    assert calibration.mean_binary_nll([[0.0]], [[1]], 1.0) == pytest.approx(math.log(2))
+    with pytest.raises(ValueError, match="at least one held-out item"):
+        calibration.calibrate_binary([], [])

@@ -4,6 +4,7 @@ not the answers, is under test)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,27 @@ def test_zero_shot_embedding_reads_every_window(tiny_models: Path) -> None:
     assert short.output["reading"]["windows"] == 1
     assert long.output["reading"]["windows"] > 5
     assert "unread" not in long.output["reading"]
+
+
+def test_multi_label_pools_each_label_over_windows(tmp_path: Path) -> None:
+    """A multi-label folder reads a long conversation window by window and keeps, per
+    label, its highest window probability (sigmoids, not renormalised)."""
+    from tests.support import build_tiny_classifier
+    from workers.adapters.sequence_classify import SequenceClassifyAdapter
+
+    folder = build_tiny_classifier(tmp_path / "ml", labels=["a", "b", "c"], seed=3)
+    config = json.loads((folder / "config.json").read_text())
+    config["problem_type"] = "multi_label_classification"
+    (folder / "config.json").write_text(json.dumps(config))
+    a = load(SequenceClassifyAdapter(), folder, max_windows=6, thresholds=0.5)
+    prepared = a.prepare(Source(1, "conversation", "long", long_conversation()))
+    [pred] = a.predict([prepared])
+    rows = a.window_probs([prepared.payload])
+    assert len(rows) == 6 and any(abs(sum(r) - 1) > 1e-3 for r in rows)  # sigmoids
+    peaks = {n: max(r[i] for r in rows) for i, n in enumerate(["a", "b", "c"])}
+    assert pred.scores == pytest.approx(peaks, abs=1e-6)
+    assert pred.output["reading"]["windows"] == 6 and pred.output["reading"]["pooling"] == "salient"
+    assert pred.output["thresholds"] == dict.fromkeys("abc", 0.5)
+    assert pred.output["thresholds_from"] == "tier"
+    kept = sorted(n for n, p in pred.scores.items() if p >= 0.5)
+    assert pred.label == (";".join(kept) or None)

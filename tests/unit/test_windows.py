@@ -236,3 +236,21 @@ def test_fit_turns(turns, room, cap, expected, dropped) -> None:
     assert [(s.turn, s.start, s.end) for s in segments] == expected
     assert left_out == dropped
     assert sum(s.length for s in segments) <= room
+
+
+def test_pool_independent_keeps_each_labels_peak_unnormalised() -> None:
+    """Multi-label windows: a conversation is worried when one window is, and hopeful
+    when another is; probabilities stay each label's own (no renormalising)."""
+    from workers.windows import build_windows, pool_independent
+
+    plan = build_windows([("user", 10), ("user", 10), ("user", 10)], size=10)
+    rows = [[0.9, 0.1, 0.2], [0.1, 0.8, 0.1], [0.2, 0.3, 0.1]]
+    got = pool_independent(rows, plan, "salient")
+    assert got.probs == (0.9, 0.8, 0.2) and got.deciding == 0
+    assert pool_independent(rows, plan, "max").probs == (0.9, 0.8, 0.2)
+    mean = pool_independent(rows, plan, "mean").probs
+    assert mean == pytest.approx((0.4, 0.4, 0.4 / 3))
+    one = build_windows([("user", 5)], size=10)
+    assert pool_independent([[0.7, 0.2]], one, "mean").probs == (0.7, 0.2)
+    with pytest.raises(ValueError, match="2 probability rows for 3 windows"):
+        pool_independent(rows[:2], plan, "max")

@@ -1,5 +1,10 @@
 """Fine-tuned encoders (BERT, DistilBERT, RoBERTa, MiniLM) for intent,
-context, worthiness and sentiment: any AutoModelForSequenceClassification folder."""
+context, worthiness and sentiment: any AutoModelForSequenceClassification folder.
+
+A folder whose config.json has `problem_type = "multi_label_classification"` is
+read as transformers trains it: a sigmoid per label, each label kept at or above
+its threshold (`workers.multilabel`); every other folder through a softmax, one
+label per item."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from config.taskconfig import TierSpec
-from workers import calibration
+from workers import calibration, multilabel
 from workers.adapters.base import InputError, Prediction, Prepared, Source
 from workers.adapters.windowed import (
     Reading,
@@ -20,7 +25,7 @@ from workers.adapters.windowed import (
     reading_output,
 )
 from workers.labelmap import check_labels, model_labels
-from workers.windows import pool
+from workers.windows import pool, pool_independent
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,12 @@ class SequenceClassifyAdapter:
     """Softmax over the classifier's labels. `scores` keep every label's
     probability (`scores_kept`: all up to 32 labels, or the task's `top_k`);
     when fewer than all are kept, the result's output says how many of how
-    many (`{"scores_kept": k, "labels": n}`)."""
+    many (`{"scores_kept": k, "labels": n}`).
+
+    A multi-label folder (`multilabel.is_multi_label`): a sigmoid per label,
+    windows pooled per label (`pool_independent`), the label set kept by
+    per-label thresholds (`multilabel.label_set_answer`); `scores` then hold
+    every label's probability whatever `top_k` says."""
 
     kind = "sequence_classify"
 
@@ -76,6 +86,9 @@ class SequenceClassifyAdapter:
         self.background: tuple[int, ...] = ()  # label indices `salient` pooling looks past
         self.device = "cpu"
         self.calibration: calibration.Calibration | None = None
+        self.multi_label = False
+        self.thresholds: dict[str, float] = {}
+        self.threshold_sources: dict[str, str] = {}
 
     def check(self, tier: TierSpec, model_path: str) -> None:
         """Raise LabelMapError (a ValueError) unless the tier's labels, from its
@@ -84,12 +97,27 @@ class SequenceClassifyAdapter:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model_path, local_files_only=True)
-        self._labels(tier, model_path, config.id2label)
+        id2label = self._labels(tier, model_path, config.id2label)
+        if multilabel.is_multi_label(config):
+            self._thresholds(tier, model_path, id2label)
 
     def _labels(self, tier: TierSpec, model_path: str, config_id2label: Any) -> dict[int, str]:
         id2label, where = model_labels(Path(model_path), config_id2label)
         check_labels(id2label, self.labels, where=f"tier {tier.name} ({model_path}, {where})")
         return id2label
+
+    def _thresholds(
+        self, tier: TierSpec, model_path: str, id2label: dict[int, str]
+    ) -> tuple[dict[str, float], dict[str, str]]:
+        """A multi-label tier's thresholds (tier option, thresholds.json, 0.5), checked."""
+        names = [id2label[i] for i in sorted(id2label)]
+        where = f"tier {tier.name} ({model_path})"
+        multilabel.check_label_names(names, where=where)
+        try:
+            stored = multilabel.read_thresholds(model_path, names)
+            return multilabel.resolve_thresholds(names, stored, tier.options.get("thresholds"))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
     def load(self, tier: TierSpec, model_path: str, device: str) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -112,6 +140,18 @@ class SequenceClassifyAdapter:
         self.calibration = calibration.read_calibration(model_path)
         if self.calibration is None:
             log.warning("%s: %s", model_path, calibration.UNCALIBRATED)
+        self.multi_label = multilabel.is_multi_label(self.model.config)
+        if self.multi_label:
+            self.thresholds, self.threshold_sources = self._thresholds(
+                tier, model_path, self.id2label
+            )
+            if "default" in self.threshold_sources.values():
+                log.warning(
+                    "%s: multi-label model without thresholds.json or a tier option "
+                    "`thresholds`: labels without one are kept at >= %.2f",
+                    model_path,
+                    multilabel.DEFAULT_THRESHOLD,
+                )
 
     def unload(self) -> None:
         self.model = None
@@ -132,6 +172,8 @@ class SequenceClassifyAdapter:
 
         windows: list[Windows] = [p.payload for p in batch]
         rows = self.window_probs(windows)
+        if self.multi_label:
+            return self._label_sets(windows, rows)
         id2label = self.id2label
         out: list[Prediction | InputError] = []
         at = 0
@@ -162,10 +204,40 @@ class SequenceClassifyAdapter:
             )
         return out
 
+    def _label_sets(
+        self, windows: list[Windows], rows: list[list[float]]
+    ) -> list[Prediction | InputError]:
+        """Multi-label: per item, its windows' sigmoids pooled per label, then the label
+        set over the thresholds (`multilabel.label_set_answer`)."""
+        names = [self.id2label[i] for i in sorted(self.id2label)]
+        out: list[Prediction | InputError] = []
+        at = 0
+        for w in windows:
+            pooled = pool_independent(rows[at : at + len(w.ids)], w.plan, self.reading.pooling)
+            at += len(w.ids)
+            probs = {n: round(float(p), 6) for n, p in zip(names, pooled.probs, strict=True)}
+            label, confidence, extra = multilabel.label_set_answer(
+                probs, self.thresholds, self.threshold_sources
+            )
+            out.append(
+                Prediction(
+                    label=label,
+                    confidence=confidence,
+                    scores=dict(sorted(probs.items(), key=lambda kv: -kv[1])),
+                    output={
+                        **extra,
+                        "reading": reading_output(w, pooled, self.reading),
+                        **(calibration.calibration_output(self.calibration) or {}),
+                    },
+                )
+            )
+        return out
+
     def window_probs(self, windows: list[Windows]) -> list[list[float]]:
         """Label probabilities of every window (rows in item, then window order),
         one padded forward pass; the model folder's temperature applied
-        (workers.calibration) when it has one."""
+        (workers.calibration) when it has one. Softmax over the labels, or a
+        sigmoid per label for a multi-label model."""
         import torch
 
         flat = [ids for w in windows for ids in w.ids]
@@ -174,5 +246,6 @@ class SequenceClassifyAdapter:
         with torch.inference_mode():
             logits = self.model(**padded).logits.float()
         logits = calibration.scale_logits(logits, self.calibration)
-        rows: list[list[float]] = torch.softmax(logits, dim=-1).cpu().tolist()
+        probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
+        rows: list[list[float]] = probs.cpu().tolist()
         return rows
