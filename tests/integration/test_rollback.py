@@ -193,4 +193,6 @@ def test_two_promotions_roll_back_one_at_a_time(db_url):
         # twice in one transaction: the temporary table of the first is gone
         assert rollback(s, task="intent") == (oid1, 4)
         assert results_of(s, ids) == first
-        assert s.execute(text("SELECT current_setting('work_mem')")).scalar_one() == work_mem  # put back
+        assert (
+            s.execute(text("SELECT current_setting('work_mem')")).scalar_one() == work_mem
+        )  # put back
