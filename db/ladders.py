@@ -98,49 +98,31 @@ def promote(
     return oid, moved
 
 
-# Restored and current results side by side, one row per item of the promotion.
-# A promotion copies each result once (results.work_item_id is unique and the
-# reason names one override), so no item appears twice. Items deleted since
-# are skipped.
-_RESTORE = """
-    CREATE TEMPORARY TABLE fleet_rollback_restore ON COMMIT DROP AS
-    SELECT h.work_item_id, h.task, h.source_kind, h.source_id, h.source, h.external_id,
-           h.label, h.confidence, h.scores, h.output, h.model_name, h.model_revision,
-           h.model_tier, h.classified_at,
-           r.id AS now_id, r.label AS now_label, r.confidence AS now_confidence,
-           r.scores AS now_scores, r.output AS now_output, r.model_name AS now_model_name,
-           r.model_revision AS now_model_revision, r.model_tier AS now_model_tier,
-           r.created_at AS now_created_at
-    FROM result_history h
-    LEFT JOIN results r ON r.work_item_id = h.work_item_id
-    WHERE h.reason = :reason AND EXISTS (SELECT 1 FROM work_items w WHERE w.id = h.work_item_id)
-"""
-
-
 def rollback(session: Session, *, task: str) -> tuple[int, int] | None:
     """Undo the task's newest promotion in the caller's one transaction: every result
     copied at that promotion goes back into `results`, updated in place (the result
-    there now, from either model, goes to result_history as `rollback:<id>`), those
-    items are done again, and the override is marked rolled back. No model runs.
-    Returns (override id, results restored), or None when no promotion is in force.
-
-    Cost: one pass over the promotion's history rows joined to the current results
-    (a temporary table), then one INSERT of the archived results, one UPDATE of
-    results by primary key, and the items not yet done; no statement reads
-    `results` twice or looks for missing rows over every item (bench.review_rollback:
-    1,000,000 results, docs/benchmarks.md)."""
+    there now, from either model, goes to result_history as `rollback:<id>`), those items are done
+    again, and the override is marked rolled back. No model runs. Returns
+    (override id, results restored), or None when no promotion is in force."""
     found = current_override(session, task=task)
     if found is None:
         return None
     oid = found[0]
-    # A million-row hash join fits in memory instead of spilling to disk in batches;
-    # set for this transaction only and put back below.
-    work_mem = session.execute(text("SELECT current_setting('work_mem')")).scalar_one()
-    session.execute(text("SELECT set_config('work_mem', '256MB', true)"))
-    session.execute(text(_RESTORE), {"reason": f"promote:{oid}"})
+    reason = f"promote:{oid}"
+    session.execute(
+        text(
+            """
+            CREATE TEMPORARY TABLE restore ON COMMIT DROP AS
+            SELECT DISTINCT ON (h.work_item_id) h.* FROM result_history h
+            JOIN work_items w ON w.id = h.work_item_id
+            WHERE h.reason = :reason ORDER BY h.work_item_id, h.id DESC
+            """
+        ),
+        {"reason": reason},
+    )
     # Temporary tables are never analyzed by autovacuum: without this the planner
     # guesses their size and may join a million rows by nested loop.
-    session.execute(text("ANALYZE fleet_rollback_restore"))
+    session.execute(text("ANALYZE restore"))
     session.execute(
         text(
             """
@@ -148,10 +130,10 @@ def rollback(session: Session, *, task: str) -> tuple[int, int] | None:
                                         external_id, label, confidence, scores, output,
                                         model_name, model_revision, model_tier, classified_at,
                                         reason)
-            SELECT work_item_id, task, source_kind, source_id, source, external_id,
-                   now_label, now_confidence, now_scores, now_output, now_model_name,
-                   now_model_revision, now_model_tier, now_created_at, :reason
-            FROM fleet_rollback_restore WHERE now_id IS NOT NULL
+            SELECT r.work_item_id, x.task, x.source_kind, x.source_id, x.source, x.external_id,
+                   r.label, r.confidence, r.scores, r.output, r.model_name, r.model_revision,
+                   r.model_tier, r.created_at, :reason
+            FROM results r JOIN restore x ON x.work_item_id = r.work_item_id
             """
         ),
         {"reason": f"rollback:{oid}"},
@@ -165,13 +147,11 @@ def rollback(session: Session, *, task: str) -> tuple[int, int] | None:
                     scores = x.scores, output = x.output, model_name = x.model_name,
                     model_revision = x.model_revision, model_tier = x.model_tier,
                     device = 'restored', latency_ms = 0, created_at = x.classified_at
-                FROM fleet_rollback_restore x WHERE r.id = x.now_id
+                FROM restore x WHERE r.work_item_id = x.work_item_id
                 """
             )
         )
     )
-    # Items with no result now (archived since, e.g. their content changed): only
-    # those rows are looked at; one a worker stored meanwhile is left as it is.
     restored += _rowcount(
         session.execute(
             text(
@@ -180,9 +160,8 @@ def rollback(session: Session, *, task: str) -> tuple[int, int] | None:
                                      model_revision, model_tier, device, latency_ms, created_at)
                 SELECT work_item_id, label, confidence, scores, output, model_name,
                        model_revision, model_tier, 'restored', 0, classified_at
-                FROM fleet_rollback_restore x
-                WHERE x.now_id IS NULL
-                  AND NOT EXISTS (SELECT 1 FROM results r WHERE r.work_item_id = x.work_item_id)
+                FROM restore x
+                WHERE NOT EXISTS (SELECT 1 FROM results r WHERE r.work_item_id = x.work_item_id)
                 """
             )
         )
@@ -193,7 +172,7 @@ def rollback(session: Session, *, task: str) -> tuple[int, int] | None:
             """
             UPDATE work_items w SET status = 'done', batch_id = NULL, lease_until = NULL,
                 worker = NULL, last_error = NULL, updated_at = now()
-            FROM fleet_rollback_restore x
+            FROM restore x
             WHERE w.id = x.work_item_id AND w.status <> 'done'
             """
         )
@@ -201,6 +180,4 @@ def rollback(session: Session, *, task: str) -> tuple[int, int] | None:
     session.execute(
         text("UPDATE ladder_overrides SET rolled_back_at = now() WHERE id = :id"), {"id": oid}
     )
-    session.execute(text("DROP TABLE fleet_rollback_restore"))
-    session.execute(text("SELECT set_config('work_mem', :v, true)"), {"v": work_mem})
     return oid, restored
