@@ -2,10 +2,10 @@
 import reviews back (Label Studio export JSON and JSONL), confirmed_label in the view,
 `fleet eval` against confirmed labels.
 
-A real Label Studio is a Django server with its own database (hundreds of MB of
-dependencies): too heavy here, so the export is validated against the
-documented import schema (labelstud.io/guide/predictions, guide/task_format) and
-the round trip simulates annotations in Label Studio's export format."""
+Here the export is validated against the documented import schema
+(labelstud.io/guide/predictions, guide/task_format) and the round trip simulates
+annotations in Label Studio's export format; test_labelstudio_real.py (slow) runs
+the same round trip through a real Label Studio in a virtual environment of its own."""
 
 from __future__ import annotations
 
