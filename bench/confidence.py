@@ -5,7 +5,9 @@
 
 For each task and each evaluation set under fleet/data/eval/ (`first`: the
 `*_eval.jsonl` sets; `personas`: the `*_personas.jsonl` sets written later by a
-planned persona/topic/length grid; fleet/data/eval/README.md), prints n,
+planned persona/topic/length grid; `grid`: the `*_grid.jsonl` sets, planned as
+registers x lengths x failure shapes and written in voices unlike the training
+files; fleet/data/eval/README.md), prints n,
 accuracy, and the expected calibration error (10 equal-width bins) of the
 confidence before and after calibration:
 
@@ -33,7 +35,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL = REPO / "fleet" / "data" / "eval"
-SETS = {"first": "{}_eval.jsonl", "personas": "{}_personas.jsonl"}
+SETS = {"first": "{}_eval.jsonl", "personas": "{}_personas.jsonl", "grid": "{}_grid.jsonl"}
 TASKS = ("intent", "sentiment", "worthiness", "topic", "llm_classify")
 FOLDERS = {
     "intent": "intent-minilm",
