@@ -44,8 +44,9 @@ def calibrate(
 
     --data FILE: temperature scaling (Guo et al. 2017) on labeled examples.
     sequence_classify: rewrites calibration.json in the folder of the task's first
-    ladder tier. zero_shot: prints the fitted similarity temperature and the task
-    option line that serves it (`temperature = ...`).
+    ladder tier. zero_shot and llm_classify: fits a temperature and a bias per label
+    over the raw label scores and prints the task options that serve them
+    (`temperature = ...`, `label_bias = {...}`).
 
     --gold FILE --target-escalation SHARE: the `escalate_below` threshold under which
     SHARE of the task's stored results (those the gold file names) fall, with the
@@ -63,15 +64,15 @@ def calibrate(
     assert data is not None
     from fleet.config.taskconfig import resolve_model_path
     from fleet.models.labeled import TrainingDataError, load_labeled
-    from fleet.models.temperature import calibrate_folder, fit_task_temperature
+    from fleet.models.temperature import calibrate_folder, fit_task_temperature, scaling_toml
 
     spec = ctx.task(task_name)
     models_dir = ctx.settings.resolved_models_dir
     try:
         examples = load_labeled(data)
-        if spec.kind == "zero_shot":
+        if spec.kind in ("zero_shot", "llm_classify"):
             cal, scores = fit_task_temperature(spec, models_dir, examples, fitted_on=data.name)
-            where = f"[tasks.{spec.name}] temperature = {cal.temperature:.4f}"
+            where = f"[tasks.{spec.name}]\n{scaling_toml(cal)}"
         elif spec.kind == "sequence_classify":
             folder = resolve_model_path(spec.ladder[0], models_dir)
             cal, both = calibrate_folder(folder, examples, fitted_on=data.name)
@@ -80,19 +81,20 @@ def calibrate(
         else:
             fail(
                 f"task {spec.name!r} is {spec.kind}: temperatures are fitted for "
-                "sequence_classify and zero_shot tasks (llm_classify calibrates its label "
-                "scores against a content-free input)",
+                "sequence_classify, zero_shot and llm_classify tasks",
                 ExitCode.CONFIG,
             )
     except (TrainingDataError, ValueError, OSError) as e:
         fail(str(e), ExitCode.CONFIG)
     if as_json:
-        click.echo(json.dumps({"temperature": cal.temperature, "where": where, **scores}))
+        extra = {"label_bias": cal.extra["label_bias"]} if "label_bias" in cal.extra else {}
+        click.echo(json.dumps({"temperature": cal.temperature, "where": where, **extra, **scores}))
         return
     click.echo(
         f"{spec.name}: temperature {cal.temperature:.4f} (was {scores['configured_temperature']})"
-        f" fitted on {data.name} (n={scores['n']}, accuracy {scores['accuracy']:.3f}); "
-        f"ECE {scores['ece_before']:.3f} -> {scores['ece_after']:.3f}"
+        f" fitted on {data.name} (n={scores['n']}, accuracy {scores['accuracy']:.3f}"
+        + (f" -> {scores['accuracy_after']:.3f}" if "accuracy_after" in scores else "")
+        + f"); ECE {scores['ece_before']:.3f} -> {scores['ece_after']:.3f}"
     )
     click.echo(f"serve it: {where}")
 
