@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option, task_option
 from fleet.config.exitcodes import ExitCode
+
+if TYPE_CHECKING:
+    from fleet.models.labeled import Example
 
 
 @click.command()
@@ -18,6 +22,12 @@ from fleet.config.exitcodes import ExitCode
     "--data",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Labeled examples to fit a temperature on (the `fleet train` formats).",
+)
+@click.option(
+    "--per-label",
+    type=click.IntRange(min=1),
+    help="Fit on the first N examples of each label in --data (file order): a smaller, "
+    "balanced sample when scoring every line is slow (llm_classify on CPU).",
 )
 @click.option(
     "--gold",
@@ -36,6 +46,7 @@ def calibrate(
     ctx: FleetContext,
     task_name: str,
     data: Path | None,
+    per_label: int | None,
     gold: Path | None,
     target_escalation: float | None,
     as_json: bool,
@@ -70,12 +81,22 @@ def calibrate(
     models_dir = ctx.settings.resolved_models_dir
     try:
         examples = load_labeled(data)
+        fitted_on = data.name
+        if per_label:
+            examples = first_per_label(examples, per_label)
+            fitted_on = f"{data.name}, first {per_label} per label"
         if spec.kind in ("zero_shot", "llm_classify"):
-            cal, scores = fit_task_temperature(spec, models_dir, examples, fitted_on=data.name)
+
+            def progress(stage: str, done: int, total: int) -> None:
+                click.echo(f"{spec.name}: {stage} {done}/{total}", err=True)
+
+            cal, scores = fit_task_temperature(
+                spec, models_dir, examples, fitted_on=fitted_on, progress=progress
+            )
             where = f"[tasks.{spec.name}]\n{scaling_toml(cal)}"
         elif spec.kind == "sequence_classify":
             folder = resolve_model_path(spec.ladder[0], models_dir)
-            cal, both = calibrate_folder(folder, examples, fitted_on=data.name)
+            cal, both = calibrate_folder(folder, examples, fitted_on=fitted_on)
             scores = {**both["validation"], "configured_temperature": 1.0}
             where = f"{folder}/calibration.json"
         else:
@@ -92,11 +113,22 @@ def calibrate(
         return
     click.echo(
         f"{spec.name}: temperature {cal.temperature:.4f} (was {scores['configured_temperature']})"
-        f" fitted on {data.name} (n={scores['n']}, accuracy {scores['accuracy']:.3f}"
+        f" fitted on {cal.fitted_on} (n={scores['n']}, accuracy {scores['accuracy']:.3f}"
         + (f" -> {scores['accuracy_after']:.3f}" if "accuracy_after" in scores else "")
         + f"); ECE {scores['ece_before']:.3f} -> {scores['ece_after']:.3f}"
     )
     click.echo(f"serve it: {where}")
+
+
+def first_per_label(examples: list[Example], n: int) -> list[Example]:
+    """The first `n` examples of each label, in file order."""
+    seen: dict[str, int] = {}
+    out = []
+    for ex in examples:
+        if seen.get(ex.label, 0) < n:
+            seen[ex.label] = seen.get(ex.label, 0) + 1
+            out.append(ex)
+    return out
 
 
 def _threshold(ctx: FleetContext, task_name: str, gold: Path, share: float, as_json: bool) -> None:

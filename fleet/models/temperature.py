@@ -137,7 +137,9 @@ def adapter_log_scores(
     """Log of each label's score as the task's adapter answers in this process (CPU), one
     row per text in label order, and the label names. `options` override the task's.
 
-    For a zero-shot task run with `temperature = 1` these are its cosine similarities up
+    A text of `role: content` lines is given to the adapter as those messages again
+    (`workers.adapters.windowed.text_data`), as the fleet serves a conversation. For a
+    zero-shot task run with `temperature = 1` these are its cosine similarities up
     to a per-row constant: logits a temperature can be fitted to. Raises ValueError when
     no ladder folder exists or an item fails (its reason)."""
     import dataclasses
@@ -146,6 +148,7 @@ def adapter_log_scores(
     from fleet.config.taskconfig import resolve_model_path
     from workers.adapters import make_adapter
     from workers.adapters.base import InputError, Prediction, Source
+    from workers.adapters.windowed import text_data
 
     tier = next((t for t in spec.ladder if resolve_model_path(t, models_dir).exists()), None)
     if tier is None:
@@ -158,7 +161,7 @@ def adapter_log_scores(
     try:
         for i in range(0, len(texts), batch_size):
             batch = [
-                adapter.prepare(Source(i + k, spec.source, str(i + k), {"text": t}))
+                adapter.prepare(Source(i + k, spec.source, str(i + k), text_data(t)))
                 for k, t in enumerate(texts[i : i + batch_size])
             ]
             for pred in adapter.predict(batch):
@@ -187,6 +190,7 @@ def fit_task_temperature(
     *,
     fitted_on: str,
     bias: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[Calibration, dict[str, Any]]:
     """Fit a zero_shot or llm_classify task's scaling on labeled `examples` (never an
     evaluation set): a temperature and, with `bias`, one additive bias per label
@@ -197,8 +201,12 @@ def fit_task_temperature(
     Returns the Calibration (`extra["label_bias"]`: label -> bias) and scores on
     `examples`: before = as the task serves now, after = the fitted scaling
     (`accuracy_after` too: a bias can move the argmax). Raises ValueError for another
-    kind of task or labels outside the task's."""
+    kind of task or labels outside the task's. `progress(stage, done, total)` after each
+    batch (stages "raw scores", then "served scores")."""
     from workers.calibration import fit_scaling
+
+    def step(stage: str) -> Callable[[int, int], None] | None:
+        return None if progress is None else lambda d, t: progress(stage, d, t)
 
     if spec.kind not in RAW_OPTIONS:
         raise ValueError(
@@ -209,7 +217,9 @@ def fit_task_temperature(
     if stray:
         raise ValueError(f"labels the task lacks: {', '.join(stray)}")
     texts = [ex.text for ex in examples]
-    logits, _ = adapter_log_scores(spec, models_dir, texts, options=RAW_OPTIONS[spec.kind])
+    logits, _ = adapter_log_scores(
+        spec, models_dir, texts, options=RAW_OPTIONS[spec.kind], progress=step("raw scores")
+    )
     gold = [names.index(ex.label) for ex in examples]
     if bias:
         t, b = fit_scaling(logits, gold)
@@ -223,7 +233,7 @@ def fit_task_temperature(
         n=len(gold),
         extra={"label_bias": dict(zip(names, b, strict=True))},
     )
-    served, _ = adapter_log_scores(spec, models_dir, texts)
+    served, _ = adapter_log_scores(spec, models_dir, texts, progress=step("served scores"))
     before = calibration_scores(served, gold, 1.0)
     after = calibration_scores(logits, gold, cal.temperature, b)
     return cal, {

@@ -79,3 +79,12 @@ def test_llm_classify_serves_the_fitted_scaling_instead_of_the_prior() -> None:
     assert probs == pytest.approx(want)
     plain = LLMClassifyAdapter(labels=labels, calibrate=False, label_bias={"b": 1.0})
     assert plain.scaling is None  # calibrate = false serves the raw distribution
+
+
+def test_per_label_takes_the_first_n_of_each_label_in_file_order() -> None:
+    from fleet.cli.calibrate import first_per_label
+    from fleet.models.labeled import Example
+
+    rows = [Example(f"t{i}", "ab"[i % 2]) for i in range(7)] + [Example("c0", "c")]
+    picked = first_per_label(rows, 2)
+    assert [ex.text for ex in picked] == ["t0", "t1", "t2", "t3", "c0"]
