@@ -101,7 +101,7 @@ def score_task(task: str, file: Path, models_dir: Path) -> dict[str, Any]:
             )
     s = calibration_scores(before_logits, gold, before)
     t = calibration_scores(logits, gold, after, bias)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for r, r0, g in zip(logits, before_logits, gold, strict=True):
         p, p0 = scaled_probs(r, after, bias), scaled_probs(r0, before)
         best, best0 = max(range(len(p)), key=p.__getitem__), max(range(len(p0)), key=p0.__getitem__)

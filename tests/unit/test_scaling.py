@@ -88,3 +88,20 @@ def test_per_label_takes_the_first_n_of_each_label_in_file_order() -> None:
     rows = [Example(f"t{i}", "ab"[i % 2]) for i in range(7)] + [Example("c0", "c")]
     picked = first_per_label(rows, 2)
     assert [ex.text for ex in picked] == ["t0", "t1", "t2", "t3", "c0"]
+
+
+def test_zero_shot_refuses_a_bias_it_would_not_apply(tmp_path) -> None:
+    """label_bias scales the embedding method only: a tier read by NLI or an LLM refuses
+    it when it loads instead of serving unscaled scores quietly."""
+    import json
+
+    from fleet.config.taskconfig import TierSpec
+    from workers.adapters.zero_shot import ZeroShotAdapter
+
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    )
+    adapter = ZeroShotAdapter(labels={"a": "x", "b": "y"}, label_bias={"b": 0.5})
+    tier = TierSpec(name="t", path="p", options={"method": "llm"})
+    with pytest.raises(ValueError, match="label_bias scales the embedding method"):
+        adapter.load(tier, str(tmp_path), "cpu")

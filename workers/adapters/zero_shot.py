@@ -114,6 +114,11 @@ class ZeroShotAdapter:
         )
         if method not in ("nli", "embedding", "llm"):
             raise ValueError(f"zero_shot method must be nli, embedding or llm, got {method!r}")
+        if method != "embedding" and any(self.label_bias):
+            raise ValueError(
+                f"label_bias scales the embedding method's similarities; this tier reads by "
+                f"{method}: remove label_bias (an LLM's scaling belongs on an llm_classify task)"
+            )
         if method == "llm":
             from workers.adapters.llm_classify import LLMClassifyAdapter
 
