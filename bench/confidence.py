@@ -5,7 +5,9 @@
 
 For each task and each evaluation set under config/data/eval/ (`first`: the
 `*_eval.jsonl` sets; `personas`: the `*_personas.jsonl` sets written later by a
-planned persona/topic/length grid; config/data/eval/README.md), prints n,
+planned persona/topic/length grid; `grid`: the `*_grid.jsonl` sets, planned as
+registers x lengths x failure shapes and written in voices unlike the training
+files; config/data/eval/README.md), prints n,
 accuracy, and the expected calibration error (10 equal-width bins) of the
 confidence before and after calibration:
 
@@ -13,10 +15,18 @@ confidence before and after calibration:
   the temperature in the folder's calibration.json (fitted by `fleet train` on its
   held-out split of the training file);
 - topic (zero-shot MiniLM similarity, scored on the intent sets): the temperature
-  the task used before fitting (0.05) against the one tasks.toml serves now
-  (fitted by `fleet calibrate --task topic --data config/data/intent.jsonl`);
-- llm_classify (SmolLM2 label scoring, intent sets): its label distribution
-  after contextual calibration (Zhao et al. 2021) as served; no temperature.
+  the task used before fitting (0.05) against the temperature and per-label bias
+  tasks.toml serves now (fitted by `fleet calibrate --task topic --data
+  config/data/intent.jsonl`; a bias can move the label, so accuracy has a before
+  and an after);
+- llm_classify (SmolLM2 label scoring, intent sets): its label distribution after
+  contextual calibration (Zhao et al. 2021) against the one served now (the fitted
+  temperature and label bias when tasks.toml has them).
+
+With more than one set, a last row per task pools every set's items (ECE over more
+items has less binning noise). "ECE floor": the mean ECE a perfectly calibrated model
+with the same confidences would show on the same number of items (each item right
+with probability equal to its confidence, 400 draws): the noise level of the figure.
 
 Nothing here fits or chooses anything: the evaluation sets are only scored.
 Models come from --models-dir (default FLEET_MODELS_DIR); run
@@ -33,7 +43,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL = REPO / "fleet" / "data" / "eval"
-SETS = {"first": "{}_eval.jsonl", "personas": "{}_personas.jsonl"}
+SETS = {"first": "{}_eval.jsonl", "personas": "{}_personas.jsonl", "grid": "{}_grid.jsonl"}
 TASKS = ("intent", "sentiment", "worthiness", "topic", "llm_classify")
 FOLDERS = {
     "intent": "intent-minilm",
@@ -44,51 +54,116 @@ TOPIC_TEMPERATURE_BEFORE = 0.05  # the zero-shot default before a temperature wa
 
 
 def score_task(task: str, file: Path, models_dir: Path) -> dict[str, Any]:
-    """n, accuracy, ece_before, ece_after, temperature (and the per-item rows) of one task
-    on one labeled file."""
+    """n, accuracy and ECE before and after, the scaling (and the per-item rows) of one
+    task on one labeled file."""
     from config.taskconfig import load_tasks
     from fleet.models.labeled import load_labeled
-    from fleet.models.temperature import adapter_log_scores, calibration_scores, folder_logits
-    from workers.calibration import read_calibration, softmax
+    from fleet.models.temperature import (
+        RAW_OPTIONS,
+        adapter_log_scores,
+        calibration_scores,
+        folder_logits,
+        scaled_probs,
+    )
+    from workers.calibration import read_calibration
 
     examples = load_labeled(file)
     texts = [ex.text for ex in examples]
+    bias: list[float] | None = None
     if task in FOLDERS:
         folder = models_dir / FOLDERS[task]
         logits, names = folder_logits(folder, texts, max_length=256)
         cal = read_calibration(folder)
-        before, after = 1.0, cal.temperature if cal else 1.0
+        gold = [names.index(ex.label) for ex in examples]
+        before_logits, before = logits, 1.0
+        after = cal.temperature if cal else 1.0
+        scaling = f"T 1 -> {after:.4g}"
     else:
         spec = load_tasks(None)[task]
+        names = list(spec.labels)
+        gold = [names.index(ex.label) for ex in examples]
         if task == "topic":
-            logits, names = adapter_log_scores(
-                spec, models_dir, texts, options={"temperature": 1.0}
-            )
-            before, after = TOPIC_TEMPERATURE_BEFORE, float(spec.options["temperature"])
+            logits, _ = adapter_log_scores(spec, models_dir, texts, options=RAW_OPTIONS[spec.kind])
+            before_logits, before = logits, TOPIC_TEMPERATURE_BEFORE
+            after = float(spec.options["temperature"])
+            served = spec.options.get("label_bias") or {}
+            bias = [float(served.get(n, 0.0)) for n in names] if served else None
+            scaling = f"T {before:g} -> {after:.4g}" + (" + label bias" if bias else "")
         else:
-            logits, names = adapter_log_scores(spec, models_dir, texts)
+            # before: the content-free prior divided out; after: as served now
+            before_logits, _ = adapter_log_scores(
+                spec, models_dir, texts, options={"label_bias": {}, "temperature": 1.0}
+            )
+            logits, _ = adapter_log_scores(spec, models_dir, texts)
             before = after = 1.0
-    gold = [names.index(ex.label) for ex in examples]
-    s = calibration_scores(logits, gold, before)
-    t = calibration_scores(logits, gold, after)
-    rows = [
-        {
-            "gold": names[g],
-            "predicted": names[max(range(len(r)), key=r.__getitem__)],
-            "confidence": max(softmax(r, after)),
-        }
-        for r, g in zip(logits, gold, strict=True)
-    ]
+            scaling = "content-free prior -> " + (
+                "fitted T + label bias" if spec.options.get("label_bias") else "the same"
+            )
+    s = calibration_scores(before_logits, gold, before)
+    t = calibration_scores(logits, gold, after, bias)
+    rows: list[dict[str, Any]] = []
+    for r, r0, g in zip(logits, before_logits, gold, strict=True):
+        p, p0 = scaled_probs(r, after, bias), scaled_probs(r0, before)
+        best, best0 = max(range(len(p)), key=p.__getitem__), max(range(len(p0)), key=p0.__getitem__)
+        rows.append(
+            {
+                "gold": names[g],
+                "predicted": names[best],
+                "confidence": p[best],
+                "correct": best == g,
+                "confidence_before": p0[best0],
+                "correct_before": best0 == g,
+            }
+        )
     return {
         "task": task,
         "set": file.name,
         "n": s["n"],
-        "accuracy": s["accuracy"],
+        "accuracy_before": s["accuracy_after"],
+        "accuracy": t["accuracy_after"],
         "ece_before": s["ece_after"],
         "ece_after": t["ece_after"],
-        "temperature_before": before,
-        "temperature": after,
+        "scaling": scaling,
+        "ece_floor": ece_floor([x["confidence"] for x in rows]),
         "rows": rows,
+    }
+
+
+def ece_floor(confidences: list[float], draws: int = 400, seed: int = 0) -> float:
+    """The mean ECE (10 bins) of a perfectly calibrated model with these confidences: each
+    item right with probability equal to its confidence, `draws` times. What a set of
+    this size and spread measures even when nothing is wrong (binning and sampling noise)."""
+    import random
+
+    from fleet.reporting.scoring import expected_calibration_error
+
+    rng = random.Random(seed)
+    total = 0.0
+    for _ in range(draws):
+        right = [rng.random() < c for c in confidences]
+        total += expected_calibration_error(confidences, right)
+    return round(total / draws, 6)
+
+
+def pooled(task: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row over every set scored for `task`: the same items, binned together."""
+    from fleet.reporting.scoring import expected_calibration_error
+
+    rows = [x for r in results if r["task"] == task for x in r["rows"]]
+    n = len(rows)
+    conf = [x["confidence"] for x in rows]
+    return {
+        "task": task,
+        "set": "all sets pooled",
+        "n": n,
+        "accuracy_before": sum(x["correct_before"] for x in rows) / n,
+        "accuracy": sum(x["correct"] for x in rows) / n,
+        "ece_before": expected_calibration_error(
+            [x["confidence_before"] for x in rows], [x["correct_before"] for x in rows]
+        ),
+        "ece_after": expected_calibration_error(conf, [x["correct"] for x in rows]),
+        "scaling": next(r["scaling"] for r in results if r["task"] == task),
+        "ece_floor": ece_floor(conf),
     }
 
 
@@ -116,14 +191,21 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             if args.json:
                 print(json.dumps({k: v for k, v in r.items() if k != "rows"}), flush=True)
+        if len(args.sets.split(",")) > 1:
+            results.append(pooled(task, results))
+            if args.json:
+                print(json.dumps(results[-1]), flush=True)
     if not args.json:
-        print("| task | set | n | accuracy | ECE before | ECE after | temperature |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print(
+            "| task | set | n | accuracy before | accuracy after | ECE before | ECE after "
+            "| ECE floor | scaling |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in results:
             print(
-                f"| {r['task']} | {r['set']} | {r['n']} | {r['accuracy']:.3f} | "
-                f"{r['ece_before']:.3f} | {r['ece_after']:.3f} | "
-                f"{r['temperature_before']:g} -> {r['temperature']:.4g} |"
+                f"| {r['task']} | {r['set']} | {r['n']} | {r['accuracy_before']:.3f} | "
+                f"{r['accuracy']:.3f} | {r['ece_before']:.3f} | {r['ece_after']:.3f} | "
+                f"{r['ece_floor']:.3f} | {r['scaling']} |"
             )
     return 0
 

@@ -175,6 +175,69 @@ def calibrate_binary(
     )
 
 
+def biased_nll(
+    logits: Sequence[Sequence[float]],
+    gold: Sequence[int],
+    temperature: float,
+    bias: Sequence[float],
+) -> float:
+    """Mean NLL (nats) of the gold ids under softmax(logits / T + bias)."""
+    rows = [[v + b for v, b in zip(log_softmax(r, temperature), bias, strict=True)] for r in logits]
+    return -sum(log_softmax(r)[g] for r, g in zip(rows, gold, strict=True)) / len(rows)
+
+
+def fit_scaling(
+    logits: Sequence[Sequence[float]],
+    gold: Sequence[int],
+    *,
+    steps: int = 600,
+    ridge: float = 0.01,
+) -> tuple[float, list[float]]:
+    """A temperature and one additive bias per class, minimising the mean NLL of `gold`
+    under softmax(logits / T + bias): the bias half of vector scaling (Guo et al. 2017,
+    section 4.2), for scores whose classes are not on one scale (a zero-shot label's
+    similarity, an LM's preference for some label phrases).
+
+    The NLL is convex in (1/T, bias); T starts at `fit_temperature`'s value and Adam
+    (lr 0.05, `steps` full-batch steps) moves log(1/T) and the biases, with an L2
+    penalty `ridge` x sum(bias^2) so a class the data never confuses cannot run off.
+    The biases are centred (mean 0: the softmax does not see a common shift). Returns
+    (T, biases in class order). Raises ValueError as `fit_temperature` does.
+    """
+    t0 = fit_temperature(logits, gold)
+    width = len(logits[0])
+    n = len(logits)
+    s = -math.log(t0)  # log(1/T)
+    bias = [0.0] * width
+    params = [s, *bias]
+    m = [0.0] * (width + 1)
+    v = [0.0] * (width + 1)
+    lr, b1, b2, eps = 0.05, 0.9, 0.999, 1e-8
+    for step in range(1, steps + 1):
+        a = math.exp(params[0])
+        grad = [0.0] * (width + 1)
+        for row, g in zip(logits, gold, strict=True):
+            z = [a * x + b for x, b in zip(row, params[1:], strict=True)]
+            top = max(z)
+            e = [math.exp(x - top) for x in z]
+            total = sum(e)
+            p = [x / total for x in e]
+            # d NLL / d z_c = p_c - [c == g]; z_c = a x_c + b_c
+            da = sum((p[c] - (c == g)) * row[c] for c in range(width))
+            grad[0] += da * a / n
+            for c in range(width):
+                grad[c + 1] += (p[c] - (c == g)) / n
+        for c in range(width):
+            grad[c + 1] += 2 * ridge * params[c + 1]
+        for k in range(width + 1):
+            m[k] = b1 * m[k] + (1 - b1) * grad[k]
+            v[k] = b2 * v[k] + (1 - b2) * grad[k] ** 2
+            params[k] -= lr * (m[k] / (1 - b1**step)) / (math.sqrt(v[k] / (1 - b2**step)) + eps)
+        centre = sum(params[1:]) / width
+        params[1:] = [b - centre for b in params[1:]]
+    return 1.0 / math.exp(params[0]), [round(b, 6) for b in params[1:]]
+
+
 def calibrate(
     logits: Sequence[Sequence[float]], gold: Sequence[int], *, fitted_on: str = ""
 ) -> Calibration:

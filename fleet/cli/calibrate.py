@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from config.exitcodes import ExitCode
 from fleet.cli.context import FleetContext, fail, pass_fleet
 from fleet.cli.output import json_option, task_option
+
+if TYPE_CHECKING:
+    from fleet.models.labeled import Example
 
 
 @click.command("calibrate")
@@ -19,6 +22,12 @@ from fleet.cli.output import json_option, task_option
     "--data",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Labeled examples to fit a temperature on (the `fleet train` formats).",
+)
+@click.option(
+    "--per-label",
+    type=click.IntRange(min=1),
+    help="Fit on the first N examples of each label in --data (file order): a smaller, "
+    "balanced sample when scoring every line is slow (llm_classify on CPU).",
 )
 @click.option(
     "--gold",
@@ -37,6 +46,7 @@ def calibrate_cmd(
     ctx: FleetContext,
     task_name: str,
     data: Path | None,
+    per_label: int | None,
     gold: Path | None,
     target_escalation: float | None,
     as_json: bool,
@@ -46,8 +56,9 @@ def calibrate_cmd(
     --data FILE: temperature scaling (Guo et al. 2017) on labeled examples.
     sequence_classify: rewrites calibration.json in the folder of the task's first
     ladder tier (a multi-label folder: its sigmoid temperature and its per-label
-    thresholds.json, from a file of label sets). zero_shot: prints the fitted similarity temperature and the task
-    option line that serves it (`temperature = ...`).
+    thresholds.json, from a file of label sets). zero_shot and llm_classify: fits a
+    temperature and a bias per label over the raw label scores and prints the task
+    options that serve them (`temperature = ...`, `label_bias = {...}`).
 
     --gold FILE --target-escalation SHARE: the `escalate_below` threshold under which
     SHARE of the task's stored results (those the gold file names) fall, with the
@@ -65,7 +76,7 @@ def calibrate_cmd(
     assert data is not None
     from config.taskconfig import resolve_model_path
     from fleet.models.labeled import TrainingDataError, load_labeled
-    from fleet.models.temperature import calibrate_folder, fit_task_temperature
+    from fleet.models.temperature import calibrate_folder, fit_task_temperature, scaling_toml
 
     spec = ctx.task(task_name)
     models_dir = ctx.settings.resolved_models_dir
@@ -75,29 +86,40 @@ def calibrate_cmd(
             _refit_label_sets(spec, folder, data, as_json)
             return
         examples = load_labeled(data)
-        if spec.kind == "zero_shot":
-            cal, scores = fit_task_temperature(spec, models_dir, examples, fitted_on=data.name)
-            where = f"[tasks.{spec.name}] temperature = {cal.temperature:.4f}"
+        fitted_on = data.name
+        if per_label:
+            examples = first_per_label(examples, per_label)
+            fitted_on = f"{data.name}, first {per_label} per label"
+        if spec.kind in ("zero_shot", "llm_classify"):
+
+            def progress(stage: str, done: int, total: int) -> None:
+                click.echo(f"{spec.name}: {stage} {done}/{total}", err=True)
+
+            cal, scores = fit_task_temperature(
+                spec, models_dir, examples, fitted_on=fitted_on, progress=progress
+            )
+            where = f"[tasks.{spec.name}]\n{scaling_toml(cal)}"
         elif spec.kind == "sequence_classify":
-            cal, both = calibrate_folder(folder, examples, fitted_on=data.name)
+            cal, both = calibrate_folder(folder, examples, fitted_on=fitted_on)
             scores = {**both["validation"], "configured_temperature": 1.0}
             where = f"{folder}/calibration.json"
         else:
             fail(
                 f"task {spec.name!r} is {spec.kind}: temperatures are fitted for "
-                "sequence_classify and zero_shot tasks (llm_classify calibrates its label "
-                "scores against a content-free input)",
+                "sequence_classify, zero_shot and llm_classify tasks",
                 ExitCode.CONFIG,
             )
     except (TrainingDataError, ValueError, OSError) as e:
         fail(str(e), ExitCode.CONFIG)
     if as_json:
-        click.echo(json.dumps({"temperature": cal.temperature, "where": where, **scores}))
+        extra = {"label_bias": cal.extra["label_bias"]} if "label_bias" in cal.extra else {}
+        click.echo(json.dumps({"temperature": cal.temperature, "where": where, **extra, **scores}))
         return
     click.echo(
         f"{spec.name}: temperature {cal.temperature:.4f} (was {scores['configured_temperature']})"
-        f" fitted on {data.name} (n={scores['n']}, accuracy {scores['accuracy']:.3f}); "
-        f"ECE {scores['ece_before']:.3f} -> {scores['ece_after']:.3f}"
+        f" fitted on {cal.fitted_on} (n={scores['n']}, accuracy {scores['accuracy']:.3f}"
+        + (f" -> {scores['accuracy_after']:.3f}" if "accuracy_after" in scores else "")
+        + f"); ECE {scores['ece_before']:.3f} -> {scores['ece_after']:.3f}"
     )
     click.echo(f"serve it: {where}")
 
@@ -138,6 +160,17 @@ def _refit_label_sets(spec: Any, folder: Path, data: Path, as_json: bool) -> Non
     click.echo(
         f"serve it: {folder}/calibration.json and thresholds.json (workers read them at start)"
     )
+
+
+def first_per_label(examples: list[Example], n: int) -> list[Example]:
+    """The first `n` examples of each label, in file order."""
+    seen: dict[str, int] = {}
+    out = []
+    for ex in examples:
+        if seen.get(ex.label, 0) < n:
+            seen[ex.label] = seen.get(ex.label, 0) + 1
+            out.append(ex)
+    return out
 
 
 def _threshold(ctx: FleetContext, task_name: str, gold: Path, share: float, as_json: bool) -> None:

@@ -53,23 +53,41 @@ def folder_logits(
 
 
 def calibration_scores(
-    logits: Sequence[Sequence[float]], gold: Sequence[int], temperature: float
+    logits: Sequence[Sequence[float]],
+    gold: Sequence[int],
+    temperature: float,
+    bias: Sequence[float] | None = None,
 ) -> dict[str, float]:
-    """ECE (10 bins) of softmax(logits) and of softmax(logits / temperature), with accuracy."""
+    """ECE (10 bins) of softmax(logits) and of softmax(logits / temperature + bias), with
+    accuracy (of the raw argmax) and `accuracy_after` (of the scaled one: a bias can move it)."""
     correct = [
         max(range(len(r)), key=r.__getitem__) == g for r, g in zip(logits, gold, strict=True)
     ]
     raw = [max(softmax(r)) for r in logits]
-    scaled = [max(softmax(r, temperature)) for r in logits]
+    probs = [scaled_probs(r, temperature, bias) for r in logits]
+    scaled = [max(p) for p in probs]
+    correct_after = [
+        max(range(len(p)), key=p.__getitem__) == g for p, g in zip(probs, gold, strict=True)
+    ]
     n = len(gold)
     return {
         "n": n,
         "accuracy": round(sum(correct) / n, 6) if n else 0.0,
         "ece_before": round(expected_calibration_error(raw, correct), 6),
-        "ece_after": round(expected_calibration_error(scaled, correct), 6),
+        "accuracy_after": round(sum(correct_after) / n, 6) if n else 0.0,
+        "ece_after": round(expected_calibration_error(scaled, correct_after), 6),
         "mean_confidence_before": round(sum(raw) / n, 6) if n else 0.0,
         "mean_confidence_after": round(sum(scaled) / n, 6) if n else 0.0,
     }
+
+
+def scaled_probs(
+    row: Sequence[float], temperature: float, bias: Sequence[float] | None = None
+) -> list[float]:
+    """softmax(row / temperature + bias) (bias 0 when None)."""
+    if not bias:
+        return softmax(row, temperature)
+    return softmax([v / temperature + b for v, b in zip(row, bias, strict=True)])
 
 
 def calibrate_folder(
@@ -119,7 +137,9 @@ def adapter_log_scores(
     """Log of each label's score as the task's adapter answers in this process (CPU), one
     row per text in label order, and the label names. `options` override the task's.
 
-    For a zero-shot task run with `temperature = 1` these are its cosine similarities up
+    A text of `role: content` lines is given to the adapter as those messages again
+    (`workers.adapters.windowed.text_data`), as the fleet serves a conversation. For a
+    zero-shot task run with `temperature = 1` these are its cosine similarities up
     to a per-row constant: logits a temperature can be fitted to. Raises ValueError when
     no ladder folder exists or an item fails (its reason)."""
     import dataclasses
@@ -128,6 +148,7 @@ def adapter_log_scores(
     from config.taskconfig import resolve_model_path
     from workers.adapters import make_adapter
     from workers.adapters.base import InputError, Prediction, Source
+    from workers.adapters.windowed import text_data
 
     tier = next((t for t in spec.ladder if resolve_model_path(t, models_dir).exists()), None)
     if tier is None:
@@ -140,7 +161,7 @@ def adapter_log_scores(
     try:
         for i in range(0, len(texts), batch_size):
             batch = [
-                adapter.prepare(Source(i + k, spec.source, str(i + k), {"text": t}))
+                adapter.prepare(Source(i + k, spec.source, str(i + k), text_data(t)))
                 for k, t in enumerate(texts[i : i + batch_size])
             ]
             for pred in adapter.predict(batch):
@@ -155,33 +176,78 @@ def adapter_log_scores(
     return rows, names
 
 
-def fit_task_temperature(
-    spec: Any, models_dir: Path, examples: Sequence[Example], *, fitted_on: str
-) -> tuple[Calibration, dict[str, Any]]:
-    """Fit a zero-shot task's similarity temperature on labeled `examples` (never an
-    evaluation set): the adapter runs at temperature 1, the fit divides its cosines.
+# Options that make each kind answer its raw label scores, before any fitted scaling.
+RAW_OPTIONS = {
+    "zero_shot": {"temperature": 1.0, "label_bias": {}},
+    "llm_classify": {"calibrate": False, "temperature": 1.0, "label_bias": {}},
+}
 
-    Returns the Calibration and `calibration_scores` on `examples` (before = the
-    task's configured temperature, after = the fitted one). Raises ValueError for a
-    task that is not zero_shot or labels outside the task's."""
-    if spec.kind != "zero_shot":
-        raise ValueError(f"task {spec.name!r} is {spec.kind}; this fits zero_shot temperatures")
+
+def fit_task_temperature(
+    spec: Any,
+    models_dir: Path,
+    examples: Sequence[Example],
+    *,
+    fitted_on: str,
+    bias: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[Calibration, dict[str, Any]]:
+    """Fit a zero_shot or llm_classify task's scaling on labeled `examples` (never an
+    evaluation set): a temperature and, with `bias`, one additive bias per label
+    (`workers.calibration.fit_scaling`) over the task's raw label scores (zero_shot:
+    cosine similarities; llm_classify: the label phrases' log-probabilities, without
+    the content-free prior).
+
+    Returns the Calibration (`extra["label_bias"]`: label -> bias) and scores on
+    `examples`: before = as the task serves now, after = the fitted scaling
+    (`accuracy_after` too: a bias can move the argmax). Raises ValueError for another
+    kind of task or labels outside the task's. `progress(stage, done, total)` after each
+    batch (stages "raw scores", then "served scores")."""
+    from workers.calibration import fit_scaling
+
+    def step(stage: str) -> Callable[[int, int], None] | None:
+        return None if progress is None else lambda d, t: progress(stage, d, t)
+
+    if spec.kind not in RAW_OPTIONS:
+        raise ValueError(
+            f"task {spec.name!r} is {spec.kind}; this fits zero_shot and llm_classify scaling"
+        )
     names = list(spec.labels)
     stray = sorted({ex.label for ex in examples} - set(names))
     if stray:
         raise ValueError(f"labels the task lacks: {', '.join(stray)}")
+    texts = [ex.text for ex in examples]
     logits, _ = adapter_log_scores(
-        spec, models_dir, [ex.text for ex in examples], options={"temperature": 1.0}
+        spec, models_dir, texts, options=RAW_OPTIONS[spec.kind], progress=step("raw scores")
     )
     gold = [names.index(ex.label) for ex in examples]
-    cal = calibrate(logits, gold, fitted_on=fitted_on)
-    configured = float(spec.options.get("temperature", 0.05))
-    before = calibration_scores(logits, gold, configured)
-    after = calibration_scores(logits, gold, cal.temperature)
+    if bias:
+        t, b = fit_scaling(logits, gold)
+    else:
+        t, b = calibrate(logits, gold).temperature, [0.0] * len(names)
+    cal = Calibration(
+        temperature=round(t, 6),
+        method="temperature and per-label bias (vector scaling's bias, Guo et al. 2017), "
+        "NLL minimised on labeled training text",
+        fitted_on=fitted_on,
+        n=len(gold),
+        extra={"label_bias": dict(zip(names, b, strict=True))},
+    )
+    served, _ = adapter_log_scores(spec, models_dir, texts, progress=step("served scores"))
+    before = calibration_scores(served, gold, 1.0)
+    after = calibration_scores(logits, gold, cal.temperature, b)
     return cal, {
         "n": len(gold),
-        "accuracy": after["accuracy"],
-        "configured_temperature": configured,
+        "accuracy": before["accuracy"],
+        "accuracy_after": after["accuracy_after"],
+        "configured_temperature": spec.options.get("temperature"),
         "ece_before": before["ece_after"],
         "ece_after": after["ece_after"],
     }
+
+
+def scaling_toml(cal: Calibration) -> str:
+    """The task options that serve a fitted scaling (`temperature`, `label_bias`)."""
+    bias = cal.extra.get("label_bias") or {}
+    inner = ", ".join(f"{k} = {v:.4f}" for k, v in bias.items())
+    return f"temperature = {cal.temperature:.4f}\nlabel_bias = {{ {inner} }}"

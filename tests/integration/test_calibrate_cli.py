@@ -73,3 +73,28 @@ def test_target_escalation_picks_the_threshold(db_url, broker_url, tmp_path):
 
     both = CliRunner().invoke(main, ["calibrate", "-t", "intent", "--gold", str(gold)], env=env)
     assert both.exit_code == 2 and "--target-escalation" in both.output
+
+
+def test_topic_scaling_is_fitted_with_a_bias_per_label(tmp_path, bundled_models_dir):
+    """`fleet calibrate --task topic --data` fits a temperature and a bias per label on the
+    real MiniLM and prints option lines that parse and that the adapter accepts."""
+    import tomllib
+
+    from config.data import data_path as data_file
+    from config.taskconfig import load_tasks
+    from fleet.models.prepare import prepare_minilm
+    from workers.adapters.zero_shot import ZeroShotAdapter
+
+    prepare_minilm(bundled_models_dir)
+    env = {"FLEET_MODELS_DIR": str(bundled_models_dir), "FLEET_STATE_DIR": str(tmp_path / "s")}
+    args = ["calibrate", "-t", "topic", "--data", str(data_file("intent.jsonl"))]
+    res = CliRunner().invoke(main, [*args, "--per-label", "3", "--json"], env=env)
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    labels = list(load_tasks()["topic"].labels)
+    assert got["n"] == 3 * len(labels) and got["temperature"] > 0
+    assert list(got["label_bias"]) == labels
+    assert abs(sum(got["label_bias"].values())) < 1e-3  # centred
+    options = tomllib.loads(got["where"].split("\n", 1)[1])
+    assert set(options) == {"temperature", "label_bias"}
+    ZeroShotAdapter(labels=load_tasks()["topic"].labels, **options)

@@ -13,14 +13,14 @@ Two methods (task option `method`):
   categories the other labels with at least `secondary_threshold`. Why: a 135M model
   that writes its answer mostly writes its favourite label (0.16-0.28 accuracy);
   scored and calibrated it reaches 0.635, at 26x the items/s (docs/benchmarks.md).
-  `reasoning = true` generates reasoning and key_entities afterwards, the category
+  With the task options `temperature` and `label_bias` (fitted on labeled training
+  text by `fleet calibrate --task llm_classify --data FILE`) the distribution is
+  softmax(log p / temperature + label_bias) instead (the bias half of vector scaling,
+  Guo et al. 2017): learned from labeled text rather than read off one content-free
+  input. `reasoning = true` generates reasoning and key_entities afterwards, the category
   already fixed (JSON prompt, started reply).
-* "generate": the whole answer is generated, the reply *started* for the model
-  (`{"category": "`), the category *constrained* to spell a label, generation stopped
-  when the object closes, then parsed, validated and repaired at most once
-  (`workers.adapters.llm_json`); an unusable answer is an explicit `invalid_output`
-  error, never a default label. An answer cut by max_new_tokens is recorded as
-  `truncated` and a cut value is missing with its reason, never repaired into one.
+* "generate": the whole answer is generated, its category constrained to spell a label
+  (`workers.adapters.llm_generation`).
 
 Conversation text is tokenized with special tokens split, so a message holding the
 chat template's control strings (a fake end of turn and assistant turn) stays text.
@@ -28,14 +28,14 @@ Truncation works on token ids of the rendered transcript (`truncate_middle`): he
 tail kept, a marker line in place of the middle. Models with a chat template get
 system/user/assistant turns; base models (Gemma 3 270M) the same text plainly.
 
-Everything that does not need torch is a pure module-level function so it can be unit
-tested without a model; torch/transformers are imported only inside `load`/`predict`.
+The prompt pieces are pure functions in `workers.adapters.llm_prompt` and the torch
+glue of generation is in `workers.adapters.llm_generation`, so they are unit tested
+without a model; torch/transformers are imported only inside `load`/`predict`.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -50,8 +50,12 @@ from workers.adapters.label_scoring import (
     prefix_cache_for,
     score_continuations,
 )
+from workers.adapters.llm_generation import (
+    generated_prediction,
+    greedy_generate,
+    resolve_dtype,
+)
 from workers.adapters.llm_json import (
-    _SOFT_FIELDS,
     CategorySpeller,
     json_object_closed,
     parse_llm_json,
@@ -59,13 +63,31 @@ from workers.adapters.llm_json import (
     repair_json,
     validate_answer,
 )
+from workers.adapters.llm_prompt import (
+    ANSWER_PREFIX,
+    DEFAULT_MAX_NEW_TOKENS,
+    SCORING_LEAD,
+    SCORING_SYSTEM,
+    SCORING_TEMPLATE,
+    TRUNCATION_MARKER,
+    USER_TEMPLATE,
+    build_system_prompt,
+    data_file,
+    label_continuations,
+    load_examples,
+    load_verbalizers,
+    prompt_frame,
+    render_transcript,
+    truncate_middle,
+    user_turns_body,
+)
 from workers.adapters.text import conversation_messages
-from workers.windows import fit_turns
 
 __all__ = [
     "ANSWER_PREFIX",
     "CategorySpeller",
     "LLMClassifyAdapter",
+    "data_file",
     "json_object_closed",
     "parse_llm_json",
     "reasoning_fields",
@@ -75,216 +97,19 @@ __all__ = [
     "validate_answer",
 ]
 
-ANSWER_PREFIX = '{"category": "'
-DEFAULT_MAX_NEW_TOKENS = 96
-TRUNCATION_MARKER = "\n[... middle of the conversation omitted ...]\n"
-_SENTINEL = "\u2063CONVERSATION\u2063"  # placeholder split out of the rendered template
-# The user turn; "{conversation}" is replaced by the (possibly truncated) transcript.
-# Asking the question *after* the conversation helps a small model (recency).
-USER_TEMPLATE = (
-    "Conversation:\n{conversation}\n\n"
-    "Which category fits this conversation best? Answer with the JSON object."
-)
-# Label scoring: the answer starts with SCORING_LEAD and each label's phrases are
-# scored as its continuation. Chosen on SmolLM2-135M: natural phrases score far
-# better than label names in JSON (see docs/benchmarks.md).
-SCORING_SYSTEM = "You classify conversations by topic."
-SCORING_TEMPLATE = "Conversation:\n{conversation}\n\nWhat is this conversation about?"
-SCORING_LEAD = "This conversation is about"
-
-
-# --------------------------------------------------------------------------- prompt
-
-
-def build_system_prompt(labels: Mapping[str, str]) -> str:
-    """The instructions: categories with descriptions and the JSON keys to answer with.
-
-    Worded after trying variants on SmolLM2-135M: angle-bracket placeholders or a
-    worked example get copied verbatim (the example's label wins every time); plain
-    types ("string", "number between 0 and 1") copy least and spread the labels best.
-    """
-    lines = "\n".join(f"{name}: {desc}" for name, desc in labels.items())
-    return (
-        "Classify the topic of a conversation. Possible categories:\n"
-        + lines
-        + '\n\nReply only with JSON: {"category": string, "confidence": number between 0 and 1, '
-        '"reasoning": string, "key_entities": [string], "secondary_categories": [string]}'
-    )
-
-
-def render_transcript(messages: Sequence[Mapping[str, str]]) -> str:
-    """The conversation as `role: content` lines (empty messages dropped)."""
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages if m["content"].strip())
-
-
-def truncate_middle(
-    token_ids: Sequence[int], max_len: int, marker: Sequence[int] = ()
-) -> tuple[list[int], int]:
-    """Fit `token_ids` into `max_len` by dropping tokens from the middle.
-
-    Why the middle: a conversation's opening states the topic and its end the latest
-    turn; both matter more for intent than the middle. The head gets the extra token
-    when the room is odd. `marker` (e.g. the ids of "[... omitted ...]") is put where
-    the cut is and counts towards `max_len`. Returns (ids, number of tokens dropped).
-    """
-    ids = list(token_ids)
-    if max_len < 0:
-        raise ValueError(f"max_len must be >= 0, got {max_len}")
-    if len(ids) <= max_len:
-        return ids, 0
-    marker = list(marker) if len(marker) < max_len else []
-    room = max_len - len(marker)
-    head = (room + 1) // 2
-    tail = room - head
-    kept = ids[:head] + marker + (ids[len(ids) - tail :] if tail else [])
-    return kept, len(ids) - head - tail
-
-
-def load_examples(path: str | None, labels: Mapping[str, str], k: int) -> list[tuple[str, str]]:
-    """k few-shot examples as (transcript, label) from a labeled JSONL file.
-
-    Rows hold "label" and either "messages" (a conversation) or "text". A relative
-    path is looked up under the package's config/data folder first. The choice is fixed
-    and balanced: the first unused example of each label in turn (label order), so
-    every label is shown before any is shown twice. Raises ValueError for a missing
-    file, a row that is not JSON, or a label that is not configured.
-    """
-    if not path or k <= 0:
-        return []
-    from pathlib import Path
-
-    from config.data import data_path
-
-    file = Path(path)
-    if not file.is_absolute() and not file.is_file():
-        file = data_path(path)
-    if not file.is_file():
-        raise ValueError(
-            f"few-shot examples file {path!r} not found (absolute, or under config/data)"
-        )
-    by_label: dict[str, list[str]] = {name: [] for name in labels}
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise ValueError(f"{file}:{n}: not JSON ({exc})") from exc
-        label = row.get("label")
-        if label not in by_label:
-            raise ValueError(f"{file}:{n}: label {label!r} is not one of {sorted(by_label)}")
-        messages = row.get("messages") or [{"role": "user", "content": str(row.get("text", ""))}]
-        by_label[label].append(render_transcript(messages))
-    chosen: list[tuple[str, str]] = []
-    while len(chosen) < k and any(by_label.values()):
-        for name, texts in by_label.items():
-            if texts and len(chosen) < k:
-                chosen.append((texts.pop(0), name))
-    return chosen
-
-
-def prompt_frame(
-    tokenizer: Any, system: str, user_template: str, shots: Sequence[tuple[str, str]]
-) -> tuple[str, str]:
-    """The prompt text (before, after) the conversation.
-
-    `shots` are (transcript, answer text) pairs shown first. With a chat template:
-    system turn, each shot as a user turn and an assistant turn, then the user turn;
-    `after` ends with the assistant turn opened. Without one (a base model such as
-    Gemma 3 270M): the same content as plain text, each answer after "Answer: ".
-    The start of the answer (lead) is not included. Raises ValueError when the chat
-    template drops the user message.
-    """
-    if tokenizer.chat_template is not None:
-        turns: list[dict[str, str]] = [{"role": "system", "content": system}]
-        for transcript, answer in shots:
-            turns.append({"role": "user", "content": user_template.format(conversation=transcript)})
-            turns.append({"role": "assistant", "content": answer})
-        turns.append(
-            {"role": "user", "content": user_template.replace("{conversation}", _SENTINEL)}
-        )
-        rendered = str(
-            tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        )
-    else:
-        parts = [system, ""]
-        for transcript, answer in shots:
-            parts.append(user_template.format(conversation=transcript))
-            parts.append(f"Answer: {answer}\n")
-        parts.append(user_template.replace("{conversation}", _SENTINEL))
-        rendered = "\n".join(parts) + "\nAnswer: "
-    before, found, after = rendered.partition(_SENTINEL)
-    if not found:
-        raise ValueError("the chat template dropped the user message")
-    return before, after
-
-
-def load_verbalizers(path: str | None, labels: Mapping[str, str]) -> dict[str, list[str]]:
-    """The phrases scored for each label ("This conversation is about <phrase>").
-
-    Without a file: the label's description from the task config. A file (JSON, a
-    relative path is under config/data) maps label -> {"verbalizers": [phrases]} (or,
-    without that key, its "descriptions"); every label needs at least one. Short
-    phrases ("work", "small talk") cost one or two scored tokens each and scored
-    better than whole descriptions on SmolLM2-135M (docs/benchmarks.md). Raises
-    ValueError for a missing file or label.
-    """
-    if not path:
-        return {name: [desc or name.replace("_", " ")] for name, desc in labels.items()}
-    data = json.loads(data_file(path, "verbalizers").read_text(encoding="utf-8"))
-    out: dict[str, list[str]] = {}
-    for name in labels:
-        entry = data.get(name) or {}
-        phrases = entry.get("verbalizers") or entry.get("descriptions") or []
-        if not phrases or not all(isinstance(p, str) and p.strip() for p in phrases):
-            raise ValueError(f"{path}: label {name!r} needs a non-empty list of descriptions")
-        out[name] = [p.strip() for p in phrases]
-    return out
-
-
-def data_file(path: str, what: str) -> Any:
-    """An absolute path, or one under the package's config/data folder."""
-    from pathlib import Path
-
-    from config.data import data_path
-
-    file = Path(path)
-    if not file.is_absolute() and not file.is_file():
-        file = data_path(path)
-    if not file.is_file():
-        raise ValueError(f"{what} file {path!r} not found (absolute, or under config/data)")
-    return file
-
-
-def _continuation_ids(tokenizer: Any, context: str, continuation: str) -> list[int]:
-    """Token ids of `continuation` as it is tokenized after `context` (falls back to
-    tokenizing it alone when the two merge across the boundary)."""
-    base = tokenizer(context, add_special_tokens=False)["input_ids"]
-    full = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    if full[: len(base)] == base and len(full) > len(base):
-        return list(full[len(base) :])
-    return list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
-
-
-# --------------------------------------------------------------------------- adapter
-
 
 class LLMClassifyAdapter:
     """Adapter for kind "llm_classify": labels (name -> one-line description) in, the
     JSON contract out (category, confidence, reasoning, key_entities,
     secondary_categories).
 
-    Methods (task option `method`):
-      * "score" (default): every label's sequence log-probability as the continuation
-        of `{"category": "`, calibrated (Zhao et al. 2021) into a distribution; see
-        `workers.adapters.label_scoring`. `reasoning = true` then generates reasoning
-        and key_entities after the category is fixed.
-      * "generate": greedy generation of the whole answer with the category spelling
-        constrained (the earlier behaviour, kept for comparison and for models whose
-        log-probabilities are not to be trusted).
+    Methods (task option `method`): "score" (default; the module's docstring) or
+    "generate" (`workers.adapters.llm_generation`).
 
-    Other options: `calibrate` (default true), `examples` (a labeled JSONL file: rows of
-    {"messages" or "text", "label"}; relative paths are under config/data) with `shots`
+    Other options: `calibrate` (default true: the content-free prior is divided out,
+    or, with `label_bias` {label: bias} and `temperature`, the fitted scaling is
+    applied), `examples` (a labeled JSONL file: rows of {"messages" or "text",
+    "label"}; relative paths are under config/data) with `shots`
     (k examples in the prompt, one per label in turn, file order), `secondary_threshold`
     (labels other than the best with at least this probability are listed as
     secondary_categories, default 0.15).
@@ -307,6 +132,8 @@ class LLMClassifyAdapter:
         prompt: str = "transcript",
         assistant_tokens: int = 32,
         prompt_tokens: int | None = None,
+        temperature: float = 1.0,
+        label_bias: dict[str, float] | None = None,
         **_: Any,
     ) -> None:
         if not labels:
@@ -325,6 +152,17 @@ class LLMClassifyAdapter:
         self.max_chars = max_chars
         self.method = method
         self.calibrate = bool(calibrate)
+        stray = sorted(set(label_bias or {}) - set(self.labels))
+        if stray:
+            raise ValueError(f"label_bias names labels the task lacks: {', '.join(stray)}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        # The fitted scaling (fleet calibrate), used instead of the content-free prior.
+        self.scaling: tuple[float, list[float]] | None = (
+            (float(temperature), [float(label_bias.get(n, 0.0)) for n in self.names])
+            if label_bias and self.calibrate
+            else None
+        )
         self.reasoning = bool(reasoning)
         self.examples_path = examples
         self.shots = int(shots) if examples else 0
@@ -385,7 +223,7 @@ class LLMClassifyAdapter:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         self.unload()
-        dtype = _resolve_dtype(tier.dtype, str(device).startswith("cuda"))
+        dtype = resolve_dtype(tier.dtype, str(device).startswith("cuda"))
         config = AutoConfig.from_pretrained(model_path, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         tokenizer.padding_side = "left"
@@ -421,12 +259,9 @@ class LLMClassifyAdapter:
                 [(t, f"{SCORING_LEAD} {phrases[lab][0]}.") for t, lab in shots],
             )
             prefix_ids, suffix_ids = ids(before, True), ids(after + SCORING_LEAD)
-            for k, name in enumerate(self.names):
-                for phrase in phrases[name]:
-                    label_ids.append(
-                        _continuation_ids(tokenizer, after + SCORING_LEAD, " " + phrase)
-                    )
-                    owners.append(k)
+            label_ids, owners = label_continuations(
+                tokenizer, [phrases[n] for n in self.names], after + SCORING_LEAD
+            )
         marker_ids = ids(TRUNCATION_MARKER)
         max_new = int(tier.options.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         fixed = max(len(prefix_ids) + len(suffix_ids), len(json_prefix) + len(ids(json_after)) + 16)
@@ -466,7 +301,7 @@ class LLMClassifyAdapter:
         self._speller = speller
         self._eos_id, self._pad_id = int(eos_id), int(tokenizer.pad_token_id)
         self._prior = None
-        if self.method == "score" and self.calibrate:
+        if self.method == "score" and self.calibrate and self.scaling is None:
             bodies = [self._body_ids(f"user: {text}".rstrip()) for text in CONTENT_FREE_INPUTS]
             self._prior = mean_distribution(
                 [label_distribution(row) for row in self._label_logprobs(bodies)]
@@ -535,21 +370,9 @@ class LLMClassifyAdapter:
         )
 
     def _user_turns_body(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], int]:
-        """The transcript fitted around the user's turns (workers.windows.fit_turns):
-        (ids of the kept `role: content` lines joined by newlines, tokens left out)."""
-        lines = [m for m in messages if m["content"].strip()]
-        ids = [self._body_ids(f"{m['role']}: {m['content']}") for m in lines]
-        newline = self._body_ids("\n")
-        room = min(self._room, self.prompt_tokens or self._room) - len(newline) * len(lines)
-        segments, dropped = fit_turns(
-            [(m["role"], len(i)) for m, i in zip(lines, ids, strict=True)],
-            max(room, 1),
-            assistant_cap=self.assistant_tokens,
-        )
-        body: list[int] = []
-        for k, seg in enumerate(segments):
-            body += (newline if k else []) + ids[seg.turn][seg.start : seg.end]
-        return body, dropped
+        """The transcript fitted around the user's turns (`llm_prompt.user_turns_body`)."""
+        room = min(self._room, self.prompt_tokens or self._room)
+        return user_turns_body(messages, self._body_ids, room, self.assistant_tokens)
 
     def predict(self, batch: list[Prepared]) -> list[Prediction | InputError]:
         """Score the labels (or generate, with method "generate") for one sub-batch."""
@@ -577,6 +400,12 @@ class LLMClassifyAdapter:
     def label_distribution(self, logprobs: Sequence[float]) -> tuple[list[float], list[float]]:
         """(calibrated, raw) label distributions from one row of label log-probabilities."""
         raw = label_distribution(logprobs)
+        if self.scaling is not None:
+            t, bias = self.scaling
+            top = max(logprobs)
+            return label_distribution(
+                [(v - top) / t + b for v, b in zip(logprobs, bias, strict=True)]
+            ), raw
         return (calibrated(raw, self._prior) if self._prior is not None else raw), raw
 
     def _label_logprobs(self, bodies: Sequence[Sequence[int]]) -> list[list[float]]:
@@ -602,7 +431,14 @@ class LLMClassifyAdapter:
         output = {
             "status": "ok",
             "method": "label_scoring",
-            "calibrated": self._prior is not None,
+            "calibrated": self._prior is not None or self.scaling is not None,
+            "calibration": (
+                "fitted scaling"
+                if self.scaling is not None
+                else "content-free prior"
+                if self._prior is not None
+                else "none"
+            ),
             "category": best,
             "confidence": scores[best],
             "reasoning": "",
@@ -641,147 +477,23 @@ class LLMClassifyAdapter:
     def _generate(
         self, prompts: list[list[int]], forced: list[str], constrained: bool
     ) -> list[tuple[str, bool]]:
-        """Greedy generation on one left-padded sub-batch.
-
-        Returns (forced prefix + generated text, cut) per row; `cut` is True when the row
-        used all max_new_tokens without closing its JSON object (a truncated answer).
-        """
-        import torch
-        from transformers import LogitsProcessorList, StoppingCriteriaList
-
-        width = max(len(ids) for ids in prompts)
-        input_ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention[row, width - len(ids) :] = 1
-        input_ids = input_ids.to(self._device)
-        attention = attention.to(self._device)
-        token_strings = self._token_strings or self._tokenizer.batch_decode(
+        """Greedy generation on one left-padded sub-batch (`llm_generation.greedy_generate`):
+        (forced prefix + generated text, cut) per row."""
+        self._token_strings = self._token_strings or self._tokenizer.batch_decode(
             [[i] for i in range(len(self._tokenizer))]
         )
-        self._token_strings = token_strings
-        processor, stopper = _generation_hooks(
-            self._speller if constrained else None, token_strings, width, forced
+        return greedy_generate(
+            self._model,
+            self._tokenizer,
+            prompts,
+            forced,
+            speller=self._speller if constrained else None,
+            token_strings=self._token_strings,
+            max_new_tokens=self.max_new_tokens,
+            eos_id=self._eos_id,
+            pad_id=self._pad_id,
+            device=self._device,
         )
-        with torch.inference_mode():
-            out = self._model.generate(
-                input_ids=input_ids,
-                attention_mask=attention,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                logits_processor=LogitsProcessorList([processor] if processor else []),
-                stopping_criteria=StoppingCriteriaList([stopper]),
-                eos_token_id=self._eos_id,
-                pad_token_id=self._pad_id,
-            )
-        results = []
-        for row, new in enumerate(out[:, width:].tolist()):
-            stop = [i for i, t in enumerate(new) if t in (self._eos_id, self._pad_id)]
-            kept = new[: stop[0]] if stop else new
-            text = forced[row] + self._tokenizer.decode(kept, skip_special_tokens=True)
-            cut = len(kept) >= self.max_new_tokens and not json_object_closed(text)
-            results.append((text, cut))
-        return results
 
     def _to_prediction(self, raw: str, truncated: int, cut: bool = False) -> Prediction:
-        answer, error, repaired = parse_llm_json(raw, self.labels)
-        limit = f"cut off at the token limit (max_new_tokens={self.max_new_tokens})"
-        if answer is None:
-            why = error or "unknown"
-            if cut:
-                why = f"{why}; the answer was {limit}"
-            return Prediction(
-                label=None,
-                confidence=None,
-                output={
-                    "status": "invalid_output",
-                    "raw": raw,
-                    "error": why,
-                    "truncated": cut,
-                    "truncated_tokens": truncated,
-                },
-                error=f"LLM output was not valid JSON after one repair: {why}",
-            )
-        if cut:
-            for name in _SOFT_FIELDS:
-                if answer["field_errors"].get(name) == "missing" or (
-                    name == "confidence" and answer["confidence"] is None
-                ):
-                    answer["field_errors"][name] = f"missing: the answer was {limit}"
-        scores: dict[str, float] | None = (
-            {answer["category"]: answer["confidence"]} if answer["confidence"] is not None else None
-        )
-        output = {
-            "status": "ok",
-            "method": "generate",
-            **answer,
-            "raw": raw,
-            "repaired": repaired,
-            "truncated": cut,
-            "truncated_tokens": truncated,
-        }
-        return Prediction(
-            label=answer["category"], confidence=answer["confidence"], scores=scores, output=output
-        )
-
-
-# --------------------------------------------------------------------------- torch glue
-
-
-def _resolve_dtype(dtype: str, on_cuda: bool) -> str:
-    if dtype == "auto":
-        return "bfloat16" if on_cuda else "float32"
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"unsupported dtype {dtype!r} (auto, float32, float16, bfloat16)")
-    return dtype
-
-
-def _generation_hooks(
-    speller: CategorySpeller | None,
-    token_strings: Sequence[str],
-    prompt_len: int,
-    forced: Sequence[str],
-) -> tuple[Any, Any]:
-    """A LogitsProcessor that enforces the category spelling (None without a speller)
-    and a StoppingCriteria that ends a row once its JSON object (forced prefix + new
-    text) is closed. Built per call (they hold row state)."""
-    import torch
-    from transformers import LogitsProcessor, StoppingCriteria
-
-    def generated_text(row: Sequence[int]) -> str:
-        return "".join(token_strings[i] if i < len(token_strings) else "" for i in row)
-
-    class _CategoryProcessor(LogitsProcessor):
-        def __init__(self, spell: CategorySpeller) -> None:
-            self.spell = spell
-            self.done: set[int] = set()
-
-        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> Any:
-            new = input_ids[:, prompt_len:].tolist()
-            masked = None
-            for row, ids in enumerate(new):
-                if row in self.done:
-                    continue
-                allowed = self.spell.allowed(generated_text(ids))
-                if allowed is None:
-                    self.done.add(row)
-                    continue
-                if masked is None:
-                    masked = scores.clone()
-                keep = torch.tensor(allowed, dtype=torch.long, device=scores.device)
-                row_scores = torch.full_like(scores[row], float("-inf"))
-                row_scores[keep] = scores[row, keep]
-                masked[row] = row_scores
-            return scores if masked is None else masked
-
-    class _JsonClosed(StoppingCriteria):
-        def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> Any:
-            new = input_ids[:, prompt_len:].tolist()
-            flags = [
-                json_object_closed(forced[row] + generated_text(ids)) for row, ids in enumerate(new)
-            ]
-            return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
-
-    return (_CategoryProcessor(speller) if speller is not None else None), _JsonClosed()
+        return generated_prediction(raw, self.labels, truncated, cut, self.max_new_tokens)

@@ -14,7 +14,12 @@ Three methods, chosen by the tier's `method` option or else by the model folder:
   (a JSON file under config/data: label -> {"descriptions": [...], "examples":
   [...]}), several more descriptions and a few example texts; the label's score is
   the mean cosine over its prototypes (prototype averaging as in prototypical
-  networks, Snell et al. 2017, applied to sentence embeddings).
+  networks, Snell et al. 2017, applied to sentence embeddings). Single-label:
+  softmax(cosine / temperature + label_bias); `temperature` and the per-label
+  `label_bias` (task options) are fitted together on labeled training text by
+  `fleet calibrate` (the bias half of vector scaling, Guo et al. 2017): one
+  label's prototypes can sit closer to every text than another's, which a single
+  temperature cannot undo.
 - `llm` (a causal LM folder, or `method = "llm"`): the `llm_classify` label
   scoring path (workers.adapters.label_scoring: each label's phrases scored as
   the continuation of "This conversation is about", calibrated) used zero-shot;
@@ -55,6 +60,7 @@ class ZeroShotAdapter:
         temperature: float = 0.05,
         threshold: float = 0.5,
         prototypes: str | None = None,
+        label_bias: dict[str, float] | None = None,
         **llm_options: Any,
     ) -> None:
         if not labels:
@@ -69,6 +75,14 @@ class ZeroShotAdapter:
         self.temperature = temperature  # embedding method: softmax over cosine / temperature
         self.threshold = threshold  # multi-label: labels at or above this score are kept
         self.prototypes_path = prototypes
+        stray = sorted(set(label_bias or {}) - set(self.labels))
+        if stray:
+            raise ValueError(
+                f"label_bias names labels the task lacks: {', '.join(stray)}; "
+                f"its labels: {', '.join(self.labels)}"
+            )
+        # embedding method: added to cosine / temperature before the softmax (0 when unset)
+        self.label_bias = [float((label_bias or {}).get(n, 0.0)) for n in self.names]
         self.llm_options = llm_options
         self.llm: Any = None  # the LLMClassifyAdapter of method "llm"
         self.owners: Any = None  # prototype -> label index (embedding method)
@@ -100,6 +114,11 @@ class ZeroShotAdapter:
         )
         if method not in ("nli", "embedding", "llm"):
             raise ValueError(f"zero_shot method must be nli, embedding or llm, got {method!r}")
+        if method != "embedding" and any(self.label_bias):
+            raise ValueError(
+                f"label_bias scales the embedding method's similarities; this tier reads by "
+                f"{method}: remove label_bias (an LLM's scaling belongs on an llm_classify task)"
+            )
         if method == "llm":
             from workers.adapters.llm_classify import LLMClassifyAdapter
 
@@ -220,7 +239,11 @@ class ZeroShotAdapter:
             ).index_add_(1, self.owners, per_proto)
             counts = torch.bincount(self.owners, minlength=len(self.names)).to(sums.dtype)
             cos = sums / counts  # mean cosine over each label's prototypes
-            probs = (cos / self.temperature).softmax(-1) if not self.multi_label else (cos + 1) / 2
+            if self.multi_label:
+                probs = (cos + 1) / 2
+            else:
+                bias = torch.tensor(self.label_bias, device=cos.device, dtype=cos.dtype)
+                probs = (cos / self.temperature + bias).softmax(-1)
         rows: list[list[float]] = probs.cpu().tolist()
         return rows
 
