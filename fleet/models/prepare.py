@@ -90,13 +90,53 @@ def train_bundled(
     return metrics
 
 
+def bundled_is_stale(target: Path, bundled: BundledClassifier) -> str | None:
+    """Why the built folder `target` no longer matches the training set this
+    version ships (a reason to print), or None when it does.
+
+    The folder's training_metrics.json records the sha256 of the examples it was
+    trained on (`fleet.models.labeled.data_hash`); an upgrade that widens a
+    bundled set changes it. A folder without the record (built by hand, or by a
+    version that did not write it) is left alone: it cannot be told stale.
+    """
+    import json
+
+    from fleet.models.finetune import METRICS_FILE
+    from fleet.models.labeled import data_hash, load_labeled
+
+    metrics = target / METRICS_FILE
+    if not metrics.is_file():
+        return None
+    try:
+        built = json.loads(metrics.read_text(encoding="utf-8")).get("data_sha256")
+    except ValueError:
+        return None
+    if not built:
+        return None
+    shipped = data_hash(load_labeled(data_path(bundled.data)))
+    if built == shipped:
+        return None
+    return (
+        f"{bundled.folder} was trained on another version of {bundled.data} "
+        f"(sha256 {built[:12]}, shipped now {shipped[:12]})"
+    )
+
+
 def prepare_bundled(
     models_dir: Path, folder: str, *, force: bool = False, echo: Echo = print
 ) -> Path:
-    """models_dir/<folder> for a bundled classifier, trained unless already there."""
+    """models_dir/<folder> for a bundled classifier: trained unless already there and
+    trained on the training set this version ships (a folder built from an older
+    set is retrained, with the reason printed, so an upgrade never serves a model
+    its own data no longer describes)."""
     target = models_dir / folder
-    if force or not (target / "config.json").is_file():
-        train_bundled(models_dir, BUNDLED[folder], echo=echo)
+    bundled = BUNDLED[folder]
+    built = (target / "config.json").is_file()
+    stale = bundled_is_stale(target, bundled) if built and not force else None
+    if stale:
+        echo(f"{stale}: retraining")
+    if force or not built or stale:
+        train_bundled(models_dir, bundled, echo=echo)
     return target
 
 

@@ -1,0 +1,39 @@
+"""A bundled model folder built from an older training set is found stale (and
+`prepare_bundled` retrains it) instead of being served after an upgrade."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from config.data import data_path
+from fleet.models.catalogue import BUNDLED, SENTIMENT
+from fleet.models.finetune import METRICS_FILE
+from fleet.models.labeled import data_hash, load_labeled
+from fleet.models.prepare import bundled_is_stale
+
+
+def _folder(tmp_path: Path, sha: str | None) -> Path:
+    folder = tmp_path / SENTIMENT
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    if sha is not None:
+        (folder / METRICS_FILE).write_text(json.dumps({"data_sha256": sha}))
+    return folder
+
+
+def test_a_folder_trained_on_the_shipped_set_is_current(tmp_path: Path) -> None:
+    bundled = BUNDLED[SENTIMENT]
+    shipped = data_hash(load_labeled(data_path(bundled.data)))
+    assert bundled_is_stale(_folder(tmp_path, shipped), bundled) is None
+
+
+def test_a_folder_trained_on_another_version_is_stale_with_the_reason(tmp_path: Path) -> None:
+    bundled = BUNDLED[SENTIMENT]
+    reason = bundled_is_stale(_folder(tmp_path, "0" * 64), bundled)
+    assert reason is not None
+    assert "sentiment.jsonl" in reason and "000000000000" in reason
+
+
+def test_a_folder_without_the_record_is_left_alone(tmp_path: Path) -> None:
+    assert bundled_is_stale(_folder(tmp_path, None), BUNDLED[SENTIMENT]) is None
