@@ -34,6 +34,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
+from psycopg.errors import UniqueViolation
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -52,12 +53,14 @@ from db.ledgerqueue import (
     retry,
 )
 from db.ledgerrows import (
+    RESULT_COLUMNS,
     ClaimedBatch,
     FinishCounts,
     Outcome,
     ResultRow,
     StartedItem,
     _rowcount,
+    copy_text,
     id_array,
     result_rows,
     results_json,
@@ -221,95 +224,129 @@ def extend_lease(
     return _rowcount(result)
 
 
+_FINISH = text(
+    """
+    WITH live AS (
+        SELECT created_at, worker FROM batches
+        WHERE batch_id = CAST(:batch AS uuid) FOR UPDATE
+    ), fin AS (
+        UPDATE work_items w
+        SET status = CASE WHEN w.id = ANY(CAST(:bad AS bigint[])) THEN 'failed' ELSE 'done' END,
+            last_error = CASE WHEN w.id = ANY(CAST(:bad AS bigint[])) THEN
+                (SELECT e.err FROM unnest(CAST(:bad AS bigint[]), CAST(:errs AS text[]))
+                        AS e(id, err) WHERE e.id = w.id LIMIT 1) END,
+            batch_id = CAST(:batch AS uuid), worker = live.worker,
+            deliveries = w.deliveries + 1, lease_until = NULL, updated_at = now()
+        FROM live
+        WHERE w.id = ANY(ARRAY(SELECT unnest(CAST(:ids AS bigint[]))))
+          AND w.status = 'pending' AND w.updated_at <= live.created_at
+        RETURNING w.id, w.status
+    ), counted AS (
+        UPDATE batches SET n_finished = n_finished + (SELECT count(*) FROM fin)
+        WHERE batch_id = CAST(:batch AS uuid) AND NOT :last AND EXISTS (SELECT 1 FROM live)
+        RETURNING 1
+    ), closed AS (
+        DELETE FROM batches WHERE batch_id = CAST(:batch AS uuid) AND :last RETURNING 1
+    )
+    SELECT COALESCE(array_agg(id), '{}'), count(*) FILTER (WHERE status = 'done'),
+           count(*) FILTER (WHERE status = 'failed')
+    FROM fin
+    """
+)
+
+# The form that replaces an earlier attempt's result (a failed item's kept raw
+# output, then `fleet retry`): the rows as one JSON document, the model columns
+# once per model (ledgerrows.result_rows).
+_UPSERT = text(
+    f"""
+    INSERT INTO results ({RESULT_COLUMNS})
+    SELECT r.work_item_id, r.label, r.confidence, r.scores, r.output,
+           m.model_name, m.model_revision, m.model_tier, m.device, r.latency_ms
+    FROM json_to_recordset(CAST(:rows AS json)) AS r(
+        work_item_id bigint, label varchar, confidence float8, scores jsonb,
+        output jsonb, latency_ms float8, m int)
+    JOIN unnest(CAST(:names AS varchar[]), CAST(:revisions AS varchar[]),
+                CAST(:tiers AS int[]), CAST(:devices AS varchar[]))
+         WITH ORDINALITY AS m(model_name, model_revision, model_tier, device, k)
+      ON m.k = r.m
+    ON CONFLICT (work_item_id) DO UPDATE SET
+        label = EXCLUDED.label, confidence = EXCLUDED.confidence,
+        scores = EXCLUDED.scores, output = EXCLUDED.output,
+        model_name = EXCLUDED.model_name, model_revision = EXCLUDED.model_revision,
+        model_tier = EXCLUDED.model_tier, device = EXCLUDED.device,
+        latency_ms = EXCLUDED.latency_ms, created_at = now()
+    """
+)
+
+
 def finish_batch(
     session: Session, *, batch_id: str, outcomes: Sequence[Outcome], last: bool = False
 ) -> FinishCounts:
-    """Write a batch's (or one chunk's) results and final states in one statement.
+    """Write a batch's (or one chunk's) results and final states in the caller's
+    transaction.
 
     Only items still the open batch's own change (pending, not reset since the
-    claim); results are written for exactly those (upsert on work_item_id), so
-    finishing twice leaves one result per item. Each finished item's row gets
-    one heap-only update: status, last_error, batch_id, worker, a delivery
-    counted, updated_at. The batch row is locked first, so the reconciler
-    cannot close it halfway, and counts the items finished (`n_finished`);
-    `last` (the message's last chunk) closes it.
+    claim), and results are written for exactly those: finishing twice
+    leaves one result per item. Each finished item's row gets one heap-only
+    update (status, last_error, batch_id, worker, a delivery counted,
+    updated_at), in one statement that first locks the batch row (so the
+    reconciler cannot close the batch halfway), counts the items finished on
+    it (`n_finished`) and, for `last` (the message's last chunk), closes it.
 
-    The results travel as one JSON document (one call of the C encoder,
-    unpacked by json_to_recordset), not as nine parameter arrays; the model
-    columns travel once per model (ledgerrows.result_rows).
+    The results go in by `COPY ... FROM STDIN` (text format, built in one pass:
+    ledgerrows.copy_text), under a savepoint: an item that still holds an
+    earlier attempt's result makes the copy fail on the unique key, and the
+    results are then upserted instead.
 
-    Raises ValueError when a result's scores or output hold NaN or infinity.
+    Raises ValueError, before anything is written, when a result's scores or
+    output hold NaN or infinity.
     """
+    ids = {o.item_id for o in outcomes if o.result is not None}
+    rows = copy_text(outcomes, ids)  # validates every result first
     bad = [o for o in outcomes if o.error is not None]
-    rows, (names, revisions, tiers, devices) = result_rows(outcomes)
-    done, failed = session.execute(
-        text(
-            """
-            WITH live AS (
-                SELECT created_at, worker FROM batches
-                WHERE batch_id = CAST(:batch AS uuid) FOR UPDATE
-            ), fin AS (
-                UPDATE work_items w
-                SET status = CASE WHEN w.id = ANY(CAST(:bad AS bigint[])) THEN 'failed'
-                                  ELSE 'done' END,
-                    last_error = CASE WHEN w.id = ANY(CAST(:bad AS bigint[])) THEN
-                        (SELECT e.err FROM unnest(CAST(:bad AS bigint[]), CAST(:errs AS text[]))
-                                AS e(id, err) WHERE e.id = w.id LIMIT 1) END,
-                    batch_id = CAST(:batch AS uuid), worker = live.worker,
-                    deliveries = w.deliveries + 1, lease_until = NULL, updated_at = now()
-                FROM live
-                WHERE w.id = ANY(ARRAY(SELECT unnest(CAST(:ids AS bigint[]))))
-                  AND w.status = 'pending' AND w.updated_at <= live.created_at
-                RETURNING w.id, w.status
-            ), written AS (
-                INSERT INTO results (work_item_id, label, confidence, scores, output,
-                                     model_name, model_revision, model_tier, device, latency_ms)
-                SELECT r.work_item_id, r.label, r.confidence, r.scores, r.output,
-                       m.model_name, m.model_revision, m.model_tier, m.device, r.latency_ms
-                FROM json_to_recordset(CAST(:rows AS json)) AS r(
-                    work_item_id bigint, label varchar, confidence float8, scores jsonb,
-                    output jsonb, latency_ms float8, m int)
-                JOIN unnest(CAST(:names AS varchar[]), CAST(:revisions AS varchar[]),
-                            CAST(:tiers AS int[]), CAST(:devices AS varchar[]))
-                     WITH ORDINALITY AS m(model_name, model_revision, model_tier, device, k)
-                  ON m.k = r.m
-                WHERE r.work_item_id IN (SELECT id FROM fin)
-                ON CONFLICT (work_item_id) DO UPDATE SET
-                    label = EXCLUDED.label, confidence = EXCLUDED.confidence,
-                    scores = EXCLUDED.scores, output = EXCLUDED.output,
-                    model_name = EXCLUDED.model_name, model_revision = EXCLUDED.model_revision,
-                    model_tier = EXCLUDED.model_tier,
-                    device = EXCLUDED.device, latency_ms = EXCLUDED.latency_ms,
-                    created_at = now()
-                RETURNING 1
-            ), counted AS (
-                UPDATE batches SET n_finished = n_finished + (SELECT count(*) FROM fin)
-                WHERE batch_id = CAST(:batch AS uuid) AND NOT :last
-                  AND EXISTS (SELECT 1 FROM live)
-                RETURNING 1
-            ), closed AS (
-                DELETE FROM batches WHERE batch_id = CAST(:batch AS uuid) AND :last
-                RETURNING 1
-            )
-            SELECT count(*) FILTER (WHERE status = 'done'),
-                   count(*) FILTER (WHERE status = 'failed')
-            FROM fin
-            """
-        ),
+    finished, done, failed = session.execute(
+        _FINISH,
         {
             "ids": id_array(o.item_id for o in outcomes),
             "bad": id_array(o.item_id for o in bad),
             "errs": [o.error for o in bad],
             "batch": batch_id,
-            "rows": results_json(rows),
-            "names": names,
-            "revisions": revisions,
-            "tiers": tiers,
-            "devices": devices,
             "last": last,
         },
     ).one()
+    keep = ids.intersection(finished)
+    if keep:
+        _write_results(session, outcomes, keep, rows if keep == ids else None)
     return FinishCounts(done=done, failed=failed, skipped=len(outcomes) - done - failed)
+
+
+def _write_results(
+    session: Session, outcomes: Sequence[Outcome], keep: set[int], rows: str | None
+) -> None:
+    """The results of the items in `keep`: COPY, or the upsert if one holds a result."""
+    raw = session.connection().connection.driver_connection
+    assert raw is not None
+    raw.execute("SAVEPOINT fleet_results")
+    try:
+        with raw.cursor() as cursor:
+            with cursor.copy(f"COPY results ({RESULT_COLUMNS}) FROM STDIN") as copy:
+                copy.write(rows if rows is not None else copy_text(outcomes, keep))
+        raw.execute("RELEASE SAVEPOINT fleet_results")
+    except UniqueViolation:
+        raw.execute("ROLLBACK TO SAVEPOINT fleet_results")
+        json_rows, (names, revisions, tiers, devices) = result_rows(
+            o for o in outcomes if o.item_id in keep
+        )
+        session.execute(
+            _UPSERT,
+            {
+                "rows": results_json(json_rows),
+                "names": names,
+                "revisions": revisions,
+                "tiers": tiers,
+                "devices": devices,
+            },
+        )
 
 
 def _close(session: Session, batch_id: str) -> tuple[list[int], object] | None:

@@ -158,3 +158,53 @@ def result_rows(outcomes: Iterable[Outcome]) -> tuple[list[dict[str, Any]], list
         )
     columns = [list(c) for c in zip(*models, strict=True)] if models else [[], [], [], []]
     return rows, columns
+
+
+RESULT_COLUMNS = (
+    "work_item_id, label, confidence, scores, output, "
+    "model_name, model_revision, model_tier, device, latency_ms"
+)
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
+
+def _text(value: Any) -> str:
+    """One field of COPY's text format: NULL is \\N, the rest escaped."""
+    if value is None:
+        return "\\N"
+    return str(value).translate(_ESCAPES)
+
+
+def copy_text(outcomes: Iterable[Outcome], only: set[int]) -> str:
+    """The results of the outcomes whose item is in `only`, as the rows of
+    `COPY results (RESULT_COLUMNS) FROM STDIN` (text format, one line each).
+
+    Raises ValueError, naming the item, when its scores or output hold NaN or
+    infinity (JSON cannot store them)."""
+    lines = []
+    for o in outcomes:
+        r = o.result
+        if r is None or o.item_id not in only:
+            continue
+        try:
+            scores = None if r.scores is None else _JSON.encode(r.scores)
+            output = None if r.output is None else _JSON.encode(r.output)
+        except ValueError:
+            raise ValueError(
+                f"work item {o.item_id}: its result's scores or output hold NaN "
+                "or infinity, which JSON cannot store; the adapter must replace them"
+            ) from None
+        fields_ = (
+            o.item_id,
+            r.label,
+            _float(r.confidence),
+            scores,
+            output,
+            r.model_name,
+            r.model_revision,
+            r.model_tier,
+            r.device,
+            _float(r.latency_ms),
+        )
+        lines.append("\t".join(map(_text, fields_)))
+    return "".join(line + "\n" for line in lines)
