@@ -277,6 +277,52 @@ def report(args: argparse.Namespace, runs: dict[tuple[int, str], list[Measured]]
             print(f"{size:>5}-item messages current/baseline PG CPU per item {after / before:.2f}x")
 
 
+def counts_cost(
+    url: str, mod: ModuleType, *, items: int, in_flight: int, calls: int
+) -> list[float]:
+    """Backend CPU ms of each of `calls` `mod.counts(session)` calls (what `fleet
+    status`, `fleet backlog` and the metrics read) on a ledger of `items` items:
+    a third done, `in_flight` claimed in 8,192-item batches (half of them
+    started), the rest pending. Taken after `VACUUM ANALYZE`, as autovacuum
+    keeps a live table."""
+    seed(url, items)
+    b = Backend(url)
+    done = items // 3
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute(
+            "UPDATE work_items SET status = 'done' WHERE id IN "
+            "(SELECT id FROM work_items ORDER BY id LIMIT %s)",
+            (done,),
+        )
+        if _has_queue(c):  # the done items leave their buckets
+            c.execute("TRUNCATE work_queue")
+            c.execute(ledger.bucket_sql("(SELECT * FROM work_items WHERE status = 'pending') p"))
+    claimed: list[ledger.ClaimedBatch] = []
+    while sum(len(x.item_ids) for x in claimed) < in_flight:
+        with b.sessions.begin() as s:
+            claimed += mod.claim_batches(
+                s, task="intent", limit=8192, batch_size=8192, lease_seconds=LEASE_S
+            )
+    for x in claimed[: len(claimed) // 2]:
+        with b.sessions.begin() as s:
+            mod.start_batch(
+                s, batch_id=x.batch_id, item_ids=x.item_ids, worker="bench", lease_seconds=LEASE_S
+            )
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("VACUUM ANALYZE")
+    out = []
+    for _ in range(calls):
+        before = b.cpu()
+        with b.sessions.begin() as s:
+            got = mod.counts(s)
+        out.append((b.cpu() - before) * 1e3)
+    states = got["intent"]
+    if states.get("queued", 0) + states.get("running", 0) != len(claimed) * 8192:
+        raise SystemExit(f"counts read the ledger wrong: {states}")
+    b.engine.dispose()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -297,8 +343,15 @@ def main() -> None:
         metavar="REV",
         help="the Alembic revision the baseline's database is migrated to (default 0010)",
     )
+    ap.add_argument(
+        "--counts-items",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: the CPU of ledger.counts on a ledger of N items, baseline and current",
+    )
     args = ap.parse_args()
-    if args.in_flight >= args.items:
+    if args.in_flight >= max(args.items, args.counts_items):
         raise SystemExit("--in-flight must be below --items")
     names = {v: f"fleet_bench_ledger_{v}_{os.getpid()}" for v in ("baseline", "current")}
     if not args.baseline:
@@ -319,6 +372,20 @@ def main() -> None:
                 root = checkout(args.baseline, Path(d) / "baseline")
                 mods = {"baseline": load_ledger(root, "ledger_baseline"), **mods}
             order = list(mods)
+            if args.counts_items:
+                for version in order:
+                    ms = counts_cost(
+                        urls[version],
+                        mods[version],
+                        items=args.counts_items,
+                        in_flight=args.in_flight,
+                        calls=max(args.rounds, 5),
+                    )
+                    print(
+                        f"ledger.counts, {args.counts_items:,} items, {args.in_flight:,} in "
+                        f"flight, {version}: backend CPU ms {_rounds(ms)}"
+                    )
+                return
             for r in range(args.rounds):
                 for size in args.messages:
                     for version in order if r % 2 == 0 else order[::-1]:
