@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from db.ledger import _rowcount, enqueue, hold_queued, id_array
+from db.ledger import _rowcount, enqueue, hold_queued, id_array, unqueue
 
 TABLES = {"conversation": "conversations", "audio": "audio_files"}
 SIZES = {
@@ -114,6 +114,7 @@ def mark_gone(session: Session, *, item_ids: Sequence[int], why: str) -> int:
     if not item_ids:
         return 0
     archive_results(session, item_ids=item_ids, reason="gone")
+    unqueue(session, item_ids)
     return _rowcount(
         session.execute(
             text(

@@ -38,6 +38,7 @@ from psycopg.errors import UniqueViolation
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from db.ledgercounts import analyze, counts, counts_since_run
 from db.ledgerqueue import (
     BUCKET,
     add_items,
@@ -51,6 +52,7 @@ from db.ledgerqueue import (
     park,
     reconcile,
     retry,
+    unqueue,
 )
 from db.ledgerrows import (
     RESULT_COLUMNS,
@@ -88,6 +90,7 @@ __all__ = [
     "hold_queued",
     "id_array",
     "insert_batches",
+    "unqueue",
     "mark_dead",
     "park",
     "reconcile",
@@ -166,7 +169,7 @@ def start_batch(
         text(
             f"""
             UPDATE batches SET deliveries = deliveries + 1, worker = :worker,
-                lease_until = {_LEASE}, started_upto = :upto
+                lease_until = {_LEASE}, started_upto = :upto, n_items = :n + n_finished
             WHERE batch_id = CAST(:batch AS uuid)
             """
         ),
@@ -175,6 +178,7 @@ def start_batch(
             "worker": worker,
             "lease": lease_seconds,
             "upto": None if by_chunk else items[-1][0],
+            "n": len(items),
         },
     )
     return [StartedItem(i, k, s, d + (1 if i in suspects else 0)) for i, k, s, d in items]
@@ -445,76 +449,3 @@ def mark_dead(session: Session, *, batch_id: str, item_ids: Sequence[int], reaso
         {"ids": id_array(item_ids), "reason": reason, "created": closed[1]},
     )
     return _rowcount(result)
-
-
-def counts_since_run(
-    session: Session, *, run_id: int, tasks: Sequence[str]
-) -> dict[str, dict[str, int]]:
-    """A run's own work: {task: {status: n}} of the items of `tasks` whose state
-    changed (work_items.updated_at) since the run's started_at.
-
-    Items another run or command touched meanwhile count too; items that failed
-    before the run and were not taken up again do not."""
-    out: dict[str, dict[str, int]] = {t: {} for t in tasks}
-    for t, status, n in session.execute(
-        text(
-            """
-            SELECT w.task, w.status, count(*)
-            FROM work_items w, runs r
-            WHERE r.id = :run AND w.updated_at >= r.started_at
-              AND w.task = ANY(CAST(:tasks AS text[]))
-            GROUP BY 1, 2 ORDER BY 1, 2
-            """
-        ),
-        {"run": run_id, "tasks": list(tasks)},
-    ):
-        out.setdefault(t, {})[status] = n
-    return out
-
-
-def analyze(session: Session) -> None:
-    """Refresh the planner's statistics of the ledger's tables.
-
-    After a bulk change (a million items discovered) the statistics still
-    describe the tables as they were until autovacuum analyzes them (a minute
-    later, or never where autovacuum is off). ANALYZE reads a fixed sample:
-    about 0.3 s at a million items. Without ownership of a table Postgres skips
-    it with a warning.
-    """
-    session.execute(text("ANALYZE work_items, work_queue, batches"))
-
-
-def counts(session: Session, *, task: str | None = None) -> dict[str, dict[str, int]]:
-    """{task: {status: n}} for every task (or one).
-
-    Items of open batches are pending in work_items: the batches' counters say
-    how many (`n_items - n_finished`), `queued` for a batch no worker started
-    yet and `running` otherwise, and those are taken off `pending`. One scan
-    of work_items (as before the batches) plus one of the open batch rows."""
-    task_sql = "WHERE task = :task" if task else ""
-    out: dict[str, dict[str, int]] = {}
-    for t, status, n in session.execute(
-        text(
-            f"SELECT task, status, count(*) FROM work_items {task_sql} GROUP BY 1, 2 ORDER BY 1, 2"
-        ),
-        {"task": task},
-    ):
-        out.setdefault(t, {})[status] = n
-    for t, status, n in session.execute(
-        text(
-            f"""
-            SELECT task, CASE WHEN deliveries = 0 THEN 'queued' ELSE 'running' END,
-                   sum(GREATEST(n_items - n_finished, 0))
-            FROM batches {task_sql} GROUP BY 1, 2 ORDER BY 1, 2
-            """
-        ),
-        {"task": task},
-    ):
-        by_status = out.setdefault(t, {})
-        n = min(int(n), by_status.get("pending", 0))
-        if n > 0:
-            by_status[status] = by_status.get(status, 0) + n
-            by_status["pending"] -= n
-            if by_status["pending"] == 0:
-                del by_status["pending"]
-    return out

@@ -89,6 +89,32 @@ def hold_queued(session: Session, item_ids: Sequence[int]) -> set[int]:
     return {i for ids in rows for i in ids if i in wanted}
 
 
+def unqueue(session: Session, item_ids: Sequence[int]) -> int:
+    """Take these items out of the buckets that hold them (an item that stops
+    being pending while it waits: gone from its source), so no claim counts
+    them. A bucket left empty goes. Returns the items taken out."""
+    held = hold_queued(session, item_ids)
+    if held:
+        session.execute(
+            text(
+                """
+                WITH cut AS (
+                    UPDATE work_queue q
+                    SET item_ids = ARRAY(SELECT u.id FROM unnest(q.item_ids) WITH ORDINALITY
+                                         AS u(id, k)
+                                         WHERE u.id <> ALL(CAST(:ids AS bigint[])) ORDER BY u.k)
+                    WHERE q.item_ids && CAST(:ids AS bigint[])
+                    RETURNING q.bucket, q.item_ids
+                )
+                DELETE FROM work_queue WHERE bucket IN
+                    (SELECT bucket FROM cut WHERE cardinality(item_ids) = 0)
+                """
+            ),
+            {"ids": id_array(held)},
+        )
+    return len(held)
+
+
 def discover(session: Session, *, task: str, source_kind: str, limit: int | None = None) -> int:
     """Insert a pending work item for every source of this kind that has none for
     the task, and queue it. One statement; the unique key makes concurrent
