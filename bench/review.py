@@ -120,8 +120,8 @@ def main() -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
 
-    from fleet.models.labeled import load_labeled
     from config.data import data_path as data_file
+    from fleet.models.labeled import load_labeled
     from fleet.review import strategies as st
     from fleet.review.embed import Embedder, minilm_folder
 

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, list[dict[st
     from db.sources import ingest_conversations
     from wire.app import create_app
     from wire.messages import BatchMessage
-    from workers import batch
+    from workers import pipeline
     from workers.batch import BatchAttempt, process
     from workers.state import start_runtime
 
@@ -130,11 +130,11 @@ def run(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, list[dict[st
         log_level="WARNING",
     )
     clock = Clock()
-    batch.ledger.start_batch = clock.wrap("start", batch.ledger.start_batch)
-    batch.ledger.start_chunk = clock.wrap("chunk start", batch.ledger.start_chunk)
-    batch.load_inputs = clock.wrap("inputs", batch.load_inputs)
-    batch._run_model = clock.wrap("model", batch._run_model)
-    batch._write = clock.wrap("write", batch._write)
+    pipeline.ledger.start_batch = clock.wrap("start", pipeline.ledger.start_batch)
+    pipeline.ledger.start_chunk = clock.wrap("chunk start", pipeline.ledger.start_chunk)
+    pipeline.load_inputs = clock.wrap("inputs", pipeline.load_inputs)
+    pipeline._run_model = clock.wrap("model", pipeline._run_model)
+    pipeline._write = clock.wrap("write", pipeline._write)
     state = start_runtime(
         settings, "intent", hostname="bench@worker-path", app=create_app(settings)
     )

@@ -9,8 +9,10 @@ Three things make a stored result stale, and each ends here:
 
 The archive and the state change run in the caller's transaction, so a result
 is never lost and never shown twice: it is either current (results) or history.
-A worker still running an item that is reset here finds it no longer leased to
-its batch (batch_id cleared) and its late finish changes nothing.
+A worker still running an item that is reset here finds it no longer its
+batch's own (its updated_at moved past the batch's created_at) and its late
+finish changes nothing; the item is queued again (db.ledgerqueue), unless a
+bucket holds it already.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from db.ledger import _rowcount, id_array
+from db.ledger import _rowcount, enqueue, hold_queued, id_array, unqueue
 
 TABLES = {"conversation": "conversations", "audio": "audio_files"}
 SIZES = {
@@ -84,6 +86,7 @@ def reset_items(session: Session, *, item_ids: Sequence[int], reason: str) -> in
     if not item_ids:
         return 0
     archive_results(session, item_ids=item_ids, reason=reason)
+    held = hold_queued(session, item_ids)  # before updated_at moves: see db.ledgerqueue
     total = 0
     for kind, table in TABLES.items():
         total += _rowcount(
@@ -93,7 +96,7 @@ def reset_items(session: Session, *, item_ids: Sequence[int], reason: str) -> in
                     UPDATE work_items w
                     SET status = 'pending', attempts = 0, deliveries = 0, batch_id = NULL,
                         lease_until = NULL, worker = NULL, last_error = NULL,
-                        size_hint = {SIZES[kind]}, updated_at = now()
+                        size_hint = {SIZES[kind]}, updated_at = clock_timestamp()
                     FROM {table} s
                     WHERE w.id = ANY(CAST(:ids AS bigint[]))
                       AND w.source_kind = :kind AND s.id = w.source_id
@@ -102,6 +105,7 @@ def reset_items(session: Session, *, item_ids: Sequence[int], reason: str) -> in
                 {"ids": id_array(item_ids), "kind": kind},
             )
         )
+    enqueue(session, [i for i in item_ids if i not in held])
     return total
 
 
@@ -110,6 +114,7 @@ def mark_gone(session: Session, *, item_ids: Sequence[int], why: str) -> int:
     if not item_ids:
         return 0
     archive_results(session, item_ids=item_ids, reason="gone")
+    unqueue(session, item_ids)
     return _rowcount(
         session.execute(
             text(
@@ -169,6 +174,7 @@ def restore_gone(session: Session, *, item_ids: Sequence[int]) -> int:
     Returns how many results came back."""
     if not item_ids:
         return 0
+    held = hold_queued(session, item_ids)
     restored = _rowcount(
         session.execute(
             text(
@@ -199,10 +205,12 @@ def restore_gone(session: Session, *, item_ids: Sequence[int]) -> int:
             UPDATE work_items w
             SET status = CASE WHEN EXISTS (SELECT 1 FROM results r WHERE r.work_item_id = w.id)
                               THEN 'done' ELSE 'pending' END,
-                last_error = NULL, batch_id = NULL, lease_until = NULL, updated_at = now()
+                last_error = NULL, batch_id = NULL, lease_until = NULL,
+                updated_at = clock_timestamp()
             WHERE w.id = ANY(CAST(:ids AS bigint[])) AND w.status = 'gone'
             """
         ),
         {"ids": id_array(item_ids)},
     )
+    enqueue(session, [i for i in item_ids if i not in held])
     return restored

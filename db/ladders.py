@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from config.taskconfig import TaskSpec, with_ladders
-from db.ledger import _rowcount
+from db.ledger import _rowcount, bucket_sql
 
 
 def current_override(session: Session, *, task: str) -> tuple[int, list[dict[str, Any]]] | None:
@@ -82,18 +82,22 @@ def promote(
         ),
         {"task": task, "reason": f"promote:{oid}"},
     )
-    moved = _rowcount(
+    moved = int(
         session.execute(
             text(
-                """
-                UPDATE work_items SET status = 'pending', attempts = 0, deliveries = 0,
-                    batch_id = NULL, lease_until = NULL, worker = NULL, last_error = NULL,
-                    updated_at = now()
-                WHERE task = :task AND status IN ('done', 'failed')
+                f"""
+                WITH upd AS (
+                    UPDATE work_items SET status = 'pending', attempts = 0, deliveries = 0,
+                        batch_id = NULL, lease_until = NULL, worker = NULL, last_error = NULL,
+                        updated_at = now()
+                    WHERE task = :task AND status IN ('done', 'failed')
+                    RETURNING id, task, size_hint
+                ), q AS ({bucket_sql("upd")} RETURNING 1)
+                SELECT count(*) FROM upd
                 """
             ),
             {"task": task},
-        )
+        ).scalar_one()
     )
     return oid, moved
 

@@ -22,7 +22,7 @@ from sqlalchemy import (
     UniqueConstraint,
     func,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -131,15 +131,10 @@ class WorkItem(Base):
         UniqueConstraint("source_kind", "source_id", "task", name="uq_work_items_source_task"),
         CheckConstraint(_in("status", STATUSES), name="status"),
         CheckConstraint(_in("source_kind", SOURCE_KINDS), name="source_kind"),
-        # Claim scans pending items of one task by size (this index also serves
-        # every other lookup by task and status); the reconciler scans leases.
-        Index("ix_work_items_claim", "task", "status", "size_hint", "id"),
-        Index(
-            "ix_work_items_lease",
-            "lease_until",
-            postgresql_where="status IN ('queued', 'running')",
-        ),
-        Index("ix_work_items_batch", "batch_id"),
+        # No index on what the ledger's finish writes (status, batch_id, worker,
+        # deliveries, lease_until, updated_at): it is a heap-only update, with
+        # fillfactor 85 (migration 0012) leaving it room on the page. Claims read
+        # work_queue; leases live on batches.
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -147,16 +142,20 @@ class WorkItem(Base):
     source_id: Mapped[int] = mapped_column(BigInteger)
     task: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), server_default=Status.PENDING.value)
-    # Claims (pending -> queued). Past the limit the reconciler marks the item dead.
+    # Batches of this item whose lease ran out after a worker had taken it up. Past
+    # the limit the reconciler marks the item dead.
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
-    # Deliveries to a worker since the last split (queued -> running). Redis does not
-    # count redeliveries; this does, and a count above one means a worker died on it.
+    # Worker deaths counted against this item (found when its batch is started again
+    # or its lease runs out), plus one for the delivery that finished it. Redis does
+    # not count redeliveries; this does (poison isolation, workers.policy).
     deliveries: Mapped[int] = mapped_column(Integer, server_default="0")
     # Input size known at discovery (bytes of conversation JSON, centiseconds of
     # audio). Claims take items in size order, so a batch holds similar lengths
     # and its sub-batches carry little padding.
     size_hint: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    # The batch that finished it (an open batch's items are in batches.item_ids).
     batch_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    # Written by the old ledger only (before migration 0012): leases are per batch.
     lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     worker: Mapped[str | None] = mapped_column(String(256))
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -165,6 +164,49 @@ class WorkItem(Base):
     )
     updated_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
+    )
+
+
+class WorkQueue(Base):
+    """Pending items waiting for a claim, in buckets of at most
+    db.ledgerqueue.BUCKET ids in (size_hint, id) order (migration 0012)."""
+
+    __tablename__ = "work_queue"
+    __table_args__ = (Index("ix_work_queue_claim", "task", "min_size", "bucket"),)
+
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    task: Mapped[str] = mapped_column(String(64))
+    # The smallest size_hint in the bucket: claims take buckets in this order.
+    min_size: Mapped[int] = mapped_column(BigInteger)
+    item_ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+
+
+class Batch(Base):
+    """An open batch: claimed, not yet finished, split, dead or expired (the row
+    goes then). Its lease, worker and deliveries are per batch, not per item
+    (migration 0012, db.ledger)."""
+
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_lease_until", "lease_until"),)
+
+    batch_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    task: Mapped[str] = mapped_column(String(64))
+    item_ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+    # Counters for ledger.counts: items claimed, items finished so far.
+    n_items: Mapped[int] = mapped_column(Integer)
+    n_finished: Mapped[int] = mapped_column(Integer, server_default="0")
+    lease_until: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    worker: Mapped[str | None] = mapped_column(String(256))
+    # Starts of this batch's message; above zero at a start, a worker died on it
+    # (unless the start resumes after a transient error).
+    deliveries: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Last id of the chunks taken up (items are taken up in id order): the suspects
+    # when the worker dies. NULL: nothing taken up yet.
+    started_upto: Mapped[int | None] = mapped_column(BigInteger)
+    # clock_timestamp() of the claim: an item whose updated_at is later was reset
+    # since, and is no longer this batch's.
+    created_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.clock_timestamp()
     )
 
 

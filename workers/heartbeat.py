@@ -9,7 +9,7 @@ results are then skipped. With it:
 
     start_batch committed
       -> BatchHeartbeat.start: every `interval` seconds, on a daemon thread,
-         extend the lease of this worker's running rows of the batch and
+         extend the lease of the batch row (while this worker started it last) and
          SET fleet:batch:<batch_id> = <worker>  EX 3 x interval
     finish_batch committed (or the batch raised)
       -> BatchHeartbeat.stop: the mark is deleted, so a retry is not refused
@@ -92,7 +92,7 @@ class BatchHeartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.beats = 0
-        self.extended = 0  # rows whose lease the last beat renewed
+        self.extended = 0  # 1 when the last beat renewed the batch row's lease, else 0
 
     def mark(self) -> None:
         """Set the holder mark (also done by every beat)."""
@@ -101,9 +101,9 @@ class BatchHeartbeat:
             client.set(batch_key(self.batch_id), self.worker, ex=self.ttl)
 
     def beat(self) -> int:
-        """One beat: renew the lease of this worker's running rows and the mark.
+        """One beat: renew the batch row's lease and the mark.
 
-        Returns the number of rows whose lease was renewed.
+        Returns 1 when the lease was renewed, 0 when the batch is no longer this worker's.
         """
         with transaction(self.db_url) as session:
             self.extended = ledger.extend_lease(
@@ -132,7 +132,7 @@ class BatchHeartbeat:
             try:
                 if self.beat() == 0:
                     log.warning(
-                        "batch %s: no running row of this worker left to keep alive "
+                        "batch %s is no longer this worker's to keep alive "
                         "(reclaimed during an outage?); its late results will be skipped",
                         self.batch_id,
                     )

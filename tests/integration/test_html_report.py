@@ -138,7 +138,7 @@ def fill(url: str, *, rounds: int = 4, pause: float = 1.1) -> tuple[int, dict[st
     with transaction(url) as s:
         s.execute(
             text(
-                "UPDATE work_items SET lease_until = now() - interval '1 second' "
+                "UPDATE batches SET lease_until = now() - interval '1 second' "
                 "WHERE batch_id = CAST(:b AS uuid)"
             ),
             {"b": lost.batch_id},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
 import time
 import uuid
@@ -57,15 +56,86 @@ def test_concurrent_claims_never_overlap(db_url):
     assert sum(1 for part in claimed if part) >= 2  # they really ran side by side
 
 
-def test_claim_cuts_batches_and_counts_attempts(db_url):
+def _row_versions(url: str) -> dict[int, str]:
+    """Each item row's xmin: it changes whenever the row is written."""
+    with transaction(url) as s:
+        return dict(s.execute(text("SELECT id, xmin::text FROM work_items")).tuples().all())
+
+
+def test_claim_cuts_batches_and_writes_nothing_per_item(db_url):
     _seed(db_url, 70)
+    before = _row_versions(db_url)
     with transaction(db_url) as s:
         batches = ledger.claim_batches(s, task="intent", limit=70, batch_size=32, lease_seconds=60)
     assert sorted(len(b.item_ids) for b in batches) == [6, 32, 32]
+    assert _row_versions(db_url) == before
     with transaction(db_url) as s:
-        assert s.execute(text("SELECT DISTINCT attempts, status FROM work_items")).all() == [
-            (1, "queued")
-        ]
+        assert s.execute(text("SELECT count(*) FROM work_queue")).scalar_one() == 0
+        assert ledger.counts(s) == {"intent": {"queued": 70}}
+        assert ledger.claimable(s, task="intent", source_kind="conversation") == (0, 0)
+
+
+def test_a_claim_puts_back_what_it_does_not_take_and_a_start_writes_no_item(db_url):
+    _seed(db_url, 500)  # three buckets: a claim of 250 takes two and a part of the third
+    before = _row_versions(db_url)
+    with transaction(db_url) as s:
+        (batch,) = ledger.claim_batches(
+            s, task="intent", limit=250, batch_size=250, lease_seconds=60
+        )
+        assert ledger.claimable(s, task="intent", source_kind="conversation") == (250, 0)
+    with transaction(db_url) as s:
+        started = ledger.start_batch(
+            s,
+            batch_id=batch.batch_id,
+            item_ids=batch.item_ids,
+            worker="w",
+            lease_seconds=60,
+            by_chunk=True,
+        )
+        assert len(started) == 250
+        assert ledger.start_chunk(
+            s,
+            batch_id=batch.batch_id,
+            item_ids=batch.item_ids[:100],
+            worker="w",
+            lease_seconds=60,
+        ) == set(batch.item_ids[:100])
+        assert ledger.extend_lease(s, batch_id=batch.batch_id, lease_seconds=60, worker="w") == 1
+        assert ledger.extend_lease(s, batch_id=batch.batch_id, lease_seconds=60, worker="x") == 0
+        assert ledger.counts(s) == {"intent": {"pending": 250, "running": 250}}
+    assert _row_versions(db_url) == before
+    with transaction(db_url) as s:
+        rest = ledger.claim_batches(s, task="intent", limit=500, batch_size=500, lease_seconds=60)
+    assert sorted(rest[0].item_ids + batch.item_ids) == sorted(before)
+
+
+def test_the_finish_is_a_heap_only_update(db_url):
+    """Nothing the finish writes is indexed: each item's row gets a heap-only
+    update, on its own page (fillfactor 85 leaves room for a few new versions
+    per page; later ones need the page pruned of the old versions, which
+    Postgres does once no transaction in the cluster is older than them)."""
+    _seed(db_url, 50)  # one page
+    with transaction(db_url) as s:
+        (batch,) = ledger.claim_batches(s, task="intent", limit=50, batch_size=50, lease_seconds=60)
+        ledger.start_batch(
+            s, batch_id=batch.batch_id, item_ids=batch.item_ids, worker="w", lease_seconds=60
+        )
+    stats = text(
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables WHERE relname = 'work_items'"
+    )
+    with transaction(db_url) as s:
+        u0, h0 = s.execute(stats).one()
+        got = ledger.finish_batch(
+            s, batch_id=batch.batch_id, outcomes=_outcomes(batch.item_ids[:5])
+        )
+        u, h = s.execute(stats).one()
+    assert got.done == u - u0 == h - h0 == 5
+    with transaction(db_url) as s:  # the last chunk closes the batch
+        done = ledger.finish_batch(
+            s, batch_id=batch.batch_id, outcomes=_outcomes(batch.item_ids[5:]), last=True
+        ).done
+        assert done == 45 and s.execute(text("SELECT count(*) FROM batches")).scalar_one() == 0
+        assert ledger.counts(s) == {"intent": {"done": 50}}
 
 
 def _run_one(url: str, outcomes_for) -> tuple[ledger.ClaimedBatch, list[ledger.StartedItem]]:
@@ -171,7 +241,7 @@ def test_redelivered_batch_is_skipped_and_stale_batch_cannot_finish(db_url):
 
 
 def _expire_leases(s) -> None:
-    s.execute(text("UPDATE work_items SET lease_until = now() - interval '1 second'"))
+    s.execute(text("UPDATE batches SET lease_until = now() - interval '1 second'"))
 
 
 def test_reconcile_returns_expired_leases_then_kills_after_attempts(db_url):
@@ -255,11 +325,13 @@ def test_split_and_mark_dead(db_url):
             )
             == 1
         )
-        assert ledger.counts(s)["intent"] == {"dead": 1, "queued": 3, "running": 2}
+        # The dead mark closed its batch: its other two items are queued again.
+        assert ledger.counts(s)["intent"] == {"dead": 1, "queued": 3, "pending": 2}
 
 
-def test_split_takes_back_the_start_that_decided_it(db_url):
-    """Deliveries count worker deaths: a start that only split the batch ran nothing."""
+def test_a_death_is_counted_once_on_the_items(db_url):
+    """Deliveries count worker deaths: the start that found one and split the
+    batch counts it, and the parts' first starts count nothing more."""
     _seed(db_url, 4)
     batch, _ = _run_one(db_url, None)  # started, then the worker died
     with transaction(db_url) as s:
@@ -302,12 +374,19 @@ def test_a_resumed_start_replaces_the_start_a_transient_error_ended(db_url):
 
     assert {a.deliveries_before for a in start(resume=True)} == {0}  # no crash so far
     assert {a.deliveries_before for a in start(resume=False)} == {1}  # that start died
-    with transaction(db_url) as s:
+    with transaction(db_url) as s:  # one death counted; starts are counted on the batch
         got = s.execute(
-            text("SELECT DISTINCT deliveries FROM work_items WHERE batch_id = CAST(:b AS uuid)"),
-            {"b": batch.batch_id},
+            text("SELECT DISTINCT deliveries FROM work_items WHERE id = ANY(:ids)"),
+            {"ids": list(batch.item_ids)},
         ).scalars()
-        assert list(got) == [2]
+        assert list(got) == [1]
+        assert (
+            s.execute(
+                text("SELECT deliveries FROM batches WHERE batch_id = CAST(:b AS uuid)"),
+                {"b": batch.batch_id},
+            ).scalar_one()
+            == 3
+        )
 
 
 def _one_batch(url: str, n: int) -> tuple[ledger.ClaimedBatch, list[int]]:
@@ -319,20 +398,18 @@ def _one_batch(url: str, n: int) -> tuple[ledger.ClaimedBatch, list[int]]:
 
 
 def test_a_batch_started_by_chunk_makes_suspects_only_of_chunks_taken_up(db_url):
-    """A large batch's start only reads its rows; each chunk starts (running,
-    one delivery) as the worker takes it up. A worker that dies after taking
-    up the first chunk leaves only that chunk's items suspect, the rest still
-    queued; a split of that start takes nothing back and splits both."""
+    """A large batch's start takes no chunk up; each chunk is taken up (the
+    batch row's started_upto) as the worker reaches it. A worker that dies
+    after taking up the first chunk leaves only that chunk's items suspect:
+    the next start counts the death on those, and a split runs them alone."""
     batch, ids = _one_batch(db_url, 8)
 
-    def statuses() -> dict[int, tuple[str, int, str | None]]:
+    def items() -> dict[int, tuple[str, int]]:
         with transaction(db_url) as s:
             return {
-                i: (st, d, w)
-                for i, st, d, w in s.execute(
-                    text(
-                        "SELECT id, status, deliveries, worker FROM work_items WHERE id = ANY(:ids)"
-                    ),
+                i: (st, d)
+                for i, st, d in s.execute(
+                    text("SELECT id, status, deliveries FROM work_items WHERE id = ANY(:ids)"),
                     {"ids": ids},
                 ).all()
             }
@@ -343,20 +420,19 @@ def test_a_batch_started_by_chunk_makes_suspects_only_of_chunks_taken_up(db_url)
         )
         assert [x.item_id for x in started] == ids
         assert {x.deliveries_before for x in started} == {0}
-    assert {v[0] for v in statuses().values()} == {"queued"}  # the start wrote nothing
     with transaction(db_url) as s:
         assert ledger.start_chunk(
             s, batch_id=batch.batch_id, item_ids=ids[:3], worker="w", lease_seconds=60
         ) == set(ids[:3])
-        # another batch's rows are not started
+        # another batch's chunk is not taken up
         assert not ledger.start_chunk(
             s, batch_id=str(uuid.uuid4()), item_ids=ids[3:], worker="w", lease_seconds=60
         )
-    now = statuses()
-    assert [now[i] for i in ids[:3]] == [("running", 1, "w")] * 3
-    assert {now[i][:2] for i in ids[3:]} == {("queued", 0)}
-    with transaction(db_url) as s:  # the heartbeat keeps both kinds of row leased
-        assert ledger.extend_lease(s, batch_id=batch.batch_id, lease_seconds=60, worker="w") == 8
+        assert s.execute(
+            text("SELECT started_upto, worker FROM batches WHERE batch_id = CAST(:b AS uuid)"),
+            {"b": batch.batch_id},
+        ).one() == (ids[2], "w")
+    assert set(items().values()) == {("pending", 0)}  # nothing written per item
     # The worker died; the message is delivered again.
     with transaction(db_url) as s:
         again = ledger.start_batch(
@@ -371,52 +447,109 @@ def test_a_batch_started_by_chunk_makes_suspects_only_of_chunks_taken_up(db_url)
             parts=[tuple(ids[3:]), *((i,) for i in ids[:3])],
             lease_seconds=60,
             reset_deliveries=False,
-            start_counted=False,
         )
     assert [len(p.item_ids) for p in parts] == [5, 1, 1, 1]
-    now = statuses()
-    assert {i: now[i][:2] for i in ids} == {i: ("queued", 1 if i in ids[:3] else 0) for i in ids}
+    assert items() == {i: ("pending", 1 if i in ids[:3] else 0) for i in ids}
+    with transaction(db_url) as s:
+        assert ledger.counts(s) == {"intent": {"queued": 8}}
 
 
-def test_a_chunk_start_skips_rows_finished_or_reclaimed_meanwhile(db_url):
+def test_a_worker_death_found_by_the_reconciler_counts_only_chunks_taken_up(db_url):
+    batch, ids = _one_batch(db_url, 6)
+    with transaction(db_url) as s:
+        ledger.start_batch(
+            s, batch_id=batch.batch_id, item_ids=ids, worker="w", lease_seconds=60, by_chunk=True
+        )
+        ledger.start_chunk(
+            s, batch_id=batch.batch_id, item_ids=ids[:2], worker="w", lease_seconds=60
+        )
+        _expire_leases(s)
+    with transaction(db_url) as s:
+        assert ledger.reconcile(s, max_attempts=5) == {"returned": 6, "dead": 0}
+        got = dict(
+            s.execute(
+                text("SELECT id, attempts * 10 + deliveries FROM work_items"),
+            )
+            .tuples()
+            .all()
+        )
+    assert {i: got[i] for i in ids} == {i: (11 if i in ids[:2] else 0) for i in ids}
+
+
+def test_a_late_finish_after_the_lease_expired_changes_nothing(db_url):
+    """The worker outlived its lease: the reconciler closed the batch and queued
+    its items again; its finish then writes nothing, and the new claim's run
+    writes the one result each item has."""
+    _seed(db_url, 5)
+    old, _ = _run_one(db_url, None)
+    with transaction(db_url) as s:
+        _expire_leases(s)
+        assert ledger.reconcile(s, max_attempts=5) == {"returned": 5, "dead": 0}
+    with transaction(db_url) as s:
+        late = ledger.finish_batch(
+            s, batch_id=old.batch_id, outcomes=_outcomes(old.item_ids), last=True
+        )
+        assert (late.done, late.skipped) == (0, 5)
+        assert s.execute(text("SELECT count(*) FROM results")).scalar_one() == 0
+    new, started = _run_one(db_url, None)
+    assert sorted(new.item_ids) == sorted(old.item_ids) and len(started) == 5
+    with transaction(db_url) as s:
+        assert (
+            ledger.finish_batch(
+                s, batch_id=new.batch_id, outcomes=_outcomes(new.item_ids), last=True
+            ).done
+            == 5
+        )
+        assert s.execute(
+            text("SELECT count(*), count(DISTINCT work_item_id) FROM results")
+        ).one() == (5, 5)
+
+
+def test_a_requeue_while_the_batch_is_in_flight_wins(db_url):
+    """A reset (db.history: the source changed, `fleet rerun`) of an item whose
+    batch is running: the batch's finish skips it, the item is queued again,
+    once, and a new claim runs it."""
+    from db import history
+
     batch, ids = _one_batch(db_url, 4)
     with transaction(db_url) as s:
         ledger.start_batch(
             s, batch_id=batch.batch_id, item_ids=ids, worker="w", lease_seconds=60, by_chunk=True
         )
-        # the reconciler returned one row (its lease ran out) and it was claimed again
-        s.execute(
-            text("UPDATE work_items SET status = 'pending', batch_id = NULL WHERE id = :i"),
-            {"i": ids[0]},
+        ledger.start_chunk(s, batch_id=batch.batch_id, item_ids=ids, worker="w", lease_seconds=60)
+    with transaction(db_url) as s:
+        assert history.reset_items(s, item_ids=[ids[0]], reason="content_changed") == 1
+    with transaction(db_url) as s:  # an item a bucket holds is not queued twice
+        assert history.reset_items(s, item_ids=[ids[0]], reason="content_changed") == 1
+        assert ledger.claimable(s, task="intent", source_kind="conversation") == (1, 0)
+    with transaction(db_url) as s:
+        got = ledger.finish_batch(s, batch_id=batch.batch_id, outcomes=_outcomes(ids), last=True)
+    assert (got.done, got.skipped) == (3, 1)
+    with transaction(db_url) as s:
+        (again,) = ledger.claim_batches(s, task="intent", limit=9, batch_size=9, lease_seconds=60)
+    assert again.item_ids == (ids[0],)
+    with transaction(db_url) as s:
+        started = ledger.start_batch(
+            s, batch_id=again.batch_id, item_ids=again.item_ids, worker="w", lease_seconds=60
         )
-        assert ledger.start_chunk(
-            s, batch_id=batch.batch_id, item_ids=ids, worker="w", lease_seconds=60
-        ) == set(ids[1:])
+        assert [x.item_id for x in started] == [ids[0]]
+        assert (
+            ledger.finish_batch(
+                s, batch_id=again.batch_id, outcomes=_outcomes(again.item_ids), last=True
+            ).done
+            == 1
+        )
+        assert ledger.counts(s) == {"intent": {"done": 4}}
 
 
-def test_a_start_by_chunk_renews_only_claim_leases_with_under_half_left(db_url):
-    """The start of a large batch writes nothing in the usual case; rows whose
-    claim lease has run down while the message waited get a fresh one, so they
-    stay leased until the heartbeat's first beat."""
-    batch, ids = _one_batch(db_url, 4)
+def test_an_item_gone_while_it_waits_leaves_its_bucket(db_url):
+    from db import history
+
+    _seed(db_url, 5)
     with transaction(db_url) as s:
-        s.execute(
-            text("UPDATE work_items SET lease_until = now() + interval '5 s' WHERE id = :i"),
-            {"i": ids[0]},
-        )
-        before = dict(
-            s.execute(
-                text("SELECT id, lease_until FROM work_items WHERE id = ANY(:ids)"), {"ids": ids}
-            ).all()
-        )
-    with transaction(db_url) as s:
-        ledger.start_batch(
-            s, batch_id=batch.batch_id, item_ids=ids, worker="w", lease_seconds=60, by_chunk=True
-        )
-        after = dict(
-            s.execute(
-                text("SELECT id, lease_until FROM work_items WHERE id = ANY(:ids)"), {"ids": ids}
-            ).all()
-        )
-    assert after[ids[0]] > before[ids[0]] + dt.timedelta(seconds=40)
-    assert [after[i] for i in ids[1:]] == [before[i] for i in ids[1:]]
+        ids = sorted(s.execute(text("SELECT id FROM work_items")).scalars())
+        assert history.mark_gone(s, item_ids=ids[:2], why="deleted at the source") == 2
+        assert ledger.claimable(s, task="intent", source_kind="conversation") == (3, 0)
+        (batch,) = ledger.claim_batches(s, task="intent", limit=9, batch_size=9, lease_seconds=60)
+        assert batch.item_ids == tuple(ids[2:])
+        assert ledger.counts(s) == {"intent": {"gone": 2, "queued": 3}}

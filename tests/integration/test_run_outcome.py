@@ -47,6 +47,7 @@ def env(db_url: str, broker_url: str, tmp_path: Path) -> dict[str, str]:
                 "FROM work_items) THEN 'unreadable' END, updated_at = now() - interval '2 days'"
             )
         )
+        s.execute(text("TRUNCATE work_queue"))  # finished: no longer waiting for a claim
     return env
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import text
 
 from config.settings import Settings
 from config.taskconfig import SourceSpec
-from db import triggers
+from db import ledger, triggers
 from db.engine import get_engine, transaction
 from producer.sync import beat_tick, sync_sources
 from tests.appdb import QUERY, add_conversation, create_app_database, sql
@@ -397,12 +397,13 @@ def test_continuous_mode_keeps_the_label_and_feeds_the_edit_at_once(
     assert [r["changed"] for r in ticked] == [1]
     with transaction(db_url) as s:
         view = s.execute(text("SELECT label, stale FROM fleet_latest_results")).all()
-        status = s.execute(text("SELECT status FROM work_items")).scalar_one()
+        counts = ledger.counts(s, task="intent")
     assert [tuple(v) for v in view] == [("chitchat", True)]  # still served, flagged
-    assert status == "queued"  # fed at once, not left for the nightly
+    assert counts == {"intent": {"queued": 1}}  # fed at once, not left for the nightly
     assert redis.Redis.from_url(broker_url).llen("fleet.intent") == 1
     with transaction(db_url) as s:  # the new result lands (as a worker would finish it)
-        s.execute(text("UPDATE work_items SET status = 'pending', batch_id = NULL"))
+        s.execute(text("UPDATE batches SET lease_until = now() - interval '1 second'"))
+        ledger.reconcile(s, max_attempts=5)
     assert _classify(db_url, "intent", "professional") == 1
     assert _labels(db_url) == {"1": "professional"}
     with transaction(db_url) as s:
