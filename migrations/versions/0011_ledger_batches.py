@@ -21,7 +21,7 @@ pending item is put in a bucket. Downgrade: the indexes come back; the items
 of open batches become queued under their batch id and lease (the old
 reconciler returns them when it expires), and the two tables go.
 
-Revision ID: 0012
+Revision ID: 0011
 Revises: 0010
 Create Date: 2026-12-06 08:10:00
 """
