@@ -8,7 +8,7 @@ it on the length of the task's Redis list. The image, user, secrets and config
 mount both share are here.
 
 The shapes here are the ones in docker-compose.yml and deploy/k8s/;
-tests/unit/test_deploy_manifests.py checks that they agree.
+tests/unit/fleet/ops/test_deploy_manifests.py checks that they agree.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ COMPOSE_ENVIRONMENT = {
 # docker-compose.yml the whole .env (env_file: it carries the fleet settings);
 # `environment` wins over it, so each service blanks the secrets it does not
 # need (COMPOSE_BLANKED). Every SecretStr setting but the two URLs is here
-# (tests/unit/test_deploy_manifests.py checks), with the raw passwords the URLs
+# (tests/unit/fleet/ops/test_deploy_manifests.py checks), with the raw passwords the URLs
 # are built from and the Hugging Face token.
 ENV_SECRETS = (
     "POSTGRES_PASSWORD",

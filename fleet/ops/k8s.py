@@ -1,7 +1,7 @@
 """`fleet deploy k8s`: a task's worker Deployment (one GPU per pod) and the KEDA
 ScaledObject that scales it on the length of the task's Redis list, generated
 from the task config so they cannot drift from it (deploy/k8s/workers/ holds
-the output; tests/unit/test_deploy_manifests.py checks that they agree).
+the output; tests/unit/fleet/ops/test_deploy_manifests.py checks that they agree).
 """
 
 from __future__ import annotations

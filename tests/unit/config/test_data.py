@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import fnmatch
 import tomllib
-from pathlib import Path
 
 import pytest
 
 from config.data import data_path
+from tests.support import REPO
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO
 
 
 def test_bundled_files_are_found_by_name():

@@ -23,8 +23,9 @@ from fleet.models.labeled import (
     split_examples,
 )
 from fleet.reporting.scoring import classification_report as compute_metrics
+from tests.support import REPO
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "config" / "data"
+DATA_DIR = REPO / "config" / "data"
 INTENT_DATA = DATA_DIR / "intent.jsonl"
 
 

@@ -30,8 +30,9 @@ from config.settings import Settings
 from config.taskconfig import load_tasks
 from fleet.cli import main
 from fleet.ops import deploy, k8s
+from tests.support import REPO
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 SYSTEMD = DEPLOY / "systemd"
