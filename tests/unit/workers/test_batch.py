@@ -11,6 +11,7 @@ Celery worker.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from wire import keys
 from wire.app import create_app
 from wire.messages import BatchMessage
 from workers.adapters.fake import LABELS, FakeAdapter
-from workers.batch import BatchAttempt, BatchKind, BatchOutcome, process
+from workers.batch import PIPELINE_CHUNK, BatchAttempt, BatchKind, BatchOutcome, chunk_plan, process
 from workers.runtime import ModelRuntime
 from workers.simulate import MemorySimulator
 from workers.state import WorkerState
@@ -216,6 +217,14 @@ def test_a_message_held_by_a_live_worker_elsewhere_is_a_duplicate(make_worker, d
     assert {s for s, _, _ in _items(db_url).values()} == {"pending"}
 
 
+def _sent(st: WorkerState) -> list[BatchMessage]:
+    """The batch messages waiting on the task's queue, oldest first (the kwargs of
+    each Celery message, as the Redis transport stores it)."""
+    raw = _broker(st).lrange(keys.task_queue(TASK), 0, -1)
+    bodies = [json.loads(base64.b64decode(json.loads(m)["body"])) for m in reversed(raw)]
+    return [BatchMessage.decode(kwargs) for _args, kwargs, _embed in bodies]
+
+
 def _died_on(url: str, msg: BatchMessage) -> None:
     """A worker started `msg` and died before finishing it."""
     with transaction(url) as session:
@@ -234,17 +243,13 @@ def test_a_message_a_worker_died_on_is_split_and_its_parts_sent(make_worker, db_
     assert outcome.kind is BatchKind.SPLIT
     assert (outcome.items, outcome.suspects, len(outcome.parts)) == (3, 3, 3)
     assert msg.batch_id not in outcome.parts
-    queue = _broker(st).lrange(keys.task_queue(TASK), 0, -1)
-    sent = {json.loads(m)["headers"]["kwargsrepr"] for m in queue}
-    assert len(queue) == 3 and all(any(p in s for s in sent) for p in outcome.parts)
+    sent = _sent(st)
+    assert sorted(m.batch_id for m in sent) == sorted(outcome.parts)
+    assert sorted(i for m in sent for i in m.item_ids) == sorted(msg.item_ids)
+    assert {len(m.item_ids) for m in sent} == {1}  # each suspect alone
 
-    # Each suspect then runs alone, once the split part's message comes.
-    with transaction(db_url) as session:
-        part_ids = session.execute(
-            text("SELECT batch_id::text, item_ids FROM batches ORDER BY batch_id")
-        ).all()
-    assert {p for p, _ in part_ids} == set(outcome.parts)
-    lone = _run(st, BatchMessage(TASK, part_ids[0][0], list(part_ids[0][1])))
+    # Each suspect then runs alone, once its part's message comes.
+    lone = _run(st, sent[0])
     assert lone.kind is BatchKind.DONE and (lone.items, lone.done) == (1, 1)
 
 
@@ -254,17 +259,13 @@ def test_an_item_that_kills_workers_alone_too_is_marked_dead(make_worker, db_url
     _died_on(db_url, msg)
     split = _run(st, msg)
     assert split.kind is BatchKind.SPLIT
-    with transaction(db_url) as session:
-        part, item_ids = session.execute(
-            text("SELECT batch_id::text, item_ids FROM batches ORDER BY batch_id LIMIT 1")
-        ).one()
-    lone = BatchMessage(TASK, part, list(item_ids))
+    lone = _sent(st)[0]
     _died_on(db_url, lone)  # it killed the worker again, alone
 
     outcome = _run(st, lone)
 
-    assert outcome.kind is BatchKind.DEAD and outcome.dead == tuple(item_ids)
-    assert outcome.summary() == {"batch": part, "dead": list(item_ids)}
+    assert outcome.kind is BatchKind.DEAD and outcome.dead == tuple(lone.item_ids)
+    assert outcome.summary() == {"batch": lone.batch_id, "dead": list(lone.item_ids)}
     counts = status_counts(db_url, TASK)
     assert counts.get("dead") == 1
     dead = [e for s, e, _ in _items(db_url).values() if s == "dead"]
@@ -275,3 +276,27 @@ def test_a_message_for_another_task_is_refused(make_worker, db_url):
     st = make_worker()
     with pytest.raises(ValueError, match="this worker serves 't'"):
         _run(st, BatchMessage("other", "00000000-0000-0000-0000-000000000000", [1]))
+
+
+def test_a_batch_of_several_pipeline_chunks_takes_each_up_and_finishes_all(make_worker, db_url):
+    """Over PIPELINE_CHUNK items the batch runs as a pipeline of chunks, started
+    chunk by chunk: the outcome counts every chunk, and the last write closes it."""
+    st = make_worker()
+    n = PIPELINE_CHUNK + 40
+    assert len(chunk_plan(n)) == 2
+    msg = _claim(db_url, conversations(n))
+    outcome = _run(st, msg)
+
+    assert outcome.kind is BatchKind.DONE
+    assert (outcome.items, outcome.done, outcome.failed, outcome.skipped) == (n, n, 0, 0)
+    assert status_counts(db_url, TASK) == {"done": n}
+    with transaction(db_url) as session:
+        workers = (
+            session.execute(
+                text("SELECT DISTINCT worker FROM work_items WHERE task = :t"), {"t": TASK}
+            )
+            .scalars()
+            .all()
+        )
+        open_batches = session.execute(text("SELECT count(*) FROM batches")).scalar_one()
+    assert workers == [HOST] and open_batches == 0
