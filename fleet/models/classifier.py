@@ -51,6 +51,10 @@ class TrainConfig:
     # negatives / positives (BCE pos_weight, capped at 10); none is its default.
     class_weighting: str = "balanced"
     seed: int = 0
+    # The calibration temperature: 0 fits it on the held-out split's logits; K >= 2
+    # fits it on out-of-fold logits of K models cross-fitted over every example
+    # (`fleet.models.crossfit`; K more trainings).
+    calibration_folds: int = 0
 
     def reading(self) -> Reading:
         """The windowing and pooling examples are trained and scored with."""
@@ -89,8 +93,12 @@ def train_classifier(
     config: TrainConfig | None = None,
     progress: ProgressFn | None = None,
     multi_label: bool = False,
+    pick_best: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune `base` (default: the bundled MiniLM) on `train`, pick the best epoch on `valid`.
+
+    `pick_best=False`: train exactly `config.epochs` epochs and keep the last, never
+    evaluating on `valid` (cross-fitting: the fold's logits must not choose the model).
 
     `multi_label`: examples carry label sets (`Example.labels`); the head is
     trained with binary cross-entropy (`fleet.models.trainer`), epochs are picked
@@ -194,11 +202,11 @@ def train_classifier(
             warmup_steps=config.warmup,
             weight_decay=config.weight_decay,
             max_grad_norm=1.0,
-            eval_strategy="epoch",
-            save_strategy="epoch",
+            eval_strategy="epoch" if pick_best else "no",
+            save_strategy="epoch" if pick_best else "no",
             save_only_model=True,
             save_total_limit=2,
-            load_best_model_at_end=True,
+            load_best_model_at_end=pick_best,
             metric_for_best_model="macro_f1",
             greater_is_better=True,
             logging_strategy="steps" if progress is not None else "epoch",
@@ -210,7 +218,9 @@ def train_classifier(
             use_cpu=not torch.cuda.is_available(),
             disable_tqdm=progress is not None,
         )
-        callbacks: list[Any] = [EarlyStoppingCallback(early_stopping_patience=config.patience)]
+        callbacks: list[Any] = (
+            [EarlyStoppingCallback(early_stopping_patience=config.patience)] if pick_best else []
+        )
         if progress is not None:
             callbacks.append(progress_callback(progress))
         reading = config.reading()
