@@ -317,8 +317,12 @@ def test_calibration_folds_fit_the_temperature_on_every_example(
     assert not list(out.glob("checkpoint-*"))
 
 
-@pytest.mark.parametrize("args", [["--calibration-folds", "1"], ["--calibration-folds", "3", "--multi-label"]])
-def test_calibration_folds_refuse_what_cannot_be_cross_fitted(tmp_path: Path, args: list[str]) -> None:
+@pytest.mark.parametrize(
+    "args", [["--calibration-folds", "1"], ["--calibration-folds", "3", "--multi-label"]]
+)
+def test_calibration_folds_refuse_what_cannot_be_cross_fitted(
+    tmp_path: Path, args: list[str]
+) -> None:
     data = _csv(tmp_path / "d.csv", [("a", "x", 1.0), ("b", "y", 1.0)])
     result = CliRunner().invoke(
         main, ["train", "--task", "intent", "--data", str(data), *args], env=_env(tmp_path)
