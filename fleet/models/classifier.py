@@ -94,11 +94,14 @@ def train_classifier(
     progress: ProgressFn | None = None,
     multi_label: bool = False,
     pick_best: bool = True,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `base` (default: the bundled MiniLM) on `train`, pick the best epoch on `valid`.
 
-    `pick_best=False`: train exactly `config.epochs` epochs and keep the last, never
-    evaluating on `valid` (cross-fitting: the fold's logits must not choose the model).
+    `pick_best=False`: keep the last epoch, never evaluating on `valid` (cross-fitting:
+    the fold's logits must not choose the model); `stop_after`: stop after that many
+    epochs, the learning-rate schedule still laid out over `config.epochs` (so the
+    model is trained as the early-stopped run that reached that epoch was).
 
     `multi_label`: examples carry label sets (`Example.labels`); the head is
     trained with binary cross-entropy (`fleet.models.trainer`), epochs are picked
@@ -221,6 +224,8 @@ def train_classifier(
         callbacks: list[Any] = (
             [EarlyStoppingCallback(early_stopping_patience=config.patience)] if pick_best else []
         )
+        if stop_after is not None:
+            callbacks.append(stop_after_epochs(stop_after))
         if progress is not None:
             callbacks.append(progress_callback(progress))
         reading = config.reading()
@@ -270,3 +275,17 @@ def train_classifier(
         if weights is not None
         else None,
     }
+
+
+def stop_after_epochs(epochs: int) -> Any:
+    """A TrainerCallback ending training after `epochs` epochs (the schedule unchanged)."""
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        """Sets should_training_stop at the end of epoch `epochs`."""
+
+        def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if (state.epoch or 0) >= epochs - 1e-6:
+                control.should_training_stop = True
+
+    return StopAfter()

@@ -4,8 +4,9 @@ training file rather than on one held-out split.
 `fleet train --calibration-folds K` (K >= 2) comes here after the served model is
 trained as usual (its split, early stopping, best epoch). The examples are cut
 into K stratified folds; for each fold a fresh model is trained on the other K-1
-with the served run's settings for exactly its best number of epochs (no
-early stopping and no checkpoint choice: the fold's logits choose nothing), and
+with the served run's settings (its learning-rate schedule included) stopped
+after the served run's best epoch (no early stopping and no checkpoint choice:
+the fold's logits choose nothing), and
 its raw logits on the fold are kept. One temperature is fitted on all N
 out-of-fold logits (`workers.calibration.calibrate`, Guo et al. 2017), so it
 reflects every line of the training file instead of the 20 % one split happened
@@ -78,7 +79,10 @@ def out_of_fold_logits(
 ) -> tuple[list[list[float]], list[int]]:
     """Raw logits (N rows of C floats, in `examples` order) each from the fold model that
     never saw that example, and the gold label ids. Each fold model is trained for
-    `epochs` epochs with `config` (the served run's settings) and discarded.
+    `epochs` epochs with `config` (the served run's settings, its learning-rate schedule
+    laid out over `config.epochs` as the served run's was: a schedule squeezed into
+    `epochs` would decay sooner and leave the fold models less sure than the served one)
+    and discarded.
 
     Raises TrainingDataError for folds that cannot be cut (`stratified_folds`).
     `progress` gets each fold's training events and `{"stage": "eval", "set":
@@ -87,7 +91,7 @@ def out_of_fold_logits(
 
     folds = stratified_folds(examples, k, seed=config.seed)
     index = {n: i for i, n in enumerate(labels)}
-    fold_config = dataclasses.replace(config, epochs=epochs, calibration_folds=0)
+    fold_config = dataclasses.replace(config, calibration_folds=0)
     rows: list[list[float] | None] = [None] * len(examples)
     for f, held in enumerate(folds, start=1):
         held_set = set(held)
@@ -109,6 +113,7 @@ def out_of_fold_logits(
                 config=fold_config,
                 progress=progress,
                 pick_best=False,
+                stop_after=epochs,
             )
             got, _ = folder_logits(
                 tmp,

@@ -45,3 +45,19 @@ def test_folds_are_deterministic_and_seeded() -> None:
 def test_folds_that_cannot_be_cut_say_why(counts: dict[str, int], k: int, message: str) -> None:
     with pytest.raises(TrainingDataError, match=message):
         stratified_folds(_examples(counts), k)
+
+
+def test_fold_models_stop_after_the_served_best_epoch() -> None:
+    """The fold models keep the served run's schedule (laid out over config.epochs) and
+    stop at the end of its best epoch, not earlier and not later."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from fleet.models.classifier import stop_after_epochs
+
+    callback = stop_after_epochs(2)
+    for epoch, stops in ((1.0, False), (2.0, True)):
+        control = TrainerControl()
+        callback.on_epoch_end(None, SimpleNamespace(epoch=epoch), control)
+        assert control.should_training_stop is stops
