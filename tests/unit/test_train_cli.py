@@ -314,6 +314,7 @@ def test_calibration_folds_fit_the_temperature_on_every_example(
     assert stored["temperature"] == cal["temperature"] > 0
     assert cal["out_of_fold"]["n"] == len(rows) and cal["validation"]["n"] == report["n_test"]
     assert cal["split_temperature"] > 0 and report["config"]["calibration_folds"] == 2
+    assert f"| out of fold (fitted on it) | {len(rows)} |" in (out / "README.md").read_text()
     assert not list(out.glob("checkpoint-*"))
 
 
