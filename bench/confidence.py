@@ -41,8 +41,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-EVAL = REPO / "fleet" / "data" / "eval"
+from config.data import data_path
+
+EVAL = data_path("eval")  # config/data/eval
 SETS = {"first": "{}_eval.jsonl", "personas": "{}_personas.jsonl", "grid": "{}_grid.jsonl"}
 TASKS = ("intent", "sentiment", "worthiness", "topic", "llm_classify")
 FOLDERS = {

@@ -163,6 +163,15 @@ _file = click.Path(exists=True, dir_okay=False, path_type=Path)
     "--multi-label, negatives / positives per label (capped at 10) [default: none].",
 )
 @click.option(
+    "--calibration-folds",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Fit the temperature on out-of-fold logits of K models cross-fitted over all of "
+    "--data (K more trainings) instead of on the held-out split; 0: the split. Not with "
+    "--multi-label.",
+)
+@click.option(
     "--seed", default=0, show_default=True, help="Seeds the split, the head and the batches."
 )
 @json_option
@@ -188,6 +197,7 @@ def train_cmd(
     patience: int | None,
     max_length: int | None,
     class_weights: str | None,
+    calibration_folds: int,
     seed: int,
     as_json: bool,
 ) -> None:
@@ -211,6 +221,11 @@ def train_cmd(
     from fleet.models.training import Chosen, choose_examples, run_training
 
     config_file = ctx.settings.config_file
+    if calibration_folds == 1 or (calibration_folds and multi_label):
+        fail(
+            "--calibration-folds takes 0 (the held-out split) or K >= 2, and not --multi-label",
+            ExitCode.CONFIG,
+        )
     found = _task_to_train(
         ctx, task_name, kind, has_data=bool(data or from_task), write_config=write_config
     )
@@ -250,7 +265,12 @@ def train_cmd(
             if v is not None
         }
         weighting = class_weights or ("none" if multi_label else "balanced")
-        config = TrainConfig(seed=seed, class_weighting=weighting, **overrides)
+        config = TrainConfig(
+            seed=seed,
+            class_weighting=weighting,
+            calibration_folds=calibration_folds,
+            **overrides,
+        )
         metrics = run_training(
             spec,
             models_dir=ctx.settings.resolved_models_dir,
@@ -346,8 +366,14 @@ def _say_trained(out: Path, metrics: dict[str, Any]) -> None:
         )
     cal = metrics.get("calibration")
     if cal:
+        where = (
+            f"out-of-fold logits ({metrics['config']['calibration_folds']}-fold cross-fitting; "
+            f"the split alone gave {cal['split_temperature']:.3f})"
+            if cal.get("out_of_fold")
+            else "the held-out split"
+        )
         line = (
-            f"calibration: temperature {cal['temperature']:.3f} fitted on the held-out split "
+            f"calibration: temperature {cal['temperature']:.3f} fitted on {where} "
             f"(calibration.json); ECE validation {cal['validation']['ece_before']:.3f} -> "
             f"{cal['validation']['ece_after']:.3f}"
         )

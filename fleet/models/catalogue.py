@@ -27,12 +27,15 @@ OPTIONAL = (GEMMA,)
 @dataclass(frozen=True)
 class BundledClassifier:
     """A classifier the fleet trains from data it ships: `config/data/<data>`, scored on
-    `config/data/<eval>` (written separately from the training file)."""
+    `config/data/<eval>` (written separately from the training file).
+    `calibration_folds`: K >= 2 fits its temperature on K-fold out-of-fold logits
+    (`fleet.models.crossfit`, K more trainings), 0 on the held-out split."""
 
     task: str
     folder: str
     data: str
     eval: str
+    calibration_folds: int = 0
 
 
 BUNDLED: dict[str, BundledClassifier] = {

@@ -51,6 +51,10 @@ class TrainConfig:
     # negatives / positives (BCE pos_weight, capped at 10); none is its default.
     class_weighting: str = "balanced"
     seed: int = 0
+    # The calibration temperature: 0 fits it on the held-out split's logits; K >= 2
+    # fits it on out-of-fold logits of K models cross-fitted over every example
+    # (`fleet.models.crossfit`; K more trainings).
+    calibration_folds: int = 0
 
     def reading(self) -> Reading:
         """The windowing and pooling examples are trained and scored with."""
@@ -89,8 +93,15 @@ def train_classifier(
     config: TrainConfig | None = None,
     progress: ProgressFn | None = None,
     multi_label: bool = False,
+    pick_best: bool = True,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `base` (default: the bundled MiniLM) on `train`, pick the best epoch on `valid`.
+
+    `pick_best=False`: keep the last epoch, never evaluating on `valid` (cross-fitting:
+    the fold's logits must not choose the model); `stop_after`: stop after that many
+    epochs, the learning-rate schedule still laid out over `config.epochs` (so the
+    model is trained as the early-stopped run that reached that epoch was).
 
     `multi_label`: examples carry label sets (`Example.labels`); the head is
     trained with binary cross-entropy (`fleet.models.trainer`), epochs are picked
@@ -194,11 +205,11 @@ def train_classifier(
             warmup_steps=config.warmup,
             weight_decay=config.weight_decay,
             max_grad_norm=1.0,
-            eval_strategy="epoch",
-            save_strategy="epoch",
+            eval_strategy="epoch" if pick_best else "no",
+            save_strategy="epoch" if pick_best else "no",
             save_only_model=True,
             save_total_limit=2,
-            load_best_model_at_end=True,
+            load_best_model_at_end=pick_best,
             metric_for_best_model="macro_f1",
             greater_is_better=True,
             logging_strategy="steps" if progress is not None else "epoch",
@@ -210,7 +221,11 @@ def train_classifier(
             use_cpu=not torch.cuda.is_available(),
             disable_tqdm=progress is not None,
         )
-        callbacks: list[Any] = [EarlyStoppingCallback(early_stopping_patience=config.patience)]
+        callbacks: list[Any] = (
+            [EarlyStoppingCallback(early_stopping_patience=config.patience)] if pick_best else []
+        )
+        if stop_after is not None:
+            callbacks.append(stop_after_epochs(stop_after))
         if progress is not None:
             callbacks.append(progress_callback(progress))
         reading = config.reading()
@@ -260,3 +275,17 @@ def train_classifier(
         if weights is not None
         else None,
     }
+
+
+def stop_after_epochs(epochs: int) -> Any:
+    """A TrainerCallback ending training after `epochs` epochs (the schedule unchanged)."""
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        """Sets should_training_stop at the end of epoch `epochs`."""
+
+        def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if (state.epoch or 0) >= epochs - 1e-6:
+                control.should_training_stop = True
+
+    return StopAfter()

@@ -193,15 +193,31 @@ def train_task(
 
     val = scored("validation", valid)
     test = scored("test", test_examples) if test_examples else None
-    from fleet.models.temperature import calibrate_folder
+    if config.calibration_folds >= 2:
+        from fleet.models.crossfit import cross_fitted_calibration
 
-    cal, cal_scores = calibrate_folder(
-        out_dir,
-        valid,
-        fitted_on=validation,
-        test=test_examples,
-        max_length=config.reading().max_length,
-    )
+        cal, cal_scores = cross_fitted_calibration(
+            out_dir,
+            examples,
+            names,
+            valid,
+            config.calibration_folds,
+            epochs=fit["best_epoch"] or config.epochs,
+            config=config,
+            base=base,
+            test=test_examples,
+            progress=progress,
+        )
+    else:
+        from fleet.models.temperature import calibrate_folder
+
+        cal, cal_scores = calibrate_folder(
+            out_dir,
+            valid,
+            fitted_on=validation,
+            test=test_examples,
+            max_length=config.reading().max_length,
+        )
     base_name = (
         str(base)
         if base is not None

@@ -45,7 +45,12 @@ def calibration_lines(cal: dict[str, Any] | None) -> str:
         f"temperature scaling fitted on the {cal['fitted_on']}; NLL {cal['nll_before']:.3f} "
         f"-> {cal['nll_after']:.3f}).\n\n"
         "| set | n | ECE raw | ECE calibrated |\n| --- | --- | --- | --- |\n"
-        + ece("validation (fitted on it)", cal.get("validation"))
+        + (
+            ece("out of fold (fitted on it)", cal["out_of_fold"])
+            + ece("validation", cal.get("validation"))
+            if cal.get("out_of_fold")
+            else ece("validation (fitted on it)", cal.get("validation"))
+        )
         + ece("independent test", cal.get("test"))
     )
 

@@ -76,7 +76,7 @@ def train_bundled(
         base=None,
         eval_file=None,
         test_file=test if test.is_file() else None,
-        config=config or TrainConfig(),
+        config=config or TrainConfig(calibration_folds=bundled.calibration_folds),
         test_fraction=0.2,
         quiet=quiet,
     )

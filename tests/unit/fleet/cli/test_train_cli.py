@@ -289,3 +289,44 @@ def test_train_says_what_a_new_task_needs(tmp_path: Path, monkeypatch, args, mes
     result = CliRunner().invoke(main, ["train", *args], env=_env(tmp_path))
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_calibration_folds_fit_the_temperature_on_every_example(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    """--calibration-folds K: the temperature comes from out-of-fold logits of K
+    cross-fitted models over the whole file, not from the 20 % one split held out."""
+    rows = [(f"{p} {t}", lab, 1.0) for lab, p in PHRASES.items() for t in TOPICS[:5]]
+    out = tmp_path / "trained"
+    result = CliRunner().invoke(
+        main,
+        ["train", "-t", "intent", "--data", str(_csv(tmp_path / "d.csv", rows))]
+        + ["--base", str(tiny_base), "--epochs", "1", "--out", str(out)]
+        + ["--calibration-folds", "2", "--json"],
+        env=_env(tmp_path),
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    cal = report["calibration"]
+    stored = json.loads((out / "calibration.json").read_text())
+    assert stored["n"] == len(rows) != report["n_test"]  # every line, once, out of fold
+    assert "2-fold cross-fitting" in stored["fitted_on"]
+    assert stored["temperature"] == cal["temperature"] > 0
+    assert cal["out_of_fold"]["n"] == len(rows) and cal["validation"]["n"] == report["n_test"]
+    assert cal["split_temperature"] > 0 and report["config"]["calibration_folds"] == 2
+    assert f"| out of fold (fitted on it) | {len(rows)} |" in (out / "README.md").read_text()
+    assert not list(out.glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize(
+    "args", [["--calibration-folds", "1"], ["--calibration-folds", "3", "--multi-label"]]
+)
+def test_calibration_folds_refuse_what_cannot_be_cross_fitted(
+    tmp_path: Path, args: list[str]
+) -> None:
+    data = _csv(tmp_path / "d.csv", [("a", "x", 1.0), ("b", "y", 1.0)])
+    result = CliRunner().invoke(
+        main, ["train", "--task", "intent", "--data", str(data), *args], env=_env(tmp_path)
+    )
+    assert result.exit_code == 2
+    assert "--calibration-folds takes 0" in result.output
