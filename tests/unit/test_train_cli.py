@@ -154,7 +154,14 @@ def test_train_as_you_serve(tmp_path: Path, tiny_base: Path) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     reading = json.loads((out / "config.json").read_text())["fleet_reading"]
-    assert reading == {"max_length": 64, "pooling": "max", "max_windows": 16, "window_overlap": 32}
+    assert reading == {
+        "max_length": 64,
+        "pooling": "max",
+        "max_windows": 16,
+        "window_overlap": 32,
+        "window_by": "tokens",
+        "turn_context": 0,
+    }
     assert "max_length = 64" in report["toml"] and 'pooling = "max"' in report["toml"]
 
     from config.taskconfig import TierSpec
