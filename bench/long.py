@@ -19,7 +19,8 @@ all-minilm-l6-v2 with the task's prototypes), at the tier's max_length (256):
             of workers.windows (the window probabilities are computed once, each
             rule pools the same rows)
   turns     one window per user turn (window_by = "user_turns", the tier's
-            turn_context), pooled by each rule
+            turn_context, max_windows 64 so that every user turn of the set is
+            read), pooled by each rule
 For `llm_classify` (SmolLM2 label scoring as configured), the first --llm-items
 long items (spread over labels and positions) and as many short ones, with the
 prompt as the whole transcript (middle cut when it must: `prompt = "transcript"`,
@@ -49,6 +50,7 @@ from workers.windows import POOLING_RULES, build_windows, pool
 
 BATCH = 16
 BACKGROUND_LABELS = ("chitchat",)  # the intent label set's small talk
+TURN_MAX_WINDOWS = 64  # read by user turn: a window per user turn (the long set has 23-26)
 
 
 def f1_over_gold(gold: list[str], pred: list[str | None]) -> dict[str, Any]:
@@ -68,7 +70,7 @@ def encoder_readings(adapter: Any, rows: list[dict[str, Any]]) -> dict[str, Any]
     one = build_windows([("user", 1)], size=1)
     readings = {
         "windows": replace(adapter.reading, window_by="tokens"),
-        "turns": replace(adapter.reading, window_by="user_turns"),
+        "turns": replace(adapter.reading, window_by="user_turns", max_windows=TURN_MAX_WINDOWS),
     }
     for reading in ("head", "windows", "turns"):
         cpu = 0.0
