@@ -41,8 +41,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from config.data import data_path
+
 REPO = Path(__file__).resolve().parent.parent
-EVAL_FILE = REPO / "fleet" / "data" / "eval" / "intent_eval.jsonl"
+EVAL_FILE = data_path("eval/intent_eval.jsonl")
 ALL_METHODS = (
     "llm-generate",
     "llm-score",

@@ -14,9 +14,13 @@ Sets (none of them is training data):
 For `intent` (sequence_classify, intent-minilm) and `topic` (zero_shot embedding,
 all-minilm-l6-v2 with the task's prototypes), at the tier's max_length (256):
   head      the joined text cut at max_length (how the fleet read before windows)
-  windows   every window (workers.adapters.windowed), pooled by each rule of
-            workers.windows (the window probabilities are computed once, each rule
-            pools the same rows)
+  windows   every window (workers.adapters.windowed, window_by = "tokens":
+            whole turns packed into windows of max_length), pooled by each rule
+            of workers.windows (the window probabilities are computed once, each
+            rule pools the same rows)
+  turns     one window per user turn (window_by = "user_turns", the tier's
+            turn_context, max_windows 64 so that every user turn of the set is
+            read), pooled by each rule
 For `llm_classify` (SmolLM2 label scoring as configured), the first --llm-items
 long items (spread over labels and positions) and as many short ones, with the
 prompt as the whole transcript (middle cut when it must: `prompt = "transcript"`,
@@ -36,6 +40,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,7 @@ from workers.windows import POOLING_RULES, build_windows, pool
 
 BATCH = 16
 BACKGROUND_LABELS = ("chitchat",)  # the intent label set's small talk
+TURN_MAX_WINDOWS = 64  # read by user turn: a window per user turn (the long set has 23-26)
 
 
 def f1_over_gold(gold: list[str], pred: list[str | None]) -> dict[str, Any]:
@@ -62,7 +68,11 @@ def encoder_readings(adapter: Any, rows: list[dict[str, Any]]) -> dict[str, Any]
     # The `salient` rule looks past small talk: the label set's background labels.
     background = [i for i, n in enumerate(names) if n in BACKGROUND_LABELS]
     one = build_windows([("user", 1)], size=1)
-    for reading in ("head", "windows"):
+    readings = {
+        "windows": replace(adapter.reading, window_by="tokens"),
+        "turns": replace(adapter.reading, window_by="user_turns", max_windows=TURN_MAX_WINDOWS),
+    }
+    for reading in ("head", "windows", "turns"):
         cpu = 0.0
         tokens = 0
         preds: dict[str, list[str]] = {}
@@ -88,7 +98,7 @@ def encoder_readings(adapter: Any, rows: list[dict[str, Any]]) -> dict[str, Any]
                     encode_windows(
                         adapter.tokenizer,
                         {"messages": r["messages"]},
-                        adapter.reading,
+                        readings[reading],
                         max_chars=10**6,
                     )
                     for r in chunk
@@ -108,7 +118,7 @@ def encoder_readings(adapter: Any, rows: list[dict[str, Any]]) -> dict[str, Any]
                     best = max(range(len(names)), key=p.probs.__getitem__)
                     preds.setdefault(rule, []).append(str(names[best]))
         for rule, labels in preds.items():
-            key = "head" if rule == "head" else f"windows-{rule}"
+            key = "head" if rule == "head" else f"{reading}-{rule}"
             out["labels"][key] = labels
             out["cpu"][key] = cpu
             out["tokens"][key] = tokens

@@ -46,7 +46,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-POOLING_RULES = ("max", "mean", "recency", "role", "salient")
+POOLING_RULES = ("max", "mean", "recency", "role", "salient", "margin")
 SALIENT_THRESHOLD = 0.5
 USER_ROLES = frozenset({"user", "human", "customer", "caller"})
 
@@ -179,6 +179,11 @@ def build_windows(
         user += n * is_user(role)
         used += n
     close()
+    return _plan(windows, empty, max_windows)
+
+
+def _plan(windows: list[Window], empty: list[int], max_windows: int | None) -> WindowPlan:
+    """Keep the first window and the latest `max_windows - 1` (see build_windows)."""
     if max_windows is None or len(windows) <= max_windows:
         return WindowPlan(tuple(windows), (), tuple(empty))
     if max_windows == 1:
@@ -190,6 +195,64 @@ def build_windows(
         tuple(w for k, w in enumerate(windows) if k not in kept),
         tuple(empty),
     )
+
+
+def build_turn_windows(
+    turns: Sequence[tuple[str, int]],
+    *,
+    size: int,
+    overlap: int = 0,
+    context: int = 0,
+    max_windows: int | None = None,
+) -> WindowPlan:
+    """One window per user turn (role in USER_ROLES): the last `context` tokens
+    of the turn before it (any role), then the user turn, at most `size` tokens.
+
+    A user turn longer than `size - context` is cut into pieces like
+    `build_windows` cuts a long turn (the first piece gets the context). Other
+    turns are read only as context. `max_windows` keeps the first and the latest
+    windows as `build_windows` does. A conversation with no user turn is packed
+    by `build_windows` (nothing would be read otherwise). Empty turns are listed
+    in `empty_turns`.
+
+    Raises ValueError when size < 1, overlap is not in [0, size), context is
+    not in [0, size) or max_windows < 1.
+    """
+    if size < 1:
+        raise ValueError(f"window size must be at least 1 token, got {size}")
+    if not 0 <= overlap < size:
+        raise ValueError(f"overlap must be in [0, {size}), got {overlap}")
+    if not 0 <= context < size:
+        raise ValueError(f"turn context must be in [0, {size}), got {context}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be at least 1, got {max_windows}")
+    if not any(is_user(role) and n > 0 for role, n in turns):
+        return build_windows(turns, size=size, overlap=overlap, max_windows=max_windows)
+    windows: list[Window] = []
+    empty = [i for i, (_, n) in enumerate(turns) if n <= 0]
+    for i, (role, n) in enumerate(turns):
+        if n <= 0 or not is_user(role):
+            continue
+        before = next((k for k in range(i - 1, -1, -1) if turns[k][1] > 0), None)
+        lead: tuple[Segment, ...] = ()
+        if context and before is not None:
+            m = turns[before][1]
+            lead = (Segment(before, max(0, m - context), m),)
+        room = size - sum(s.length for s in lead)
+        if n <= room:
+            windows.append(Window((*lead, Segment(i, 0, n)), n))
+            continue
+        step = max(1, size - overlap)
+        start, first = 0, True
+        while True:
+            width = room if first else size
+            end = min(start + width, n)
+            windows.append(Window((*(lead if first else ()), Segment(i, start, end)), end - start))
+            if end >= n:
+                break
+            start = max(start + 1, end - overlap) if first else start + step
+            first = False
+    return _plan(windows, empty, max_windows)
 
 
 @dataclass(frozen=True)
@@ -247,6 +310,19 @@ def pool(
     if len(rows) == 1:
         return Pooled(tuple(float(x) for x in rows[0]), 0)
     labels = len(rows[0])
+    if rule == "margin":
+        if not background:
+            rule = "max"
+        else:
+            focus = [j for j in range(labels) if j not in background]
+            lead = [
+                (max(rows[k][j] for j in focus) - max(rows[k][b] for b in background), k)
+                for k in range(len(rows))
+            ]
+            gap, k = max(lead)
+            if gap > 0:
+                return Pooled(tuple(float(x) for x in rows[k]), k)
+            rule = "recency"
     if rule == "salient":
         if not background:
             rule = "max"
@@ -284,7 +360,7 @@ def pool_independent(
     """Pool per-window probabilities of independent labels (a multi-label model's
     sigmoids: each label is its own yes/no, rows need not sum to 1) into one row.
 
-    `max` and `salient`: per label, the highest probability over windows (a
+    `max`, `salient` and `margin`: per label, the highest probability over windows (a
     conversation is worried when one of its windows is; multiple-instance
     reading per label), never renormalised; `mean`, `recency` and `role`: the
     weighted mean of each label's probabilities (`window_weights`). One window:
@@ -296,7 +372,7 @@ def pool_independent(
     if len(rows) == 1:
         return Pooled(tuple(float(x) for x in rows[0]), 0)
     labels = len(rows[0])
-    if rule in ("max", "salient"):
+    if rule in ("max", "salient", "margin"):
         probs = tuple(float(max(r[j] for r in rows)) for j in range(labels))
         best = max(range(labels), key=probs.__getitem__)
         return Pooled(probs, max(range(len(rows)), key=lambda k: rows[k][best]))

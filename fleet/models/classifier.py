@@ -23,6 +23,8 @@ from workers.adapters.windowed import (
     DEFAULT_MAX_WINDOWS,
     DEFAULT_OVERLAP,
     DEFAULT_POOLING,
+    DEFAULT_TURN_CONTEXT,
+    DEFAULT_WINDOW_BY,
     Reading,
 )
 from workers.multilabel import PROBLEM_TYPE
@@ -44,6 +46,8 @@ class TrainConfig:
     pooling: str = DEFAULT_POOLING
     max_windows: int | None = DEFAULT_MAX_WINDOWS
     window_overlap: int = DEFAULT_OVERLAP
+    window_by: str = DEFAULT_WINDOW_BY
+    turn_context: int = DEFAULT_TURN_CONTEXT
     patience: int = 2
     warmup: float = 0.1  # fraction of the steps
     weight_decay: float = 0.01
@@ -63,6 +67,8 @@ class TrainConfig:
             self.pooling,
             self.max_windows,
             self.window_overlap,
+            self.window_by,
+            self.turn_context,
         )
 
 

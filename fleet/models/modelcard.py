@@ -14,7 +14,8 @@ SERVED_MAX_LENGTH = 256  # the bundled tiers' max_length (config/data/tasks.toml
 
 def tier_toml(task: str, name: str, path: str | Path, *, reading: Reading | None = None) -> str:
     """The TOML lines that put a trained folder at the top of `task`'s ladder, reading
-    as it was trained (max_length, pooling, max_windows, window_overlap)."""
+    as it was trained (max_length, pooling, max_windows, window_overlap, window_by,
+    turn_context)."""
     reading = reading or Reading(SERVED_MAX_LENGTH)
     lines = (
         f"[[tasks.{task}.ladder]]\n"
@@ -27,6 +28,9 @@ def tier_toml(task: str, name: str, path: str | Path, *, reading: Reading | None
     )
     if reading.max_windows is not None:
         lines += f"max_windows = {reading.max_windows}\n"
+    if reading.window_by != "tokens":
+        lines += f"window_by = {json.dumps(reading.window_by)}\n"
+        lines += f"turn_context = {reading.turn_context}\n"
     return lines
 
 

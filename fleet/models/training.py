@@ -315,7 +315,7 @@ def run_training(
 
     Train as you serve: a config without max_length takes the reading of the tier
     the folder serves (`served_reading`: max_length, pooling, max_windows,
-    window_overlap), so examples are windowed as that tier reads conversations; the
+    window_overlap, window_by, turn_context), so examples are windowed as that tier reads conversations; the
     reading is written into the folder's config.json and the printed TOML.
 
     `multi_label`: `examples` hold label sets, and so must `eval_file` and
@@ -342,6 +342,8 @@ def run_training(
             pooling=served.pooling,
             max_windows=served.max_windows,
             window_overlap=served.overlap,
+            window_by=served.window_by,
+            turn_context=served.turn_context,
         )
     labels = task_labels(spec, models_dir)
     eval_examples = load_labeled(eval_file, multi_label=multi_label) if eval_file else None

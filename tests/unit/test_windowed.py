@@ -111,7 +111,12 @@ def test_text_data_gives_back_the_served_conversation(text, data) -> None:
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"pooling": "median"}, "pooling"), ({"max_windows": 0}, "max_windows")],
+    [
+        ({"pooling": "median"}, "pooling"),
+        ({"max_windows": 0}, "max_windows"),
+        ({"window_by": "sentences"}, "window_by"),
+        ({"turn_context": -1}, "turn_context"),
+    ],
 )
 def test_bad_reading_options(options, message) -> None:
     with pytest.raises(ValueError, match=message):
@@ -196,3 +201,48 @@ def test_multi_label_pools_each_label_over_windows(tmp_path: Path) -> None:
     assert pred.output["thresholds_from"] == "tier"
     kept = sorted(n for n, p in pred.scores.items() if p >= 0.5)
     assert pred.label == (";".join(kept) or None)
+
+
+def test_reading_by_user_turns_gives_the_request_its_own_window(tokenizer) -> None:
+    """Packed windows put the closing request beside the small talk before it; read
+    by user turn, the request is a window of its own (with `turn_context` tokens of
+    the reply before it), and a short conversation is still read whole."""
+    data = long_conversation(31, last="please find the refund policy")
+    packed = encode_windows(tokenizer, data, Reading(64, max_windows=None), max_chars=10**6)
+    last = len(data["messages"]) - 1
+    assert len(packed.plan.windows[-1].turns) > 1  # the old reading: shared with small talk
+    by_turn = Reading.from_options(64, {"window_by": "user_turns", "max_windows": None})
+    turns = encode_windows(tokenizer, data, by_turn, max_chars=10**6)
+    assert len(turns.plan.windows) == 32
+    assert turns.plan.windows[-1].turns == (last,)
+    alone = tokenizer("user: please find the refund policy")["input_ids"]
+    assert turns.ids[-1] == alone
+    ctx = Reading.from_options(
+        64, {"window_by": "user_turns", "turn_context": 4, "max_windows": None}
+    )
+    with_ctx = encode_windows(tokenizer, data, ctx, max_chars=10**6)
+    assert with_ctx.plan.windows[-1].turns == (last - 1, last)
+    assert len(with_ctx.ids[-1]) == len(alone) + 4
+    short = SHORT[1]
+    assert (
+        encode_windows(tokenizer, short, by_turn, max_chars=10**6).ids
+        == encode_windows(tokenizer, short, Reading(64), max_chars=10**6).ids
+    )
+    assert by_turn.as_dict()["window_by"] == "user_turns"
+
+
+def test_an_adapter_reading_by_user_turns_records_it(tiny_models: Path) -> None:
+    from workers.adapters.sequence_classify import SequenceClassifyAdapter
+
+    a = load(
+        SequenceClassifyAdapter(),
+        tiny_models / "tiny-small",
+        window_by="user_turns",
+        pooling="margin",
+        background_labels=[],
+        max_windows=None,
+    )
+    [pred] = a.predict([a.prepare(Source(1, "conversation", "long", long_conversation()))])
+    reading = pred.output["reading"]
+    assert reading["windows"] == 31 and reading["window_by"] == "user_turns"
+    assert reading["pooling"] == "margin" and 0 <= reading["deciding_window"] < 31

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from workers.windows import Segment, WindowPlan, build_windows, pool, window_weights
+from workers.windows import (
+    Segment,
+    WindowPlan,
+    build_turn_windows,
+    build_windows,
+    pool,
+    window_weights,
+)
 
 
 def spans(plan: WindowPlan) -> list[list[tuple[int, int, int]]]:
@@ -254,3 +261,67 @@ def test_pool_independent_keeps_each_labels_peak_unnormalised() -> None:
     assert pool_independent([[0.7, 0.2]], one, "mean").probs == (0.7, 0.2)
     with pytest.raises(ValueError, match="2 probability rows for 3 windows"):
         pool_independent(rows[:2], plan, "max")
+
+
+# A window of small talk that leans toward a label (0.58 social, 0.40 background)
+# and the request's window (0.55 learning, 0.05 background): by raw probability
+# the small talk wins; by its margin over the background the request does.
+LEAN, ASK = [0.40, 0.58, 0.02], [0.05, 0.40, 0.55]
+
+
+def test_margin_pooling_picks_the_window_that_stands_out_from_the_background() -> None:
+    plan = plan_of(*[("user", 5)] * 3)
+    rows = [S, LEAN, ASK]
+    assert pool(rows, plan, "salient", background=(0,)).deciding == 1  # the old rule: small talk
+    pooled = pool(rows, plan, "margin", background=(0,))
+    assert pooled.deciding == 2 and pooled.probs == tuple(ASK)
+
+
+def test_margin_pooling_with_nothing_but_background_is_recency() -> None:
+    plan = plan_of(*[("user", 5)] * 3)
+    rows = [S, T, S]
+    assert pool(rows, plan, "margin", background=(0,)) == pool(rows, plan, "recency")
+    assert pool([A, B], plan_of(("user", 3), ("user", 3)), "margin") == pool(
+        [A, B], plan_of(("user", 3), ("user", 3)), "max"
+    )
+
+
+@pytest.mark.parametrize(
+    ("turns", "context", "expected"),
+    [
+        # each user turn its own window; assistant turns are not read alone
+        (
+            [("user", 3), ("assistant", 4), ("user", 5)],
+            0,
+            [[(0, 0, 3)], [(2, 0, 5)]],
+        ),
+        # with context: the last tokens of the turn before (empty turns skipped)
+        (
+            [("user", 3), ("assistant", 4), ("assistant", 0), ("user", 5)],
+            2,
+            [[(0, 0, 3)], [(1, 2, 4), (3, 0, 5)]],
+        ),
+        # a long user turn is cut; only its first piece carries the context
+        (
+            [("assistant", 6), ("user", 20)],
+            2,
+            [[(0, 4, 6), (1, 0, 8)], [(1, 6, 16)], [(1, 14, 20)]],
+        ),
+        # no user turn at all: packed as build_windows packs it
+        ([("assistant", 6), ("assistant", 6)], 2, [[(0, 0, 6)], [(1, 0, 6)]]),
+    ],
+)
+def test_build_turn_windows(turns, context, expected) -> None:
+    plan = build_turn_windows(turns, size=10, overlap=2, context=context)
+    assert spans(plan) == expected
+    assert all(w.tokens <= 10 for w in plan.windows)
+
+
+def test_turn_windows_keep_the_first_and_latest_and_list_empty_turns() -> None:
+    turns = [("user", 3), ("user", 0)] + [("user", 3)] * 5
+    plan = build_turn_windows(turns, size=10, max_windows=3)
+    assert [w.turns for w in plan.windows] == [(0,), (5,), (6,)]
+    assert [w.turns for w in plan.skipped] == [(2,), (3,), (4,)]
+    assert plan.empty_turns == (1,)
+    with pytest.raises(ValueError, match="turn context"):
+        build_turn_windows(turns, size=10, context=10)

@@ -16,26 +16,37 @@ from dataclasses import dataclass
 from typing import Any
 
 from workers.adapters.text import conversation_messages, is_blank
-from workers.windows import POOLING_RULES, Pooled, WindowPlan, build_windows
+from workers.windows import POOLING_RULES, Pooled, WindowPlan, build_turn_windows, build_windows
 
 DEFAULT_POOLING = "salient"
 DEFAULT_MAX_WINDOWS = 16
 DEFAULT_OVERLAP = 32
+WINDOW_BY = ("tokens", "user_turns")
+DEFAULT_WINDOW_BY = "tokens"
+DEFAULT_TURN_CONTEXT = 0
 
 
 @dataclass(frozen=True)
 class Reading:
     """How an encoder tier reads a conversation (tier options `pooling`,
-    `max_windows`, `window_overlap`; `max_length` is the tier's)."""
+    `max_windows`, `window_overlap`, `window_by`, `turn_context`; `max_length`
+    is the tier's). `window_by`: "tokens" packs whole turns into windows of
+    max_length (workers.windows.build_windows); "user_turns" reads each user
+    turn as its own window with the last `turn_context` tokens of the turn
+    before it (build_turn_windows). Either way a conversation that fits
+    max_length is one window, read whole."""
 
     max_length: int
     pooling: str = DEFAULT_POOLING
     max_windows: int | None = DEFAULT_MAX_WINDOWS
     overlap: int = DEFAULT_OVERLAP
+    window_by: str = DEFAULT_WINDOW_BY
+    turn_context: int = DEFAULT_TURN_CONTEXT
 
     @classmethod
     def from_options(cls, max_length: int, options: dict[str, Any]) -> Reading:
-        """Raises ValueError for an unknown pooling rule or a max_windows below 1."""
+        """Raises ValueError for an unknown pooling rule or window_by, a
+        max_windows below 1 or a negative turn_context."""
         pooling = str(options.get("pooling", DEFAULT_POOLING))
         if pooling not in POOLING_RULES:
             raise ValueError(f"pooling must be one of {', '.join(POOLING_RULES)}, got {pooling!r}")
@@ -43,11 +54,19 @@ class Reading:
         if max_windows is not None and int(max_windows) < 1:
             raise ValueError(f"max_windows must be at least 1, got {max_windows}")
         overlap = int(options.get("window_overlap", DEFAULT_OVERLAP))
+        window_by = str(options.get("window_by", DEFAULT_WINDOW_BY))
+        if window_by not in WINDOW_BY:
+            raise ValueError(f"window_by must be one of {', '.join(WINDOW_BY)}, got {window_by!r}")
+        turn_context = int(options.get("turn_context", DEFAULT_TURN_CONTEXT))
+        if turn_context < 0:
+            raise ValueError(f"turn_context must be 0 or more tokens, got {turn_context}")
         return cls(
             max_length=max_length,
             pooling=pooling,
             max_windows=None if max_windows is None else int(max_windows),
             overlap=overlap,
+            window_by=window_by,
+            turn_context=turn_context,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -56,6 +75,8 @@ class Reading:
             "pooling": self.pooling,
             "max_windows": self.max_windows,
             "window_overlap": self.overlap,
+            "window_by": self.window_by,
+            "turn_context": self.turn_context,
         }
 
 
@@ -91,8 +112,9 @@ def encode_windows(
 
     The joined text is tokenized whole first: when it fits `max_length` it is the
     single window. Otherwise each turn is tokenized without special tokens, the
-    turns are windowed by `build_windows` (window size = max_length minus the
-    tokenizer's special tokens) and each window's ids get the special tokens back
+    turns are windowed by `build_windows` (or `build_turn_windows` when the
+    reading is by user turn; window size = max_length minus the tokenizer's
+    special tokens) and each window's ids get the special tokens back
     (`special_tokens`).
     """
     turns = turns_of(data, max_chars=max_chars)
@@ -107,12 +129,21 @@ def encode_windows(
     size = reading.max_length - tokenizer.num_special_tokens_to_add(pair=False)
     if size < 2:
         raise ValueError(f"max_length {reading.max_length} leaves no room for text")
-    plan = build_windows(
-        counts,
-        size=size,
-        overlap=min(reading.overlap, size // 2),
-        max_windows=reading.max_windows,
-    )
+    if reading.window_by == "user_turns":
+        plan = build_turn_windows(
+            counts,
+            size=size,
+            overlap=min(reading.overlap, size // 2),
+            context=min(reading.turn_context, size // 2),
+            max_windows=reading.max_windows,
+        )
+    else:
+        plan = build_windows(
+            counts,
+            size=size,
+            overlap=min(reading.overlap, size // 2),
+            max_windows=reading.max_windows,
+        )
     head, tail = special_tokens(tokenizer)
     ids = [
         head + [t for s in w.segments for t in per_turn[s.turn][s.start : s.end]] + tail
@@ -143,6 +174,7 @@ def reading_output(windows: Windows, pooled: Pooled, reading: Reading) -> dict[s
     if len(plan.windows) > 1:
         decided = plan.windows[pooled.deciding]
         out["pooling"] = reading.pooling
+        out["window_by"] = reading.window_by
         out["deciding_window"] = pooled.deciding
         out["deciding_turns"] = [decided.turns[0], decided.turns[-1]]
     if plan.skipped:

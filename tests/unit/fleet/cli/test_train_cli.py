@@ -88,7 +88,7 @@ def test_train_from_csv_writes_a_servable_folder(tmp_path: Path, tiny_base: Path
     assert list(AutoConfig.from_pretrained(out).id2label.values()) == list(INTENT_LABELS)
     # trained as the bundled intent tier serves: 256-token windows, written into the folder
     reading = json.loads((out / "config.json").read_text())["fleet_reading"]
-    assert reading["max_length"] == 256 and reading["pooling"] == "salient"
+    assert reading["max_length"] == 256 and reading["pooling"] == "margin"
     assert report["config"]["max_length"] == 256 and "max_length = 256" in report["toml"]
     saved = json.loads((out / "training_metrics.json").read_text())
     assert saved["data_sha256"] == report["data_sha256"] and saved["base_model"] == str(tiny_base)
@@ -154,7 +154,14 @@ def test_train_as_you_serve(tmp_path: Path, tiny_base: Path) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     reading = json.loads((out / "config.json").read_text())["fleet_reading"]
-    assert reading == {"max_length": 64, "pooling": "max", "max_windows": 16, "window_overlap": 32}
+    assert reading == {
+        "max_length": 64,
+        "pooling": "max",
+        "max_windows": 16,
+        "window_overlap": 32,
+        "window_by": "tokens",
+        "turn_context": 0,
+    }
     assert "max_length = 64" in report["toml"] and 'pooling = "max"' in report["toml"]
 
     from config.taskconfig import TierSpec

@@ -232,3 +232,17 @@ def test_train_intent_on_shipped_data(trained_intent: tuple[Path, dict, list]) -
     assert list(model.config.id2label.values()) == list(INTENT_LABELS)
     [label] = predict(out, ["user: Can you look up the refund policy in our FAQ?"])
     assert label in INTENT_LABELS
+
+
+def test_tier_toml_carries_a_reading_by_user_turn(tmp_path: Path) -> None:
+    import tomllib
+
+    from workers.adapters.windowed import Reading
+
+    reading = Reading(128, "margin", 64, 32, "user_turns", 16)
+    doc = tomllib.loads(
+        '[tasks.topic]\nkind = "sequence_classify"\n'
+        + tier_toml("topic", "m", tmp_path / "m", reading=reading)
+    )
+    tier = doc["tasks"]["topic"]["ladder"][0]
+    assert Reading.from_options(tier["max_length"], tier) == reading
