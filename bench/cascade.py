@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-EVAL = REPO / "fleet" / "data" / "eval"
+EVAL = REPO / "config" / "data" / "eval"
 SETS = ("intent_eval.jsonl", "intent_personas.jsonl")
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SENTENCES_FILE = REPO / "fleet" / "data" / "sample_speech.txt"
+SENTENCES_FILE = REPO / "config" / "data" / "sample_speech.txt"
 SENTENCE_COUNTS = (1, 2, 3, 5, 9, 14, 20, 28)  # about 3 s each: 3 s to 90 s files
 VOICES = ("en-us", "en-gb", "en-gb-x-rp", "en-029")
 SPEEDS = (150, 175, 200)  # words per minute
