@@ -10,6 +10,7 @@ import json
 import time
 
 import redis
+from kombu import pools
 
 from config.settings import Settings
 from config.taskconfig import load_tasks
@@ -78,5 +79,7 @@ def test_a_nightly_run_under_beat_sends_messages_sized_like_fleet_nightly(db_url
         # The next tick finds the queue full: backpressure, as in the drive loop.
         assert beat.tick(db_url, app, {"intent": spec}, settings)["sent_batches"] == 0
     finally:
-        app.pool.force_close_all()
+        # kombu keeps one pool per broker URL for the whole process: reset it, so
+        # the next test's app gets a fresh pool, not this closed one
+        pools.reset()
         client.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import redis
 import yaml
+from kombu import pools
 
 from config.settings import Settings
 from producer.enqueue import queue_depth
@@ -45,5 +46,7 @@ def test_keda_list_holds_the_waiting_batches_of_its_task(broker_url):
         # the producer's backpressure reads the same list
         assert queue_depth(app, names["intent"]) == 3
     finally:
-        app.pool.force_close_all()
+        # kombu keeps one pool per broker URL for the whole process: reset it, so
+        # the next test's app gets a fresh pool, not this closed one
+        pools.reset()
         client.close()
