@@ -141,6 +141,21 @@ def _wav_shortfall(path: Path) -> tuple[int, int] | None:
     libsndfile silently shortens such files; a truncated upload should fail
     loudly instead of yielding half a transcript.
     """
+    found = _wav_chunk(path, b"data", 0)
+    if found is None:
+        return None
+    pos, chunk_size, _ = found
+    present = path.stat().st_size - pos - 8
+    # 0 and 0xFFFFFFFF are written by streaming recorders that never patch the header.
+    if chunk_size not in (0, 0xFFFFFFFF) and chunk_size > present:
+        return chunk_size, present
+    return None
+
+
+def _wav_chunk(path: Path, want: bytes, read: int) -> tuple[int, int, bytes] | None:
+    """The first RIFF/WAVE chunk `want` (4 bytes, e.g. b"data"): (offset of its
+    header, declared size, its first min(`read`, size) bytes), or None when the
+    file is not RIFF/WAVE or has no such chunk before its end."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(12)
@@ -150,12 +165,8 @@ def _wav_shortfall(path: Path) -> tuple[int, int] | None:
         while pos + 8 <= size:
             f.seek(pos)
             chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
-            if chunk_id == b"data":
-                present = size - pos - 8
-                # 0 and 0xFFFFFFFF are written by streaming recorders that never patch the header.
-                if chunk_size not in (0, 0xFFFFFFFF) and chunk_size > present:
-                    return chunk_size, present
-                return None
+            if chunk_id == want:
+                return pos, chunk_size, f.read(min(chunk_size, read))
             pos += 8 + chunk_size + (chunk_size & 1)
     return None
 
@@ -170,21 +181,10 @@ def _wav_format_problem(path: Path) -> str | None:
     valid bits allowed inside the container). Other codecs (mu-law, ADPCM, ...)
     are left to libsndfile.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return None
-        pos = 12
-        while pos + 8 <= size:
-            f.seek(pos)
-            chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
-            if chunk_id == b"fmt ":
-                fmt = f.read(min(chunk_size, 40))
-                break
-            pos += 8 + chunk_size + (chunk_size & 1)
-        else:
-            return None
+    found = _wav_chunk(path, b"fmt ", 40)
+    if found is None:
+        return None
+    fmt = found[2]
     if len(fmt) < 16:
         return "its WAV format chunk is cut short (a corrupt or truncated header; re-export it)"
     tag, channels, _rate, _bytes_per_s, block_align, bits = struct.unpack("<HHIIHH", fmt[:16])
