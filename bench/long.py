@@ -135,7 +135,8 @@ def load_encoders(models_dir: Path, names: list[str]) -> dict[str, Any]:
     tasks = load_tasks()
     out: dict[str, Any] = {}
     if "intent" in names:
-        prepare_intent(models_dir)
+        if not (models_dir / INTENT / "config.json").is_file():  # measure the folder as it is
+            prepare_intent(models_dir)
         out["intent"] = SequenceClassifyAdapter()
         out["intent"].load(tasks["intent"].ladder[0], str(models_dir / INTENT), "cpu")
     if "topic" in names:

@@ -89,6 +89,23 @@ def models_pull_cmd(ctx: FleetContext, task_names: tuple[str, ...]) -> None:
 _file = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
+def _compose_filler(choice: str | None, task: str, *, bundled_set: bool) -> str | None:
+    """The filler file `--compose-with` names (see its help), or None for no composing."""
+    from config.data import data_path
+    from fleet.models.catalogue import bundled_for_task
+
+    shipped = bundled_for_task(task)
+    if choice is None:
+        return str(data_path(shipped.filler)) if bundled_set and shipped and shipped.filler else None
+    if choice == "none":
+        return None
+    if choice == "bundled":
+        return str(data_path("smalltalk.jsonl"))
+    if not Path(choice).is_file():
+        fail(f"--compose-with {choice}: no such file (or say 'bundled' or 'none')", ExitCode.CONFIG)
+    return choice
+
+
 @click.command("train")
 @task_option
 @click.option(
@@ -172,6 +189,17 @@ _file = click.Path(exists=True, dir_okay=False, path_type=Path)
     "--multi-label.",
 )
 @click.option(
+    "--compose-with",
+    "compose_with",
+    metavar="FILE|bundled|none",
+    default=None,
+    help="Also train on composed conversations: each request among small-talk turns of "
+    "FILE (JSONL role/content lines; 'bundled': the shipped config/data/smalltalk.jsonl), "
+    "small talk alone labelled as the tier's background_labels, so that long "
+    "conversations read in windows are read right. Default: the bundled filler when "
+    "training a bundled task's shipped set that uses one, else none.",
+)
+@click.option(
     "--seed", default=0, show_default=True, help="Seeds the split, the head and the batches."
 )
 @json_option
@@ -198,6 +226,7 @@ def train_cmd(
     max_length: int | None,
     class_weights: str | None,
     calibration_folds: int,
+    compose_with: str | None,
     seed: int,
     as_json: bool,
 ) -> None:
@@ -269,6 +298,9 @@ def train_cmd(
             seed=seed,
             class_weighting=weighting,
             calibration_folds=calibration_folds,
+            compose_filler=_compose_filler(
+                compose_with, task_name, bundled_set=not (data or from_task)
+            ),
             **overrides,
         )
         metrics = run_training(

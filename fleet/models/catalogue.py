@@ -29,19 +29,25 @@ class BundledClassifier:
     """A classifier the fleet trains from data it ships: `config/data/<data>`, scored on
     `config/data/<eval>` (written separately from the training file).
     `calibration_folds`: K >= 2 fits its temperature on K-fold out-of-fold logits
-    (`fleet.models.crossfit`, K more trainings), 0 on the held-out split."""
+    (`fleet.models.crossfit`, K more trainings), 0 on the held-out split.
+    `filler`: a small-talk file under config/data to compose conversations with
+    (`fleet.models.compose`: each request among small talk, small talk alone as
+    the tier's background label), or None."""
 
     task: str
     folder: str
     data: str
     eval: str
     calibration_folds: int = 0
+    filler: str | None = None
 
 
 BUNDLED: dict[str, BundledClassifier] = {
     b.folder: b
     for b in (
-        BundledClassifier("intent", INTENT, "intent.jsonl", "eval/intent_eval.jsonl"),
+        BundledClassifier(
+            "intent", INTENT, "intent.jsonl", "eval/intent_eval.jsonl", filler="smalltalk.jsonl"
+        ),
         BundledClassifier(
             "worthiness", WORTHINESS, "worthiness.jsonl", "eval/worthiness_eval.jsonl"
         ),

@@ -59,6 +59,13 @@ class TrainConfig:
     # fits it on out-of-fold logits of K models cross-fitted over every example
     # (`fleet.models.crossfit`; K more trainings).
     calibration_folds: int = 0
+    # Composed conversations (`fleet.models.compose`): a filler file of small-talk
+    # turns to put around each request (None: no composing), how many
+    # compositions per request, and the background labels (the served tier's
+    # `background_labels` when empty: `run_training` fills them in).
+    compose_filler: str | None = None
+    compose_per_example: int = 1
+    compose_background: tuple[str, ...] = ()
 
     def reading(self) -> Reading:
         """The windowing and pooling examples are trained and scored with."""

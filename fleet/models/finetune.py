@@ -122,6 +122,61 @@ def ordered_labels(labels: Iterable[str]) -> list[str]:
     return known + sorted(present - set(INTENT_LABELS))
 
 
+def composed_examples(
+    train: Sequence[Example],
+    config: TrainConfig,
+    base: str | Path | None,
+    progress: ProgressFn | None = None,
+) -> list[Example]:
+    """The composed conversations (`fleet.models.compose`) to add to the training part
+    when `config.compose_filler` names a filler file, else none. Only the training
+    part is composed: the validation split stays the examples as written.
+    Raises TrainingDataError for an unreadable filler file or no background label."""
+    if not config.compose_filler:
+        return []
+    from transformers import AutoTokenizer
+
+    from fleet.models.compose import compose_examples, load_filler
+
+    if not config.compose_background:
+        raise TrainingDataError(
+            "composing conversations needs background labels: set `background_labels` on "
+            "the tier this folder serves (e.g. [\"chitchat\"])"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(base or base_model_path()))
+    out = compose_examples(
+        train,
+        load_filler(config.compose_filler),
+        background=config.compose_background,
+        max_tokens=config.reading().max_length,
+        count_tokens=lambda text: len(tokenizer(text, verbose=False)["input_ids"]),
+        per_example=config.compose_per_example,
+        seed=config.seed,
+    )
+    if progress is not None:
+        progress({"stage": "compose", "added": len(out)})
+    return out
+
+
+def compose_record(config: TrainConfig, composed: Sequence[Example]) -> dict[str, Any] | None:
+    """What training_metrics.json says of the composed examples: the filler file and
+    its sha256 (`fleet models prepare` retrains a bundled folder whose filler
+    changed), how many were added per label."""
+    if not config.compose_filler:
+        return None
+    import hashlib
+
+    path = Path(config.compose_filler)
+    return {
+        "filler": path.name,
+        "filler_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "per_example": config.compose_per_example,
+        "background": list(config.compose_background),
+        "added": len(composed),
+        "added_per_label": dict(sorted(Counter(ex.label for ex in composed).items())),
+    }
+
+
 def train_task(
     task: str,
     examples: Sequence[Example],
@@ -178,6 +233,8 @@ def train_task(
     else:
         train, valid = split_examples(examples, test_fraction=test_fraction, seed=config.seed)
         validation = f"stratified split, {test_fraction:.0%} held out, seed {config.seed}"
+    composed = composed_examples(train, config, base, progress)
+    train = train + composed
     started = time.monotonic()
     fit = train_classifier(
         train, valid, names, out_dir, base=base, config=config, progress=progress
@@ -235,6 +292,7 @@ def train_task(
         "n_train": len(train),
         "n_test": len(valid),
         "train_per_label": dict(sorted(Counter(ex.label for ex in train).items())),
+        "composed": compose_record(config, composed),
         "test_per_label": dict(sorted(Counter(ex.label for ex in valid).items())),
         "train_seconds": round(seconds, 1),
         **fit,

@@ -76,7 +76,7 @@ def train_bundled(
         base=None,
         eval_file=None,
         test_file=test if test.is_file() else None,
-        config=config or TrainConfig(calibration_folds=bundled.calibration_folds),
+        config=config or bundled_config(bundled),
         test_fraction=0.2,
         quiet=quiet,
     )
@@ -88,6 +88,31 @@ def train_bundled(
         line += f"; temperature {cal['temperature']:.3f} (calibration.json)"
     echo(line)
     return metrics
+
+
+def bundled_config(bundled: BundledClassifier) -> Any:
+    """The TrainConfig a bundled classifier is trained with: its calibration folds and,
+    where it has one, its small-talk filler for composed conversations."""
+    from fleet.models.finetune import TrainConfig
+
+    filler = str(data_path(bundled.filler)) if bundled.filler else None
+    return TrainConfig(calibration_folds=bundled.calibration_folds, compose_filler=filler)
+
+
+def _filler_changed(recorded: dict[str, Any], bundled: BundledClassifier) -> str | None:
+    """Why the composed part of a built folder differs from what this version ships."""
+    import hashlib
+
+    composed = recorded.get("composed") or {}
+    if not bundled.filler:
+        return "it was trained with composed conversations this version does not use" if composed else None
+    shipped = hashlib.sha256(data_path(bundled.filler).read_bytes()).hexdigest()
+    built = composed.get("filler_sha256")
+    if built == shipped:
+        return None
+    if not built:
+        return f"it was trained without the small-talk compositions of {bundled.filler}"
+    return f"it was composed with another version of {bundled.filler}"
 
 
 def bundled_is_stale(target: Path, bundled: BundledClassifier) -> str | None:
@@ -108,14 +133,16 @@ def bundled_is_stale(target: Path, bundled: BundledClassifier) -> str | None:
     if not metrics.is_file():
         return None
     try:
-        built = json.loads(metrics.read_text(encoding="utf-8")).get("data_sha256")
+        recorded = json.loads(metrics.read_text(encoding="utf-8"))
     except ValueError:
         return None
+    built = recorded.get("data_sha256") if isinstance(recorded, dict) else None
     if not built:
         return None
     shipped = data_hash(load_labeled(data_path(bundled.data)))
     if built == shipped:
-        return None
+        changed = _filler_changed(recorded, bundled)
+        return f"{bundled.folder}: {changed}" if changed else None
     return (
         f"{bundled.folder} was trained on another version of {bundled.data} "
         f"(sha256 {built[:12]}, shipped now {shipped[:12]})"

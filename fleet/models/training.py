@@ -345,6 +345,11 @@ def run_training(
             window_by=served.window_by,
             turn_context=served.turn_context,
         )
+    if config.compose_filler and not config.compose_background:
+        tier = next((t for t in spec.ladder if Path(t.path).name == out.name), spec.ladder[0])
+        config = dataclasses.replace(
+            config, compose_background=tuple(tier.options.get("background_labels", ()))
+        )
     labels = task_labels(spec, models_dir)
     eval_examples = load_labeled(eval_file, multi_label=multi_label) if eval_file else None
     test_examples = load_labeled(test_file, multi_label=multi_label) if test_file else None

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from config.data import data_path
-from fleet.models.catalogue import BUNDLED, SENTIMENT
+from fleet.models.catalogue import BUNDLED, INTENT, SENTIMENT
 from fleet.models.finetune import METRICS_FILE
 from fleet.models.labeled import data_hash, load_labeled
 from fleet.models.prepare import bundled_is_stale
@@ -37,3 +38,32 @@ def test_a_folder_trained_on_another_version_is_stale_with_the_reason(tmp_path: 
 
 def test_a_folder_without_the_record_is_left_alone(tmp_path: Path) -> None:
     assert bundled_is_stale(_folder(tmp_path, None), BUNDLED[SENTIMENT]) is None
+
+
+def _intent_folder(tmp_path: Path, composed: dict[str, object] | None) -> Path:
+    bundled = BUNDLED[INTENT]
+    folder = tmp_path / INTENT
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    record = {"data_sha256": data_hash(load_labeled(data_path(bundled.data))), "composed": composed}
+    (folder / METRICS_FILE).write_text(json.dumps(record))
+    return folder
+
+
+def test_an_intent_folder_trained_without_the_small_talk_compositions_is_stale(
+    tmp_path: Path,
+) -> None:
+    """The intent folder an older version built (same intent.jsonl, no composed
+    conversations) read small talk as requests: an upgrade retrains it."""
+    reason = bundled_is_stale(_intent_folder(tmp_path, None), BUNDLED[INTENT])
+    assert reason is not None and "smalltalk.jsonl" in reason
+
+
+def test_an_intent_folder_composed_with_the_shipped_filler_is_current(tmp_path: Path) -> None:
+    filler = data_path(BUNDLED[INTENT].filler or "")
+    sha = hashlib.sha256(filler.read_bytes()).hexdigest()
+    assert bundled_is_stale(_intent_folder(tmp_path, {"filler_sha256": sha}), BUNDLED[INTENT]) is None
+    other = tmp_path / "other"
+    other.mkdir()
+    reason = bundled_is_stale(_intent_folder(other, {"filler_sha256": "1" * 64}), BUNDLED[INTENT])
+    assert reason is not None and "another version of smalltalk.jsonl" in reason
