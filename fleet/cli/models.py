@@ -89,14 +89,30 @@ def models_pull_cmd(ctx: FleetContext, task_names: tuple[str, ...]) -> None:
 _file = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
-def _compose_filler(choice: str | None, task: str, *, bundled_set: bool) -> str | None:
+def _composed(metrics: dict[str, Any]) -> str:
+    composed = metrics.get("composed")
+    return f" + {composed['added']} composed with {composed['filler']}" if composed else ""
+
+
+def _compose_filler(
+    choice: str | None, task: str, *, bundled_set: bool, multi_label: bool
+) -> str | None:
     """The filler file `--compose-with` names (see its help), or None for no composing."""
     from config.data import data_path
     from fleet.models.catalogue import bundled_for_task
 
+    if multi_label:
+        if choice not in (None, "none"):
+            fail(
+                "--compose-with composes single-label examples; not with --multi-label",
+                ExitCode.CONFIG,
+            )
+        return None
     shipped = bundled_for_task(task)
     if choice is None:
-        return str(data_path(shipped.filler)) if bundled_set and shipped and shipped.filler else None
+        return (
+            str(data_path(shipped.filler)) if bundled_set and shipped and shipped.filler else None
+        )
     if choice == "none":
         return None
     if choice == "bundled":
@@ -200,6 +216,13 @@ def _compose_filler(choice: str | None, task: str, *, bundled_set: bool) -> str 
     "training a bundled task's shipped set that uses one, else none.",
 )
 @click.option(
+    "--compose-per-example",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Composed conversations per training request (with --compose-with).",
+)
+@click.option(
     "--seed", default=0, show_default=True, help="Seeds the split, the head and the batches."
 )
 @json_option
@@ -227,6 +250,7 @@ def train_cmd(
     class_weights: str | None,
     calibration_folds: int,
     compose_with: str | None,
+    compose_per_example: int,
     seed: int,
     as_json: bool,
 ) -> None:
@@ -299,8 +323,12 @@ def train_cmd(
             class_weighting=weighting,
             calibration_folds=calibration_folds,
             compose_filler=_compose_filler(
-                compose_with, task_name, bundled_set=not (data or from_task)
+                compose_with,
+                task_name,
+                bundled_set=not (data or from_task),
+                multi_label=multi_label,
             ),
+            compose_per_example=compose_per_example,
             **overrides,
         )
         metrics = run_training(
@@ -387,7 +415,7 @@ def _say_trained(out: Path, metrics: dict[str, Any]) -> None:
         return
     val = metrics["validation_scores"]
     click.echo(
-        f"{out}: {metrics['n_train']} examples, {metrics['epochs_run']} epochs (best "
+        f"{out}: {metrics['n_train']} examples{_composed(metrics)}, {metrics['epochs_run']} epochs (best "
         f"{metrics['best_epoch']}); validation accuracy {val['accuracy']:.3f}, "
         f"macro-F1 {val['macro_f1']:.3f} (n={val['n']})"
     )
@@ -432,7 +460,7 @@ def _say_trained_sets(out: Path, metrics: dict[str, Any]) -> None:
         )
 
     click.echo(
-        f"{out}: {metrics['n_train']} examples, {metrics['epochs_run']} epochs (best "
+        f"{out}: {metrics['n_train']} examples{_composed(metrics)}, {metrics['epochs_run']} epochs (best "
         f"{metrics['best_epoch']}); " + line("validation", metrics["validation_scores"])
     )
     if metrics.get("test"):

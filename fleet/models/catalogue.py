@@ -32,7 +32,7 @@ class BundledClassifier:
     (`fleet.models.crossfit`, K more trainings), 0 on the held-out split.
     `filler`: a small-talk file under config/data to compose conversations with
     (`fleet.models.compose`: each request among small talk, small talk alone as
-    the tier's background label), or None."""
+    the tier's background label), or None; `filler_per_example` compositions per request."""
 
     task: str
     folder: str
@@ -40,13 +40,19 @@ class BundledClassifier:
     eval: str
     calibration_folds: int = 0
     filler: str | None = None
+    filler_per_example: int = 1
 
 
 BUNDLED: dict[str, BundledClassifier] = {
     b.folder: b
     for b in (
         BundledClassifier(
-            "intent", INTENT, "intent.jsonl", "eval/intent_eval.jsonl", filler="smalltalk.jsonl"
+            "intent",
+            INTENT,
+            "intent.jsonl",
+            "eval/intent_eval.jsonl",
+            filler="smalltalk.jsonl",
+            filler_per_example=2,
         ),
         BundledClassifier(
             "worthiness", WORTHINESS, "worthiness.jsonl", "eval/worthiness_eval.jsonl"

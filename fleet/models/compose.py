@@ -77,10 +77,10 @@ def load_filler(path: str | Path) -> Filler:
         except ValueError as e:
             raise TrainingDataError(f"{where}: not JSON ({e})") from None
         if not isinstance(row, dict) or row.get("role") not in ROLES:
-            raise TrainingDataError(f"{where}: needs \"role\": \"user\" or \"assistant\"")
+            raise TrainingDataError(f'{where}: needs "role": "user" or "assistant"')
         content = row.get("content")
         if not isinstance(content, str) or not content.strip() or "\n" in content:
-            raise TrainingDataError(f"{where}: \"content\" must be one non-empty line of text")
+            raise TrainingDataError(f'{where}: "content" must be one non-empty line of text')
         (users if row["role"] == "user" else bots).append(content.strip())
     if not users or not bots:
         raise TrainingDataError(

@@ -141,7 +141,7 @@ def composed_examples(
     if not config.compose_background:
         raise TrainingDataError(
             "composing conversations needs background labels: set `background_labels` on "
-            "the tier this folder serves (e.g. [\"chitchat\"])"
+            'the tier this folder serves (e.g. ["chitchat"])'
         )
     tokenizer = AutoTokenizer.from_pretrained(str(base or base_model_path()))
     out = compose_examples(
@@ -234,10 +234,9 @@ def train_task(
         train, valid = split_examples(examples, test_fraction=test_fraction, seed=config.seed)
         validation = f"stratified split, {test_fraction:.0%} held out, seed {config.seed}"
     composed = composed_examples(train, config, base, progress)
-    train = train + composed
     started = time.monotonic()
     fit = train_classifier(
-        train, valid, names, out_dir, base=base, config=config, progress=progress
+        train + composed, valid, names, out_dir, base=base, config=config, progress=progress
     )
     seconds = time.monotonic() - started
 
@@ -420,8 +419,18 @@ def train_intent(
     test_path: str | Path | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Train the intent classifier from a labeled file (split 80/20, seeded); see `train_task`."""
-    config = TrainConfig(seed=seed, **overrides)
+    """Train the intent classifier from a labeled file (split 80/20, seeded), composed with
+    the bundled small talk as `fleet models prepare` trains it; see `train_task`."""
+    from config.data import data_path as shipped
+    from fleet.models.catalogue import BUNDLED, INTENT
+
+    bundled = BUNDLED[INTENT]
+    defaults: dict[str, Any] = {
+        "compose_filler": str(shipped(bundled.filler)) if bundled.filler else None,
+        "compose_per_example": bundled.filler_per_example,
+        "compose_background": ("chitchat",),
+    }
+    config = TrainConfig(seed=seed, **{**defaults, **overrides})
     return train_task(
         "intent",
         load_labeled(data_path),

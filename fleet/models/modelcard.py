@@ -59,6 +59,18 @@ def calibration_lines(cal: dict[str, Any] | None) -> str:
     )
 
 
+def composed_line(composed: dict[str, Any] | None) -> str:
+    """The card's line on composed conversations (`fleet.models.compose`), if any."""
+    if not composed:
+        return ""
+    counts = ", ".join(f"{k} {v}" for k, v in composed["added_per_label"].items())
+    return (
+        f"- composed conversations: {composed['added']} ({counts}), each request among "
+        f"small talk of {composed['filler']} (sha256 `{composed['filler_sha256']}`), small "
+        f"talk alone as {', '.join(composed['background'])}\n"
+    )
+
+
 def model_card(m: dict[str, Any]) -> str:
     """The model card (README.md) of a trained folder, from its training metrics."""
 
@@ -76,7 +88,8 @@ def model_card(m: dict[str, Any]) -> str:
         f"A `sequence_classify` model for the fleet's `{m['task']}` task, fine-tuned by `fleet train`.\n\n"
         f"- base model: `{m['base_model']}`\n"
         f"- training data: {m['data']} (sha256 `{m['data_sha256']}`, {m['n_train']} examples: {counts})\n"
-        f"- labels (id order): {', '.join(m['labels'])}\n"
+        + composed_line(m.get("composed"))
+        + f"- labels (id order): {', '.join(m['labels'])}\n"
         f"- validation: {m['validation']}\n"
         f"- epochs run {m['epochs_run']} (best {m['best_epoch']}), lr {m['config']['lr']}, "
         f"batch {m['config']['batch_size']}, seed {m['config']['seed']}, "

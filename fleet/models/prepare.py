@@ -60,7 +60,6 @@ def train_bundled(
     tasks.toml. Writes the folder whole, then moves it into place.
     """
     from config.taskconfig import load_tasks
-    from fleet.models.finetune import TrainConfig
     from fleet.models.labeled import load_labeled
     from fleet.models.training import run_training
 
@@ -96,7 +95,11 @@ def bundled_config(bundled: BundledClassifier) -> Any:
     from fleet.models.finetune import TrainConfig
 
     filler = str(data_path(bundled.filler)) if bundled.filler else None
-    return TrainConfig(calibration_folds=bundled.calibration_folds, compose_filler=filler)
+    return TrainConfig(
+        calibration_folds=bundled.calibration_folds,
+        compose_filler=filler,
+        compose_per_example=bundled.filler_per_example,
+    )
 
 
 def _filler_changed(recorded: dict[str, Any], bundled: BundledClassifier) -> str | None:
@@ -105,10 +108,17 @@ def _filler_changed(recorded: dict[str, Any], bundled: BundledClassifier) -> str
 
     composed = recorded.get("composed") or {}
     if not bundled.filler:
-        return "it was trained with composed conversations this version does not use" if composed else None
+        return (
+            "it was trained with composed conversations this version does not use"
+            if composed
+            else None
+        )
     shipped = hashlib.sha256(data_path(bundled.filler).read_bytes()).hexdigest()
     built = composed.get("filler_sha256")
     if built == shipped:
+        per = composed.get("per_example")
+        if per != bundled.filler_per_example:
+            return f"it was composed {per} times per request, this version composes {bundled.filler_per_example}"
         return None
     if not built:
         return f"it was trained without the small-talk compositions of {bundled.filler}"

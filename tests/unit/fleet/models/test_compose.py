@@ -42,11 +42,19 @@ def _count_words(text: str) -> int:
 
 def test_each_request_is_composed_among_small_talk_with_its_label() -> None:
     out = compose_examples(
-        REQUESTS, FILLER, background=["chitchat"], max_tokens=60, count_tokens=_count_words,
+        REQUESTS,
+        FILLER,
+        background=["chitchat"],
+        max_tokens=60,
+        count_tokens=_count_words,
         per_example=3,
     )
     requests = [ex for ex in out if ex.label != "chitchat"]
-    assert Counter(ex.label for ex in requests) == {"rag_query": 3, "professional": 3, "learning": 3}
+    assert Counter(ex.label for ex in requests) == {
+        "rag_query": 3,
+        "professional": 3,
+        "learning": 3,
+    }
     for ex in requests:
         source = next(r for r in REQUESTS if r.label == ex.label)
         core = source.text if "\n" in source.text else f"user: {source.text}"
@@ -60,8 +68,13 @@ def test_each_request_is_composed_among_small_talk_with_its_label() -> None:
 
 def test_small_talk_alone_is_the_background_label_and_never_holds_a_request() -> None:
     out = compose_examples(
-        REQUESTS, FILLER, background=["chitchat"], max_tokens=60, count_tokens=_count_words,
-        per_example=4, background_every=2,
+        REQUESTS,
+        FILLER,
+        background=["chitchat"],
+        max_tokens=60,
+        count_tokens=_count_words,
+        per_example=4,
+        background_every=2,
     )
     alone = [ex for ex in out if ex.label == "chitchat"]
     assert len(alone) == 3 * 4 // 2  # the background request itself is never composed around
@@ -82,7 +95,11 @@ def test_compositions_are_seeded() -> None:
 def test_a_request_longer_than_the_window_is_left_out_not_cut() -> None:
     long = Example(" ".join(["word"] * 100), "rag_query")
     out = compose_examples(
-        [long], FILLER, background=["chitchat"], max_tokens=50, count_tokens=_count_words,
+        [long],
+        FILLER,
+        background=["chitchat"],
+        max_tokens=50,
+        count_tokens=_count_words,
         background_every=1,
     )
     assert out and all(ex.label == "chitchat" for ex in out)

@@ -62,7 +62,15 @@ def test_an_intent_folder_trained_without_the_small_talk_compositions_is_stale(
 def test_an_intent_folder_composed_with_the_shipped_filler_is_current(tmp_path: Path) -> None:
     filler = data_path(BUNDLED[INTENT].filler or "")
     sha = hashlib.sha256(filler.read_bytes()).hexdigest()
-    assert bundled_is_stale(_intent_folder(tmp_path, {"filler_sha256": sha}), BUNDLED[INTENT]) is None
+    per = BUNDLED[INTENT].filler_per_example
+    current = {"filler_sha256": sha, "per_example": per}
+    assert bundled_is_stale(_intent_folder(tmp_path, current), BUNDLED[INTENT]) is None
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    reason = bundled_is_stale(
+        _intent_folder(fewer, {**current, "per_example": per + 1}), BUNDLED[INTENT]
+    )
+    assert reason is not None and "composes" in reason
     other = tmp_path / "other"
     other.mkdir()
     reason = bundled_is_stale(_intent_folder(other, {"filler_sha256": "1" * 64}), BUNDLED[INTENT])
