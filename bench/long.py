@@ -11,6 +11,11 @@ Sets (none of them is training data):
   short   config/data/eval/intent_eval.jsonl (104 short conversations)
   alone   the 42 decisive requests alone
 
+For `worthiness` (sequence_classify, worthiness-minilm) the long set's items are all
+`worthy` (each holds a request) and 42 long conversations of small talk only
+(bench.long_set.build_small_talk_set, half held out) are `not_worthy`; its short set
+is config/data/eval/worthiness_eval.jsonl.
+
 For `intent` (sequence_classify, intent-minilm) and `topic` (zero_shot embedding,
 all-minilm-l6-v2 with the task's prototypes), at the tier's max_length (256):
   head      the joined text cut at max_length (how the fleet read before windows)
@@ -45,11 +50,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.classify_quality import EVAL_FILE, metrics
-from bench.long_set import alone_set, build_long_set
+from bench.long_set import alone_set, build_long_set, build_small_talk_set
+from config.data import data_path
 from workers.windows import POOLING_RULES, build_windows, pool
 
 BATCH = 16
-BACKGROUND_LABELS = ("chitchat",)  # the intent label set's small talk
+WORTHINESS_EVAL = data_path("eval/worthiness_eval.jsonl")
+BACKGROUND_LABELS = (
+    "chitchat",
+    "not_worthy",
+)  # small talk (intent), nothing to act on (worthiness)
 TURN_MAX_WINDOWS = 64  # read by user turn: a window per user turn (the long set has 23-26)
 
 
@@ -127,18 +137,20 @@ def encoder_readings(adapter: Any, rows: list[dict[str, Any]]) -> dict[str, Any]
 
 def load_encoders(models_dir: Path, names: list[str]) -> dict[str, Any]:
     from config.taskconfig import load_tasks
-    from fleet.models.catalogue import INTENT
-    from fleet.models.prepare import prepare_intent, prepare_minilm
+    from fleet.models.catalogue import INTENT, WORTHINESS
+    from fleet.models.prepare import prepare_bundled, prepare_minilm
     from workers.adapters.sequence_classify import SequenceClassifyAdapter
     from workers.adapters.zero_shot import ZeroShotAdapter
 
     tasks = load_tasks()
     out: dict[str, Any] = {}
-    if "intent" in names:
-        if not (models_dir / INTENT / "config.json").is_file():  # measure the folder as it is
-            prepare_intent(models_dir)
-        out["intent"] = SequenceClassifyAdapter()
-        out["intent"].load(tasks["intent"].ladder[0], str(models_dir / INTENT), "cpu")
+    for task, folder in (("intent", INTENT), ("worthiness", WORTHINESS)):
+        if task not in names:
+            continue
+        if not (models_dir / folder / "config.json").is_file():  # measure the folder as it is
+            prepare_bundled(models_dir, folder)
+        out[task] = SequenceClassifyAdapter()
+        out[task].load(tasks[task].ladder[0], str(models_dir / folder), "cpu")
     if "topic" in names:
         prepare_minilm(models_dir)
         out["topic"] = ZeroShotAdapter(labels=tasks["topic"].labels, **tasks["topic"].options)
@@ -212,6 +224,29 @@ def line(
     )
 
 
+def task_sets(
+    task: str, long_rows: list[dict[str, Any]], short_rows: list[dict[str, Any]], seed: int
+) -> dict[str, list[dict[str, Any]]]:
+    """The sets a task is scored on. Intent and topic: the long set, the short intent
+    set, the requests alone. Worthiness: every long item is `worthy` (each holds a
+    request), joined by as many-ish long conversations of small talk only
+    (`not_worthy`, bench.long_set.build_small_talk_set); short: the worthiness
+    evaluation set; the requests alone, `worthy`."""
+    alone = alone_set()
+    if task == "worthiness":
+        talk = build_small_talk_set(seed)
+        long_rows = [{**r, "label": "worthy"} for r in long_rows] + talk
+        short_rows = [json.loads(x) for x in WORTHINESS_EVAL.read_text().splitlines() if x.strip()]
+        alone = [{**r, "label": "worthy"} for r in alone]
+    return {
+        "long": long_rows,
+        "long choice": [r for r in long_rows if not r["held_out"]],
+        "long held-out": [r for r in long_rows if r["held_out"]],
+        "short": short_rows,
+        "alone": alone,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models-dir", default=os.environ.get("FLEET_MODELS_DIR"))
@@ -251,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, Any] = {}
     choice_f1: dict[str, float] = {}
     for task, adapter in load_encoders(models_dir, args.tasks.split(",")).items():
+        sets = task_sets(task, long_rows, short_rows, args.seed)
         runs = {s: encoder_readings(adapter, sets[s]) for s in ("long", "short", "alone")}
         for reading in runs["long"]["labels"]:
             for s in ("long", "long choice", "long held-out", "short", "alone"):

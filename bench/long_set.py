@@ -103,6 +103,25 @@ def build_long_set(seed: int = 0, *, min_chars: int = 3400) -> list[dict[str, An
     return rows
 
 
+def build_small_talk_set(
+    seed: int = 0, *, n: int = 42, min_chars: int = 3400
+) -> list[dict[str, Any]]:
+    """Long conversations of small talk only (nothing to act on: `not_worthy` for the
+    worthiness task), as long as the long set's; the odd-numbered half is held out."""
+    rng = random.Random(seed + 1)
+    return [
+        {
+            "external_id": f"talk-{k}",
+            "messages": _small_talk(rng, min_chars),
+            "label": "not_worthy",
+            "position": "small_talk_only",
+            "decisive": None,
+            "held_out": k % 2 == 1,
+        }
+        for k in range(n)
+    ]
+
+
 def alone_set() -> list[dict[str, Any]]:
     """The decisive requests alone, one user turn each (the short reading of the same asks)."""
     return [
