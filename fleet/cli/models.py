@@ -94,10 +94,17 @@ def _composed(metrics: dict[str, Any]) -> str:
     return f" + {composed['added']} composed with {composed['filler']}" if composed else ""
 
 
-def _compose_filler(
-    choice: str | None, task: str, *, bundled_set: bool, multi_label: bool
-) -> str | None:
-    """The filler file `--compose-with` names (see its help), or None for no composing."""
+def _compose_options(
+    choice: str | None,
+    per_example: int | None,
+    task: str,
+    *,
+    bundled_set: bool,
+    multi_label: bool,
+) -> dict[str, Any]:
+    """TrainConfig's `compose_filler` (the file `--compose-with` names, see its help, or
+    None for no composing) and `compose_per_example` (`--compose-per-example`, else the
+    bundled set's own number when its default filler is used, else 1)."""
     from config.data import data_path
     from fleet.models.catalogue import bundled_for_task
 
@@ -107,19 +114,20 @@ def _compose_filler(
                 "--compose-with composes single-label examples; not with --multi-label",
                 ExitCode.CONFIG,
             )
-        return None
+        return {"compose_filler": None, "compose_per_example": 1}
     shipped = bundled_for_task(task)
     if choice is None:
-        return (
-            str(data_path(shipped.filler)) if bundled_set and shipped and shipped.filler else None
-        )
+        if bundled_set and shipped and shipped.filler:
+            filler, per = str(data_path(shipped.filler)), shipped.filler_per_example
+            return {"compose_filler": filler, "compose_per_example": per_example or per}
+        return {"compose_filler": None, "compose_per_example": 1}
     if choice == "none":
-        return None
+        return {"compose_filler": None, "compose_per_example": 1}
     if choice == "bundled":
-        return str(data_path("smalltalk.jsonl"))
-    if not Path(choice).is_file():
+        choice = str(data_path("smalltalk.jsonl"))
+    elif not Path(choice).is_file():
         fail(f"--compose-with {choice}: no such file (or say 'bundled' or 'none')", ExitCode.CONFIG)
-    return choice
+    return {"compose_filler": choice, "compose_per_example": per_example or 1}
 
 
 @click.command("train")
@@ -218,9 +226,9 @@ def _compose_filler(
 @click.option(
     "--compose-per-example",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Composed conversations per training request (with --compose-with).",
+    default=None,
+    help="Composed conversations per training request [default: the bundled set's own "
+    "number (intent: 2) when composing it by default, else 1].",
 )
 @click.option(
     "--seed", default=0, show_default=True, help="Seeds the split, the head and the batches."
@@ -250,7 +258,7 @@ def train_cmd(
     class_weights: str | None,
     calibration_folds: int,
     compose_with: str | None,
-    compose_per_example: int,
+    compose_per_example: int | None,
     seed: int,
     as_json: bool,
 ) -> None:
@@ -322,13 +330,13 @@ def train_cmd(
             seed=seed,
             class_weighting=weighting,
             calibration_folds=calibration_folds,
-            compose_filler=_compose_filler(
+            **_compose_options(
                 compose_with,
+                compose_per_example,
                 task_name,
                 bundled_set=not (data or from_task),
                 multi_label=multi_label,
             ),
-            compose_per_example=compose_per_example,
             **overrides,
         )
         metrics = run_training(

@@ -337,3 +337,52 @@ def test_calibration_folds_refuse_what_cannot_be_cross_fitted(
     )
     assert result.exit_code == 2
     assert "--calibration-folds takes 0" in result.output
+
+
+def test_train_composes_requests_among_small_talk(tmp_path: Path, tiny_base: Path) -> None:
+    """`--compose-with FILE` adds each request among the file's small talk (its label)
+    and small talk alone (the tier's background label); the metrics and the card say
+    how many, and the printed line counts them apart from the written examples."""
+    config = tmp_path / "tasks.toml"
+    config.write_text(
+        '[tasks.triage]\nkind = "sequence_classify"\n'
+        'labels = { urgent = "act now", idle = "small talk" }\n'
+        '[[tasks.triage.ladder]]\npath = "mine"\nmax_length = 64\n'
+        'background_labels = ["idle"]\n'
+    )
+    filler = tmp_path / "talk.jsonl"
+    filler.write_text(
+        "".join(
+            json.dumps({"role": role, "content": line}) + "\n"
+            for role, line in [
+                ("user", "nice weather"),
+                ("user", "haha yes"),
+                ("assistant", "Indeed!"),
+                ("assistant", "Sure thing."),
+            ]
+        )
+    )
+    rows = [(f"server {t} is down, fix it now", "urgent", 1.0) for t in TOPICS] + [
+        (f"hello, lovely {t} today", "idle", 1.0) for t in TOPICS
+    ]
+    out = tmp_path / "models" / "mine"
+    args = ["train", "-t", "triage", "--data", str(_csv(tmp_path / "d.csv", rows))]
+    args += ["--base", str(tiny_base), "--epochs", "1", "--out", str(out)]
+    env = {**_env(tmp_path), "FLEET_CONFIG_FILE": str(config)}
+    result = CliRunner().invoke(
+        main, [*args, "--compose-with", str(filler), "--compose-per-example", "2"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "training_metrics.json").read_text())
+    composed = metrics["composed"]
+    requests_in_training = metrics["train_per_label"]["urgent"]
+    assert composed["added_per_label"]["urgent"] == 2 * requests_in_training
+    assert composed["added_per_label"]["idle"] >= 1  # small talk alone, as the background
+    assert composed["filler"] == "talk.jsonl" and composed["per_example"] == 2
+    assert f"+ {composed['added']} composed with talk.jsonl" in result.output
+    assert "composed conversations:" in (out / "README.md").read_text()
+
+    missing = CliRunner().invoke(main, [*args, "--compose-with", "nope.jsonl"], env=env)
+    assert missing.exit_code == 2 and "no such file" in missing.output
+    multi = CliRunner().invoke(main, [*args, "--multi-label", "--compose-with", "bundled"], env=env)
+    assert multi.exit_code == 2 and "not with --multi-label" in multi.output

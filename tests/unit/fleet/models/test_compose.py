@@ -40,15 +40,14 @@ def _count_words(text: str) -> int:
     return len(text.split())
 
 
-def test_each_request_is_composed_among_small_talk_with_its_label() -> None:
-    out = compose_examples(
-        REQUESTS,
-        FILLER,
-        background=["chitchat"],
-        max_tokens=60,
-        count_tokens=_count_words,
-        per_example=3,
+def _compose(**kw: int) -> list[Example]:
+    return compose_examples(
+        REQUESTS, FILLER, background=["chitchat"], max_tokens=60, count_tokens=_count_words, **kw
     )
+
+
+def test_each_request_is_composed_among_small_talk_with_its_label() -> None:
+    out = _compose(per_example=3)
     requests = [ex for ex in out if ex.label != "chitchat"]
     assert Counter(ex.label for ex in requests) == {
         "rag_query": 3,
@@ -67,15 +66,7 @@ def test_each_request_is_composed_among_small_talk_with_its_label() -> None:
 
 
 def test_small_talk_alone_is_the_background_label_and_never_holds_a_request() -> None:
-    out = compose_examples(
-        REQUESTS,
-        FILLER,
-        background=["chitchat"],
-        max_tokens=60,
-        count_tokens=_count_words,
-        per_example=4,
-        background_every=2,
-    )
+    out = _compose(per_example=4, background_every=2)
     alone = [ex for ex in out if ex.label == "chitchat"]
     assert len(alone) == 3 * 4 // 2  # the background request itself is never composed around
     lines = {line.split(": ", 1)[1] for ex in alone for line in ex.text.split("\n")}
