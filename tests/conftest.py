@@ -102,6 +102,21 @@ def smollm_dir(bundled_models_dir: Path) -> Path:
     return prepare_smollm(bundled_models_dir)
 
 
+# The first test of a session that needs the trained intent model trains it (the
+# bundled set and its composed conversations: about 12 minutes on 2 cores), and
+# pytest-timeout counts fixture setup: every test that uses it gets the time, whatever
+# order the tests run in.
+TRAINING_FIXTURES = {"trained_intent"}
+TRAINING_TIMEOUT_S = 1800
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        uses = TRAINING_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if uses and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TRAINING_TIMEOUT_S))
+
+
 @pytest.fixture(scope="session")
 def trained_intent(bundled_models_dir: Path) -> tuple[Path, dict, list]:
     """The intent classifier fine-tuned once per session from the bundled MiniLM

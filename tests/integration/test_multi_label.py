@@ -98,7 +98,7 @@ def cut_between(values: list[float], below: float) -> float:
 
 
 @pytest.fixture
-def env(db_url, broker_url, tmp_path, monkeypatch, bundled_models_dir):
+def env(db_url, broker_url, tmp_path, monkeypatch, bundled_models_dir, trained_intent):
     from config.taskconfig import bundled_document, parse_tasks
     from fleet.models.prepare import BUNDLED, prepare_bundled
 
