@@ -106,7 +106,7 @@ def _compose_options(
     None for no composing) and `compose_per_example` (`--compose-per-example`, else the
     bundled set's own number when its default filler is used, else 1)."""
     from config.data import data_path
-    from fleet.models.catalogue import bundled_for_task
+    from fleet.models.catalogue import SMALLTALK, bundled_for_task
 
     if multi_label:
         if choice not in (None, "none"):
@@ -124,7 +124,7 @@ def _compose_options(
     if choice == "none":
         return {"compose_filler": None, "compose_per_example": 1}
     if choice == "bundled":
-        choice = str(data_path("smalltalk.jsonl"))
+        choice = str(data_path(SMALLTALK))
     elif not Path(choice).is_file():
         fail(f"--compose-with {choice}: no such file (or say 'bundled' or 'none')", ExitCode.CONFIG)
     return {"compose_filler": choice, "compose_per_example": per_example or 1}

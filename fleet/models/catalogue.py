@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 INTENT = "intent-minilm"
 WORTHINESS = "worthiness-minilm"
 SENTIMENT = "sentiment-minilm"
 MINILM = "all-minilm-l6-v2"
+SMALLTALK = "smalltalk.jsonl"  # config/data: the small talk requests are composed among
 WHISPER = "whisper-tiny.en"
 WHISPER_BASE = "whisper-base"
 SMOLLM = "smollm2-135m-instruct"
@@ -42,6 +44,18 @@ class BundledClassifier:
     filler: str | None = None
     filler_per_example: int = 1
 
+    def train_options(self) -> dict[str, Any]:
+        """The TrainConfig fields this classifier is trained with: its calibration folds
+        and, where it has one, its filler (a path under config/data) and compositions
+        per request."""
+        from config.data import data_path
+
+        return {
+            "calibration_folds": self.calibration_folds,
+            "compose_filler": str(data_path(self.filler)) if self.filler else None,
+            "compose_per_example": self.filler_per_example,
+        }
+
 
 BUNDLED: dict[str, BundledClassifier] = {
     b.folder: b
@@ -51,7 +65,7 @@ BUNDLED: dict[str, BundledClassifier] = {
             INTENT,
             "intent.jsonl",
             "eval/intent_eval.jsonl",
-            filler="smalltalk.jsonl",
+            filler=SMALLTALK,
             filler_per_example=2,
         ),
         BundledClassifier(

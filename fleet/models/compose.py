@@ -35,6 +35,7 @@ and filler give the same compositions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Callable, Sequence
@@ -42,8 +43,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fleet.models.labeled import Example, TrainingDataError
+from workers.adapters.llm_prompt import render_transcript
+from workers.adapters.windowed import text_data
 
 ROLES = ("user", "assistant")
+Message = dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,12 @@ class Filler:
 
     user: tuple[str, ...]
     assistant: tuple[str, ...]
+
+
+def filler_sha256(path: str | Path) -> str:
+    """The sha256 of a filler file's bytes (recorded in training_metrics.json; a bundled
+    folder composed with another version of the file is retrained)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_filler(path: str | Path) -> Filler:
@@ -90,43 +100,35 @@ def load_filler(path: str | Path) -> Filler:
     return Filler(tuple(users), tuple(bots))
 
 
-def _request_turns(text: str) -> list[tuple[str, str]]:
-    """An example's text as (role, content) turns: `role: content` lines as they are
-    (a conversation example), anything else as one user turn."""
-    lines = text.split("\n")
-    if not lines[0].startswith(tuple(f"{r}: " for r in ROLES)):
-        return [("user", " ".join(line.strip() for line in lines if line.strip()))]
-    turns: list[tuple[str, str]] = []
-    for line in lines:
-        role = next((r for r in ROLES if line.startswith(f"{r}: ")), None)
-        if role is None and turns:
-            turns[-1] = (turns[-1][0], f"{turns[-1][1]} {line.strip()}")
-        elif role is not None:
-            turns.append((role, line[len(role) + 2 :]))
-    return turns
+def _request_turns(text: str) -> list[Message]:
+    """An example's text as messages: `role: content` lines as the fleet reads them back
+    (`workers.adapters.windowed.text_data`: a conversation example), anything else as
+    one user turn."""
+    data = text_data(text)
+    if "messages" in data:
+        return list(data["messages"])
+    return [
+        {"role": "user", "content": " ".join(ln.strip() for ln in text.split("\n") if ln.strip())}
+    ]
 
 
-def _render(turns: Sequence[tuple[str, str]]) -> str:
-    return "\n".join(f"{role}: {content}" for role, content in turns)
-
-
-def _pairs(rng: random.Random, filler: Filler, n: int) -> list[tuple[str, str]]:
+def _pairs(rng: random.Random, filler: Filler, n: int) -> list[Message]:
     """n small-talk exchanges: a user line, then most often an assistant reply."""
-    out: list[tuple[str, str]] = []
+    out: list[Message] = []
     for _ in range(n):
-        out.append(("user", rng.choice(filler.user)))
+        out.append({"role": "user", "content": rng.choice(filler.user)})
         if rng.random() < 0.8:
-            out.append(("assistant", rng.choice(filler.assistant)))
+            out.append({"role": "assistant", "content": rng.choice(filler.assistant)})
     return out
 
 
 def _fit(
-    before: list[tuple[str, str]],
-    core: list[tuple[str, str]],
-    after: list[tuple[str, str]],
+    before: list[Message],
+    core: list[Message],
+    after: list[Message],
     budget: int,
     count_tokens: Callable[[str], int],
-) -> list[tuple[str, str]] | None:
+) -> list[Message] | None:
     """Drop filler turns (the outermost first, alternately after and before) until
     the rendered conversation is at most `budget` tokens; None when the core alone
     does not fit."""
@@ -134,7 +136,7 @@ def _fit(
     turn = 0
     while True:
         turns = before + core + after
-        if count_tokens(_render(turns)) <= budget:
+        if count_tokens(render_transcript(turns)) <= budget:
             return turns
         if not before and not after:
             return None
@@ -182,13 +184,17 @@ def compose_examples(
             n = rng.randint(2, 6)
             before = _pairs(rng, filler, n) if where in ("before", "around") else []
             after = _pairs(rng, filler, rng.randint(1, 3)) if where in ("after", "around") else []
-            reply = [("assistant", rng.choice(filler.assistant))] if rng.random() < 0.5 else []
+            reply = (
+                [{"role": "assistant", "content": rng.choice(filler.assistant)}]
+                if rng.random() < 0.5
+                else []
+            )
             turns = _fit(before, core + reply, after, budget, count_tokens)
             if turns is not None and turns != core + reply:
-                out.append(Example(_render(turns), ex.label, ex.weight))
+                out.append(Example(render_transcript(turns), ex.label, ex.weight))
     for _ in range(len(requests) * per_example // background_every):
         budget = rng.randint(max(max_tokens // 3, 16), max_tokens)
         turns = _fit(_pairs(rng, filler, rng.randint(2, 8)), [], [], budget, count_tokens)
         if turns:
-            out.append(Example(_render(turns), background[0], 1.0))
+            out.append(Example(render_transcript(turns), background[0], 1.0))
     return out

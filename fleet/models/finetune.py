@@ -164,12 +164,12 @@ def compose_record(config: TrainConfig, composed: Sequence[Example]) -> dict[str
     changed), how many were added per label."""
     if not config.compose_filler:
         return None
-    import hashlib
+    from fleet.models.compose import filler_sha256
 
     path = Path(config.compose_filler)
     return {
         "filler": path.name,
-        "filler_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "filler_sha256": filler_sha256(path),
         "per_example": config.compose_per_example,
         "background": list(config.compose_background),
         "added": len(composed),
@@ -421,14 +421,13 @@ def train_intent(
 ) -> dict[str, Any]:
     """Train the intent classifier from a labeled file (split 80/20, seeded), composed with
     the bundled small talk as `fleet models prepare` trains it; see `train_task`."""
-    from config.data import data_path as shipped
+    from config.taskconfig import load_tasks
     from fleet.models.catalogue import BUNDLED, INTENT
 
-    bundled = BUNDLED[INTENT]
+    tier = load_tasks(None)["intent"].ladder[0]  # the bundled tier: its background labels
     defaults: dict[str, Any] = {
-        "compose_filler": str(shipped(bundled.filler)) if bundled.filler else None,
-        "compose_per_example": bundled.filler_per_example,
-        "compose_background": ("chitchat",),
+        **BUNDLED[INTENT].train_options(),
+        "compose_background": tuple(tier.options.get("background_labels", ())),
     }
     config = TrainConfig(seed=seed, **{**defaults, **overrides})
     return train_task(

@@ -60,6 +60,7 @@ def train_bundled(
     tasks.toml. Writes the folder whole, then moves it into place.
     """
     from config.taskconfig import load_tasks
+    from fleet.models.finetune import TrainConfig
     from fleet.models.labeled import load_labeled
     from fleet.models.training import run_training
 
@@ -75,7 +76,7 @@ def train_bundled(
         base=None,
         eval_file=None,
         test_file=test if test.is_file() else None,
-        config=config or bundled_config(bundled),
+        config=config or TrainConfig(**bundled.train_options()),
         test_fraction=0.2,
         quiet=quiet,
     )
@@ -89,22 +90,9 @@ def train_bundled(
     return metrics
 
 
-def bundled_config(bundled: BundledClassifier) -> Any:
-    """The TrainConfig a bundled classifier is trained with: its calibration folds and,
-    where it has one, its small-talk filler for composed conversations."""
-    from fleet.models.finetune import TrainConfig
-
-    filler = str(data_path(bundled.filler)) if bundled.filler else None
-    return TrainConfig(
-        calibration_folds=bundled.calibration_folds,
-        compose_filler=filler,
-        compose_per_example=bundled.filler_per_example,
-    )
-
-
 def _filler_changed(recorded: dict[str, Any], bundled: BundledClassifier) -> str | None:
     """Why the composed part of a built folder differs from what this version ships."""
-    import hashlib
+    from fleet.models.compose import filler_sha256
 
     composed = recorded.get("composed") or {}
     if not bundled.filler:
@@ -113,7 +101,7 @@ def _filler_changed(recorded: dict[str, Any], bundled: BundledClassifier) -> str
             if composed
             else None
         )
-    shipped = hashlib.sha256(data_path(bundled.filler).read_bytes()).hexdigest()
+    shipped = filler_sha256(data_path(bundled.filler))
     built = composed.get("filler_sha256")
     if built == shipped:
         per = composed.get("per_example")

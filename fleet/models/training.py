@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from config.taskconfig import TaskSpec, resolve_model_path
+from config.taskconfig import TaskSpec, TierSpec, resolve_model_path
 from fleet.models.labeled import TrainingDataError
 from workers.adapters.windowed import Reading
 
@@ -288,10 +288,15 @@ def training_progress(title: str) -> Iterator[Callable[[dict[str, Any]], None]]:
         yield update
 
 
+def served_tier(spec: TaskSpec, out: Path) -> TierSpec:
+    """The tier that serves `out`: the ladder tier whose path names the folder, else the
+    task's first tier (where `fleet train` tells you to put it)."""
+    return next((t for t in spec.ladder if Path(t.path).name == out.name), spec.ladder[0])
+
+
 def served_reading(spec: TaskSpec, out: Path) -> Reading:
-    """How the tier that serves `out` reads: the ladder tier whose path names the
-    folder, else the task's first tier (where `fleet train` tells you to put it)."""
-    tier = next((t for t in spec.ladder if Path(t.path).name == out.name), spec.ladder[0])
+    """How the tier that serves `out` reads (`served_tier`)."""
+    tier = served_tier(spec, out)
     return Reading.from_options(tier.max_length, tier.options)
 
 
@@ -346,10 +351,8 @@ def run_training(
             turn_context=served.turn_context,
         )
     if config.compose_filler and not config.compose_background:
-        tier = next((t for t in spec.ladder if Path(t.path).name == out.name), spec.ladder[0])
-        config = dataclasses.replace(
-            config, compose_background=tuple(tier.options.get("background_labels", ()))
-        )
+        background = served_tier(spec, out).options.get("background_labels", ())
+        config = dataclasses.replace(config, compose_background=tuple(background))
     labels = task_labels(spec, models_dir)
     eval_examples = load_labeled(eval_file, multi_label=multi_label) if eval_file else None
     test_examples = load_labeled(test_file, multi_label=multi_label) if test_file else None
