@@ -35,9 +35,18 @@ Pooling rules (the tier option `pooling`):
             least `salient_threshold` (0.5), and its row is the item's; else
             (nothing but background anywhere) the recency rule. Without
             background labels it is `max`.
+  margin    with background labels: the window whose best label outside the
+            background leads the best background label by the most decides
+            (its row is the item's), when some window has such a lead at all;
+            else the recency rule. Without background labels it is `max`.
+  latest    with background labels: the latest window whose best label outside
+            the background leads every background label decides (a request
+            appended to an old thread, or asked after an earlier one was
+            resolved, is what the conversation is about now); else the recency
+            rule. Without background labels it is `max`.
 
 A multi-label model's windows are pooled by `pool_independent`: each label is
-its own yes/no, so `max` and `salient` keep per label the highest window
+its own yes/no, so `max`, `salient`, `margin` and `latest` keep per label the highest window
 probability (not renormalised) and the weighted rules average per label.
 """
 
@@ -46,7 +55,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-POOLING_RULES = ("max", "mean", "recency", "role", "salient", "margin")
+POOLING_RULES = ("max", "mean", "recency", "role", "salient", "margin", "latest")
 SALIENT_THRESHOLD = 0.5
 USER_ROLES = frozenset({"user", "human", "customer", "caller"})
 
@@ -310,7 +319,7 @@ def pool(
     if len(rows) == 1:
         return Pooled(tuple(float(x) for x in rows[0]), 0)
     labels = len(rows[0])
-    if rule == "margin":
+    if rule in ("margin", "latest"):
         if not background:
             rule = "max"
         else:
@@ -319,8 +328,9 @@ def pool(
                 (max(rows[k][j] for j in focus) - max(rows[k][b] for b in background), k)
                 for k in range(len(rows))
             ]
-            gap, k = max(lead)
-            if gap > 0:
+            ahead = [k for gap, k in lead if gap > 0]
+            if ahead:
+                k = ahead[-1] if rule == "latest" else max(lead)[1]
                 return Pooled(tuple(float(x) for x in rows[k]), k)
             rule = "recency"
     if rule == "salient":
@@ -360,7 +370,7 @@ def pool_independent(
     """Pool per-window probabilities of independent labels (a multi-label model's
     sigmoids: each label is its own yes/no, rows need not sum to 1) into one row.
 
-    `max`, `salient` and `margin`: per label, the highest probability over windows (a
+    `max`, `salient`, `margin` and `latest`: per label, the highest probability over windows (a
     conversation is worried when one of its windows is; multiple-instance
     reading per label), never renormalised; `mean`, `recency` and `role`: the
     weighted mean of each label's probabilities (`window_weights`). One window:
@@ -372,7 +382,7 @@ def pool_independent(
     if len(rows) == 1:
         return Pooled(tuple(float(x) for x in rows[0]), 0)
     labels = len(rows[0])
-    if rule in ("max", "salient", "margin"):
+    if rule in ("max", "salient", "margin", "latest"):
         probs = tuple(float(max(r[j] for r in rows)) for j in range(labels))
         best = max(range(labels), key=probs.__getitem__)
         return Pooled(probs, max(range(len(rows)), key=lambda k: rows[k][best]))

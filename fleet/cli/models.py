@@ -130,6 +130,45 @@ def _compose_options(
     return {"compose_filler": choice, "compose_per_example": per_example or 1}
 
 
+def _calibration_option(
+    choice: str | None, task: str, *, bundled_set: bool, multi_label: bool, folds: int
+) -> str | None:
+    """TrainConfig's `calibration_data`: the file `--calibration-data` names, the
+    bundled set's own calibration file ('bundled', or by default when training a
+    bundled task's shipped set that has one and no --calibration-folds), or None
+    (the held-out split). Exits CONFIG for a missing file, or one given with
+    --calibration-folds or --multi-label."""
+    from config.data import data_path
+    from fleet.models.catalogue import bundled_for_task
+
+    shipped = bundled_for_task(task)
+    if choice is None:
+        if bundled_set and shipped and shipped.calibration and not folds and not multi_label:
+            return str(data_path(shipped.calibration))
+        return None
+    if choice == "none":
+        return None
+    if folds or multi_label:
+        fail(
+            "--calibration-data fits a softmax temperature on a file: not with "
+            "--calibration-folds or --multi-label",
+            ExitCode.CONFIG,
+        )
+    if choice == "bundled":
+        if not (shipped and shipped.calibration):
+            fail(
+                f"task {task!r} ships no calibration file: give --calibration-data FILE",
+                ExitCode.CONFIG,
+            )
+        return str(data_path(shipped.calibration))
+    if not Path(choice).is_file():
+        fail(
+            f"--calibration-data {choice}: no such file (or say 'bundled' or 'none')",
+            ExitCode.CONFIG,
+        )
+    return choice
+
+
 @click.command("train")
 @task_option
 @click.option(
@@ -213,6 +252,17 @@ def _compose_options(
     "--multi-label.",
 )
 @click.option(
+    "--calibration-data",
+    "calibration_data",
+    metavar="FILE|bundled|none",
+    default=None,
+    help="Fit the temperature on this labeled file (text like what the model will serve, "
+    "written apart from --data) instead of the held-out split; 'bundled': the task's "
+    "shipped calibration file (sentiment: config/data/sentiment_calibration.jsonl); "
+    "'none': the split. Default: the shipped file when training a bundled task's "
+    "shipped set that has one, else the split.",
+)
+@click.option(
     "--compose-with",
     "compose_with",
     metavar="FILE|bundled|none",
@@ -257,6 +307,7 @@ def train_cmd(
     max_length: int | None,
     class_weights: str | None,
     calibration_folds: int,
+    calibration_data: str | None,
     compose_with: str | None,
     compose_per_example: int | None,
     seed: int,
@@ -330,6 +381,13 @@ def train_cmd(
             seed=seed,
             class_weighting=weighting,
             calibration_folds=calibration_folds,
+            calibration_data=_calibration_option(
+                calibration_data,
+                task_name,
+                bundled_set=not (data or from_task),
+                multi_label=multi_label,
+                folds=calibration_folds,
+            ),
             **_compose_options(
                 compose_with,
                 compose_per_example,
@@ -434,12 +492,20 @@ def _say_trained(out: Path, metrics: dict[str, Any]) -> None:
         )
     cal = metrics.get("calibration")
     if cal:
-        where = (
-            f"out-of-fold logits ({metrics['config']['calibration_folds']}-fold cross-fitting; "
-            f"the split alone gave {cal['split_temperature']:.3f})"
-            if cal.get("out_of_fold")
-            else "the held-out split"
-        )
+        if cal.get("out_of_fold"):
+            where = (
+                f"out-of-fold logits ({metrics['config']['calibration_folds']}-fold "
+                f"cross-fitting; the split alone gave {cal['split_temperature']:.3f})"
+            )
+        elif cal.get("calibration_set"):
+            where = (
+                f"{cal['calibration_data']} (n={cal['calibration_set']['n']}, ECE "
+                f"{cal['calibration_set']['ece_before']:.3f} -> "
+                f"{cal['calibration_set']['ece_after']:.3f}; the split alone gave "
+                f"{cal['split_temperature']:.3f})"
+            )
+        else:
+            where = "the held-out split"
         line = (
             f"calibration: temperature {cal['temperature']:.3f} fitted on {where} "
             f"(calibration.json); ECE validation {cal['validation']['ece_before']:.3f} -> "

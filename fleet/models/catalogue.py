@@ -34,7 +34,9 @@ class BundledClassifier:
     (`fleet.models.crossfit`, K more trainings), 0 on the held-out split.
     `filler`: a small-talk file under config/data to compose conversations with
     (`fleet.models.compose`: each request among small talk, small talk alone as
-    the tier's background label), or None; `filler_per_example` compositions per request."""
+    the tier's background label), or None; `filler_per_example` compositions per request.
+    `calibration`: a file under config/data the temperature is fitted on instead of
+    the held-out split (`fleet.models.temperature.calibrate_on_set`), or None."""
 
     task: str
     folder: str
@@ -43,15 +45,17 @@ class BundledClassifier:
     calibration_folds: int = 0
     filler: str | None = None
     filler_per_example: int = 1
+    calibration: str | None = None
 
     def train_options(self) -> dict[str, Any]:
         """The TrainConfig fields this classifier is trained with: its calibration folds
-        and, where it has one, its filler (a path under config/data) and compositions
-        per request."""
+        or calibration file and, where it has one, its filler (paths under
+        config/data) and compositions per request."""
         from config.data import data_path
 
         return {
             "calibration_folds": self.calibration_folds,
+            "calibration_data": str(data_path(self.calibration)) if self.calibration else None,
             "compose_filler": str(data_path(self.filler)) if self.filler else None,
             "compose_per_example": self.filler_per_example,
         }
@@ -71,7 +75,13 @@ BUNDLED: dict[str, BundledClassifier] = {
         BundledClassifier(
             "worthiness", WORTHINESS, "worthiness.jsonl", "eval/worthiness_eval.jsonl"
         ),
-        BundledClassifier("sentiment", SENTIMENT, "sentiment.jsonl", "eval/sentiment_eval.jsonl"),
+        BundledClassifier(
+            "sentiment",
+            SENTIMENT,
+            "sentiment.jsonl",
+            "eval/sentiment_eval.jsonl",
+            calibration="sentiment_calibration.jsonl",
+        ),
     )
 }
 

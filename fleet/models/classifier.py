@@ -59,6 +59,10 @@ class TrainConfig:
     # fits it on out-of-fold logits of K models cross-fitted over every example
     # (`fleet.models.crossfit`; K more trainings).
     calibration_folds: int = 0
+    # A labeled file to fit the temperature on instead (`fleet train
+    # --calibration-data`): text like the traffic served, apart from the
+    # training file (`fleet.models.temperature.calibrate_on_set`). None: not used.
+    calibration_data: str | None = None
     # Composed conversations (`fleet.models.compose`): a filler file of small-talk
     # turns to put around each request (None: no composing), how many
     # compositions per request, and the background labels (the served tier's

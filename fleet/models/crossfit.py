@@ -148,7 +148,7 @@ def cross_fitted_calibration(
     temperature, of the out-of-fold logits themselves (where T was fitted), and the
     temperature the held-out split alone would have given (for comparison).
     Raises TrainingDataError as `out_of_fold_logits`."""
-    from fleet.models.temperature import calibration_scores, folder_logits
+    from fleet.models.temperature import calibration_scores, scored_at
     from workers.calibration import calibrate, write_calibration
 
     logits, gold = out_of_fold_logits(
@@ -161,19 +161,14 @@ def cross_fitted_calibration(
         f"training examples ({epochs} epochs per fold)",
     )
     write_calibration(out_dir, cal)
-    index = {n: i for i, n in enumerate(labels)}
     max_length = config.reading().max_length
-    v_logits, _ = folder_logits(out_dir, [ex.text for ex in valid], max_length=max_length)
-    v_gold = [index[ex.label] for ex in valid]
+    v_scores, split_t = scored_at(out_dir, valid, labels, cal.temperature, max_length=max_length)
     scores: dict[str, Any] = {
-        "validation": calibration_scores(v_logits, v_gold, cal.temperature),
+        "validation": v_scores,
         "test": None,
         "out_of_fold": calibration_scores(logits, gold, cal.temperature),
-        "split_temperature": round(calibrate(v_logits, v_gold).temperature, 6),
+        "split_temperature": split_t,
     }
     if test:
-        t_logits, _ = folder_logits(out_dir, [ex.text for ex in test], max_length=max_length)
-        scores["test"] = calibration_scores(
-            t_logits, [index[ex.label] for ex in test], cal.temperature
-        )
+        scores["test"], _ = scored_at(out_dir, test, labels, cal.temperature, max_length=max_length)
     return cal, scores

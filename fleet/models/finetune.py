@@ -264,6 +264,17 @@ def train_task(
             test=test_examples,
             progress=progress,
         )
+    elif config.calibration_data:
+        from fleet.models.temperature import calibrate_on_set
+
+        cal, cal_scores = calibrate_on_set(
+            out_dir,
+            Path(config.calibration_data),
+            valid,
+            names,
+            test=test_examples,
+            max_length=config.reading().max_length,
+        )
     else:
         from fleet.models.temperature import calibrate_folder
 

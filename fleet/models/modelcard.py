@@ -44,17 +44,20 @@ def calibration_lines(cal: dict[str, Any] | None) -> str:
             return ""
         return f"| {name} | {s['n']} | {s['ece_before']:.3f} | {s['ece_after']:.3f} |\n"
 
+    if cal.get("out_of_fold"):
+        rows = ece("out of fold (fitted on it)", cal["out_of_fold"])
+        rows += ece("validation", cal.get("validation"))
+    elif cal.get("calibration_set"):
+        rows = ece(f"{cal['calibration_data']} (fitted on it)", cal["calibration_set"])
+        rows += ece("validation", cal.get("validation"))
+    else:
+        rows = ece("validation (fitted on it)", cal.get("validation"))
     return (
         f"\nCalibration: temperature {cal['temperature']:.3f} (`calibration.json`, "
         f"temperature scaling fitted on the {cal['fitted_on']}; NLL {cal['nll_before']:.3f} "
         f"-> {cal['nll_after']:.3f}).\n\n"
         "| set | n | ECE raw | ECE calibrated |\n| --- | --- | --- | --- |\n"
-        + (
-            ece("out of fold (fitted on it)", cal["out_of_fold"])
-            + ece("validation", cal.get("validation"))
-            if cal.get("out_of_fold")
-            else ece("validation (fitted on it)", cal.get("validation"))
-        )
+        + rows
         + ece("independent test", cal.get("test"))
     )
 

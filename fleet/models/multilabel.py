@@ -151,7 +151,7 @@ def folder_logits(
             for w in windows:
                 mine = rows[at : at + len(w.ids)]
                 at += len(w.ids)
-                if len(mine) == 1 or reading.pooling in ("max", "salient", "margin"):
+                if len(mine) == 1 or reading.pooling in ("max", "salient", "margin", "latest"):
                     out.append([max(r[j] for r in mine) for j in range(len(names))])
                 else:
                     probs = [[_sigmoid(z) for z in r] for r in mine]

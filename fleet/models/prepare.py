@@ -113,6 +113,26 @@ def _filler_changed(recorded: dict[str, Any], bundled: BundledClassifier) -> str
     return f"it was composed with another version of {bundled.filler}"
 
 
+def _calibration_changed(recorded: dict[str, Any], bundled: BundledClassifier) -> str | None:
+    """Why the temperature of a built folder was fitted on other data than this
+    version ships (its calibration file, or the held-out split where it has none)."""
+    from fleet.models.labeled import data_hash, load_labeled
+
+    built = (recorded.get("calibration") or {}).get("calibration_sha256")
+    if not bundled.calibration:
+        return (
+            "its temperature was fitted on a calibration file this version does not use"
+            if built
+            else None
+        )
+    shipped = data_hash(load_labeled(data_path(bundled.calibration)))
+    if built == shipped:
+        return None
+    if not built:
+        return f"its temperature was not fitted on {bundled.calibration}"
+    return f"its temperature was fitted on another version of {bundled.calibration}"
+
+
 def bundled_is_stale(target: Path, bundled: BundledClassifier) -> str | None:
     """Why the built folder `target` no longer matches the training set this
     version ships (a reason to print), or None when it does.
@@ -139,7 +159,7 @@ def bundled_is_stale(target: Path, bundled: BundledClassifier) -> str | None:
         return None
     shipped = data_hash(load_labeled(data_path(bundled.data)))
     if built == shipped:
-        changed = _filler_changed(recorded, bundled)
+        changed = _filler_changed(recorded, bundled) or _calibration_changed(recorded, bundled)
         return f"{bundled.folder}: {changed}" if changed else None
     return (
         f"{bundled.folder} was trained on another version of {bundled.data} "

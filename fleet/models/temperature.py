@@ -125,6 +125,85 @@ def calibrate_folder(
     return cal, scores
 
 
+def scored_at(
+    model_dir: str | Path,
+    examples: Sequence[Example],
+    labels: Sequence[str],
+    temperature: float,
+    *,
+    max_length: int = 128,
+) -> tuple[dict[str, float], float]:
+    """`calibration_scores` of the folder's logits on `examples` at `temperature`, and
+    the temperature those examples alone would fit (for comparison). Raises
+    ValueError for labels outside `labels` (the folder's, in id order)."""
+    index = {n: i for i, n in enumerate(labels)}
+    missing = sorted({ex.label for ex in examples} - set(index))
+    if missing:
+        raise ValueError(f"labels the model lacks: {', '.join(missing)}")
+    logits, _ = folder_logits(model_dir, [ex.text for ex in examples], max_length=max_length)
+    gold = [index[ex.label] for ex in examples]
+    own = round(calibrate(logits, gold).temperature, 6)
+    return calibration_scores(logits, gold, temperature), own
+
+
+def calibrate_on_set(
+    model_dir: str | Path,
+    calibration: Path,
+    valid: Sequence[Example],
+    labels: Sequence[str],
+    *,
+    test: Sequence[Example] | None = None,
+    max_length: int = 128,
+) -> tuple[Calibration, dict[str, Any]]:
+    """Fit the folder's temperature on a separate calibration file (the `fleet train`
+    formats: text written like the traffic the model will serve, apart from the
+    training file and any evaluation set), write calibration.json, and score it.
+
+    The held-out split of a training file is written by the same hand as the
+    rest of it and can be harder or easier than what the model will meet; a
+    temperature is best fitted on data like the deployment's (Guo et al. 2017
+    fit on a held-out set of the target distribution). Returns the Calibration
+    and `{"calibration_set", "validation", "test", "split_temperature",
+    "calibration_data", "calibration_sha256"}`: scores where T was fitted, on the
+    held-out split and on `test` (None without one) at that T, the temperature
+    the split alone would have given, the file's name and the sha256 of its
+    examples. Raises TrainingDataError for an unreadable file, ValueError for
+    an empty one or labels the folder lacks."""
+    from fleet.models.labeled import data_hash, load_labeled
+
+    examples = load_labeled(calibration)
+    if not examples:
+        raise ValueError(f"{calibration}: no examples to fit a temperature on")
+    index = {n: i for i, n in enumerate(labels)}
+    missing = sorted({ex.label for ex in examples} - set(index))
+    if missing:
+        raise ValueError(f"{calibration}: labels the model lacks: {', '.join(missing)}")
+    sha = data_hash(examples)
+    logits, _ = folder_logits(model_dir, [ex.text for ex in examples], max_length=max_length)
+    gold = [index[ex.label] for ex in examples]
+    cal = calibrate(
+        logits,
+        gold,
+        fitted_on=f"calibration set {calibration.name} ({len(examples)} examples, "
+        f"sha256 {sha[:12]})",
+    )
+    write_calibration(model_dir, cal)
+    v_scores, split_t = scored_at(model_dir, valid, labels, cal.temperature, max_length=max_length)
+    scores: dict[str, Any] = {
+        "calibration_set": calibration_scores(logits, gold, cal.temperature),
+        "validation": v_scores,
+        "test": None,
+        "split_temperature": split_t,
+        "calibration_data": calibration.name,
+        "calibration_sha256": sha,
+    }
+    if test:
+        scores["test"], _ = scored_at(
+            model_dir, test, labels, cal.temperature, max_length=max_length
+        )
+    return cal, scores
+
+
 def adapter_log_scores(
     spec: Any,
     models_dir: Path,

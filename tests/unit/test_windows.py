@@ -10,6 +10,7 @@ from workers.windows import (
     build_turn_windows,
     build_windows,
     pool,
+    pool_independent,
     window_weights,
 )
 
@@ -284,6 +285,34 @@ def test_margin_pooling_with_nothing_but_background_is_recency() -> None:
     assert pool([A, B], plan_of(("user", 3), ("user", 3)), "margin") == pool(
         [A, B], plan_of(("user", 3), ("user", 3)), "max"
     )
+
+
+# An old request resolved long ago (0.95 professional) and the request appended
+# after it (0.70 learning): margin takes the surer one, latest the one asked last.
+OLD, NEW = [0.03, 0.95, 0.02], [0.10, 0.20, 0.70]
+
+
+def test_latest_pooling_takes_the_last_window_that_stands_out_from_the_background() -> None:
+    plan = plan_of(*[("user", 5)] * 4)
+    rows = [S, OLD, NEW, S]
+    assert pool(rows, plan, "margin", background=(0,)).deciding == 1
+    pooled = pool(rows, plan, "latest", background=(0,))
+    assert pooled.deciding == 2 and pooled.probs == tuple(NEW)
+    # small talk that leans but does not beat the background never decides
+    assert (
+        pool(
+            [S, ASK, LEAN[:1] + [0.3, 0.3]], plan_of(*[("user", 5)] * 3), "latest", background=(0,)
+        ).deciding
+        == 1
+    )
+
+
+def test_latest_pooling_without_a_request_or_background_falls_back() -> None:
+    plan = plan_of(*[("user", 5)] * 3)
+    assert pool([S, T, S], plan, "latest", background=(0,)) == pool([S, T, S], plan, "recency")
+    two = plan_of(("user", 3), ("user", 3))
+    assert pool([A, B], two, "latest") == pool([A, B], two, "max")
+    assert pool_independent([OLD, NEW], two, "latest").probs == (0.1, 0.95, 0.7)
 
 
 @pytest.mark.parametrize(

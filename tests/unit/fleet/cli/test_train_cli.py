@@ -339,6 +339,61 @@ def test_calibration_folds_refuse_what_cannot_be_cross_fitted(
     assert "--calibration-folds takes 0" in result.output
 
 
+def test_calibration_data_fits_the_temperature_on_that_file(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    """--calibration-data FILE: the temperature is the one that file's logits fit (text
+    like what will be served, written apart from --data), not the held-out split's;
+    the split's own temperature is kept beside it for comparison."""
+    from fleet.models.temperature import folder_logits
+    from workers.calibration import calibrate
+
+    rows = [(f"{p} {t}", lab, 1.0) for lab, p in PHRASES.items() for t in TOPICS[:5]]
+    held = [(f"so, {p} {t} today", lab, 1.0) for lab, p in PHRASES.items() for t in TOPICS[5:]]
+    calib = _csv(tmp_path / "calibration.csv", held)
+    out = tmp_path / "trained"
+    result = CliRunner().invoke(
+        main,
+        ["train", "-t", "intent", "--data", str(_csv(tmp_path / "d.csv", rows))]
+        + ["--base", str(tiny_base), "--epochs", "1", "--out", str(out)]
+        + ["--calibration-data", str(calib), "--json"],
+        env=_env(tmp_path),
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    cal = report["calibration"]
+    stored = json.loads((out / "calibration.json").read_text())
+    logits, names = folder_logits(out, [text for text, _, _ in held], max_length=256)
+    expected = calibrate(logits, [names.index(lab) for _, lab, _ in held])
+    assert stored["temperature"] == cal["temperature"] == round(expected.temperature, 6)
+    assert stored["n"] == len(held) and "calibration set calibration.csv" in stored["fitted_on"]
+    assert cal["calibration_set"]["n"] == len(held) and cal["validation"]["n"] == report["n_test"]
+    assert cal["calibration_data"] == "calibration.csv" and len(cal["calibration_sha256"]) == 64
+    assert cal["split_temperature"] > 0
+    assert report["config"]["calibration_data"] == str(calib)
+    assert f"| calibration.csv (fitted on it) | {len(held)} |" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--calibration-data", "missing.jsonl"], "no such file"),
+        (["--calibration-data", "bundled"], "ships no calibration file"),
+        (["--calibration-folds", "2", "--calibration-data", "d.csv"], "not with"),
+    ],
+)
+def test_calibration_data_refuses_what_it_cannot_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: list[str], message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _csv(tmp_path / "d.csv", [("a", "x", 1.0), ("b", "y", 1.0)])
+    result = CliRunner().invoke(
+        main, ["train", "--task", "intent", "--data", "d.csv", *extra], env=_env(tmp_path)
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
 def test_train_composes_requests_among_small_talk(tmp_path: Path, tiny_base: Path) -> None:
     """`--compose-with FILE` adds each request among the file's small talk (its label)
     and small talk alone (the tier's background label); the metrics and the card say
