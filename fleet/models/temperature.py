@@ -16,6 +16,7 @@ from typing import Any
 
 from fleet.models.labeled import Example
 from fleet.reporting.scoring import expected_calibration_error
+from workers.adapters.windowed import readable
 from workers.calibration import Calibration, calibrate, softmax, write_calibration
 
 
@@ -28,7 +29,9 @@ def folder_logits(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[list[float]], list[str]]:
     """Raw logits (one row of C floats per text, no temperature) of a classifier folder,
-    and its label names in id order. CPU, no grad; `progress(done, total)` per batch."""
+    and its label names in id order. CPU, no grad; `progress(done, total)` per batch.
+    Emoji the tokenizer cannot read are read as their names, as served
+    (`workers.adapters.windowed.readable`)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -40,7 +43,7 @@ def folder_logits(
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(
-                list(texts[i : i + batch_size]),
+                [readable(tokenizer, t) for t in texts[i : i + batch_size]],
                 padding=True,
                 truncation=True,
                 max_length=max_length,

@@ -246,3 +246,21 @@ def test_an_adapter_reading_by_user_turns_records_it(tiny_models: Path) -> None:
     reading = pred.output["reading"]
     assert reading["windows"] == 31 and reading["window_by"] == "user_turns"
     assert reading["pooling"] == "margin" and 0 <= reading["deciding_window"] < 31
+
+
+def test_emoji_the_vocabulary_lacks_are_read_as_their_names(tokenizer) -> None:
+    """MiniLM's WordPiece vocabulary reads every emoji as [UNK]: "😍😍" and "train
+    cancelled again 🙄" lost what they say. They are read as their CLDR names."""
+    from workers.adapters.windowed import readable
+
+    reading = Reading(max_length=64)
+    assert set(tokenizer.tokenize("😍 🙄")) == {tokenizer.unk_token}  # what was read before
+    loved = encode_windows(tokenizer, text_data("😍😍"), reading, max_chars=10_000)
+    words = tokenizer.convert_ids_to_tokens(loved.ids[0])
+    assert tokenizer.unk_token not in words and "heart" in words and "eyes" in words
+    rolled = readable(tokenizer, "train cancelled again 🙄")
+    assert rolled.startswith("train cancelled again") and "face with rolling eyes" in rolled
+    plain = "user: where is my parcel?"
+    assert readable(tokenizer, plain) == plain  # text without emoji: the same ids as before
+    same = encode_windows(tokenizer, text_data(plain), reading, max_chars=10_000)
+    assert same.ids[0] == tokenizer(plain)["input_ids"]

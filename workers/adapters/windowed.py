@@ -11,6 +11,7 @@ before: a short conversation gets the same input, hence the same label.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -105,6 +106,31 @@ def turns_of(data: dict[str, Any], *, max_chars: int) -> list[tuple[str, str]]:
     ]
 
 
+@functools.lru_cache(maxsize=16)
+def _reads_emoji(tokenizer: Any) -> bool:
+    unk = getattr(tokenizer, "unk_token", None)
+    return unk is None or unk not in tokenizer.tokenize("\U0001f642 \U0001f621")
+
+
+def readable(tokenizer: Any, line: str) -> str:
+    """`line` as the tokenizer can read it: where its vocabulary has no emoji (BERT's
+    WordPiece, MiniLM: every emoji is [UNK], so "train cancelled again 🙄" and
+    "😍😍" lose what they say), each emoji is replaced by its CLDR
+    short name in words ("face with rolling eyes", the `emoji` package's names),
+    as BERTweet's normalisation does (Nguyen et al. 2020, "BERTweet: A pre-trained
+    language model for English Tweets"). Unchanged for a tokenizer that reads emoji (byte-level
+    BPE: GPT-2, RoBERTa, SmolLM) and for text without any."""
+    if not line or _reads_emoji(tokenizer):
+        return line
+    import emoji
+
+    if not emoji.emoji_count(line):
+        return line
+    return emoji.replace_emoji(
+        line, replace=lambda _, data: " " + data["en"].strip(":").replace("_", " ") + " "
+    )
+
+
 def encode_windows(
     tokenizer: Any, data: dict[str, Any], reading: Reading, *, max_chars: int
 ) -> Windows:
@@ -115,9 +141,12 @@ def encode_windows(
     turns are windowed by `build_windows` (or `build_turn_windows` when the
     reading is by user turn; window size = max_length minus the tokenizer's
     special tokens) and each window's ids get the special tokens back
-    (`special_tokens`).
+    (`special_tokens`). Emoji the tokenizer cannot read are read as their names
+    (`readable`).
     """
-    turns = turns_of(data, max_chars=max_chars)
+    turns = [
+        (role, readable(tokenizer, line)) for role, line in turns_of(data, max_chars=max_chars)
+    ]
     per_turn = [
         tokenizer(line, add_special_tokens=False, verbose=False)["input_ids"] if line else []
         for _, line in turns

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from config.data import data_path
 from fleet.models.catalogue import BUNDLED, INTENT, SENTIMENT
-from fleet.models.finetune import METRICS_FILE
+from fleet.models.finetune import EMOJI_READING, METRICS_FILE
 from fleet.models.labeled import data_hash, load_labeled
 from fleet.models.prepare import bundled_is_stale
 
@@ -26,7 +26,7 @@ def _folder(tmp_path: Path, sha: str | None, calibration_sha: str | None = "ship
         cal = {} if calibration_sha is None else {"calibration_sha256": calibration_sha}
         if calibration_sha == "shipped":
             cal["calibration_sha256"] = _calibration_sha()
-        record = {"data_sha256": sha, "calibration": cal}
+        record = {"data_sha256": sha, "calibration": cal, "emoji": EMOJI_READING}
         (folder / METRICS_FILE).write_text(json.dumps(record))
     return folder
 
@@ -67,7 +67,11 @@ def _intent_folder(tmp_path: Path, composed: dict[str, object] | None) -> Path:
     folder = tmp_path / INTENT
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    record = {"data_sha256": data_hash(load_labeled(data_path(bundled.data))), "composed": composed}
+    record = {
+        "data_sha256": data_hash(load_labeled(data_path(bundled.data))),
+        "composed": composed,
+        "emoji": EMOJI_READING,
+    }
     (folder / METRICS_FILE).write_text(json.dumps(record))
     return folder
 
@@ -97,3 +101,16 @@ def test_an_intent_folder_composed_with_the_shipped_filler_is_current(tmp_path: 
     other.mkdir()
     reason = bundled_is_stale(_intent_folder(other, {"filler_sha256": "1" * 64}), BUNDLED[INTENT])
     assert reason is not None and "another version of smalltalk.jsonl" in reason
+
+
+def test_a_folder_trained_reading_emoji_as_unknown_is_stale(tmp_path: Path) -> None:
+    """Folders built before emoji were read as their names saw [UNK] for every emoji
+    in their training lines (worthiness 27, sentiment 16, the small talk 32): served
+    now with names, they would read what they were not trained on."""
+    bundled = BUNDLED[SENTIMENT]
+    folder = _folder(tmp_path, data_hash(load_labeled(data_path(bundled.data))))
+    record = json.loads((folder / METRICS_FILE).read_text())
+    del record["emoji"]
+    (folder / METRICS_FILE).write_text(json.dumps(record))
+    reason = bundled_is_stale(folder, bundled)
+    assert reason is not None and "emoji" in reason
