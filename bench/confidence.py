@@ -7,7 +7,8 @@ For each task and each evaluation set under config/data/eval/ (`first`: the
 `*_eval.jsonl` sets; `personas`: the `*_personas.jsonl` sets written later by a
 planned persona/topic/length grid; `grid`: the `*_grid.jsonl` sets, planned as
 registers x lengths x failure shapes and written in voices unlike the training
-files; config/data/eval/README.md), prints n,
+files; config/data/eval/README.md; `outside`, only when named: the outside-style
+files under config/data, see OUTSIDE), prints n,
 accuracy, and the expected calibration error (10 equal-width bins) of the
 confidence before and after calibration:
 
@@ -45,6 +46,14 @@ from config.data import data_path
 
 EVAL = data_path("eval")  # config/data/eval
 SETS = {"first": "{}_eval.jsonl", "personas": "{}_personas.jsonl", "grid": "{}_grid.jsonl"}
+# `--sets outside` (not in the default or the pooled row): ordinary text written in
+# many voices apart from the training files and the evaluation sets, under
+# config/data; sentiment's is the file its temperature is fitted on.
+OUTSIDE = {
+    "intent": "intent_outside.jsonl",
+    "worthiness": "worthiness_outside.jsonl",
+    "sentiment": "sentiment_calibration.jsonl",
+}
 TASKS = ("intent", "sentiment", "worthiness", "topic", "llm_classify")
 FOLDERS = {
     "intent": "intent-minilm",
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models-dir", type=Path, default=None)
     ap.add_argument("--tasks", default=",".join(TASKS))
-    ap.add_argument("--sets", default=",".join(SETS))
+    ap.add_argument("--sets", default=",".join(SETS), help="first,personas,grid[,outside]")
     ap.add_argument("--json", action="store_true", help="one JSON line per task and set")
     args = ap.parse_args(argv)
     from config.settings import Settings
@@ -186,14 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     for task in args.tasks.split(","):
         data = "intent" if task in ("topic", "llm_classify") else task
         for name in args.sets.split(","):
-            file = EVAL / SETS[name].format(data)
+            file = data_path(OUTSIDE[data]) if name == "outside" else EVAL / SETS[name].format(data)
             print(f"scoring {task} on {file.name} ...", file=sys.stderr, flush=True)
             r = score_task(task, file, models_dir)
             results.append(r)
             if args.json:
                 print(json.dumps({k: v for k, v in r.items() if k != "rows"}), flush=True)
-        if len(args.sets.split(",")) > 1:
-            results.append(pooled(task, results))
+        if len([n for n in args.sets.split(",") if n != "outside"]) > 1:
+            outside = data_path(OUTSIDE.get(data, "-")).name
+            results.append(pooled(task, [r for r in results if r["set"] != outside]))
             if args.json:
                 print(json.dumps(results[-1]), flush=True)
     if not args.json:
