@@ -40,6 +40,7 @@ from workers.adapters.windowed import (
     Windows,
     background_indices,
     encode_windows,
+    readable,
     reading_output,
 )
 from workers.windows import pool
@@ -150,7 +151,7 @@ class ZeroShotAdapter:
             texts, owners = label_prototypes(self.labels, self.prototypes_path)
             self.owners = torch.tensor(owners, device=device)
             enc = self.tokenizer(
-                texts,
+                [readable(self.tokenizer, t) for t in texts],
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,
@@ -178,7 +179,9 @@ class ZeroShotAdapter:
         if self.llm is not None:
             return self.llm.prepare(source)
         if self.method == "nli":
-            text = conversation_text(source.data, max_chars=self.max_chars)
+            text = readable(
+                self.tokenizer, conversation_text(source.data, max_chars=self.max_chars)
+            )
             pairs = [
                 self.tokenizer(
                     text,
