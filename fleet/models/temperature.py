@@ -128,6 +128,25 @@ def calibrate_folder(
     return cal, scores
 
 
+def labeled_logits(
+    model_dir: str | Path,
+    examples: Sequence[Example],
+    labels: Sequence[str],
+    *,
+    max_length: int = 128,
+    what: str = "",
+) -> tuple[list[list[float]], list[int]]:
+    """The folder's raw logits on `examples` and their gold label ids (`labels`: the
+    folder's, in id order). Raises ValueError, prefixed with `what`, for labels
+    outside `labels`."""
+    index = {n: i for i, n in enumerate(labels)}
+    missing = sorted({ex.label for ex in examples} - set(index))
+    if missing:
+        raise ValueError(f"{what}labels the model lacks: {', '.join(missing)}")
+    logits, _ = folder_logits(model_dir, [ex.text for ex in examples], max_length=max_length)
+    return logits, [index[ex.label] for ex in examples]
+
+
 def scored_at(
     model_dir: str | Path,
     examples: Sequence[Example],
@@ -139,12 +158,7 @@ def scored_at(
     """`calibration_scores` of the folder's logits on `examples` at `temperature`, and
     the temperature those examples alone would fit (for comparison). Raises
     ValueError for labels outside `labels` (the folder's, in id order)."""
-    index = {n: i for i, n in enumerate(labels)}
-    missing = sorted({ex.label for ex in examples} - set(index))
-    if missing:
-        raise ValueError(f"labels the model lacks: {', '.join(missing)}")
-    logits, _ = folder_logits(model_dir, [ex.text for ex in examples], max_length=max_length)
-    gold = [index[ex.label] for ex in examples]
+    logits, gold = labeled_logits(model_dir, examples, labels, max_length=max_length)
     own = round(calibrate(logits, gold).temperature, 6)
     return calibration_scores(logits, gold, temperature), own
 
@@ -177,13 +191,10 @@ def calibrate_on_set(
     examples = load_labeled(calibration)
     if not examples:
         raise ValueError(f"{calibration}: no examples to fit a temperature on")
-    index = {n: i for i, n in enumerate(labels)}
-    missing = sorted({ex.label for ex in examples} - set(index))
-    if missing:
-        raise ValueError(f"{calibration}: labels the model lacks: {', '.join(missing)}")
     sha = data_hash(examples)
-    logits, _ = folder_logits(model_dir, [ex.text for ex in examples], max_length=max_length)
-    gold = [index[ex.label] for ex in examples]
+    logits, gold = labeled_logits(
+        model_dir, examples, labels, max_length=max_length, what=f"{calibration}: "
+    )
     cal = calibrate(
         logits,
         gold,
