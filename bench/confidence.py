@@ -194,16 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for task in args.tasks.split(","):
         data = "intent" if task in ("topic", "llm_classify") else task
+        evaluation = []  # the evaluation sets' rows: what the pooled row pools
         for name in args.sets.split(","):
             file = data_path(OUTSIDE[data]) if name == "outside" else EVAL / SETS[name].format(data)
             print(f"scoring {task} on {file.name} ...", file=sys.stderr, flush=True)
             r = score_task(task, file, models_dir)
             results.append(r)
+            if name != "outside":
+                evaluation.append(r)
             if args.json:
                 print(json.dumps({k: v for k, v in r.items() if k != "rows"}), flush=True)
-        if len([n for n in args.sets.split(",") if n != "outside"]) > 1:
-            outside = data_path(OUTSIDE.get(data, "-")).name
-            results.append(pooled(task, [r for r in results if r["set"] != outside]))
+        if len(evaluation) > 1:
+            results.append(pooled(task, evaluation))
             if args.json:
                 print(json.dumps(results[-1]), flush=True)
     if not args.json:

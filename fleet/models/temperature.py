@@ -122,9 +122,9 @@ def calibrate_folder(
         "test": None,
     }
     if test:
-        t_logits, _ = folder_logits(model_dir, [ex.text for ex in test], max_length=max_length)
-        t_gold = [index[ex.label] for ex in test]
-        scores["test"] = calibration_scores(t_logits, t_gold, cal.temperature)
+        scores["test"], _ = scored_at(
+            model_dir, test, names, cal.temperature, max_length=max_length
+        )
     return cal, scores
 
 

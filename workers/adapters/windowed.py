@@ -11,7 +11,7 @@ before: a short conversation gets the same input, hence the same label.
 
 from __future__ import annotations
 
-import functools
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -106,10 +106,18 @@ def turns_of(data: dict[str, Any], *, max_chars: int) -> list[tuple[str, str]]:
     ]
 
 
-@functools.lru_cache(maxsize=16)
+# Whether each loaded tokenizer has tokens for emoji, asked once per tokenizer and
+# forgotten with it (a worker that unloads a tier does not keep its tokenizer alive).
+_READS_EMOJI: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
 def _reads_emoji(tokenizer: Any) -> bool:
-    unk = getattr(tokenizer, "unk_token", None)
-    return unk is None or unk not in tokenizer.tokenize("\U0001f642 \U0001f621")
+    known = _READS_EMOJI.get(tokenizer)
+    if known is None:
+        unk = getattr(tokenizer, "unk_token", None)
+        known = unk is None or unk not in tokenizer.tokenize("\U0001f642 \U0001f621")
+        _READS_EMOJI[tokenizer] = known
+    return known
 
 
 def readable(tokenizer: Any, line: str) -> str:
