@@ -192,6 +192,13 @@ def _choose_examples(
     )
 
 
+def loss_text(event: dict[str, Any]) -> str:
+    """ "loss 0.812", or "loss -" before the trainer has logged one (its first
+    `logging_steps`: the value is NaN until then)."""
+    loss = event.get("loss")
+    return "loss -" if loss is None or loss != loss else f"loss {loss:.3f}"
+
+
 def training_lines(
     title: str, echo: Callable[[str], None], *, every: float = 10.0
 ) -> Callable[[dict[str, Any]], None]:
@@ -211,7 +218,7 @@ def training_lines(
                 last["at"] = now
                 echo(
                     f"train {title}: step {event['step']}/{event['total_steps']} epoch "
-                    f"{event['epoch']}/{event['epochs']} loss {event['loss']:.3f}"
+                    f"{event['epoch']}/{event['epochs']} {loss_text(event)}"
                 )
         elif stage == "epoch" and "eval_macro_f1" in event:
             echo(
@@ -271,7 +278,7 @@ def training_progress(title: str) -> Iterator[Callable[[dict[str, Any]], None]]:
                     train,
                     total=event["total_steps"],
                     completed=event["step"],
-                    status=f"epoch {event['epoch']}/{event['epochs']} loss {event['loss']:.3f}"
+                    status=f"epoch {event['epoch']}/{event['epochs']} {loss_text(event)}"
                     + last["f1"],
                 )
             elif stage == "epoch" and "eval_macro_f1" in event:

@@ -246,3 +246,19 @@ def test_tier_toml_carries_a_reading_by_user_turn(tmp_path: Path) -> None:
     )
     tier = doc["tasks"]["topic"]["ladder"][0]
     assert Reading.from_options(tier["max_length"], tier) == reading
+
+
+def test_progress_lines_show_no_nan_loss_before_the_first_logged_one() -> None:
+    """The trainer's loss is NaN until its first logging step: the line says so
+    plainly ("loss -") instead of printing "loss nan", which reads as a diverged run."""
+    from fleet.models.training import training_lines
+
+    lines: list[str] = []
+    update = training_lines("intent", lines.append, every=0.0)
+    event = {"stage": "train", "step": 1, "total_steps": 10, "epoch": 1, "epochs": 2}
+    update({**event, "loss": float("nan")})
+    update({**event, "step": 2, "loss": 2.0816})
+    assert lines == [
+        "train intent: step 1/10 epoch 1/2 loss -",
+        "train intent: step 2/10 epoch 1/2 loss 2.082",
+    ]
