@@ -29,7 +29,9 @@ all-minilm-l6-v2 with the task's prototypes), at the tier's max_length (256):
 For `llm_classify` (SmolLM2 label scoring as configured), the first --llm-items
 long items (spread over labels and positions) and as many short ones, with the
 prompt as the whole transcript (middle cut when it must: `prompt = "transcript"`,
-the default) and fitted around the user's turns (`prompt = "user_turns"`).
+the default), fitted around the user's turns (`prompt = "user_turns"`), and
+scored one user turn per prompt past 256 tokens (tier option `window_by =
+"user_turns"`), pooled by `margin` and by `latest` over chitchat.
 
 Prints, per task, reading and set: items, accuracy, macro-F1 (over the gold labels
 of that set), CPU seconds per item and per 1,000 tokens read (process CPU time,
@@ -61,6 +63,7 @@ BACKGROUND_LABELS = (
     "chitchat",
     "not_worthy",
 )  # small talk (intent), nothing to act on (worthiness)
+LLM_WINDOW_OPTIONS = ("window_by", "pooling", "background_labels", "window_tokens", "max_windows")
 TURN_MAX_WINDOWS = 64  # read by user turn: a window per user turn (the long set has 23-26)
 
 
@@ -184,10 +187,29 @@ def run_llm(models_dir: Path, sets: dict[str, list[dict[str, Any]]]) -> dict[tup
     spec = load_tasks()["llm_classify"]
     folder = prepare_smollm(models_dir)
     adapter = LLMClassifyAdapter(labels=spec.labels, **spec.options)
-    adapter.load(spec.ladder[0], str(folder), "cpu")
+    tier = spec.ladder[0]
+    adapter.load(tier, str(folder), "cpu")
+    whole = {k: v for k, v in tier.options.items() if k not in LLM_WINDOW_OPTIONS}
+    readings: dict[str, tuple[str, dict[str, Any]]] = {
+        "transcript": ("transcript", whole),
+        "user_turns": ("user_turns", whole),
+    }
+    for rule in ("margin", "latest"):
+        readings[f"turns-{rule}"] = (
+            "transcript",
+            {
+                **whole,
+                "window_by": "user_turns",
+                "pooling": rule,
+                "background_labels": ["chitchat"],
+            },
+        )
     out: dict[tuple[str, str], Any] = {}
-    for prompt, name in [(p, n) for p in ("transcript", "user_turns") for n in sets]:
-        adapter.prompt = prompt
+    for prompt, name in [(p, n) for p in readings for n in sets]:
+        adapter.prompt = readings[prompt][0]
+        adapter.reading, adapter.background = adapter.turn_reading(
+            replace(tier, options=readings[prompt][1])
+        )
         rows = sets[name]
         preds: list[str | None] = []
         tokens = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -316,3 +317,98 @@ def test_tier_too_short_for_instructions(smollm_dir: Path) -> None:
     with pytest.raises(ValueError, match="raise max_length"):
         a.load(TierSpec(name="tiny", path=str(smollm_dir), max_length=200), str(smollm_dir), "cpu")
     a.unload()
+
+
+SMALL_TALK = [
+    "haha yeah the weather has been wild this week",
+    "my cat knocked a plant off the shelf again this morning",
+    "anyway how's your day going so far",
+    "lol fair enough, I just made a second coffee",
+    "the neighbours are having a barbecue, smells great",
+    "ok ok, I'll stop rambling now",
+]
+
+
+def _talk_then(request: str, repeats: int = 2) -> dict[str, object]:
+    messages: list[dict[str, str]] = []
+    for line in SMALL_TALK * repeats:
+        messages += [
+            {"role": "user", "content": line},
+            {"role": "assistant", "content": "Ha, sounds like quite a day! Tell me more."},
+        ]
+    return {"messages": [*messages, {"role": "user", "content": request}]}
+
+
+def test_long_conversation_is_scored_one_user_turn_at_a_time(smollm_dir: Path) -> None:
+    """window_by = "user_turns": a conversation over window_tokens is scored per user
+    turn and pooled with `margin` over chitchat, so a request after long small talk
+    decides; what was read and which turn decided is on the result; a short one is
+    one prompt, scored exactly as without the option."""
+    import torch
+
+    from workers.adapters.llm_classify import LLMClassifyAdapter
+
+    torch.set_num_threads(1)
+    request = "I want to learn Python. Can you explain how for loops work?"
+    long = _talk_then(request)
+    short = CONVERSATIONS["python"]
+    options = {"verbalizers": "intent_prototypes.json"}
+    windowed = LLMClassifyAdapter(labels=LABELS, **options)
+    plain = LLMClassifyAdapter(labels=LABELS, **options)
+    tier = TierSpec(name="smollm2", path=str(smollm_dir), max_length=MAX_LENGTH)
+    by_turn = {"window_by": "user_turns", "window_tokens": 128, "background_labels": ["chitchat"]}
+    windowed.load(
+        TierSpec(name="smollm2", path=str(smollm_dir), max_length=MAX_LENGTH, options=by_turn),
+        str(smollm_dir),
+        "cpu",
+    )
+    plain.load(tier, str(smollm_dir), "cpu")
+    try:
+        sources = [Source(0, "conversation", "long", long), Source(1, "conversation", "s", short)]
+        prepared = [windowed.prepare(s) for s in sources]
+        assert len(prepared[0].payload["windows"].ids) == len(SMALL_TALK) * 2 + 1
+        assert "windows" not in prepared[1].payload
+        got = windowed.predict(prepared)
+        assert all(isinstance(p, Prediction) and _check(p) for p in got)
+        long_pred, short_pred = got
+        assert isinstance(long_pred, Prediction) and long_pred.output is not None
+        reading = long_pred.output["reading"]
+        last = len(long["messages"]) - 1  # type: ignore[arg-type]
+        assert reading["windows"] == len(SMALL_TALK) * 2 + 1
+        assert reading["pooling"] == "margin" and reading["window_by"] == "user_turns"
+        assert reading["deciding_turns"] == [last, last]
+        assert long_pred.label == "learning"
+        # the whole transcript in one prompt is swayed by the small talk
+        (whole,) = plain.predict([plain.prepare(sources[0])])
+        assert isinstance(whole, Prediction) and whole.label != "learning"
+        (same,) = plain.predict([plain.prepare(sources[1])])
+        assert isinstance(short_pred, Prediction) and isinstance(same, Prediction)
+        assert short_pred.scores == same.scores and "reading" not in (short_pred.output or {})
+        # a cap on the turns read: the first and the latest are read, the rest noted
+        windowed.reading = replace(windowed.reading, max_windows=4)
+        capped = windowed.prepare(sources[0])
+        assert len(capped.payload["windows"].ids) == 4 and capped.notes["truncated_tokens"] > 0
+        (cut,) = windowed.predict([capped])
+        assert isinstance(cut, Prediction) and cut.output is not None
+        assert cut.output["reading"]["tokens_unread"] == capped.notes["truncated_tokens"]
+        assert cut.output["reading"]["unread"] and cut.label == "learning"
+    finally:
+        windowed.unload()
+        plain.unload()
+
+
+def test_user_turn_reading_refuses_bad_options(smollm_dir: Path) -> None:
+    from workers.adapters.llm_classify import LLMClassifyAdapter
+
+    cases: list[tuple[dict[str, object], str, str]] = [
+        ({"window_by": "tokens"}, "score", "must be 'user_turns'"),
+        ({"window_by": "user_turns", "pooling": "loudest"}, "score", "pooling must be one of"),
+        ({"window_by": "user_turns", "background_labels": ["smalltalk"]}, "score", "not labels"),
+        ({"window_by": "user_turns"}, "generate", "needs method = 'score'"),
+    ]
+    for options, method, message in cases:
+        a = LLMClassifyAdapter(labels=LABELS, method=method)
+        tier = TierSpec(name="t", path=str(smollm_dir), max_length=MAX_LENGTH, options=options)
+        with pytest.raises(ValueError, match=message):
+            a.load(tier, str(smollm_dir), "cpu")
+        assert a._model is None

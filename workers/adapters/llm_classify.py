@@ -82,6 +82,10 @@ from workers.adapters.llm_prompt import (
     user_turns_body,
 )
 from workers.adapters.text import conversation_messages
+from workers.adapters.windowed import Reading, Windows, background_indices, reading_output
+from workers.windows import build_turn_windows, pool
+
+DEFAULT_WINDOW_TOKENS = 256  # window_by = "user_turns": longer conversations are read per user turn
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -173,6 +177,10 @@ class LLMClassifyAdapter:
         # (workers.windows.fit_turns): assistant turns cut to `assistant_tokens`,
         # at most `prompt_tokens` tokens (default: all the room), latest user turns kept first.
         self.prompt = prompt
+        # Tier option window_by = "user_turns": a conversation longer than
+        # `window_tokens` is scored one user turn at a time (self.reading, set at load).
+        self.reading: Reading | None = None
+        self.background: tuple[int, ...] = ()
         self.assistant_tokens = int(assistant_tokens)
         self.prompt_tokens = prompt_tokens
         self._model: Any = None
@@ -263,6 +271,7 @@ class LLMClassifyAdapter:
                 tokenizer, [phrases[n] for n in self.names], after + SCORING_LEAD
             )
         marker_ids = ids(TRUNCATION_MARKER)
+        self.turn_reading(tier)  # a bad window option is refused before the weights load
         max_new = int(tier.options.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         fixed = max(len(prefix_ids) + len(suffix_ids), len(json_prefix) + len(ids(json_after)) + 16)
         room = tier.max_length - max_new - fixed
@@ -290,6 +299,7 @@ class LLMClassifyAdapter:
         )
         model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' typed wrapper
 
+        self.reading, self.background = self.turn_reading(tier)
         self._model, self._tokenizer, self._tier, self._device = model, tokenizer, tier, str(device)
         self._prefix_ids, self._suffix_ids, self._marker_ids = prefix_ids, suffix_ids, marker_ids
         self._json_prefix, self._json_after = json_prefix, json_after
@@ -306,6 +316,33 @@ class LLMClassifyAdapter:
             self._prior = mean_distribution(
                 [label_distribution(row) for row in self._label_logprobs(bodies)]
             )
+
+    def turn_reading(self, tier: TierSpec) -> tuple[Reading | None, tuple[int, ...]]:
+        """The tier's reading of long conversations, and its background label indices.
+
+        Tier options: `window_by` ("user_turns", or absent: one prompt, middle cut
+        when it must), `window_tokens` (default 256: a rendered conversation of at
+        most this many tokens is one prompt; a longer one is scored one user turn per
+        prompt, with the last `turn_context` tokens before it, at most `max_windows`
+        turns), `pooling` (a rule of workers.windows, default "margin") and
+        `background_labels` (what `margin`, `salient` and `latest` look past).
+        Raises ValueError for an unknown option value or background label; "user_turns"
+        with method "generate" is refused (generation writes one answer per prompt)."""
+        options = tier.options
+        window_by = options.get("window_by")
+        if window_by is None:
+            return None, ()
+        if window_by != "user_turns":
+            raise ValueError(
+                f"llm_classify window_by must be 'user_turns' (or left out), got {window_by!r}"
+            )
+        if self.method != "score":
+            raise ValueError("window_by = 'user_turns' needs method = 'score'")
+        reading = Reading.from_options(
+            int(options.get("window_tokens", DEFAULT_WINDOW_TOKENS)),
+            {"pooling": "margin", **options},
+        )
+        return reading, background_indices(self.names, options)
 
     def unload(self) -> None:
         """Drop the model so its memory can be reused by another tier."""
@@ -345,6 +382,10 @@ class LLMClassifyAdapter:
         messages = conversation_messages(source.data, max_chars=self.max_chars)
         if self._tokenizer is None or self._tier is None:
             raise RuntimeError("LLMClassifyAdapter.prepare called before load")
+        if self.reading is not None:
+            windows = self._turn_windows(messages)
+            if windows is not None:
+                return self._windowed(source, windows)
         if self.prompt == "user_turns":
             body, dropped = self._user_turns_body(messages)
         else:
@@ -369,6 +410,44 @@ class LLMClassifyAdapter:
             notes=notes,
         )
 
+    def _turn_windows(self, messages: Sequence[Mapping[str, str]]) -> Windows | None:
+        """One body per user turn (`build_turn_windows` over the rendered `role: content`
+        lines), or None when the conversation fits `window_tokens` and is read whole."""
+        reading = self.reading
+        assert reading is not None
+        lines = [m for m in messages if m["content"].strip()]
+        ids = [self._body_ids(f"{m['role']}: {m['content']}") for m in lines]
+        newline = self._body_ids("\n")
+        if sum(len(i) for i in ids) + len(newline) * max(len(ids) - 1, 0) <= reading.max_length:
+            return None
+        plan = build_turn_windows(
+            [(m["role"], len(i)) for m, i in zip(lines, ids, strict=True)],
+            size=min(reading.max_length, self._room),
+            overlap=min(reading.overlap, reading.max_length // 2),
+            context=min(reading.turn_context, reading.max_length // 2),
+            max_windows=reading.max_windows,
+        )
+        bodies: list[list[int]] = []
+        for w in plan.windows:
+            body: list[int] = []
+            for k, seg in enumerate(w.segments):
+                body += (newline if k else []) + ids[seg.turn][seg.start : seg.end]
+            bodies.append(body)
+        return Windows(bodies, plan)
+
+    def _windowed(self, source: Source, windows: Windows) -> Prepared:
+        per_window = len(self._suffix_ids) + len(self._label_ids) * max(
+            len(c) for c in self._label_ids
+        )
+        cost = sum(len(b) + per_window for b in windows.ids)
+        unread = windows.plan.tokens_unread
+        return Prepared(
+            item_id=source.item_id,
+            cost=cost,
+            payload={"windows": windows, "truncated_tokens": unread},
+            notes={"truncated_tokens": unread} if unread else {},
+        )
+
     def _user_turns_body(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], int]:
         """The transcript fitted around the user's turns (`llm_prompt.user_turns_body`)."""
         room = min(self._room, self.prompt_tokens or self._room)
@@ -388,11 +467,22 @@ class LLMClassifyAdapter:
                 self._to_prediction(raw, p.payload.get("truncated_tokens", 0), cut)
                 for (raw, cut), p in zip(results, batch, strict=True)
             ]
-        rows = self._label_logprobs([p.payload["body"] for p in batch])
-        preds = [
-            self._scored_prediction(row, p.payload.get("truncated_tokens", 0))
-            for row, p in zip(rows, batch, strict=True)
-        ]
+        bodies: list[list[int]] = []
+        for p in batch:
+            w = p.payload.get("windows")
+            bodies += w.ids if w is not None else [p.payload["body"]]
+        rows = self._label_logprobs(bodies)
+        preds: list[Prediction] = []
+        at = 0
+        for p in batch:
+            w = p.payload.get("windows")
+            n = len(w.ids) if w is not None else 1
+            preds.append(
+                self._pooled_prediction(rows[at : at + n], w)
+                if w is not None
+                else self._scored_prediction(rows[at], p.payload.get("truncated_tokens", 0))
+            )
+            at += n
         if self.reasoning:
             preds = self._add_reasoning(batch, preds)
         return list(preds)
@@ -422,8 +512,34 @@ class LLMClassifyAdapter:
             )
         return [per_label_logprobs(row, self._owners, len(self.names)) for row in scores.tolist()]
 
-    def _scored_prediction(self, logprobs: Sequence[float], truncated: int) -> Prediction:
-        probs, raw = self.label_distribution(logprobs)
+    def _pooled_prediction(self, rows: Sequence[Sequence[float]], windows: Windows) -> Prediction:
+        """One prediction from the label log-probabilities of each user-turn window:
+        the calibrated window distributions pooled by the tier's rule; `uncalibrated`
+        is the deciding window's."""
+        reading = self.reading
+        assert reading is not None
+        dists = [self.label_distribution(r) for r in rows]
+        pooled = pool(
+            [d[0] for d in dists], windows.plan, reading.pooling, background=self.background
+        )
+        pred = self._scored_prediction(
+            rows[pooled.deciding],
+            windows.plan.tokens_unread,
+            pooled=(list(pooled.probs), dists[pooled.deciding][1]),
+        )
+        assert pred.output is not None
+        pred.output["reading"] = reading_output(windows, pooled, reading)
+        return pred
+
+    def _scored_prediction(
+        self,
+        logprobs: Sequence[float],
+        truncated: int,
+        pooled: tuple[list[float], list[float]] | None = None,
+    ) -> Prediction:
+        """The JSON contract from one row of label log-probabilities, or from
+        `pooled` (calibrated, raw) distributions already made of several rows."""
+        probs, raw = pooled or self.label_distribution(logprobs)
         scores = {n: round(p, 6) for n, p in zip(self.names, probs, strict=True)}
         ranked = sorted(self.names, key=lambda n: -scores[n])
         best = ranked[0]
@@ -450,14 +566,24 @@ class LLMClassifyAdapter:
         }
         return Prediction(label=best, confidence=scores[best], scores=scores, output=output)
 
+    @staticmethod
+    def _reasoning_body(prepared: Prepared, pred: Prediction) -> list[int]:
+        """What the reasoning is written from: the prompt's conversation, or for an item
+        read per user turn the window that decided it."""
+        windows = prepared.payload.get("windows")
+        if windows is None:
+            return list(prepared.payload["body"])
+        reading = (pred.output or {}).get("reading", {})
+        return list(windows.ids[reading.get("deciding_window", 0)])
+
     def _add_reasoning(self, batch: list[Prepared], preds: list[Prediction]) -> list[Prediction]:
         """Generate reasoning and key_entities for the fixed categories, one batch."""
         forced = [f'{{"category": "{p.label}", "reasoning": "' for p in preds]
         prompts = [
             self._json_prefix
-            + list(p.payload["body"])
+            + self._reasoning_body(p, pred)
             + self._tokenizer(self._json_after + f, add_special_tokens=False)["input_ids"]
-            for p, f in zip(batch, forced, strict=True)
+            for p, pred, f in zip(batch, preds, forced, strict=True)
         ]
         results = self._generate(prompts, forced, False)
         out: list[Prediction] = []
