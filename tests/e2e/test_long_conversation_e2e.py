@@ -107,3 +107,58 @@ def test_the_last_turn_decides_a_long_conversation(
         assert "unread" not in reading  # nothing left out at the default max_windows
         assert reading["deciding_turns"][-1] == last_turn, reading
         assert predicted == label, (label, predicted, reading)
+
+
+def test_the_llm_reads_a_long_conversation_one_user_turn_at_a_time(
+    db_url, broker_url, bundled_models_dir, smollm_dir, tmp_path
+):
+    """The bundled llm_classify tier (SmolLM2-135M, label scoring) on the same long
+    conversations, by a real worker: every user turn is scored (`window_by =
+    "user_turns"`), the latest turn that beats chitchat decides, and the result says
+    so. Read as one prompt, the small talk sways the model (bench.long)."""
+    rows = [conversation(lab, last) for lab, last in LAST_TURNS.items()]
+    env = fleet_env(
+        {
+            "DATABASE_URL": db_url,
+            "BROKER_URL": broker_url,
+            "FLEET_STATE_DIR": str(tmp_path / "state"),
+            "FLEET_MODELS_DIR": str(bundled_models_dir),
+            "FLEET_BATCH_SIZE": "4",
+        }
+    )
+    run_fleet(["ingest", "conversations", str(write_jsonl(tmp_path / "c.jsonl", rows))], env)
+    worker = WorkerProcess("llm_classify", env, tmp_path / "llm.log").start()
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "fleet.cli", "run", "-t", "llm_classify", "--timeout", "900"],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=960,
+        )
+        assert run.returncode == 0, run.stderr
+    finally:
+        worker.stop()
+    with transaction(db_url) as s:
+        got = {
+            eid: (label, output)
+            for eid, label, output in s.execute(
+                text("""
+                SELECT c.external_id, r.label, r.output FROM work_items w
+                JOIN conversations c ON c.id = w.source_id
+                JOIN results r ON r.work_item_id = w.id WHERE w.task = 'llm_classify'""")
+            ).all()
+        }
+    last_turn = len(SMALL_TALK) * 2
+    user_turns = len(SMALL_TALK) + 1  # SMALL_TALK twice is 16 user turns, then the request
+    right = 0
+    for label in LAST_TURNS:
+        predicted, output = got[f"last-{label}"]
+        reading = output["reading"]
+        assert reading["windows"] == user_turns and reading["window_by"] == "user_turns"
+        assert reading["pooling"] == "latest" and "unread" not in reading
+        assert reading["deciding_turns"] == [last_turn, last_turn], reading
+        assert output["category"] == predicted
+        right += predicted == label
+    assert right >= 3, got

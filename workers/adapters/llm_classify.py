@@ -85,6 +85,9 @@ from workers.adapters.text import conversation_messages
 from workers.adapters.windowed import Reading, Windows, background_indices, reading_output
 from workers.windows import build_turn_windows, pool
 
+# Prompts scored in one forward pass (label scoring repeats the instructions' KV
+# cache per row and label phrase: 150 rows of one-line prompts took 20 GB on CPU).
+ROWS_PER_PASS = 32
 DEFAULT_WINDOW_TOKENS = 256  # window_by = "user_turns": longer conversations are read per user turn
 
 __all__ = [
@@ -499,18 +502,28 @@ class LLMClassifyAdapter:
         return (calibrated(raw, self._prior) if self._prior is not None else raw), raw
 
     def _label_logprobs(self, bodies: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Label log-probabilities (rows x labels), at most ROWS_PER_PASS prompts per
+        forward pass: each row repeats the instructions' KV cache once per label
+        phrase, so the rows of a sub-batch of long conversations read per user turn
+        (dozens per item) are scored a slice at a time."""
         import torch
 
+        out: list[list[float]] = []
         with torch.inference_mode():
-            scores = score_continuations(
-                self._model,
-                [list(b) + self._suffix_ids for b in bodies],
-                self._label_ids,
-                shared_prefix=self._prefix_ids,
-                prefix_cache=self._prefix_cache,
-                pad_id=self._pad_id,
-            )
-        return [per_label_logprobs(row, self._owners, len(self.names)) for row in scores.tolist()]
+            for k in range(0, len(bodies), ROWS_PER_PASS):
+                scores = score_continuations(
+                    self._model,
+                    [list(b) + self._suffix_ids for b in bodies[k : k + ROWS_PER_PASS]],
+                    self._label_ids,
+                    shared_prefix=self._prefix_ids,
+                    prefix_cache=self._prefix_cache,
+                    pad_id=self._pad_id,
+                )
+                out += [
+                    per_label_logprobs(row, self._owners, len(self.names))
+                    for row in scores.tolist()
+                ]
+        return out
 
     def _pooled_prediction(self, rows: Sequence[Sequence[float]], windows: Windows) -> Prediction:
         """One prediction from the label log-probabilities of each user-turn window:
