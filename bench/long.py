@@ -26,8 +26,9 @@ all-minilm-l6-v2 with the task's prototypes), at the tier's max_length (256):
   turns     one window per user turn (window_by = "user_turns", the tier's
             turn_context, max_windows 64 so that every user turn of the set is
             read), pooled by each rule
-For `llm_classify` (SmolLM2 label scoring as configured), the first --llm-items
-long items (spread over labels and positions) and as many short ones, with the
+For `llm_classify` (SmolLM2 label scoring as configured), --llm-items items of
+each part of the long set and of the short set (spread over labels and
+positions), with the
 prompt as the whole transcript (middle cut when it must: `prompt = "transcript"`,
 the default), fitted around the user's turns (`prompt = "user_turns"`), and
 scored one user turn per prompt past 256 tokens (tier option `window_by =
@@ -356,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pooling chosen on the long choice part ({args.tasks} macro-F1 summed): {best}")
     if args.llm_items:
         picked = {
-            "long": llm_rows(long_rows, args.llm_items),
+            "long choice": llm_rows([r for r in long_rows if not r["held_out"]], args.llm_items),
+            "long held-out": llm_rows([r for r in long_rows if r["held_out"]], args.llm_items),
             "short": llm_rows(short_rows, args.llm_items),
         }
         for (prompt, s), (pred, cpu, tokens) in run_llm(models_dir, picked).items():

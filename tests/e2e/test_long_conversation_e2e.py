@@ -54,6 +54,45 @@ def conversation(label: str, last: str) -> dict:
     return {"external_id": f"last-{label}", "messages": messages, "language": "en"}
 
 
+def classify(task, rows, db_url, broker_url, models_dir, tmp_path, batch_size):
+    """Ingest `rows`, run a real `task` worker over them until done and return
+    {external_id: (label, output)} of the results."""
+    env = fleet_env(
+        {
+            "DATABASE_URL": db_url,
+            "BROKER_URL": broker_url,
+            "FLEET_STATE_DIR": str(tmp_path / "state"),
+            "FLEET_MODELS_DIR": str(models_dir),
+            "FLEET_BATCH_SIZE": str(batch_size),
+        }
+    )
+    run_fleet(["ingest", "conversations", str(write_jsonl(tmp_path / "c.jsonl", rows))], env)
+    worker = WorkerProcess(task, env, tmp_path / f"{task}.log").start()
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "fleet.cli", "run", "-t", task, "--timeout", "900"],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=960,
+        )
+        assert run.returncode == 0, run.stderr
+    finally:
+        worker.stop()
+    with transaction(db_url) as s:
+        return {
+            eid: (label, output)
+            for eid, label, output in s.execute(
+                text("""
+                SELECT c.external_id, r.label, r.output FROM work_items w
+                JOIN conversations c ON c.id = w.source_id
+                JOIN results r ON r.work_item_id = w.id WHERE w.task = :task"""),
+                {"task": task},
+            ).all()
+        }
+
+
 def test_the_last_turn_decides_a_long_conversation(
     db_url, broker_url, bundled_models_dir, trained_intent, tmp_path
 ):
@@ -66,39 +105,7 @@ def test_the_last_turn_decides_a_long_conversation(
     tok = AutoTokenizer.from_pretrained(str(out))
     for r in rows:  # longer than the 256 tokens the head reading keeps
         assert len(tok(conversation_text(r, max_chars=10**6))["input_ids"]) > 512
-    env = fleet_env(
-        {
-            "DATABASE_URL": db_url,
-            "BROKER_URL": broker_url,
-            "FLEET_STATE_DIR": str(tmp_path / "state"),
-            "FLEET_MODELS_DIR": str(bundled_models_dir),
-            "FLEET_BATCH_SIZE": "8",
-        }
-    )
-    run_fleet(["ingest", "conversations", str(write_jsonl(tmp_path / "c.jsonl", rows))], env)
-    worker = WorkerProcess("intent", env, tmp_path / "intent.log").start()
-    try:
-        run = subprocess.run(
-            [sys.executable, "-m", "fleet.cli", "run", "-t", "intent", "--timeout", "600"],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=660,
-        )
-        assert run.returncode == 0, run.stderr
-    finally:
-        worker.stop()
-    with transaction(db_url) as s:
-        got = {
-            eid: (label, output)
-            for eid, label, output in s.execute(
-                text("""
-                SELECT c.external_id, r.label, r.output FROM work_items w
-                JOIN conversations c ON c.id = w.source_id
-                JOIN results r ON r.work_item_id = w.id WHERE w.task = 'intent'""")
-            ).all()
-        }
+    got = classify("intent", rows, db_url, broker_url, bundled_models_dir, tmp_path, 8)
     last_turn = len(SMALL_TALK) * 2
     for label in LAST_TURNS:
         predicted, output = got[f"last-{label}"]
@@ -117,39 +124,7 @@ def test_the_llm_reads_a_long_conversation_one_user_turn_at_a_time(
     "user_turns"`), the latest turn that beats chitchat decides, and the result says
     so. Read as one prompt, the small talk sways the model (bench.long)."""
     rows = [conversation(lab, last) for lab, last in LAST_TURNS.items()]
-    env = fleet_env(
-        {
-            "DATABASE_URL": db_url,
-            "BROKER_URL": broker_url,
-            "FLEET_STATE_DIR": str(tmp_path / "state"),
-            "FLEET_MODELS_DIR": str(bundled_models_dir),
-            "FLEET_BATCH_SIZE": "4",
-        }
-    )
-    run_fleet(["ingest", "conversations", str(write_jsonl(tmp_path / "c.jsonl", rows))], env)
-    worker = WorkerProcess("llm_classify", env, tmp_path / "llm.log").start()
-    try:
-        run = subprocess.run(
-            [sys.executable, "-m", "fleet.cli", "run", "-t", "llm_classify", "--timeout", "900"],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=960,
-        )
-        assert run.returncode == 0, run.stderr
-    finally:
-        worker.stop()
-    with transaction(db_url) as s:
-        got = {
-            eid: (label, output)
-            for eid, label, output in s.execute(
-                text("""
-                SELECT c.external_id, r.label, r.output FROM work_items w
-                JOIN conversations c ON c.id = w.source_id
-                JOIN results r ON r.work_item_id = w.id WHERE w.task = 'llm_classify'""")
-            ).all()
-        }
+    got = classify("llm_classify", rows, db_url, broker_url, bundled_models_dir, tmp_path, 4)
     last_turn = len(SMALL_TALK) * 2
     user_turns = len(SMALL_TALK) + 1  # SMALL_TALK twice is 16 user turns, then the request
     right = 0
