@@ -10,6 +10,7 @@ for positives per label, times the example's weight.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -140,10 +141,11 @@ def progress_callback(progress: ProgressFn) -> Any:
                 self.loss = float(logs["loss"])
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            # state.epoch is fractional: in (0, 1] during the first epoch (1.0 at its last step)
             progress(
                 {
                     "stage": "train",
-                    "epoch": int(state.epoch or 0) + 1,
+                    "epoch": max(1, math.ceil(state.epoch or 0)),
                     "epochs": int(args.num_train_epochs),
                     "step": state.global_step,
                     "total_steps": state.max_steps,
@@ -152,12 +154,15 @@ def progress_callback(progress: ProgressFn) -> Any:
             )
 
         def on_prediction_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            # done / total in examples, as the other evaluations report (the loader
+            # counts batches)
             loader = kw.get("eval_dataloader")
-            total = len(loader) if loader is not None else None
+            dataset = getattr(loader, "dataset", None)
+            total = len(dataset) if dataset is not None else None
+            size = getattr(loader, "batch_size", None) or args.per_device_eval_batch_size
             self.eval_steps = getattr(self, "eval_steps", 0) + 1
-            progress(
-                {"stage": "eval", "set": "validation", "done": self.eval_steps, "total": total}
-            )
+            done = min(self.eval_steps * size, total) if total else self.eval_steps
+            progress({"stage": "eval", "set": "validation", "done": done, "total": total})
 
         def on_evaluate(
             self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any

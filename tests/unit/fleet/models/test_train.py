@@ -262,3 +262,27 @@ def test_progress_lines_show_no_nan_loss_before_the_first_logged_one() -> None:
         "train intent: step 1/10 epoch 1/2 loss -",
         "train intent: step 2/10 epoch 1/2 loss 2.082",
     ]
+
+
+def test_trainer_events_count_epochs_from_one_and_validation_in_examples() -> None:
+    """The Trainer's fractional epoch is 1.0 at the last step of the first epoch: the
+    bar says epoch 1/1 there, not 2/1; validation progress counts examples (the
+    evaluation loader counts batches), so "evaluated validation (36 examples)" is true."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from fleet.models.trainer import progress_callback
+
+    events: list[dict[str, object]] = []
+    callback = progress_callback(events.append)
+    args = SimpleNamespace(num_train_epochs=1, per_device_eval_batch_size=16)
+    for step, epoch in ((1, 1 / 9), (9, 1.0)):
+        callback.on_step_end(
+            args, SimpleNamespace(epoch=epoch, global_step=step, max_steps=9), None
+        )
+    loader = torch.utils.data.DataLoader(list(range(36)), batch_size=16)
+    for _ in range(len(loader)):
+        callback.on_prediction_step(args, None, None, eval_dataloader=loader)
+    assert [e["epoch"] for e in events[:2]] == [1, 1]
+    assert [(e["done"], e["total"]) for e in events[2:]] == [(16, 36), (32, 36), (36, 36)]
