@@ -22,6 +22,12 @@ Two methods (task option `method`):
 * "generate": the whole answer is generated, its category constrained to spell a label
   (`workers.adapters.llm_generation`).
 
+Long conversations (tier option `window_by = "user_turns"`): past `window_tokens`
+rendered tokens, each user turn is scored as its own prompt (at most `max_windows`,
+the first and the latest kept) and the turns' calibrated distributions are pooled by
+`workers.windows.pool` with the tier's `pooling` and `background_labels`, as the
+encoders pool windows; `output.reading` says which turn decided.
+
 Conversation text is tokenized with special tokens split, so a message holding the
 chat template's control strings (a fake end of turn and assistant turn) stays text.
 Truncation works on token ids of the rendered transcript (`truncate_middle`): head and
