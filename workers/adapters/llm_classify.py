@@ -77,6 +77,7 @@ from workers.adapters.llm_prompt import (
     SCORING_TEMPLATE,
     TRUNCATION_MARKER,
     USER_TEMPLATE,
+    TurnIds,
     build_system_prompt,
     data_file,
     label_continuations,
@@ -280,7 +281,7 @@ class LLMClassifyAdapter:
                 tokenizer, [phrases[n] for n in self.names], after + SCORING_LEAD
             )
         marker_ids = ids(TRUNCATION_MARKER)
-        self.turn_reading(tier)  # a bad window option is refused before the weights load
+        reading, background = self.turn_reading(tier)  # refused before the weights load
         max_new = int(tier.options.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         fixed = max(len(prefix_ids) + len(suffix_ids), len(json_prefix) + len(ids(json_after)) + 16)
         room = tier.max_length - max_new - fixed
@@ -308,7 +309,7 @@ class LLMClassifyAdapter:
         )
         model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' typed wrapper
 
-        self.reading, self.background = self.turn_reading(tier)
+        self.reading, self.background = reading, background
         self._model, self._tokenizer, self._tier, self._device = model, tokenizer, tier, str(device)
         self._prefix_ids, self._suffix_ids, self._marker_ids = prefix_ids, suffix_ids, marker_ids
         self._json_prefix, self._json_after = json_prefix, json_after
@@ -402,11 +403,7 @@ class LLMClassifyAdapter:
             body, dropped = truncate_middle(body, self._room, self._marker_ids)
         ids = self._prefix_ids + body + self._suffix_ids
         if self.method == "score":
-            cost = (
-                len(body)
-                + len(self._suffix_ids)
-                + len(self._label_ids) * max(len(c) for c in self._label_ids)
-            )
+            cost = self._scoring_cost(body)
             if self.reasoning:
                 cost += len(self._json_prefix) + len(ids) + self.max_new_tokens
         else:
@@ -424,35 +421,33 @@ class LLMClassifyAdapter:
         lines), or None when the conversation fits `window_tokens` and is read whole."""
         reading = self.reading
         assert reading is not None
-        lines = [m for m in messages if m["content"].strip()]
-        ids = [self._body_ids(f"{m['role']}: {m['content']}") for m in lines]
-        newline = self._body_ids("\n")
-        if sum(len(i) for i in ids) + len(newline) * max(len(ids) - 1, 0) <= reading.max_length:
+        turns = TurnIds.of(messages, self._body_ids)
+        newlines = len(turns.newline) * max(len(turns.ids) - 1, 0)
+        if sum(len(i) for i in turns.ids) + newlines <= reading.max_length:
             return None
         plan = build_turn_windows(
-            [(m["role"], len(i)) for m, i in zip(lines, ids, strict=True)],
+            turns.counts(),
             size=min(reading.max_length, self._room),
             overlap=min(reading.overlap, reading.max_length // 2),
             context=min(reading.turn_context, reading.max_length // 2),
             max_windows=reading.max_windows,
         )
-        bodies: list[list[int]] = []
-        for w in plan.windows:
-            body: list[int] = []
-            for k, seg in enumerate(w.segments):
-                body += (newline if k else []) + ids[seg.turn][seg.start : seg.end]
-            bodies.append(body)
-        return Windows(bodies, plan)
+        return Windows([turns.join(w.segments) for w in plan.windows], plan)
+
+    def _scoring_cost(self, body: Sequence[int]) -> int:
+        """Batch cost of scoring one prompt body: the body, the suffix and one row per
+        label phrase (the shared prefix is cached)."""
+        return (
+            len(body)
+            + len(self._suffix_ids)
+            + len(self._label_ids) * max(len(c) for c in self._label_ids)
+        )
 
     def _windowed(self, source: Source, windows: Windows) -> Prepared:
-        per_window = len(self._suffix_ids) + len(self._label_ids) * max(
-            len(c) for c in self._label_ids
-        )
-        cost = sum(len(b) + per_window for b in windows.ids)
         unread = windows.plan.tokens_unread
         return Prepared(
             item_id=source.item_id,
-            cost=cost,
+            cost=sum(self._scoring_cost(b) for b in windows.ids),
             payload={"windows": windows, "truncated_tokens": unread},
             notes={"truncated_tokens": unread} if unread else {},
         )
@@ -489,7 +484,9 @@ class LLMClassifyAdapter:
             preds.append(
                 self._pooled_prediction(rows[at : at + n], w)
                 if w is not None
-                else self._scored_prediction(rows[at], p.payload.get("truncated_tokens", 0))
+                else self._scored_prediction(
+                    *self.label_distribution(rows[at]), p.payload.get("truncated_tokens", 0)
+                )
             )
             at += n
         if self.reasoning:
@@ -542,23 +539,16 @@ class LLMClassifyAdapter:
             [d[0] for d in dists], windows.plan, reading.pooling, background=self.background
         )
         pred = self._scored_prediction(
-            rows[pooled.deciding],
-            windows.plan.tokens_unread,
-            pooled=(list(pooled.probs), dists[pooled.deciding][1]),
+            list(pooled.probs), dists[pooled.deciding][1], windows.plan.tokens_unread
         )
         assert pred.output is not None
         pred.output["reading"] = reading_output(windows, pooled, reading)
         return pred
 
     def _scored_prediction(
-        self,
-        logprobs: Sequence[float],
-        truncated: int,
-        pooled: tuple[list[float], list[float]] | None = None,
+        self, probs: Sequence[float], raw: Sequence[float], truncated: int
     ) -> Prediction:
-        """The JSON contract from one row of label log-probabilities, or from
-        `pooled` (calibrated, raw) distributions already made of several rows."""
-        probs, raw = pooled or self.label_distribution(logprobs)
+        """The JSON contract from a calibrated and a raw label distribution."""
         scores = {n: round(p, 6) for n, p in zip(self.names, probs, strict=True)}
         ranked = sorted(self.names, key=lambda n: -scores[n])
         best = ranked[0]

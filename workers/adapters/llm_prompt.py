@@ -10,10 +10,11 @@ assembles them at load time.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from workers.windows import fit_turns
+from workers.windows import Segment, fit_turns
 
 ANSWER_PREFIX = '{"category": "'
 DEFAULT_MAX_NEW_TOKENS = 96
@@ -210,6 +211,39 @@ def label_continuations(
     return label_ids, owners
 
 
+@dataclass(frozen=True)
+class TurnIds:
+    """A conversation's non-empty turns as token ids of their `role: content` lines
+    (how `render_transcript` writes them), and the ids of the newline between lines."""
+
+    roles: list[str]
+    ids: list[list[int]]
+    newline: list[int]
+
+    @classmethod
+    def of(
+        cls, messages: Sequence[Mapping[str, str]], body_ids: Callable[[str], list[int]]
+    ) -> TurnIds:
+        """`body_ids` tokenizes a text the way the prompt does."""
+        lines = [m for m in messages if m["content"].strip()]
+        return cls(
+            [m["role"] for m in lines],
+            [body_ids(f"{m['role']}: {m['content']}") for m in lines],
+            body_ids("\n"),
+        )
+
+    def counts(self) -> list[tuple[str, int]]:
+        """(role, token count) per turn, what workers.windows plans with."""
+        return [(role, len(i)) for role, i in zip(self.roles, self.ids, strict=True)]
+
+    def join(self, segments: Iterable[Segment]) -> list[int]:
+        """The ids of the segments' token ranges, one line each, joined by newlines."""
+        body: list[int] = []
+        for k, seg in enumerate(segments):
+            body += (self.newline if k else []) + self.ids[seg.turn][seg.start : seg.end]
+        return body
+
+
 def user_turns_body(
     messages: Sequence[Mapping[str, str]],
     body_ids: Callable[[str], list[int]],
@@ -219,16 +253,7 @@ def user_turns_body(
     """The transcript fitted around the user's turns (workers.windows.fit_turns) into
     `room` tokens: (ids of the kept `role: content` lines joined by newlines, tokens
     left out). `body_ids` tokenizes a text the way the prompt does."""
-    lines = [m for m in messages if m["content"].strip()]
-    ids = [body_ids(f"{m['role']}: {m['content']}") for m in lines]
-    newline = body_ids("\n")
-    room -= len(newline) * len(lines)
-    segments, dropped = fit_turns(
-        [(m["role"], len(i)) for m, i in zip(lines, ids, strict=True)],
-        max(room, 1),
-        assistant_cap=assistant_tokens,
-    )
-    body: list[int] = []
-    for k, seg in enumerate(segments):
-        body += (newline if k else []) + ids[seg.turn][seg.start : seg.end]
-    return body, dropped
+    turns = TurnIds.of(messages, body_ids)
+    room -= len(turns.newline) * len(turns.ids)
+    segments, dropped = fit_turns(turns.counts(), max(room, 1), assistant_cap=assistant_tokens)
+    return turns.join(segments), dropped
