@@ -126,3 +126,84 @@ def test_llm_method_scores_labels_zero_shot(smollm_dir):
         assert set(p.scores) == set(LABELS) and abs(sum(p.scores.values()) - 1) < 1e-4
     a.unload()
     assert a.llm is None
+
+
+def test_examples_from_reads_one_role_of_a_turn_file(tmp_path):
+    """`examples_from` adds a file's turns of one role to a label's prototypes (once each);
+    a missing file, a line that is not a role/content object, or no turn of that role is
+    refused with the file and line."""
+    import json
+
+    from workers.adapters.zero_shot import examples_from_file, label_prototypes
+
+    turns = tmp_path / "talk.jsonl"
+    turns.write_text(
+        "\n".join(
+            json.dumps(t)
+            for t in (
+                {"role": "user", "content": "my flatmate does yoga at 6am, the floor creaks"},
+                {"role": "assistant", "content": "ha, early riser!"},
+                {"role": "user", "content": "my flatmate does yoga at 6am, the floor creaks"},
+                {"role": "user", "content": "  the cafe downstairs plays jazz now  "},
+            )
+        )
+        + "\n\n",
+        encoding="utf-8",
+    )
+    protos = tmp_path / "protos.json"
+    protos.write_text(
+        json.dumps(
+            {
+                "chitchat": {
+                    "examples": ["hi!"],
+                    "examples_from": {"file": str(turns), "role": "user"},
+                }
+            }
+        ),
+        encoding="utf-8",
+    )
+    texts, owners = label_prototypes(LABELS, str(protos))
+    chit = list(LABELS).index("chitchat")
+    assert [t for t, o in zip(texts, owners, strict=True) if o == chit] == [
+        "chitchat: small talk, greetings, the weather",
+        "hi!",
+        "my flatmate does yoga at 6am, the floor creaks",
+        "the cafe downstairs plays jazz now",
+    ]
+    assert examples_from_file({"file": str(turns)}, "chitchat")[1] == "ha, early riser!"
+
+    with pytest.raises(ValueError, match="not found"):
+        examples_from_file({"file": str(tmp_path / "none.jsonl")}, "chitchat")
+    with pytest.raises(ValueError, match="examples_from must be an object"):
+        examples_from_file("talk.jsonl", "chitchat")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"role": "user", "content": "ok"}\n{"text": "no role"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object"):
+        examples_from_file({"file": str(bad)}, "chitchat")
+    bad.write_text("not json\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: not JSON"):
+        examples_from_file({"file": str(bad)}, "chitchat")
+    with pytest.raises(ValueError, match="no system turn"):
+        examples_from_file({"file": str(turns), "role": "system"}, "chitchat")
+
+
+def test_bundled_topic_holds_the_small_talk_filler_among_chitchat_prototypes():
+    """The bundled topic task reads long conversations one user turn at a time: every
+    user line of the small-talk filler intent is trained among is a chitchat prototype,
+    so small talk that names a topic in passing sits near chitchat (docs/benchmarks.md,
+    "Topic: the small-talk filler among chitchat's prototypes")."""
+    import json
+
+    from config.data import data_path
+    from config.taskconfig import load_tasks
+    from workers.adapters.zero_shot import label_prototypes
+
+    spec = load_tasks()["topic"]
+    texts, owners = label_prototypes(spec.labels, spec.options["prototypes"])
+    chit = list(spec.labels).index("chitchat")
+    chitchat = {t for t, o in zip(texts, owners, strict=True) if o == chit}
+    filler = [json.loads(x) for x in data_path("smalltalk.jsonl").read_text().splitlines() if x]
+    users = {t["content"].strip() for t in filler if t["role"] == "user"}
+    assert len(users) > 200 and users <= chitchat
+    assistant_only = {t["content"].strip() for t in filler if t["role"] == "assistant"} - users
+    assert not (assistant_only & chitchat)

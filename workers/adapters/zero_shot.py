@@ -291,10 +291,12 @@ class ZeroShotAdapter:
 
 def label_prototypes(labels: dict[str, str], path: str | None) -> tuple[list[str], list[int]]:
     """Prototype texts and the label index of each: "name: description" from the task
-    config, then the file's descriptions (same form) and examples (as written).
+    config, then the file's descriptions (same form), examples (as written) and the
+    turns of `examples_from` (see `examples_from_file`).
 
     Labels of the file that the task lacks are ignored (one file can serve several
-    label sets). Raises ValueError for a missing file or one sharing no label.
+    label sets). Raises ValueError for a missing file or one sharing no label, and
+    for an `examples_from` entry that cannot be read (see `examples_from_file`).
     """
     texts: list[str] = []
     owners: list[int] = []
@@ -311,7 +313,54 @@ def label_prototypes(labels: dict[str, str], path: str | None) -> tuple[list[str
         for d in [desc, *[x for x in entry.get("descriptions", []) if x != desc]]:
             texts.append(f"{title}: {d}")
             owners.append(k)
-        for example in entry.get("examples", []):
-            texts.append(str(example))
+        examples = [str(x) for x in entry.get("examples", [])]
+        if entry.get("examples_from"):
+            examples += examples_from_file(entry["examples_from"], name)
+        for example in examples:
+            texts.append(example)
             owners.append(k)
     return texts, owners
+
+
+def examples_from_file(spec: Any, label: str) -> list[str]:
+    """A label's example texts read from a JSONL file of turns: `spec` is
+    {"file": PATH, "role": ROLE} (role optional) where PATH (absolute, or under
+    config/data) holds one {"role": ..., "content": ...} object per line, the format
+    of the small-talk filler `fleet train --compose-with` reads
+    (config/data/smalltalk.jsonl). With `role`, only that role's turns are kept:
+    chitchat's prototypes can hold every user line of the filler, so that small talk
+    read one user turn at a time sits near chitchat, not near a topic it names in
+    passing. Blank lines are skipped; duplicates are kept once.
+
+    Raises ValueError naming the file and line for a missing file, a line that is
+    not such an object, or a file with no turn of that role."""
+    from workers.adapters.llm_prompt import data_file
+
+    if not isinstance(spec, dict) or not isinstance(spec.get("file"), str):
+        raise ValueError(
+            f"{label}: examples_from must be an object like "
+            '{"file": "smalltalk.jsonl", "role": "user"}'
+        )
+    role = spec.get("role")
+    file = data_file(spec["file"], f"{label} examples_from")
+    out: dict[str, None] = {}
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            turn = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{file}:{n}: not JSON ({e.msg}); expected a role/content object"
+            ) from e
+        if not (
+            isinstance(turn, dict)
+            and isinstance(turn.get("content"), str)
+            and isinstance(turn.get("role"), str)
+        ):
+            raise ValueError(f"{file}:{n}: expected an object with string role and content")
+        if (role is None or turn["role"] == role) and turn["content"].strip():
+            out[turn["content"].strip()] = None
+    if not out:
+        raise ValueError(f"{file}: no {role or 'non-empty'} turn to use as {label} examples")
+    return list(out)
