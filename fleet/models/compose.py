@@ -25,6 +25,14 @@ window and the whole window and never longer (`fits`): a conversation longer
 than one window would be split by `encode_rows`, and a window of filler alone
 labelled with the request's label would teach the opposite of what is meant.
 
+A tier that reads long conversations one user turn at a time (`window_by =
+"user_turns"`) reads each small-talk user turn alone, not among other turns. For
+it, `by_turn = True` adds a third kind:
+
+* **one small-talk turn**: every user line of the filler once, as a one-turn
+  conversation labelled as the first background label: the window such a tier
+  reads for a small-talk turn (with `turn_context` 0, exactly that window).
+
 This is data augmentation by composition, the multiple-instance view of a long
 document (its label is the label of the part that carries it; Dietterich et al.
 1997, "Solving the multiple instance problem with axis-parallel rectangles"):
@@ -157,6 +165,7 @@ def compose_examples(
     per_example: int = 1,
     background_every: int = 4,
     seed: int = 0,
+    by_turn: bool = False,
 ) -> list[Example]:
     """Composed conversations (request in context; background only) for `examples`.
 
@@ -166,7 +175,10 @@ def compose_examples(
     conversation's tokens with the model's tokenizer, special tokens included.
     Returns the new examples only (weights copied from the request); an example
     too long to fit a window with any filler is composed without filler, i.e.
-    skipped. Raises ValueError for an empty `background` or `per_example` < 0.
+    skipped. `by_turn`: also every distinct filler user line alone, labelled as the
+    first background label (a tier reading by user turn; added after the others, so
+    the rest is drawn as without it). Raises ValueError for an empty `background`
+    or `per_example` < 0.
     """
     if not background:
         raise ValueError("composing needs the tier's background_labels (e.g. chitchat)")
@@ -197,4 +209,9 @@ def compose_examples(
         turns = _fit(_pairs(rng, filler, rng.randint(2, 8)), [], [], budget, count_tokens)
         if turns:
             out.append(Example(render_transcript(turns), background[0], 1.0))
+    if by_turn:
+        for line in dict.fromkeys(filler.user):
+            talk = [{"role": "user", "content": line}]
+            if count_tokens(render_transcript(talk)) <= max_tokens:
+                out.append(Example(render_transcript(talk), background[0], 1.0))
     return out

@@ -157,6 +157,7 @@ def composed_examples(
         count_tokens=lambda text: len(tokenizer(text, verbose=False)["input_ids"]),
         per_example=config.compose_per_example,
         seed=config.seed,
+        by_turn=config.reading().window_by == "user_turns",
     )
     if progress is not None:
         progress({"stage": "compose", "added": len(out)})
@@ -177,6 +178,7 @@ def compose_record(config: TrainConfig, composed: Sequence[Example]) -> dict[str
         "filler_sha256": filler_sha256(path),
         "per_example": config.compose_per_example,
         "background": list(config.compose_background),
+        "by_turn": config.reading().window_by == "user_turns",
         "added": len(composed),
         "added_per_label": dict(sorted(Counter(ex.label for ex in composed).items())),
     }

@@ -90,8 +90,12 @@ def train_bundled(
     return metrics
 
 
-def _filler_changed(recorded: dict[str, Any], bundled: BundledClassifier) -> str | None:
-    """Why the composed part of a built folder differs from what this version ships."""
+def _filler_changed(
+    recorded: dict[str, Any], bundled: BundledClassifier, *, by_turn: bool = False
+) -> str | None:
+    """Why the composed part of a built folder differs from what this version ships
+    (`by_turn`: the tier it serves reads by user turn, so its training adds each
+    small-talk user turn alone; `fleet.models.compose`)."""
     from fleet.models.compose import filler_sha256
 
     composed = recorded.get("composed") or {}
@@ -107,10 +111,24 @@ def _filler_changed(recorded: dict[str, Any], bundled: BundledClassifier) -> str
         per = composed.get("per_example")
         if per != bundled.filler_per_example:
             return f"it was composed {per} times per request, this version composes {bundled.filler_per_example}"
+        if bool(composed.get("by_turn")) != by_turn:
+            return (
+                "its tier reads one user turn at a time and it was trained without small-talk turns alone"
+                if by_turn
+                else "it was trained with small-talk turns alone for a tier that reads whole windows"
+            )
         return None
     if not built:
         return f"it was trained without the small-talk compositions of {bundled.filler}"
     return f"it was composed with another version of {bundled.filler}"
+
+
+def _served_by_turn(target: Path, bundled: BundledClassifier) -> bool:
+    """Whether the bundled tier serving `target` reads one user turn at a time."""
+    from config.taskconfig import load_tasks
+    from fleet.models.training import served_reading
+
+    return served_reading(load_tasks(None)[bundled.task], target).window_by == "user_turns"
 
 
 def _calibration_changed(recorded: dict[str, Any], bundled: BundledClassifier) -> str | None:
@@ -169,7 +187,7 @@ def bundled_is_stale(target: Path, bundled: BundledClassifier) -> str | None:
     shipped = data_hash(load_labeled(data_path(bundled.data)))
     if built == shipped:
         changed = (
-            _filler_changed(recorded, bundled)
+            _filler_changed(recorded, bundled, by_turn=_served_by_turn(target, bundled))
             or _calibration_changed(recorded, bundled)
             or _emoji_changed(recorded)
         )

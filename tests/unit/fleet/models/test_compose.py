@@ -144,3 +144,20 @@ def test_a_filler_file_needs_both_roles(tmp_path: Path) -> None:
     path.write_text(json.dumps({"role": "user", "content": "hey"}) + "\n")
     with pytest.raises(TrainingDataError, match="both user and assistant"):
         load_filler(path)
+
+
+def test_by_turn_adds_every_small_talk_user_line_alone_as_background() -> None:
+    """A tier reading one user turn at a time reads each small-talk turn alone: with
+    `by_turn`, every distinct filler user line is added once as a one-turn
+    conversation labelled with the first background label, after the other
+    compositions (which are drawn exactly as without it)."""
+    filler = Filler(user=(*FILLER.user, "haha ok"), assistant=FILLER.assistant)
+    kw = {"background": ["chitchat"], "max_tokens": 60, "count_tokens": _count_words}
+    plain = compose_examples(REQUESTS, filler, per_example=2, **kw)
+    by_turn = compose_examples(REQUESTS, filler, per_example=2, by_turn=True, **kw)
+    assert by_turn[: len(plain)] == plain
+    alone = by_turn[len(plain) :]
+    assert [ex.text for ex in alone] == [f"user: {line}" for line in FILLER.user]
+    assert {ex.label for ex in alone} == {"chitchat"} and {ex.weight for ex in alone} == {1.0}
+    for ex in alone:  # one user turn: the window a by-turn tier reads for it
+        assert turns_of(text_data(ex.text), max_chars=100_000) == [("user", ex.text)]

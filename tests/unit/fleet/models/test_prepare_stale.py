@@ -8,10 +8,12 @@ import json
 from pathlib import Path
 
 from config.data import data_path
+from config.taskconfig import load_tasks
 from fleet.models.catalogue import BUNDLED, INTENT, SENTIMENT
 from fleet.models.finetune import EMOJI_READING, METRICS_FILE
 from fleet.models.labeled import data_hash, load_labeled
 from fleet.models.prepare import bundled_is_stale
+from fleet.models.training import served_reading
 
 
 def _calibration_sha() -> str:
@@ -89,7 +91,10 @@ def test_an_intent_folder_composed_with_the_shipped_filler_is_current(tmp_path: 
     filler = data_path(BUNDLED[INTENT].filler or "")
     sha = hashlib.sha256(filler.read_bytes()).hexdigest()
     per = BUNDLED[INTENT].filler_per_example
-    current = {"filler_sha256": sha, "per_example": per}
+    by_turn = (
+        served_reading(load_tasks(None)["intent"], tmp_path / INTENT).window_by == "user_turns"
+    )
+    current = {"filler_sha256": sha, "per_example": per, "by_turn": by_turn}
     assert bundled_is_stale(_intent_folder(tmp_path, current), BUNDLED[INTENT]) is None
     fewer = tmp_path / "fewer"
     fewer.mkdir()
@@ -114,3 +119,18 @@ def test_a_folder_trained_reading_emoji_as_unknown_is_stale(tmp_path: Path) -> N
     (folder / METRICS_FILE).write_text(json.dumps(record))
     reason = bundled_is_stale(folder, bundled)
     assert reason is not None and "emoji" in reason
+
+
+def test_an_intent_folder_composed_for_another_reading_is_stale(tmp_path: Path) -> None:
+    """A tier reading one user turn at a time is trained with every small-talk user
+    line alone (`fleet.models.compose`, by_turn); a folder composed for the other
+    reading (before that, or for packed windows) is retrained."""
+    filler = data_path(BUNDLED[INTENT].filler or "")
+    sha = hashlib.sha256(filler.read_bytes()).hexdigest()
+    per = BUNDLED[INTENT].filler_per_example
+    by_turn = (
+        served_reading(load_tasks(None)["intent"], tmp_path / INTENT).window_by == "user_turns"
+    )
+    other = {"filler_sha256": sha, "per_example": per, "by_turn": not by_turn}
+    reason = bundled_is_stale(_intent_folder(tmp_path, other), BUNDLED[INTENT])
+    assert reason is not None and "small-talk turns alone" in reason
