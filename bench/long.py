@@ -32,7 +32,10 @@ positions), with the
 prompt as the whole transcript (middle cut when it must: `prompt = "transcript"`,
 the default), fitted around the user's turns (`prompt = "user_turns"`), and
 scored one user turn per prompt past 256 tokens (tier option `window_by =
-"user_turns"`), pooled by `margin` and by `latest` over chitchat.
+"user_turns"`), pooled by `margin` and by `latest` over chitchat, and
+`selected-margin`: the intent encoder reads every user turn and picks one by
+`margin` (tier option `turn_selector`), the LLM scores that turn alone
+(`--llm-readings` runs a subset).
 
 Prints, per task, reading and set: items, accuracy, macro-F1 (over the gold labels
 of that set), CPU seconds per item and per 1,000 tokens read (process CPU time,
@@ -64,7 +67,14 @@ BACKGROUND_LABELS = (
     "chitchat",
     "not_worthy",
 )  # small talk (intent), nothing to act on (worthiness)
-LLM_WINDOW_OPTIONS = ("window_by", "pooling", "background_labels", "window_tokens", "max_windows")
+LLM_WINDOW_OPTIONS = (
+    "window_by",
+    "pooling",
+    "background_labels",
+    "window_tokens",
+    "max_windows",
+    "turn_selector",
+)
 TURN_MAX_WINDOWS = 64  # read by user turn: a window per user turn (the long set has 23-26)
 
 
@@ -179,16 +189,23 @@ def llm_rows(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     return out
 
 
-def run_llm(models_dir: Path, sets: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str], Any]:
-    from config.taskconfig import load_tasks
+def run_llm(
+    models_dir: Path, sets: dict[str, list[dict[str, Any]]], only: set[str] | None = None
+) -> dict[tuple[str, str], Any]:
+    from config.taskconfig import load_tasks, with_model_folders
+    from fleet.models.catalogue import INTENT
     from fleet.models.convert.smollm import prepare_smollm
+    from fleet.models.prepare import prepare_bundled
     from workers.adapters.base import InputError, Source
     from workers.adapters.llm_classify import LLMClassifyAdapter
+    from workers.adapters.turn_selector import TurnSelector
 
     spec = load_tasks()["llm_classify"]
     folder = prepare_smollm(models_dir)
+    if not (models_dir / INTENT / "config.json").is_file():  # the turn selector
+        prepare_bundled(models_dir, INTENT)
     adapter = LLMClassifyAdapter(labels=spec.labels, **spec.options)
-    tier = spec.ladder[0]
+    tier = with_model_folders(spec.ladder[0], models_dir)
     adapter.load(tier, str(folder), "cpu")
     whole = {k: v for k, v in tier.options.items() if k not in LLM_WINDOW_OPTIONS}
     readings: dict[str, tuple[str, dict[str, Any]]] = {
@@ -205,12 +222,30 @@ def run_llm(models_dir: Path, sets: dict[str, list[dict[str, Any]]]) -> dict[tup
                 "background_labels": ["chitchat"],
             },
         )
+    # The turn the intent encoder picks (by user turn, `margin`), scored by the LLM alone.
+    readings["selected-margin"] = (
+        "transcript",
+        {
+            **whole,
+            "window_by": "user_turns",
+            "pooling": "margin",
+            "background_labels": ["chitchat"],
+            "turn_selector": str(models_dir / INTENT),
+        },
+    )
+    if only:
+        unknown = sorted(only - set(readings))
+        if unknown:
+            raise SystemExit(f"--llm-readings: unknown {unknown}; known: {', '.join(readings)}")
+        readings = {k: v for k, v in readings.items() if k in only}
     out: dict[tuple[str, str], Any] = {}
     for prompt, name in [(p, n) for p in readings for n in sets]:
         adapter.prompt = readings[prompt][0]
-        adapter.reading, adapter.background = adapter.turn_reading(
-            replace(tier, options=readings[prompt][1])
-        )
+        read_tier = replace(tier, options=readings[prompt][1])
+        adapter.reading, adapter.background = adapter.turn_reading(read_tier)
+        if adapter.selector is not None:
+            adapter.selector.unload()
+        adapter.selector = TurnSelector.from_tier(read_tier, adapter.reading, "cpu")
         rows = sets[name]
         preds: list[str | None] = []
         tokens = 0
@@ -290,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--llm-items", type=int, default=14, help="long and short items for the LLM (0: skip)"
     )
+    parser.add_argument(
+        "--llm-readings",
+        default="",
+        help="comma-separated LLM readings to run (default: all; e.g. turns-latest,selected-margin)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", default="intent,topic", help="encoder tasks to measure")
@@ -361,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
             "long held-out": llm_rows([r for r in long_rows if r["held_out"]], args.llm_items),
             "short": llm_rows(short_rows, args.llm_items),
         }
-        for (prompt, s), (pred, cpu, tokens) in run_llm(models_dir, picked).items():
+        for (prompt, s), (pred, cpu, tokens) in run_llm(
+            models_dir, picked, set(filter(None, args.llm_readings.split(",")))
+        ).items():
             gold = [r["label"] for r in picked[s]]
             print(line("llm_classify", prompt, s, gold, pred, cpu, tokens), flush=True)
     if args.json:

@@ -493,3 +493,21 @@ def get_task(tasks: dict[str, TaskSpec], name: str) -> TaskSpec:
 def resolve_model_path(tier: TierSpec, models_dir: Path) -> Path:
     p = Path(tier.path).expanduser()
     return p if p.is_absolute() else models_dir / p
+
+
+# Tier options that name another model folder (resolved like a tier's path).
+MODEL_FOLDER_OPTIONS = ("turn_selector",)
+
+
+def with_model_folders(tier: TierSpec, models_dir: Path) -> TierSpec:
+    """`tier` with its model-folder options (MODEL_FOLDER_OPTIONS, e.g. llm_classify's
+    `turn_selector`) made absolute: a relative folder is under `models_dir`, as a
+    tier's own path is. The tier itself when it names none."""
+    named = {k: v for k, v in tier.options.items() if k in MODEL_FOLDER_OPTIONS and v}
+    if not named:
+        return tier
+    resolved = {
+        k: str(resolve_model_path(TierSpec(name=tier.name, path=str(v)), models_dir))
+        for k, v in named.items()
+    }
+    return replace(tier, options={**tier.options, **resolved})

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from config.taskconfig import TaskSpec
+from config.taskconfig import TaskSpec, with_model_folders
 from wire.hub import ModelNotCached, ResolvedModel, folder_revision, resolve_tier
 from workers import device as dev
 from workers.adapters.base import Adapter, InputError, Prediction, Prepared, Source
@@ -151,7 +151,7 @@ class ModelRuntime:
         path = self._path(tier)
         self._baseline_mb = dev.allocated_mb(self.device)
         started = time.perf_counter()
-        self.adapter.load(spec, str(path), self.device)
+        self.adapter.load(with_model_folders(spec, self.models_dir), str(path), self.device)
         self.tier = tier
         resolved = self._resolved[tier]
         self.revision = resolved.revision or folder_revision(resolved.path)

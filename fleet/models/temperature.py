@@ -238,7 +238,7 @@ def adapter_log_scores(
     import dataclasses
     import math
 
-    from config.taskconfig import resolve_model_path
+    from config.taskconfig import resolve_model_path, with_model_folders
     from workers.adapters import make_adapter
     from workers.adapters.base import InputError, Prediction, Source
     from workers.adapters.windowed import text_data
@@ -248,7 +248,9 @@ def adapter_log_scores(
         raise ValueError(f"no model folder of task {spec.name!r} exists under {models_dir}")
     run_spec = dataclasses.replace(spec, options={**spec.options, **(options or {})})
     adapter = make_adapter(run_spec, max_chars=1_000_000, audio_root=models_dir)
-    adapter.load(tier, str(resolve_model_path(tier, models_dir)), "cpu")
+    adapter.load(
+        with_model_folders(tier, models_dir), str(resolve_model_path(tier, models_dir)), "cpu"
+    )
     names = list(spec.labels)
     rows: list[list[float]] = []
     try:

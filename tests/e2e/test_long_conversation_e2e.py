@@ -116,13 +116,14 @@ def test_the_last_turn_decides_a_long_conversation(
         assert predicted == label, (label, predicted, reading)
 
 
-def test_the_llm_reads_a_long_conversation_one_user_turn_at_a_time(
-    db_url, broker_url, bundled_models_dir, smollm_dir, tmp_path
+def test_the_llm_scores_the_turn_its_selector_picks(
+    db_url, broker_url, bundled_models_dir, smollm_dir, trained_intent, tmp_path
 ):
     """The bundled llm_classify tier (SmolLM2-135M, label scoring) on the same long
-    conversations, by a real worker: every user turn is scored (`window_by =
-    "user_turns"`), the latest turn that beats chitchat decides, and the result says
-    so. Read as one prompt, the small talk sways the model (bench.long)."""
+    conversations, by a real worker: the intent encoder reads every user turn
+    (`window_by = "user_turns"`, `turn_selector`), picks the turn that beats chitchat
+    by the widest margin, and the LLM scores that turn alone; the result says which
+    turn and why. Read as one prompt, the small talk sways the model (bench.long)."""
     rows = [conversation(lab, last) for lab, last in LAST_TURNS.items()]
     got = classify("llm_classify", rows, db_url, broker_url, bundled_models_dir, tmp_path, 4)
     last_turn = len(SMALL_TALK) * 2
@@ -132,8 +133,11 @@ def test_the_llm_reads_a_long_conversation_one_user_turn_at_a_time(
         predicted, output = got[f"last-{label}"]
         reading = output["reading"]
         assert reading["windows"] == user_turns and reading["window_by"] == "user_turns"
-        assert reading["pooling"] == "latest" and "unread" not in reading
+        assert reading["pooling"] == "margin" and "unread" not in reading
         assert reading["deciding_turns"] == [last_turn, last_turn], reading
+        selector = reading["selector"]
+        assert selector["model"] == "intent-minilm" and selector["turn"] == last_turn
+        assert selector["turns_read"] == user_turns and selector["margin"] > 0
         assert output["category"] == predicted
         right += predicted == label
     assert right >= 3, got

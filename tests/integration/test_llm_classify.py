@@ -412,3 +412,114 @@ def test_user_turn_reading_refuses_bad_options(smollm_dir: Path) -> None:
         with pytest.raises(ValueError, match=message):
             a.load(tier, str(smollm_dir), "cpu")
         assert a._model is None
+
+
+def test_turn_selector_picks_the_request_the_llm_scores(
+    smollm_dir: Path, trained_intent: tuple[Path, dict, list]
+) -> None:
+    """turn_selector: the intent encoder reads every user turn of a long conversation
+    and picks the request (`margin` over chitchat); the LLM scores that turn alone. Per
+    user turn with `latest`, the small talk after the request decides instead (the
+    fault this fixes). The pick is on the result; a short conversation is one prompt,
+    scored as without a selector."""
+    import torch
+
+    from workers.adapters.llm_classify import LLMClassifyAdapter
+
+    torch.set_num_threads(1)
+    folder, _, _ = trained_intent
+    request = "I need to write a cover letter for a nursing job, can you help me structure it?"
+    messages = [
+        {"role": "user", "content": request},
+        {"role": "assistant", "content": "Sure, happy to help with that."},
+    ]
+    for line in SMALL_TALK:
+        messages += [
+            {"role": "user", "content": line},
+            {"role": "assistant", "content": "Ha, sounds like quite a day! Tell me more."},
+        ]
+    long = Source(0, "conversation", "long", {"messages": messages})
+    short = Source(1, "conversation", "short", CONVERSATIONS["python"])
+    by_turn = {"window_by": "user_turns", "window_tokens": 128, "background_labels": ["chitchat"]}
+    options = {"verbalizers": "intent_prototypes.json"}
+    latest = LLMClassifyAdapter(labels=LABELS, **options)
+    selected = LLMClassifyAdapter(labels=LABELS, **options)
+    latest.load(
+        TierSpec(
+            name="s",
+            path=str(smollm_dir),
+            max_length=MAX_LENGTH,
+            options={**by_turn, "pooling": "latest"},
+        ),
+        str(smollm_dir),
+        "cpu",
+    )
+    selected.load(
+        TierSpec(
+            name="s",
+            path=str(smollm_dir),
+            max_length=MAX_LENGTH,
+            options={**by_turn, "pooling": "margin", "turn_selector": str(folder)},
+        ),
+        str(smollm_dir),
+        "cpu",
+    )
+    try:
+        (per_turn,) = latest.predict([latest.prepare(long)])
+        assert isinstance(per_turn, Prediction) and per_turn.label != "professional"
+
+        prepared = [selected.prepare(long), selected.prepare(short)]
+        every_turn = latest.prepare(long)
+        assert prepared[0].cost < every_turn.cost  # one turn scored, not seven
+        got, plain = selected.predict(prepared)
+        assert isinstance(got, Prediction) and _check(got) and got.output is not None
+        assert got.label == "professional"
+        reading = got.output["reading"]
+        assert reading["deciding_turns"] == [0, 0]
+        assert reading["selector"] == {
+            "model": folder.name,
+            "turn": 0,
+            "label": "professional",
+            "margin": reading["selector"]["margin"],
+            "turns_read": len(SMALL_TALK) + 1,
+        }
+        assert reading["selector"]["margin"] > 0.5
+        (same,) = latest.predict([latest.prepare(short)])
+        assert isinstance(plain, Prediction) and isinstance(same, Prediction)
+        assert plain.scores == same.scores and "reading" not in (plain.output or {})
+    finally:
+        latest.unload()
+        selected.unload()
+    assert selected.selector is None
+
+
+def test_turn_selector_refuses_what_it_cannot_use(
+    smollm_dir: Path, trained_intent: tuple[Path, dict, list], tmp_path: Path
+) -> None:
+    from workers.adapters.llm_classify import LLMClassifyAdapter
+
+    folder, _, _ = trained_intent
+    by_turn = {"window_by": "user_turns", "background_labels": ["chitchat"]}
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"turn_selector": str(folder)}, "needs window_by = 'user_turns'"),
+        (
+            {**by_turn, "turn_selector": str(tmp_path / "none")},
+            "holds no model; run `fleet models prepare`",
+        ),
+    ]
+    for options, message in cases:
+        a = LLMClassifyAdapter(labels=LABELS)
+        tier = TierSpec(name="t", path=str(smollm_dir), max_length=MAX_LENGTH, options=options)
+        with pytest.raises(ValueError, match=message):
+            a.load(tier, str(smollm_dir), "cpu")
+        assert a._model is None
+    labels = {**{k: v for k, v in LABELS.items() if k != "chitchat"}, "small_talk": "small talk"}
+    a = LLMClassifyAdapter(labels=labels)
+    options = {
+        "window_by": "user_turns",
+        "background_labels": ["small_talk"],
+        "turn_selector": str(folder),
+    }
+    tier = TierSpec(name="t", path=str(smollm_dir), max_length=MAX_LENGTH, options=options)
+    with pytest.raises(ValueError, match="not labels of this model"):
+        a.load(tier, str(smollm_dir), "cpu")

@@ -89,6 +89,7 @@ from workers.adapters.llm_prompt import (
     user_turns_body,
 )
 from workers.adapters.text import conversation_messages
+from workers.adapters.turn_selector import Selected, TurnSelector
 from workers.adapters.windowed import Reading, Windows, background_indices, reading_output
 from workers.windows import build_turn_windows, pool
 
@@ -191,6 +192,9 @@ class LLMClassifyAdapter:
         # `window_tokens` is scored one user turn at a time (self.reading, set at load).
         self.reading: Reading | None = None
         self.background: tuple[int, ...] = ()
+        # Tier option turn_selector: an encoder folder that reads every user turn and
+        # picks the one the LLM scores (TurnSelector, set at load).
+        self.selector: TurnSelector | None = None
         self.assistant_tokens = int(assistant_tokens)
         self.prompt_tokens = prompt_tokens
         self._model: Any = None
@@ -282,6 +286,7 @@ class LLMClassifyAdapter:
             )
         marker_ids = ids(TRUNCATION_MARKER)
         reading, background = self.turn_reading(tier)  # refused before the weights load
+        selector = TurnSelector.from_tier(tier, reading, device)
         max_new = int(tier.options.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         fixed = max(len(prefix_ids) + len(suffix_ids), len(json_prefix) + len(ids(json_after)) + 16)
         room = tier.max_length - max_new - fixed
@@ -309,7 +314,7 @@ class LLMClassifyAdapter:
         )
         model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' typed wrapper
 
-        self.reading, self.background = reading, background
+        self.reading, self.background, self.selector = reading, background, selector
         self._model, self._tokenizer, self._tier, self._device = model, tokenizer, tier, str(device)
         self._prefix_ids, self._suffix_ids, self._marker_ids = prefix_ids, suffix_ids, marker_ids
         self._json_prefix, self._json_after = json_prefix, json_after
@@ -357,6 +362,9 @@ class LLMClassifyAdapter:
     def unload(self) -> None:
         """Drop the model so its memory can be reused by another tier."""
         was_cuda = self._model is not None and self._device.startswith("cuda")
+        if self.selector is not None:
+            self.selector.unload()
+            self.selector = None
         self._model = None
         self._tokenizer = None
         self._speller = None
@@ -395,7 +403,7 @@ class LLMClassifyAdapter:
         if self.reading is not None:
             windows = self._turn_windows(messages)
             if windows is not None:
-                return self._windowed(source, windows)
+                return self._windowed(source, windows, messages)
         if self.prompt == "user_turns":
             body, dropped = self._user_turns_body(messages)
         else:
@@ -443,12 +451,23 @@ class LLMClassifyAdapter:
             + len(self._label_ids) * max(len(c) for c in self._label_ids)
         )
 
-    def _windowed(self, source: Source, windows: Windows) -> Prepared:
+    def _windowed(
+        self, source: Source, windows: Windows, messages: Sequence[Mapping[str, str]]
+    ) -> Prepared:
+        """A long conversation read per user turn: every turn scored by the LLM, or with
+        a turn selector every turn read by the selector and one scored by the LLM (cost:
+        the selector's tokens plus the costliest turn's scoring)."""
         unread = windows.plan.tokens_unread
+        payload: dict[str, Any] = {"windows": windows, "truncated_tokens": unread}
+        cost = sum(self._scoring_cost(b) for b in windows.ids)
+        if self.selector is not None:
+            selected = self.selector.windows(messages, self.max_chars)
+            payload["selector"] = selected
+            cost = max(self._scoring_cost(b) for b in windows.ids) + selected.cost
         return Prepared(
             item_id=source.item_id,
-            cost=sum(self._scoring_cost(b) for b in windows.ids),
-            payload={"windows": windows, "truncated_tokens": unread},
+            cost=cost,
+            payload=payload,
             notes={"truncated_tokens": unread} if unread else {},
         )
 
@@ -471,23 +490,30 @@ class LLMClassifyAdapter:
                 self._to_prediction(raw, p.payload.get("truncated_tokens", 0), cut)
                 for (raw, cut), p in zip(results, batch, strict=True)
             ]
+        picks = self._select_turns(batch)
         bodies: list[list[int]] = []
-        for p in batch:
+        for p, pick in zip(batch, picks, strict=True):
             w = p.payload.get("windows")
-            bodies += w.ids if w is not None else [p.payload["body"]]
+            if pick is not None:
+                bodies.append(w.ids[pick.window])
+            else:
+                bodies += w.ids if w is not None else [p.payload["body"]]
         rows = self._label_logprobs(bodies)
         preds: list[Prediction] = []
         at = 0
-        for p in batch:
+        for p, pick in zip(batch, picks, strict=True):
             w = p.payload.get("windows")
-            n = len(w.ids) if w is not None else 1
-            preds.append(
-                self._pooled_prediction(rows[at : at + n], w)
-                if w is not None
-                else self._scored_prediction(
-                    *self.label_distribution(rows[at]), p.payload.get("truncated_tokens", 0)
+            n = len(w.ids) if w is not None and pick is None else 1
+            if pick is not None:
+                preds.append(self._selected_prediction(rows[at], w, pick))
+            elif w is not None:
+                preds.append(self._pooled_prediction(rows[at : at + n], w))
+            else:
+                preds.append(
+                    self._scored_prediction(
+                        *self.label_distribution(rows[at]), p.payload.get("truncated_tokens", 0)
+                    )
                 )
-            )
             at += n
         if self.reasoning:
             preds = self._add_reasoning(batch, preds)
@@ -543,6 +569,37 @@ class LLMClassifyAdapter:
         )
         assert pred.output is not None
         pred.output["reading"] = reading_output(windows, pooled, reading)
+        return pred
+
+    def _select_turns(self, batch: Sequence[Prepared]) -> list[Selected | None]:
+        """The turn selector's pick for every item read per user turn (None for the
+        rest, and for all items without a selector): one forward pass of the selector
+        over the sub-batch's turn windows."""
+        if self.selector is None:
+            return [None] * len(batch)
+        chosen = [p.payload.get("selector") for p in batch]
+        picks = self.selector.select([c for c in chosen if c is not None])
+        out: list[Selected | None] = []
+        for p, c in zip(batch, chosen, strict=True):
+            if c is None:
+                out.append(None)
+                continue
+            pick = picks.pop(0)
+            out.append(pick.at(p.payload["windows"]))
+        return out
+
+    def _selected_prediction(
+        self, row: Sequence[float], windows: Windows, pick: Selected
+    ) -> Prediction:
+        """The prediction of the one user turn the selector picked (the LLM's calibrated
+        distribution over that turn); the reading records the selector's reading."""
+        probs, raw = self.label_distribution(row)
+        pred = self._scored_prediction(probs, raw, windows.plan.tokens_unread)
+        assert pred.output is not None and self.reading is not None and self.selector is not None
+        reading = reading_output(pick.windows, pick.pooled, self.selector.reading)
+        reading["selector"] = self.selector.describe(pick)
+        reading["deciding_window"] = pick.window  # the LLM's window of that turn
+        pred.output["reading"] = reading
         return pred
 
     def _scored_prediction(

@@ -140,12 +140,13 @@ def readable(tokenizer: Any, line: str) -> str:
 
 
 def encode_windows(
-    tokenizer: Any, data: dict[str, Any], reading: Reading, *, max_chars: int
+    tokenizer: Any, data: dict[str, Any], reading: Reading, *, max_chars: int, split: bool = False
 ) -> Windows:
     """Validate a conversation (InputError) and build its window token ids.
 
     The joined text is tokenized whole first: when it fits `max_length` it is the
-    single window. Otherwise each turn is tokenized without special tokens, the
+    single window (unless `split`: a turn selector reads every user turn on its
+    own, however short the conversation). Otherwise each turn is tokenized without special tokens, the
     turns are windowed by `build_windows` (or `build_turn_windows` when the
     reading is by user turn; window size = max_length minus the tokenizer's
     special tokens) and each window's ids get the special tokens back
@@ -161,7 +162,7 @@ def encode_windows(
     ]
     counts = [(role, len(ids)) for (role, _), ids in zip(turns, per_turn, strict=True)]
     whole = tokenizer("\n".join(line for _, line in turns if line), verbose=False)["input_ids"]
-    if len(whole) <= reading.max_length:
+    if len(whole) <= reading.max_length and not split:
         return Windows([whole], build_windows(counts, size=max(sum(n for _, n in counts), 1)))
     size = reading.max_length - tokenizer.num_special_tokens_to_add(pair=False)
     if size < 2:

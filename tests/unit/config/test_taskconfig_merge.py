@@ -135,3 +135,20 @@ def test_nightly_with_no_tasks_is_a_configuration_error(offline, tmp_path):
     result = CliRunner().invoke(main, ["nightly"])
     assert result.exit_code == 2, result.output
     assert "no tasks to run" in result.output and "fleet tasks" in result.output
+
+
+def test_model_folder_options_resolve_under_the_models_dir(tmp_path: Path) -> None:
+    """llm_classify's `turn_selector` names a model folder: relative under the models
+    folder (as a tier's path), absolute as given; a tier without one is unchanged."""
+    from config.taskconfig import TierSpec, with_model_folders
+
+    tier = TierSpec(
+        name="t", path="llm", options={"turn_selector": "intent-minilm", "pooling": "margin"}
+    )
+    got = with_model_folders(tier, tmp_path)
+    assert got.options == {"turn_selector": str(tmp_path / "intent-minilm"), "pooling": "margin"}
+    assert tier.options["turn_selector"] == "intent-minilm"  # the spec itself is not changed
+    absolute = TierSpec(name="t", path="llm", options={"turn_selector": "/srv/models/enc"})
+    assert with_model_folders(absolute, tmp_path).options["turn_selector"] == "/srv/models/enc"
+    plain = TierSpec(name="t", path="llm")
+    assert with_model_folders(plain, tmp_path) is plain
