@@ -443,13 +443,15 @@ def train_intent(
     the bundled small talk as `fleet models prepare` trains it; see `train_task`."""
     from config.taskconfig import load_tasks
     from fleet.models.catalogue import BUNDLED, INTENT
+    from fleet.models.training import as_served
 
-    tier = load_tasks(None)["intent"].ladder[0]  # the bundled tier: its background labels
+    spec = load_tasks(None)["intent"]
+    tier = spec.ladder[0]  # the bundled tier: its background labels and its reading
     defaults: dict[str, Any] = {
         **BUNDLED[INTENT].train_options(),
         "compose_background": tuple(tier.options.get("background_labels", ())),
     }
-    config = TrainConfig(seed=seed, **{**defaults, **overrides})
+    config = as_served(TrainConfig(seed=seed, **{**defaults, **overrides}), spec, Path(out_dir))
     return train_task(
         "intent",
         load_labeled(data_path),

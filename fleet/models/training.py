@@ -307,6 +307,27 @@ def served_reading(spec: TaskSpec, out: Path) -> Reading:
     return Reading.from_options(tier.max_length, tier.options)
 
 
+def as_served(config: Any, spec: TaskSpec, out: Path) -> Any:
+    """`config` (a TrainConfig) reading as the tier serving `out` reads (max_length,
+    pooling, max_windows, window_overlap, window_by, turn_context) when it sets no
+    max_length of its own; else `config` unchanged. Train as you serve: examples are
+    windowed, and composed (`by_turn`), for the reading the folder will be served with."""
+    import dataclasses
+
+    if config.max_length is not None:
+        return config
+    served = served_reading(spec, out)
+    return dataclasses.replace(
+        config,
+        max_length=served.max_length,
+        pooling=served.pooling,
+        max_windows=served.max_windows,
+        window_overlap=served.overlap,
+        window_by=served.window_by,
+        turn_context=served.turn_context,
+    )
+
+
 def run_training(
     spec: TaskSpec,
     *,
@@ -346,17 +367,7 @@ def run_training(
         raise ValueError(
             f"task {spec.name!r} is {spec.kind}; `fleet train` trains sequence_classify tasks"
         )
-    if config.max_length is None:
-        served = served_reading(spec, out)
-        config = dataclasses.replace(
-            config,
-            max_length=served.max_length,
-            pooling=served.pooling,
-            max_windows=served.max_windows,
-            window_overlap=served.overlap,
-            window_by=served.window_by,
-            turn_context=served.turn_context,
-        )
+    config = as_served(config, spec, out)
     if config.compose_filler and not config.compose_background:
         background = served_tier(spec, out).options.get("background_labels", ())
         config = dataclasses.replace(config, compose_background=tuple(background))
@@ -405,6 +416,7 @@ def run_training(
 
 __all__ = [
     "Chosen",
+    "as_served",
     "served_reading",
     "TrainingDataError",
     "choose_examples",

@@ -228,6 +228,14 @@ def test_train_intent_on_shipped_data(trained_intent: tuple[Path, dict, list]) -
     assert (out / "model.safetensors").is_file()
     assert not events or any(e["stage"] == "epoch" for e in events)
 
+    # trained as the bundled tier reads (by user turn: small-talk turns alone composed
+    # too), the same folder `fleet models prepare` builds: never found stale and retrained
+    from fleet.models.catalogue import BUNDLED, INTENT
+    from fleet.models.prepare import bundled_is_stale
+
+    assert metrics["composed"]["by_turn"] is True
+    assert bundled_is_stale(out, BUNDLED[INTENT]) is None
+
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert list(model.config.id2label.values()) == list(INTENT_LABELS)
     [label] = predict(out, ["user: Can you look up the refund policy in our FAQ?"])
@@ -286,3 +294,21 @@ def test_trainer_events_count_epochs_from_one_and_validation_in_examples() -> No
         callback.on_prediction_step(args, None, None, eval_dataloader=loader)
     assert [e["epoch"] for e in events[:2]] == [1, 1]
     assert [(e["done"], e["total"]) for e in events[2:]] == [(16, 36), (32, 36), (36, 36)]
+
+
+def test_as_served_takes_the_reading_of_the_tier_serving_the_folder(tmp_path: Path) -> None:
+    """A config without max_length reads as the tier serving the folder (the bundled
+    intent tier: by user turn), so `train_intent` and `fleet models prepare` compose and
+    window alike; a config with its own max_length is left as it is."""
+    from config.taskconfig import load_tasks
+    from fleet.models.classifier import TrainConfig
+    from fleet.models.training import as_served
+
+    spec = load_tasks(None)["intent"]
+    served = as_served(TrainConfig(), spec, tmp_path / "intent-minilm")
+    tier = spec.ladder[0]
+    assert served.max_length == tier.max_length
+    assert served.window_by == tier.options["window_by"] == "user_turns"
+    assert served.pooling == tier.options["pooling"]
+    own = TrainConfig(max_length=128)
+    assert as_served(own, spec, tmp_path / "intent-minilm") is own
