@@ -43,10 +43,11 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from config.taskconfig import TaskSpec, TierSpec
 from fleet.models import multilabel
 from fleet.models.classifier import TrainConfig, base_model_path, train_classifier
 from fleet.models.folderpredict import READING_KEY, evaluate, predict, scores_summary
@@ -65,6 +66,7 @@ from fleet.models.modelcard import (
     tier_toml,
 )
 from fleet.models.trainer import ProgressFn, encode_rows
+from workers.adapters.windowed import Reading
 
 __all__ = [
     "CARD_FILE",
@@ -430,6 +432,37 @@ def train_label_sets(
     return m
 
 
+def served_tier(spec: TaskSpec, out: Path) -> TierSpec:
+    """The tier that serves `out`: the ladder tier whose path names the folder, else the
+    task's first tier (where `fleet train` tells you to put it)."""
+    return next((t for t in spec.ladder if Path(t.path).name == out.name), spec.ladder[0])
+
+
+def served_reading(spec: TaskSpec, out: Path) -> Reading:
+    """How the tier that serves `out` reads (`served_tier`)."""
+    tier = served_tier(spec, out)
+    return Reading.from_options(tier.max_length, tier.options)
+
+
+def as_served(config: Any, spec: TaskSpec, out: Path) -> Any:
+    """`config` (a TrainConfig) reading as the tier serving `out` reads (max_length,
+    pooling, max_windows, window_overlap, window_by, turn_context) when it sets no
+    max_length of its own; else `config` unchanged. Train as you serve: examples are
+    windowed, and composed (`by_turn`), for the reading the folder will be served with."""
+    if config.max_length is not None:
+        return config
+    served = served_reading(spec, out)
+    return replace(
+        config,
+        max_length=served.max_length,
+        pooling=served.pooling,
+        max_windows=served.max_windows,
+        window_overlap=served.overlap,
+        window_by=served.window_by,
+        turn_context=served.turn_context,
+    )
+
+
 def train_intent(
     data_path: str | Path,
     out_dir: str | Path,
@@ -443,7 +476,6 @@ def train_intent(
     the bundled small talk as `fleet models prepare` trains it; see `train_task`."""
     from config.taskconfig import load_tasks
     from fleet.models.catalogue import BUNDLED, INTENT
-    from fleet.models.training import as_served
 
     spec = load_tasks(None)["intent"]
     tier = spec.ladder[0]  # the bundled tier: its background labels and its reading

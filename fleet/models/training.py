@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from config.taskconfig import TaskSpec, TierSpec, resolve_model_path
+from config.taskconfig import TaskSpec, resolve_model_path
+from fleet.models.finetune import as_served, served_reading, served_tier
 from fleet.models.labeled import TrainingDataError
-from workers.adapters.windowed import Reading
 
 
 def task_labels(spec: TaskSpec, models_dir: Path) -> list[str] | None:
@@ -293,39 +293,6 @@ def training_progress(title: str) -> Iterator[Callable[[dict[str, Any]], None]]:
                     del evals[name]
 
         yield update
-
-
-def served_tier(spec: TaskSpec, out: Path) -> TierSpec:
-    """The tier that serves `out`: the ladder tier whose path names the folder, else the
-    task's first tier (where `fleet train` tells you to put it)."""
-    return next((t for t in spec.ladder if Path(t.path).name == out.name), spec.ladder[0])
-
-
-def served_reading(spec: TaskSpec, out: Path) -> Reading:
-    """How the tier that serves `out` reads (`served_tier`)."""
-    tier = served_tier(spec, out)
-    return Reading.from_options(tier.max_length, tier.options)
-
-
-def as_served(config: Any, spec: TaskSpec, out: Path) -> Any:
-    """`config` (a TrainConfig) reading as the tier serving `out` reads (max_length,
-    pooling, max_windows, window_overlap, window_by, turn_context) when it sets no
-    max_length of its own; else `config` unchanged. Train as you serve: examples are
-    windowed, and composed (`by_turn`), for the reading the folder will be served with."""
-    import dataclasses
-
-    if config.max_length is not None:
-        return config
-    served = served_reading(spec, out)
-    return dataclasses.replace(
-        config,
-        max_length=served.max_length,
-        pooling=served.pooling,
-        max_windows=served.max_windows,
-        window_overlap=served.overlap,
-        window_by=served.window_by,
-        turn_context=served.turn_context,
-    )
 
 
 def run_training(
