@@ -286,7 +286,6 @@ class LLMClassifyAdapter:
             )
         marker_ids = ids(TRUNCATION_MARKER)
         reading, background = self.turn_reading(tier)  # refused before the weights load
-        selector = TurnSelector.from_tier(tier, reading, device)
         max_new = int(tier.options.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         fixed = max(len(prefix_ids) + len(suffix_ids), len(json_prefix) + len(ids(json_after)) + 16)
         room = tier.max_length - max_new - fixed
@@ -309,10 +308,18 @@ class LLMClassifyAdapter:
             token_strings += [""] * (vocab - len(token_strings))
             speller = CategorySpeller(self.labels, token_strings, set(tokenizer.all_special_ids))
 
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, local_files_only=True, dtype=getattr(torch, dtype)
-        )
-        model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' typed wrapper
+        # The selector encoder loads once every configuration check above has passed,
+        # and is dropped again when the LLM's own weights fail to load.
+        selector = TurnSelector.from_tier(tier, reading, device)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_path, local_files_only=True, dtype=getattr(torch, dtype)
+            )
+            model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' typed wrapper
+        except BaseException:
+            if selector is not None:
+                selector.unload()
+            raise
 
         self.reading, self.background, self.selector = reading, background, selector
         self._model, self._tokenizer, self._tier, self._device = model, tokenizer, tier, str(device)
